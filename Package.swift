@@ -1,0 +1,44 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Layering (see docs/architecture.md):
+//   CLibAIO -> ThinSystem (the only module that touches C and syscalls)
+//   ThinFormat (pure codecs) -> ThinMetadata (cache, transactions, space maps, B-trees)
+//   -> ThinPool (volumes, allocator, volume I/O) -> ThinCLI -> thinbd
+let package = Package(
+    name: "thinbd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "thinbd", targets: ["thinbd"]),
+        .library(name: "ThinPool", targets: ["ThinPool"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CLibAIO",
+            path: "Sources/CLibAIO",
+            providers: [.apt(["libaio-dev"])]
+        ),
+        .target(name: "CThinSupport"),
+        .target(name: "ThinSystem", dependencies: ["CLibAIO", "CThinSupport"]),
+        .target(name: "ThinFormat"),
+        .target(name: "ThinMetadata", dependencies: ["ThinFormat", "ThinSystem"]),
+        .target(name: "ThinPool", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
+        .target(
+            name: "ThinCLI",
+            dependencies: [
+                "ThinPool", "ThinSystem",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(name: "thinbd", dependencies: ["ThinCLI"]),
+        .testTarget(name: "ThinFormatTests", dependencies: ["ThinFormat"]),
+        .testTarget(name: "ThinSystemTests", dependencies: ["ThinSystem"]),
+        .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
+        .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem"]),
+        .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinSystem"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

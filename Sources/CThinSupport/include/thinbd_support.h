@@ -1,0 +1,12 @@
+#ifndef THINBD_SUPPORT_H
+#define THINBD_SUPPORT_H
+// Values and calls that Swift's Glibc module hides behind _GNU_SOURCE. They live in a
+// C file so that no header seen by Swift defines _GNU_SOURCE (that would give system
+// types a second, conflicting definition).
+
+/// The O_DIRECT open flag.
+int thinbd_o_direct(void);
+
+/// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); returns 0 or -1 with errno set.
+int thinbd_punch_hole(int fd, long long offset, long long length);
+#endif

@@ -1,0 +1,84 @@
+/// One volume or snapshot, stored in a metadata block of its own and indexed by id in
+/// the volume table B-tree.
+///
+/// Layout after the common 32-byte header:
+/// ```
+///  32  u64  volume id
+///  40  u64  parent id (the volume or snapshot it was created from; 0 = none)
+///  48  u64  owner id (snapshots: the volume they belong to; 0 = none or deleted)
+///  56  u8   kind (0 volume, 1 snapshot)
+///  57  u8   flags (reserved, 0)
+///  58  u16  name length in bytes
+///  60  u32  reserved
+///  64  u64  virtual size in bytes
+///  72  u64  mapping B-tree root (0 = nothing mapped)
+///  80  u64  mapped block count
+///  88  u64  creation time (Unix seconds)
+///  96  ...  name, UTF-8 (a snapshot's name is "VOLUME@SNAPSHOT")
+/// ```
+public struct VolumeRecord: Equatable, Sendable {
+    public enum Kind: UInt8, Sendable {
+        case volume = 0
+        case snapshot = 1
+    }
+
+    public static let maxNameBytes = 255
+
+    public var id: UInt64
+    public var parentID: UInt64
+    public var ownerID: UInt64
+    public var kind: Kind
+    public var name: String
+    public var virtualSize: UInt64
+    public var mappingRoot: UInt64
+    public var mappedBlocks: UInt64
+    public var createdAt: UInt64
+
+    public init(
+        id: UInt64, parentID: UInt64 = 0, ownerID: UInt64 = 0, kind: Kind, name: String, virtualSize: UInt64,
+        mappingRoot: UInt64 = 0, mappedBlocks: UInt64 = 0, createdAt: UInt64
+    ) {
+        self.id = id
+        self.parentID = parentID
+        self.ownerID = ownerID
+        self.kind = kind
+        self.name = name
+        self.virtualSize = virtualSize
+        self.mappingRoot = mappingRoot
+        self.mappedBlocks = mappedBlocks
+        self.createdAt = createdAt
+    }
+
+    /// Encodes the body; the caller seals the block (location and generation).
+    public func encode(into block: UnsafeMutableRawBufferPointer) {
+        block.initializeMemory(as: UInt8.self, repeating: 0)
+        block.setLE16(8, BlockType.volumeRecord.rawValue)
+        block.setLE64(32, id)
+        block.setLE64(40, parentID)
+        block.setLE64(48, ownerID)
+        block[56] = kind.rawValue
+        let utf8 = Array(name.utf8)
+        precondition(utf8.count <= Self.maxNameBytes)
+        block.setLE16(58, UInt16(utf8.count))
+        block.setLE64(64, virtualSize)
+        block.setLE64(72, mappingRoot)
+        block.setLE64(80, mappedBlocks)
+        block.setLE64(88, createdAt)
+        for (i, byte) in utf8.enumerated() { block[96 + i] = byte }
+    }
+
+    /// Decodes a block whose header has already been validated.
+    public static func decode(_ block: UnsafeMutableRawBufferPointer) throws(BlockValidationError) -> VolumeRecord {
+        guard let kind = Kind(rawValue: block[56]) else { throw .badContents("unknown volume kind \(block[56])") }
+        let length = Int(block.le16(58))
+        guard length > 0, length <= maxNameBytes else { throw .badContents("volume name length \(length)") }
+        let bytes = (0..<length).map { block[96 + $0] }
+        guard let name = String(validating: bytes, as: UTF8.self) else {
+            throw .badContents("volume name is not UTF-8")
+        }
+        return VolumeRecord(
+            id: block.le64(32), parentID: block.le64(40), ownerID: block.le64(48), kind: kind, name: name,
+            virtualSize: block.le64(64), mappingRoot: block.le64(72), mappedBlocks: block.le64(80),
+            createdAt: block.le64(88))
+    }
+}

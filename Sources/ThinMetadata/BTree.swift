@@ -1,0 +1,293 @@
+import ThinFormat
+
+/// What the values in a tree's leaves refer to, so that sharing and releasing a leaf
+/// adjusts the right reference counts.
+public enum LeafValueKind {
+    /// Data block numbers, counted in the data space map (volume mappings).
+    case dataBlocks(DataSpaceMap)
+    /// Metadata block numbers of the given type (volume records).
+    case metadataBlocks(BlockType)
+    /// Refcount block numbers packed with free counts (the space map index).
+    case packedRefcountBlocks
+}
+
+/// A copy-on-write B-tree of u64 keys to u64 values, stored in metadata blocks.
+///
+/// Every mutation shadows the root-to-leaf path (copying only blocks the last commit or
+/// another tree still uses) and returns the new root; the caller stores it. A tree
+/// shared with a snapshot is shared node by node: shadowing a shared node adds one
+/// reference to each of its children. Lookups cost O(log n) cached block reads.
+/// Underfull nodes are not merged; empty nodes are removed and a root with one child
+/// collapses.
+public struct BTree {
+    public let store: MetadataStore
+    public let type: BlockType
+    public let values: LeafValueKind
+
+    public init(store: MetadataStore, type: BlockType, values: LeafValueKind) {
+        self.store = store
+        self.type = type
+        self.values = values
+    }
+
+    // MARK: Lookup
+
+    public func lookup(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> UInt64? {
+        var number = root
+        while number != 0 {
+            let node = try store.read(number, type).node
+            if node.isLeaf {
+                let i = node.lowerBound(key)
+                return i < node.count && node.key(i) == key ? node.value(i) : nil
+            }
+            let i = node.childIndex(for: key)
+            if i < 0 { return nil }
+            number = node.value(i)
+        }
+        return nil
+    }
+
+    /// Looks `key` up and says whether any node on its path is shared with another tree.
+    public func lookupWithSharing(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> (value: UInt64, pathShared: Bool)? {
+        var number = root
+        var shared = false
+        while number != 0 {
+            if store.refcount(number) > 1 { shared = true }
+            let node = try store.read(number, type).node
+            if node.isLeaf {
+                let i = node.lowerBound(key)
+                return i < node.count && node.key(i) == key ? (node.value(i), shared) : nil
+            }
+            let i = node.childIndex(for: key)
+            if i < 0 { return nil }
+            number = node.value(i)
+        }
+        return nil
+    }
+
+    /// Calls `body` for each entry with `range.lowerBound <= key < range.upperBound`, in
+    /// key order, until it returns false. Cost: O(log n + entries visited).
+    @discardableResult
+    public func forEach(
+        _ root: UInt64, in range: Range<UInt64>, _ body: (UInt64, UInt64) throws(MetadataError) -> Bool
+    ) throws(MetadataError) -> Bool {
+        guard root != 0, !range.isEmpty else { return true }
+        let node = try store.read(root, type).node
+        if node.isLeaf {
+            var i = node.lowerBound(range.lowerBound)
+            while i < node.count {
+                let k = node.key(i)
+                if k >= range.upperBound { return true }
+                if try !body(k, node.value(i)) { return false }
+                i += 1
+            }
+            return true
+        }
+        var i = max(0, node.childIndex(for: range.lowerBound))
+        while i < node.count {
+            if node.key(i) >= range.upperBound { return true }
+            if try !forEach(node.value(i), in: range, body) { return false }
+            i += 1
+        }
+        return true
+    }
+
+    /// Number of entries in `range`.
+    public func count(_ root: UInt64, in range: Range<UInt64> = 0..<UInt64.max) throws(MetadataError) -> UInt64 {
+        var n: UInt64 = 0
+        try forEach(root, in: range) { _, _ in n += 1; return true }
+        return n
+    }
+
+    // MARK: Mutation
+
+    /// Shadows a node and, when the original stays shared, references its children.
+    private func shadowNode(_ number: UInt64) throws(MetadataError) -> MetadataBlock {
+        let (block, shared) = try store.shadow(number, type)
+        if shared {
+            let node = block.node
+            for i in 0..<node.count {
+                if node.isLeaf {
+                    try retainValue(node.value(i))
+                } else {
+                    try store.incRef(node.value(i), type)
+                }
+            }
+        }
+        return block
+    }
+
+    private func retainValue(_ value: UInt64) throws(MetadataError) {
+        switch values {
+        case .dataBlocks(let spaceMap): try spaceMap.incRef(value)
+        case .metadataBlocks(let valueType): try store.incRef(value, valueType)
+        case .packedRefcountBlocks: try store.incRef(RefcountLayout.unpackIndexValue(value).block, .refcounts)
+        }
+    }
+
+    private func releaseValue(_ value: UInt64) throws(MetadataError) {
+        switch values {
+        case .dataBlocks(let spaceMap): try spaceMap.decRef(value)
+        case .metadataBlocks(let valueType): try store.decRef(value, valueType)
+        case .packedRefcountBlocks: try store.decRef(RefcountLayout.unpackIndexValue(value).block, .refcounts)
+        }
+    }
+
+    /// Splits the full `child` (entry `index` of `parent`); returns the new right node.
+    private func split(_ child: MetadataBlock, parent: NodeView, at index: Int, appending: Bool) throws(MetadataError) -> MetadataBlock {
+        let node = child.node
+        let right = try store.allocate(type, level: node.level)
+        // Appends (sequential writes) leave the left node nearly full instead of half full.
+        node.moveTail(from: appending ? node.count - 1 : node.count / 2, to: right.node)
+        parent.insert(right.node.key(0), right.number, at: index + 1)
+        return right
+    }
+
+    /// Sets `key` to `value`, returning the new root and the value it replaced (whose
+    /// reference the caller now owns). Cost: O(log n) block reads, at most one shadow
+    /// and one split per level.
+    public func insert(_ root: UInt64, _ key: UInt64, _ value: UInt64) throws(MetadataError) -> (root: UInt64, replaced: UInt64?) {
+        if root == 0 {
+            let leaf = try store.allocate(type, level: 0)
+            leaf.node.insert(key, value, at: 0)
+            return (leaf.number, nil)
+        }
+        var top = try shadowNode(root)
+        if top.node.isFull {
+            let newRoot = try store.allocate(type, level: top.node.level + 1)
+            newRoot.node.insert(top.node.key(0), top.number, at: 0)
+            _ = try split(top, parent: newRoot.node, at: 0, appending: key > top.node.key(top.node.count - 1))
+            top = newRoot
+        }
+        var current = top
+        while true {
+            let node = current.node
+            if node.isLeaf {
+                let i = node.lowerBound(key)
+                if i < node.count && node.key(i) == key {
+                    let old = node.value(i)
+                    node.setValue(i, value)
+                    return (top.number, old)
+                }
+                node.insert(key, value, at: i)
+                return (top.number, nil)
+            }
+            var i = node.childIndex(for: key)
+            if i < 0 {
+                i = 0
+                node.setKey(0, key)
+            }
+            var child = try shadowNode(node.value(i))
+            node.setValue(i, child.number)
+            if child.node.isFull {
+                let right = try split(child, parent: node, at: i, appending: key > child.node.key(child.node.count - 1))
+                if key >= node.key(i + 1) { child = right }
+            }
+            current = child
+        }
+    }
+
+    /// Removes `key`, returning the new root and the removed value (whose reference the
+    /// caller now owns), or nil when absent (then nothing is shadowed).
+    public func remove(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> (root: UInt64, removed: UInt64?) {
+        guard try lookup(root, key) != nil else { return (root, nil) }
+        var (newRoot, removed) = try removeBelow(root, key)
+        // Collapse roots with a single child: the child's reference moves up.
+        while newRoot != 0 {
+            let node = try store.read(newRoot, type).node
+            guard !node.isLeaf, node.count == 1 else { break }
+            let child = node.value(0)
+            try store.incRef(child, type)
+            try release(newRoot)
+            newRoot = child
+        }
+        return (newRoot, removed)
+    }
+
+    private func removeBelow(_ number: UInt64, _ key: UInt64) throws(MetadataError) -> (UInt64, UInt64?) {
+        let block = try shadowNode(number)
+        let node = block.node
+        var removed: UInt64?
+        if node.isLeaf {
+            let i = node.lowerBound(key)
+            removed = node.value(i)
+            node.remove(at: i)
+        } else {
+            let i = node.childIndex(for: key)
+            let (child, value) = try removeBelow(node.value(i), key)
+            removed = value
+            if child == 0 { node.remove(at: i) } else { node.setValue(i, child) }
+        }
+        if node.count == 0 {
+            try store.decRef(block.number, type)
+            return (0, removed)
+        }
+        return (block.number, removed)
+    }
+
+    /// Removes every entry in `range`, calling `removed` with each key and value (whose
+    /// reference the caller then owns). Returns the new root. Cost: O(k log n).
+    public func removeAll(
+        _ root: UInt64, in range: Range<UInt64>, _ removed: (UInt64, UInt64) throws(MetadataError) -> Void
+    ) throws(MetadataError) -> UInt64 {
+        var keys: [UInt64] = []
+        try forEach(root, in: range) { key, _ in keys.append(key); return true }
+        var current = root
+        for key in keys {
+            let (next, value) = try remove(current, key)
+            current = next
+            if let value { try removed(key, value) }
+        }
+        return current
+    }
+
+    /// Drops one reference to the tree at `root`; nodes whose count reaches zero are
+    /// freed and release their children and leaf values. Cost: O(nodes freed).
+    public func release(_ root: UInt64) throws(MetadataError) {
+        guard root != 0 else { return }
+        if store.refcount(root) > 1 {
+            try store.decRef(root, type)
+            return
+        }
+        let node = try store.read(root, type).node
+        for i in 0..<node.count {
+            if node.isLeaf { try releaseValue(node.value(i)) } else { try release(node.value(i)) }
+        }
+        try store.decRef(root, type)
+    }
+
+    /// Adds one reference to the whole tree (a snapshot or clone). Cost: O(1).
+    public func retain(_ root: UInt64) throws(MetadataError) {
+        if root != 0 { try store.incRef(root, type) }
+    }
+
+    /// Open-time scan: counts references to the tree's nodes without reading leaves.
+    /// `leafValue` is called for leaf values when `readLeaves` is set.
+    public func scanReferences(_ root: UInt64, readLeaves: Bool, leafValue: (UInt64) throws(MetadataError) -> Void = { _ throws(MetadataError) in }) throws(MetadataError) {
+        guard root != 0 else { return }
+        guard try store.scanReference(root, type: type) == 1 else { return }
+        let node = try store.read(root, type).node
+        if node.isLeaf {
+            for i in 0..<node.count { try leafValue(node.value(i)) }
+            return
+        }
+        try scanChildren(node, readLeaves: readLeaves, leafValue: leafValue)
+    }
+
+    private func scanChildren(_ node: NodeView, readLeaves: Bool, leafValue: (UInt64) throws(MetadataError) -> Void) throws(MetadataError) {
+        for i in 0..<node.count {
+            let child = node.value(i)
+            guard try store.scanReference(child, type: type) == 1 else { continue }
+            if node.level == 1 && !readLeaves { continue }
+            let childNode = try store.read(child, type).node
+            guard childNode.level + 1 == node.level else {
+                throw .corruptBlock(child, type, "level \(childNode.level) under a level \(node.level) node")
+            }
+            if childNode.isLeaf {
+                for j in 0..<childNode.count { try leafValue(childNode.value(j)) }
+            } else {
+                try scanChildren(childNode, readLeaves: readLeaves, leafValue: leafValue)
+            }
+        }
+    }
+}

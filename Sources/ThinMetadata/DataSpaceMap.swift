@@ -1,0 +1,300 @@
+import ThinFormat
+
+/// Reference counts of data blocks, persisted in refcount blocks (1016 counts each, one
+/// "group" per block) found through the space map index B-tree.
+///
+/// In memory it keeps, per group, the refcount block's location and how many entries
+/// are zero; the index stores both, so open reads only the index, never the refcount
+/// blocks. Allocation is next-fit from a hint: it looks at the hinted block first (so a
+/// volume's consecutive blocks stay contiguous), then scans groups that have free
+/// entries, never the whole pool block by block.
+///
+/// Transaction rules: a block whose count drops to zero is not handed out again until
+/// the transaction commits (the last commit may still map it), and a block whose count
+/// dropped but stays positive is reported by `sharingDroppedThisTransaction` so writers
+/// do not overwrite it in place (the last commit may still share it).
+public final class DataSpaceMap {
+    public static let entriesPerGroup = RefcountLayout.entriesPerBlock
+
+    let store: MetadataStore
+    public private(set) var dataBlocks: UInt64
+    public private(set) var indexRoot: UInt64
+
+    private var groupBlock: [UInt64] = []
+    private var groupFree: [UInt32] = []
+    private var groupPending: [UInt32] = []
+    private var dirtyGroups: Set<Int> = []
+    private var pendingFree: Set<UInt64> = []
+    private var allocatedThisTransaction: Set<UInt64> = []
+    private var decremented: Set<UInt64> = []
+    private var cursor: UInt64 = 0
+
+    /// Data blocks at or above this were never written since creation (or since the
+    /// last open punched them), so they read as zeros without being written.
+    public private(set) var highWater: UInt64
+
+    private var index: BTree { BTree(store: store, type: .spaceMapIndexNode, values: .packedRefcountBlocks) }
+
+    /// Loads the index (not the refcount blocks). Cost: O(groups / 254) block reads.
+    public init(store: MetadataStore, indexRoot: UInt64, dataBlocks: UInt64, highWater: UInt64) throws(MetadataError) {
+        self.store = store
+        self.indexRoot = indexRoot
+        self.dataBlocks = 0
+        self.highWater = highWater
+        resize(to: dataBlocks)
+        let groups = groupBlock.count
+        try index.scanReferences(indexRoot, readLeaves: true) { (packed: UInt64) throws(MetadataError) in
+            _ = try store.scanReference(RefcountLayout.unpackIndexValue(packed).block, type: .refcounts)
+        }
+        try index.forEach(indexRoot, in: 0..<UInt64.max) { (group: UInt64, packed: UInt64) throws(MetadataError) -> Bool in
+            let (block, free) = RefcountLayout.unpackIndexValue(packed)
+            guard group < groups, free <= Int(Self.entriesInGroup(Int(group), dataBlocks: dataBlocks)) else {
+                throw .corruptBlock(block, .spaceMapIndexNode, "index entry for group \(group) (free \(free)) is out of range")
+            }
+            self.groupBlock[Int(group)] = block
+            self.groupFree[Int(group)] = UInt32(free)
+            return true
+        }
+    }
+
+    static func entriesInGroup(_ group: Int, dataBlocks: UInt64) -> UInt64 {
+        let start = UInt64(group) * UInt64(entriesPerGroup)
+        return min(UInt64(entriesPerGroup), dataBlocks - start)
+    }
+
+    /// Extends the map to `newCount` data blocks (pool growth). Cost: O(new groups).
+    public func resize(to newCount: UInt64) {
+        precondition(newCount >= dataBlocks)
+        let oldGroups = groupBlock.count
+        let groups = Int((newCount + UInt64(Self.entriesPerGroup) - 1) / UInt64(Self.entriesPerGroup))
+        if oldGroups > 0 {
+            // The last group gains the entries that now fall inside the pool.
+            let last = oldGroups - 1
+            let gained = Self.entriesInGroup(last, dataBlocks: newCount) - Self.entriesInGroup(last, dataBlocks: dataBlocks)
+            groupFree[last] += UInt32(gained)
+            if gained > 0 { dirtyGroups.insert(last) }
+        }
+        for g in oldGroups..<groups {
+            groupBlock.append(0)
+            groupFree.append(UInt32(Self.entriesInGroup(g, dataBlocks: newCount)))
+            groupPending.append(0)
+        }
+        dataBlocks = newCount
+    }
+
+    // MARK: Queries
+
+    public var freeBlocks: UInt64 {
+        groupFree.reduce(0) { $0 + UInt64($1) } - UInt64(pendingFree.count)
+    }
+
+    /// Blocks freed in this transaction, which become allocatable at commit.
+    public var pendingBlocks: UInt64 { UInt64(pendingFree.count) }
+
+    public var usedBlocks: UInt64 { dataBlocks - freeBlocks - UInt64(pendingFree.count) }
+
+    /// The reference count of data block `block`. Cost: one cached block read.
+    public func refcount(_ block: UInt64) throws(MetadataError) -> UInt32 {
+        let g = Int(block / UInt64(Self.entriesPerGroup))
+        guard block < dataBlocks else { throw .refcountInvariant("data block \(block) is beyond the pool's \(dataBlocks)") }
+        let location = groupBlock[g]
+        if location == 0 { return 0 }
+        let rcb = try readGroup(g, location)
+        return RefcountLayout.count(rcb.bytes, Int(block % UInt64(Self.entriesPerGroup)))
+    }
+
+    /// True when the last commit may still share `block` although its count is now 1.
+    public func sharingDroppedThisTransaction(_ block: UInt64) -> Bool { decremented.contains(block) }
+
+    /// True when `block` was handed out in this transaction (the last commit does not use it).
+    public func isNewThisTransaction(_ block: UInt64) -> Bool { allocatedThisTransaction.contains(block) }
+
+    private func readGroup(_ g: Int, _ location: UInt64) throws(MetadataError) -> MetadataBlock {
+        let rcb = try store.read(location, .refcounts)
+        guard Int(rcb.bytes.le32(12)) == g else {
+            throw .corruptBlock(location, .refcounts, "belongs to group \(rcb.bytes.le32(12)), indexed as group \(g)")
+        }
+        return rcb
+    }
+
+    private func writableGroup(_ g: Int) throws(MetadataError) -> MetadataBlock {
+        dirtyGroups.insert(g)
+        if groupBlock[g] == 0 {
+            let rcb = try store.allocate(.refcounts)
+            rcb.bytes.setLE32(12, UInt32(g))
+            groupBlock[g] = rcb.number
+            return rcb
+        }
+        _ = try readGroup(g, groupBlock[g])
+        let rcb = try store.shadow(groupBlock[g], .refcounts).block
+        groupBlock[g] = rcb.number
+        return rcb
+    }
+
+    // MARK: Reference counting
+
+    public func incRef(_ block: UInt64) throws(MetadataError) {
+        guard block < dataBlocks else { throw .refcountInvariant("reference to data block \(block) beyond the pool") }
+        let g = Int(block / UInt64(Self.entriesPerGroup))
+        let i = Int(block % UInt64(Self.entriesPerGroup))
+        let rcb = try writableGroup(g)
+        let count = RefcountLayout.count(rcb.bytes, i)
+        guard count > 0, count < UInt32.max else {
+            throw .refcountInvariant("data block \(block) gained a reference with count \(count)")
+        }
+        RefcountLayout.setCount(rcb.bytes, i, count + 1)
+    }
+
+    public func decRef(_ block: UInt64) throws(MetadataError) {
+        guard block < dataBlocks else { throw .refcountInvariant("release of data block \(block) beyond the pool") }
+        let g = Int(block / UInt64(Self.entriesPerGroup))
+        let i = Int(block % UInt64(Self.entriesPerGroup))
+        let rcb = try writableGroup(g)
+        let count = RefcountLayout.count(rcb.bytes, i)
+        guard count > 0 else { throw .refcountInvariant("data block \(block) released with count 0") }
+        RefcountLayout.setCount(rcb.bytes, i, count - 1)
+        if count > 1 {
+            decremented.insert(block)
+            return
+        }
+        groupFree[g] += 1
+        if allocatedThisTransaction.remove(block) == nil {
+            pendingFree.insert(block)
+            groupPending[g] += 1
+        }
+    }
+
+    // MARK: Allocation
+
+    @inline(__always)
+    private func allocatable(_ block: UInt64, in rcb: MetadataBlock?) -> Bool {
+        if let rcb, RefcountLayout.count(rcb.bytes, Int(block % UInt64(Self.entriesPerGroup))) != 0 { return false }
+        return !pendingFree.contains(block)
+    }
+
+    /// Hands out `count` blocks, each with one reference, as contiguous runs, starting at
+    /// `hint` when it is free. Throws `noDataSpace` without allocating anything when the
+    /// pool has fewer free blocks. Cost: O(count) plus the groups skipped.
+    public func allocate(_ count: UInt64, near hint: UInt64?) throws(MetadataError) -> [Range<UInt64>] {
+        let available = freeBlocks
+        guard count <= available else { throw .noDataSpace(needed: count, available: available) }
+        var runs: [Range<UInt64>] = []
+        var remaining = count
+        var position = (hint.map { $0 < dataBlocks ? $0 : 0 }) ?? cursor
+        while remaining > 0 {
+            guard let start = try findAllocatable(from: position) else {
+                throw .refcountInvariant("free count says \(available) blocks free but none was found")
+            }
+            var end = start
+            while end - start < remaining, end < dataBlocks {
+                let g = Int(end / UInt64(Self.entriesPerGroup))
+                let location = groupBlock[g]
+                let rcb = location == 0 ? nil : try readGroup(g, location)
+                guard allocatable(end, in: rcb) else { break }
+                let writable = try writableGroup(g)
+                RefcountLayout.setCount(writable.bytes, Int(end % UInt64(Self.entriesPerGroup)), 1)
+                groupFree[g] -= 1
+                allocatedThisTransaction.insert(end)
+                end += 1
+            }
+            runs.append(start..<end)
+            remaining -= end - start
+            position = end < dataBlocks ? end : 0
+            highWater = max(highWater, end)
+        }
+        cursor = position
+        return runs
+    }
+
+    /// The first allocatable block at or after `position`, wrapping around once.
+    private func findAllocatable(from position: UInt64) throws(MetadataError) -> UInt64? {
+        let groups = groupBlock.count
+        let e = UInt64(Self.entriesPerGroup)
+        var g = Int(position / e)
+        var first = position % e
+        for _ in 0...groups {
+            if groupFree[g] > groupPending[g] {
+                let location = groupBlock[g]
+                let rcb = location == 0 ? nil : try readGroup(g, location)
+                let limit = Self.entriesInGroup(g, dataBlocks: dataBlocks)
+                var i = first
+                while i < limit {
+                    let block = UInt64(g) * e + i
+                    if allocatable(block, in: rcb) { return block }
+                    i += 1
+                }
+            }
+            g = g + 1 == groups ? 0 : g + 1
+            first = 0
+        }
+        return nil
+    }
+
+    // MARK: Commit
+
+    /// Writes changed groups' locations and free counts into the index. Call before the
+    /// metadata commit. Cost: O(changed groups × log groups).
+    public func flushIndex() throws(MetadataError) {
+        for g in dirtyGroups.sorted() where groupBlock[g] != 0 {
+            let packed = RefcountLayout.packIndexValue(block: groupBlock[g], free: Int(groupFree[g]))
+            let (root, _) = try index.insert(indexRoot, UInt64(g), packed)
+            indexRoot = root
+        }
+        dirtyGroups.removeAll(keepingCapacity: true)
+    }
+
+    /// After a successful commit: freed blocks become allocatable.
+    public func transactionCommitted() {
+        precondition(dirtyGroups.isEmpty)
+        pendingFree.removeAll(keepingCapacity: true)
+        for g in groupPending.indices where groupPending[g] != 0 { groupPending[g] = 0 }
+        allocatedThisTransaction.removeAll(keepingCapacity: true)
+        decremented.removeAll(keepingCapacity: true)
+    }
+
+    /// Blocks freed in the current transaction (for discarding their storage after commit).
+    public var blocksPendingFree: Set<UInt64> { pendingFree }
+
+    /// Group locations and free counts as the index would store them (for `check`).
+    public func groupSummary() -> [(block: UInt64, free: UInt32)] {
+        (0..<groupBlock.count).map { (groupBlock[$0], groupFree[$0]) }
+    }
+
+    /// Overwrites one count (for `check --repair`). The caller commits.
+    public func repairCount(_ block: UInt64, to value: UInt32) throws(MetadataError) {
+        let g = Int(block / UInt64(Self.entriesPerGroup))
+        let i = Int(block % UInt64(Self.entriesPerGroup))
+        let rcb = try writableGroup(g)
+        let old = RefcountLayout.count(rcb.bytes, i)
+        RefcountLayout.setCount(rcb.bytes, i, value)
+        if old == 0 && value != 0 { groupFree[g] -= 1 }
+        if old != 0 && value == 0 { groupFree[g] += 1 }
+    }
+
+    /// Recomputes one group's free count from its refcount block (for `check --repair`).
+    public func recountGroup(_ g: Int) throws(MetadataError) {
+        guard groupBlock[g] != 0 else { return }
+        let rcb = try readGroup(g, groupBlock[g])
+        var free: UInt32 = 0
+        for i in 0..<Int(Self.entriesInGroup(g, dataBlocks: dataBlocks)) where RefcountLayout.count(rcb.bytes, i) == 0 {
+            free += 1
+        }
+        if free != groupFree[g] {
+            groupFree[g] = free
+            dirtyGroups.insert(g)
+        }
+    }
+
+    /// Raw counts of a group as stored (for `check`): nil when the group has no block.
+    public func storedCounts(group g: Int) throws(MetadataError) -> [UInt32]? {
+        guard groupBlock[g] != 0 else { return nil }
+        let rcb = try readGroup(g, groupBlock[g])
+        return (0..<Self.entriesPerGroup).map { RefcountLayout.count(rcb.bytes, $0) }
+    }
+
+    public var groupCount: Int { groupBlock.count }
+
+    /// Forgets that blocks at or above the high-water mark may hold data (after the open
+    /// path punched them, or to disable the optimisation with `dataBlocks`).
+    public func setHighWater(_ value: UInt64) { highWater = value }
+}

@@ -1,0 +1,248 @@
+import ThinFormat
+import ThinSystem
+
+/// A cached 4 KiB metadata block.
+public final class MetadataBlock {
+    public let number: UInt64
+    public let buffer: AlignedBuffer
+    var dirty = false
+
+    init(number: UInt64) {
+        self.number = number
+        buffer = AlignedBuffer(count: MetadataLayout.blockSize)
+    }
+
+    public var bytes: UnsafeMutableRawBufferPointer { buffer.bytes }
+    public var node: NodeView { NodeView(buffer.bytes) }
+}
+
+/// The metadata block cache, the metadata space map and the transaction manager.
+///
+/// Metadata reference counts live only in memory: they are derived at open from the
+/// interior of the trees (leaves are not read), so they can never leak or disagree with
+/// the trees after a crash.
+///
+/// Transactions: a block the last commit uses is never written; changing it means
+/// `shadow`, which copies it into a block allocated in this transaction. Blocks freed
+/// in a transaction are not reused until it commits. `commit` writes every dirty
+/// block, issues a barrier, writes the superblock into the other slot, and issues a
+/// second barrier. Not thread-safe: the pool serializes access.
+public final class MetadataStore {
+    public let device: BlockDevice
+    public let regionStart: UInt64
+    public private(set) var regionBlocks: UInt64
+
+    /// Generation of the last commit; blocks read from disk must not be newer.
+    public private(set) var committedGeneration: UInt64
+
+    private var cache: [UInt64: MetadataBlock] = [:]
+    public var cacheLimit: Int
+    private var dirtyBlocks: [UInt64: MetadataBlock] = [:]
+
+    private var refcounts: [UInt32]
+    private var freeList: [UInt64] = []
+    private var pendingFree: [UInt64] = []
+    private var fresh: Set<UInt64> = []
+    private var scanning = true
+
+    /// Blocks kept back for operations that free space (delete, trim) so they can
+    /// always run and commit even when metadata is otherwise full.
+    public let reserveBlocks: Int
+    /// Set while an operation that releases space runs: it may dip into the reserve.
+    public var mayUseReserve = false
+
+    public init(device: BlockDevice, regionStart: UInt64, regionBlocks: UInt64, committedGeneration: UInt64, cacheLimitBlocks: Int = 16384) {
+        self.device = device
+        self.regionStart = regionStart
+        self.regionBlocks = regionBlocks
+        self.committedGeneration = committedGeneration
+        self.cacheLimit = cacheLimitBlocks
+        refcounts = [UInt32](repeating: 0, count: Int(regionBlocks))
+        reserveBlocks = Int(max(16, min(regionBlocks / 64, 4096)))
+    }
+
+    // MARK: Opening
+
+    /// During the open-time scan: records one more reference to `block`; returns the new
+    /// count, so the caller descends only on the first visit.
+    public func scanReference(_ block: UInt64, type: BlockType) throws(MetadataError) -> UInt32 {
+        precondition(scanning)
+        let index = try slot(block, type)
+        refcounts[index] += 1
+        return refcounts[index]
+    }
+
+    /// Ends the scan: every block with no reference becomes free.
+    public func finishScan() {
+        scanning = false
+        freeList.reserveCapacity(refcounts.count)
+        // Pop order lowest-first keeps metadata near the start of the region.
+        var i = refcounts.count - 1
+        while i >= 0 {
+            if refcounts[i] == 0 { freeList.append(regionStart + UInt64(i)) }
+            i -= 1
+        }
+    }
+
+    // MARK: Reading
+
+    @inline(__always)
+    func slot(_ block: UInt64, _ type: BlockType) throws(MetadataError) -> Int {
+        guard block >= regionStart, block < regionStart + regionBlocks else { throw .pointerOutOfRange(block, type) }
+        return Int(block - regionStart)
+    }
+
+    /// Returns the block, validated against `type`. Cost: a dictionary lookup when
+    /// cached, else one 4 KiB read and a CRC32C.
+    public func read(_ number: UInt64, _ type: BlockType) throws(MetadataError) -> MetadataBlock {
+        if let block = cache[number] { return block }
+        _ = try slot(number, type)
+        let block = MetadataBlock(number: number)
+        try wrapIO { try device.read(into: block.bytes, at: number * UInt64(MetadataLayout.blockSize)) }
+        do {
+            _ = try BlockHeader.validate(block.bytes, expectedType: type, blockNumber: number, maxGeneration: committedGeneration)
+            if type != .refcounts && type != .volumeRecord { try block.node.validateShape() }
+        } catch {
+            throw .corruptBlock(number, type, error.description)
+        }
+        insertIntoCache(block)
+        return block
+    }
+
+    private func insertIntoCache(_ block: MetadataBlock) {
+        if cache.count >= cacheLimit { evictClean() }
+        cache[block.number] = block
+    }
+
+    /// Drops about a quarter of the clean blocks. Dirty blocks stay until commit.
+    private func evictClean() {
+        var toDrop = max(1, cache.count / 4)
+        for (number, block) in cache where !block.dirty {
+            cache[number] = nil
+            toDrop -= 1
+            if toDrop == 0 { break }
+        }
+    }
+
+    // MARK: Allocation and reference counts
+
+    public func refcount(_ number: UInt64) -> UInt32 {
+        refcounts[Int(number - regionStart)]
+    }
+
+    public var freeBlocks: Int { freeList.count }
+    public var usedBlocks: Int { refcounts.count - freeList.count }
+
+    /// A zeroed block, dirty, with one reference, owned by this transaction.
+    /// Throws `noMetadataSpace` when only the reserve is left (unless `mayUseReserve`).
+    public func allocate(_ type: BlockType, level: UInt16 = 0) throws(MetadataError) -> MetadataBlock {
+        guard freeList.count > (mayUseReserve ? 0 : reserveBlocks), let number = freeList.popLast() else {
+            throw .noMetadataSpace
+        }
+        refcounts[Int(number - regionStart)] = 1
+        fresh.insert(number)
+        let block = cache[number] ?? MetadataBlock(number: number)
+        _ = NodeView.format(block.bytes, type: type, level: level)
+        block.dirty = true
+        cache[number] = block
+        dirtyBlocks[number] = block
+        return block
+    }
+
+    public func incRef(_ number: UInt64, _ type: BlockType) throws(MetadataError) {
+        let i = try slot(number, type)
+        guard refcounts[i] > 0, refcounts[i] < UInt32.max else {
+            throw .refcountInvariant("metadata block \(number) (\(type)) referenced with count \(refcounts[i])")
+        }
+        refcounts[i] += 1
+    }
+
+    /// Drops one reference; at zero the block is freed (children are the caller's job).
+    /// Returns true when the block was freed.
+    @discardableResult
+    public func decRef(_ number: UInt64, _ type: BlockType) throws(MetadataError) -> Bool {
+        let i = try slot(number, type)
+        guard refcounts[i] > 0 else {
+            throw .refcountInvariant("metadata block \(number) (\(type)) released with count 0")
+        }
+        refcounts[i] -= 1
+        guard refcounts[i] == 0 else { return false }
+        if let block = dirtyBlocks.removeValue(forKey: number) { block.dirty = false }
+        if fresh.remove(number) != nil {
+            // Never part of a commit: reusable at once.
+            cache[number] = nil
+            freeList.append(number)
+        } else {
+            pendingFree.append(number)
+        }
+        return true
+    }
+
+    /// Makes `number` writable in this transaction.
+    ///
+    /// Returns the block to write (the same one when it is already private to this
+    /// transaction) and whether the original stays shared, in which case the caller must
+    /// add a reference for every child of the copy. Cost: at most one copy of 4 KiB.
+    public func shadow(_ number: UInt64, _ type: BlockType) throws(MetadataError) -> (block: MetadataBlock, shared: Bool) {
+        let original = try read(number, type)
+        let count = refcount(number)
+        if count == 1 && fresh.contains(number) { return (original, false) }
+        let copy = try allocate(type, level: original.node.level)
+        copy.bytes.copyMemory(from: UnsafeRawBufferPointer(original.bytes))
+        // The copy's references to children replace the original's when it is released.
+        try decRef(number, type)
+        return (copy, count > 1)
+    }
+
+    /// Marks a block written in place (it must be private to this transaction).
+    public func markDirty(_ block: MetadataBlock) {
+        precondition(fresh.contains(block.number), "in-place write to a committed block")
+        block.dirty = true
+        dirtyBlocks[block.number] = block
+    }
+
+    public var hasUncommittedChanges: Bool { !dirtyBlocks.isEmpty || !pendingFree.isEmpty }
+
+    // MARK: Commit
+
+    /// Writes every dirty block, a barrier, the superblock, and a second barrier.
+    ///
+    /// Crash safety: until the superblock write completes, open finds the previous
+    /// commit intact (nothing it uses was written). After it, open finds this one.
+    public func commit(_ superblock: inout Superblock) throws(MetadataError) {
+        let generation = committedGeneration + 1
+        var requests: [IORequest] = []
+        requests.reserveCapacity(dirtyBlocks.count)
+        for (number, block) in dirtyBlocks.sorted(by: { $0.key < $1.key }) {
+            BlockHeader.seal(block.bytes, blockNumber: number, generation: generation)
+            requests.append(IORequest(.write, block.bytes, at: number * UInt64(MetadataLayout.blockSize)))
+        }
+        try wrapIO { try device.perform(requests) }
+        try wrapIO { try device.barrier() }
+        superblock.generation = generation
+        let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
+        superblock.encode(into: buffer.bytes)
+        try wrapIO { try device.write(UnsafeRawBufferPointer(buffer.bytes), at: superblock.slot * UInt64(MetadataLayout.blockSize)) }
+        try wrapIO { try device.barrier() }
+
+        committedGeneration = generation
+        for block in dirtyBlocks.values { block.dirty = false }
+        dirtyBlocks.removeAll(keepingCapacity: true)
+        fresh.removeAll(keepingCapacity: true)
+        for number in pendingFree {
+            cache[number] = nil
+            freeList.append(number)
+        }
+        pendingFree.removeAll(keepingCapacity: true)
+        if cache.count > cacheLimit { evictClean() }
+    }
+
+    /// Every metadata block that currently holds a reference (for `check`).
+    public func referencedBlocks() -> [(block: UInt64, count: UInt32)] {
+        var result: [(UInt64, UInt32)] = []
+        for (i, count) in refcounts.enumerated() where count > 0 {
+            result.append((regionStart + UInt64(i), count))
+        }
+        return result
+    }
+}

@@ -1,0 +1,32 @@
+import Dispatch
+
+/// Periodic commits: a pool behaves like a disk with a volatile write cache that is
+/// written back at least every `interval`, as dm-thin does once a second.
+public final class AutoCommitter: @unchecked Sendable {
+    private let timer: DispatchSourceTimer
+
+    /// Starts committing `pool` every `milliseconds` (default 1000). Errors are passed to
+    /// `onError` and the timer keeps running.
+    public init(pool: Pool, milliseconds: Int = 1000, onError: @escaping @Sendable (PoolError) -> Void = { _ in }) {
+        timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "thinbd.autocommit"))
+        timer.schedule(deadline: .now() + .milliseconds(milliseconds), repeating: .milliseconds(milliseconds))
+        timer.setEventHandler { [weak pool] in
+            guard let pool else { return }
+            do throws(PoolError) {
+                try pool.commit()
+            } catch .closed {
+                return
+            } catch {
+                onError(error)
+            }
+        }
+        timer.resume()
+    }
+
+    /// Stops the timer; returns after any commit in progress.
+    public func stop() {
+        timer.cancel()
+    }
+
+    deinit { timer.cancel() }
+}

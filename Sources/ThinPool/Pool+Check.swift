@@ -1,0 +1,309 @@
+import ThinFormat
+import ThinMetadata
+import ThinSystem
+
+/// What `check` found.
+public struct CheckReport: Sendable {
+    /// Damage that repair cannot fix (a bad block, a count lower than the references).
+    public var damage: [String] = []
+    /// Data blocks counted as used that nothing references (space lost, no data at risk).
+    public var leakedBlocks: UInt64 = 0
+    /// Bookkeeping that disagrees with the trees and can be recomputed (free counts,
+    /// mapped-block counts).
+    public var fixable: [String] = []
+    /// Whether `repair` rewrote anything.
+    public var repaired = false
+
+    public var metadataBlocksChecked = 0
+    public var dataReferences: UInt64 = 0
+    public var volumesChecked = 0
+
+    public var isClean: Bool { damage.isEmpty && leakedBlocks == 0 && fixable.isEmpty }
+}
+
+/// The consistency checker. It walks every tree from the roots, reading every block
+/// (leaves too), recomputes every reference count, and compares them with the space
+/// maps and the volume records. The same walk is the engine's invariant check in tests.
+extension Pool {
+    /// Checks the pool's current state. With `repair` (read-write pools only), leaks and
+    /// stale counts are fixed and committed; other damage is only reported.
+    /// Cost: reads all metadata once; memory O(data blocks) for the recomputed counts.
+    public func check(repair: Bool = false) -> CheckReport {
+        lock.withLock {
+            var walker = CheckWalker(pool: self)
+            walker.run()
+            var report = walker.report
+            if repair && !isReadOnly && report.damage.isEmpty && !report.isClean {
+                do {
+                    try walker.repair()
+                    report.repaired = true
+                    try commitLocked()
+                    var again = CheckWalker(pool: self)
+                    again.run()
+                    report.damage = again.report.damage
+                    report.leakedBlocks = again.report.leakedBlocks
+                    report.fixable = again.report.fixable
+                    if !again.report.isClean { report.damage.append("repair did not converge") }
+                } catch {
+                    report.damage.append("repair failed: \(error)")
+                }
+            }
+            return report
+        }
+    }
+}
+
+struct CheckWalker {
+    let pool: Pool
+    var report = CheckReport()
+    var metadataRefs: [UInt64: UInt32] = [:]
+    var dataRefs: [UInt32]
+    /// Per visited node: entry count and key range of its subtree.
+    var summaries: [UInt64: (count: UInt64, low: UInt64, high: UInt64)] = [:]
+    var indexEntries: [UInt64: UInt64] = [:]
+    var mappedCounts: [UInt64: UInt64] = [:]
+
+    init(pool: Pool) {
+        self.pool = pool
+        dataRefs = [UInt32](repeating: 0, count: Int(pool.spaceMap.dataBlocks))
+    }
+
+    var store: MetadataStore { pool.store }
+
+    mutating func damage(_ text: String) {
+        if report.damage.count < 1000 { report.damage.append(text) }
+    }
+
+    mutating func run() {
+        if !pool.isReadOnly {
+            do {
+                try pool.prepareCommitLocked()
+            } catch {
+                damage("could not write pending metadata before checking: \(error)")
+            }
+        }
+        walk(pool.spaceMap.indexRoot, .spaceMapIndexNode, level: nil, low: 0, high: UInt64.max) { walker, group, packed in
+            walker.indexEntries[group] = packed
+            let block = RefcountLayout.unpackIndexValue(packed).block
+            guard walker.reference(block, .refcounts) else { return }
+            do {
+                let rcb = try walker.store.read(block, .refcounts)
+                if UInt64(rcb.bytes.le32(12)) != group {
+                    walker.damage("refcount block \(block) belongs to group \(rcb.bytes.le32(12)) but is indexed as group \(group)")
+                }
+            } catch {
+                walker.damage("\(error)")
+            }
+        }
+        var seenVolumes: Set<UInt64> = []
+        walk(pool.volumeTableRoot, .volumeTableNode, level: nil, low: 0, high: UInt64.max) { walker, id, recordBlock in
+            guard walker.reference(recordBlock, .volumeRecord) else { return }
+            do {
+                let block = try walker.store.read(recordBlock, .volumeRecord)
+                let record = try VolumeRecord.decode(block.bytes)
+                guard record.id == id else {
+                    walker.damage("volume record \(recordBlock) has id \(record.id) but is indexed as \(id)")
+                    return
+                }
+                guard let state = walker.pool.volumes[id] else {
+                    walker.damage("volume table lists id \(id) (\(record.name)) that the pool does not know")
+                    return
+                }
+                if state.record != record || state.recordBlock != recordBlock {
+                    walker.damage("volume record \(recordBlock) for \(record.name) differs from the volume's state")
+                }
+                seenVolumes.insert(id)
+            } catch {
+                walker.damage("volume record \(recordBlock): \(error)")
+            }
+        }
+        for (id, state) in pool.volumes {
+            report.volumesChecked += 1
+            if !seenVolumes.contains(id) { damage("volume \(state.record.name) is missing from the volume table") }
+            checkVolume(state)
+        }
+        checkMetadataCounts()
+        checkDataCounts()
+    }
+
+    /// Counts one reference to a metadata block; true on the first.
+    mutating func reference(_ block: UInt64, _ type: BlockType) -> Bool {
+        guard block >= store.regionStart, block < store.regionStart + store.regionBlocks else {
+            damage("pointer to \(type) at block \(block), outside the metadata region")
+            return false
+        }
+        let count = (metadataRefs[block] ?? 0) + 1
+        metadataRefs[block] = count
+        return count == 1
+    }
+
+    /// Walks a tree, checking levels, key order and bounds, and calls `leaf` for every
+    /// leaf entry (once per node, however many trees share it).
+    @discardableResult
+    mutating func walk(
+        _ root: UInt64, _ type: BlockType, level: UInt16?, low: UInt64, high: UInt64,
+        leaf: (inout CheckWalker, UInt64, UInt64) -> Void
+    ) -> (count: UInt64, low: UInt64, high: UInt64)? {
+        guard root != 0 else { return (0, 0, 0) }
+        let first = reference(root, type)
+        if !first {
+            guard let summary = summaries[root] else { return nil }
+            if summary.count > 0 && (summary.low < low || summary.high >= high) {
+                damage("shared \(type) \(root) holds keys outside its parent's range")
+            }
+            return summary
+        }
+        let node: NodeView
+        do {
+            node = try store.read(root, type).node
+        } catch {
+            damage("\(error)")
+            return nil
+        }
+        report.metadataBlocksChecked += 1
+        if let level, node.level != level {
+            damage("\(type) \(root) is at level \(node.level), expected \(level)")
+            return nil
+        }
+        guard node.count > 0 else {
+            damage("\(type) \(root) is empty")
+            return nil
+        }
+        if node.key(0) < low || node.key(node.count - 1) >= high {
+            damage("\(type) \(root) holds keys outside its parent's range")
+        }
+        var count: UInt64 = 0
+        var highest: UInt64 = 0
+        if node.isLeaf {
+            for i in 0..<node.count { leaf(&self, node.key(i), node.value(i)) }
+            count = UInt64(node.count)
+            highest = node.key(node.count - 1)
+        } else {
+            for i in 0..<node.count {
+                let upper = i + 1 < node.count ? node.key(i + 1) : high
+                if let child = walk(node.value(i), type, level: node.level - 1, low: node.key(i), high: upper, leaf: leaf) {
+                    count += child.count
+                    highest = max(highest, child.high)
+                }
+            }
+        }
+        let summary = (count, node.key(0), highest)
+        summaries[root] = summary
+        return summary
+    }
+
+    mutating func checkVolume(_ state: VolumeState) {
+        let r = state.record
+        let dataBlocks = pool.spaceMap.dataBlocks
+        let highWater = pool.spaceMap.highWater
+        let summary = walk(r.mappingRoot, .mappingNode, level: nil, low: 0, high: UInt64.max) { walker, _, physical in
+            walker.report.dataReferences += 1
+            guard physical < dataBlocks else {
+                walker.damage("mapping to data block \(physical), beyond the pool's \(dataBlocks)")
+                return
+            }
+            if physical >= highWater {
+                walker.damage("mapping to data block \(physical), above the high-water mark \(highWater)")
+            }
+            walker.dataRefs[Int(physical)] += 1
+        }
+        if let summary {
+            let limit = (r.virtualSize + pool.blockSize - 1) / pool.blockSize
+            if summary.count > 0 && summary.high >= limit {
+                damage("\(r.name) maps block \(summary.high), past its end (\(limit) blocks)")
+            }
+            if summary.count != r.mappedBlocks {
+                report.fixable.append("\(r.name): \(summary.count) blocks mapped, record says \(r.mappedBlocks)")
+                mappedCounts[r.id] = summary.count
+            }
+        }
+        switch r.kind {
+        case .snapshot:
+            guard let (volume, _) = VolumeName.splitSnapshot(r.name) else {
+                damage("snapshot \(r.name) has no '@' in its name")
+                break
+            }
+            if r.ownerID != 0 {
+                if let owner = pool.volumes[r.ownerID] {
+                    if owner.record.name != volume { damage("snapshot \(r.name) belongs to \(owner.record.name)") }
+                } else {
+                    damage("snapshot \(r.name) belongs to missing volume #\(r.ownerID)")
+                }
+            }
+        case .volume:
+            if VolumeName.splitSnapshot(r.name) != nil { damage("volume \(r.name) has '@' in its name") }
+        }
+        if r.parentID != 0 && pool.volumes[r.parentID] == nil {
+            damage("\(r.name) names missing parent #\(r.parentID)")
+        }
+        if pool.names[r.name] != r.id { damage("name index disagrees for \(r.name)") }
+    }
+
+    mutating func checkMetadataCounts() {
+        var stored: [UInt64: UInt32] = [:]
+        for (block, count) in store.referencedBlocks() { stored[block] = count }
+        for (block, count) in metadataRefs where stored[block] != count {
+            damage("metadata block \(block) is referenced \(count) times, counted \(stored[block] ?? 0)")
+        }
+        for (block, count) in stored where metadataRefs[block] == nil {
+            damage("metadata block \(block) is counted \(count) times but nothing references it")
+        }
+    }
+
+    mutating func checkDataCounts() {
+        let spaceMap = pool.spaceMap
+        let e = DataSpaceMap.entriesPerGroup
+        let summary = spaceMap.groupSummary()
+        for g in 0..<spaceMap.groupCount {
+            let first = g * e
+            let entries = min(e, Int(spaceMap.dataBlocks) - first)
+            let counts: [UInt32]?
+            do {
+                counts = try spaceMap.storedCounts(group: g)
+            } catch {
+                damage("\(error)")
+                continue
+            }
+            var zero: UInt32 = 0
+            for i in 0..<entries {
+                let stored = counts?[i] ?? 0
+                let computed = dataRefs[first + i]
+                if stored == 0 { zero += 1 }
+                if stored > computed {
+                    report.leakedBlocks += 1
+                } else if stored < computed {
+                    damage("data block \(first + i) has \(computed) references but a count of \(stored)")
+                }
+            }
+            if zero != summary[g].free {
+                report.fixable.append("group \(g): \(zero) free blocks, recorded \(summary[g].free)")
+            }
+            let indexed = indexEntries[UInt64(g)]
+            if summary[g].block != 0 {
+                let expected = RefcountLayout.packIndexValue(block: summary[g].block, free: Int(summary[g].free))
+                if indexed != expected { damage("space map index entry for group \(g) is stale") }
+            } else if indexed != nil {
+                damage("space map index lists group \(g), which has no refcount block")
+            }
+        }
+    }
+
+    /// Fixes leaks and recomputable counts (only when there is no other damage).
+    func repair() throws {
+        let spaceMap = pool.spaceMap
+        let e = DataSpaceMap.entriesPerGroup
+        for g in 0..<spaceMap.groupCount {
+            guard let counts = try spaceMap.storedCounts(group: g) else { continue }
+            let entries = min(e, Int(spaceMap.dataBlocks) - g * e)
+            for i in 0..<entries where counts[i] > dataRefs[g * e + i] {
+                try spaceMap.repairCount(UInt64(g * e + i), to: dataRefs[g * e + i])
+            }
+            try spaceMap.recountGroup(g)
+        }
+        for (id, count) in mappedCounts {
+            guard let state = pool.volumes[id] else { continue }
+            state.record.mappedBlocks = count
+            state.dirty = true
+        }
+    }
+}

@@ -1,0 +1,350 @@
+import ThinFormat
+import ThinMetadata
+import ThinSystem
+
+/// A run of a volume's address space, as reported by `Pool.extents`.
+public struct Extent: Equatable, Sendable {
+    public var offset: UInt64
+    public var length: UInt64
+    /// False for holes: unmapped space that reads as zeros.
+    public var isMapped: Bool
+
+    public init(offset: UInt64, length: UInt64, isMapped: Bool) {
+        self.offset = offset
+        self.length = length
+        self.isMapped = isMapped
+    }
+}
+
+/// Builds a batch of device requests, merging a request into the previous one when
+/// both the disk range and the memory range continue it.
+struct RequestBatch {
+    var requests: [IORequest] = []
+
+    mutating func add(_ kind: IORequest.Kind, _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) {
+        guard buffer.count > 0 else { return }
+        if let last = requests.last, last.kind == kind, last.offset + UInt64(last.buffer.count) == offset,
+            let lastBase = last.buffer.baseAddress, lastBase + last.buffer.count == buffer.baseAddress
+        {
+            requests[requests.count - 1].buffer = UnsafeMutableRawBufferPointer(start: lastBase, count: last.buffer.count + buffer.count)
+            return
+        }
+        requests.append(IORequest(kind, buffer, at: offset))
+    }
+}
+
+/// The volume I/O API: read, write, write-zeroes, trim, flush and extents at any byte
+/// offset and length. Requests are validated here, once; past this boundary the
+/// engine only asserts.
+extension Pool {
+    /// The id of a volume or snapshot, for the I/O calls.
+    public func volumeID(_ name: String) throws(PoolError) -> UInt64 {
+        try lock.withLock { () throws(PoolError) in try state(named: name).record.id }
+    }
+
+    func volume(_ id: UInt64, writing: Bool) throws(PoolError) -> VolumeState {
+        guard !isClosed else { throw .closed }
+        guard let state = volumes[id] else { throw .noSuchVolume("#\(id)") }
+        if writing {
+            if isReadOnly { throw .readOnly("pool \(path) (opened read-only)") }
+            if state.record.kind == .snapshot { throw .readOnly("snapshot \(state.record.name)") }
+        }
+        return state
+    }
+
+    func checkRange(_ state: VolumeState, _ offset: UInt64, _ count: UInt64) throws(PoolError) {
+        let (end, overflow) = offset.addingReportingOverflow(count)
+        guard !overflow, end <= state.record.virtualSize else {
+            throw .outOfRange("request at \(offset) for \(count) bytes is beyond the end of \(state.record.name) (\(state.record.virtualSize) bytes)")
+        }
+    }
+
+    @inline(__always)
+    func diskOffset(_ physical: UInt64, _ inner: UInt64 = 0) -> UInt64 { dataOffset + physical * blockSize + inner }
+
+    // MARK: Read
+
+    /// Reads `buffer.count` bytes at `offset`; unmapped ranges read as zeros.
+    /// Cost: one tree walk for the range and one batched device submission.
+    public func read(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
+        try lock.withLock { () throws(PoolError) in
+            let state = try volume(id, writing: false)
+            try checkRange(state, offset, UInt64(buffer.count))
+            guard buffer.count > 0 else { return }
+            let first = offset / blockSize
+            let end = (offset + UInt64(buffer.count) + blockSize - 1) / blockSize
+            var batch = RequestBatch()
+            var zeroFrom = 0
+            try mapErrors {
+                try mappings.forEach(state.record.mappingRoot, in: first..<end) { (vb: UInt64, physical: UInt64) throws(MetadataError) -> Bool in
+                    let start = max(offset, vb * blockSize)
+                    let stop = min(offset + UInt64(buffer.count), (vb + 1) * blockSize)
+                    let lower = Int(start - offset)
+                    let upper = Int(stop - offset)
+                    if zeroFrom < lower {
+                        UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom..<lower]).initializeMemory(as: UInt8.self, repeating: 0)
+                    }
+                    batch.add(.read, UnsafeMutableRawBufferPointer(rebasing: buffer[lower..<upper]), at: diskOffset(physical, start - vb * blockSize))
+                    zeroFrom = upper
+                    return true
+                }
+                if zeroFrom < buffer.count {
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom...]).initializeMemory(as: UInt8.self, repeating: 0)
+                }
+                try device.perform(batch.requests)
+            }
+        }
+    }
+
+    // MARK: Write
+
+    /// Writes `data` at `offset`. Blocks shared with a snapshot or clone are copied first
+    /// (only the part the write does not cover is read; a whole-block write copies
+    /// nothing). Throws `.noDataSpace` before changing anything when the pool lacks the
+    /// blocks. Durable after the next commit.
+    public func write(_ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer) throws(PoolError) {
+        try lock.withLock { () throws(PoolError) in
+            let state = try volume(id, writing: true)
+            try checkRange(state, offset, UInt64(data.count))
+            guard data.count > 0 else { return }
+            try writeLocked(state, at: offset, from: data)
+        }
+    }
+
+    private struct BlockWrite {
+        var virtual: UInt64
+        var inner: UInt64
+        var length: UInt64
+        var dataOffset: Int
+        var current: UInt64?
+        var target: UInt64 = 0
+        var inPlace: Bool
+    }
+
+    func writeLocked(_ state: VolumeState, at offset: UInt64, from data: UnsafeRawBufferPointer) throws(PoolError) {
+        let tree = mappings
+        var plan: [BlockWrite] = []
+        var position = offset
+        let end = offset + UInt64(data.count)
+        try mapErrors {
+            while position < end {
+                let vb = position / blockSize
+                let inner = position - vb * blockSize
+                let length = min(blockSize - inner, end - position)
+                var current: UInt64?
+                var inPlace = false
+                if let (physical, pathShared) = try tree.lookupWithSharing(state.record.mappingRoot, vb) {
+                    current = physical
+                    if !pathShared && !spaceMap.sharingDroppedThisTransaction(physical) {
+                        inPlace = try spaceMap.refcount(physical) == 1
+                    }
+                }
+                plan.append(BlockWrite(virtual: vb, inner: inner, length: length, dataOffset: Int(position - offset), current: current, inPlace: inPlace))
+                position += length
+            }
+        }
+
+        // Allocate every new block up front, so a full pool fails the write before any change.
+        let needed = plan.lazy.filter { !$0.inPlace }.count
+        let zeroMark = spaceMap.highWater
+        var allocated: [UInt64] = []
+        if needed > 0 {
+            let firstNew = plan.first { !$0.inPlace }!.virtual
+            let hint: UInt64? = try mapErrors {
+                guard firstNew > 0, let previous = try tree.lookup(state.record.mappingRoot, firstNew - 1) else { return nil }
+                return previous + 1
+            }
+            let runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint) }
+            allocated.reserveCapacity(needed)
+            for run in runs { allocated.append(contentsOf: run) }
+            var next = 0
+            for i in plan.indices where !plan[i].inPlace {
+                plan[i].target = allocated[next]
+                next += 1
+            }
+        }
+
+        do {
+            try writeData(plan, data: data, zeroMark: zeroMark)
+        } catch {
+            for block in allocated { try? spaceMap.decRef(block) }
+            throw error
+        }
+
+        var root = state.record.mappingRoot
+        var mapped = state.record.mappedBlocks
+        defer {
+            state.record.mappingRoot = root
+            state.record.mappedBlocks = mapped
+            state.dirty = true
+        }
+        var inserted = 0
+        do {
+            for entry in plan where !entry.inPlace {
+                let (newRoot, replaced) = try tree.insert(root, entry.virtual, entry.target)
+                root = newRoot
+                inserted += 1
+                if let replaced { try spaceMap.decRef(replaced) } else { mapped += 1 }
+            }
+        } catch {
+            for block in allocated[inserted...] { try? spaceMap.decRef(block) }
+            throw PoolError(error)
+        }
+    }
+
+    /// Writes the data blocks of a plan: in place, into fresh blocks, or copy-on-write.
+    private func writeData(_ plan: [BlockWrite], data: UnsafeRawBufferPointer, zeroMark: UInt64) throws(PoolError) {
+        let source = UnsafeMutableRawBufferPointer(mutating: data)
+        var copies: [(entry: BlockWrite, buffer: AlignedBuffer)] = []
+        var reads = RequestBatch()
+        var writes = RequestBatch()
+        for entry in plan {
+            let slice = UnsafeMutableRawBufferPointer(rebasing: source[entry.dataOffset..<entry.dataOffset + Int(entry.length)])
+            if entry.inPlace {
+                writes.add(.write, slice, at: diskOffset(entry.current!, entry.inner))
+            } else if entry.length == blockSize || (entry.current == nil && entry.target >= zeroMark) {
+                // A whole block, or a fresh block that is known to read as zeros.
+                writes.add(.write, slice, at: diskOffset(entry.target, entry.inner))
+            } else {
+                let scratch = AlignedBuffer(count: Int(blockSize))
+                if let current = entry.current {
+                    let head = Int(entry.inner)
+                    let tail = Int(entry.inner + entry.length)
+                    reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[0..<head]), at: diskOffset(current))
+                    reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[tail...]), at: diskOffset(current, UInt64(tail)))
+                }
+                copies.append((entry, scratch))
+            }
+        }
+        try mapErrors { try device.perform(reads.requests) }
+        for (entry, scratch) in copies {
+            let inner = Int(entry.inner)
+            UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[inner..<inner + Int(entry.length)])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[entry.dataOffset..<entry.dataOffset + Int(entry.length)]))
+            writes.add(.write, scratch.bytes, at: diskOffset(entry.target))
+        }
+        try mapErrors { try device.perform(writes.requests) }
+    }
+
+    // MARK: Zeroes, trim, flush
+
+    /// Makes the range read as zeros. Whole blocks are unmapped (unless `mayUnmap` is
+    /// false, then zeros are written and the space stays allocated); partial blocks that
+    /// are mapped get zeros written into them.
+    public func writeZeroes(_ id: UInt64, at offset: UInt64, count: UInt64, mayUnmap: Bool = true) throws(PoolError) {
+        try lock.withLock { () throws(PoolError) in
+            let state = try volume(id, writing: true)
+            try checkRange(state, offset, count)
+            try zeroLocked(state, from: offset, count: count, unmapWholeBlocks: mayUnmap)
+        }
+    }
+
+    func zeroLocked(_ state: VolumeState, from offset: UInt64, count: UInt64, unmapWholeBlocks: Bool) throws(PoolError) {
+        guard count > 0 else { return }
+        let end = offset + count
+        // Fail before changing anything when the zeros might need more blocks than are
+        // free: at most the two partial ends, or every block when nothing is unmapped.
+        let worstCase = unmapWholeBlocks ? min(2, (end - 1) / blockSize - offset / blockSize + 1) : (end - 1) / blockSize - offset / blockSize + 1
+        if spaceMap.freeBlocks < worstCase {
+            throw .noDataSpace("pool is out of data space (write-zeroes may need \(worstCase) blocks, \(spaceMap.freeBlocks) free)")
+        }
+        let firstWhole = (offset + blockSize - 1) / blockSize
+        let endWhole = end / blockSize
+        if unmapWholeBlocks && firstWhole < endWhole {
+            try unmapLocked(state, blocks: firstWhole..<endWhole)
+            try zeroPartial(state, from: offset, to: min(end, firstWhole * blockSize))
+            try zeroPartial(state, from: max(offset, endWhole * blockSize), to: end)
+        } else if unmapWholeBlocks {
+            try zeroPartial(state, from: offset, to: end)
+        } else {
+            var position = offset
+            while position < end {
+                let length = min(blockSize - position % blockSize, end - position)
+                try writeLocked(state, at: position, from: UnsafeRawBufferPointer(rebasing: zeroScratch.bytes[0..<Int(length)]))
+                position += length
+            }
+        }
+    }
+
+    /// Writes zeros into the mapped blocks of a range that spans at most part of two blocks.
+    private func zeroPartial(_ state: VolumeState, from start: UInt64, to end: UInt64) throws(PoolError) {
+        var position = start
+        while position < end {
+            let length = min(blockSize - position % blockSize, end - position)
+            let mapped = try mapErrors { try mappings.lookup(state.record.mappingRoot, position / blockSize) != nil }
+            if mapped {
+                try writeLocked(state, at: position, from: UnsafeRawBufferPointer(rebasing: zeroScratch.bytes[0..<Int(length)]))
+            }
+            position += length
+        }
+    }
+
+    /// Discards whole blocks in the range (partial blocks are left as they are); they
+    /// then read as zeros and their space returns to the pool at the next commit.
+    public func trim(_ id: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) {
+        try lock.withLock { () throws(PoolError) in
+            let state = try volume(id, writing: true)
+            try checkRange(state, offset, count)
+            let firstWhole = (offset + blockSize - 1) / blockSize
+            let endWhole = (offset + count) / blockSize
+            if firstWhole < endWhole { try unmapLocked(state, blocks: firstWhole..<endWhole) }
+        }
+    }
+
+    func unmapLocked(_ state: VolumeState, blocks: Range<UInt64>) throws(PoolError) {
+        let previous = store.mayUseReserve
+        store.mayUseReserve = true
+        defer { store.mayUseReserve = previous }
+        var mapped = state.record.mappedBlocks
+        var root = state.record.mappingRoot
+        defer {
+            state.record.mappedBlocks = mapped
+            state.record.mappingRoot = root
+            state.dirty = true
+        }
+        try mapErrors {
+            root = try mappings.removeAll(root, in: blocks) { (_: UInt64, physical: UInt64) throws(MetadataError) in
+                try spaceMap.decRef(physical)
+                mapped -= 1
+            }
+        }
+    }
+
+    /// Makes every write so far durable (a commit). Same as `commit()`.
+    public func flush() throws(PoolError) { try commit() }
+
+    // MARK: Extents
+
+    /// Mapped and unmapped runs covering `offset..<offset+count`, in order, merged.
+    /// Unmapped runs read as zeros. Cost: one tree walk over the range.
+    public func extents(_ id: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) -> [Extent] {
+        try lock.withLock { () throws(PoolError) in
+            let state = try volume(id, writing: false)
+            try checkRange(state, offset, count)
+            guard count > 0 else { return [] }
+            let end = offset + count
+            var result: [Extent] = []
+            func append(_ start: UInt64, _ stop: UInt64, _ mapped: Bool) {
+                guard stop > start else { return }
+                if let last = result.last, last.isMapped == mapped, last.offset + last.length == start {
+                    result[result.count - 1].length += stop - start
+                } else {
+                    result.append(Extent(offset: start, length: stop - start, isMapped: mapped))
+                }
+            }
+            var covered = offset
+            _ = try mapErrors {
+                try mappings.forEach(state.record.mappingRoot, in: (offset / blockSize)..<((end + blockSize - 1) / blockSize)) { (vb: UInt64, _: UInt64) -> Bool in
+                    let start = max(offset, vb * blockSize)
+                    let stop = min(end, (vb + 1) * blockSize)
+                    append(covered, start, false)
+                    append(start, stop, true)
+                    covered = stop
+                    return true
+                }
+            }
+            append(covered, end, false)
+            return result
+        }
+    }
+}

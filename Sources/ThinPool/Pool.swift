@@ -1,0 +1,435 @@
+import ThinFormat
+import ThinMetadata
+import ThinSystem
+
+/// Options for `Pool.create`.
+public struct PoolGeometry: Sendable {
+    /// Data capacity in bytes (rounded down to whole data blocks).
+    public var dataSize: UInt64
+    /// Data block size: a power of two from 4 KiB to 1 MiB.
+    public var blockSize: UInt32 = 64 * 1024
+    /// Metadata region size in bytes; nil picks one that fits four times `dataSize`.
+    public var metadataSize: UInt64?
+
+    public init(dataSize: UInt64, blockSize: UInt32 = 64 * 1024, metadataSize: UInt64? = nil) {
+        self.dataSize = dataSize
+        self.blockSize = blockSize
+        self.metadataSize = metadataSize
+    }
+
+    /// Metadata bytes budgeted per data block when sizing the region by default:
+    /// about 40 bytes are needed per mapped block; the rest leaves room for snapshots
+    /// that diverge and for growing the pool about four times.
+    static let metadataBytesPerDataBlock: UInt64 = 256
+    /// Below this budget per data block, `grow` refuses.
+    static let minimumMetadataBytesPerDataBlock: UInt64 = 40
+
+    func validate() throws(PoolError) {
+        let bs = UInt64(blockSize)
+        guard bs >= 4096, bs <= 1 << 20, bs & (bs - 1) == 0 else {
+            throw .invalidArgument("block size must be a power of two from 4K to 1M, not \(blockSize)")
+        }
+        guard dataSize >= bs * 16 else {
+            throw .invalidArgument("pool size must be at least 16 data blocks (\(bs * 16) bytes)")
+        }
+        guard dataSize / bs < 1 << 40 else { throw .invalidArgument("pool size is too large") }
+        if let metadataSize, metadataSize < 1 << 20 || metadataSize > 1 << 40 {
+            throw .invalidArgument("metadata size must be between 1M and 1T")
+        }
+    }
+
+    var metadataBlocks: UInt64 {
+        let dataBlocks = dataSize / UInt64(blockSize)
+        let bytes = metadataSize ?? min(max(16 << 20, dataBlocks * Self.metadataBytesPerDataBlock), 16 << 30)
+        return (bytes + UInt64(MetadataLayout.blockSize) - 1) / UInt64(MetadataLayout.blockSize)
+    }
+}
+
+/// In-memory state of one volume or snapshot.
+final class VolumeState {
+    var record: VolumeRecord
+    /// Where the record was last written (0 = not yet).
+    var recordBlock: UInt64
+    var dirty: Bool
+
+    init(record: VolumeRecord, recordBlock: UInt64, dirty: Bool) {
+        self.record = record
+        self.recordBlock = recordBlock
+        self.dirty = dirty
+    }
+}
+
+/// A thin pool: one backing file holding a superblock pair, a metadata region and a
+/// data region, with thin volumes, read-only snapshots and writable clones inside.
+///
+/// Thread-safe: one lock serializes metadata work. Crash safety: every operation that
+/// changes the set of volumes commits before it returns; data writes become durable at
+/// the next `commit()` (NBD FLUSH, FUA, or the auto-commit timer), like a disk with a
+/// volatile write cache.
+public final class Pool: @unchecked Sendable {
+    let lock = Lock()
+    let device: BlockDevice
+    public let path: String
+    public let isReadOnly: Bool
+    var superblock: Superblock
+    let store: MetadataStore
+    let spaceMap: DataSpaceMap
+    var volumeTableRoot: UInt64
+    var volumes: [UInt64: VolumeState] = [:]
+    var names: [String: UInt64] = [:]
+    var isClosed = false
+    /// Data blocks are known to read as zeros at or above this mark (sparse, never written).
+    var zeroScratch: AlignedBuffer
+
+    public let blockSize: UInt64
+    let dataOffset: UInt64
+
+    var mappings: BTree { BTree(store: store, type: .mappingNode, values: .dataBlocks(spaceMap)) }
+    var volumeTable: BTree { BTree(store: store, type: .volumeTableNode, values: .metadataBlocks(.volumeRecord)) }
+
+    // MARK: Creating and opening
+
+    /// Creates a new pool file (it must not exist) and opens it read-write.
+    /// The file is sparse: only metadata written so far takes space.
+    public static func create(path: String, geometry: PoolGeometry, cache: CacheMode? = nil) throws(PoolError) -> Pool {
+        try geometry.validate()
+        if SystemInfo.fileExists(path) { throw .fileExists(path) }
+        let device = try mapErrors { try PoolFile.open(path: path, readOnly: false, cache: cache, create: true) }
+        do {
+            return try create(on: device, path: path, geometry: geometry)
+        } catch {
+            device.close()
+            SystemInfo.removeFile(path)
+            throw error
+        }
+    }
+
+    /// Formats `device` as an empty pool and opens it (tests use a `MemoryDevice`).
+    public static func create(on device: BlockDevice, path: String = "memory", geometry: PoolGeometry) throws(PoolError) -> Pool {
+        try geometry.validate()
+        let bs = UInt64(geometry.blockSize)
+        let metadataStart: UInt64 = 2
+        let metadataBlocks = geometry.metadataBlocks
+        let metadataEnd = (metadataStart + metadataBlocks) * UInt64(MetadataLayout.blockSize)
+        let alignment = max(bs, 1 << 20)
+        let dataOffset = (metadataEnd + alignment - 1) / alignment * alignment
+        let dataBlocks = geometry.dataSize / bs
+        var uuid = [UInt8](repeating: 0, count: 16)
+        var rng = SplitMix64(seed: SystemInfo.monotonicNanoseconds() ^ (UInt64(SystemInfo.processID) << 32))
+        for i in 0..<16 { uuid[i] = UInt8(truncatingIfNeeded: rng.next()) }
+        uuid[6] = uuid[6] & 0x0F | 0x40
+        uuid[8] = uuid[8] & 0x3F | 0x80
+        let now = SystemInfo.wallClockSeconds()
+        let superblock = Superblock(
+            generation: 1, dataBlockSize: geometry.blockSize, uuid: uuid, metadataStart: metadataStart,
+            metadataBlocks: metadataBlocks, dataOffset: dataOffset, dataBlocks: dataBlocks, createdAt: now)
+        let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
+        try mapErrors {
+            try device.setSize(superblock.fileSize)
+            // Slot 0 stays empty until the first commit; a zeroed slot never validates.
+            try device.write(UnsafeRawBufferPointer(buffer.bytes), at: 0)
+            superblock.encode(into: buffer.bytes)
+            try device.write(UnsafeRawBufferPointer(buffer.bytes), at: superblock.slot * UInt64(MetadataLayout.blockSize))
+            try device.barrier()
+        }
+        return try open(device: device, path: path, readOnly: false)
+    }
+
+    /// Opens an existing pool file. Read-write opens take an exclusive lock; read-only
+    /// opens a shared one. Cost: reads the superblocks and the interior of every tree
+    /// (not the leaves), O(metadata / 250).
+    public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil) throws(PoolError) -> Pool {
+        guard SystemInfo.fileExists(path) else { throw .notAPool(path: path, reason: "no such file") }
+        let device: BlockDevice
+        do {
+            device = try PoolFile.open(path: path, readOnly: readOnly, cache: cache)
+        } catch is PoolFile.InUse {
+            throw .inUse(path: path)
+        } catch let error as SystemError {
+            throw .io(error)
+        } catch {
+            throw .io(SystemError(.io, "\(error)"))
+        }
+        do {
+            return try open(device: device, path: path, readOnly: readOnly)
+        } catch {
+            device.close()
+            throw error
+        }
+    }
+
+    /// Opens the pool stored on `device`.
+    public static func open(device: BlockDevice, path: String = "memory", readOnly: Bool = false) throws(PoolError) -> Pool {
+        let superblock = try readSuperblock(device: device, path: path)
+        let pool = try Pool(device: device, path: path, superblock: superblock, readOnly: readOnly)
+        try pool.forgetUncommittedData()
+        return pool
+    }
+
+    /// Reads both slots and returns the newest valid superblock.
+    static func readSuperblock(device: BlockDevice, path: String) throws(PoolError) -> Superblock {
+        let size = device.size
+        guard size >= 2 * UInt64(MetadataLayout.blockSize) else {
+            throw .notAPool(path: path, reason: "file is only \(size) bytes")
+        }
+        let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
+        var best: Superblock?
+        var problems: [String] = []
+        var sawSignature = false
+        for slot in MetadataLayout.superblockSlots {
+            try mapErrors { try device.read(into: buffer.bytes, at: slot * UInt64(MetadataLayout.blockSize)) }
+            do {
+                let candidate = try Superblock.decode(buffer.bytes, slot: slot)
+                sawSignature = true
+                if best == nil || candidate.generation > best!.generation { best = candidate }
+            } catch .notAPool {
+                continue
+            } catch {
+                sawSignature = true
+                problems.append("superblock slot \(slot): \(error)")
+            }
+        }
+        guard let superblock = best else {
+            if !sawSignature { throw .notAPool(path: path, reason: "no thinbd superblock found") }
+            throw .corrupt(problems.joined(separator: "; "))
+        }
+        guard size >= superblock.fileSize else { throw .truncated(expected: superblock.fileSize, actual: size) }
+        return superblock
+    }
+
+    private init(device: BlockDevice, path: String, superblock: Superblock, readOnly: Bool) throws(PoolError) {
+        self.device = device
+        self.path = path
+        self.isReadOnly = readOnly
+        self.superblock = superblock
+        self.blockSize = UInt64(superblock.dataBlockSize)
+        self.dataOffset = superblock.dataOffset
+        self.volumeTableRoot = superblock.volumeTableRoot
+        self.zeroScratch = AlignedBuffer(count: Int(superblock.dataBlockSize))
+        store = MetadataStore(
+            device: device, regionStart: superblock.metadataStart, regionBlocks: superblock.metadataBlocks,
+            committedGeneration: superblock.generation)
+        do {
+            spaceMap = try DataSpaceMap(
+                store: store, indexRoot: superblock.spaceMapRoot, dataBlocks: superblock.dataBlocks,
+                highWater: superblock.dataHighWater)
+        } catch {
+            throw PoolError(error)
+        }
+        try mapErrors { try loadVolumes() }
+        store.finishScan()
+    }
+
+    /// Reads every volume record and counts references to the trees' interior nodes.
+    private func loadVolumes() throws {
+        let table = volumeTable
+        let mappingTree = mappings
+        var records: [(UInt64, VolumeRecord)] = []
+        try table.scanReferences(volumeTableRoot, readLeaves: true) { (recordBlock: UInt64) throws(MetadataError) in
+            guard try store.scanReference(recordBlock, type: .volumeRecord) == 1 else {
+                throw .corruptBlock(recordBlock, .volumeRecord, "referenced twice from the volume table")
+            }
+            let block = try store.read(recordBlock, .volumeRecord)
+            let record: VolumeRecord
+            do {
+                record = try VolumeRecord.decode(block.bytes)
+            } catch {
+                throw .corruptBlock(recordBlock, .volumeRecord, "\(error)")
+            }
+            records.append((recordBlock, record))
+            try mappingTree.scanReferences(record.mappingRoot, readLeaves: false)
+        }
+        for (recordBlock, record) in records {
+            guard volumes[record.id] == nil, names[record.name] == nil else {
+                throw MetadataError.corruptBlock(recordBlock, .volumeRecord, "duplicate volume id or name '\(record.name)'")
+            }
+            volumes[record.id] = VolumeState(record: record, recordBlock: recordBlock, dirty: false)
+            names[record.name] = record.id
+        }
+    }
+
+    /// Data above the committed high-water mark may hold writes of a transaction that
+    /// never committed; punching it restores the "reads as zeros" promise. Where the
+    /// file system cannot punch holes, the optimisation is switched off instead.
+    private func forgetUncommittedData() throws(PoolError) {
+        guard !isReadOnly else { return }
+        let mark = spaceMap.highWater
+        let end = superblock.dataBlocks
+        if mark < end && !device.discard(at: dataOffset + mark * blockSize, length: (end - mark) * blockSize) {
+            spaceMap.setHighWater(end)
+        }
+    }
+
+    // MARK: Commit and close
+
+    /// Makes every write and change so far durable. Cost: one write per dirty metadata
+    /// block, two barriers (fdatasync), one superblock write.
+    ///
+    /// Crash safety: after a crash at any moment, open finds either the previous commit
+    /// or this one, complete.
+    public func commit() throws(PoolError) {
+        try lock.withLock { () throws(PoolError) in try commitLocked() }
+    }
+
+    /// Writes volume records and the space map index into metadata blocks (no I/O).
+    func prepareCommitLocked() throws(PoolError) {
+        try mapErrors {
+            for state in volumes.values where state.dirty {
+                let block: MetadataBlock
+                if state.recordBlock == 0 {
+                    block = try store.allocate(.volumeRecord)
+                } else {
+                    block = try store.shadow(state.recordBlock, .volumeRecord).block
+                }
+                state.record.encode(into: block.bytes)
+                if block.number != state.recordBlock {
+                    volumeTableRoot = try volumeTable.insert(volumeTableRoot, state.record.id, block.number).root
+                    state.recordBlock = block.number
+                }
+                state.dirty = false
+            }
+            try spaceMap.flushIndex()
+        }
+    }
+
+    func commitLocked() throws(PoolError) {
+        guard !isClosed else { throw .closed }
+        guard !isReadOnly else { return }
+        try prepareCommitLocked()
+        guard store.hasUncommittedChanges || superblock.dataBlocks != spaceMap.dataBlocks else {
+            // Only in-place data writes since the last commit: they need the barrier alone.
+            try mapErrors { try device.barrier() }
+            return
+        }
+        let freed = spaceMap.blocksPendingFree
+        var next = superblock
+        next.spaceMapRoot = spaceMap.indexRoot
+        next.volumeTableRoot = volumeTableRoot
+        next.dataBlocks = spaceMap.dataBlocks
+        next.dataHighWater = spaceMap.highWater
+        next.committedAt = SystemInfo.wallClockSeconds()
+        try mapErrors { try store.commit(&next) }
+        superblock = next
+        spaceMap.transactionCommitted()
+        discardFreedData(freed)
+    }
+
+    /// Returns freed data blocks' storage to the host file system (best effort). Only
+    /// after commit: until then the previous commit may still map them.
+    private func discardFreedData(_ freed: Set<UInt64>) {
+        guard !freed.isEmpty else { return }
+        var start: UInt64 = 0
+        var length: UInt64 = 0
+        for block in freed.sorted() {
+            if length > 0 && start + length == block {
+                length += 1
+                continue
+            }
+            if length > 0 { _ = device.discard(at: dataOffset + start * blockSize, length: length * blockSize) }
+            start = block
+            length = 1
+        }
+        if length > 0 { _ = device.discard(at: dataOffset + start * blockSize, length: length * blockSize) }
+    }
+
+    /// Commits and releases the file. Further calls fail with `.closed`.
+    public func close() throws(PoolError) {
+        try lock.withLock { () throws(PoolError) in
+            guard !isClosed else { return }
+            defer {
+                isClosed = true
+                device.close()
+            }
+            try commitLocked()
+        }
+    }
+
+    /// Releases the file without committing (what a crash would leave, for tests).
+    public func abandon() {
+        lock.withLock {
+            isClosed = true
+            device.close()
+        }
+    }
+
+    deinit {
+        if !isClosed { device.close() }
+    }
+
+    // MARK: Information
+
+    public var generation: UInt64 { lock.withLock { superblock.generation } }
+    public var engineName: String { device.engineName }
+
+    public func info() -> PoolInfo {
+        lock.withLock {
+            let dataTotal = spaceMap.dataBlocks * blockSize
+            let dataFree = spaceMap.freeBlocks * blockSize
+            let metaBlock = UInt64(MetadataLayout.blockSize)
+            return PoolInfo(
+                path: path, uuid: superblock.uuid, engine: device.engineName, generation: superblock.generation,
+                blockSize: blockSize, dataTotalBytes: dataTotal, dataFreeBytes: dataFree,
+                dataUsedBytes: dataTotal - dataFree,
+                metadataTotalBytes: store.regionBlocks * metaBlock,
+                metadataUsedBytes: UInt64(store.usedBlocks) * metaBlock,
+                metadataFreeBytes: UInt64(store.freeBlocks) * metaBlock,
+                fileBytes: superblock.fileSize, allocatedFileBytes: device.allocatedBytes,
+                volumes: volumes.values.map { describe($0) }.sorted { $0.name < $1.name })
+        }
+    }
+
+    func describe(_ state: VolumeState) -> VolumeInfo {
+        let r = state.record
+        let kind: VolumeInfo.Kind = r.kind == .snapshot ? .snapshot : (r.parentID == 0 ? .volume : .clone)
+        return VolumeInfo(
+            id: r.id, name: r.name, kind: kind, size: r.virtualSize, mappedBytes: r.mappedBlocks * blockSize,
+            parent: volumes[r.parentID]?.record.name, createdAt: r.createdAt)
+    }
+}
+
+/// A summary of the pool, as `thinbd info` prints it.
+public struct PoolInfo: Sendable {
+    public var path: String
+    public var uuid: [UInt8]
+    public var engine: String
+    public var generation: UInt64
+    public var blockSize: UInt64
+    public var dataTotalBytes: UInt64
+    public var dataFreeBytes: UInt64
+    public var dataUsedBytes: UInt64
+    public var metadataTotalBytes: UInt64
+    public var metadataUsedBytes: UInt64
+    public var metadataFreeBytes: UInt64
+    public var fileBytes: UInt64
+    public var allocatedFileBytes: UInt64?
+    public var volumes: [VolumeInfo]
+
+    public var uuidString: String {
+        let hex = uuid.map { byte in
+            let s = String(byte, radix: 16)
+            return s.count == 1 ? "0" + s : s
+        }.joined()
+        let parts = [0..<8, 8..<12, 12..<16, 16..<20, 20..<32].map { range in
+            String(hex[hex.index(hex.startIndex, offsetBy: range.lowerBound)..<hex.index(hex.startIndex, offsetBy: range.upperBound)])
+        }
+        return parts.joined(separator: "-")
+    }
+}
+
+/// One volume, snapshot or clone.
+public struct VolumeInfo: Sendable, Equatable {
+    public enum Kind: String, Sendable {
+        case volume, snapshot, clone
+    }
+
+    public var id: UInt64
+    public var name: String
+    public var kind: Kind
+    public var size: UInt64
+    public var mappedBytes: UInt64
+    /// The volume or snapshot this one was created from, if it still exists.
+    public var parent: String?
+    public var createdAt: UInt64
+
+    public var isReadOnly: Bool { kind == .snapshot }
+}

@@ -1,0 +1,51 @@
+/// One read or write in a batch submitted to a `BlockDevice`.
+public struct IORequest {
+    public enum Kind: Sendable { case read, write }
+    public var kind: Kind
+    public var buffer: UnsafeMutableRawBufferPointer
+    public var offset: UInt64
+
+    public init(_ kind: Kind, _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) {
+        self.kind = kind
+        self.buffer = buffer
+        self.offset = offset
+    }
+}
+
+/// The engine's only way to reach its backing store.
+///
+/// Three implementations: `AIOFileDevice` (libaio with O_DIRECT), `FileDevice`
+/// (pread/pwrite through the page cache) and `MemoryDevice` (tests, fault injection).
+///
+/// Contract: `perform` returns only when every request in the batch has completed;
+/// completed writes are not durable until `barrier()` returns. Requests may have any
+/// offset, length and buffer address; implementations that need alignment bounce
+/// internally. Thread-safe.
+public protocol BlockDevice: AnyObject, Sendable {
+    /// A short name for logs and `info`: "libaio+O_DIRECT", "pread/pwrite", "memory".
+    var engineName: String { get }
+    /// The backing store's size in bytes.
+    var size: UInt64 { get }
+    /// Runs a batch of requests; cost: one submission for the whole batch where the engine allows.
+    func perform(_ requests: [IORequest]) throws
+    /// Makes every completed write durable (fdatasync).
+    func barrier() throws
+    /// Grows or shrinks the backing store.
+    func setSize(_ newSize: UInt64) throws
+    /// Best effort: releases the byte range's storage; reads of it then return zeros.
+    /// Returns false when the backing store cannot do that.
+    func discard(at offset: UInt64, length: UInt64) -> Bool
+    /// Bytes the host really stores (sparse files), when known.
+    var allocatedBytes: UInt64? { get }
+    func close()
+}
+
+extension BlockDevice {
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try perform([IORequest(.read, buffer, at: offset)])
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try perform([IORequest(.write, UnsafeMutableRawBufferPointer(mutating: buffer), at: offset)])
+    }
+}

@@ -1,0 +1,113 @@
+import CThinSupport
+import Glibc
+
+/// How a pool file's data reaches the disk.
+public enum CacheMode: String, Sendable, CaseIterable {
+    /// O_DIRECT through libaio: no page cache, batched asynchronous submission.
+    case none
+    /// pread/pwrite through the page cache.
+    case writeback
+}
+
+/// Opens pool files, taking the lock that keeps two writers apart.
+public enum PoolFile {
+    public struct InUse: Error, Sendable {}
+
+    /// Opens `path` as a block device.
+    ///
+    /// - `cache: nil` picks libaio with O_DIRECT where the file system allows it and
+    ///   falls back to pread/pwrite (for example on tmpfs).
+    /// - Read-write opens take an exclusive lock, read-only opens a shared one; a
+    ///   conflicting holder makes this throw `InUse`.
+    public static func open(
+        path: String, readOnly: Bool, cache: CacheMode? = nil, create: Bool = false
+    ) throws -> BlockDevice {
+        let access = readOnly ? O_RDONLY : O_RDWR
+        if create {
+            // Created without O_DIRECT: on file systems that refuse O_DIRECT (tmpfs) the
+            // create would otherwise leave a file behind and the retry would hit EEXIST.
+            Syscall.close(try Syscall.open(path, flags: O_RDWR | O_CREAT | O_EXCL))
+        }
+        var fd: Int32 = -1
+        var direct = false
+        if cache != .writeback {
+            let result = Result { () throws(SystemError) -> Int32 in
+                try Syscall.open(path, flags: access | thinbd_o_direct())
+            }
+            switch result {
+            case .success(let opened):
+                fd = opened
+                direct = true
+            case .failure(let error):
+                // File systems without O_DIRECT (tmpfs) say EINVAL; fall back unless asked not to.
+                guard error.code == .invalidArgument, cache == nil else { throw error }
+            }
+        }
+        if !direct {
+            fd = try Syscall.open(path, flags: access)
+        }
+        do {
+            guard try Syscall.tryLock(fd, exclusive: !readOnly) else { throw InUse() }
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
+        if direct {
+            do {
+                return try AIOFileDevice(fd: fd)
+            } catch {
+                Syscall.close(fd)
+                throw error
+            }
+        }
+        return FileDevice(fd: fd)
+    }
+}
+
+/// pread/pwrite through the page cache.
+public final class FileDevice: BlockDevice, @unchecked Sendable {
+    let fd: Int32
+    private let closeLock = Lock()
+    private var closed = false
+
+    init(fd: Int32) { self.fd = fd }
+
+    deinit { close() }
+
+    public var engineName: String { "pread/pwrite" }
+
+    public var size: UInt64 { (try? Syscall.fileSize(fd)) ?? 0 }
+
+    public func perform(_ requests: [IORequest]) throws {
+        for request in requests {
+            switch request.kind {
+            case .read:
+                let n = try Syscall.preadFully(fd, request.buffer, request.offset)
+                if n < request.buffer.count {
+                    throw SystemError(.io, "read past end of pool file at offset \(request.offset)")
+                }
+            case .write:
+                try Syscall.pwriteFully(fd, UnsafeRawBufferPointer(request.buffer), request.offset)
+            }
+        }
+    }
+
+    public func barrier() throws { try Syscall.fdatasync(fd) }
+
+    public func setSize(_ newSize: UInt64) throws { try Syscall.ftruncate(fd, newSize) }
+
+    public func discard(at offset: UInt64, length: UInt64) -> Bool {
+        Syscall.punchHole(fd, offset, length)
+    }
+
+    public var allocatedBytes: UInt64? { try? Syscall.allocatedBytes(fd) }
+
+    public func close() {
+        closeLock.withLock {
+            if !closed {
+                closed = true
+                Syscall.close(fd)
+            }
+        }
+    }
+}

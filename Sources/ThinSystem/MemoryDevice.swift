@@ -1,0 +1,228 @@
+/// An in-memory block device for tests, with fault injection and power-cut simulation.
+///
+/// It keeps two images: what reads see now, and what would survive a power cut (the
+/// state at the last `barrier()`). Writes since the last barrier are "volatile"; a
+/// simulated crash keeps a random subset of them, in any order, as a disk cache might.
+public final class MemoryDevice: BlockDevice, @unchecked Sendable {
+    static let pageSize = 4096
+
+    private let lock = Lock()
+    private var pages: [UInt64: [UInt8]] = [:]
+    private var durablePages: [UInt64: [UInt8]] = [:]
+    private var volatileWrites: [(offset: UInt64, bytes: [UInt8])] = []
+    private var currentSize: UInt64
+    private var durableSize: UInt64
+
+    /// Number of write requests performed so far (each request in a batch counts).
+    public private(set) var writeCount = 0
+    public private(set) var barrierCount = 0
+
+    private var failReadsRemaining = 0
+    private var failWritesRemaining = 0
+    private var injectedCode = SystemError.Code.io
+    private var dropWritesAfter: Int?
+    private var cutPowerAtWrite: Int?
+    public private(set) var powerIsCut = false
+
+    public init(size: UInt64) {
+        currentSize = size
+        durableSize = size
+    }
+
+    public var engineName: String { "memory" }
+
+    public var size: UInt64 { lock.withLock { currentSize } }
+
+    // MARK: Fault injection
+
+    /// The next `count` reads fail with `code`.
+    public func failReads(_ count: Int, with code: SystemError.Code = .io) {
+        lock.withLock { failReadsRemaining = count; injectedCode = code }
+    }
+
+    /// The next `count` writes fail with `code`.
+    public func failWrites(_ count: Int, with code: SystemError.Code = .io) {
+        lock.withLock { failWritesRemaining = count; injectedCode = code }
+    }
+
+    /// Every write after the `n`-th (counting from now) is acknowledged and silently lost.
+    public func dropWrites(after n: Int) {
+        lock.withLock { dropWritesAfter = writeCount + n }
+    }
+
+    /// Power fails at the `n`-th write from now: that write and everything after it fail
+    /// with EIO, and nothing after the last barrier is certain to survive.
+    public func cutPower(atWrite n: Int) {
+        lock.withLock { cutPowerAtWrite = writeCount + n }
+    }
+
+    /// The image a reboot would find: the durable state plus a random subset of the
+    /// volatile writes (`keepVolatile` of 0 keeps none, 1 keeps all, in between chooses).
+    public func imageAfterCrash(seed: UInt64, keepVolatile: Double = 0.5) -> MemoryDevice {
+        lock.withLock {
+            let image = MemoryDevice(size: durableSize)
+            image.pages = durablePages
+            var rng = SplitMix64(seed: seed)
+            for write in volatileWrites where Double(rng.next() % 1_000_000) / 1_000_000 < keepVolatile {
+                image.store(write.bytes, at: write.offset, durable: true)
+            }
+            image.currentSize = max(durableSize, image.currentSize)
+            return image
+        }
+    }
+
+    /// A copy of what reads see now, as a new device (a clean shutdown's image).
+    public func snapshot() -> MemoryDevice {
+        lock.withLock {
+            let image = MemoryDevice(size: currentSize)
+            image.pages = pages
+            image.durablePages = pages
+            return image
+        }
+    }
+
+    /// Flips bits of the byte at `offset` (corruption tests).
+    public func corrupt(at offset: UInt64, xor mask: UInt8 = 0xFF) {
+        lock.withLock {
+            let page = offset / UInt64(Self.pageSize)
+            var bytes = pages[page] ?? [UInt8](repeating: 0, count: Self.pageSize)
+            bytes[Int(offset % UInt64(Self.pageSize))] ^= mask
+            pages[page] = bytes
+            durablePages[page] = bytes
+        }
+    }
+
+    /// Bytes held in memory (non-zero pages), for space tests.
+    public var storedBytes: UInt64 { lock.withLock { UInt64(pages.count * Self.pageSize) } }
+
+    // MARK: BlockDevice
+
+    public func perform(_ requests: [IORequest]) throws {
+        try lock.withLock { () throws(SystemError) in
+            for request in requests {
+                switch request.kind {
+                case .read:
+                    if powerIsCut { throw SystemError(.io, "device lost power") }
+                    if failReadsRemaining > 0 {
+                        failReadsRemaining -= 1
+                        throw SystemError(injectedCode, "injected read fault")
+                    }
+                    guard request.offset + UInt64(request.buffer.count) <= currentSize else {
+                        throw SystemError(.io, "read past end of device")
+                    }
+                    load(into: request.buffer, at: request.offset)
+                case .write:
+                    writeCount += 1
+                    if let cut = cutPowerAtWrite, writeCount >= cut { powerIsCut = true }
+                    if powerIsCut { throw SystemError(.io, "device lost power") }
+                    if failWritesRemaining > 0 {
+                        failWritesRemaining -= 1
+                        throw SystemError(injectedCode, "injected write fault")
+                    }
+                    guard request.offset + UInt64(request.buffer.count) <= currentSize else {
+                        throw SystemError(.noSpace, "write past end of device")
+                    }
+                    if let drop = dropWritesAfter, writeCount > drop { continue }
+                    let bytes = [UInt8](UnsafeRawBufferPointer(request.buffer))
+                    store(bytes, at: request.offset, durable: false)
+                    volatileWrites.append((request.offset, bytes))
+                }
+            }
+        }
+    }
+
+    public func barrier() throws {
+        try lock.withLock { () throws(SystemError) in
+            if powerIsCut { throw SystemError(.io, "device lost power") }
+            barrierCount += 1
+            for write in volatileWrites { storeDurable(write.bytes, at: write.offset) }
+            volatileWrites.removeAll(keepingCapacity: true)
+            durableSize = currentSize
+        }
+    }
+
+    public func setSize(_ newSize: UInt64) throws {
+        try lock.withLock { () throws(SystemError) in
+            if powerIsCut { throw SystemError(.io, "device lost power") }
+            currentSize = newSize
+            let limit = (newSize + UInt64(Self.pageSize) - 1) / UInt64(Self.pageSize)
+            pages = pages.filter { $0.key < limit }
+        }
+    }
+
+    public func discard(at offset: UInt64, length: UInt64) -> Bool {
+        // Zeroing is a write like any other as far as crash simulation goes.
+        let zeros = [UInt8](repeating: 0, count: Int(length))
+        return lock.withLock {
+            if powerIsCut { return false }
+            store(zeros, at: offset, durable: false)
+            volatileWrites.append((offset, zeros))
+            return true
+        }
+    }
+
+    public var allocatedBytes: UInt64? { storedBytes }
+
+    public func close() {}
+
+    // MARK: Storage
+
+    private func load(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) {
+        var done = 0
+        while done < buffer.count {
+            let position = offset + UInt64(done)
+            let page = position / UInt64(Self.pageSize)
+            let inner = Int(position % UInt64(Self.pageSize))
+            let n = min(Self.pageSize - inner, buffer.count - done)
+            let target = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + n])
+            if let bytes = pages[page] {
+                bytes.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inner..<inner + n])) }
+            } else {
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+            }
+            done += n
+        }
+    }
+
+    private func store(_ source: [UInt8], at offset: UInt64, durable: Bool) {
+        var done = 0
+        while done < source.count {
+            let position = offset + UInt64(done)
+            let page = position / UInt64(Self.pageSize)
+            let inner = Int(position % UInt64(Self.pageSize))
+            let n = min(Self.pageSize - inner, source.count - done)
+            var bytes = pages[page] ?? [UInt8](repeating: 0, count: Self.pageSize)
+            bytes.replaceSubrange(inner..<inner + n, with: source[done..<done + n])
+            if bytes.allSatisfy({ $0 == 0 }) { pages[page] = nil } else { pages[page] = bytes }
+            if durable { durablePages[page] = pages[page] }
+            done += n
+        }
+    }
+
+    private func storeDurable(_ source: [UInt8], at offset: UInt64) {
+        var done = 0
+        while done < source.count {
+            let position = offset + UInt64(done)
+            let page = position / UInt64(Self.pageSize)
+            let inner = Int(position % UInt64(Self.pageSize))
+            let n = min(Self.pageSize - inner, source.count - done)
+            var bytes = durablePages[page] ?? [UInt8](repeating: 0, count: Self.pageSize)
+            bytes.replaceSubrange(inner..<inner + n, with: source[done..<done + n])
+            durablePages[page] = bytes
+            done += n
+        }
+    }
+}
+
+/// A small deterministic random generator (SplitMix64) so failures replay from a seed.
+public struct SplitMix64: RandomNumberGenerator, Sendable {
+    private var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE5_E4B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

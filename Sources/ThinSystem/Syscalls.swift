@@ -1,0 +1,148 @@
+import CThinSupport
+import Glibc
+
+/// Thin wrappers over the syscalls thinbd uses. Every call retries on EINTR and reports
+/// failures as `SystemError`; nothing outside this module calls into Glibc.
+enum Syscall {
+    @inline(__always)
+    static func retrying<T: BinaryInteger>(_ operation: String, _ body: () -> T) throws(SystemError) -> T {
+        while true {
+            let result = body()
+            if result >= 0 { return result }
+            if errno == EINTR { continue }
+            throw SystemError.current(operation)
+        }
+    }
+
+    static func open(_ path: String, flags: Int32, mode: mode_t = 0o644) throws(SystemError) -> Int32 {
+        try retrying("open \(path)") { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    static func close(_ fd: Int32) {
+        _ = Glibc.close(fd)
+    }
+
+    /// Reads exactly `buffer.count` bytes unless end of file comes first; returns the count read.
+    static func preadFully(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, _ offset: UInt64) throws(SystemError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = try retrying("pread") {
+                Glibc.pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    static func pwriteFully(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, _ offset: UInt64) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let n = try retrying("pwrite") {
+                Glibc.pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            if n == 0 { throw SystemError(.io, "pwrite made no progress") }
+            done += n
+        }
+    }
+
+    static func fdatasync(_ fd: Int32) throws(SystemError) {
+        _ = try retrying("fdatasync") { Glibc.fdatasync(fd) }
+    }
+
+    static func fileSize(_ fd: Int32) throws(SystemError) -> UInt64 {
+        var st = stat()
+        _ = try retrying("fstat") { Glibc.fstat(fd, &st) }
+        return UInt64(st.st_size)
+    }
+
+    /// Bytes actually allocated on the host file system (for sparse files).
+    static func allocatedBytes(_ fd: Int32) throws(SystemError) -> UInt64 {
+        var st = stat()
+        _ = try retrying("fstat") { Glibc.fstat(fd, &st) }
+        return UInt64(st.st_blocks) * 512
+    }
+
+    static func ftruncate(_ fd: Int32, _ size: UInt64) throws(SystemError) {
+        _ = try retrying("ftruncate") { Glibc.ftruncate(fd, off_t(size)) }
+    }
+
+    /// Returns false when the file system cannot punch holes.
+    static func punchHole(_ fd: Int32, _ offset: UInt64, _ length: UInt64) -> Bool {
+        while true {
+            let r = thinbd_punch_hole(fd, Int64(offset), Int64(length))
+            if r == 0 { return true }
+            if errno == EINTR { continue }
+            return false
+        }
+    }
+
+    /// Takes an exclusive (or shared) lock on the open file description without blocking.
+    static func tryLock(_ fd: Int32, exclusive: Bool) throws(SystemError) -> Bool {
+        let op = (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB
+        while true {
+            if flock(fd, op) == 0 { return true }
+            if errno == EINTR { continue }
+            if errno == EWOULDBLOCK { return false }
+            throw SystemError.current("flock")
+        }
+    }
+}
+
+/// Small process-level facts the CLI and engine need without importing Glibc.
+public enum SystemInfo {
+    public static var processID: Int32 { getpid() }
+
+    public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) == 1 }
+
+    /// Monotonic nanoseconds, for measuring durations.
+    public static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// Wall-clock seconds since the Unix epoch.
+    public static func wallClockSeconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(ts.tv_sec)
+    }
+
+    public static func environment(_ name: String) -> String? {
+        guard let value = getenv(name) else { return nil }
+        return String(cString: value)
+    }
+
+    public static func fileExists(_ path: String) -> Bool {
+        access(path, F_OK) == 0
+    }
+
+    public static func removeFile(_ path: String) {
+        _ = unlink(path)
+    }
+
+    /// Creates `path` and its missing parents (like `mkdir -p`).
+    public static func makeDirectories(_ path: String) throws(SystemError) {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for component in path.split(separator: "/") {
+            prefix += component
+            if mkdir(prefix, 0o755) != 0 && errno != EEXIST {
+                throw SystemError.current("mkdir \(prefix)")
+            }
+            prefix += "/"
+        }
+    }
+
+    /// Writes a line to standard error without buffering.
+    public static func writeStandardError(_ text: String) {
+        var copy = text
+        copy.withUTF8 { bytes in
+            _ = Glibc.write(2, bytes.baseAddress, bytes.count)
+        }
+    }
+
+    public static func exit(_ code: Int32) -> Never {
+        Glibc.exit(code)
+    }
+}
