@@ -9,7 +9,8 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     private let lock = Lock()
     private var pages: [UInt64: [UInt8]] = [:]
     private var durablePages: [UInt64: [UInt8]] = [:]
-    private var volatileWrites: [(offset: UInt64, bytes: [UInt8])] = []
+    /// Writes since the last barrier; a nil `bytes` is a discard of `length` bytes.
+    private var volatileWrites: [(offset: UInt64, length: Int, bytes: [UInt8]?)] = []
     private var currentSize: UInt64
     private var durableSize: UInt64
 
@@ -22,6 +23,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     private var injectedCode = SystemError.Code.io
     private var dropWritesAfter: Int?
     private var cutPowerAtWrite: Int?
+    private var cutPowerAtBarrier: Int?
     public private(set) var powerIsCut = false
 
     public init(size: UInt64) {
@@ -56,6 +58,11 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         lock.withLock { cutPowerAtWrite = writeCount + n }
     }
 
+    /// Power fails at the `n`-th barrier from now, before it makes anything durable.
+    public func cutPower(atBarrier n: Int) {
+        lock.withLock { cutPowerAtBarrier = barrierCount + n }
+    }
+
     /// The image a reboot would find: the durable state plus a random subset of the
     /// volatile writes (`keepVolatile` of 0 keeps none, 1 keeps all, in between chooses).
     public func imageAfterCrash(seed: UInt64, keepVolatile: Double = 0.5) -> MemoryDevice {
@@ -64,7 +71,11 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
             image.pages = durablePages
             var rng = SplitMix64(seed: seed)
             for write in volatileWrites where Double(rng.next() % 1_000_000) / 1_000_000 < keepVolatile {
-                image.store(write.bytes, at: write.offset, durable: true)
+                if let bytes = write.bytes {
+                    image.store(bytes, at: write.offset, durable: true)
+                } else {
+                    image.zero(write.offset, write.length, durable: true)
+                }
             }
             image.currentSize = max(durableSize, image.currentSize)
             return image
@@ -125,7 +136,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                     if let drop = dropWritesAfter, writeCount > drop { continue }
                     let bytes = [UInt8](UnsafeRawBufferPointer(request.buffer))
                     store(bytes, at: request.offset, durable: false)
-                    volatileWrites.append((request.offset, bytes))
+                    volatileWrites.append((request.offset, bytes.count, bytes))
                 }
             }
         }
@@ -135,7 +146,13 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         try lock.withLock { () throws(SystemError) in
             if powerIsCut { throw SystemError(.io, "device lost power") }
             barrierCount += 1
-            for write in volatileWrites { storeDurable(write.bytes, at: write.offset) }
+            if let cut = cutPowerAtBarrier, barrierCount >= cut {
+                powerIsCut = true
+                throw SystemError(.io, "device lost power")
+            }
+            for write in volatileWrites {
+                if let bytes = write.bytes { storeDurable(bytes, at: write.offset) } else { zeroDurable(write.offset, write.length) }
+            }
             volatileWrites.removeAll(keepingCapacity: true)
             durableSize = currentSize
         }
@@ -152,11 +169,10 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
 
     public func discard(at offset: UInt64, length: UInt64) -> Bool {
         // Zeroing is a write like any other as far as crash simulation goes.
-        let zeros = [UInt8](repeating: 0, count: Int(length))
-        return lock.withLock {
+        lock.withLock {
             if powerIsCut { return false }
-            store(zeros, at: offset, durable: false)
-            volatileWrites.append((offset, zeros))
+            zero(offset, Int(length), durable: false)
+            volatileWrites.append((offset, Int(length), nil))
             return true
         }
     }
@@ -196,6 +212,42 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
             if bytes.allSatisfy({ $0 == 0 }) { pages[page] = nil } else { pages[page] = bytes }
             if durable { durablePages[page] = pages[page] }
             done += n
+        }
+    }
+
+    /// Zeroes a range: whole pages are dropped, partial ones zero-filled.
+    private func zero(_ offset: UInt64, _ length: Int, durable: Bool) {
+        var position = offset
+        let end = offset + UInt64(length)
+        let size = UInt64(Self.pageSize)
+        while position < end {
+            let page = position / size
+            let inner = Int(position % size)
+            let n = Int(min(size - UInt64(inner), end - position))
+            if n == Self.pageSize {
+                pages[page] = nil
+                if durable { durablePages[page] = nil }
+            } else {
+                store([UInt8](repeating: 0, count: n), at: position, durable: durable)
+            }
+            position += UInt64(n)
+        }
+    }
+
+    private func zeroDurable(_ offset: UInt64, _ length: Int) {
+        var position = offset
+        let end = offset + UInt64(length)
+        let size = UInt64(Self.pageSize)
+        while position < end {
+            let page = position / size
+            let inner = Int(position % size)
+            let n = Int(min(size - UInt64(inner), end - position))
+            if n == Self.pageSize {
+                durablePages[page] = nil
+            } else {
+                storeDurable([UInt8](repeating: 0, count: n), at: position)
+            }
+            position += UInt64(n)
         }
     }
 
