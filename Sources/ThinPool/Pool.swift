@@ -139,7 +139,7 @@ public final class Pool: @unchecked Sendable {
     /// opens a shared one. Cost: reads the superblocks and the interior of every tree
     /// (not the leaves), O(metadata / 250).
     public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil) throws(PoolError) -> Pool {
-        guard SystemInfo.fileExists(path) else { throw .notAPool(path: path, reason: "no such file") }
+        guard SystemInfo.fileExists(path) else { throw .noSuchFile(path) }
         let device: BlockDevice
         do {
             device = try PoolFile.open(path: path, readOnly: readOnly, cache: cache)

@@ -6,6 +6,7 @@ import ThinSystem
 /// what an NBD client would see.
 public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     case notAPool(path: String, reason: String)
+    case noSuchFile(String)
     case corrupt(String)
     case truncated(expected: UInt64, actual: UInt64)
     case inUse(path: String)
@@ -24,6 +25,7 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .notAPool(let path, let reason): "\(path) is not a thinbd pool (\(reason))"
+        case .noSuchFile(let path): "\(path): no such file"
         case .corrupt(let why): "pool is corrupt: \(why)"
         case .truncated(let expected, let actual):
             "pool file is truncated: expected at least \(expected) bytes, found \(actual)"

@@ -1,0 +1,21 @@
+import ArgumentParser
+
+/// The `thinbd` command line. Each subcommand lives in its own file; the logic lives in
+/// the ThinPool library.
+public struct ThinbdCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "thinbd",
+        abstract: "Thin provisioning in one file: volumes, snapshots and clones in a pool.",
+        discussion: """
+            SIZE arguments take bytes or K, M, G, T (powers of 1024): 10G, 512M, 65536.
+            Snapshots are named VOLUME@SNAPSHOT.
+            """,
+        version: "0.1.0",
+        subcommands: [
+            CreateCommand.self, InfoCommand.self, CheckCommand.self, GrowCommand.self, VolumeCommand.self,
+            SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, DemoCommand.self,
+        ]
+    )
+
+    public init() {}
+}
