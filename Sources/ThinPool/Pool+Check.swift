@@ -307,3 +307,13 @@ struct CheckWalker {
         }
     }
 }
+
+extension Pool {
+    /// Metadata blocks the current state references (diagnostics and tests).
+    public func metadataBlocksInUse() -> [UInt64] {
+        lock.withLock { store.referencedBlocks().map(\.block) }
+    }
+
+    /// Byte offset of the data region in the pool file.
+    public var dataRegionOffset: UInt64 { dataOffset }
+}
