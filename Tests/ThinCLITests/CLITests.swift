@@ -1,0 +1,239 @@
+import Foundation
+import Testing
+import ThinCLI
+import ThinPool
+
+/// Runs the built `thinbd` executable.
+struct CLI {
+    static let executable: String = {
+        // The test runner lives in the build products directory, beside the executable.
+        let products = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        var candidates = [products.appendingPathComponent("thinbd").path]
+        candidates.append(products.deletingLastPathComponent().appendingPathComponent("thinbd").path)
+        candidates.append(products.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("thinbd").path)
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
+    }()
+
+    struct Result {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    @discardableResult
+    static func run(_ arguments: [String]) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Result(
+            status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+            stderr: String(decoding: stderr, as: UTF8.self))
+    }
+}
+
+final class TemporaryDirectory {
+    let path: String
+    init() {
+        path = NSTemporaryDirectory() + "thinbd-cli-\(UUID().uuidString)"
+        try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+@Suite(.serialized) struct CLIContractTests {
+    /// Runs a command that must succeed, then `check`, which must report clean.
+    func runClean(_ arguments: [String], pool: String) throws -> CLI.Result {
+        let result = try CLI.run(arguments)
+        #expect(result.status == 0, "thinbd \(arguments.joined(separator: " ")) failed: \(result.stderr)")
+        let check = try CLI.run(["check", pool])
+        #expect(check.status == 0, "check after \(arguments.joined(separator: " ")): \(check.stdout)\(check.stderr)")
+        #expect(check.stdout.contains("clean"))
+        return result
+    }
+
+    @Test func contractEndToEnd() throws {
+        let dir = TemporaryDirectory()
+        let pool = dir.path + "/p.pool"
+        try runClean(["create", pool, "--size", "1G", "--block-size", "64K"], pool: pool)
+        try runClean(["volume", "create", pool, "base", "--size", "4G"], pool: pool)
+        // Overcommit: a volume larger than the pool is fine.
+        #expect(try CLI.run(["volume", "list", pool]).stdout.contains("4.0 GiB"))
+
+        // Put data in with the library, then snapshot and clone from the CLI.
+        do {
+            let p = try Pool.open(path: pool)
+            let id = try p.volumeID("base")
+            try [UInt8](repeating: 0x41, count: 1 << 20).withUnsafeBytes { try p.write(id, at: 0, from: $0) }
+            try p.close()
+        }
+        try runClean(["snapshot", pool, "base@golden"], pool: pool)
+        try runClean(["clone", pool, "base@golden", "build1"], pool: pool)
+        try runClean(["clone", pool, "base", "build2"], pool: pool)
+
+        let list = try runClean(["volume", "list", pool, "--json"], pool: pool)
+        let volumes = try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as! [[String: Any]]
+        let byName = Dictionary(uniqueKeysWithValues: volumes.map { ($0["name"] as! String, $0) })
+        #expect(Set(byName.keys) == ["base", "base@golden", "build1", "build2"])
+        #expect(byName["base@golden"]?["kind"] as? String == "snapshot")
+        #expect(byName["build1"]?["kind"] as? String == "clone")
+        #expect(byName["build1"]?["parent"] as? String == "base@golden")
+        #expect(byName["build1"]?["mapped_bytes"] as? Int == 1 << 20)
+
+        let info = try runClean(["info", pool, "--json"], pool: pool)
+        let json = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as! [String: Any]
+        #expect(json["total_bytes"] as? Int == 1 << 30)
+        #expect(json["used_bytes"] as? Int == 1 << 20)
+        #expect(json["free_bytes"] as? Int == (1 << 30) - (1 << 20))
+
+        let tree = try runClean(["tree", pool], pool: pool)
+        #expect(tree.stdout.contains("base  (volume"))
+        #expect(tree.stdout.contains("├── base@golden") || tree.stdout.contains("└── base@golden"))
+        #expect(tree.stdout.contains("    └── build1") || tree.stdout.contains("│   └── build1"))
+
+        try runClean(["volume", "rename", pool, "base", "root"], pool: pool)
+        #expect(try CLI.run(["volume", "list", pool]).stdout.contains("root@golden"))
+        try runClean(["volume", "rename", pool, "root@golden", "root@gold"], pool: pool)
+        try runClean(["volume", "resize", pool, "build1", "--size", "512M"], pool: pool)
+        try runClean(["snapshot", pool, "build1@before"], pool: pool)
+        try runClean(["volume", "resize", pool, "build1", "--size", "2G"], pool: pool)
+        try runClean(["rollback", pool, "build1@before"], pool: pool)
+        let rolled = try JSONSerialization.jsonObject(with: Data(try CLI.run(["volume", "list", pool, "--json"]).stdout.utf8)) as! [[String: Any]]
+        #expect(rolled.first { $0["name"] as? String == "build1" }?["size"] as? Int == 512 << 20)
+
+        // Delete in any order: origin first, then the snapshot, while clones keep the data.
+        try runClean(["volume", "delete", pool, "root"], pool: pool)
+        try runClean(["volume", "delete", pool, "root@gold"], pool: pool)
+        do {
+            let p = try Pool.open(path: pool, readOnly: true)
+            var bytes = [UInt8](repeating: 0, count: 4096)
+            let id = try p.volumeID("build2")
+            try bytes.withUnsafeMutableBytes { try p.read(id, at: 0, into: $0) }
+            #expect(bytes == [UInt8](repeating: 0x41, count: 4096))
+            try p.close()
+        }
+        try runClean(["volume", "delete", pool, "build2"], pool: pool)
+        try runClean(["volume", "delete", pool, "build1@before"], pool: pool)
+        try runClean(["volume", "delete", pool, "build1"], pool: pool)
+        let empty = try JSONSerialization.jsonObject(with: Data(try CLI.run(["info", pool, "--json"]).stdout.utf8)) as! [String: Any]
+        #expect(empty["used_bytes"] as? Int == 0)
+
+        try runClean(["grow", pool, "--size", "2G"], pool: pool)
+        let grown = try JSONSerialization.jsonObject(with: Data(try CLI.run(["info", pool, "--json"]).stdout.utf8)) as! [String: Any]
+        #expect(grown["total_bytes"] as? Int == 2 << 30)
+        #expect(try CLI.run(["info", pool]).stdout.contains("[....."))
+    }
+
+    @Test func errorsNameTheProblem() throws {
+        let dir = TemporaryDirectory()
+        let pool = dir.path + "/p.pool"
+        try CLI.run(["create", pool, "--size", "64M"])
+        let cases: [([String], String)] = [
+            (["volume", "delete", pool, "nope"], "no such volume or snapshot: nope"),
+            (["snapshot", pool, "nope@s"], "no such volume or snapshot: nope"),
+            (["info", dir.path + "/missing.pool"], "no such file"),
+            (["create", pool, "--size", "64M"], "already exists"),
+            (["volume", "create", pool, "a@b", "--size", "1G"], "cannot contain '@'"),
+            (["volume", "create", pool, "v", "--size", "0"], "greater than zero"),
+            (["grow", pool, "--size", "1M"], "pools only grow"),
+        ]
+        for (arguments, message) in cases {
+            let result = try CLI.run(arguments)
+            #expect(result.status == 1, "\(arguments): status \(result.status)")
+            #expect(result.stderr.contains(message), "\(arguments): \(result.stderr)")
+        }
+        FileManager.default.createFile(atPath: dir.path + "/junk", contents: Data(repeating: 7, count: 100_000))
+        let junk = try CLI.run(["info", dir.path + "/junk"])
+        #expect(junk.status == 1 && junk.stderr.contains("not a thinbd pool"))
+        // Wrong arguments are usage errors.
+        #expect(try CLI.run(["create", pool + "2", "--size", "12Q"]).status == 64)
+        #expect(try CLI.run(["create", pool + "2", "--size", "1G", "--block-size", "3000"]).status == 64)
+        #expect(try CLI.run(["volume", "frobnicate"]).status == 64)
+        #expect(try CLI.run(["check", pool]).status == 0)
+    }
+
+    @Test func poolInUseIsRefused() throws {
+        let dir = TemporaryDirectory()
+        let pool = dir.path + "/p.pool"
+        try CLI.run(["create", pool, "--size", "64M"])
+        let holder = try Pool.open(path: pool)
+        let result = try CLI.run(["volume", "create", pool, "v", "--size", "1G"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("in use"))
+        try holder.close()
+        #expect(try CLI.run(["volume", "create", pool, "v", "--size", "1G"]).status == 0)
+    }
+
+    @Test func checkExitCodes() throws {
+        let dir = TemporaryDirectory()
+        let pool = dir.path + "/p.pool"
+        try CLI.run(["create", pool, "--size", "64M"])
+        try CLI.run(["volume", "create", pool, "v", "--size", "1G"])
+        #expect(try CLI.run(["check", pool]).status == 0)
+        #expect(try CLI.run(["check", dir.path + "/missing"]).status == 2)
+        // Flip a byte in the live volume table / record blocks (metadata region start).
+        let live = try Pool.open(path: pool, readOnly: true)
+        let blocks = live.metadataBlocksInUse()
+        try live.close()
+        let handle = FileHandle(forUpdatingAtPath: pool)!
+        for block in blocks {
+            try handle.seek(toOffset: block * 4096 + 100)
+            let byte = try handle.read(upToCount: 1)!
+            try handle.seek(toOffset: block * 4096 + 100)
+            handle.write(Data([byte[0] ^ 0xFF]))
+        }
+        try handle.close()
+        let damaged = try CLI.run(["check", pool])
+        #expect(damaged.status == 1, "\(damaged.stdout) \(damaged.stderr)")
+        #expect(damaged.stderr.contains("corrupt block") || damaged.stdout.contains("damage"))
+    }
+
+    @Test func demoRunsTwiceOnTheSamePool() throws {
+        let dir = TemporaryDirectory()
+        let pool = dir.path + "/sub/demo.pool"
+        let first = try CLI.run(["demo", pool])
+        #expect(first.status == 0, "\(first.stderr)")
+        #expect(first.stdout.contains("check: clean"))
+        let second = try CLI.run(["demo", pool])
+        #expect(second.status == 0)
+        #expect(try CLI.run(["check", pool]).status == 0)
+        #expect(try CLI.run(["volume", "list", pool]).stdout.components(separatedBy: "build-").count == 3)
+    }
+}
+
+@Suite struct ByteSizeTests {
+    @Test func parsesUnits() {
+        #expect(ByteSize.parse("65536") == 65536)
+        #expect(ByteSize.parse("64K") == 65536)
+        #expect(ByteSize.parse("64k") == 65536)
+        #expect(ByteSize.parse("10G") == 10 << 30)
+        #expect(ByteSize.parse("10GiB") == 10 << 30)
+        #expect(ByteSize.parse("2T") == 2 << 40)
+        #expect(ByteSize.parse("1.5G") == 3 << 29)
+        #expect(ByteSize.parse("1M") == 1 << 20)
+        #expect(ByteSize.parse("") == nil)
+        #expect(ByteSize.parse("G") == nil)
+        #expect(ByteSize.parse("12Q") == nil)
+        #expect(ByteSize.parse("-1") == nil)
+        #expect(ByteSize.parse("99999999999P") == nil)
+    }
+
+    @Test func formatsHumanSizes() {
+        #expect(formatBytes(512) == "512 B")
+        #expect(formatBytes(64 << 10) == "64.0 KiB")
+        #expect(formatBytes(10 << 30) == "10.0 GiB")
+        #expect(formatBytes(1536 << 20) == "1.5 GiB")
+    }
+
+    @Test func jsonEscapes() {
+        #expect(JSON.string("a\"b\\c\n\u{1}").rendered() == "\"a\\\"b\\\\c\\n\\u0001\"")
+        #expect(JSON.object([("k", .array([.number(1), .bool(true), .null]))]).rendered(pretty: false) == "{\"k\":[1,true,null]}")
+    }
+}
