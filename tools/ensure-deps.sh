@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the system packages thinbd needs to build and test, when they are missing.
+# Usage: tools/ensure-deps.sh [build|test]
+set -euo pipefail
+
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+have libaio-dev || need+=(libaio-dev)
+if [ "${1:-build}" = test ]; then
+    # Real NBD clients and tools the interop tests use (added as the server lands).
+    :
+fi
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+fi
