@@ -18,7 +18,7 @@ log=$(mktemp)
 swift test --skip-build 2>&1 | tee "$log" | grep -vE '^(◇|↳|Test Case|Test Suite|✔ Test|✔ Suite)'
 status=${PIPESTATUS[0]}
 grep -E 'Test run with' "$log"
-passed=$(grep -cE '^✔ Test ' "$log")
+passed=$(grep -E '^✔ Test ' "$log" | grep -vc 'Test run with')
 failed_tests=$(grep -cE '^✘ Test .* failed after' "$log")
 if [ "$status" -eq 0 ]; then rm -f "$log"; else echo "full test log: $log"; fi
 if [ "$status" -ne 0 ] && [ "$failed_tests" -eq 0 ]; then failed_tests=1; fi
