@@ -102,12 +102,15 @@ extension Pool {
     /// (only the part the write does not cover is read; a whole-block write copies
     /// nothing). Throws `.noDataSpace` before changing anything when the pool lacks the
     /// blocks. Durable after the next commit.
-    public func write(_ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer) throws(PoolError) {
+    ///
+    /// With `forceUnitAccess` (NBD's FUA flag) the write, and everything before it, is
+    /// durable when this returns: the pool commits.
+    public func write(_ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool = false) throws(PoolError) {
         try lock.withLock { () throws(PoolError) in
             let state = try volume(id, writing: true)
             try checkRange(state, offset, UInt64(data.count))
-            guard data.count > 0 else { return }
-            try writeLocked(state, at: offset, from: data)
+            if data.count > 0 { try writeLocked(state, at: offset, from: data) }
+            if forceUnitAccess { try commitLocked() }
         }
     }
 
