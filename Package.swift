@@ -1,6 +1,8 @@
 // swift-tools-version:6.1
 import PackageDescription
 
+import class Foundation.ProcessInfo
+
 // Layering (see docs/architecture.md):
 //   CLibAIO -> ThinSystem (the only module that touches C and syscalls)
 //   ThinFormat (pure codecs) -> ThinMetadata (cache, transactions, space maps, B-trees)
@@ -42,3 +44,21 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// Engine benchmarks (Benchmarks/) use ordo-one/benchmark. They are added only when asked
+// for, so the regular build and CI do not compile the framework:
+//   THINBD_BENCHMARKS=1 swift package benchmark      (or tools/bench-engine.sh)
+if ProcessInfo.processInfo.environment["THINBD_BENCHMARKS"] != nil {
+    package.dependencies.append(
+        .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]))
+    package.targets.append(
+        .executableTarget(
+            name: "EngineBenchmarks",
+            dependencies: [
+                "ThinPool", "ThinSystem",
+                .product(name: "Benchmark", package: "benchmark"),
+            ],
+            path: "Benchmarks/EngineBenchmarks",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ))
+}

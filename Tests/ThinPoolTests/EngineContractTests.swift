@@ -1,0 +1,156 @@
+import Foundation
+import Testing
+import ThinPool
+import ThinSystem
+
+@Suite struct EngineContractTests {
+    /// A snapshot writes the same small number of blocks however much the volume maps:
+    /// it shares the mapping root instead of copying it.
+    @Test func snapshotCostDoesNotGrowWithMappedSize() throws {
+        func snapshotWrites(mappedBlocks: Int) throws -> Int {
+            let (pool, device) = try makeMemoryPool(dataSize: 64 << 20, metadataSize: 8 << 20)
+            try pool.createVolume("v", size: 64 << 20)
+            let id = try pool.volumeID("v")
+            for i in 0..<mappedBlocks {
+                try [UInt8(1)].withUnsafeBytes { try pool.write(id, at: UInt64(i) * 4096, from: $0) }
+            }
+            try pool.commit()
+            let before = device.writeCount
+            try pool.snapshot("v@s")
+            return device.writeCount - before
+        }
+        let small = try snapshotWrites(mappedBlocks: 1)
+        let large = try snapshotWrites(mappedBlocks: 12_000)
+        #expect(large == small, "snapshot wrote \(small) blocks with 1 block mapped, \(large) with 12,000")
+        #expect(small <= 6)
+    }
+
+    /// Concurrent partial writes to the same blocks, while snapshots are taken: every
+    /// sector ends with its owner's last write, and every snapshot holds, per sector, a
+    /// version the owner really wrote.
+    @Test func concurrentWritersAndSnapshotsStayConsistent() throws {
+        let (pool, _) = try makeMemoryPool(dataSize: 32 << 20, blockSize: 16384)
+        let size = 256 << 10
+        try pool.createVolume("v", size: UInt64(size))
+        let id = try pool.volumeID("v")
+        let sector = 512
+        let writers = 4
+        let rounds = 200
+        // Sector s belongs to writer s % 4; writer w writes byte value (round % 250 + 1) with its id in the top bits.
+        DispatchQueue.concurrentPerform(iterations: writers + 1) { worker in
+            if worker == writers {
+                for i in 0..<20 {
+                    try! pool.snapshot("v@s\(i)")
+                    usleep(500)
+                }
+                return
+            }
+            var rng = SplitMix64(seed: UInt64(worker))
+            for round in 0..<rounds {
+                let sectors = (0..<(size / sector)).filter { $0 % writers == worker }
+                let chosen = sectors[Int(rng.next() % UInt64(sectors.count))]
+                let value = UInt8(worker << 6 | (round % 60 + 1))
+                let bytes = [UInt8](repeating: value, count: sector)
+                try! bytes.withUnsafeBytes { try pool.write(id, at: UInt64(chosen * sector), from: $0) }
+                if round == rounds - 1 {
+                    // Finish by writing every owned sector, so the final image is known.
+                    let last = [UInt8](repeating: UInt8(worker << 6 | 63), count: sector)
+                    for s in sectors { try! last.withUnsafeBytes { try pool.write(id, at: UInt64(s * sector), from: $0) } }
+                }
+            }
+        }
+        var image = [UInt8](repeating: 0, count: size)
+        try image.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
+        for s in 0..<(size / sector) {
+            let expected = UInt8((s % writers) << 6 | 63)
+            #expect(image[(s * sector)..<((s + 1) * sector)].allSatisfy { $0 == expected }, "sector \(s)")
+        }
+        for i in 0..<20 {
+            let snap = try pool.volumeID("v@s\(i)")
+            var copy = [UInt8](repeating: 0, count: size)
+            try copy.withUnsafeMutableBytes { try pool.read(snap, at: 0, into: $0) }
+            for s in 0..<(size / sector) {
+                let slice = copy[(s * sector)..<((s + 1) * sector)]
+                let first = slice.first!
+                #expect(slice.allSatisfy { $0 == first }, "snapshot \(i) sector \(s) is torn")
+                #expect(first == 0 || Int(first >> 6) == s % writers, "snapshot \(i) sector \(s) holds another writer's data")
+            }
+        }
+        #expect(pool.checkProblems() == nil)
+    }
+
+    /// An I/O error fails the one request, changes nothing, and the pool keeps working.
+    @Test func injectedIOErrorsChangeNothing() throws {
+        let (pool, device) = try makeMemoryPool()
+        try pool.createVolume("v", size: 1 << 20)
+        let original = pattern(64 << 10, seed: 1)
+        try pool.write("v", at: 0, original)
+        try pool.snapshot("v@s")
+        let usedBefore = pool.info().dataUsedBytes
+        device.failWrites(1)
+        #expect(throws: PoolError.self) { try pool.write("v", at: 100, pattern(10_000, seed: 2)) }
+        #expect(try pool.read("v", at: 0, count: 64 << 10) == original)
+        #expect(pool.info().dataUsedBytes == usedBefore)
+        device.failReads(1)
+        #expect(throws: PoolError.self) { try pool.write("v", at: 100, pattern(100, seed: 3)) }
+        #expect(try pool.read("v", at: 0, count: 64 << 10) == original)
+        #expect(pool.checkProblems() == nil)
+        try pool.write("v", at: 100, pattern(100, seed: 3))
+        #expect(try pool.read("v", at: 100, count: 100) == pattern(100, seed: 3))
+        #expect(try pool.read("v@s", at: 0, count: 64 << 10) == original)
+        try pool.commit()
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func fullPoolWorksAgainAfterGrow() throws {
+        let (pool, _) = try makeMemoryPool(dataSize: 256 << 10)
+        try pool.createVolume("v", size: 4 << 20)
+        let id = try pool.volumeID("v")
+        #expect(throws: PoolError.noDataSpace("pool is out of data space (need 128 blocks, 64 free)")) {
+            try pattern(512 << 10, seed: 1).withUnsafeBytes { try pool.write(id, at: 0, from: $0) }
+        }
+        #expect(pool.info().dataUsedBytes == 0)
+        try pool.grow(to: 1 << 20)
+        try pool.write("v", at: 0, pattern(512 << 10, seed: 1))
+        #expect(try pool.read("v", at: 0, count: 512 << 10) == pattern(512 << 10, seed: 1))
+        #expect(pool.info().dataTotalBytes == 1 << 20)
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func outOfRangeAndReadOnlyRequestsAreRefused() throws {
+        let (pool, _) = try makeMemoryPool()
+        try pool.createVolume("v", size: 10_000)
+        let id = try pool.volumeID("v")
+        var buffer = [UInt8](repeating: 0, count: 100)
+        #expect(throws: PoolError.self) { try buffer.withUnsafeMutableBytes { try pool.read(id, at: 9_950, into: $0) } }
+        #expect(throws: PoolError.self) { try buffer.withUnsafeMutableBytes { try pool.read(id, at: UInt64.max - 10, into: $0) } }
+        #expect(throws: PoolError.self) { try pool.trim(id, at: 0, count: 10_001) }
+        #expect(throws: PoolError.self) { try pool.extents(id, at: 10_000, count: 1) }
+        try pool.snapshot("v@s")
+        let snap = try pool.volumeID("v@s")
+        #expect(throws: PoolError.readOnly("snapshot v@s")) { try pool.writeZeroes(snap, at: 0, count: 10) }
+        #expect(throws: PoolError.self) { try pool.resize("v@s", to: 1 << 20) }
+        #expect(throws: PoolError.self) { try pool.snapshot("v@s") }
+        #expect(throws: PoolError.self) { try pool.snapshot("v@s@x") }
+        #expect(throws: PoolError.self) { try pool.clone("v", as: "bad name") }
+        #expect(throws: PoolError.self) { try pool.rollback("v@nope") }
+        #expect(throws: PoolError.self) { try pool.rename("v@s", to: "w@s") }
+        // The last block is partial: a write ending exactly at the end works.
+        try pool.write("v", at: 9_990, [UInt8](repeating: 1, count: 10))
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func shrinkZeroesTheTailForLaterGrowth() throws {
+        let (pool, _) = try makeMemoryPool()
+        try pool.createVolume("v", size: 64 << 10)
+        try pool.write("v", at: 0, pattern(64 << 10, seed: 4))
+        try pool.snapshot("v@before")
+        try pool.resize("v", to: 10_000)
+        try pool.resize("v", to: 64 << 10)
+        var expected = pattern(64 << 10, seed: 4)
+        expected.replaceSubrange(10_000..<(64 << 10), with: [UInt8](repeating: 0, count: (64 << 10) - 10_000))
+        #expect(try pool.read("v", at: 0, count: 64 << 10) == expected)
+        #expect(try pool.read("v@before", at: 0, count: 64 << 10) == pattern(64 << 10, seed: 4))
+        #expect(pool.checkProblems() == nil)
+    }
+}
