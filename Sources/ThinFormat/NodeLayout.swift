@@ -12,9 +12,15 @@ public struct NodeView {
     static let valuesOffset = MetadataLayout.headerSize + capacity * 8
 
     public let bytes: UnsafeMutableRawBufferPointer
+    /// Keeps the memory behind `bytes` alive while the view is in use (a cached block
+    /// may be evicted while a traversal still walks it).
+    let owner: AnyObject?
 
     @inline(__always)
-    public init(_ bytes: UnsafeMutableRawBufferPointer) { self.bytes = bytes }
+    public init(_ bytes: UnsafeMutableRawBufferPointer, owner: AnyObject? = nil) {
+        self.bytes = bytes
+        self.owner = owner
+    }
 
     /// Starts an empty node of the given type and level.
     public static func format(_ bytes: UnsafeMutableRawBufferPointer, type: BlockType, level: UInt16) -> NodeView {

@@ -13,7 +13,7 @@ public final class MetadataBlock {
     }
 
     public var bytes: UnsafeMutableRawBufferPointer { buffer.bytes }
-    public var node: NodeView { NodeView(buffer.bytes) }
+    public var node: NodeView { NodeView(buffer.bytes, owner: self) }
 }
 
 /// The metadata block cache, the metadata space map and the transaction manager.

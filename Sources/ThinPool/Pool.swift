@@ -359,6 +359,13 @@ public final class Pool: @unchecked Sendable {
     // MARK: Information
 
     public var generation: UInt64 { lock.withLock { superblock.generation } }
+
+    /// How many clean 4 KiB metadata blocks the cache keeps (dirty blocks stay until
+    /// commit whatever the limit). Default 16,384 (64 MiB).
+    public var metadataCacheBlocks: Int {
+        get { lock.withLock { store.cacheLimit } }
+        set { lock.withLock { store.cacheLimit = max(4, newValue) } }
+    }
     public var engineName: String { device.engineName }
 
     public func info() -> PoolInfo {

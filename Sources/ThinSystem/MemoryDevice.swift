@@ -71,11 +71,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
             image.pages = durablePages
             var rng = SplitMix64(seed: seed)
             for write in volatileWrites where Double(rng.next() % 1_000_000) / 1_000_000 < keepVolatile {
-                if let bytes = write.bytes {
-                    image.store(bytes, at: write.offset, durable: true)
-                } else {
-                    image.zero(write.offset, write.length, durable: true)
-                }
+                image.store(write.bytes, at: write.offset, length: write.length, durable: true)
             }
             image.currentSize = max(durableSize, image.currentSize)
             return image
@@ -135,7 +131,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                     }
                     if let drop = dropWritesAfter, writeCount > drop { continue }
                     let bytes = [UInt8](UnsafeRawBufferPointer(request.buffer))
-                    store(bytes, at: request.offset, durable: false)
+                    store(bytes, at: request.offset, length: bytes.count, durable: false)
                     volatileWrites.append((request.offset, bytes.count, bytes))
                 }
             }
@@ -151,7 +147,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                 throw SystemError(.io, "device lost power")
             }
             for write in volatileWrites {
-                if let bytes = write.bytes { storeDurable(bytes, at: write.offset) } else { zeroDurable(write.offset, write.length) }
+                Self.apply(write.bytes, at: write.offset, length: write.length, to: &durablePages)
             }
             volatileWrites.removeAll(keepingCapacity: true)
             durableSize = currentSize
@@ -171,7 +167,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         // Zeroing is a write like any other as far as crash simulation goes.
         lock.withLock {
             if powerIsCut { return false }
-            zero(offset, Int(length), durable: false)
+            store(nil, at: offset, length: Int(length), durable: false)
             volatileWrites.append((offset, Int(length), nil))
             return true
         }
@@ -200,69 +196,33 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    private func store(_ source: [UInt8], at offset: UInt64, durable: Bool) {
+    /// Writes `source` (nil: zeros) over `length` bytes at `offset` of a page map. All-zero
+    /// pages are dropped, so the map stays sparse.
+    private static func apply(_ source: [UInt8]?, at offset: UInt64, length: Int, to pages: inout [UInt64: [UInt8]]) {
         var done = 0
-        while done < source.count {
+        while done < length {
             let position = offset + UInt64(done)
-            let page = position / UInt64(Self.pageSize)
-            let inner = Int(position % UInt64(Self.pageSize))
-            let n = min(Self.pageSize - inner, source.count - done)
-            var bytes = pages[page] ?? [UInt8](repeating: 0, count: Self.pageSize)
-            bytes.replaceSubrange(inner..<inner + n, with: source[done..<done + n])
-            if bytes.allSatisfy({ $0 == 0 }) { pages[page] = nil } else { pages[page] = bytes }
-            if durable { durablePages[page] = pages[page] }
-            done += n
-        }
-    }
-
-    /// Zeroes a range: whole pages are dropped, partial ones zero-filled.
-    private func zero(_ offset: UInt64, _ length: Int, durable: Bool) {
-        var position = offset
-        let end = offset + UInt64(length)
-        let size = UInt64(Self.pageSize)
-        while position < end {
-            let page = position / size
-            let inner = Int(position % size)
-            let n = Int(min(size - UInt64(inner), end - position))
-            if n == Self.pageSize {
+            let page = position / UInt64(pageSize)
+            let inner = Int(position % UInt64(pageSize))
+            let n = min(pageSize - inner, length - done)
+            if source == nil && n == pageSize {
                 pages[page] = nil
-                if durable { durablePages[page] = nil }
             } else {
-                store([UInt8](repeating: 0, count: n), at: position, durable: durable)
+                var bytes = pages[page] ?? [UInt8](repeating: 0, count: pageSize)
+                if let source {
+                    bytes.replaceSubrange(inner..<inner + n, with: source[done..<done + n])
+                } else {
+                    bytes.replaceSubrange(inner..<inner + n, with: repeatElement(0, count: n))
+                }
+                pages[page] = bytes.allSatisfy { $0 == 0 } ? nil : bytes
             }
-            position += UInt64(n)
-        }
-    }
-
-    private func zeroDurable(_ offset: UInt64, _ length: Int) {
-        var position = offset
-        let end = offset + UInt64(length)
-        let size = UInt64(Self.pageSize)
-        while position < end {
-            let page = position / size
-            let inner = Int(position % size)
-            let n = Int(min(size - UInt64(inner), end - position))
-            if n == Self.pageSize {
-                durablePages[page] = nil
-            } else {
-                storeDurable([UInt8](repeating: 0, count: n), at: position)
-            }
-            position += UInt64(n)
-        }
-    }
-
-    private func storeDurable(_ source: [UInt8], at offset: UInt64) {
-        var done = 0
-        while done < source.count {
-            let position = offset + UInt64(done)
-            let page = position / UInt64(Self.pageSize)
-            let inner = Int(position % UInt64(Self.pageSize))
-            let n = min(Self.pageSize - inner, source.count - done)
-            var bytes = durablePages[page] ?? [UInt8](repeating: 0, count: Self.pageSize)
-            bytes.replaceSubrange(inner..<inner + n, with: source[done..<done + n])
-            durablePages[page] = bytes
             done += n
         }
+    }
+
+    private func store(_ source: [UInt8]?, at offset: UInt64, length: Int, durable: Bool) {
+        Self.apply(source, at: offset, length: length, to: &pages)
+        if durable { Self.apply(source, at: offset, length: length, to: &durablePages) }
     }
 }
 

@@ -24,10 +24,15 @@ struct ModelDriver {
     var operations: [String: Int] = [:]
     var spaceErrors = 0
 
-    init(seed: UInt64, blockSize: UInt32, dataSize: UInt64) throws {
+    /// A tiny metadata cache makes every traversal run into evictions.
+    let cacheBlocks: Int?
+
+    init(seed: UInt64, blockSize: UInt32, dataSize: UInt64, cacheBlocks: Int? = nil) throws {
         rng = SplitMix64(seed: seed)
         self.blockSize = Int(blockSize)
+        self.cacheBlocks = cacheBlocks
         (pool, device) = try makeMemoryPool(dataSize: dataSize, blockSize: blockSize)
+        if let cacheBlocks { pool.metadataCacheBlocks = cacheBlocks }
     }
 
     mutating func random(_ n: Int) -> Int { Int(rng.next() % UInt64(max(n, 1))) }
@@ -217,6 +222,7 @@ struct ModelDriver {
     mutating func opReopen() throws {
         try pool.close()
         pool = try Pool.open(device: device)
+        if let cacheBlocks { pool.metadataCacheBlocks = cacheBlocks }
         operations["reopen", default: 0] += 1
     }
 
@@ -254,9 +260,9 @@ struct ModelMismatch: Error, CustomStringConvertible {
 
 @Suite struct ModelTests {
     /// Thousands of random operations against the model, with `check` after each one.
-    @Test(arguments: [(UInt64(1), UInt32(4096)), (2, 4096), (3, 16384), (4, 8192)])
-    func randomOperationsMatchModel(seed: UInt64, blockSize: UInt32) throws {
-        var driver = try ModelDriver(seed: seed, blockSize: blockSize, dataSize: UInt64(blockSize) * 48)
+    @Test(arguments: [(UInt64(1), UInt32(4096), Int?.none), (2, 4096, 4), (3, 16384, nil), (4, 8192, 6)])
+    func randomOperationsMatchModel(seed: UInt64, blockSize: UInt32, cacheBlocks: Int?) throws {
+        var driver = try ModelDriver(seed: seed, blockSize: blockSize, dataSize: UInt64(blockSize) * 48, cacheBlocks: cacheBlocks)
         for step in 0..<1500 {
             try driver.step()
             if let problems = driver.pool.checkProblems() {
