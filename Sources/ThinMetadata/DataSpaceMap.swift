@@ -22,6 +22,8 @@ public final class DataSpaceMap {
 
     private var groupBlock: [UInt64] = []
     private var groupFree: [UInt32] = []
+    /// Sum of `groupFree`, kept up to date so space queries are O(1).
+    private var zeroCountTotal: UInt64 = 0
     private var groupPending: [UInt32] = []
     private var dirtyGroups: Set<Int> = []
     private var pendingFree: Set<UInt64> = []
@@ -52,7 +54,7 @@ public final class DataSpaceMap {
                 throw .corruptBlock(block, .spaceMapIndexNode, "index entry for group \(group) (free \(free)) is out of range")
             }
             self.groupBlock[Int(group)] = block
-            self.groupFree[Int(group)] = UInt32(free)
+            self.adjustFree(Int(group), free - Int(self.groupFree[Int(group)]))
             return true
         }
     }
@@ -71,21 +73,28 @@ public final class DataSpaceMap {
             // The last group gains the entries that now fall inside the pool.
             let last = oldGroups - 1
             let gained = Self.entriesInGroup(last, dataBlocks: newCount) - Self.entriesInGroup(last, dataBlocks: dataBlocks)
-            groupFree[last] += UInt32(gained)
+            adjustFree(last, Int(gained))
             if gained > 0 { dirtyGroups.insert(last) }
         }
         for g in oldGroups..<groups {
             groupBlock.append(0)
-            groupFree.append(UInt32(Self.entriesInGroup(g, dataBlocks: newCount)))
+            groupFree.append(0)
+            adjustFree(g, Int(Self.entriesInGroup(g, dataBlocks: newCount)))
             groupPending.append(0)
         }
         dataBlocks = newCount
     }
 
+    @inline(__always)
+    private func adjustFree(_ g: Int, _ delta: Int) {
+        groupFree[g] = UInt32(Int(groupFree[g]) + delta)
+        zeroCountTotal = UInt64(Int(zeroCountTotal) + delta)
+    }
+
     // MARK: Queries
 
     public var freeBlocks: UInt64 {
-        groupFree.reduce(0) { $0 + UInt64($1) } - UInt64(pendingFree.count)
+        zeroCountTotal - UInt64(pendingFree.count)
     }
 
     /// Blocks freed in this transaction, which become allocatable at commit.
@@ -157,7 +166,7 @@ public final class DataSpaceMap {
             decremented.insert(block)
             return
         }
-        groupFree[g] += 1
+        adjustFree(g, 1)
         if allocatedThisTransaction.remove(block) == nil {
             pendingFree.insert(block)
             groupPending[g] += 1
@@ -193,7 +202,7 @@ public final class DataSpaceMap {
                 guard allocatable(end, in: rcb) else { break }
                 let writable = try writableGroup(g)
                 RefcountLayout.setCount(writable.bytes, Int(end % UInt64(Self.entriesPerGroup)), 1)
-                groupFree[g] -= 1
+                adjustFree(g, -1)
                 allocatedThisTransaction.insert(end)
                 end += 1
             }
@@ -267,8 +276,8 @@ public final class DataSpaceMap {
         let rcb = try writableGroup(g)
         let old = RefcountLayout.count(rcb.bytes, i)
         RefcountLayout.setCount(rcb.bytes, i, value)
-        if old == 0 && value != 0 { groupFree[g] -= 1 }
-        if old != 0 && value == 0 { groupFree[g] += 1 }
+        if old == 0 && value != 0 { adjustFree(g, -1) }
+        if old != 0 && value == 0 { adjustFree(g, 1) }
     }
 
     /// Recomputes one group's free count from its refcount block (for `check --repair`).
@@ -280,7 +289,7 @@ public final class DataSpaceMap {
             free += 1
         }
         if free != groupFree[g] {
-            groupFree[g] = free
+            adjustFree(g, Int(free) - Int(groupFree[g]))
             dirtyGroups.insert(g)
         }
     }

@@ -2,7 +2,7 @@
 /// names are exactly these names.
 public enum VolumeName {
     /// Checks a plain name (a volume, or one side of `@`).
-    public static func validate(_ name: Substring, full: String) -> String? {
+    public static func validate(_ name: Substring) -> String? {
         if name.isEmpty { return "name is empty" }
         if name.utf8.count > 128 { return "longer than 128 bytes" }
         if name.hasPrefix("-") { return "starts with '-'" }

@@ -24,10 +24,10 @@ extension Pool {
 
     func checkNewName(_ name: String) throws(PoolError) {
         if let (volume, snapshot) = VolumeName.splitSnapshot(name) {
-            if let why = VolumeName.validate(volume, full: name) ?? VolumeName.validate(snapshot, full: name) {
+            if let why = VolumeName.validate(volume) ?? VolumeName.validate(snapshot) {
                 throw .invalidName(name, reason: why)
             }
-        } else if let why = VolumeName.validate(Substring(name), full: name) {
+        } else if let why = VolumeName.validate(Substring(name)) {
             throw .invalidName(name, reason: why)
         }
         if names[name] != nil { throw .volumeExists(name) }

@@ -273,6 +273,10 @@ public final class Pool: @unchecked Sendable {
 
     /// Writes volume records and the space map index into metadata blocks (no I/O).
     func prepareCommitLocked() throws(PoolError) {
+        // A commit must always be possible, so it may use the metadata reserve.
+        let previous = store.mayUseReserve
+        store.mayUseReserve = true
+        defer { store.mayUseReserve = previous }
         try mapErrors {
             for state in volumes.values where state.dirty {
                 let block: MetadataBlock

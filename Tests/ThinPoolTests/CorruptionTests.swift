@@ -116,7 +116,7 @@ func damageIsReported(_ device: MemoryDevice) -> Bool {
     @Test func garbageFileIsNotAPool() throws {
         let path = NSTemporaryDirectory() + "thinbd-garbage-\(UUID().uuidString)"
         defer { try? FileManager.default.removeItem(atPath: path) }
-        FileManager.default.createFile(atPath: path, contents: Data(pattern(1 << 20, seed: 9)))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(pattern(1 << 20, seed: 9))))
         #expect {
             try Pool.open(path: path)
         } throws: { error in

@@ -251,7 +251,7 @@ struct CrashWorkload {
             do {
                 let reopened = try Pool.open(device: run.device.snapshot())
                 _ = reopened.check()
-            } catch let error as PoolError {
+            } catch {
                 #expect(!error.description.isEmpty)
             }
         }

@@ -154,3 +154,41 @@ import ThinSystem
         #expect(pool.checkProblems() == nil)
     }
 }
+
+@Suite struct MetadataSpaceTests {
+    /// Exhausting metadata fails the operation that needed it; the reserve still lets
+    /// commits, deletes and trims run, and the pool works again afterwards.
+    @Test func metadataExhaustionLeavesThePoolUsable() throws {
+        let (pool, device) = try makeMemoryPool(dataSize: 16 << 20, metadataSize: 1 << 20)
+        try pool.createVolume("v", size: 8 << 20)
+        let id = try pool.volumeID("v")
+        // Three leaves' worth of mappings, then snapshots that each force new leaves.
+        for block in 0..<760 {
+            try [UInt8(1)].withUnsafeBytes { try pool.write(id, at: UInt64(block) * 4096, from: $0) }
+        }
+        var snapshots: [String] = []
+        var exhausted = false
+        for round in 0..<400 where !exhausted {
+            do {
+                try pool.snapshot("v@r\(round)")
+                snapshots.append("v@r\(round)")
+                for leaf in 0..<3 {
+                    try [UInt8(2)].withUnsafeBytes { try pool.write(id, at: UInt64(leaf * 254 + round % 200) * 4096, from: $0) }
+                }
+            } catch PoolError.noMetadataSpace {
+                exhausted = true
+            }
+        }
+        #expect(exhausted)
+        try pool.commit()
+        #expect(pool.checkProblems() == nil)
+        for name in snapshots.prefix(snapshots.count / 2) { try pool.delete(name) }
+        try pool.trim(id, at: 0, count: 1 << 20)
+        try pool.commit()
+        try [UInt8(3)].withUnsafeBytes { try pool.write(id, at: 5 << 20, from: $0) }
+        try pool.close()
+        let reopened = try Pool.open(device: device)
+        #expect(try reopened.read("v", at: 5 << 20, count: 1) == [3])
+        #expect(reopened.checkProblems() == nil)
+    }
+}
