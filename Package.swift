@@ -16,6 +16,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         .systemLibrary(
@@ -28,10 +29,27 @@ let package = Package(
         .target(name: "ThinFormat"),
         .target(name: "ThinMetadata", dependencies: ["ThinFormat", "ThinSystem"]),
         .target(name: "ThinPool", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
+        .target(name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
+        .target(
+            name: "ThinServe",
+            dependencies: [
+                "ThinPool", "ThinSystem", "NBDServer", "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .target(
             name: "ThinCLI",
             dependencies: [
-                "ThinPool", "ThinSystem",
+                "ThinPool", "ThinSystem", "ThinServe",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -41,6 +59,11 @@ let package = Package(
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
         .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem"]),
         .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinSystem"]),
+        .testTarget(
+            name: "NBDProtocolTests",
+            dependencies: ["NBDProtocol", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(name: "InteropTests", dependencies: ["ThinPool", "ThinSystem"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -13,7 +13,8 @@ public struct ThinbdCommand: ParsableCommand {
         version: "0.1.0",
         subcommands: [
             CreateCommand.self, InfoCommand.self, CheckCommand.self, GrowCommand.self, VolumeCommand.self,
-            SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, DemoCommand.self,
+            SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, ServeCommand.self,
+            DemoCommand.self,
         ]
     )
 

@@ -64,35 +64,41 @@ extension Pool {
 
     // MARK: Read
 
-    /// Reads `buffer.count` bytes at `offset`; unmapped ranges read as zeros.
+    /// Reads `buffer.count` bytes at `offset`; unmapped ranges read as zeros. Returns
+    /// the mapped and unmapped runs of the range (what NBD sends as data and hole chunks).
     /// Cost: one tree walk for the range and one batched device submission.
-    public func read(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
-        try lock.withLock { () throws(PoolError) in
+    @discardableResult
+    public func read(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> [Extent] {
+        try lock.withLock { () throws(PoolError) -> [Extent] in
             let state = try volume(id, writing: false)
             try checkRange(state, offset, UInt64(buffer.count))
-            guard buffer.count > 0 else { return }
-            let first = offset / blockSize
-            let end = (offset + UInt64(buffer.count) + blockSize - 1) / blockSize
+            guard buffer.count > 0 else { return [] }
+            let end = offset + UInt64(buffer.count)
             var batch = RequestBatch()
+            var runs = ExtentList()
             var zeroFrom = 0
             try mapErrors {
-                try mappings.forEach(state.record.mappingRoot, in: first..<end) { (vb: UInt64, physical: UInt64) throws(MetadataError) -> Bool in
+                try mappings.forEach(state.record.mappingRoot, in: (offset / blockSize)..<((end + blockSize - 1) / blockSize)) { (vb: UInt64, physical: UInt64) throws(MetadataError) -> Bool in
                     let start = max(offset, vb * blockSize)
-                    let stop = min(offset + UInt64(buffer.count), (vb + 1) * blockSize)
+                    let stop = min(end, (vb + 1) * blockSize)
                     let lower = Int(start - offset)
                     let upper = Int(stop - offset)
                     if zeroFrom < lower {
                         UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom..<lower]).initializeMemory(as: UInt8.self, repeating: 0)
+                        runs.add(offset + UInt64(zeroFrom), start, mapped: false)
                     }
                     batch.add(.read, UnsafeMutableRawBufferPointer(rebasing: buffer[lower..<upper]), at: diskOffset(physical, start - vb * blockSize))
+                    runs.add(start, stop, mapped: true)
                     zeroFrom = upper
                     return true
                 }
                 if zeroFrom < buffer.count {
                     UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom...]).initializeMemory(as: UInt8.self, repeating: 0)
+                    runs.add(offset + UInt64(zeroFrom), end, mapped: false)
                 }
                 try device.perform(batch.requests)
             }
+            return runs.extents
         }
     }
 
@@ -326,28 +332,35 @@ extension Pool {
             try checkRange(state, offset, count)
             guard count > 0 else { return [] }
             let end = offset + count
-            var result: [Extent] = []
-            func append(_ start: UInt64, _ stop: UInt64, _ mapped: Bool) {
-                guard stop > start else { return }
-                if let last = result.last, last.isMapped == mapped, last.offset + last.length == start {
-                    result[result.count - 1].length += stop - start
-                } else {
-                    result.append(Extent(offset: start, length: stop - start, isMapped: mapped))
-                }
-            }
+            var runs = ExtentList()
             var covered = offset
             _ = try mapErrors {
                 try mappings.forEach(state.record.mappingRoot, in: (offset / blockSize)..<((end + blockSize - 1) / blockSize)) { (vb: UInt64, _: UInt64) -> Bool in
                     let start = max(offset, vb * blockSize)
                     let stop = min(end, (vb + 1) * blockSize)
-                    append(covered, start, false)
-                    append(start, stop, true)
+                    runs.add(covered, start, mapped: false)
+                    runs.add(start, stop, mapped: true)
                     covered = stop
                     return true
                 }
             }
-            append(covered, end, false)
-            return result
+            runs.add(covered, end, mapped: false)
+            return runs.extents
+        }
+    }
+}
+
+/// Builds a list of extents, merging a run into the previous one when it continues it
+/// with the same state.
+struct ExtentList {
+    var extents: [Extent] = []
+
+    mutating func add(_ start: UInt64, _ stop: UInt64, mapped: Bool) {
+        guard stop > start else { return }
+        if let last = extents.last, last.isMapped == mapped, last.offset + last.length == start {
+            extents[extents.count - 1].length += stop - start
+        } else {
+            extents.append(Extent(offset: start, length: stop - start, isMapped: mapped))
         }
     }
 }

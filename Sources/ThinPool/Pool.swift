@@ -143,8 +143,8 @@ public final class Pool: @unchecked Sendable {
         let device: BlockDevice
         do {
             device = try PoolFile.open(path: path, readOnly: readOnly, cache: cache)
-        } catch is PoolFile.InUse {
-            throw .inUse(path: path)
+        } catch let error as PoolFile.InUse {
+            throw .inUse(path: path, holder: error.holder)
         } catch let error as SystemError {
             throw .io(error)
         } catch {

@@ -9,7 +9,7 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     case noSuchFile(String)
     case corrupt(String)
     case truncated(expected: UInt64, actual: UInt64)
-    case inUse(path: String)
+    case inUse(path: String, holder: Int32?)
     case fileExists(String)
     case noSuchVolume(String)
     case volumeExists(String)
@@ -29,7 +29,14 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
         case .corrupt(let why): "pool is corrupt: \(why)"
         case .truncated(let expected, let actual):
             "pool file is truncated: expected at least \(expected) bytes, found \(actual)"
-        case .inUse(let path): "pool \(path) is in use by another process"
+        case .inUse(let path, let holder):
+            if let holder, let command = SystemInfo.commandLine(of: holder) {
+                command.contains("serve")
+                    ? "pool \(path) is in use by thinbd serve (pid \(holder))"
+                    : "pool \(path) is in use by process \(holder) (\(command.joined(separator: " ")))"
+            } else {
+                "pool \(path) is in use by another process"
+            }
         case .fileExists(let path): "\(path) already exists"
         case .noSuchVolume(let name): "no such volume or snapshot: \(name)"
         case .volumeExists(let name): "a volume or snapshot named \(name) already exists"

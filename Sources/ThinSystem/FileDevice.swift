@@ -11,7 +11,10 @@ public enum CacheMode: String, Sendable, CaseIterable {
 
 /// Opens pool files, taking the lock that keeps two writers apart.
 public enum PoolFile {
-    public struct InUse: Error, Sendable {}
+    /// Another process holds the pool; `holder` is its pid when it could be learned.
+    public struct InUse: Error, Sendable {
+        public var holder: Int32?
+    }
 
     /// Opens `path` as a block device.
     ///
@@ -47,7 +50,10 @@ public enum PoolFile {
             fd = try Syscall.open(path, flags: access)
         }
         do {
-            guard try Syscall.tryLock(fd, exclusive: !readOnly) else { throw InUse() }
+            guard try Syscall.tryLock(fd, exclusive: !readOnly) else { throw InUse(holder: Syscall.lockHolder(fd)) }
+            // A POSIX record lock as well, only so that others can learn our pid (flock
+            // locks do not say who holds them).
+            if !readOnly { Syscall.recordOwnership(fd) }
         } catch {
             Syscall.close(fd)
             throw error

@@ -89,6 +89,29 @@ enum Syscall {
     }
 }
 
+extension Syscall {
+    /// Takes a write record lock on byte 0 (best effort) so F_GETLK can name the holder.
+    static func recordOwnership(_ fd: Int32) {
+        var lock = flock()
+        lock.l_type = Int16(F_WRLCK)
+        lock.l_whence = Int16(SEEK_SET)
+        lock.l_start = 0
+        lock.l_len = 1
+        _ = fcntl(fd, F_SETLK, &lock)
+    }
+
+    /// The pid holding the record lock on byte 0, if any.
+    static func lockHolder(_ fd: Int32) -> Int32? {
+        var lock = flock()
+        lock.l_type = Int16(F_WRLCK)
+        lock.l_whence = Int16(SEEK_SET)
+        lock.l_start = 0
+        lock.l_len = 1
+        guard fcntl(fd, F_GETLK, &lock) == 0, lock.l_type != Int16(F_UNLCK), lock.l_pid > 0 else { return nil }
+        return lock.l_pid
+    }
+}
+
 /// Small process-level facts the CLI and engine need without importing Glibc.
 public enum SystemInfo {
     public static var processID: Int32 { getpid() }
@@ -140,6 +163,11 @@ public enum SystemInfo {
         copy.withUTF8 { bytes in
             _ = Glibc.write(2, bytes.baseAddress, bytes.count)
         }
+    }
+
+    /// Writes to standard output now (print() may buffer when stdout is not a terminal).
+    public static func flushStandardOutput() {
+        fflush(nil)
     }
 
     public static func exit(_ code: Int32) -> Never {

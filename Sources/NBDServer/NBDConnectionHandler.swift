@@ -1,0 +1,293 @@
+import NBDProtocol
+import NIOCore
+import NIOPosix
+
+/// Serves one NBD connection: the handshake, then requests executed concurrently on the
+/// thread pool and answered as they complete (possibly out of order).
+///
+/// Back-pressure: at most `maxInFlight` requests run at once; beyond that the handler
+/// stops parsing and stops asking the channel for reads, so a fast client cannot make
+/// the server buffer without bound.
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let server: NBDServer
+    private var parser = NBDServerParser()
+    private var handshake = NBDHandshake()
+    private var session: NBDSession?
+    private var export: NBDExport?
+    private var pending = ByteBuffer()
+    private var inFlight = 0
+    private var readHeld = false
+    private var disconnecting = false
+    private var closed = false
+
+    init(server: NBDServer) {
+        self.server = server
+    }
+
+    // MARK: Lifecycle
+
+    func channelActive(context: ChannelHandlerContext) {
+        server.connectionOpened(context.channel)
+        context.writeAndFlush(wrapOutboundOut(NBDHandshake.greeting()), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        if let export {
+            self.export = nil
+            server.release(export)
+        }
+        server.connectionClosed(context.channel)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        server.log("connection error: \(error)")
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is NBDServer.ShutdownEvent {
+            handshake.isShuttingDown = true
+            closeIfIdle(context: context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    // MARK: Input
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        if pending.readableBytes == 0 {
+            pending = bytes
+        } else {
+            pending.writeBuffer(&bytes)
+        }
+        processPending(context: context)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if inFlight >= server.configuration.maxInFlightPerConnection || disconnecting {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    private func processPending(context: ChannelHandlerContext) {
+        while !closed && !disconnecting && inFlight < server.configuration.maxInFlightPerConnection {
+            let message: NBDServerParser.Message?
+            do {
+                message = try parser.next(&pending)
+            } catch {
+                server.log("closing connection: \(error)")
+                context.close(promise: nil)
+                return
+            }
+            guard let message else { break }
+            if parser.phase == .transmission && session != nil {
+                handleTransmission(message, context: context)
+            } else {
+                handleHandshake(message, context: context)
+            }
+        }
+        if pending.readableBytes == 0 { pending.clear() } else { pending.discardReadBytes() }
+        context.flush()
+    }
+
+    private func handleHandshake(_ message: NBDServerParser.Message, context: ChannelHandlerContext) {
+        let actions = handshake.receive(message, catalog: ProviderCatalog(provider: server.provider))
+        for action in actions {
+            switch action {
+            case .send(let reply):
+                var out = context.channel.allocator.buffer(capacity: 20 + reply.payload.readableBytes)
+                out.writeNBDOptionReply(reply)
+                context.write(wrapOutboundOut(out), promise: nil)
+            case .sendExportName(let reply):
+                var out = context.channel.allocator.buffer(capacity: 134)
+                out.writeNBDExportNameReply(reply)
+                context.write(wrapOutboundOut(out), promise: nil)
+            case .enterTransmission(let newSession):
+                do {
+                    export = try server.provider.open(newSession.export)
+                } catch {
+                    server.log("could not open export \(newSession.export.name): \(error.message)")
+                    context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
+                    context.close(promise: nil)
+                    closed = true
+                    return
+                }
+                session = newSession
+                parser.enterTransmission()
+            case .close(let reason):
+                if case .option(let request) = message, request.option == .abort {
+                    // A soft disconnect (nbdinfo --list ends this way): nothing to report.
+                } else {
+                    server.log("closing connection during handshake: \(reason)")
+                }
+                context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
+                context.close(promise: nil)
+                closed = true
+                return
+            }
+        }
+    }
+
+    // MARK: Transmission
+
+    private func handleTransmission(_ message: NBDServerParser.Message, context: ChannelHandlerContext) {
+        guard let session, let export else { return }
+        let header: NBDRequestHeader
+        var payload: ByteBuffer?
+        switch message {
+        case .request(let request):
+            header = request.header
+            payload = request.payload
+        case .oversizedWrite(let oversized):
+            reply(error: .invalid, "WRITE of \(oversized.length) bytes exceeds the 32 MiB maximum", cookie: oversized.cookie, context: context)
+            return
+        default:
+            context.close(promise: nil)
+            return
+        }
+        if handshake.isShuttingDown && header.command != .disconnect {
+            reply(error: .shutdown, "server is shutting down", cookie: header.cookie, context: context)
+            return
+        }
+        switch NBDRequestValidator.validate(header, session: session) {
+        case .reject(let error, let message):
+            reply(error: error, message, cookie: header.cookie, context: context)
+        case .execute(.disconnect):
+            disconnecting = true
+            closeIfIdle(context: context)
+        case .execute(let operation):
+            execute(operation, cookie: header.cookie, payload: payload.take(), export: export, session: session, context: context)
+        }
+    }
+
+    private func reply(error: NBDError, _ message: String, cookie: UInt64, context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: 32 + message.utf8.count)
+        NBDReplyEncoder.error(error, message: message, cookie: cookie, structured: session?.structuredReplies ?? false, into: &out)
+        context.write(wrapOutboundOut(out), promise: nil)
+    }
+
+    private func execute(
+        _ operation: NBDOperation, cookie: UInt64, payload: ByteBuffer?, export: NBDExport, session: NBDSession,
+        context: ChannelHandlerContext
+    ) {
+        inFlight += 1
+        let allocator = context.channel.allocator
+        let future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> ByteBuffer in
+            Self.perform(operation, cookie: cookie, payload: payload, export: export, session: session, allocator: allocator)
+        }
+        future.assumeIsolated().whenComplete { result in
+            self.inFlight -= 1
+            switch result {
+            case .success(let out):
+                if !self.closed { context.writeAndFlush(self.wrapOutboundOut(out), promise: nil) }
+            case .failure(let error):
+                // The thread pool stopped: the server is going away.
+                self.reply(error: .shutdown, "server is shutting down (\(error))", cookie: cookie, context: context)
+                context.flush()
+            }
+            self.requestFinished(context: context)
+        }
+    }
+
+    private func requestFinished(context: ChannelHandlerContext) {
+        if closed { return }
+        if disconnecting || handshake.isShuttingDown {
+            closeIfIdle(context: context)
+        }
+        if pending.readableBytes > 0 { processPending(context: context) }
+        if readHeld && inFlight < server.configuration.maxInFlightPerConnection && !disconnecting {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    /// Soft disconnect or shutdown: close once every request in flight has been answered.
+    private func closeIfIdle(context: ChannelHandlerContext) {
+        guard inFlight == 0, !closed else { return }
+        if disconnecting || handshake.isShuttingDown && (session == nil || pending.readableBytes == 0) {
+            closed = true
+            context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
+            context.close(promise: nil)
+        }
+    }
+
+    /// Runs one operation on a pool thread and builds its reply. Never throws: failures
+    /// become error replies.
+    private static func perform(
+        _ operation: NBDOperation, cookie: UInt64, payload: ByteBuffer?, export: NBDExport, session: NBDSession,
+        allocator: ByteBufferAllocator
+    ) -> ByteBuffer {
+        var out = allocator.buffer(capacity: 64)
+        let structured = session.structuredReplies
+        do throws(NBDExportError) {
+            switch operation {
+            case .read(let offset, let length, let dontFragment):
+                var data = allocator.buffer(capacity: Int(length))
+                var extents: [NBDExtent] = []
+                var failure: NBDExportError?
+                data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { raw in
+                    do throws(NBDExportError) {
+                        extents = try export.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(length)]))
+                    } catch {
+                        failure = error
+                    }
+                    return Int(length)
+                }
+                if let failure { throw failure }
+                out.reserveCapacity(Int(length) + 64)
+                NBDReplyEncoder.read(
+                    cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
+                    dontFragment: dontFragment, into: &out)
+            case .write(let offset, let fua):
+                let bytes = payload ?? ByteBuffer()
+                try bytes.withUnsafeReadableBytes { (raw) throws(NBDExportError) in
+                    try export.write(at: offset, from: raw, fua: fua)
+                }
+                NBDReplyEncoder.done(cookie: cookie, into: &out)
+            case .writeZeroes(let offset, let length, let mayTrim, let fua):
+                try export.writeZeroes(at: offset, length: UInt64(length), mayTrim: mayTrim, fua: fua)
+                NBDReplyEncoder.done(cookie: cookie, into: &out)
+            case .trim(let offset, let length, let fua):
+                try export.trim(at: offset, length: UInt64(length), fua: fua)
+                NBDReplyEncoder.done(cookie: cookie, into: &out)
+            case .flush:
+                try export.flush()
+                NBDReplyEncoder.done(cookie: cookie, into: &out)
+            case .cache(let offset, let length):
+                // Metadata for the range is pulled into the cache; data is not prefetched.
+                _ = try export.extents(at: offset, length: UInt64(length))
+                NBDReplyEncoder.done(cookie: cookie, into: &out)
+            case .blockStatus(let offset, let length, let onlyOne):
+                let extents = try export.extents(at: offset, length: UInt64(length))
+                NBDReplyEncoder.blockStatus(
+                    cookie: cookie, contextID: session.allocationContextID!, offset: offset, length: length,
+                    extents: extents, onlyOne: onlyOne, into: &out)
+            case .disconnect:
+                preconditionFailure("DISC is handled on the event loop")
+            }
+        } catch {
+            out.clear()
+            NBDReplyEncoder.error(error.code, message: error.message, cookie: cookie, structured: structured, into: &out)
+        }
+        return out
+    }
+}
+
+extension Optional {
+    /// Moves the value out, leaving nil (avoids a copy-on-write of large buffers).
+    fileprivate mutating func take() -> Wrapped? {
+        defer { self = nil }
+        return self
+    }
+}

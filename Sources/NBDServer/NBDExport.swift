@@ -1,0 +1,59 @@
+import NBDProtocol
+
+/// A run of an export's address space, for sparse reads and block status.
+public struct NBDExtent: Equatable, Sendable {
+    public var offset: UInt64
+    public var length: UInt64
+    /// Unallocated space that reads as zeros.
+    public var isHole: Bool
+
+    public init(offset: UInt64, length: UInt64, isHole: Bool) {
+        self.offset = offset
+        self.length = length
+        self.isHole = isHole
+    }
+}
+
+/// A failed export operation: the NBD error code and a message for the human user.
+public struct NBDExportError: Error, Equatable, Sendable {
+    public var code: NBDError
+    public var message: String
+
+    public init(_ code: NBDError, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+}
+
+/// One open export. The server validates every request (range, flags, read-only)
+/// before calling these, which may block: they run on the server's thread pool, many
+/// at once, from many connections.
+public protocol NBDExport: AnyObject, Sendable {
+    var exportDescription: NBDExportDescription { get }
+    /// Reads into `buffer`; returns the extents (in order, covering the range) so that
+    /// holes can be sent as hole chunks.
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent]
+    func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError)
+    func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError)
+    func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(NBDExportError)
+    /// Makes every write already replied to, on any connection, durable.
+    func flush() throws(NBDExportError)
+    func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent]
+    /// Called when the last connection using this export object closes.
+    func close()
+}
+
+/// The exports a server offers. Implementations are thread-safe.
+public protocol NBDExportProvider: AnyObject, Sendable {
+    /// The export named `name` ("" = the default export, if any).
+    func describe(_ name: String) -> NBDExportDescription?
+    func allExports() -> [NBDExportDescription]
+    /// Opens the export a handshake selected. All connections to one name may share one object.
+    func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport
+}
+
+struct ProviderCatalog: NBDExportCatalog {
+    let provider: NBDExportProvider
+    func export(named name: String) -> NBDExportDescription? { provider.describe(name) }
+    func allExports() -> [NBDExportDescription] { provider.allExports() }
+}

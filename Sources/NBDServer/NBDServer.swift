@@ -1,0 +1,146 @@
+import NBDProtocol
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// An NBD server: listeners (TCP, Unix sockets, inherited sockets, stdio), connections,
+/// and the thread pool that runs export operations.
+///
+/// Shutdown is graceful: listeners close, options in haggling get NBD_REP_ERR_SHUTDOWN,
+/// requests already running finish, later requests get ESHUTDOWN, then connections close.
+public final class NBDServer: @unchecked Sendable {
+    public struct Configuration: Sendable {
+        /// Requests one connection may have running at once.
+        public var maxInFlightPerConnection = 64
+        /// Threads that run export operations (which may block on disk I/O).
+        public var ioThreads = 4
+        /// Event loop threads for sockets.
+        public var eventLoopThreads = 1
+
+        public init() {}
+    }
+
+    struct ShutdownEvent {}
+
+    public let provider: NBDExportProvider
+    public let configuration: Configuration
+    let group: MultiThreadedEventLoopGroup
+    let threadPool: NIOThreadPool
+    private let logger: @Sendable (String) -> Void
+    private let lock = NIOLock()
+    private var listeners: [Channel] = []
+    private var connections: [ObjectIdentifier: Channel] = [:]
+    private var shuttingDown = false
+    private let idle: EventLoopPromise<Void>
+
+    public init(provider: NBDExportProvider, configuration: Configuration = Configuration(), log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.provider = provider
+        self.configuration = configuration
+        self.logger = log
+        group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
+        threadPool = NIOThreadPool(numberOfThreads: configuration.ioThreads)
+        threadPool.start()
+        idle = group.next().makePromise()
+    }
+
+    func log(_ message: String) { logger(message) }
+
+    private func childInitializer(_ channel: Channel) -> EventLoopFuture<Void> {
+        channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(NBDConnectionHandler(server: self))
+        }
+    }
+
+    private var bootstrap: ServerBootstrap {
+        ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: 4)
+            .childChannelInitializer { [unowned self] channel in self.childInitializer(channel) }
+    }
+
+    private func addListener(_ channel: Channel) {
+        lock.withLock { listeners.append(channel) }
+    }
+
+    /// Listens on TCP `host:port` (port 0 picks one); returns the bound address.
+    @discardableResult
+    public func listen(host: String, port: Int) throws -> SocketAddress {
+        let channel = try bootstrap.bind(host: host, port: port).wait()
+        addListener(channel)
+        return channel.localAddress!
+    }
+
+    /// Listens on a Unix domain socket at `path` (a stale socket file is replaced).
+    public func listen(unixSocket path: String) throws {
+        let channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
+        addListener(channel)
+    }
+
+    /// Serves an already bound and listening socket (systemd socket activation).
+    public func listen(inheritedSocket descriptor: CInt) throws {
+        let channel = try bootstrap.withBoundSocket(descriptor).wait()
+        addListener(channel)
+    }
+
+    /// Serves exactly one connection on standard input and output (inetd style). The
+    /// returned future completes when that connection closes.
+    public func serveStandardIO() throws -> EventLoopFuture<Void> {
+        let channel = try NIOPipeBootstrap(group: group)
+            .channelInitializer { [unowned self] channel in self.childInitializer(channel) }
+            .takingOwnershipOfDescriptors(input: 0, output: 1)
+            .wait()
+        return channel.closeFuture
+    }
+
+    // MARK: Connections
+
+    func connectionOpened(_ channel: Channel) {
+        let refuse = lock.withLock { () -> Bool in
+            connections[ObjectIdentifier(channel)] = channel
+            return shuttingDown
+        }
+        if refuse { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+    }
+
+    func connectionClosed(_ channel: Channel) {
+        let nowIdle = lock.withLock { () -> Bool in
+            connections[ObjectIdentifier(channel)] = nil
+            return shuttingDown && connections.isEmpty
+        }
+        if nowIdle { idle.succeed(()) }
+    }
+
+    func release(_ export: NBDExport) {
+        export.close()
+    }
+
+    public var connectionCount: Int { lock.withLock { connections.count } }
+
+    /// Stops accepting, lets running requests finish, answers later ones with
+    /// ESHUTDOWN and closes every connection; waits up to `timeout` for that, then
+    /// closes what is left. Blocks the caller (not an event loop).
+    public func shutdown(timeout: TimeAmount = .seconds(10)) {
+        let (listening, open) = lock.withLock { () -> ([Channel], [Channel]) in
+            shuttingDown = true
+            let l = listeners
+            listeners = []
+            return (l, Array(connections.values))
+        }
+        for channel in listening { try? channel.close().wait() }
+        if open.isEmpty {
+            idle.succeed(())
+        } else {
+            for channel in open { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        }
+        let loop = group.next()
+        let timer = loop.scheduleTask(in: timeout) { [idle] in idle.succeed(()) }
+        try? idle.futureResult.wait()
+        timer.cancel()
+        let remaining = lock.withLock { Array(connections.values) }
+        for channel in remaining { try? channel.close().wait() }
+        try? threadPool.syncShutdownGracefully()
+        try? group.syncShutdownGracefully()
+    }
+}

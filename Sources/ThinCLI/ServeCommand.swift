@@ -1,0 +1,70 @@
+import ArgumentParser
+import ThinPool
+import ThinServe
+import ThinSystem
+
+extension CacheMode: ExpressibleByArgument {}
+
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve every volume and snapshot of a pool over NBD.",
+        discussion: """
+            Each volume is a writable export named after it; each snapshot VOL@SNAP a read-only one.
+            With neither --socket nor --listen it listens on 127.0.0.1:10809. Under systemd socket
+            activation (LISTEN_PID/LISTEN_FDS) it serves the passed sockets. SIGINT/SIGTERM finish
+            the requests in flight, commit and exit 0.
+            """)
+
+    @OptionGroup var target: PoolArgument
+
+    @Option(name: .customLong("socket"), help: "Listen on a Unix domain socket (repeatable).")
+    var sockets: [String] = []
+
+    @Option(name: .customLong("listen"), help: "Listen on HOST:PORT (repeatable; [::1]:PORT for IPv6).")
+    var listens: [String] = []
+
+    @Option(help: "none: O_DIRECT through libaio (default where possible); writeback: the page cache.")
+    var cache: CacheMode?
+
+    @Flag(name: .customLong("read-only"), help: "Serve every export read-only.")
+    var readOnly = false
+
+    @Option(name: .customLong("default-export"), help: "The export an empty export name selects.")
+    var defaultExport: String?
+
+    @Option(name: .customLong("run"), help: "Run COMMAND with $uri set, then stop and exit with its status.")
+    var runCommand: String?
+
+    @Flag(help: "Serve one connection on standard input and output.")
+    var stdio = false
+
+    func validate() throws {
+        for text in listens where ServeOptions.parseListen(text) == nil {
+            throw ValidationError("--listen \(text): expected HOST:PORT")
+        }
+        if stdio && (!sockets.isEmpty || !listens.isEmpty || runCommand != nil) {
+            throw ValidationError("--stdio serves one connection on stdin/stdout; it cannot be combined with --socket, --listen or --run")
+        }
+    }
+
+    func run() throws {
+        var options = ServeOptions(poolPath: target.pool)
+        options.unixSockets = sockets
+        options.listenAddresses = listens
+        options.cache = cache
+        options.readOnly = readOnly
+        options.defaultExport = defaultExport
+        options.runCommand = runCommand
+        options.stdio = stdio
+        let status: Int32
+        do {
+            status = try ServeRunner.run(options) { message in
+                SystemInfo.writeStandardError("thinbd: \(message)\n")
+            }
+        } catch {
+            throw fail(error)
+        }
+        if status != 0 { throw ExitCode(status) }
+    }
+}

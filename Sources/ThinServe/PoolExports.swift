@@ -1,0 +1,125 @@
+import NBDProtocol
+import NBDServer
+import ThinPool
+import ThinSystem
+
+/// Maps engine failures to NBD errors: the one place that decides what a client sees.
+func nbdError(_ error: PoolError) -> NBDExportError {
+    let code: NBDError
+    switch error.errnoCode {
+    case .permission, .readOnlyFileSystem: code = .permission
+    case .noSpace: code = .noSpace
+    case .invalidArgument: code = .invalid
+    case .overflow: code = .overflow
+    case .notSupported: code = .notSupported
+    case .shutdown: code = .shutdown
+    case .noMemory: code = .noMemory
+    default: code = .io
+    }
+    return NBDExportError(code, error.description)
+}
+
+/// Every volume and snapshot of a pool, as exports: volumes writable (unless the whole
+/// server is read-only), snapshots read-only. Looked up at each handshake, so volumes
+/// created later are served too.
+public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
+    let pool: Pool
+    let readOnly: Bool
+    let defaultExport: String?
+
+    public init(pool: Pool, readOnly: Bool, defaultExport: String?) {
+        self.pool = pool
+        self.readOnly = readOnly
+        self.defaultExport = defaultExport
+    }
+
+    func describe(_ volume: VolumeInfo) -> NBDExportDescription {
+        let what: String
+        switch volume.kind {
+        case .volume: what = "thin volume"
+        case .snapshot: what = "read-only snapshot"
+        case .clone: what = "clone of \(volume.parent ?? "a deleted volume")"
+        }
+        return NBDExportDescription(
+            name: volume.name, size: volume.size, isReadOnly: readOnly || volume.isReadOnly,
+            description: "\(what), \(formatBytes(volume.size)), \(formatBytes(volume.mappedBytes)) mapped",
+            preferredBlockSize: UInt32(min(pool.blockSize, 65536)))
+    }
+
+    public func describe(_ name: String) -> NBDExportDescription? {
+        let resolved = name.isEmpty ? defaultExport : name
+        guard let resolved, let volume = try? pool.volumeInfo(resolved) else { return nil }
+        return describe(volume)
+    }
+
+    public func allExports() -> [NBDExportDescription] {
+        pool.listVolumes().map(describe)
+    }
+
+    public func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport {
+        do {
+            return VolumeExport(pool: pool, id: try pool.volumeID(description.name), description: description)
+        } catch {
+            throw nbdError(error)
+        }
+    }
+}
+
+/// One volume or snapshot behind NBD. Every connection to the same volume goes to the
+/// same `Pool`, so FLUSH on any of them commits the writes of all (multi-conn).
+final class VolumeExport: NBDExport, @unchecked Sendable {
+    let pool: Pool
+    let id: UInt64
+    let exportDescription: NBDExportDescription
+
+    init(pool: Pool, id: UInt64, description: NBDExportDescription) {
+        self.pool = pool
+        self.id = id
+        self.exportDescription = description
+    }
+
+    @inline(__always)
+    private func run<T>(_ body: () throws(PoolError) -> T) throws(NBDExportError) -> T {
+        do {
+            return try body()
+        } catch {
+            throw nbdError(error)
+        }
+    }
+
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent] {
+        try run { () throws(PoolError) in
+            try pool.read(id, at: offset, into: buffer).map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
+        }
+    }
+
+    func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError) {
+        try run { () throws(PoolError) in try pool.write(id, at: offset, from: buffer, forceUnitAccess: fua) }
+    }
+
+    func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError) {
+        try run { () throws(PoolError) in
+            try pool.writeZeroes(id, at: offset, count: length, mayUnmap: mayTrim)
+            if fua { try pool.commit() }
+        }
+    }
+
+    func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(NBDExportError) {
+        try run { () throws(PoolError) in
+            try pool.trim(id, at: offset, count: length)
+            if fua { try pool.commit() }
+        }
+    }
+
+    func flush() throws(NBDExportError) {
+        try run { () throws(PoolError) in try pool.flush() }
+    }
+
+    func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent] {
+        try run { () throws(PoolError) in
+            try pool.extents(id, at: offset, count: length).map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
+        }
+    }
+
+    func close() {}
+}

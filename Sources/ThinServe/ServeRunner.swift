@@ -1,0 +1,151 @@
+import Dispatch
+import NBDProtocol
+import NBDServer
+import NIOCore
+import ThinPool
+import ThinSystem
+
+/// Everything `thinbd serve` takes.
+public struct ServeOptions: Sendable {
+    public var poolPath: String
+    public var unixSockets: [String] = []
+    /// `HOST:PORT`, `[V6]:PORT`.
+    public var listenAddresses: [String] = []
+    public var cache: CacheMode?
+    public var readOnly = false
+    public var defaultExport: String?
+    public var runCommand: String?
+    public var stdio = false
+    public var commitIntervalMilliseconds = 1000
+
+    public init(poolPath: String) { self.poolPath = poolPath }
+
+    public static let defaultHost = "127.0.0.1"
+    public static let defaultPort = 10809
+
+    /// Splits `HOST:PORT` (the host may be a bracketed IPv6 address).
+    public static func parseListen(_ text: String) -> (host: String, port: Int)? {
+        guard let colon = text.lastIndex(of: ":") else { return nil }
+        var host = String(text[..<colon])
+        guard let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        if host.isEmpty { return nil }
+        return (host, port)
+    }
+}
+
+/// Errors that stop `serve` before it serves.
+public struct ServeError: Error, CustomStringConvertible {
+    public var description: String
+}
+
+/// Runs the NBD server on a pool until SIGINT/SIGTERM (or the end of `--run`'s command,
+/// or of the `--stdio` connection); returns the process exit status.
+public enum ServeRunner {
+    public static func run(_ options: ServeOptions, log: @escaping @Sendable (String) -> Void) throws -> Int32 {
+        if let name = options.defaultExport, name.isEmpty { throw ServeError(description: "--default-export needs a name") }
+        let pool: Pool
+        do {
+            pool = try Pool.open(path: options.poolPath, readOnly: options.readOnly, cache: options.cache)
+        } catch {
+            throw ServeError(description: error.description)
+        }
+        if let name = options.defaultExport, (try? pool.volumeInfo(name)) == nil {
+            try? pool.close()
+            throw ServeError(description: "--default-export \(name): no such volume or snapshot")
+        }
+        let provider = PoolExportProvider(pool: pool, readOnly: options.readOnly, defaultExport: options.defaultExport)
+        let server = NBDServer(provider: provider, log: log)
+        let stop = DispatchSemaphore(value: 0)
+        let exitStatus = ExitStatusBox()
+
+        var uris: [String] = []
+        do {
+            if options.stdio {
+                let finished = try server.serveStandardIO()
+                finished.whenComplete { _ in stop.signal() }
+            } else {
+                for fd in SystemInfo.socketActivationDescriptors() {
+                    try server.listen(inheritedSocket: fd)
+                    uris.append("(socket activation fd \(fd))")
+                }
+                for path in options.unixSockets {
+                    try server.listen(unixSocket: path)
+                    uris.append(NBDURI.unix(socket: path, export: options.defaultExport))
+                }
+                var addresses = options.listenAddresses
+                if addresses.isEmpty && options.unixSockets.isEmpty && uris.isEmpty {
+                    addresses = ["\(ServeOptions.defaultHost):\(ServeOptions.defaultPort)"]
+                }
+                for text in addresses {
+                    guard let (host, port) = ServeOptions.parseListen(text) else {
+                        throw ServeError(description: "--listen \(text): expected HOST:PORT")
+                    }
+                    let bound = try server.listen(host: host, port: port)
+                    uris.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: options.defaultExport))
+                }
+            }
+        } catch {
+            server.shutdown(timeout: .seconds(1))
+            try? pool.close()
+            if let serveError = error as? ServeError { throw serveError }
+            throw ServeError(description: "could not listen: \(error)")
+        }
+
+        let committer = AutoCommitter(pool: pool, milliseconds: options.commitIntervalMilliseconds) { error in
+            log("commit failed: \(error)")
+        }
+        if !options.stdio {
+            for uri in uris where uri.hasPrefix("nbd") { print(uri) }
+            SystemInfo.flushStandardOutput()
+            let exports = provider.allExports().map(\.name)
+            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)")
+        }
+
+        Signals.onTermination { number in
+            log("signal \(number): shutting down")
+            stop.signal()
+        }
+        if let command = options.runCommand {
+            let uri = uris.first { $0.hasPrefix("nbd+unix") } ?? uris.first { $0.hasPrefix("nbd") } ?? ""
+            let child: ChildProcess
+            do {
+                child = try ChildProcess.shell(command, environment: ["uri": uri, "THINBD_URI": uri])
+            } catch {
+                server.shutdown(timeout: .seconds(1))
+                committer.stop()
+                try? pool.close()
+                throw ServeError(description: "--run: \(error)")
+            }
+            Thread.detach {
+                exitStatus.set(child.wait())
+                stop.signal()
+            }
+        }
+
+        stop.wait()
+        server.shutdown()
+        committer.stop()
+        do {
+            try pool.close()
+        } catch {
+            log("closing the pool failed: \(error)")
+            return 1
+        }
+        return exitStatus.get() ?? 0
+    }
+}
+
+final class ExitStatusBox: @unchecked Sendable {
+    private let lock = Lock()
+    private var value: Int32?
+    func set(_ status: Int32) { lock.withLock { value = status } }
+    func get() -> Int32? { lock.withLock { value } }
+}
+
+enum Thread {
+    /// Runs `body` on a new background thread.
+    static func detach(_ body: @escaping @Sendable () -> Void) {
+        DispatchQueue.global().async(execute: body)
+    }
+}
