@@ -58,12 +58,13 @@ let package = Package(
         .testTarget(name: "ThinSystemTests", dependencies: ["ThinSystem"]),
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
         .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem"]),
-        .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinSystem"]),
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinSystem", "TestSupport"]),
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: ["NBDProtocol", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]
         ),
-        .testTarget(name: "InteropTests", dependencies: ["ThinPool", "ThinSystem"]),
+        .testTarget(name: "InteropTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"], exclude: ["scripts"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -8,8 +8,11 @@ have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok ins
 
 have libaio-dev || need+=(libaio-dev)
 if [ "${1:-build}" = test ]; then
-    # Real NBD clients and tools the interop tests use (added as the server lands).
-    :
+    # Real NBD clients the interop tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy,
+    # python3-libnbd (what nbdsh runs) and fio with its nbd engine.
+    for package in qemu-utils libnbd-bin python3-libnbd fio; do
+        have "$package" || need+=("$package")
+    done
 fi
 
 if [ ${#need[@]} -gt 0 ]; then

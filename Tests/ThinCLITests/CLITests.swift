@@ -1,52 +1,8 @@
 import Foundation
 import Testing
 import ThinCLI
+import TestSupport
 import ThinPool
-
-/// Runs the built `thinbd` executable.
-struct CLI {
-    static let executable: String = {
-        // The test runner lives in the build products directory, beside the executable.
-        let products = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        var candidates = [products.appendingPathComponent("thinbd").path]
-        candidates.append(products.deletingLastPathComponent().appendingPathComponent("thinbd").path)
-        candidates.append(products.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("thinbd").path)
-        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
-    }()
-
-    struct Result {
-        var status: Int32
-        var stdout: String
-        var stderr: String
-    }
-
-    @discardableResult
-    static func run(_ arguments: [String]) throws -> Result {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        let out = Pipe()
-        let err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let stdout = out.fileHandleForReading.readDataToEndOfFile()
-        let stderr = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return Result(
-            status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
-            stderr: String(decoding: stderr, as: UTF8.self))
-    }
-}
-
-final class TemporaryDirectory {
-    let path: String
-    init() {
-        path = NSTemporaryDirectory() + "thinbd-cli-\(UUID().uuidString)"
-        try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-}
 
 @Suite(.serialized) struct CLIContractTests {
     /// Runs a command that must succeed, then `check`, which must report clean.

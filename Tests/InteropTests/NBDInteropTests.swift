@@ -1,0 +1,261 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// The server against real NBD clients: nbdinfo, nbdcopy, qemu-img, qemu-io, fio and
+/// python3-libnbd (nbdsh's library). None of these clients is ours.
+@Suite(.serialized) struct NBDInteropTests {
+    @Test(.enabled(if: Peers.need("nbdinfo")))
+    func nbdinfoListsExportsAndMapsAllocation() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "64M")
+        try served.createVolume("other", size: "1G")
+        expectSuccess(try served.cli(["snapshot", "POOL", "disk@s1"]), "snapshot")
+        try served.start()
+        let nbdinfo = Peers.path("nbdinfo")
+        let list = try Program.run(nbdinfo, ["--list", "--json", served.uri("")])
+        expectSuccess(list, "nbdinfo --list")
+        let json = try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [String: Any]
+        let exports = (json?["exports"] as? [[String: Any]]) ?? []
+        let byName = Dictionary(uniqueKeysWithValues: exports.compactMap { e in (e["export-name"] as? String).map { ($0, e) } })
+        #expect(Set(byName.keys) == ["disk", "disk@s1", "other"])
+        #expect(byName["disk@s1"]?["is_read_only"] as? Bool == true)
+        #expect(byName["disk"]?["is_read_only"] as? Bool == false)
+        #expect((byName["disk"]?["description"] as? String)?.contains("64.0 MiB") == true)
+        #expect(byName["other"]?["export-size"] as? Int == 1 << 30)
+
+        expectSuccess(try Program.run(nbdinfo, ["--can", "multi-conn", served.uri("disk")]), "nbdinfo --can multi-conn")
+        expectSuccess(try Program.run(nbdinfo, ["--can", "multi-conn", served.uri("disk@s1")]), "multi-conn on a snapshot")
+
+        try Program.run(Peers.path("qemu-io"), ["-f", "raw", "-c", "write -P 0x11 8M 1M", served.uri("disk")])
+        let map = try Program.run(nbdinfo, ["--map", "--json", served.uri("disk")])
+        expectSuccess(map, "nbdinfo --map")
+        let extents = (try JSONSerialization.jsonObject(with: Data(map.stdout.utf8)) as? [[String: Any]]) ?? []
+        let data = extents.filter { ($0["type"] as? Int) == 0 }
+        #expect(data.count == 1 && data.first?["offset"] as? Int == 8 << 20 && data.first?["length"] as? Int == 1 << 20, "\(extents)")
+        #expect(served.stop() == 0)
+    }
+
+    @Test(.enabled(if: Peers.need("nbdcopy")))
+    func nbdcopyBothWaysWithFourConnections() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "96M")
+        try served.start()
+        let source = served.directory.path + "/source.img"
+        let back = served.directory.path + "/back.img"
+        try makeSparseImage(source, size: 96 << 20, seed: 1)
+        let nbdcopy = Peers.path("nbdcopy")
+        expectSuccess(try Program.run(nbdcopy, ["--connections=4", source, served.uri("disk")]), "nbdcopy file -> nbd")
+        expectSuccess(try Program.run(nbdcopy, ["--connections=4", served.uri("disk"), back]), "nbdcopy nbd -> file")
+        #expect(FileManager.default.contentsEqual(atPath: source, andPath: back))
+        #expect(served.stop() == 0)
+        // Holes in the source stayed holes: about a third of the volume is unmapped.
+        let info = try JSONSerialization.jsonObject(with: Data(try served.cli(["volume", "list", "POOL", "--json"]).stdout.utf8)) as? [[String: Any]]
+        let mapped = info?.first { $0["name"] as? String == "disk" }?["mapped_bytes"] as? Int ?? 0
+        #expect(mapped < 70 << 20, "mapped \(mapped) bytes of a 96 MiB image that is one third holes")
+    }
+
+    @Test(.enabled(if: Peers.need("qemu-img")))
+    func qemuImgConvertAndCompare() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "64M")
+        try served.start()
+        let source = served.directory.path + "/source.img"
+        let back = served.directory.path + "/back.qcow2"
+        try makeSparseImage(source, size: 64 << 20, seed: 2)
+        let qemuImg = Peers.path("qemu-img")
+        expectSuccess(try Program.run(qemuImg, ["convert", "-n", "-f", "raw", "-O", "raw", source, served.uri("disk")]), "qemu-img convert to nbd")
+        expectSuccess(try Program.run(qemuImg, ["compare", "-f", "raw", "-F", "raw", source, served.uri("disk")]), "qemu-img compare")
+        expectSuccess(try Program.run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", served.uri("disk"), back]), "qemu-img convert from nbd")
+        expectSuccess(try Program.run(qemuImg, ["compare", "-f", "raw", "-F", "qcow2", source, back]), "qemu-img compare qcow2 copy")
+        #expect(served.stop() == 0)
+    }
+
+    @Test(.enabled(if: Peers.need("qemu-io")))
+    func qemuIoPatternWriteAndVerify() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "32M")
+        try served.start()
+        let commands = [
+            "write -P 0x5a 0 64k", "write -P 0xa5 100000 7777", "write -P 0x33 16M 3M", "write -z 200k 64k",
+            "read -P 0x5a 0 64k", "read -P 0xa5 100000 7777", "read -P 0x33 16M 3M", "read -P 0 200k 64k",
+            "flush", "discard 16M 1M", "read -P 0 16M 1M", "read -P 0x33 17M 2M",
+        ]
+        let result = try Program.run(Peers.path("qemu-io"), ["-f", "raw"] + commands.flatMap { ["-c", $0] } + [served.uri("disk")])
+        expectSuccess(result, "qemu-io")
+        #expect(!result.stdout.contains("Pattern verification failed") && !result.stderr.contains("failed"), "\(result.stdout)\(result.stderr)")
+        #expect(served.stop() == 0)
+    }
+
+    @Test(.enabled(if: Peers.need("fio")))
+    func fioVerifiedRandomWritesOverFourConnections() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "64M")
+        try served.start()
+        let result = try Program.run(Peers.path("fio"), [
+            "--name=verify", "--ioengine=nbd", "--uri=\(served.uri("disk"))", "--rw=randwrite", "--bs=4k",
+            "--size=16M", "--offset_increment=16M", "--numjobs=4", "--iodepth=16", "--verify=crc32c",
+            "--do_verify=1", "--verify_fatal=1", "--group_reporting",
+        ], timeout: 600)
+        expectSuccess(result, "fio verify")
+        #expect(result.stdout.contains("err= 0"), "\(result.stdout)")
+        #expect(served.stop() == 0)
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func libnbdFlagsBlockStatusAndErrors() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "256M")
+        expectSuccess(try served.cli(["snapshot", "POOL", "disk@ro"]), "snapshot")
+        try served.start()
+        expectSuccess(try Peers.python("flags_and_errors.py", [served.uri("disk"), served.uri("disk@ro")]), "flags and errors")
+        #expect(served.stop() == 0)
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func multiConnFlushMakesWritesVisibleEverywhere() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "64M")
+        try served.start()
+        expectSuccess(try Peers.python("multiconn_flush.py", [served.uri("disk")]), "multi-conn flush")
+        #expect(served.stop() == 0)
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func thirtyTwoClientsAtOnce() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "64M")
+        try served.start()
+        expectSuccess(try Peers.python("many_clients.py", [served.uri("disk"), "32"]), "32 clients")
+        #expect(served.stop() == 0)
+        expectSuccess(try served.cli(["check", "POOL"]), "check after 32 clients")
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd", "qemu-io")))
+    func snapshotAndCloneStayPointInTimeWhileOriginIsWritten() throws {
+        let served = try ServedPool()
+        try served.createVolume("base", size: "8M")
+        // Fill the origin before snapshotting (the pool is offline between servings).
+        try served.start()
+        expectSuccess(try Program.run(Peers.path("qemu-io"), ["-f", "raw", "-c", "write -P 0x21 0 8M", served.uri("base")]), "fill")
+        #expect(served.stop() == 0)
+        expectSuccess(try served.cli(["snapshot", "POOL", "base@t0"]), "snapshot")
+        expectSuccess(try served.cli(["clone", "POOL", "base@t0", "copy"]), "clone")
+        try served.start()
+        expectSuccess(
+            try Peers.python("point_in_time.py", [served.uri("base"), served.uri("base@t0"), served.uri("copy"), String(8 << 20), "33"]),
+            "point in time")
+        #expect(served.stop() == 0)
+        expectSuccess(try served.cli(["check", "POOL"]), "check")
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func hostileTrafficLeavesTheServerServing() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "64M")
+        try served.start()
+        expectSuccess(try Peers.python("abuse.py", [served.socket, "disk"]), "abuse")
+        #expect(served.isRunning)
+        #expect(served.stop() == 0)
+        expectSuccess(try served.cli(["check", "POOL"]), "check")
+    }
+}
+
+/// `thinbd serve` itself: listeners, captive mode, stdio, locking, shutdown.
+@Suite(.serialized) struct ServeCommandTests {
+    @Test(.enabled(if: Peers.need("nbdinfo")))
+    func captiveModeRunsTheCommandAndReturnsItsStatus() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "16M")
+        let ok = try served.cli(["serve", "POOL", "--socket", served.socket, "--default-export", "disk", "--run", "nbdinfo --size \"$uri\""])
+        #expect(ok.status == 0, "\(ok.stderr)")
+        #expect(ok.stdout.contains("16777216"))
+        let failing = try served.cli(["serve", "POOL", "--socket", served.socket, "--run", "exit 3"])
+        #expect(failing.status == 3)
+        let uri = try served.cli(["serve", "POOL", "--socket", served.socket, "--default-export", "disk", "--run", "echo \"$THINBD_URI\""])
+        #expect(uri.stdout.contains("nbd+unix:///disk?socket=\(served.socket)"))
+    }
+
+    @Test(.enabled(if: Peers.need("nbdinfo")))
+    func tcpListenerOnLoopbackPrintsItsURI() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "16M")
+        let result = try served.cli(["serve", "POOL", "--listen", "127.0.0.1:0", "--default-export", "disk", "--run", "nbdinfo --size \"$uri\"; echo \"$uri\""])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("16777216"))
+        #expect(result.stdout.contains("nbd://127.0.0.1:"))
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func stdioServesOneConnection() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "16M")
+        let script = """
+            import nbd, sys
+            h = nbd.NBD()
+            h.connect_command(sys.argv[1:])
+            assert h.get_size() == 16 << 20
+            h.pwrite(b"s" * 4096, 4096)
+            h.flush()
+            assert h.pread(4096, 4096) == b"s" * 4096
+            h.shutdown()
+            print("ok")
+            """
+        let result = try Program.run(
+            "/usr/bin/python3", ["-c", script, CLI.executable, "serve", served.pool, "--stdio", "--default-export", "disk"])
+        expectSuccess(result, "libnbd connect_command over --stdio")
+        expectSuccess(try served.cli(["check", "POOL"]), "check after stdio")
+    }
+
+    @Test(.enabled(if: Peers.need("nbdinfo")))
+    func socketActivationServesThePassedSocket() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "16M")
+        // nbdinfo's [ CMD ] form starts CMD with LISTEN_PID/LISTEN_FDS (systemd socket activation).
+        let result = try Program.run(Peers.path("nbdinfo"), ["--size", "--", "[", CLI.executable, "serve", served.pool, "--default-export", "disk", "]"])
+        expectSuccess(result, "nbdinfo with socket activation")
+        #expect(result.stdout.contains("16777216"))
+    }
+
+    @Test func poolIsLockedWhileServed() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "16M")
+        try served.start()
+        let result = try served.cli(["volume", "create", "POOL", "x", "--size", "1G"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("in use by thinbd serve (pid \(served.pid))"), "\(result.stderr)")
+        #expect(served.stop() == 0)
+        expectSuccess(try served.cli(["volume", "create", "POOL", "x", "--size", "1G"]), "create after serve")
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func sigtermFinishesWritesAndCommits() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "64M")
+        try served.start()
+        let script = """
+            import nbd, sys
+            h = nbd.NBD(); h.connect_uri(sys.argv[1])
+            for i in range(64):
+                h.pwrite(bytes([i + 1]) * 65536, i * 65536)
+            print("written", flush=True)
+            """
+        let writer = try Program.run("/usr/bin/python3", ["-c", script, served.uri("disk")])
+        expectSuccess(writer, "writer")
+        kill(served.pid, SIGTERM)
+        #expect(served.stop() == 0)
+        #expect(served.stderr.contains("shutting down"))
+        expectSuccess(try served.cli(["check", "POOL"]), "check after SIGTERM")
+        // Written but never flushed by the client: the shutdown commit made them durable.
+        try served.start()
+        let reader = """
+            import nbd, sys
+            h = nbd.NBD(); h.connect_uri(sys.argv[1])
+            for i in range(64):
+                assert h.pread(65536, i * 65536) == bytes([i + 1]) * 65536, i
+            print("ok")
+            """
+        expectSuccess(try Program.run("/usr/bin/python3", ["-c", reader, served.uri("disk")]), "reader")
+        #expect(served.stop() == 0)
+    }
+}

@@ -1,0 +1,96 @@
+import Foundation
+
+/// Runs the built `thinbd` executable and other programs for end-to-end tests.
+public enum CLI {
+    public static let executable: String = {
+        // The test runner lives in the build products directory, beside the executable.
+        let products = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        var candidates = [products.appendingPathComponent("thinbd").path]
+        candidates.append(products.deletingLastPathComponent().appendingPathComponent("thinbd").path)
+        candidates.append(products.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("thinbd").path)
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
+    }()
+
+    public struct Result {
+        public var status: Int32
+        public var stdout: String
+        public var stderr: String
+    }
+
+    /// Runs `thinbd ARGUMENTS`.
+    @discardableResult
+    public static func run(_ arguments: [String], timeout: TimeInterval = 120) throws -> Result {
+        try Program.run(executable, arguments, timeout: timeout)
+    }
+}
+
+public enum Program {
+    /// Runs a program to completion (killed by its pid after `timeout`), capturing output.
+    @discardableResult
+    public static func run(
+        _ path: String, _ arguments: [String], environment: [String: String] = [:], stdin: Data? = nil,
+        timeout: TimeInterval = 120
+    ) throws -> CLI.Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
+        let out = Pipe()
+        let err = Pipe()
+        let input = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = input
+        try process.run()
+        if let stdin { input.fileHandleForWriting.write(stdin) }
+        try? input.fileHandleForWriting.close()
+        let deadline = DispatchTime.now() + timeout
+        let killer = DispatchWorkItem { [pid = process.processIdentifier] in kill(pid, SIGKILL) }
+        DispatchQueue.global().asyncAfter(deadline: deadline, execute: killer)
+        let group = DispatchGroup()
+        let collected = DataBox()
+        group.enter()
+        DispatchQueue.global().async {
+            collected.set(out.fileHandleForReading.readDataToEndOfFile())
+            group.leave()
+        }
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        group.wait()
+        let stdout = collected.get()
+        process.waitUntilExit()
+        killer.cancel()
+        return CLI.Result(
+            status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+            stderr: String(decoding: stderr, as: UTF8.self))
+    }
+
+    /// The full path of a program on PATH (or at an absolute path), if installed.
+    public static func find(_ name: String) -> String? {
+        if name.hasPrefix("/") { return FileManager.default.isExecutableFile(atPath: name) ? name : nil }
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        for dir in path.split(separator: ":") + ["/usr/bin", "/usr/sbin", "/sbin"] {
+            let candidate = "\(dir)/\(name)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return nil
+    }
+}
+
+/// A directory removed when the value goes away.
+public final class TemporaryDirectory: @unchecked Sendable {
+    public let path: String
+    public init(_ prefix: String = "thinbd-test") {
+        path = NSTemporaryDirectory() + "\(prefix)-\(UUID().uuidString.prefix(8))"
+        try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+final class DataBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data = Data()
+    func set(_ value: Data) { lock.lock(); data = value; lock.unlock() }
+    func get() -> Data { lock.lock(); defer { lock.unlock() }; return data }
+}
