@@ -45,6 +45,13 @@ public struct NBDSession: Equatable, Sendable {
     public var structuredReplies: Bool
     /// The id of `base:allocation` when the client selected it for this export.
     public var allocationContextID: UInt32?
+
+    public init(export: NBDExportDescription, flags: NBDTransmissionFlags, structuredReplies: Bool, allocationContextID: UInt32?) {
+        self.export = export
+        self.flags = flags
+        self.structuredReplies = structuredReplies
+        self.allocationContextID = allocationContextID
+    }
 }
 
 /// The server side of the fixed-newstyle handshake, as a value that returns actions.

@@ -1,0 +1,131 @@
+import NBDProtocol
+import NIOCore
+import Testing
+
+struct FixedCatalog: NBDExportCatalog {
+    var exports: [NBDExportDescription]
+    var defaultName: String?
+    func export(named name: String) -> NBDExportDescription? {
+        let resolved = name.isEmpty ? defaultName : name
+        return exports.first { $0.name == resolved }
+    }
+    func allExports() -> [NBDExportDescription] { exports }
+}
+
+let catalog = FixedCatalog(
+    exports: [
+        NBDExportDescription(name: "disk", size: 1 << 30, isReadOnly: false, description: "thin volume", preferredBlockSize: 65536),
+        NBDExportDescription(name: "disk@s", size: 1 << 30, isReadOnly: true, description: "snapshot"),
+    ], defaultName: nil)
+
+func option(_ option: NBDOption, _ fill: (inout ByteBuffer) -> Void = { _ in }) -> NBDServerParser.Message {
+    var payload = ByteBuffer()
+    fill(&payload)
+    return .option(NBDOptionRequest(option: option, payload: payload))
+}
+
+func replyTypes(_ actions: [NBDHandshake.Action]) -> [NBDOptionReplyType] {
+    actions.compactMap { if case .send(let r) = $0 { r.type } else { nil } }
+}
+
+@Suite struct HandshakeTests {
+    func started() -> NBDHandshake {
+        var h = NBDHandshake()
+        #expect(h.receive(.clientFlags([.fixedNewstyle, .noZeroes]), catalog: catalog).isEmpty)
+        return h
+    }
+
+    @Test func unknownClientFlagsClose() {
+        var h = NBDHandshake()
+        let actions = h.receive(.clientFlags(NBDClientFlags(rawValue: 0x80)), catalog: catalog)
+        #expect(h.state == .closed)
+        guard case .close = actions.first else { Issue.record("expected close"); return }
+    }
+
+    @Test func goEntersTransmissionWithInfoAndFlags() {
+        var h = started()
+        #expect(replyTypes(h.receive(option(.structuredReply), catalog: catalog)) == [.ack])
+        let setMeta = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["base:allocation"])) }, catalog: catalog)
+        #expect(replyTypes(setMeta) == [.metaContext, .ack])
+        let actions = h.receive(option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: "disk", infoRequests: [.name, .description, .blockSize])) }, catalog: catalog)
+        #expect(replyTypes(actions) == [.info, .info, .info, .info, .ack])
+        guard case .enterTransmission(let session) = actions.last else {
+            Issue.record("GO did not enter transmission")
+            return
+        }
+        #expect(h.state == .transmission)
+        #expect(session.structuredReplies)
+        #expect(session.allocationContextID != nil)
+        #expect(session.flags.isSuperset(of: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendDF, .canMultiConn, .sendCache, .sendFastZero]))
+        #expect(!session.flags.contains(.readOnly))
+    }
+
+    @Test func readOnlyExportsAdvertiseNoWrites() {
+        var h = started()
+        let actions = h.receive(option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: "disk@s", infoRequests: [])) }, catalog: catalog)
+        guard case .enterTransmission(let session) = actions.last else { Issue.record("no transmission"); return }
+        #expect(session.flags.contains(.readOnly))
+        #expect(!session.flags.contains(.sendTrim) && !session.flags.contains(.sendWriteZeroes))
+        #expect(!session.flags.contains(.sendDF), "DF needs structured replies")
+        #expect(session.allocationContextID == nil)
+    }
+
+    @Test func unknownExportsAndMalformedOptionsAreErrorsNotDisconnects() {
+        var h = started()
+        #expect(replyTypes(h.receive(option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: "nope", infoRequests: [])) }, catalog: catalog)) == [.errUnknown])
+        #expect(replyTypes(h.receive(option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: "", infoRequests: [])) }, catalog: catalog)) == [.errUnknown])
+        #expect(replyTypes(h.receive(option(.info) { $0.writeString("garbage") }, catalog: catalog)) == [.errInvalid])
+        #expect(replyTypes(h.receive(option(.list) { $0.writeString("x") }, catalog: catalog)) == [.errInvalid])
+        #expect(replyTypes(h.receive(option(NBDOption(rawValue: 77)), catalog: catalog)) == [.errUnsupported])
+        #expect(replyTypes(h.receive(option(.startTLS), catalog: catalog)) == [.errUnsupported])
+        #expect(replyTypes(h.receive(option(.extendedHeaders), catalog: catalog)) == [.errUnsupported])
+        #expect(replyTypes(h.receive(.oversizedOption(.list, length: 1 << 20), catalog: catalog)) == [.errTooBig])
+        // Metadata contexts need structured replies first.
+        #expect(replyTypes(h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["base:allocation"])) }, catalog: catalog)) == [.errInvalid])
+        #expect(h.state == .haggling)
+    }
+
+    @Test func listAndMetaContextQueries() {
+        var h = started()
+        #expect(replyTypes(h.receive(option(.list), catalog: catalog)) == [.server, .server, .ack])
+        _ = h.receive(option(.structuredReply), catalog: catalog)
+        #expect(replyTypes(h.receive(option(.structuredReply), catalog: catalog)) == [.errInvalid])
+        let all = h.receive(option(.listMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: [])) }, catalog: catalog)
+        #expect(replyTypes(all) == [.metaContext, .ack])
+        let wildcard = h.receive(option(.listMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["base:"])) }, catalog: catalog)
+        #expect(replyTypes(wildcard) == [.metaContext, .ack])
+        let other = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["qemu:dirty-bitmap:x"])) }, catalog: catalog)
+        #expect(replyTypes(other) == [.ack])
+        let noColon = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["nonsense"])) }, catalog: catalog)
+        #expect(replyTypes(noColon) == [.errInvalid])
+    }
+
+    @Test func metaContextOnlyAppliesToTheExportItNamed() {
+        var h = started()
+        _ = h.receive(option(.structuredReply), catalog: catalog)
+        _ = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk@s", queries: ["base:allocation"])) }, catalog: catalog)
+        let actions = h.receive(option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: "disk", infoRequests: [])) }, catalog: catalog)
+        guard case .enterTransmission(let session) = actions.last else { Issue.record("no transmission"); return }
+        #expect(session.allocationContextID == nil)
+    }
+
+    @Test func exportNameAnswersWithoutPaddingWhenAgreed() {
+        var h = started()
+        let actions = h.receive(option(.exportName) { $0.writeString("disk") }, catalog: catalog)
+        #expect(actions.first == .sendExportName(NBDExportNameReply(size: 1 << 30, flags: catalog.exports[0].transmissionFlags(structuredReplies: false), padded: false)))
+        var unknown = started()
+        guard case .close = unknown.receive(option(.exportName) { $0.writeString("zzz") }, catalog: catalog).first else {
+            Issue.record("unknown EXPORT_NAME must close")
+            return
+        }
+    }
+
+    @Test func abortAndShutdown() {
+        var h = started()
+        h.isShuttingDown = true
+        #expect(replyTypes(h.receive(option(.list), catalog: catalog)) == [.errShutdown])
+        let abort = h.receive(option(.abort), catalog: catalog)
+        #expect(replyTypes(abort) == [.ack])
+        #expect(h.state == .closed)
+    }
+}
