@@ -54,6 +54,11 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "thinbd", dependencies: ["ThinCLI"]),
+        .executableTarget(
+            name: "nbd-fuzz",
+            dependencies: ["NBDProtocol", "NBDServer", .product(name: "NIOCore", package: "swift-nio")],
+            path: "tools/nbd-fuzz"
+        ),
         .testTarget(name: "ThinFormatTests", dependencies: ["ThinFormat"]),
         .testTarget(name: "ThinSystemTests", dependencies: ["ThinSystem"]),
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
