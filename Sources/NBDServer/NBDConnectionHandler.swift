@@ -54,6 +54,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is NBDServer.ShutdownEvent {
             handshake.isShuttingDown = true
+            // Requests already received get ESHUTDOWN; running ones finish first.
+            processPending(context: context)
             closeIfIdle(context: context)
             return
         }
@@ -215,7 +217,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Soft disconnect or shutdown: close once every request in flight has been answered.
     private func closeIfIdle(context: ChannelHandlerContext) {
         guard inFlight == 0, !closed else { return }
-        if disconnecting || handshake.isShuttingDown && (session == nil || pending.readableBytes == 0) {
+        if disconnecting || handshake.isShuttingDown {
             closed = true
             context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
             context.close(promise: nil)

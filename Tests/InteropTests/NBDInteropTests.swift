@@ -174,6 +174,25 @@ import TestSupport
         #expect(failing.status == 3)
         let uri = try served.cli(["serve", "POOL", "--socket", served.socket, "--default-export", "disk", "--run", "echo \"$THINBD_URI\""])
         #expect(uri.stdout.contains("nbd+unix:///disk?socket=\(served.socket)"))
+        let readOnly = try served.cli(["serve", "POOL", "--socket", served.socket, "--read-only", "--default-export", "disk", "--run", "nbdinfo --is read-only \"$uri\""])
+        #expect(readOnly.status == 0, "--read-only export is not read-only: \(readOnly.stderr)")
+        let writable = try served.cli(["serve", "POOL", "--socket", served.socket, "--default-export", "disk", "--run", "nbdinfo --is read-only \"$uri\""])
+        #expect(writable.status != 0, "a volume export should be writable")
+        let missing = try served.cli(["serve", "POOL", "--socket", served.socket, "--default-export", "nope"])
+        #expect(missing.status == 1 && missing.stderr.contains("no such volume"))
+        let badListen = try served.cli(["serve", "POOL", "--listen", "nonsense"])
+        #expect(badListen.status == 64)
+    }
+
+    @Test(.enabled(if: Peers.need("qemu-io")))
+    func writebackCacheModeServesToo() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "16M")
+        try served.start(["--cache", "writeback"])
+        let result = try Program.run(Peers.path("qemu-io"), ["-f", "raw", "-c", "write -P 0x6e 4k 1M", "-c", "flush", "-c", "read -P 0x6e 4k 1M", served.uri("disk")])
+        expectSuccess(result, "qemu-io with --cache writeback")
+        #expect(!result.stdout.contains("Pattern verification failed"))
+        #expect(served.stop() == 0)
     }
 
     @Test(.enabled(if: Peers.need("nbdinfo")))
