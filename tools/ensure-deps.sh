@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages thinbd needs to build and test, when they are missing.
-# Usage: tools/ensure-deps.sh [build|test]
+# Usage: tools/ensure-deps.sh [build|test|bench]
 set -euo pipefail
 
 need=()
@@ -11,6 +11,12 @@ if [ "${1:-build}" = test ]; then
     # Real NBD clients the interop tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy,
     # python3-libnbd (what nbdsh runs) and fio with its nbd engine.
     for package in qemu-utils libnbd-bin python3-libnbd fio; do
+        have "$package" || need+=("$package")
+    done
+fi
+
+if [ "${1:-build}" = bench ]; then
+    for package in fio qemu-utils nbdkit libnbd-bin; do
         have "$package" || need+=("$package")
     done
 fi

@@ -235,17 +235,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         do throws(NBDExportError) {
             switch operation {
             case .read(let offset, let length, let dontFragment):
-                var data = allocator.buffer(capacity: Int(length))
+                // Read straight into the reply buffer, at a 4 KiB-aligned address inside it
+                // so O_DIRECT needs no bounce buffer.
+                let alignment = 4096
+                var data = allocator.buffer(capacity: Int(length) + alignment)
                 var extents: [NBDExtent] = []
                 var failure: NBDExportError?
-                data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { raw in
+                var pad = 0
+                data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length) + alignment) { raw in
+                    let address = Int(bitPattern: raw.baseAddress)
+                    pad = (alignment - address % alignment) % alignment
                     do throws(NBDExportError) {
-                        extents = try export.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(length)]))
+                        extents = try export.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[pad..<pad + Int(length)]))
                     } catch {
                         failure = error
                     }
-                    return Int(length)
+                    return pad + Int(length)
                 }
+                data.moveReaderIndex(forwardBy: pad)
                 if let failure { throw failure }
                 out.reserveCapacity(Int(length) + 64)
                 NBDReplyEncoder.read(

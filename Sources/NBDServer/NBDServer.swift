@@ -12,8 +12,9 @@ public final class NBDServer: @unchecked Sendable {
     public struct Configuration: Sendable {
         /// Requests one connection may have running at once.
         public var maxInFlightPerConnection = 64
-        /// Threads that run export operations (which may block on disk I/O).
-        public var ioThreads = 4
+        /// Threads that run export operations. They mostly wait for the disk, so there
+        /// are enough of them to keep a queue depth of 32 busy.
+        public var ioThreads = 32
         /// Event loop threads for sockets.
         public var eventLoopThreads = 1
 

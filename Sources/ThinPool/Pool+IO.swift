@@ -67,12 +67,27 @@ extension Pool {
     /// Reads `buffer.count` bytes at `offset`; unmapped ranges read as zeros. Returns
     /// the mapped and unmapped runs of the range (what NBD sends as data and hole chunks).
     /// Cost: one tree walk for the range and one batched device submission.
+    ///
+    /// The mapping is looked up under the pool lock; the data is read after it is
+    /// released, so reads from many connections reach the disk together.
     @discardableResult
     public func read(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> [Extent] {
-        try lock.withLock { () throws(PoolError) -> [Extent] in
+        let (requests, extents) = try planRead(id, at: offset, into: buffer)
+        // planRead entered the gate under the pool lock (where no commit can be draining
+        // it), so no commit hands the planned blocks to someone else before this is done.
+        defer { ioGate.leave() }
+        if !requests.isEmpty { try mapErrors { try device.perform(requests) } }
+        return extents
+    }
+
+    private func planRead(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> ([IORequest], [Extent]) {
+        try lock.withLock { () throws(PoolError) -> ([IORequest], [Extent]) in
             let state = try volume(id, writing: false)
             try checkRange(state, offset, UInt64(buffer.count))
-            guard buffer.count > 0 else { return [] }
+            guard buffer.count > 0 else {
+                ioGate.enter()
+                return ([], [])
+            }
             let end = offset + UInt64(buffer.count)
             var batch = RequestBatch()
             var runs = ExtentList()
@@ -96,9 +111,9 @@ extension Pool {
                     UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom...]).initializeMemory(as: UInt8.self, repeating: 0)
                     runs.add(offset + UInt64(zeroFrom), end, mapped: false)
                 }
-                try device.perform(batch.requests)
             }
-            return runs.extents
+            ioGate.enter()
+            return (batch.requests, runs.extents)
         }
     }
 
@@ -112,15 +127,37 @@ extension Pool {
     /// With `forceUnitAccess` (NBD's FUA flag) the write, and everything before it, is
     /// durable when this returns: the pool commits.
     public func write(_ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool = false) throws(PoolError) {
-        try lock.withLock { () throws(PoolError) in
-            let state = try volume(id, writing: true)
-            try checkRange(state, offset, UInt64(data.count))
-            if data.count > 0 { try writeLocked(state, at: offset, from: data) }
-            if forceUnitAccess { try commitLocked() }
+        guard data.count > 0 else {
+            try lock.withLock { () throws(PoolError) in
+                let state = try volume(id, writing: true)
+                try checkRange(state, offset, 0)
+                if forceUnitAccess { try commitLocked() }
+            }
+            return
+        }
+        // Writes to different blocks run their data I/O in parallel; overlapping ones and
+        // volume operations wait for each other on the range lock.
+        try rangeLocks.withRange(id, blockRange(offset, UInt64(data.count))) { () throws(PoolError) in
+            let (state, plan) = try lock.withLock { () throws(PoolError) -> (VolumeState, WritePlan) in
+                let state = try volume(id, writing: true)
+                try checkRange(state, offset, UInt64(data.count))
+                return (state, try planWriteLocked(state, at: offset, count: UInt64(data.count)))
+            }
+            // No gate needed: the range lock keeps every block this touches referenced.
+            do throws(PoolError) {
+                try writeData(plan.entries, data: data, zeroMark: plan.zeroMark)
+            } catch {
+                lock.withLock { abandonWriteLocked(plan) }
+                throw error
+            }
+            try lock.withLock { () throws(PoolError) in
+                try applyWriteLocked(state, plan)
+                if forceUnitAccess { try commitLocked() }
+            }
         }
     }
 
-    private struct BlockWrite {
+    struct BlockWrite {
         var virtual: UInt64
         var inner: UInt64
         var length: UInt64
@@ -130,11 +167,35 @@ extension Pool {
         var inPlace: Bool
     }
 
+    /// What a write will do, decided under the pool lock: per block, write in place or
+    /// into a newly allocated block (copying the rest of a shared block first).
+    struct WritePlan {
+        var entries: [BlockWrite] = []
+        var allocated: [UInt64] = []
+        /// Blocks at or above this read as zeros (never written).
+        var zeroMark: UInt64 = 0
+    }
+
+    /// Writes under the pool lock from start to end (write-zeroes and shrink use it; the
+    /// caller holds the range lock for the blocks).
     func writeLocked(_ state: VolumeState, at offset: UInt64, from data: UnsafeRawBufferPointer) throws(PoolError) {
+        let plan = try planWriteLocked(state, at: offset, count: UInt64(data.count))
+        do {
+            try writeData(plan.entries, data: data, zeroMark: plan.zeroMark)
+        } catch {
+            abandonWriteLocked(plan)
+            throw error
+        }
+        try applyWriteLocked(state, plan)
+    }
+
+    /// Decides each block's fate and allocates every new block up front, so a full pool
+    /// fails the write before any change. Needs the pool lock.
+    func planWriteLocked(_ state: VolumeState, at offset: UInt64, count: UInt64) throws(PoolError) -> WritePlan {
         let tree = mappings
-        var plan: [BlockWrite] = []
+        var plan = WritePlan()
         var position = offset
-        let end = offset + UInt64(data.count)
+        let end = offset + count
         try mapErrors {
             while position < end {
                 let vb = position / blockSize
@@ -148,38 +209,38 @@ extension Pool {
                         inPlace = try spaceMap.refcount(physical) == 1
                     }
                 }
-                plan.append(BlockWrite(virtual: vb, inner: inner, length: length, dataOffset: Int(position - offset), current: current, inPlace: inPlace))
+                plan.entries.append(BlockWrite(virtual: vb, inner: inner, length: length, dataOffset: Int(position - offset), current: current, inPlace: inPlace))
                 position += length
             }
         }
-
-        // Allocate every new block up front, so a full pool fails the write before any change.
-        let needed = plan.lazy.filter { !$0.inPlace }.count
-        let zeroMark = spaceMap.highWater
-        var allocated: [UInt64] = []
+        let needed = plan.entries.lazy.filter { !$0.inPlace }.count
+        plan.zeroMark = spaceMap.highWater
         if needed > 0 {
-            let firstNew = plan.first { !$0.inPlace }!.virtual
+            let firstNew = plan.entries.first { !$0.inPlace }!.virtual
             let hint: UInt64? = try mapErrors {
                 guard firstNew > 0, let previous = try tree.lookup(state.record.mappingRoot, firstNew - 1) else { return nil }
                 return previous + 1
             }
             let runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint) }
-            allocated.reserveCapacity(needed)
-            for run in runs { allocated.append(contentsOf: run) }
+            plan.allocated.reserveCapacity(needed)
+            for run in runs { plan.allocated.append(contentsOf: run) }
             var next = 0
-            for i in plan.indices where !plan[i].inPlace {
-                plan[i].target = allocated[next]
+            for i in plan.entries.indices where !plan.entries[i].inPlace {
+                plan.entries[i].target = plan.allocated[next]
                 next += 1
             }
         }
+        return plan
+    }
 
-        do {
-            try writeData(plan, data: data, zeroMark: zeroMark)
-        } catch {
-            for block in allocated { try? spaceMap.decRef(block) }
-            throw error
-        }
+    /// Returns a failed write's new blocks. Needs the pool lock.
+    func abandonWriteLocked(_ plan: WritePlan) {
+        for block in plan.allocated { try? spaceMap.decRef(block) }
+    }
 
+    /// Maps the written blocks and releases the ones they replaced. Needs the pool lock.
+    func applyWriteLocked(_ state: VolumeState, _ plan: WritePlan) throws(PoolError) {
+        let tree = mappings
         var root = state.record.mappingRoot
         var mapped = state.record.mappedBlocks
         defer {
@@ -189,20 +250,20 @@ extension Pool {
         }
         var inserted = 0
         do {
-            for entry in plan where !entry.inPlace {
+            for entry in plan.entries where !entry.inPlace {
                 let (newRoot, replaced) = try tree.insert(root, entry.virtual, entry.target)
                 root = newRoot
                 inserted += 1
                 if let replaced { try spaceMap.decRef(replaced) } else { mapped += 1 }
             }
         } catch {
-            for block in allocated[inserted...] { try? spaceMap.decRef(block) }
+            for block in plan.allocated[inserted...] { try? spaceMap.decRef(block) }
             throw PoolError(error)
         }
     }
 
     /// Writes the data blocks of a plan: in place, into fresh blocks, or copy-on-write.
-    private func writeData(_ plan: [BlockWrite], data: UnsafeRawBufferPointer, zeroMark: UInt64) throws(PoolError) {
+    func writeData(_ plan: [BlockWrite], data: UnsafeRawBufferPointer, zeroMark: UInt64) throws(PoolError) {
         let source = UnsafeMutableRawBufferPointer(mutating: data)
         var copies: [(entry: BlockWrite, buffer: AlignedBuffer)] = []
         var reads = RequestBatch()
@@ -215,7 +276,8 @@ extension Pool {
                 // A whole block, or a fresh block that is known to read as zeros.
                 writes.add(.write, slice, at: diskOffset(entry.target, entry.inner))
             } else {
-                let scratch = AlignedBuffer(count: Int(blockSize))
+                let scratch = buffers.take(Int(blockSize))
+                if entry.current == nil { scratch.zero() }
                 if let current = entry.current {
                     let head = Int(entry.inner)
                     let tail = Int(entry.inner + entry.length)
@@ -232,6 +294,7 @@ extension Pool {
                 .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[entry.dataOffset..<entry.dataOffset + Int(entry.length)]))
             writes.add(.write, scratch.bytes, at: diskOffset(entry.target))
         }
+        defer { for (_, scratch) in copies { buffers.give(scratch) } }
         try mapErrors { try device.perform(writes.requests) }
     }
 
@@ -241,11 +304,21 @@ extension Pool {
     /// false, then zeros are written and the space stays allocated); partial blocks that
     /// are mapped get zeros written into them.
     public func writeZeroes(_ id: UInt64, at offset: UInt64, count: UInt64, mayUnmap: Bool = true) throws(PoolError) {
-        try lock.withLock { () throws(PoolError) in
-            let state = try volume(id, writing: true)
-            try checkRange(state, offset, count)
-            try zeroLocked(state, from: offset, count: count, unmapWholeBlocks: mayUnmap)
+        try rangeLocks.withRange(id, blockRange(offset, count)) { () throws(PoolError) in
+            try lock.withLock { () throws(PoolError) in
+                let state = try volume(id, writing: true)
+                try checkRange(state, offset, count)
+                try zeroLocked(state, from: offset, count: count, unmapWholeBlocks: mayUnmap)
+            }
         }
+    }
+
+    /// The virtual blocks a byte range touches (everything when it overflows: the range
+    /// check then refuses the request).
+    func blockRange(_ offset: UInt64, _ count: UInt64) -> Range<UInt64> {
+        let (end, overflow) = offset.addingReportingOverflow(count)
+        guard !overflow, count > 0 else { return 0..<UInt64.max }
+        return (offset / blockSize)..<((end - 1) / blockSize + 1)
     }
 
     func zeroLocked(_ state: VolumeState, from offset: UInt64, count: UInt64, unmapWholeBlocks: Bool) throws(PoolError) {
@@ -291,12 +364,14 @@ extension Pool {
     /// Discards whole blocks in the range (partial blocks are left as they are); they
     /// then read as zeros and their space returns to the pool at the next commit.
     public func trim(_ id: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) {
-        try lock.withLock { () throws(PoolError) in
-            let state = try volume(id, writing: true)
-            try checkRange(state, offset, count)
-            let firstWhole = (offset + blockSize - 1) / blockSize
-            let endWhole = (offset + count) / blockSize
-            if firstWhole < endWhole { try unmapLocked(state, blocks: firstWhole..<endWhole) }
+        try rangeLocks.withRange(id, blockRange(offset, count)) { () throws(PoolError) in
+            try lock.withLock { () throws(PoolError) in
+                let state = try volume(id, writing: true)
+                try checkRange(state, offset, count)
+                let firstWhole = (offset + blockSize - 1) / blockSize
+                let endWhole = (offset + count) / blockSize
+                if firstWhole < endWhole { try unmapLocked(state, blocks: firstWhole..<endWhole) }
+            }
         }
     }
 

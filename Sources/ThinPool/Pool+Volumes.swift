@@ -17,6 +17,16 @@ extension Pool {
         }
     }
 
+    /// Runs a volume operation with the volume's whole block range locked (so writes in
+    /// flight to it finish first and none start), then under the pool lock. Operations
+    /// on a name that does not exist fail before locking anything.
+    func withVolumeExclusive<T>(_ name: Substring, _ body: () throws(PoolError) -> T) throws(PoolError) -> T {
+        let id = try lock.withLock { () throws(PoolError) in try state(named: String(name)).record.id }
+        return try rangeLocks.withRange(id, 0..<UInt64.max) { () throws(PoolError) -> T in
+            try withWritableLock(body)
+        }
+    }
+
     func state(named name: String) throws(PoolError) -> VolumeState {
         guard let id = names[name], let state = volumes[id] else { throw .noSuchVolume(name) }
         return state
@@ -83,10 +93,10 @@ extension Pool {
     /// it shares the mapping root and adds one reference to it.
     @discardableResult
     public func snapshot(_ fullName: String) throws(PoolError) -> VolumeInfo {
-        try withWritableLock { () throws(PoolError) in
-            guard let (volumeName, _) = VolumeName.splitSnapshot(fullName) else {
-                throw .invalidName(fullName, reason: "a snapshot is named VOLUME@SNAPSHOT")
-            }
+        guard let (volumeName, _) = VolumeName.splitSnapshot(fullName) else {
+            throw .invalidName(fullName, reason: "a snapshot is named VOLUME@SNAPSHOT")
+        }
+        return try withVolumeExclusive(volumeName) { () throws(PoolError) in
             let origin = try state(named: String(volumeName))
             guard origin.record.kind == .volume else {
                 throw .invalidArgument("\(volumeName) is a snapshot; snapshots are taken of volumes")
@@ -106,7 +116,7 @@ extension Pool {
     /// Creates writable volume `name` from a volume or snapshot. O(1), like a snapshot.
     @discardableResult
     public func clone(_ sourceName: String, as name: String) throws(PoolError) -> VolumeInfo {
-        try withWritableLock { () throws(PoolError) in
+        try withVolumeExclusive(Substring(sourceName)) { () throws(PoolError) in
             let source = try state(named: sourceName)
             guard VolumeName.splitSnapshot(name) == nil else {
                 throw .invalidName(name, reason: "a clone is a volume; its name cannot contain '@'")
@@ -126,10 +136,10 @@ extension Pool {
     /// Makes volume VOL's contents (and size) those of its snapshot `VOL@SNAP`.
     /// O(1) plus freeing the blocks only the old contents used.
     public func rollback(_ snapshotName: String) throws(PoolError) {
-        try withWritableLock { () throws(PoolError) in
-            guard let (volumeName, _) = VolumeName.splitSnapshot(snapshotName) else {
-                throw .invalidName(snapshotName, reason: "rollback takes VOLUME@SNAPSHOT")
-            }
+        guard let (volumeName, _) = VolumeName.splitSnapshot(snapshotName) else {
+            throw .invalidName(snapshotName, reason: "rollback takes VOLUME@SNAPSHOT")
+        }
+        try withVolumeExclusive(volumeName) { () throws(PoolError) in
             let snapshot = try state(named: snapshotName)
             let volume = try state(named: String(volumeName))
             guard snapshot.record.kind == .snapshot, snapshot.record.ownerID == volume.record.id else {
@@ -152,7 +162,7 @@ extension Pool {
     /// return to the pool. Its snapshots stay (named as before); its clones stay.
     /// Cost: O(blocks only it referenced).
     public func delete(_ name: String) throws(PoolError) {
-        try withWritableLock { () throws(PoolError) in
+        try withVolumeExclusive(Substring(name)) { () throws(PoolError) in
             let victim = try state(named: name)
             let id = victim.record.id
             store.mayUseReserve = true
@@ -217,7 +227,7 @@ extension Pool {
     /// Grows or shrinks a volume. Shrinking unmaps every block past the new end and
     /// zeroes the tail of the last partial block, so growing again reads zeros.
     public func resize(_ name: String, to newSize: UInt64) throws(PoolError) {
-        try withWritableLock { () throws(PoolError) in
+        try withVolumeExclusive(Substring(name)) { () throws(PoolError) in
             let volume = try state(named: name)
             guard volume.record.kind == .volume else { throw .readOnly("snapshot \(name)") }
             try checkVolumeSize(newSize)

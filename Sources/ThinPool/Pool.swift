@@ -68,6 +68,14 @@ final class VolumeState {
 /// volatile write cache.
 public final class Pool: @unchecked Sendable {
     let lock = Lock()
+    /// Data I/O done outside `lock` holds an entry; a commit drains it before freed
+    /// blocks can be handed out again.
+    let ioGate = DrainGate()
+    /// Per-volume block range locks: writes, trims and volume operations on the same
+    /// blocks take turns. Taken before `lock`.
+    let rangeLocks = RangeLock()
+    /// Aligned scratch buffers for copy-on-write and partial writes.
+    let buffers = AlignedBufferPool()
     let device: BlockDevice
     public let path: String
     public let isReadOnly: Bool
@@ -314,7 +322,8 @@ public final class Pool: @unchecked Sendable {
         next.committedAt = SystemInfo.wallClockSeconds()
         try mapErrors { try store.commit(&next) }
         superblock = next
-        spaceMap.transactionCommitted()
+        // Reads running outside the lock may still use blocks freed in this transaction.
+        ioGate.whileDrained { spaceMap.transactionCommitted() }
         discardFreedData(freed)
     }
 
@@ -342,7 +351,7 @@ public final class Pool: @unchecked Sendable {
             guard !isClosed else { return }
             defer {
                 isClosed = true
-                device.close()
+                ioGate.whileDrained { device.close() }
             }
             try commitLocked()
         }

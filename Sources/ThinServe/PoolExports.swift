@@ -56,9 +56,12 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         pool.listVolumes().map(describe)
     }
 
+    /// Aligned copies of write payloads (NIO's buffers are not 4 KiB-aligned).
+    let buffers = AlignedBufferPool()
+
     public func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport {
         do {
-            return VolumeExport(pool: pool, id: try pool.volumeID(description.name), description: description)
+            return VolumeExport(pool: pool, id: try pool.volumeID(description.name), description: description, buffers: buffers)
         } catch {
             throw nbdError(error)
         }
@@ -71,11 +74,13 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     let pool: Pool
     let id: UInt64
     let exportDescription: NBDExportDescription
+    let buffers: AlignedBufferPool
 
-    init(pool: Pool, id: UInt64, description: NBDExportDescription) {
+    init(pool: Pool, id: UInt64, description: NBDExportDescription, buffers: AlignedBufferPool) {
         self.pool = pool
         self.id = id
         self.exportDescription = description
+        self.buffers = buffers
     }
 
     @inline(__always)
@@ -94,7 +99,17 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     }
 
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError) {
-        try run { () throws(PoolError) in try pool.write(id, at: offset, from: buffer, forceUnitAccess: fua) }
+        guard Int(bitPattern: buffer.baseAddress) % AlignedBuffer.directIOAlignment != 0 else {
+            try run { () throws(PoolError) in try pool.write(id, at: offset, from: buffer, forceUnitAccess: fua) }
+            return
+        }
+        // One copy into an aligned buffer lets O_DIRECT write it without bouncing.
+        let aligned = buffers.take(buffer.count)
+        defer { buffers.give(aligned) }
+        UnsafeMutableRawBufferPointer(rebasing: aligned.bytes[0..<buffer.count]).copyMemory(from: buffer)
+        try run { () throws(PoolError) in
+            try pool.write(id, at: offset, from: UnsafeRawBufferPointer(rebasing: aligned.bytes[0..<buffer.count]), forceUnitAccess: fua)
+        }
     }
 
     func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError) {

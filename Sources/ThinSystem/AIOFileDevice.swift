@@ -1,39 +1,63 @@
 import CLibAIO
+import Dispatch
 import Glibc
 
-/// libaio with O_DIRECT: a batch becomes one io_submit and is reaped with io_getevents.
+/// libaio with O_DIRECT. Any number of threads may call `perform` at once: each batch is
+/// one io_submit, and a reaper thread collects completions with io_getevents (up to 256
+/// per call) and wakes the batch's caller when its last request is done. So concurrent
+/// requests from many connections reach the disk together instead of one at a time.
 ///
 /// O_DIRECT needs 4096-byte alignment of buffer, offset and length. Aligned requests go
 /// straight to the kernel; unaligned ones are bounced through an aligned buffer (a
 /// read-modify-write for writes), so callers on the hot path pass aligned buffers.
 public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
-    static let maxBatch = 256
+    static let queueDepth: Int32 = 1024
     static let alignment = UInt64(AlignedBuffer.directIOAlignment)
 
     let fd: Int32
-    private var context: io_context_t?
-    private let lock = Lock()
+    private let context: io_context_t
+    private let stateLock = Lock()
+    private let bounceLock = Lock()
     private var closed = false
-    private let iocbs: UnsafeMutablePointer<iocb>
-    private let iocbPointers: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>
-    private let events: UnsafeMutablePointer<io_event>
+    private var inFlightBatches = 0
+    private var reaper: pthread_t?
+    private let reaperStopped = DispatchSemaphore(value: 0)
+
+    /// One `perform` call's requests: the caller waits on `done`.
+    final class Batch: @unchecked Sendable {
+        let done = DispatchSemaphore(value: 0)
+        let lock = Lock()
+        var remaining: Int
+        var error: SystemError?
+
+        init(count: Int) { remaining = count }
+
+        /// Called by the reaper for each completed request.
+        func complete(result: Int, expected: Int) {
+            let finished = lock.withLock { () -> Bool in
+                if result < 0 {
+                    error = error ?? SystemError(SystemError.Code(rawValue: Int32(-result)), "aio")
+                } else if result != expected {
+                    error = error ?? SystemError(.io, "short aio transfer (\(result) of \(expected) bytes)")
+                }
+                remaining -= 1
+                return remaining == 0
+            }
+            if finished { done.signal() }
+        }
+    }
 
     init(fd: Int32) throws {
         self.fd = fd
         var ctx: io_context_t?
-        let r = io_setup(Int32(Self.maxBatch), &ctx)
+        let r = io_setup(Self.queueDepth, &ctx)
         if r < 0 { throw SystemError(SystemError.Code(rawValue: -r), "io_setup") }
-        context = ctx
-        iocbs = .allocate(capacity: Self.maxBatch)
-        iocbPointers = .allocate(capacity: Self.maxBatch)
-        events = .allocate(capacity: Self.maxBatch)
+        context = ctx!
+        try startReaper()
     }
 
     deinit {
         close()
-        iocbs.deallocate()
-        iocbPointers.deallocate()
-        events.deallocate()
     }
 
     public var engineName: String { "libaio+O_DIRECT" }
@@ -56,62 +80,93 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
                 try bounce(request)
             }
         }
-        var start = 0
-        while start < aligned.count {
-            let end = min(start + Self.maxBatch, aligned.count)
-            try lock.withLock { () throws(SystemError) in try submitAndWait(aligned[start..<end]) }
-            start = end
-        }
+        guard !aligned.isEmpty else { return }
+        try submitAndWait(aligned)
     }
 
-    private func submitAndWait(_ batch: ArraySlice<IORequest>) throws(SystemError) {
-        guard let context, !closed else { throw SystemError(.badFile, "pool file closed") }
-        for (slot, request) in batch.enumerated() {
+    private func submitAndWait(_ requests: [IORequest]) throws {
+        let batch = Batch(count: requests.count)
+        let count = requests.count
+        let iocbs = UnsafeMutablePointer<iocb>.allocate(capacity: count)
+        let pointers = UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>.allocate(capacity: count)
+        defer {
+            iocbs.deallocate()
+            pointers.deallocate()
+        }
+        let token = Unmanaged.passUnretained(batch).toOpaque()
+        for (slot, request) in requests.enumerated() {
             let cb = iocbs + slot
             switch request.kind {
-            case .read:
-                io_prep_pread(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
-            case .write:
-                io_prep_pwrite(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
+            case .read: io_prep_pread(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
+            case .write: io_prep_pwrite(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
             }
-            cb.pointee.data = UnsafeMutableRawPointer(bitPattern: slot + 1)
-            iocbPointers[slot] = cb
+            cb.pointee.data = token
+            pointers[slot] = cb
         }
+        try stateLock.withLock { () throws(SystemError) in
+            guard !closed else { throw SystemError(.badFile, "pool file closed") }
+            inFlightBatches += 1
+        }
+        defer { stateLock.withLock { inFlightBatches -= 1 } }
         var submitted = 0
-        while submitted < batch.count {
-            let r = io_submit(context, batch.count - submitted, iocbPointers + submitted)
+        while submitted < count {
+            let r = io_submit(context, count - submitted, pointers + submitted)
             if r == -EINTR || r == -EAGAIN { continue }
             if r < 0 {
-                // Reap what was already submitted before reporting, so no iocb stays in flight.
-                if submitted > 0 { try reap(count: submitted, batch: batch) }
-                throw SystemError(SystemError.Code(rawValue: -r), "io_submit")
+                // Requests never submitted complete here, with the error; the rest in the reaper.
+                let error = SystemError(SystemError.Code(rawValue: -r), "io_submit")
+                for _ in submitted..<count { batch.complete(result: -Int(error.code.rawValue), expected: 0) }
+                break
             }
             submitted += Int(r)
         }
-        try reap(count: submitted, batch: batch)
+        batch.done.wait()
+        if let error = batch.lock.withLock({ batch.error }) { throw error }
     }
 
-    private func reap(count: Int, batch: ArraySlice<IORequest>) throws(SystemError) {
-        var reaped = 0
-        var firstError: SystemError?
-        while reaped < count {
-            let r = io_getevents(context, count - reaped, count - reaped, events, nil)
-            if r == -EINTR { continue }
-            if r < 0 { throw SystemError(SystemError.Code(rawValue: -r), "io_getevents") }
-            for i in 0..<Int(r) {
-                let event = events[i]
-                let slot = Int(bitPattern: event.data) - 1
-                let expected = batch[batch.startIndex + slot].buffer.count
-                let result = Int(bitPattern: event.res)
-                if result < 0 {
-                    firstError = firstError ?? SystemError(SystemError.Code(rawValue: Int32(-result)), "aio")
-                } else if result != expected {
-                    firstError = firstError ?? SystemError(.io, "short aio transfer (\(result) of \(expected) bytes)")
-                }
-            }
-            reaped += Int(r)
+    private func startReaper() throws {
+        let box = Unmanaged.passRetained(self)
+        var thread = pthread_t()
+        let r = pthread_create(&thread, nil, { argument in
+            let device = Unmanaged<AIOFileDevice>.fromOpaque(argument!).takeRetainedValue()
+            device.reap()
+            return nil
+        }, box.toOpaque())
+        guard r == 0 else {
+            box.release()
+            throw SystemError(SystemError.Code(rawValue: r), "pthread_create")
         }
-        if let firstError { throw firstError }
+        reaper = thread
+        pthread_detach(thread)
+    }
+
+    /// The reaper loop: collects completions until the device closes and nothing is in flight.
+    private func reap() {
+        let capacity = 256
+        let events = UnsafeMutablePointer<io_event>.allocate(capacity: capacity)
+        defer {
+            events.deallocate()
+            reaperStopped.signal()
+        }
+        var timeout = timespec(tv_sec: 0, tv_nsec: 50_000_000)
+        while true {
+            let n = io_getevents(context, 1, capacity, events, &timeout)
+            if n > 0 {
+                for i in 0..<Int(n) {
+                    let event = events[i]
+                    let batch = Unmanaged<Batch>.fromOpaque(event.data!).takeUnretainedValue()
+                    let expected = Int(event.obj.pointee.u.c.nbytes)
+                    batch.complete(result: Int(bitPattern: event.res), expected: expected)
+                }
+                continue
+            }
+            if n < 0 && n != -EINTR {
+                // The context is gone: nothing more can complete.
+                return
+            }
+            let done = stateLock.withLock { closed && inFlightBatches == 0 }
+            if done { return }
+        }
     }
 
     /// Serves an unaligned request through an aligned bounce buffer.
@@ -121,16 +176,16 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         let end = (request.offset + UInt64(request.buffer.count) + a - 1) & ~(a - 1)
         let scratch = AlignedBuffer(count: Int(end - start))
         let inner = Int(request.offset - start)
-        try lock.withLock { () throws(SystemError) in
-            switch request.kind {
-            case .read:
-                let n = try Syscall.preadFully(fd, scratch.bytes, start)
-                if n < inner + request.buffer.count {
-                    throw SystemError(.io, "read past end of pool file at offset \(request.offset)")
-                }
-                request.buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch.bytes[inner..<inner + request.buffer.count]))
-            case .write:
-                // Only the first and last pages can hold bytes outside the request.
+        switch request.kind {
+        case .read:
+            let n = try Syscall.preadFully(fd, scratch.bytes, start)
+            if n < inner + request.buffer.count {
+                throw SystemError(.io, "read past end of pool file at offset \(request.offset)")
+            }
+            request.buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch.bytes[inner..<inner + request.buffer.count]))
+        case .write:
+            // Two unaligned writes into one page must not interleave their read-modify-writes.
+            try bounceLock.withLock { () throws(SystemError) in
                 _ = try Syscall.preadFully(fd, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[0..<Int(a)]), start)
                 if end - start > a {
                     let last = Int(end - start - a)
@@ -154,13 +209,14 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     public var allocatedBytes: UInt64? { try? Syscall.allocatedBytes(fd) }
 
     public func close() {
-        lock.withLock {
-            if !closed {
-                closed = true
-                if let context { io_destroy(context) }
-                context = nil
-                Syscall.close(fd)
-            }
+        let wasOpen = stateLock.withLock { () -> Bool in
+            defer { closed = true }
+            return !closed
         }
+        guard wasOpen else { return }
+        // The reaper stops once nothing is in flight; then the context can go.
+        reaperStopped.wait()
+        io_destroy(context)
+        Syscall.close(fd)
     }
 }

@@ -1,0 +1,237 @@
+#!/usr/bin/python3
+"""The data-path benchmark: the same fio jobs against thinbd and its peers, in one run.
+
+Servers under test (all on Unix sockets in a private directory, each stopped by its pid
+or by captive mode):
+  thinbd --cache none       on a clone of a snapshotted, prefilled volume (writes copy-on-write)
+  thinbd --cache none       on a fresh volume (first-write allocation; reads hit holes)
+  thinbd --cache writeback  the same two
+  qemu-nbd --cache=none --aio=native on qcow2 with an internal snapshot (reverted before each job)
+  nbdkit file plugin on a raw file (page cache)
+  fio libaio with O_DIRECT on the raw file (the physical limit)
+
+Prints a table of IOPS and MiB/s per job and the ratios thinbd/peer and thinbd/limit, then
+the server's peak memory with 16 exports in use. Usage: bench-nbd.py THINBD [--runtime S]
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+THINBD = os.path.abspath(sys.argv[1])
+RUNTIME = int(sys.argv[sys.argv.index("--runtime") + 1]) if "--runtime" in sys.argv else 10
+SIZE = 1 << 30
+WORK = tempfile.mkdtemp(prefix="thinbd-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
+
+JOBS = [
+    ("4k randread QD32", dict(rw="randread", bs="4k", iodepth=32, numjobs=1)),
+    ("4k randwrite QD32", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1)),
+    ("1M seqread QD8", dict(rw="read", bs="1M", iodepth=8, numjobs=1)),
+    ("1M seqwrite QD8", dict(rw="write", bs="1M", iodepth=8, numjobs=1)),
+    ("4k randrw 4 conns", dict(rw="randrw", bs="4k", iodepth=8, numjobs=4)),
+]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def fio(job, target):
+    """Runs one fio job; target is ('nbd', uri) or ('file', path). Returns (iops, MiB/s)."""
+    name, params = job
+    args = ["fio", "--name=bench", "--output-format=json", f"--runtime={RUNTIME}", "--time_based",
+            "--ramp_time=2", f"--size={SIZE}", "--group_reporting", "--randrepeat=0", "--norandommap"]
+    for key, value in params.items():
+        args.append(f"--{key}={value}")
+    if params["numjobs"] > 1:
+        args.append(f"--offset_increment={SIZE // params['numjobs']}")
+        args[args.index(f"--size={SIZE}")] = f"--size={SIZE // params['numjobs']}"
+    if target[0] == "nbd":
+        args += ["--ioengine=nbd", f"--uri={target[1]}"]
+    else:
+        args += ["--ioengine=libaio", "--direct=1", f"--filename={target[1]}"]
+    out = run(args).stdout
+    data = json.loads(out[out.index("{"):])
+    job = data["jobs"][0]
+    iops = job["read"]["iops"] + job["write"]["iops"]
+    mibs = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / (1 << 20)
+    return iops, mibs
+
+
+def wait_for_socket(path, proc):
+    deadline = time.time() + 30
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"server did not start: {proc.args}")
+        time.sleep(0.05)
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def prefill_raw():
+    raw = os.path.join(WORK, "raw.img")
+    run(["fio", "--name=fill", "--rw=write", "--bs=1M", f"--size={SIZE}", "--ioengine=libaio", "--direct=1",
+         "--iodepth=8", f"--filename={raw}", "--refill_buffers", "--output-format=terse"])
+    return raw
+
+
+def thinbd_server(pool, cache, export):
+    sock = os.path.join(WORK, f"thinbd-{export}.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    proc = subprocess.Popen([THINBD, "serve", pool, "--socket", sock, "--cache", cache],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_socket(sock, proc)
+    return proc, f"nbd+unix:///{export}?socket={sock}"
+
+
+def bench_thinbd(raw, cache, fresh):
+    pool = os.path.join(WORK, f"thinbd-{cache}.pool")
+    if os.path.exists(pool):
+        os.unlink(pool)
+    run([THINBD, "create", pool, "--size", "16G"])
+    run([THINBD, "volume", "create", pool, "base", "--size", str(SIZE)])
+    proc, uri = thinbd_server(pool, cache, "base")
+    run(["nbdcopy", "--connections=4", raw, uri])
+    stop(proc)
+    run([THINBD, "snapshot", pool, "base@prefill"])
+    results = []
+    for i, job in enumerate(JOBS):
+        name = f"job{i}"
+        if fresh:
+            run([THINBD, "volume", "create", pool, name, "--size", str(SIZE)])
+        else:
+            run([THINBD, "clone", pool, "base@prefill", name])
+        proc, uri = thinbd_server(pool, cache, name)
+        try:
+            results.append(fio(job, ("nbd", uri)))
+        finally:
+            stop(proc)
+        run([THINBD, "volume", "delete", pool, name])
+    os.unlink(pool)
+    return results
+
+
+def bench_qemu_nbd(raw):
+    image = os.path.join(WORK, "image.qcow2")
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image])
+    run(["qemu-img", "snapshot", "-c", "prefill", image])
+    results = []
+    for job in JOBS:
+        run(["qemu-img", "snapshot", "-a", "prefill", image])
+        sock = os.path.join(WORK, "qemu.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        proc = subprocess.Popen(["qemu-nbd", "--cache=none", "--aio=native", "-f", "qcow2", "-t", "-e", "8",
+                                 "--socket", sock, image], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_socket(sock, proc)
+        try:
+            results.append(fio(job, ("nbd", f"nbd+unix:///?socket={sock}")))
+        finally:
+            stop(proc)
+    return results
+
+
+def bench_nbdkit(raw):
+    results = []
+    for job in JOBS:
+        sock = os.path.join(WORK, "nbdkit.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", raw], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        wait_for_socket(sock, proc)
+        try:
+            results.append(fio(job, ("nbd", f"nbd+unix:///?socket={sock}")))
+        finally:
+            stop(proc)
+    return results
+
+
+def bench_raw(raw):
+    return [fio(job, ("file", raw)) for job in JOBS]
+
+
+def peak_memory_16_exports():
+    pool = os.path.join(WORK, "memory.pool")
+    run([THINBD, "create", pool, "--size", "32G"])
+    for i in range(16):
+        run([THINBD, "volume", "create", pool, f"v{i}", "--size", "1G"])
+    sock = os.path.join(WORK, "memory.sock")
+    proc = subprocess.Popen([THINBD, "serve", pool, "--socket", sock], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    wait_for_socket(sock, proc)
+    try:
+        workers = [threading.Thread(target=fio, args=(("mixed", dict(rw="randrw", bs="64k", iodepth=8, numjobs=1)),
+                                                      ("nbd", f"nbd+unix:///v{i}?socket={sock}")))
+                   for i in range(16)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        with open(f"/proc/{proc.pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status)
+        return int(fields["VmHWM"].split()[0]) * 1024
+    finally:
+        stop(proc)
+        os.unlink(pool)
+
+
+def main():
+    started = time.time()
+    print(f"working set {SIZE >> 20} MiB, {RUNTIME} s per job, directory {WORK}", flush=True)
+    raw = prefill_raw()
+    columns = [
+        ("thinbd none, CoW", lambda: bench_thinbd(raw, "none", fresh=False)),
+        ("thinbd none, fresh", lambda: bench_thinbd(raw, "none", fresh=True)),
+        ("thinbd wb, CoW", lambda: bench_thinbd(raw, "writeback", fresh=False)),
+        ("thinbd wb, fresh", lambda: bench_thinbd(raw, "writeback", fresh=True)),
+        ("qemu-nbd qcow2", lambda: bench_qemu_nbd(raw)),
+        ("nbdkit file", lambda: bench_nbdkit(raw)),
+        ("raw libaio", lambda: bench_raw(raw)),
+    ]
+    results = {}
+    for title, body in columns:
+        print(f"running {title} ...", flush=True)
+        results[title] = body()
+    memory = peak_memory_16_exports()
+
+    print()
+    print("| job | " + " | ".join(title for title, _ in columns) + " | none/qemu-nbd | wb/nbdkit | none/raw |")
+    print("| --- " * (len(columns) + 4) + "|")
+    for i, (name, params) in enumerate(JOBS):
+        large = params["bs"] == "1M"
+        cells = []
+        for title, _ in columns:
+            iops, mibs = results[title][i]
+            cells.append(f"{mibs:,.0f} MiB/s" if large else f"{iops:,.0f} IOPS")
+        def ratio(a, b):
+            x = results[a][i][1 if large else 0]
+            y = results[b][i][1 if large else 0]
+            return f"{x / y:.2f}x" if y else "-"
+        print(f"| {name} | " + " | ".join(cells) +
+              f" | {ratio('thinbd none, CoW', 'qemu-nbd qcow2')} | {ratio('thinbd wb, CoW', 'nbdkit file')} | {ratio('thinbd none, CoW', 'raw libaio')} |")
+    print()
+    print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")
+    print(f"total time {time.time() - started:.0f} s")
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
