@@ -28,8 +28,13 @@ import ThinSystem
     /// Concurrent partial writes to the same blocks, while snapshots are taken: every
     /// sector ends with its owner's last write, and every snapshot holds, per sector, a
     /// version the owner really wrote.
-    @Test func concurrentWritersAndSnapshotsStayConsistent() throws {
-        let (pool, _) = try makeMemoryPool(dataSize: 32 << 20, blockSize: 16384)
+    @Test(arguments: [false, true])
+    func concurrentWritersAndSnapshotsStayConsistent(onRealFile: Bool) throws {
+        let path = NSTemporaryDirectory() + "thinbd-concurrent-\(UUID().uuidString).pool"
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let pool = onRealFile
+            ? try Pool.create(path: path, geometry: PoolGeometry(dataSize: 32 << 20, blockSize: 16384))
+            : try makeMemoryPool(dataSize: 32 << 20, blockSize: 16384).0
         let size = 256 << 10
         try pool.createVolume("v", size: UInt64(size))
         let id = try pool.volumeID("v")
@@ -37,7 +42,22 @@ import ThinSystem
         let writers = 4
         let rounds = 200
         // Sector s belongs to writer s % 4; writer w writes byte value (round % 250 + 1) with its id in the top bits.
-        DispatchQueue.concurrentPerform(iterations: writers + 1) { worker in
+        DispatchQueue.concurrentPerform(iterations: writers + 2) { worker in
+            if worker == writers + 1 {
+                // A reader: every sector it sees holds one writer's value, whole.
+                var copy = [UInt8](repeating: 0, count: size)
+                for _ in 0..<100 {
+                    try! copy.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
+                    for s in 0..<(size / sector) {
+                        let first = copy[s * sector]
+                        if first != 0 && Int(first >> 6) != s % writers {
+                            Issue.record("reader saw another writer's data in sector \(s)")
+                            return
+                        }
+                    }
+                }
+                return
+            }
             if worker == writers {
                 for i in 0..<20 {
                     try! pool.snapshot("v@s\(i)")
@@ -77,6 +97,7 @@ import ThinSystem
             }
         }
         #expect(pool.checkProblems() == nil)
+        try pool.close()
     }
 
     /// An I/O error fails the one request, changes nothing, and the pool keeps working.
