@@ -11,7 +11,8 @@ or by captive mode):
   fio libaio with O_DIRECT on the raw file (the physical limit)
 
 Prints a table of IOPS and MiB/s per job and the ratios thinbd/peer and thinbd/limit, then
-the server's peak memory with 16 exports in use. Usage: bench-nbd.py THINBD [--runtime S]
+the server's peak memory with 16 exports in use.
+Usage: bench-nbd.py THINBD [--runtime S] [--only COLUMN,...] [--jobs N,...] [--no-memory]
 """
 import json
 import os
@@ -25,16 +26,18 @@ import time
 
 THINBD = os.path.abspath(sys.argv[1])
 RUNTIME = int(sys.argv[sys.argv.index("--runtime") + 1]) if "--runtime" in sys.argv else 10
+ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
 SIZE = 1 << 30
 WORK = tempfile.mkdtemp(prefix="thinbd-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
 
-JOBS = [
+ALL_JOBS = [
     ("4k randread QD32", dict(rw="randread", bs="4k", iodepth=32, numjobs=1)),
     ("4k randwrite QD32", dict(rw="randwrite", bs="4k", iodepth=32, numjobs=1)),
     ("1M seqread QD8", dict(rw="read", bs="1M", iodepth=8, numjobs=1)),
     ("1M seqwrite QD8", dict(rw="write", bs="1M", iodepth=8, numjobs=1)),
     ("4k randrw 4 conns", dict(rw="randrw", bs="4k", iodepth=8, numjobs=4)),
 ]
+JOBS = [ALL_JOBS[int(i)] for i in sys.argv[sys.argv.index("--jobs") + 1].split(",")] if "--jobs" in sys.argv else ALL_JOBS
 
 
 def run(cmd, **kw):
@@ -203,11 +206,13 @@ def main():
         ("nbdkit file", lambda: bench_nbdkit(raw)),
         ("raw libaio", lambda: bench_raw(raw)),
     ]
+    if ONLY:
+        columns = [c for c in columns if any(c[0].startswith(o) for o in ONLY)]
     results = {}
     for title, body in columns:
         print(f"running {title} ...", flush=True)
         results[title] = body()
-    memory = peak_memory_16_exports()
+    memory = None if "--no-memory" in sys.argv else peak_memory_16_exports()
 
     print()
     print("| job | " + " | ".join(title for title, _ in columns) + " | none/qemu-nbd | wb/nbdkit | none/raw |")
@@ -219,13 +224,16 @@ def main():
             iops, mibs = results[title][i]
             cells.append(f"{mibs:,.0f} MiB/s" if large else f"{iops:,.0f} IOPS")
         def ratio(a, b):
+            if a not in results or b not in results:
+                return "-"
             x = results[a][i][1 if large else 0]
             y = results[b][i][1 if large else 0]
             return f"{x / y:.2f}x" if y else "-"
         print(f"| {name} | " + " | ".join(cells) +
               f" | {ratio('thinbd none, CoW', 'qemu-nbd qcow2')} | {ratio('thinbd wb, CoW', 'nbdkit file')} | {ratio('thinbd none, CoW', 'raw libaio')} |")
     print()
-    print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")
+    if memory is not None:
+        print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")
     print(f"total time {time.time() - started:.0f} s")
     shutil.rmtree(WORK, ignore_errors=True)
 

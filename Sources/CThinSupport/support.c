@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/eventfd.h>
 #include "thinbd_support.h"
 
 int thinbd_o_direct(void) { return O_DIRECT; }
@@ -8,3 +9,5 @@ int thinbd_o_direct(void) { return O_DIRECT; }
 int thinbd_punch_hole(int fd, long long offset, long long length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
+
+int thinbd_eventfd(void) { return eventfd(0, EFD_CLOEXEC); }

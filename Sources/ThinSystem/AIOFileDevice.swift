@@ -1,27 +1,44 @@
 import CLibAIO
+import CThinSupport
 import Dispatch
 import Glibc
 
-/// libaio with O_DIRECT. Any number of threads may call `perform` at once: each batch is
-/// one io_submit, and a reaper thread collects completions with io_getevents (up to 256
-/// per call) and wakes the batch's caller when its last request is done. So concurrent
-/// requests from many connections reach the disk together instead of one at a time.
+/// libaio with O_DIRECT, for many threads at once.
+///
+/// Submission: a caller queues its iocbs; whichever caller finds no submission running
+/// becomes the submitter and hands everything queued to the kernel, up to 256 iocbs per
+/// io_submit, until the queue is empty. Under load, requests from many connections leave
+/// in few io_submit calls.
+///
+/// Completion: every iocb signals an eventfd. A reaper thread waits on it, collects
+/// completions with io_getevents (up to 256 per call) and wakes each batch's caller when
+/// its last request is done.
 ///
 /// O_DIRECT needs 4096-byte alignment of buffer, offset and length. Aligned requests go
 /// straight to the kernel; unaligned ones are bounced through an aligned buffer (a
 /// read-modify-write for writes), so callers on the hot path pass aligned buffers.
 public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     static let queueDepth: Int32 = 1024
+    static let submitChunk = 256
     static let alignment = UInt64(AlignedBuffer.directIOAlignment)
 
     let fd: Int32
     private let context: io_context_t
+    private let eventFD: Int32
     private let stateLock = Lock()
     private let bounceLock = Lock()
     private var closed = false
     private var inFlightBatches = 0
-    private var reaper: pthread_t?
     private let reaperStopped = DispatchSemaphore(value: 0)
+
+    private let queueLock = Lock()
+    private var queue: [UnsafeMutablePointer<iocb>] = []
+    private var submitting = false
+    private var submitList: [UnsafeMutablePointer<iocb>?] = []
+
+    /// Statistics: io_submit calls and iocbs submitted (batching shows as iocbs/calls > 1).
+    public private(set) var submitCalls = 0
+    public private(set) var submittedRequests = 0
 
     /// One `perform` call's requests: the caller waits on `done`.
     final class Batch: @unchecked Sendable {
@@ -32,7 +49,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
 
         init(count: Int) { remaining = count }
 
-        /// Called by the reaper for each completed request.
+        /// Called once for each request of the batch, by the reaper or a failed submission.
         func complete(result: Int, expected: Int) {
             let finished = lock.withLock { () -> Bool in
                 if result < 0 {
@@ -49,10 +66,17 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
 
     init(fd: Int32) throws {
         self.fd = fd
+        let efd = thinbd_eventfd()
+        guard efd >= 0 else { throw SystemError.current("eventfd") }
+        eventFD = efd
         var ctx: io_context_t?
         let r = io_setup(Self.queueDepth, &ctx)
-        if r < 0 { throw SystemError(SystemError.Code(rawValue: -r), "io_setup") }
+        if r < 0 {
+            Syscall.close(efd)
+            throw SystemError(SystemError.Code(rawValue: -r), "io_setup")
+        }
         context = ctx!
+        submitList.reserveCapacity(Self.submitChunk)
         try startReaper()
     }
 
@@ -88,11 +112,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         let batch = Batch(count: requests.count)
         let count = requests.count
         let iocbs = UnsafeMutablePointer<iocb>.allocate(capacity: count)
-        let pointers = UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>.allocate(capacity: count)
-        defer {
-            iocbs.deallocate()
-            pointers.deallocate()
-        }
+        defer { iocbs.deallocate() }
         let token = Unmanaged.passUnretained(batch).toOpaque()
         for (slot, request) in requests.enumerated() {
             let cb = iocbs + slot
@@ -100,28 +120,67 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
             case .read: io_prep_pread(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
             case .write: io_prep_pwrite(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
             }
+            io_set_eventfd(cb, eventFD)
             cb.pointee.data = token
-            pointers[slot] = cb
         }
         try stateLock.withLock { () throws(SystemError) in
             guard !closed else { throw SystemError(.badFile, "pool file closed") }
             inFlightBatches += 1
         }
-        defer { stateLock.withLock { inFlightBatches -= 1 } }
+        defer {
+            let wakeReaper = stateLock.withLock { () -> Bool in
+                inFlightBatches -= 1
+                return closed && inFlightBatches == 0
+            }
+            if wakeReaper {
+                var one: UInt64 = 1
+                _ = Glibc.write(eventFD, &one, 8)
+            }
+        }
+        enqueue(iocbs, count)
+        batch.done.wait()
+        if let error = batch.lock.withLock({ batch.error }) { throw error }
+    }
+
+    /// Queues iocbs and, unless another thread is already submitting, submits the queue.
+    private func enqueue(_ iocbs: UnsafeMutablePointer<iocb>, _ count: Int) {
+        queueLock.lock()
+        for i in 0..<count { queue.append(iocbs + i) }
+        if submitting {
+            queueLock.unlock()
+            return
+        }
+        submitting = true
+        while !queue.isEmpty {
+            let n = min(queue.count, Self.submitChunk)
+            submitList.removeAll(keepingCapacity: true)
+            for i in 0..<n { submitList.append(queue[i]) }
+            queue.removeFirst(n)
+            submitCalls += 1
+            submittedRequests += n
+            queueLock.unlock()
+            submitList.withUnsafeMutableBufferPointer { list in submitAll(list.baseAddress!, n) }
+            queueLock.lock()
+        }
+        submitting = false
+        queueLock.unlock()
+    }
+
+    private func submitAll(_ list: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>, _ count: Int) {
         var submitted = 0
         while submitted < count {
-            let r = io_submit(context, count - submitted, pointers + submitted)
+            let r = io_submit(context, count - submitted, list + submitted)
             if r == -EINTR || r == -EAGAIN { continue }
             if r < 0 {
-                // Requests never submitted complete here, with the error; the rest in the reaper.
-                let error = SystemError(SystemError.Code(rawValue: -r), "io_submit")
-                for _ in submitted..<count { batch.complete(result: -Int(error.code.rawValue), expected: 0) }
-                break
+                // These never reached the kernel: fail them here; the rest complete in the reaper.
+                for i in submitted..<count {
+                    let cb = list[i]!
+                    Unmanaged<Batch>.fromOpaque(cb.pointee.data!).takeUnretainedValue().complete(result: Int(r), expected: 0)
+                }
+                return
             }
             submitted += Int(r)
         }
-        batch.done.wait()
-        if let error = batch.lock.withLock({ batch.error }) { throw error }
     }
 
     private func startReaper() throws {
@@ -136,11 +195,11 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
             box.release()
             throw SystemError(SystemError.Code(rawValue: r), "pthread_create")
         }
-        reaper = thread
         pthread_detach(thread)
     }
 
-    /// The reaper loop: collects completions until the device closes and nothing is in flight.
+    /// The reaper loop: sleeps on the eventfd, drains completions, and stops once the
+    /// device is closed and nothing is in flight.
     private func reap() {
         let capacity = 256
         let events = UnsafeMutablePointer<io_event>.allocate(capacity: capacity)
@@ -148,21 +207,23 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
             events.deallocate()
             reaperStopped.signal()
         }
-        var timeout = timespec(tv_sec: 0, tv_nsec: 50_000_000)
+        var counter: UInt64 = 0
+        var noWait = timespec(tv_sec: 0, tv_nsec: 0)
         while true {
-            let n = io_getevents(context, 1, capacity, events, &timeout)
-            if n > 0 {
-                for i in 0..<Int(n) {
+            let n = Glibc.read(eventFD, &counter, 8)
+            if n < 0 && errno == EINTR { continue }
+            // The counter says how many completed; collect them all.
+            var remaining = Int(counter)
+            while remaining > 0 {
+                let got = io_getevents(context, 1, min(capacity, remaining), events, &noWait)
+                if got == -EINTR { continue }
+                if got <= 0 { break }
+                for i in 0..<Int(got) {
                     let event = events[i]
                     let batch = Unmanaged<Batch>.fromOpaque(event.data!).takeUnretainedValue()
-                    let expected = Int(event.obj.pointee.u.c.nbytes)
-                    batch.complete(result: Int(bitPattern: event.res), expected: expected)
+                    batch.complete(result: Int(bitPattern: event.res), expected: Int(event.obj.pointee.u.c.nbytes))
                 }
-                continue
-            }
-            if n < 0 && n != -EINTR {
-                // The context is gone: nothing more can complete.
-                return
+                remaining -= Int(got)
             }
             let done = stateLock.withLock { closed && inFlightBatches == 0 }
             if done { return }
@@ -186,10 +247,12 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         case .write:
             // Two unaligned writes into one page must not interleave their read-modify-writes.
             try bounceLock.withLock { () throws(SystemError) in
-                _ = try Syscall.preadFully(fd, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[0..<Int(a)]), start)
-                if end - start > a {
-                    let last = Int(end - start - a)
-                    _ = try Syscall.preadFully(fd, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[last..<last + Int(a)]), end - a)
+                if inner != 0 || (end - start) != UInt64(request.buffer.count) {
+                    _ = try Syscall.preadFully(fd, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[0..<Int(a)]), start)
+                    if end - start > a {
+                        let last = Int(end - start - a)
+                        _ = try Syscall.preadFully(fd, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[last..<last + Int(a)]), end - a)
+                    }
                 }
                 UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[inner..<inner + request.buffer.count])
                     .copyMemory(from: UnsafeRawBufferPointer(request.buffer))
@@ -214,9 +277,12 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
             return !closed
         }
         guard wasOpen else { return }
-        // The reaper stops once nothing is in flight; then the context can go.
+        // Wake the reaper; it stops once nothing is in flight.
+        var one: UInt64 = 1
+        _ = Glibc.write(eventFD, &one, 8)
         reaperStopped.wait()
         io_destroy(context)
+        Syscall.close(eventFD)
         Syscall.close(fd)
     }
 }

@@ -9,4 +9,6 @@ int thinbd_o_direct(void);
 
 /// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); returns 0 or -1 with errno set.
 int thinbd_punch_hole(int fd, long long offset, long long length);
+/// eventfd(0, EFD_CLOEXEC); returns the descriptor or -1 with errno set.
+int thinbd_eventfd(void);
 #endif
