@@ -128,40 +128,35 @@ def bench_thinbd(raw, cache, fresh):
     return results
 
 
+def served_fio(job, command, sock):
+    """Starts a peer server on `sock`, runs one fio job against it, stops it by its pid."""
+    if os.path.exists(sock):
+        os.unlink(sock)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_socket(sock, proc)
+    try:
+        return fio(job, ("nbd", f"nbd+unix:///?socket={sock}"))
+    finally:
+        stop(proc)
+
+
 def bench_qemu_nbd(raw):
     image = os.path.join(WORK, "image.qcow2")
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image])
     run(["qemu-img", "snapshot", "-c", "prefill", image])
+    sock = os.path.join(WORK, "qemu.sock")
     results = []
     for job in JOBS:
+        # Re-applying the snapshot makes every cluster shared again: writes copy-on-write.
         run(["qemu-img", "snapshot", "-a", "prefill", image])
-        sock = os.path.join(WORK, "qemu.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)
-        proc = subprocess.Popen(["qemu-nbd", "--cache=none", "--aio=native", "-f", "qcow2", "-t", "-e", "8",
-                                 "--socket", sock, image], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_socket(sock, proc)
-        try:
-            results.append(fio(job, ("nbd", f"nbd+unix:///?socket={sock}")))
-        finally:
-            stop(proc)
+        results.append(served_fio(job, ["qemu-nbd", "--cache=none", "--aio=native", "-f", "qcow2", "-t", "-e", "8",
+                                        "--socket", sock, image], sock))
     return results
 
 
 def bench_nbdkit(raw):
-    results = []
-    for job in JOBS:
-        sock = os.path.join(WORK, "nbdkit.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)
-        proc = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", raw], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        wait_for_socket(sock, proc)
-        try:
-            results.append(fio(job, ("nbd", f"nbd+unix:///?socket={sock}")))
-        finally:
-            stop(proc)
-    return results
+    sock = os.path.join(WORK, "nbdkit.sock")
+    return [served_fio(job, ["nbdkit", "-f", "-U", sock, "file", raw], sock) for job in JOBS]
 
 
 def bench_raw(raw):

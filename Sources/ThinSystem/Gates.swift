@@ -1,54 +1,67 @@
 import Glibc
 
+/// A mutex with one condition variable: the building block of the gates below.
+final class ConditionLock {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        condition.deallocate()
+    }
+
+    func lock() { pthread_mutex_lock(mutex) }
+    func unlock() { pthread_mutex_unlock(mutex) }
+    /// Waits for a broadcast; the mutex must be held.
+    func wait() { pthread_cond_wait(condition, mutex) }
+    func broadcast() { pthread_cond_broadcast(condition) }
+}
+
 /// Lets many holders in at once, and lets one caller wait until nobody holds it while
 /// keeping newcomers out (writer preference, so a waiting drain is never starved).
 ///
 /// The pool uses it to keep data I/O that runs outside the pool lock from touching
 /// blocks a commit is about to hand out again.
 public final class DrainGate: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let state = ConditionLock()
     private var holders = 0
     private var draining = 0
 
-    public init() {
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(changed, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(changed)
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-        changed.deallocate()
-    }
+    public init() {}
 
     /// Becomes a holder (waits while a drain is pending). Cost: one uncontended mutex.
     public func enter() {
-        pthread_mutex_lock(mutex)
-        while draining > 0 { pthread_cond_wait(changed, mutex) }
+        state.lock()
+        while draining > 0 { state.wait() }
         holders += 1
-        pthread_mutex_unlock(mutex)
+        state.unlock()
     }
 
     public func leave() {
-        pthread_mutex_lock(mutex)
+        state.lock()
         holders -= 1
-        if holders == 0 { pthread_cond_broadcast(changed) }
-        pthread_mutex_unlock(mutex)
+        if holders == 0 { state.broadcast() }
+        state.unlock()
     }
 
     /// Waits until no holder is inside, then runs `body` with newcomers kept out.
     public func whileDrained<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        pthread_mutex_lock(mutex)
+        state.lock()
         draining += 1
-        while holders > 0 { pthread_cond_wait(changed, mutex) }
-        pthread_mutex_unlock(mutex)
+        while holders > 0 { state.wait() }
+        state.unlock()
         defer {
-            pthread_mutex_lock(mutex)
+            state.lock()
             draining -= 1
-            pthread_cond_broadcast(changed)
-            pthread_mutex_unlock(mutex)
+            state.broadcast()
+            state.unlock()
         }
         return try body()
     }
@@ -95,39 +108,28 @@ public final class AlignedBufferPool: @unchecked Sendable {
 /// rollback, delete, resize) lock the whole volume, so they wait for writes in flight
 /// and a snapshot is a clean point in time. Always taken before the pool lock.
 public final class RangeLock: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let state = ConditionLock()
     private var held: [(owner: UInt64, range: Range<UInt64>, ticket: UInt64)] = []
     private var nextTicket: UInt64 = 0
 
-    public init() {
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(changed, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(changed)
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-        changed.deallocate()
-    }
+    public init() {}
 
     /// Runs `body` holding `range` of `owner`. Cost: a scan of the held ranges (as many
     /// as requests in flight).
     public func withRange<T, E: Error>(_ owner: UInt64, _ range: Range<UInt64>, _ body: () throws(E) -> T) throws(E) -> T {
-        pthread_mutex_lock(mutex)
+        state.lock()
         while held.contains(where: { $0.owner == owner && $0.range.overlaps(range) }) {
-            pthread_cond_wait(changed, mutex)
+            state.wait()
         }
         let ticket = nextTicket
         nextTicket += 1
         held.append((owner, range, ticket))
-        pthread_mutex_unlock(mutex)
+        state.unlock()
         defer {
-            pthread_mutex_lock(mutex)
+            state.lock()
             held.removeAll { $0.ticket == ticket }
-            pthread_cond_broadcast(changed)
-            pthread_mutex_unlock(mutex)
+            state.broadcast()
+            state.unlock()
         }
         return try body()
     }
