@@ -185,8 +185,26 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     ) {
         inFlight += 1
         let allocator = context.channel.allocator
-        let future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> ByteBuffer in
-            Self.perform(operation, cookie: cookie, payload: payload, export: export, session: session, allocator: allocator)
+        let future: EventLoopFuture<ByteBuffer>
+        if case .read(let offset, let length, let dontFragment) = operation {
+            // Reads free their pool thread as soon as the disk read is submitted; the
+            // device's completion thread fulfils the promise.
+            let promise = context.eventLoop.makePromise(of: ByteBuffer.self)
+            server.threadPool.submit { state in
+                guard case .active = state else {
+                    promise.fail(NBDExportError(.shutdown, "server is shutting down"))
+                    return
+                }
+                Self.startRead(
+                    offset: offset, length: length, dontFragment: dontFragment, cookie: cookie, export: export,
+                    structured: session.structuredReplies, allocator: allocator
+                ) { promise.succeed($0) }
+            }
+            future = promise.futureResult
+        } else {
+            future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> ByteBuffer in
+                Self.perform(operation, cookie: cookie, payload: payload, export: export, session: session, allocator: allocator)
+            }
         }
         future.assumeIsolated().whenComplete { result in
             self.inFlight -= 1
@@ -224,6 +242,39 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Starts a READ on a pool thread: the data lands straight in the reply buffer, at a
+    /// 4 KiB-aligned address inside it so O_DIRECT needs no bounce buffer. `reply` gets
+    /// the complete reply (data or error), from whichever thread finishes the read.
+    private static func startRead(
+        offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, export: NBDExport, structured: Bool,
+        allocator: ByteBufferAllocator, reply: @escaping @Sendable (ByteBuffer) -> Void
+    ) {
+        let alignment = 4096
+        var data = allocator.buffer(capacity: Int(length) + alignment)
+        var pad = 0
+        var target = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length) + alignment) { raw in
+            let address = Int(bitPattern: raw.baseAddress)
+            pad = (alignment - address % alignment) % alignment
+            target = UnsafeMutableRawBufferPointer(rebasing: raw[pad..<pad + Int(length)])
+            return pad + Int(length)
+        }
+        data.moveReaderIndex(forwardBy: pad)
+        // The completion holds `data`, which keeps the memory `target` points into alive.
+        export.readAsync(at: offset, into: target) { [data] result in
+            var out = allocator.buffer(capacity: 64)
+            switch result {
+            case .success(let extents):
+                NBDReplyEncoder.read(
+                    cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
+                    dontFragment: dontFragment, into: &out)
+            case .failure(let error):
+                NBDReplyEncoder.error(error.code, message: error.message, cookie: cookie, structured: structured, into: &out)
+            }
+            reply(out)
+        }
+    }
+
     /// Runs one operation on a pool thread and builds its reply. Never throws: failures
     /// become error replies.
     private static func perform(
@@ -234,30 +285,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let structured = session.structuredReplies
         do throws(NBDExportError) {
             switch operation {
-            case .read(let offset, let length, let dontFragment):
-                // Read straight into the reply buffer, at a 4 KiB-aligned address inside it
-                // so O_DIRECT needs no bounce buffer.
-                let alignment = 4096
-                var data = allocator.buffer(capacity: Int(length) + alignment)
-                var extents: [NBDExtent] = []
-                var failure: NBDExportError?
-                var pad = 0
-                data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length) + alignment) { raw in
-                    let address = Int(bitPattern: raw.baseAddress)
-                    pad = (alignment - address % alignment) % alignment
-                    do throws(NBDExportError) {
-                        extents = try export.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[pad..<pad + Int(length)]))
-                    } catch {
-                        failure = error
-                    }
-                    return pad + Int(length)
-                }
-                data.moveReaderIndex(forwardBy: pad)
-                if let failure { throw failure }
-                out.reserveCapacity(Int(length) + 64)
-                NBDReplyEncoder.read(
-                    cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
-                    dontFragment: dontFragment, into: &out)
+            case .read:
+                preconditionFailure("reads go through startRead")
             case .write(let offset, let fua):
                 let bytes = payload ?? ByteBuffer()
                 try bytes.withUnsafeReadableBytes { (raw) throws(NBDExportError) in

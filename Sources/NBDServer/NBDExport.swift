@@ -41,6 +41,21 @@ public protocol NBDExport: AnyObject, Sendable {
     func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent]
     /// Called when the last connection using this export object closes.
     func close()
+
+    /// Like `read`, but may return before the data is there and call `completion` from
+    /// another thread; `buffer` stays valid until then. Runs on the server's thread pool.
+    func readAsync(
+        at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+        completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void)
+}
+
+extension NBDExport {
+    public func readAsync(
+        at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+        completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void
+    ) {
+        completion(Result { () throws(NBDExportError) in try read(at: offset, into: buffer) })
+    }
 }
 
 /// The exports a server offers. Implementations are thread-safe.

@@ -80,6 +80,29 @@ extension Pool {
         return extents
     }
 
+    /// Like `read`, but returns once the disk reads are submitted; `completion` runs when
+    /// they are done, on the device's completion thread (or before returning, for holes,
+    /// errors and synchronous devices). `buffer` must stay valid until then.
+    /// May wait for the pool lock; never waits for the disk.
+    public func readAsync(
+        _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+        completion: @escaping @Sendable (Result<[Extent], PoolError>) -> Void
+    ) {
+        let requests: [IORequest]
+        let extents: [Extent]
+        do {
+            (requests, extents) = try planRead(id, at: offset, into: buffer)
+        } catch {
+            completion(.failure(error))
+            return
+        }
+        let gate = ioGate
+        device.submit(requests) { error in
+            gate.leave()
+            completion(error.map { .failure(.io($0)) } ?? .success(extents))
+        }
+    }
+
     private func planRead(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> ([IORequest], [Extent]) {
         try lock.withLock { () throws(PoolError) -> ([IORequest], [Extent]) in
             let state = try volume(id, writing: false)

@@ -98,6 +98,17 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         }
     }
 
+    func readAsync(
+        at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+        completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void
+    ) {
+        pool.readAsync(id, at: offset, into: buffer) { result in
+            completion(result.map { extents in
+                extents.map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
+            }.mapError(nbdError))
+        }
+    }
+
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError) {
         guard Int(bitPattern: buffer.baseAddress) % AlignedBuffer.directIOAlignment != 0 else {
             try run { () throws(PoolError) in try pool.write(id, at: offset, from: buffer, forceUnitAccess: fua) }

@@ -46,6 +46,8 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         let lock = Lock()
         var remaining: Int
         var error: SystemError?
+        /// Asynchronous batches: called (by the reaper) instead of signalling `done`.
+        var completion: (@Sendable (SystemError?) -> Void)?
 
         init(count: Int) { remaining = count }
 
@@ -60,7 +62,8 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
                 remaining -= 1
                 return remaining == 0
             }
-            if finished { done.signal() }
+            guard finished else { return }
+            if let completion { completion(lock.withLock { error }) } else { done.signal() }
         }
     }
 
@@ -108,11 +111,8 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         try submitAndWait(aligned)
     }
 
-    private func submitAndWait(_ requests: [IORequest]) throws {
-        let batch = Batch(count: requests.count)
-        let count = requests.count
-        let iocbs = UnsafeMutablePointer<iocb>.allocate(capacity: count)
-        defer { iocbs.deallocate() }
+    private func prepare(_ requests: [IORequest], for batch: Batch) -> UnsafeMutablePointer<iocb> {
+        let iocbs = UnsafeMutablePointer<iocb>.allocate(capacity: requests.count)
         let token = Unmanaged.passUnretained(batch).toOpaque()
         for (slot, request) in requests.enumerated() {
             let cb = iocbs + slot
@@ -123,23 +123,69 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
             io_set_eventfd(cb, eventFD)
             cb.pointee.data = token
         }
+        return iocbs
+    }
+
+    private func beginBatch() throws(SystemError) {
         try stateLock.withLock { () throws(SystemError) in
             guard !closed else { throw SystemError(.badFile, "pool file closed") }
             inFlightBatches += 1
         }
-        defer {
-            let wakeReaper = stateLock.withLock { () -> Bool in
-                inFlightBatches -= 1
-                return closed && inFlightBatches == 0
-            }
-            if wakeReaper {
-                var one: UInt64 = 1
-                _ = Glibc.write(eventFD, &one, 8)
-            }
+    }
+
+    private func endBatch() {
+        let wakeReaper = stateLock.withLock { () -> Bool in
+            inFlightBatches -= 1
+            return closed && inFlightBatches == 0
         }
-        enqueue(iocbs, count)
+        if wakeReaper {
+            var one: UInt64 = 1
+            _ = Glibc.write(eventFD, &one, 8)
+        }
+    }
+
+    private func submitAndWait(_ requests: [IORequest]) throws {
+        let batch = Batch(count: requests.count)
+        let iocbs = prepare(requests, for: batch)
+        defer { iocbs.deallocate() }
+        try beginBatch()
+        defer { endBatch() }
+        enqueue(iocbs, requests.count)
         batch.done.wait()
         if let error = batch.lock.withLock({ batch.error }) { throw error }
+    }
+
+    /// Starts the batch and returns; the reaper thread calls `completion`. Unaligned
+    /// requests are bounced first, on this thread.
+    public func submit(_ requests: [IORequest], completion: @escaping @Sendable (SystemError?) -> Void) {
+        var aligned: [IORequest] = []
+        aligned.reserveCapacity(requests.count)
+        do {
+            for request in requests where request.buffer.count > 0 {
+                if Self.isAligned(request) { aligned.append(request) } else { try bounce(request) }
+            }
+            guard !aligned.isEmpty else {
+                completion(nil)
+                return
+            }
+            try beginBatch()
+        } catch {
+            completion(error as? SystemError ?? SystemError(.io, "\(error)"))
+            return
+        }
+        let batch = Batch(count: aligned.count)
+        let iocbs = prepare(aligned, for: batch)
+        // The kernel holds `iocbs` and the reaper finds the batch through them: both live
+        // until the last completion.
+        let retained = Unmanaged.passRetained(batch)
+        let iocbAddress = UInt(bitPattern: iocbs)
+        batch.completion = { [weak self] error in
+            UnsafeMutablePointer<iocb>(bitPattern: iocbAddress)?.deallocate()
+            self?.endBatch()
+            completion(error)
+            retained.release()
+        }
+        enqueue(iocbs, aligned.count)
     }
 
     /// Queues iocbs and, unless another thread is already submitting, submits the queue.

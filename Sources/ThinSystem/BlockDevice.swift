@@ -37,10 +37,26 @@ public protocol BlockDevice: AnyObject, Sendable {
     func discard(at offset: UInt64, length: UInt64) -> Bool
     /// Bytes the host really stores (sparse files), when known.
     var allocatedBytes: UInt64? { get }
+    /// Starts a batch and calls `completion` when it is done (see the extension).
+    func submit(_ requests: [IORequest], completion: @escaping @Sendable (SystemError?) -> Void)
     func close()
 }
 
 extension BlockDevice {
+    /// Starts a batch and calls `completion` when it is done, possibly on another thread.
+    /// This default performs the batch before returning; `AIOFileDevice` returns at once
+    /// and completes from its reaper thread.
+    public func submit(_ requests: [IORequest], completion: @escaping @Sendable (SystemError?) -> Void) {
+        do {
+            try perform(requests)
+            completion(nil)
+        } catch let error as SystemError {
+            completion(error)
+        } catch {
+            completion(SystemError(.io, "\(error)"))
+        }
+    }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try perform([IORequest(.read, buffer, at: offset)])
     }
