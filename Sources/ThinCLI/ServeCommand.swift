@@ -27,6 +27,9 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "none: O_DIRECT through libaio (default where possible); writeback: the page cache.")
     var cache: CacheMode?
 
+    @Option(name: .customLong("metadata-cache"), help: "Metadata kept in memory (default 64M); bounds the server's memory, not the pool's size.")
+    var metadataCache: ByteSize?
+
     @Flag(name: .customLong("read-only"), help: "Serve every export read-only.")
     var readOnly = false
 
@@ -43,6 +46,9 @@ struct ServeCommand: ParsableCommand {
         for text in listens where ServeOptions.parseListen(text) == nil {
             throw ValidationError("--listen \(text): expected HOST:PORT")
         }
+        if let metadataCache, metadataCache.bytes < 1 << 20 {
+            throw ValidationError("--metadata-cache must be at least 1M")
+        }
         if stdio && (!sockets.isEmpty || !listens.isEmpty || runCommand != nil) {
             throw ValidationError("--stdio serves one connection on stdin/stdout; it cannot be combined with --socket, --listen or --run")
         }
@@ -57,6 +63,7 @@ struct ServeCommand: ParsableCommand {
         options.defaultExport = defaultExport
         options.runCommand = runCommand
         options.stdio = stdio
+        options.metadataCacheBytes = metadataCache?.bytes
         let status: Int32
         do {
             status = try ServeRunner.run(options) { message in

@@ -17,6 +17,8 @@ public struct ServeOptions: Sendable {
     public var runCommand: String?
     public var stdio = false
     public var commitIntervalMilliseconds = 1000
+    /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
+    public var metadataCacheBytes: UInt64?
 
     public init(poolPath: String) { self.poolPath = poolPath }
 
@@ -49,6 +51,9 @@ public enum ServeRunner {
             pool = try Pool.open(path: options.poolPath, readOnly: options.readOnly, cache: options.cache)
         } catch {
             throw ServeError(description: error.description)
+        }
+        if let bytes = options.metadataCacheBytes {
+            pool.metadataCacheBlocks = Int(min(bytes / 4096, UInt64(Int.max)))
         }
         if let name = options.defaultExport, (try? pool.volumeInfo(name)) == nil {
             try? pool.close()

@@ -182,6 +182,9 @@ import TestSupport
         #expect(missing.status == 1 && missing.stderr.contains("no such volume"))
         let badListen = try served.cli(["serve", "POOL", "--listen", "nonsense"])
         #expect(badListen.status == 64)
+        let smallCache = try served.cli(["serve", "POOL", "--socket", served.socket, "--metadata-cache", "1M", "--default-export", "disk", "--run", "nbdinfo --size \"$uri\""])
+        #expect(smallCache.status == 0 && smallCache.stdout.contains("16777216"))
+        #expect(try served.cli(["serve", "POOL", "--metadata-cache", "10K"]).status == 64)
     }
 
     @Test(.enabled(if: Peers.need("qemu-io")))
