@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <sys/eventfd.h>
+#include <pthread.h>
 #include "thinbd_support.h"
 
 int thinbd_o_direct(void) { return O_DIRECT; }
@@ -11,3 +12,12 @@ int thinbd_punch_hole(int fd, long long offset, long long length) {
 }
 
 int thinbd_eventfd(void) { return eventfd(0, EFD_CLOEXEC); }
+
+int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock) {
+    pthread_rwlockattr_t attributes;
+    pthread_rwlockattr_init(&attributes);
+    pthread_rwlockattr_setkind_np(&attributes, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int result = pthread_rwlock_init(lock, &attributes);
+    pthread_rwlockattr_destroy(&attributes);
+    return result;
+}

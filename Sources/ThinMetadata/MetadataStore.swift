@@ -36,6 +36,9 @@ public final class MetadataStore {
     public private(set) var committedGeneration: UInt64
 
     private var cache: [UInt64: MetadataBlock] = [:]
+    /// Readers holding only shared access look blocks up concurrently; the cache map has
+    /// its own small lock.
+    private let cacheLock = Lock()
     public var cacheLimit: Int
     private var dirtyBlocks: [UInt64: MetadataBlock] = [:]
 
@@ -95,7 +98,7 @@ public final class MetadataStore {
     /// Returns the block, validated against `type`. Cost: a dictionary lookup when
     /// cached, else one 4 KiB read and a CRC32C.
     public func read(_ number: UInt64, _ type: BlockType) throws(MetadataError) -> MetadataBlock {
-        if let block = cache[number] { return block }
+        if let block = cacheLock.withLock({ cache[number] }) { return block }
         _ = try slot(number, type)
         let block = MetadataBlock(number: number)
         try wrapIO { try device.read(into: block.bytes, at: number * UInt64(MetadataLayout.blockSize)) }
@@ -110,11 +113,14 @@ public final class MetadataStore {
     }
 
     private func insertIntoCache(_ block: MetadataBlock) {
-        if cache.count >= cacheLimit { evictClean() }
-        cache[block.number] = block
+        cacheLock.withLock {
+            if cache.count >= cacheLimit { evictClean() }
+            if cache[block.number] == nil { cache[block.number] = block }
+        }
     }
 
     /// Drops about a quarter of the clean blocks. Dirty blocks stay until commit.
+    /// Called with `cacheLock` held.
     private func evictClean() {
         var toDrop = max(1, cache.count / 4)
         for (number, block) in cache where !block.dirty {
@@ -141,10 +147,10 @@ public final class MetadataStore {
         }
         refcounts[Int(number - regionStart)] = 1
         fresh.insert(number)
-        let block = cache[number] ?? MetadataBlock(number: number)
+        let block = MetadataBlock(number: number)
         _ = NodeView.format(block.bytes, type: type, level: level)
         block.dirty = true
-        cache[number] = block
+        cacheLock.withLock { cache[number] = block }
         dirtyBlocks[number] = block
         return block
     }
@@ -170,7 +176,7 @@ public final class MetadataStore {
         if let block = dirtyBlocks.removeValue(forKey: number) { block.dirty = false }
         if fresh.remove(number) != nil {
             // Never part of a commit: reusable at once.
-            cache[number] = nil
+            cacheLock.withLock { cache[number] = nil }
             freeList.append(number)
         } else {
             pendingFree.append(number)
@@ -209,7 +215,14 @@ public final class MetadataStore {
     ///
     /// Crash safety: until the superblock write completes, open finds the previous
     /// commit intact (nothing it uses was written). After it, open finds this one.
-    public func commit(_ superblock: inout Superblock) throws(MetadataError) {
+    ///
+    /// `duringIO` wraps the writes and barriers: the pool uses it to let lookups run
+    /// meanwhile. Nothing may change metadata while it runs (the blocks being written are
+    /// the cached ones).
+    public func commit(
+        _ superblock: inout Superblock,
+        duringIO: (() throws(MetadataError) -> Void) throws(MetadataError) -> Void = { io throws(MetadataError) in try io() }
+    ) throws(MetadataError) {
         let generation = committedGeneration + 1
         var requests: [IORequest] = []
         requests.reserveCapacity(dirtyBlocks.count)
@@ -217,24 +230,27 @@ public final class MetadataStore {
             BlockHeader.seal(block.bytes, blockNumber: number, generation: generation)
             requests.append(IORequest(.write, block.bytes, at: number * UInt64(MetadataLayout.blockSize)))
         }
-        try wrapIO { try device.perform(requests) }
-        try wrapIO { try device.barrier() }
         superblock.generation = generation
         let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
         superblock.encode(into: buffer.bytes)
-        try wrapIO { try device.write(UnsafeRawBufferPointer(buffer.bytes), at: superblock.slot * UInt64(MetadataLayout.blockSize)) }
-        try wrapIO { try device.barrier() }
+        let slotOffset = superblock.slot * UInt64(MetadataLayout.blockSize)
+        try duringIO { () throws(MetadataError) in
+            try wrapIO { try device.perform(requests) }
+            try wrapIO { try device.barrier() }
+            try wrapIO { try device.write(UnsafeRawBufferPointer(buffer.bytes), at: slotOffset) }
+            try wrapIO { try device.barrier() }
+        }
 
         committedGeneration = generation
         for block in dirtyBlocks.values { block.dirty = false }
         dirtyBlocks.removeAll(keepingCapacity: true)
         fresh.removeAll(keepingCapacity: true)
-        for number in pendingFree {
-            cache[number] = nil
-            freeList.append(number)
+        cacheLock.withLock {
+            for number in pendingFree { cache[number] = nil }
+            if cache.count > cacheLimit { evictClean() }
         }
+        freeList.append(contentsOf: pendingFree)
         pendingFree.removeAll(keepingCapacity: true)
-        if cache.count > cacheLimit { evictClean() }
     }
 
     /// Every metadata block that currently holds a reference (for `check`).

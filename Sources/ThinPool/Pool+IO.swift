@@ -104,7 +104,8 @@ extension Pool {
     }
 
     private func planRead(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> ([IORequest], [Extent]) {
-        try lock.withLock { () throws(PoolError) -> ([IORequest], [Extent]) in
+        // Shared access: reads plan side by side, and during a commit's I/O.
+        try lock.withSharedAccess { () throws(PoolError) -> ([IORequest], [Extent]) in
             let state = try volume(id, writing: false)
             try checkRange(state, offset, UInt64(buffer.count))
             guard buffer.count > 0 else {

@@ -67,7 +67,9 @@ final class VolumeState {
 /// the next `commit()` (NBD FLUSH, FUA, or the auto-commit timer), like a disk with a
 /// volatile write cache.
 public final class Pool: @unchecked Sendable {
-    let lock = Lock()
+    /// Orders every metadata change; lookups for reads need only its shared side, so they
+    /// continue while a commit writes and syncs.
+    let lock = PoolLock()
     /// Data I/O done outside `lock` holds an entry; a commit drains it before freed
     /// blocks can be handed out again.
     let ioGate = DrainGate()
@@ -320,7 +322,13 @@ public final class Pool: @unchecked Sendable {
         next.dataBlocks = spaceMap.dataBlocks
         next.dataHighWater = spaceMap.highWater
         next.committedAt = SystemInfo.wallClockSeconds()
-        try mapErrors { try store.commit(&next) }
+        let poolLock = lock
+        try mapErrors {
+            try store.commit(&next) { (io: () throws(MetadataError) -> Void) throws(MetadataError) in
+                // Reads may look mappings up while the blocks are written and synced.
+                try poolLock.admittingReaders { () throws(MetadataError) in try io() }
+            }
+        }
         superblock = next
         // Reads running outside the lock may still use blocks freed in this transaction.
         ioGate.whileDrained { spaceMap.transactionCommitted() }

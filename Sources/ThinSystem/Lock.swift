@@ -1,3 +1,4 @@
+import CThinSupport
 import Glibc
 
 /// A non-recursive mutual-exclusion lock.
@@ -20,6 +21,53 @@ public final class Lock: @unchecked Sendable {
     public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}
+
+/// The pool's lock: a mutex that orders every change to metadata, plus a read-write lock
+/// that lets lookups run while a holder of the mutex does I/O that changes nothing (a
+/// commit writing its blocks and waiting for fdatasync).
+///
+/// `withLock` takes both (exclusive). `withSharedAccess` takes only the read side, so it
+/// runs concurrently with other readers and with the I/O phase of a commit.
+public final class PoolLock: @unchecked Sendable {
+    private let mutex = Lock()
+    private let access = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
+
+    public init() {
+        _ = thinbd_rwlock_init_writer_preferring(access)
+    }
+
+    deinit {
+        pthread_rwlock_destroy(access)
+        access.deallocate()
+    }
+
+    @inline(__always)
+    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        mutex.lock()
+        pthread_rwlock_wrlock(access)
+        defer {
+            pthread_rwlock_unlock(access)
+            mutex.unlock()
+        }
+        return try body()
+    }
+
+    /// Read-only work on metadata: other readers, and a commit's I/O, may run meanwhile.
+    @inline(__always)
+    public func withSharedAccess<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        pthread_rwlock_rdlock(access)
+        defer { pthread_rwlock_unlock(access) }
+        return try body()
+    }
+
+    /// Called inside `withLock`: lets readers in while `body` runs. The caller keeps
+    /// the mutex, so no one changes metadata meanwhile; `body` must not change it either.
+    public func admittingReaders<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        pthread_rwlock_unlock(access)
+        defer { pthread_rwlock_wrlock(access) }
         return try body()
     }
 }

@@ -1,3 +1,5 @@
+import Dispatch
+
 /// An in-memory block device for tests, with fault injection and power-cut simulation.
 ///
 /// It keeps two images: what reads see now, and what would survive a power cut (the
@@ -29,6 +31,23 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     public init(size: UInt64) {
         currentSize = size
         durableSize = size
+    }
+
+    private var barrierHold: DispatchSemaphore?
+    /// Signalled each time a barrier starts waiting under `holdBarriers()`.
+    public let barrierWaiting = DispatchSemaphore(value: 0)
+
+    /// Makes every barrier wait until `releaseBarriers()` (to observe what runs meanwhile).
+    public func holdBarriers() {
+        lock.withLock { barrierHold = DispatchSemaphore(value: 0) }
+    }
+
+    public func releaseBarriers() {
+        let hold = lock.withLock { () -> DispatchSemaphore? in
+            defer { barrierHold = nil }
+            return barrierHold
+        }
+        hold?.signal()
     }
 
     public var engineName: String { "memory" }
@@ -139,6 +158,11 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func barrier() throws {
+        if let hold = lock.withLock({ barrierHold }) {
+            barrierWaiting.signal()
+            hold.wait()
+            hold.signal()
+        }
         try lock.withLock { () throws(SystemError) in
             if powerIsCut { throw SystemError(.io, "device lost power") }
             barrierCount += 1

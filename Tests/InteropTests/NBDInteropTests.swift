@@ -95,7 +95,7 @@ import TestSupport
         let result = try Program.run(Peers.path("fio"), [
             "--name=verify", "--ioengine=nbd", "--uri=\(served.uri("disk"))", "--rw=randwrite", "--bs=4k",
             "--size=16M", "--offset_increment=16M", "--numjobs=4", "--iodepth=16", "--verify=crc32c",
-            "--do_verify=1", "--verify_fatal=1", "--group_reporting",
+            "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--group_reporting",
         ], timeout: 600)
         expectSuccess(result, "fio verify")
         #expect(result.stdout.contains("err= 0"), "\(result.stdout)")

@@ -100,6 +100,37 @@ import ThinSystem
         try pool.close()
     }
 
+    /// While a commit waits for fdatasync, reads still look up mappings and complete:
+    /// the commit admits readers during its I/O.
+    @Test func readsCompleteWhileACommitWaitsForItsBarrier() throws {
+        let (pool, device) = try makeMemoryPool()
+        try pool.createVolume("v", size: 1 << 20)
+        let id = try pool.volumeID("v")
+        try pattern(65536, seed: 5).withUnsafeBytes { try pool.write(id, at: 0, from: $0) }
+        device.holdBarriers()
+        let commitDone = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            try? pool.commit()
+            commitDone.signal()
+        }
+        #expect(device.barrierWaiting.wait(timeout: .now() + 10) == .success, "the commit never reached its barrier")
+        let readDone = DispatchSemaphore(value: 0)
+        let result = ResultBox()
+        DispatchQueue.global().async {
+            var bytes = [UInt8](repeating: 0, count: 65536)
+            let ok = (try? bytes.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }) != nil
+            result.set(ok && bytes == pattern(65536, seed: 5))
+            readDone.signal()
+        }
+        let readFinished = readDone.wait(timeout: .now() + 10) == .success
+        device.releaseBarriers()
+        #expect(readFinished, "a read waited for the commit's barrier")
+        #expect(result.get())
+        #expect(commitDone.wait(timeout: .now() + 10) == .success)
+        if !readFinished { _ = readDone.wait(timeout: .now() + 10) }
+        #expect(pool.checkProblems() == nil)
+    }
+
     /// An I/O error fails the one request, changes nothing, and the pool keeps working.
     @Test func injectedIOErrorsChangeNothing() throws {
         let (pool, device) = try makeMemoryPool()
@@ -212,4 +243,11 @@ import ThinSystem
         #expect(try reopened.read("v", at: 5 << 20, count: 1) == [3])
         #expect(reopened.checkProblems() == nil)
     }
+}
+
+final class ResultBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set(_ v: Bool) { lock.lock(); value = v; lock.unlock() }
+    func get() -> Bool { lock.lock(); defer { lock.unlock() }; return value }
 }

@@ -9,6 +9,11 @@ int thinbd_o_direct(void);
 
 /// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); returns 0 or -1 with errno set.
 int thinbd_punch_hole(int fd, long long offset, long long length);
+#include <pthread.h>
+
+/// Initializes a read-write lock that prefers writers (waiting writers block new readers).
+int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock);
+
 /// eventfd(0, EFD_CLOEXEC); returns the descriptor or -1 with errno set.
 int thinbd_eventfd(void);
 #endif
