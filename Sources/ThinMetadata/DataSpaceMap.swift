@@ -25,6 +25,11 @@ public final class DataSpaceMap {
     /// Sum of `groupFree`, kept up to date so space queries are O(1).
     private var zeroCountTotal: UInt64 = 0
     private var groupPending: [UInt32] = []
+    /// Blocks handed to writes still in flight: unavailable, but counted zero in the
+    /// refcount blocks until `materialize`, so a commit taken meanwhile (and a crash after
+    /// it) sees them free instead of leaked.
+    private var reserved: Set<UInt64> = []
+    private var groupReserved: [UInt32] = []
     private var dirtyGroups: Set<Int> = []
     private var pendingFree: Set<UInt64> = []
     private var allocatedThisTransaction: Set<UInt64> = []
@@ -81,6 +86,7 @@ public final class DataSpaceMap {
             groupFree.append(0)
             adjustFree(g, Int(Self.entriesInGroup(g, dataBlocks: newCount)))
             groupPending.append(0)
+            groupReserved.append(0)
         }
         dataBlocks = newCount
     }
@@ -94,13 +100,16 @@ public final class DataSpaceMap {
     // MARK: Queries
 
     public var freeBlocks: UInt64 {
-        zeroCountTotal - UInt64(pendingFree.count)
+        zeroCountTotal - UInt64(pendingFree.count) - UInt64(reserved.count)
     }
 
     /// Blocks freed in this transaction, which become allocatable at commit.
     public var pendingBlocks: UInt64 { UInt64(pendingFree.count) }
 
     public var usedBlocks: UInt64 { dataBlocks - freeBlocks - UInt64(pendingFree.count) }
+
+    /// Blocks reserved by writes in flight (for `check`).
+    public var reservedBlocks: Set<UInt64> { reserved }
 
     /// The reference count of data block `block`. Cost: one cached block read.
     public func refcount(_ block: UInt64) throws(MetadataError) -> UInt32 {
@@ -178,13 +187,16 @@ public final class DataSpaceMap {
     @inline(__always)
     private func allocatable(_ block: UInt64, in rcb: MetadataBlock?) -> Bool {
         if let rcb, RefcountLayout.count(rcb.bytes, Int(block % UInt64(Self.entriesPerGroup))) != 0 { return false }
-        return !pendingFree.contains(block)
+        return !pendingFree.contains(block) && !reserved.contains(block)
     }
 
     /// Hands out `count` blocks, each with one reference, as contiguous runs, starting at
     /// `hint` when it is free. Throws `noDataSpace` without allocating anything when the
     /// pool has fewer free blocks. Cost: O(count) plus the groups skipped.
-    public func allocate(_ count: UInt64, near hint: UInt64?) throws(MetadataError) -> [Range<UInt64>] {
+    ///
+    /// With `reserveOnly`, the blocks are only set aside: their counts stay zero on disk
+    /// until `materialize` gives each its reference (or `unreserve` returns it).
+    public func allocate(_ count: UInt64, near hint: UInt64?, reserveOnly: Bool = false) throws(MetadataError) -> [Range<UInt64>] {
         let available = freeBlocks
         guard count <= available else { throw .noDataSpace(needed: count, available: available) }
         var runs: [Range<UInt64>] = []
@@ -200,10 +212,15 @@ public final class DataSpaceMap {
                 let location = groupBlock[g]
                 let rcb = location == 0 ? nil : try readGroup(g, location)
                 guard allocatable(end, in: rcb) else { break }
-                let writable = try writableGroup(g)
-                RefcountLayout.setCount(writable.bytes, Int(end % UInt64(Self.entriesPerGroup)), 1)
-                adjustFree(g, -1)
-                allocatedThisTransaction.insert(end)
+                if reserveOnly {
+                    reserved.insert(end)
+                    groupReserved[g] += 1
+                } else {
+                    let writable = try writableGroup(g)
+                    RefcountLayout.setCount(writable.bytes, Int(end % UInt64(Self.entriesPerGroup)), 1)
+                    adjustFree(g, -1)
+                    allocatedThisTransaction.insert(end)
+                }
                 end += 1
             }
             runs.append(start..<end)
@@ -215,6 +232,25 @@ public final class DataSpaceMap {
         return runs
     }
 
+    /// Gives a reserved block its first reference (the write that reserved it maps it now).
+    public func materialize(_ block: UInt64) throws(MetadataError) {
+        guard reserved.remove(block) != nil else {
+            throw .refcountInvariant("data block \(block) was not reserved")
+        }
+        let g = Int(block / UInt64(Self.entriesPerGroup))
+        groupReserved[g] -= 1
+        let writable = try writableGroup(g)
+        RefcountLayout.setCount(writable.bytes, Int(block % UInt64(Self.entriesPerGroup)), 1)
+        adjustFree(g, -1)
+        allocatedThisTransaction.insert(block)
+    }
+
+    /// Returns a reserved block unused (its write failed).
+    public func unreserve(_ block: UInt64) {
+        guard reserved.remove(block) != nil else { return }
+        groupReserved[Int(block / UInt64(Self.entriesPerGroup))] -= 1
+    }
+
     /// The first allocatable block at or after `position`, wrapping around once.
     private func findAllocatable(from position: UInt64) throws(MetadataError) -> UInt64? {
         let groups = groupBlock.count
@@ -222,7 +258,7 @@ public final class DataSpaceMap {
         var g = Int(position / e)
         var first = position % e
         for _ in 0...groups {
-            if groupFree[g] > groupPending[g] {
+            if groupFree[g] > groupPending[g] + groupReserved[g] {
                 let location = groupBlock[g]
                 let rcb = location == 0 ? nil : try readGroup(g, location)
                 let limit = Self.entriesInGroup(g, dataBlocks: dataBlocks)

@@ -165,7 +165,7 @@ extension Pool {
             let (state, plan) = try lock.withLock { () throws(PoolError) -> (VolumeState, WritePlan) in
                 let state = try volume(id, writing: true)
                 try checkRange(state, offset, UInt64(data.count))
-                return (state, try planWriteLocked(state, at: offset, count: UInt64(data.count)))
+                return (state, try planWriteLocked(state, at: offset, count: UInt64(data.count), reserveOnly: true))
             }
             // No gate needed: the range lock keeps every block this touches referenced.
             do throws(PoolError) {
@@ -196,6 +196,9 @@ extension Pool {
     struct WritePlan {
         var entries: [BlockWrite] = []
         var allocated: [UInt64] = []
+        /// The new blocks are only reserved (the data I/O runs outside the lock, and a
+        /// commit in between must not record them as used).
+        var reserved = false
         /// Blocks at or above this read as zeros (never written).
         var zeroMark: UInt64 = 0
     }
@@ -215,9 +218,10 @@ extension Pool {
 
     /// Decides each block's fate and allocates every new block up front, so a full pool
     /// fails the write before any change. Needs the pool lock.
-    func planWriteLocked(_ state: VolumeState, at offset: UInt64, count: UInt64) throws(PoolError) -> WritePlan {
+    func planWriteLocked(_ state: VolumeState, at offset: UInt64, count: UInt64, reserveOnly: Bool = false) throws(PoolError) -> WritePlan {
         let tree = mappings
         var plan = WritePlan()
+        plan.reserved = reserveOnly
         var position = offset
         let end = offset + count
         try mapErrors {
@@ -245,7 +249,7 @@ extension Pool {
                 guard firstNew > 0, let previous = try tree.lookup(state.record.mappingRoot, firstNew - 1) else { return nil }
                 return previous + 1
             }
-            let runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint) }
+            let runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint, reserveOnly: reserveOnly) }
             plan.allocated.reserveCapacity(needed)
             for run in runs { plan.allocated.append(contentsOf: run) }
             var next = 0
@@ -259,7 +263,9 @@ extension Pool {
 
     /// Returns a failed write's new blocks. Needs the pool lock.
     func abandonWriteLocked(_ plan: WritePlan) {
-        for block in plan.allocated { try? spaceMap.decRef(block) }
+        for block in plan.allocated {
+            if plan.reserved { spaceMap.unreserve(block) } else { try? spaceMap.decRef(block) }
+        }
     }
 
     /// Maps the written blocks and releases the ones they replaced. Needs the pool lock.
@@ -272,16 +278,30 @@ extension Pool {
             state.record.mappedBlocks = mapped
             state.dirty = true
         }
-        var inserted = 0
+        // `mappedCount` new blocks are in the tree; `holding` says whether the next one
+        // already has its reference (materialized or allocated) without being mapped.
+        var mappedCount = 0
+        var holding = !plan.reserved
         do {
             for entry in plan.entries where !entry.inPlace {
+                if plan.reserved {
+                    try spaceMap.materialize(entry.target)
+                    holding = true
+                }
                 let (newRoot, replaced) = try tree.insert(root, entry.virtual, entry.target)
                 root = newRoot
-                inserted += 1
+                mappedCount += 1
+                holding = !plan.reserved
                 if let replaced { try spaceMap.decRef(replaced) } else { mapped += 1 }
             }
         } catch {
-            for block in plan.allocated[inserted...] { try? spaceMap.decRef(block) }
+            for (index, block) in plan.allocated.enumerated().dropFirst(mappedCount) {
+                if index == mappedCount && holding || !plan.reserved {
+                    try? spaceMap.decRef(block)
+                } else {
+                    spaceMap.unreserve(block)
+                }
+            }
             throw PoolError(error)
         }
     }

@@ -42,6 +42,23 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         lock.withLock { barrierHold = DispatchSemaphore(value: 0) }
     }
 
+    private var writeHold: (range: Range<UInt64>, gate: DispatchSemaphore)?
+    /// Signalled each time a write starts waiting under `holdWrites(in:)`.
+    public let writeWaiting = DispatchSemaphore(value: 0)
+
+    /// Makes writes that touch `range` wait until `releaseWrites()`; other I/O goes on.
+    public func holdWrites(in range: Range<UInt64>) {
+        lock.withLock { writeHold = (range, DispatchSemaphore(value: 0)) }
+    }
+
+    public func releaseWrites() {
+        let hold = lock.withLock { () -> DispatchSemaphore? in
+            defer { writeHold = nil }
+            return writeHold?.gate
+        }
+        hold?.signal()
+    }
+
     public func releaseBarriers() {
         let hold = lock.withLock { () -> DispatchSemaphore? in
             defer { barrierHold = nil }
@@ -124,6 +141,13 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     // MARK: BlockDevice
 
     public func perform(_ requests: [IORequest]) throws {
+        if let hold = lock.withLock({ writeHold }),
+            requests.contains(where: { $0.kind == .write && hold.range.overlaps($0.offset..<($0.offset + UInt64($0.buffer.count))) })
+        {
+            writeWaiting.signal()
+            hold.gate.wait()
+            hold.gate.signal()
+        }
         try lock.withLock { () throws(SystemError) in
             for request in requests {
                 switch request.kind {

@@ -131,6 +131,31 @@ import ThinSystem
         #expect(pool.checkProblems() == nil)
     }
 
+    /// A commit taken while a write's data is still on its way to new blocks records those
+    /// blocks as free: a crash right after it leaks nothing and `check` stays clean.
+    @Test func commitDuringAWriteInFlightLeaksNothingAfterACrash() throws {
+        let (pool, device) = try makeMemoryPool()
+        try pool.createVolume("v", size: 1 << 20)
+        let id = try pool.volumeID("v")
+        try pool.commit()
+        device.holdWrites(in: pool.dataRegionOffset..<UInt64.max)
+        let writeDone = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            try? pattern(65536, seed: 9).withUnsafeBytes { try pool.write(id, at: 0, from: $0) }
+            writeDone.signal()
+        }
+        #expect(device.writeWaiting.wait(timeout: .now() + 10) == .success, "the write never reached the device")
+        try pool.commit()
+        let crashed = try Pool.open(device: device.imageAfterCrash(seed: 3, keepVolatile: 1.0))
+        #expect(crashed.checkProblems() == nil)
+        #expect(try crashed.read("v", at: 0, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        device.releaseWrites()
+        #expect(writeDone.wait(timeout: .now() + 10) == .success)
+        try pool.commit()
+        #expect(try pool.read("v", at: 0, count: 65536) == pattern(65536, seed: 9))
+        #expect(pool.checkProblems() == nil)
+    }
+
     /// An I/O error fails the one request, changes nothing, and the pool keeps working.
     @Test func injectedIOErrorsChangeNothing() throws {
         let (pool, device) = try makeMemoryPool()
