@@ -103,13 +103,8 @@ public final class DataSpaceMap {
         zeroCountTotal - UInt64(pendingFree.count) - UInt64(reserved.count)
     }
 
-    /// Blocks freed in this transaction, which become allocatable at commit.
-    public var pendingBlocks: UInt64 { UInt64(pendingFree.count) }
-
     public var usedBlocks: UInt64 { dataBlocks - freeBlocks - UInt64(pendingFree.count) }
 
-    /// Blocks reserved by writes in flight (for `check`).
-    public var reservedBlocks: Set<UInt64> { reserved }
 
     /// The reference count of data block `block`. Cost: one cached block read.
     public func refcount(_ block: UInt64) throws(MetadataError) -> UInt32 {
@@ -123,9 +118,6 @@ public final class DataSpaceMap {
 
     /// True when the last commit may still share `block` although its count is now 1.
     public func sharingDroppedThisTransaction(_ block: UInt64) -> Bool { decremented.contains(block) }
-
-    /// True when `block` was handed out in this transaction (the last commit does not use it).
-    public func isNewThisTransaction(_ block: UInt64) -> Bool { allocatedThisTransaction.contains(block) }
 
     private func readGroup(_ g: Int, _ location: UInt64) throws(MetadataError) -> MetadataBlock {
         let rcb = try store.read(location, .refcounts)

@@ -36,10 +36,6 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     private var submitting = false
     private var submitList: [UnsafeMutablePointer<iocb>?] = []
 
-    /// Statistics: io_submit calls and iocbs submitted (batching shows as iocbs/calls > 1).
-    public private(set) var submitCalls = 0
-    public private(set) var submittedRequests = 0
-
     /// One `perform` call's requests: the caller waits on `done`.
     final class Batch: @unchecked Sendable {
         let done = DispatchSemaphore(value: 0)
@@ -202,8 +198,6 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
             submitList.removeAll(keepingCapacity: true)
             for i in 0..<n { submitList.append(queue[i]) }
             queue.removeFirst(n)
-            submitCalls += 1
-            submittedRequests += n
             queueLock.unlock()
             submitList.withUnsafeMutableBufferPointer { list in submitAll(list.baseAddress!, n) }
             queueLock.lock()
