@@ -30,6 +30,9 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("metadata-cache"), help: "Metadata kept in memory (default 64M); bounds the server's memory, not the pool's size.")
     var metadataCache: ByteSize?
 
+    @Option(help: "Threads that run requests (default 32); they mostly wait for the disk.")
+    var threads: Int?
+
     @Flag(name: .customLong("read-only"), help: "Serve every export read-only.")
     var readOnly = false
 
@@ -45,6 +48,9 @@ struct ServeCommand: ParsableCommand {
     func validate() throws {
         for text in listens where ServeOptions.parseListen(text) == nil {
             throw ValidationError("--listen \(text): expected HOST:PORT")
+        }
+        if let threads, !(1...1024).contains(threads) {
+            throw ValidationError("--threads must be between 1 and 1024")
         }
         if let metadataCache, metadataCache.bytes < 1 << 20 {
             throw ValidationError("--metadata-cache must be at least 1M")
@@ -64,6 +70,7 @@ struct ServeCommand: ParsableCommand {
         options.runCommand = runCommand
         options.stdio = stdio
         options.metadataCacheBytes = metadataCache?.bytes
+        options.threads = threads
         let status: Int32
         do {
             status = try ServeRunner.run(options) { message in

@@ -17,6 +17,8 @@ public struct ServeOptions: Sendable {
     public var runCommand: String?
     public var stdio = false
     public var commitIntervalMilliseconds = 1000
+    /// Threads that run export operations (nil: the server's default).
+    public var threads: Int?
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
 
@@ -60,7 +62,9 @@ public enum ServeRunner {
             throw ServeError(description: "--default-export \(name): no such volume or snapshot")
         }
         let provider = PoolExportProvider(pool: pool, readOnly: options.readOnly, defaultExport: options.defaultExport)
-        let server = NBDServer(provider: provider, log: log)
+        var configuration = NBDServer.Configuration()
+        if let threads = options.threads { configuration.ioThreads = threads }
+        let server = NBDServer(provider: provider, configuration: configuration, log: log)
         let stop = DispatchSemaphore(value: 0)
         let exitStatus = ExitStatusBox()
 

@@ -185,6 +185,9 @@ import TestSupport
         let smallCache = try served.cli(["serve", "POOL", "--socket", served.socket, "--metadata-cache", "1M", "--default-export", "disk", "--run", "nbdinfo --size \"$uri\""])
         #expect(smallCache.status == 0 && smallCache.stdout.contains("16777216"))
         #expect(try served.cli(["serve", "POOL", "--metadata-cache", "10K"]).status == 64)
+        #expect(try served.cli(["serve", "POOL", "--threads", "0"]).status == 64)
+        let fewThreads = try served.cli(["serve", "POOL", "--socket", served.socket, "--threads", "2", "--default-export", "disk", "--run", "nbdinfo --size \"$uri\""])
+        #expect(fewThreads.status == 0 && fewThreads.stdout.contains("16777216"))
     }
 
     @Test(.enabled(if: Peers.need("qemu-io")))
