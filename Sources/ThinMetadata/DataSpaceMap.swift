@@ -194,6 +194,16 @@ public final class DataSpaceMap {
         var runs: [Range<UInt64>] = []
         var remaining = count
         var position = (hint.map { $0 < dataBlocks ? $0 : 0 }) ?? cursor
+        // A hint says a sequential stream continues. When another stream took the hinted
+        // block, move to a free run long enough to continue in, instead of interleaving
+        // block by block with the other stream.
+        // The search starts a run's length past the hint, leaving the stream that took the
+        // hinted block room to keep growing contiguously too.
+        if let hint, hint < dataBlocks, try !isAllocatable(hint),
+            let run = try findFreeRun(from: (hint + Self.streamRunLength) % dataBlocks, length: Self.streamRunLength)
+        {
+            position = run
+        }
         while remaining > 0 {
             guard let start = try findAllocatable(from: position) else {
                 throw .refcountInvariant("free count says \(available) blocks free but none was found")
@@ -241,6 +251,44 @@ public final class DataSpaceMap {
     public func unreserve(_ block: UInt64) {
         guard reserved.remove(block) != nil else { return }
         groupReserved[Int(block / UInt64(Self.entriesPerGroup))] -= 1
+    }
+
+    /// How many free blocks in a row a stream that lost its hinted block looks for.
+    static let streamRunLength: UInt64 = 32
+
+    private func isAllocatable(_ block: UInt64) throws(MetadataError) -> Bool {
+        let g = Int(block / UInt64(Self.entriesPerGroup))
+        let location = groupBlock[g]
+        return allocatable(block, in: location == 0 ? nil : try readGroup(g, location))
+    }
+
+    /// The start of the first run of `length` allocatable blocks (within one group) at or
+    /// after `position`, searching every group at most once; nil when there is none.
+    private func findFreeRun(from position: UInt64, length: UInt64) throws(MetadataError) -> UInt64? {
+        let groups = groupBlock.count
+        let e = UInt64(Self.entriesPerGroup)
+        var g = Int(position / e)
+        var first = position % e
+        for _ in 0...groups {
+            if UInt64(groupFree[g]) >= UInt64(groupPending[g] + groupReserved[g]) + length {
+                let location = groupBlock[g]
+                let rcb = location == 0 ? nil : try readGroup(g, location)
+                let limit = Self.entriesInGroup(g, dataBlocks: dataBlocks)
+                var runStart = first
+                var i = first
+                while i < limit {
+                    if allocatable(UInt64(g) * e + i, in: rcb) {
+                        if i + 1 - runStart >= length { return UInt64(g) * e + runStart }
+                    } else {
+                        runStart = i + 1
+                    }
+                    i += 1
+                }
+            }
+            g = g + 1 == groups ? 0 : g + 1
+            first = 0
+        }
+        return nil
     }
 
     /// The first allocatable block at or after `position`, wrapping around once.

@@ -317,3 +317,20 @@ extension Pool {
     /// Byte offset of the data region in the pool file.
     public var dataRegionOffset: UInt64 { dataOffset }
 }
+
+extension Pool {
+    /// The data block behind each mapped virtual block of a range (layout diagnostics).
+    func physicalBlocks(_ id: UInt64, blocks: Range<UInt64>) throws(PoolError) -> [UInt64: UInt64] {
+        try lock.withLock { () throws(PoolError) in
+            let state = try volume(id, writing: false)
+            var result: [UInt64: UInt64] = [:]
+            try mapErrors {
+                try mappings.forEach(state.record.mappingRoot, in: blocks) { (vb: UInt64, physical: UInt64) -> Bool in
+                    result[vb] = physical
+                    return true
+                }
+            }
+            return result
+        }
+    }
+}

@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-import ThinPool
+@testable import ThinPool
 import ThinSystem
 
 @Suite struct EngineContractTests {
@@ -153,6 +153,26 @@ import ThinSystem
         #expect(writeDone.wait(timeout: .now() + 10) == .success)
         try pool.commit()
         #expect(try pool.read("v", at: 0, count: 65536) == pattern(65536, seed: 9))
+        #expect(pool.checkProblems() == nil)
+    }
+
+    /// Two sequential writers to different regions of one volume, block by block in turn,
+    /// still get mostly contiguous physical runs (not one block each, interleaved).
+    @Test func interleavedSequentialWritersGetLongRuns() throws {
+        let (pool, _) = try makeMemoryPool(dataSize: 16 << 20)
+        try pool.createVolume("v", size: 8 << 20)
+        let id = try pool.volumeID("v")
+        let one = [UInt8](repeating: 1, count: 4096)
+        for i in 0..<256 {
+            for region in [0, 1024] {
+                try one.withUnsafeBytes { try pool.write(id, at: UInt64(region + i) * 4096, from: $0) }
+            }
+        }
+        for region in [UInt64(0), 1024] {
+            let physical = try pool.physicalBlocks(id, blocks: region..<(region + 256))
+            let breaks = (region..<(region + 255)).filter { physical[$0 + 1] != physical[$0]! + 1 }.count
+            #expect(breaks <= 16, "region at block \(region) is split into \(breaks + 1) physical runs")
+        }
         #expect(pool.checkProblems() == nil)
     }
 
