@@ -93,16 +93,20 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         return (address | request.offset | UInt64(request.buffer.count)) & (alignment - 1) == 0
     }
 
-    public func perform(_ requests: [IORequest]) throws {
+    /// Serves unaligned (and drops empty) requests here, through a bounce buffer, and
+    /// returns the ones left for the kernel. Cost: no allocation when all are aligned.
+    private func bounceUnaligned(_ requests: [IORequest]) throws -> [IORequest] {
+        if requests.allSatisfy({ $0.buffer.count > 0 && Self.isAligned($0) }) { return requests }
         var aligned: [IORequest] = []
         aligned.reserveCapacity(requests.count)
         for request in requests where request.buffer.count > 0 {
-            if Self.isAligned(request) {
-                aligned.append(request)
-            } else {
-                try bounce(request)
-            }
+            if Self.isAligned(request) { aligned.append(request) } else { try bounce(request) }
         }
+        return aligned
+    }
+
+    public func perform(_ requests: [IORequest]) throws {
+        let aligned = try bounceUnaligned(requests)
         guard !aligned.isEmpty else { return }
         try submitAndWait(aligned)
     }
@@ -154,12 +158,9 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     /// Starts the batch and returns; the reaper thread calls `completion`. Unaligned
     /// requests are bounced first, on this thread.
     public func submit(_ requests: [IORequest], completion: @escaping @Sendable (SystemError?) -> Void) {
-        var aligned: [IORequest] = []
-        aligned.reserveCapacity(requests.count)
+        let aligned: [IORequest]
         do {
-            for request in requests where request.buffer.count > 0 {
-                if Self.isAligned(request) { aligned.append(request) } else { try bounce(request) }
-            }
+            aligned = try bounceUnaligned(requests)
             guard !aligned.isEmpty else {
                 completion(nil)
                 return
