@@ -62,7 +62,7 @@ let package = Package(
         .testTarget(name: "ThinFormatTests", dependencies: ["ThinFormat"]),
         .testTarget(name: "ThinSystemTests", dependencies: ["ThinSystem"]),
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
-        .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem"]),
+        .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"]),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinSystem", "TestSupport"]),
         .testTarget(

@@ -203,7 +203,8 @@ def main():
         ("raw libaio", lambda: bench_raw(raw)),
     ]
     if ONLY:
-        columns = [c for c in columns if any(c[0].startswith(o) for o in ONLY)]
+        # Column titles hold commas; a selector names a title without them ("thinbd none CoW").
+        columns = [c for c in columns if any(c[0].replace(",", "").startswith(o.strip()) for o in ONLY)]
     results = {}
     for title, body in columns:
         print(f"running {title} ...", flush=True)

@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <pthread.h>
 #include "thinbd_support.h"
 
@@ -20,4 +21,9 @@ int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock) {
     int result = pthread_rwlock_init(lock, &attributes);
     pthread_rwlockattr_destroy(&attributes);
     return result;
+}
+
+long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long offset) {
+    struct iovec vector = { .iov_base = buffer, .iov_len = length };
+    return (long)preadv2(fd, &vector, 1, (off_t)offset, RWF_NOWAIT);
 }

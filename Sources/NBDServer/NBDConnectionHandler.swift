@@ -2,8 +2,10 @@ import NBDProtocol
 import NIOCore
 import NIOPosix
 
-/// Serves one NBD connection: the handshake, then requests executed concurrently on the
-/// thread pool and answered as they complete (possibly out of order).
+/// Serves one NBD connection: the handshake, then requests executed concurrently and
+/// answered as they complete (possibly out of order). Reads start on the event loop
+/// when the export can do that without blocking (their disk I/O then completes on the
+/// loop too); everything else runs on the thread pool.
 ///
 /// Back-pressure: at most `maxInFlight` requests run at once; beyond that the handler
 /// stops parsing and stops asking the channel for reads, so a fast client cannot make
@@ -23,9 +25,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var readHeld = false
     private var disconnecting = false
     private var closed = false
+    private let loopIO: LoopIO
+    private var flushScheduled = false
 
-    init(server: NBDServer) {
+    init(server: NBDServer, loopIO: LoopIO) {
         self.server = server
+        self.loopIO = loopIO
     }
 
     // MARK: Lifecycle
@@ -101,6 +106,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         if pending.readableBytes == 0 { pending.clear() } else { pending.discardReadBytes() }
         context.flush()
+        loopIO.scheduleSubmission()
+    }
+
+    /// A reply's bytes: a head, and for reads the data, sent as they are (no copy).
+    struct Reply: Sendable {
+        var head: ByteBuffer
+        var data: ByteBuffer?
+    }
+
+    private func write(_ reply: Reply, context: ChannelHandlerContext) {
+        context.write(wrapOutboundOut(reply.head), promise: nil)
+        if let data = reply.data { context.write(wrapOutboundOut(data), promise: nil) }
+    }
+
+    /// Called by the loop's I/O after a round of completions wrote replies.
+    func flushReplies(context: ChannelHandlerContext) {
+        flushScheduled = false
+        if !closed { context.flush() }
     }
 
     private func handleHandshake(_ message: NBDServerParser.Message, context: ChannelHandlerContext) {
@@ -185,39 +208,72 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     ) {
         inFlight += 1
         let allocator = context.channel.allocator
-        let future: EventLoopFuture<ByteBuffer>
+        let future: EventLoopFuture<Reply>
         if case .read(let offset, let length, let dontFragment) = operation {
-            // Reads free their pool thread as soon as the disk read is submitted; the
+            let structured = session.structuredReplies
+            let (data, target) = Self.makeReadBuffer(length: Int(length), allocator: allocator)
+            let reply = { @Sendable (result: Result<[NBDExtent], NBDExportError>) -> Reply in
+                Self.readReply(
+                    result, cookie: cookie, offset: offset, data: data, structured: structured, dontFragment: dontFragment,
+                    allocator: allocator)
+            }
+            let start = export.readWithoutBlocking(at: offset, into: target, queue: loopIO.queue) { result in
+                // On the loop, from its completion round.
+                self.finishRequest(.success(reply(result)), cookie: cookie, context: context, flush: false)
+            }
+            switch start {
+            case .completed(let result):
+                // Flushed with the rest of this pass by processPending.
+                inFlight -= 1
+                if !closed { write(reply(result), context: context) }
+                return
+            case .started:
+                return
+            case .wouldBlock:
+                break
+            }
+            // The pool thread is freed as soon as the disk read is submitted; the
             // device's completion thread fulfils the promise.
-            let promise = context.eventLoop.makePromise(of: ByteBuffer.self)
+            let promise = context.eventLoop.makePromise(of: Reply.self)
             server.threadPool.submit { state in
                 guard case .active = state else {
                     promise.fail(NBDExportError(.shutdown, "server is shutting down"))
                     return
                 }
-                Self.startRead(
-                    offset: offset, length: length, dontFragment: dontFragment, cookie: cookie, export: export,
-                    structured: session.structuredReplies, allocator: allocator
-                ) { promise.succeed($0) }
+                export.readAsync(at: offset, into: target) { promise.succeed(reply($0)) }
             }
             future = promise.futureResult
         } else {
-            future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> ByteBuffer in
-                Self.perform(operation, cookie: cookie, payload: payload, export: export, session: session, allocator: allocator)
+            future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> Reply in
+                Reply(head: Self.perform(operation, cookie: cookie, payload: payload, export: export, session: session, allocator: allocator))
             }
         }
         future.assumeIsolated().whenComplete { result in
-            self.inFlight -= 1
-            switch result {
-            case .success(let out):
-                if !self.closed { context.writeAndFlush(self.wrapOutboundOut(out), promise: nil) }
-            case .failure(let error):
-                // The thread pool stopped: the server is going away.
-                self.reply(error: .shutdown, "server is shutting down (\(error))", cookie: cookie, context: context)
-                context.flush()
-            }
-            self.requestFinished(context: context)
+            self.finishRequest(result, cookie: cookie, context: context, flush: true)
         }
+    }
+
+    /// Sends a request's reply (or ESHUTDOWN when the thread pool refused it) and lets
+    /// the next requests in. Completions from the loop's queue leave the flush to the
+    /// end of their round.
+    private func finishRequest(
+        _ result: Result<Reply, Error>, cookie: UInt64, context: ChannelHandlerContext, flush: Bool
+    ) {
+        inFlight -= 1
+        switch result {
+        case .success(let out):
+            if !closed { write(out, context: context) }
+        case .failure(let error):
+            // The thread pool stopped: the server is going away.
+            reply(error: .shutdown, "server is shutting down (\(error))", cookie: cookie, context: context)
+        }
+        if flush {
+            context.flush()
+        } else if !flushScheduled {
+            flushScheduled = true
+            loopIO.flushAfterCompletions(self, context)
+        }
+        requestFinished(context: context)
     }
 
     private func requestFinished(context: ChannelHandlerContext) {
@@ -242,36 +298,39 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Starts a READ on a pool thread: the data lands straight in the reply buffer, at a
-    /// 4 KiB-aligned address inside it so O_DIRECT needs no bounce buffer. `reply` gets
-    /// the complete reply (data or error), from whichever thread finishes the read.
-    private static func startRead(
-        offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, export: NBDExport, structured: Bool,
-        allocator: ByteBufferAllocator, reply: @escaping @Sendable (ByteBuffer) -> Void
-    ) {
+    /// A reply buffer with room for `length` data bytes at a 4 KiB-aligned address, so
+    /// that O_DIRECT reads land in it without a bounce buffer; returns it with its
+    /// reader index on that address, and the target memory (valid while the buffer is
+    /// alive and not written to).
+    private static func makeReadBuffer(length: Int, allocator: ByteBufferAllocator) -> (ByteBuffer, UnsafeMutableRawBufferPointer) {
         let alignment = 4096
-        var data = allocator.buffer(capacity: Int(length) + alignment)
+        var data = allocator.buffer(capacity: length + alignment)
         var pad = 0
         var target = UnsafeMutableRawBufferPointer(start: nil, count: 0)
-        data.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length) + alignment) { raw in
+        data.writeWithUnsafeMutableBytes(minimumWritableBytes: length + alignment) { raw in
             let address = Int(bitPattern: raw.baseAddress)
             pad = (alignment - address % alignment) % alignment
-            target = UnsafeMutableRawBufferPointer(rebasing: raw[pad..<pad + Int(length)])
-            return pad + Int(length)
+            target = UnsafeMutableRawBufferPointer(rebasing: raw[pad..<pad + length])
+            return pad + length
         }
         data.moveReaderIndex(forwardBy: pad)
-        // The completion holds `data`, which keeps the memory `target` points into alive.
-        export.readAsync(at: offset, into: target) { [data] result in
-            var out = allocator.buffer(capacity: 64)
-            switch result {
-            case .success(let extents):
-                NBDReplyEncoder.read(
-                    cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
-                    dontFragment: dontFragment, into: &out)
-            case .failure(let error):
-                NBDReplyEncoder.error(error.code, message: error.message, cookie: cookie, structured: structured, into: &out)
-            }
-            reply(out)
+        return (data, target)
+    }
+
+    private static func readReply(
+        _ result: Result<[NBDExtent], NBDExportError>, cookie: UInt64, offset: UInt64, data: ByteBuffer, structured: Bool,
+        dontFragment: Bool, allocator: ByteBufferAllocator
+    ) -> Reply {
+        var out = allocator.buffer(capacity: 64)
+        switch result {
+        case .success(let extents):
+            let follows = NBDReplyEncoder.read(
+                cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
+                dontFragment: dontFragment, into: &out)
+            return Reply(head: out, data: follows)
+        case .failure(let error):
+            NBDReplyEncoder.error(error.code, message: error.message, cookie: cookie, structured: structured, into: &out)
+            return Reply(head: out)
         }
     }
 
@@ -286,7 +345,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         do throws(NBDExportError) {
             switch operation {
             case .read:
-                preconditionFailure("reads go through startRead")
+                preconditionFailure("reads go through readWithoutBlocking or readAsync")
             case .write(let offset, let fua):
                 let bytes = payload ?? ByteBuffer()
                 try bytes.withUnsafeReadableBytes { (raw) throws(NBDExportError) in

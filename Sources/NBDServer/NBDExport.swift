@@ -47,6 +47,40 @@ public protocol NBDExport: AnyObject, Sendable {
     func readAsync(
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
         completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void)
+
+    /// Tries to start a read on an event loop thread without blocking it (no lock
+    /// waits, no synchronous disk I/O). `queue` is this loop's, from
+    /// `NBDExportProvider.makeLoopQueue`, when there is one. `completion` runs on the
+    /// loop, only after `.started`. The default says `.wouldBlock`, and the server then
+    /// calls `readAsync` on its thread pool.
+    func readWithoutBlocking(
+        at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
+        completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
+    ) -> NBDNonBlockingRead
+}
+
+/// How `NBDExport.readWithoutBlocking` went.
+public enum NBDNonBlockingRead {
+    /// Done on the spot; the completion is not called.
+    case completed(Result<[NBDExtent], NBDExportError>)
+    /// Queued on the loop queue; the completion runs on the loop.
+    case started
+    /// Nothing done; the server runs the read on a thread that may block.
+    case wouldBlock
+}
+
+/// Disk I/O owned by one event loop: requests queue up while the loop parses input,
+/// leave together in `submitQueued`, and complete on the loop in `runCompletions`
+/// when the readiness descriptor becomes readable. Used only on its loop.
+public protocol NBDLoopQueue: AnyObject {
+    /// A descriptor the server watches (and closes); readable when completions wait.
+    func makeReadinessDescriptor() throws -> Int32
+    /// Closes a readiness descriptor the server could not watch.
+    func releaseReadinessDescriptor(_ descriptor: Int32)
+    func submitQueued()
+    func runCompletions()
+    /// Waits for what is in flight, runs those completions, and releases the queue.
+    func close()
 }
 
 extension NBDExport {
@@ -55,6 +89,13 @@ extension NBDExport {
         completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void
     ) {
         completion(Result { () throws(NBDExportError) in try read(at: offset, into: buffer) })
+    }
+
+    public func readWithoutBlocking(
+        at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
+        completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
+    ) -> NBDNonBlockingRead {
+        .wouldBlock
     }
 }
 
@@ -65,6 +106,13 @@ public protocol NBDExportProvider: AnyObject, Sendable {
     func allExports() -> [NBDExportDescription]
     /// Opens the export a handshake selected. All connections to one name may share one object.
     func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport
+    /// A disk queue for one event loop, called once on each loop that gets a
+    /// connection; nil (the default) when the exports have no use for one.
+    func makeLoopQueue() -> NBDLoopQueue?
+}
+
+extension NBDExportProvider {
+    public func makeLoopQueue() -> NBDLoopQueue? { nil }
 }
 
 struct ProviderCatalog: NBDExportCatalog {

@@ -15,8 +15,8 @@ public final class NBDServer: @unchecked Sendable {
         /// Threads that run export operations. They mostly wait for the disk, so there
         /// are enough of them to keep a queue depth of 32 busy.
         public var ioThreads = 32
-        /// Event loop threads for sockets.
-        public var eventLoopThreads = 1
+        /// Event loop threads for sockets (and, with a loop queue, for reads).
+        public var eventLoopThreads = System.coreCount
 
         public init() {}
     }
@@ -32,6 +32,7 @@ public final class NBDServer: @unchecked Sendable {
     private var listeners: [Channel] = []
     private var connections: [ObjectIdentifier: Channel] = [:]
     private var shuttingDown = false
+    private var loopIOs: [ObjectIdentifier: LoopIO] = [:]
     private let idle: EventLoopPromise<Void>
 
     public init(provider: NBDExportProvider, configuration: Configuration = Configuration(), log: @escaping @Sendable (String) -> Void = { _ in }) {
@@ -48,8 +49,21 @@ public final class NBDServer: @unchecked Sendable {
 
     private func childInitializer(_ channel: Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(NBDConnectionHandler(server: self))
+            let handler = NBDConnectionHandler(server: self, loopIO: loopIO(for: channel.eventLoop))
+            try channel.pipeline.syncOperations.addHandler(handler)
         }
+    }
+
+    /// The loop's disk queue holder, made (and started) by the loop's first connection.
+    private func loopIO(for eventLoop: EventLoop) -> LoopIO {
+        let (loopIO, isNew) = lock.withLock { () -> (LoopIO, Bool) in
+            if let existing = loopIOs[ObjectIdentifier(eventLoop)] { return (existing, false) }
+            let made = LoopIO(eventLoop: eventLoop)
+            loopIOs[ObjectIdentifier(eventLoop)] = made
+            return (made, true)
+        }
+        if isNew, let queue = provider.makeLoopQueue() { loopIO.start(queue, log: logger) }
+        return loopIO
     }
 
     private var bootstrap: ServerBootstrap {
@@ -141,6 +155,11 @@ public final class NBDServer: @unchecked Sendable {
         timer.cancel()
         let remaining = lock.withLock { Array(connections.values) }
         for channel in remaining { try? channel.close().wait() }
+        // Reads still on a loop queue finish (their replies go nowhere) before the
+        // loops and the exports go away.
+        for loopIO in lock.withLock({ Array(loopIOs.values) }) {
+            try? loopIO.eventLoop.submit { loopIO.close() }.wait()
+        }
         try? threadPool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()
     }

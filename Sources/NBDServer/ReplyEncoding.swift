@@ -6,23 +6,28 @@ public enum NBDReplyEncoder {
     /// The reply to a successful READ: a simple reply with the data, or structured
     /// chunks where unmapped ranges go out as OFFSET_HOLE (unless the client asked not to
     /// fragment). `data` holds the whole range, holes zero-filled.
+    ///
+    /// Returns the data when it is to be sent, unchanged, right after `out` (the common
+    /// case: no copy of the payload); nil when `out` holds the whole reply.
+    @discardableResult
     public static func read(
         cookie: UInt64, offset: UInt64, data: ByteBuffer, extents: [NBDExtent], structured: Bool, dontFragment: Bool,
         into out: inout ByteBuffer
-    ) {
+    ) -> ByteBuffer? {
         guard structured else {
             out.writeNBDSimpleReply(NBDSimpleReplyHeader(error: .none, cookie: cookie))
-            out.writeImmutableBuffer(data)
-            return
+            return data
         }
         guard data.readableBytes > 0 else {
             out.writeNBDStructuredChunk(NBDStructuredChunk(flags: .done, cookie: cookie, payload: .none))
-            return
+            return nil
         }
         let hasHoles = extents.contains { $0.isHole }
         if dontFragment || !hasHoles {
-            out.writeNBDStructuredChunk(NBDStructuredChunk(flags: .done, cookie: cookie, payload: .offsetData(offset: offset, data: data)))
-            return
+            // The OFFSET_DATA chunk's header and offset; its data follows.
+            out.writeNBDChunkHeader(flags: .done, type: .offsetData, cookie: cookie, length: 8 + data.readableBytes)
+            out.writeInteger(offset)
+            return data
         }
         let end = offset + UInt64(data.readableBytes)
         var runs: [NBDExtent] = []
@@ -45,6 +50,7 @@ public enum NBDReplyEncoder {
                 out.writeNBDStructuredChunk(NBDStructuredChunk(flags: flags, cookie: cookie, payload: .offsetData(offset: run.offset, data: slice)))
             }
         }
+        return nil
     }
 
     /// A success without data.

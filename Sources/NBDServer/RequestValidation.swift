@@ -31,8 +31,12 @@ public enum NBDRequestValidator {
 
     public static func validate(_ header: NBDRequestHeader, session: NBDSession) -> Verdict {
         let command = header.command
-        let known: Set<NBDCommand> = [.read, .write, .disconnect, .flush, .trim, .cache, .writeZeroes, .blockStatus]
-        guard known.contains(command) else { return .reject(.invalid, "unknown command \(command.rawValue)") }
+        let known: Bool
+        switch command {
+        case .read, .write, .disconnect, .flush, .trim, .cache, .writeZeroes, .blockStatus: known = true
+        default: known = false
+        }
+        guard known else { return .reject(.invalid, "unknown command \(command.rawValue)") }
         let extra = header.flags.subtracting(allowedFlags(command, session))
         guard extra.isEmpty else { return .reject(.invalid, "flags \(extra.rawValue) are not valid for \(command)") }
         let fua = header.flags.contains(.fua)

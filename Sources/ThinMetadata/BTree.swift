@@ -69,10 +69,11 @@ public struct BTree {
     /// key order, until it returns false. Cost: O(log n + entries visited).
     @discardableResult
     public func forEach(
-        _ root: UInt64, in range: Range<UInt64>, _ body: (UInt64, UInt64) throws(MetadataError) -> Bool
+        _ root: UInt64, in range: Range<UInt64>, cachedOnly: Bool = false,
+        _ body: (UInt64, UInt64) throws(MetadataError) -> Bool
     ) throws(MetadataError) -> Bool {
         guard root != 0, !range.isEmpty else { return true }
-        let node = try store.read(root, type).node
+        let node = try store.read(root, type, cachedOnly: cachedOnly).node
         if node.isLeaf {
             var i = node.lowerBound(range.lowerBound)
             while i < node.count {
@@ -86,7 +87,7 @@ public struct BTree {
         var i = max(0, node.childIndex(for: range.lowerBound))
         while i < node.count {
             if node.key(i) >= range.upperBound { return true }
-            if try !forEach(node.value(i), in: range, body) { return false }
+            if try !forEach(node.value(i), in: range, cachedOnly: cachedOnly, body) { return false }
             i += 1
         }
         return true

@@ -14,6 +14,8 @@ public enum MetadataError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A reference count would overflow or underflow: the metadata is inconsistent.
     case refcountInvariant(String)
     case io(SystemError)
+    /// A caller that must not block asked for a block the cache does not hold.
+    case notCached(UInt64)
 
     public var description: String {
         switch self {
@@ -24,6 +26,7 @@ public enum MetadataError: Error, Equatable, Sendable, CustomStringConvertible {
             "pool is out of data space (need \(needed) blocks, \(available) free)"
         case .refcountInvariant(let why): "reference count invariant broken: \(why)"
         case .io(let error): "I/O error: \(error)"
+        case .notCached(let n): "metadata block \(n) is not cached"
         }
     }
 }

@@ -97,8 +97,11 @@ public final class MetadataStore {
 
     /// Returns the block, validated against `type`. Cost: a dictionary lookup when
     /// cached, else one 4 KiB read and a CRC32C.
-    public func read(_ number: UInt64, _ type: BlockType) throws(MetadataError) -> MetadataBlock {
+    /// With `cachedOnly`, a block that is not cached throws `.notCached` instead of
+    /// being read: for callers on threads that must not block.
+    public func read(_ number: UInt64, _ type: BlockType, cachedOnly: Bool = false) throws(MetadataError) -> MetadataBlock {
         if let block = cacheLock.withLock({ cache[number] }) { return block }
+        if cachedOnly { throw .notCached(number) }
         _ = try slot(number, type)
         let block = MetadataBlock(number: number)
         try wrapIO { try device.read(into: block.bytes, at: number * UInt64(MetadataLayout.blockSize)) }

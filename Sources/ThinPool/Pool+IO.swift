@@ -72,7 +72,7 @@ extension Pool {
     /// released, so reads from many connections reach the disk together.
     @discardableResult
     public func read(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> [Extent] {
-        let (requests, extents) = try planRead(id, at: offset, into: buffer)
+        let (requests, extents) = try planRead(id, at: offset, into: buffer)!
         // planRead entered the gate under the pool lock (where no commit can be draining
         // it), so no commit hands the planned blocks to someone else before this is done.
         defer { ioGate.leave() }
@@ -91,7 +91,7 @@ extension Pool {
         let requests: [IORequest]
         let extents: [Extent]
         do {
-            (requests, extents) = try planRead(id, at: offset, into: buffer)
+            (requests, extents) = try planRead(id, at: offset, into: buffer)!
         } catch {
             completion(.failure(error))
             return
@@ -103,42 +103,112 @@ extension Pool {
         }
     }
 
-    private func planRead(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> ([IORequest], [Extent]) {
+    /// The outcome of `readWithoutBlocking`.
+    public enum NonBlockingRead {
+        /// Done (holes, or data the device had at hand); the completion is not called.
+        case completed(Result<[Extent], PoolError>)
+        /// Queued on the caller's loop queue; the completion runs there.
+        case started
+        /// Nothing done: it would have waited (lock, uncached metadata, disk without a
+        /// queue with room). Call `read` or `readAsync` from a thread that may block.
+        case wouldBlock
+    }
+
+    /// Starts a read without ever blocking the calling thread: for event loops, so that
+    /// a read goes from socket to disk and back without a thread hand-off. `queue` must
+    /// belong to the calling thread; `completion` runs there (only after `.started`),
+    /// and `buffer` must stay valid until then. Cost: as `read`, minus the waits.
+    public func readWithoutBlocking(
+        _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: AIOLoopQueue?,
+        completion: @escaping (Result<[Extent], PoolError>) -> Void
+    ) -> NonBlockingRead {
+        let plan: ReadPlan?
+        do {
+            plan = try planRead(id, at: offset, into: buffer, blocking: false)
+        } catch {
+            return .completed(.failure(error))
+        }
+        guard let plan else { return .wouldBlock }
+        guard !plan.requests.isEmpty else {
+            ioGate.leave()
+            return .completed(.success(plan.extents))
+        }
+        let gate = ioGate
+        let extents = plan.extents
+        switch device.startReadsWithoutBlocking(plan.requests, on: queue, completion: { error in
+            gate.leave()
+            completion(error.map { .failure(.io($0)) } ?? .success(extents))
+        }) {
+        case .started:
+            return .started
+        case .completed(let error):
+            gate.leave()
+            return .completed(error.map { .failure(.io($0)) } ?? .success(extents))
+        case .wouldBlock:
+            gate.leave()
+            return .wouldBlock
+        }
+    }
+
+    private typealias ReadPlan = (requests: [IORequest], extents: [Extent])
+
+    /// Looks the range up and zeroes the holes in `buffer`; on success the caller holds
+    /// the I/O gate and must leave it once the planned requests are done. Non-blocking
+    /// plans return nil where a blocking one would wait.
+    private func planRead(
+        _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, blocking: Bool = true
+    ) throws(PoolError) -> ReadPlan? {
         // Shared access: reads plan side by side, and during a commit's I/O.
-        try lock.withSharedAccess { () throws(PoolError) -> ([IORequest], [Extent]) in
+        func plan() throws(PoolError) -> ReadPlan? {
             let state = try volume(id, writing: false)
             try checkRange(state, offset, UInt64(buffer.count))
-            guard buffer.count > 0 else {
+            var plan: ReadPlan = ([], [])
+            if buffer.count > 0 {
+                do throws(MetadataError) {
+                    plan = try lookUpRead(state, at: offset, into: buffer, cachedOnly: !blocking)
+                } catch {
+                    if case .notCached = error { return nil }
+                    throw PoolError(error)
+                }
+            }
+            if blocking {
                 ioGate.enter()
-                return ([], [])
+            } else if !ioGate.tryEnter() {
+                return nil
             }
-            let end = offset + UInt64(buffer.count)
-            var batch = RequestBatch()
-            var runs = ExtentList()
-            var zeroFrom = 0
-            try mapErrors {
-                try mappings.forEach(state.record.mappingRoot, in: (offset / blockSize)..<((end + blockSize - 1) / blockSize)) { (vb: UInt64, physical: UInt64) throws(MetadataError) -> Bool in
-                    let start = max(offset, vb * blockSize)
-                    let stop = min(end, (vb + 1) * blockSize)
-                    let lower = Int(start - offset)
-                    let upper = Int(stop - offset)
-                    if zeroFrom < lower {
-                        UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom..<lower]).initializeMemory(as: UInt8.self, repeating: 0)
-                        runs.add(offset + UInt64(zeroFrom), start, mapped: false)
-                    }
-                    batch.add(.read, UnsafeMutableRawBufferPointer(rebasing: buffer[lower..<upper]), at: diskOffset(physical, start - vb * blockSize))
-                    runs.add(start, stop, mapped: true)
-                    zeroFrom = upper
-                    return true
-                }
-                if zeroFrom < buffer.count {
-                    UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom...]).initializeMemory(as: UInt8.self, repeating: 0)
-                    runs.add(offset + UInt64(zeroFrom), end, mapped: false)
-                }
-            }
-            ioGate.enter()
-            return (batch.requests, runs.extents)
+            return plan
         }
+        if blocking { return try lock.withSharedAccess(plan) }
+        return try lock.tryWithSharedAccess(plan) ?? nil
+    }
+
+    private func lookUpRead(
+        _ state: VolumeState, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool
+    ) throws(MetadataError) -> ReadPlan {
+        let end = offset + UInt64(buffer.count)
+        var batch = RequestBatch()
+        var runs = ExtentList()
+        var zeroFrom = 0
+        let blocks = (offset / blockSize)..<((end + blockSize - 1) / blockSize)
+        try mappings.forEach(state.record.mappingRoot, in: blocks, cachedOnly: cachedOnly) { (vb: UInt64, physical: UInt64) -> Bool in
+            let start = max(offset, vb * blockSize)
+            let stop = min(end, (vb + 1) * blockSize)
+            let lower = Int(start - offset)
+            let upper = Int(stop - offset)
+            if zeroFrom < lower {
+                UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom..<lower]).initializeMemory(as: UInt8.self, repeating: 0)
+                runs.add(offset + UInt64(zeroFrom), start, mapped: false)
+            }
+            batch.add(.read, UnsafeMutableRawBufferPointer(rebasing: buffer[lower..<upper]), at: diskOffset(physical, start - vb * blockSize))
+            runs.add(start, stop, mapped: true)
+            zeroFrom = upper
+            return true
+        }
+        if zeroFrom < buffer.count {
+            UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom...]).initializeMemory(as: UInt8.self, repeating: 0)
+            runs.add(offset + UInt64(zeroFrom), end, mapped: false)
+        }
+        return (batch.requests, runs.extents)
     }
 
     // MARK: Write

@@ -389,6 +389,9 @@ public final class Pool: @unchecked Sendable {
     }
     public var engineName: String { device.engineName }
 
+    /// Whether reads can go through per-thread `AIOLoopQueue`s (see `readWithoutBlocking`).
+    public var usesLoopQueues: Bool { device is AIOFileDevice }
+
     public func info() -> PoolInfo {
         lock.withLock {
             let dataTotal = spaceMap.dataBlocks * blockSize

@@ -69,6 +69,7 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
         case .noMetadataSpace: self = .noMetadataSpace
         case .noDataSpace: self = .noDataSpace(error.description)
         case .io(let e): self = .io(e)
+        case .notCached: self = .io(SystemError(.wouldBlock, error.description))
         }
     }
 }

@@ -59,6 +59,11 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
     /// Aligned copies of write payloads (NIO's buffers are not 4 KiB-aligned).
     let buffers = AlignedBufferPool()
 
+    public func makeLoopQueue() -> NBDLoopQueue? {
+        guard pool.usesLoopQueues, let queue = try? AIOLoopQueue() else { return nil }
+        return PoolLoopQueue(queue)
+    }
+
     public func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport {
         do {
             return VolumeExport(pool: pool, id: try pool.volumeID(description.name), description: description, buffers: buffers)
@@ -94,7 +99,7 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
 
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent] {
         try run { () throws(PoolError) in
-            try pool.read(id, at: offset, into: buffer).map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
+            Self.nbdExtents(try pool.read(id, at: offset, into: buffer))
         }
     }
 
@@ -103,10 +108,26 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void
     ) {
         pool.readAsync(id, at: offset, into: buffer) { result in
-            completion(result.map { extents in
-                extents.map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
-            }.mapError(nbdError))
+            completion(result.map(Self.nbdExtents).mapError(nbdError))
         }
+    }
+
+    func readWithoutBlocking(
+        at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
+        completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
+    ) -> NBDNonBlockingRead {
+        let start = pool.readWithoutBlocking(id, at: offset, into: buffer, queue: (queue as? PoolLoopQueue)?.queue) { result in
+            completion(result.map(Self.nbdExtents).mapError(nbdError))
+        }
+        switch start {
+        case .completed(let result): return .completed(result.map(Self.nbdExtents).mapError(nbdError))
+        case .started: return .started
+        case .wouldBlock: return .wouldBlock
+        }
+    }
+
+    private static func nbdExtents(_ extents: [Extent]) -> [NBDExtent] {
+        extents.map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
     }
 
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError) {
@@ -143,9 +164,22 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
 
     func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent] {
         try run { () throws(PoolError) in
-            try pool.extents(id, at: offset, count: length).map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
+            Self.nbdExtents(try pool.extents(id, at: offset, count: length))
         }
     }
 
     func close() {}
+}
+
+/// A libaio queue for one event loop: volume reads started there complete there.
+final class PoolLoopQueue: NBDLoopQueue {
+    let queue: AIOLoopQueue
+
+    init(_ queue: AIOLoopQueue) { self.queue = queue }
+
+    func makeReadinessDescriptor() throws -> Int32 { try queue.makeReadinessDescriptor() }
+    func releaseReadinessDescriptor(_ descriptor: Int32) { AIOLoopQueue.releaseReadinessDescriptor(descriptor) }
+    func submitQueued() { queue.submitQueued() }
+    func runCompletions() { queue.runCompletions() }
+    func close() { queue.close() }
 }

@@ -111,6 +111,14 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         try submitAndWait(aligned)
     }
 
+    /// Queues the reads on the caller's loop queue when all are aligned and it has room.
+    public func startReadsWithoutBlocking(
+        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart {
+        guard let queue, requests.allSatisfy({ $0.buffer.count > 0 && Self.isAligned($0) }) else { return .wouldBlock }
+        return queue.enqueue(fd: fd, requests, completion: completion) ? .started : .wouldBlock
+    }
+
     private func prepare(_ requests: [IORequest], for batch: Batch) -> UnsafeMutablePointer<iocb> {
         let iocbs = UnsafeMutablePointer<iocb>.allocate(capacity: requests.count)
         let token = Unmanaged.passUnretained(batch).toOpaque()

@@ -39,7 +39,24 @@ public protocol BlockDevice: AnyObject, Sendable {
     var allocatedBytes: UInt64? { get }
     /// Starts a batch and calls `completion` when it is done (see the extension).
     func submit(_ requests: [IORequest], completion: @escaping @Sendable (SystemError?) -> Void)
+    /// Starts reads without blocking the calling thread (see `NonBlockingStart`).
+    /// `queue`, when given, belongs to the calling thread; `completion` runs there, and
+    /// only when the result is `.started`.
+    func startReadsWithoutBlocking(
+        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart
     func close()
+}
+
+/// How an attempt to start I/O without blocking went.
+public enum NonBlockingStart {
+    /// Done already (data served from memory or the page cache), with this outcome.
+    case completed(SystemError?)
+    /// Queued on the caller's `AIOLoopQueue`; the completion will run there.
+    case started
+    /// Nothing was done: doing it would block (no queue, no room, data not cached).
+    /// The caller falls back to a thread that may block.
+    case wouldBlock
 }
 
 extension BlockDevice {
@@ -55,6 +72,12 @@ extension BlockDevice {
         } catch {
             completion(SystemError(.io, "\(error)"))
         }
+    }
+
+    public func startReadsWithoutBlocking(
+        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart {
+        .wouldBlock
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {

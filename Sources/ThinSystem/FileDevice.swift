@@ -98,6 +98,18 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// Serves the reads from the page cache (preadv2 with RWF_NOWAIT) when every byte
+    /// is cached; anything else, errors included, is left to the blocking path.
+    public func startReadsWithoutBlocking(
+        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart {
+        for request in requests where request.buffer.count > 0 {
+            let n = thinbd_pread_nowait(fd, request.buffer.baseAddress, UInt(request.buffer.count), Int64(request.offset))
+            if n != request.buffer.count { return .wouldBlock }
+        }
+        return .completed(nil)
+    }
+
     public func barrier() throws { try Syscall.fdatasync(fd) }
 
     public func setSize(_ newSize: UInt64) throws { try Syscall.ftruncate(fd, newSize) }

@@ -44,6 +44,15 @@ public final class DrainGate: @unchecked Sendable {
         state.unlock()
     }
 
+    /// Becomes a holder unless a drain is pending; never waits.
+    public func tryEnter() -> Bool {
+        state.lock()
+        defer { state.unlock() }
+        guard draining == 0 else { return false }
+        holders += 1
+        return true
+    }
+
     public func leave() {
         state.lock()
         holders -= 1

@@ -63,6 +63,15 @@ public final class PoolLock: @unchecked Sendable {
         return try body()
     }
 
+    /// Like `withSharedAccess`, but returns nil at once, without running `body`, when
+    /// the lock is held or wanted exclusively: for threads that must not wait.
+    @inline(__always)
+    public func tryWithSharedAccess<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T? {
+        guard pthread_rwlock_tryrdlock(access) == 0 else { return nil }
+        defer { pthread_rwlock_unlock(access) }
+        return try body()
+    }
+
     /// Called inside `withLock`: lets readers in while `body` runs. The caller keeps
     /// the mutex, so no one changes metadata meanwhile; `body` must not change it either.
     public func admittingReaders<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {

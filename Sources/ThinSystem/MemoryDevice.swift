@@ -181,6 +181,20 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// Memory never blocks: the reads are done before returning (a thread-free stand-in
+    /// for the page cache and loop queues of the file devices).
+    public func startReadsWithoutBlocking(
+        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart {
+        precondition(requests.allSatisfy { $0.kind == .read })
+        do {
+            try perform(requests)
+            return .completed(nil)
+        } catch {
+            return .completed(error as? SystemError ?? SystemError(.io, "\(error)"))
+        }
+    }
+
     public func barrier() throws {
         if let hold = lock.withLock({ barrierHold }) {
             barrierWaiting.signal()

@@ -20,12 +20,23 @@ import Testing
         #expect(chunks[1].payload == .offsetHole(offset: 4096, length: 4096))
         #expect(chunks[2].payload == .offsetData(offset: 8192, data: ByteBuffer(repeating: 0x42, count: 4096)))
 
+        #expect(out.readableBytes == 0)
+
+        // Unfragmented replies leave the data to be sent after the header, uncopied.
         var df = ByteBuffer()
-        NBDReplyEncoder.read(cookie: 7, offset: 0, data: data, extents: extents, structured: true, dontFragment: true, into: &df)
+        let follows = NBDReplyEncoder.read(cookie: 7, offset: 0, data: data, extents: extents, structured: true, dontFragment: true, into: &df)
+        #expect(follows == data)
+        df.writeImmutableBuffer(follows!)
         let single = try df.readNBDStructuredChunk()
         #expect(single?.flags == .done)
         #expect(single?.payload == .offsetData(offset: 0, data: data))
         #expect(df.readableBytes == 0)
+
+        var simple = ByteBuffer()
+        let simpleData = NBDReplyEncoder.read(cookie: 9, offset: 0, data: data, extents: extents, structured: false, dontFragment: false, into: &simple)
+        #expect(simpleData == data)
+        #expect(try simple.readNBDSimpleReplyHeader() == NBDSimpleReplyHeader(error: .none, cookie: 9))
+        #expect(simple.readableBytes == 0)
     }
 
     @Test func blockStatusMergesClipsAndHonoursRequestOne() throws {

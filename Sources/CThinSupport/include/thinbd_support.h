@@ -16,4 +16,8 @@ int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock);
 
 /// eventfd(0, EFD_CLOEXEC); returns the descriptor or -1 with errno set.
 int thinbd_eventfd(void);
+
+/// preadv2(RWF_NOWAIT) of one buffer: reads only what the page cache holds. Returns the
+/// byte count, or -1 with errno set (EAGAIN: the data is not cached).
+long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long offset);
 #endif

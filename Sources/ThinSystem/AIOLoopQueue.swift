@@ -1,0 +1,188 @@
+import CLibAIO
+import CThinSupport
+import Glibc
+
+/// libaio owned by one thread (an event loop), so that a request can go from socket to
+/// disk and back without changing threads.
+///
+/// - `enqueue` prepares iocbs in preallocated slots; nothing reaches the kernel yet.
+/// - `submitQueued` hands every queued iocb to the kernel in one io_submit: the owner
+///   calls it once per pass over its sockets, so requests parsed together leave together.
+/// - Completions signal an eventfd; the owner watches a duplicate of it
+///   (`makeReadinessDescriptor`) and calls `runCompletions`, which runs each operation's
+///   completion on the owner's thread.
+///
+/// Not thread-safe: every call comes from the owning thread. Cost: no allocation per
+/// operation once the operation table has grown to the peak in flight; one io_submit per
+/// `submitQueued`, one io_getevents per 256 completions.
+public final class AIOLoopQueue: @unchecked Sendable {
+    /// iocbs in flight at once; `enqueue` refuses work beyond it.
+    public static let capacity = 256
+
+    private let context: io_context_t
+    private let eventFD: Int32
+    private let iocbs: UnsafeMutablePointer<iocb>
+    private let events: UnsafeMutablePointer<io_event>
+    private var freeIOCBs: [Int32]
+    private var queued: [UnsafeMutablePointer<iocb>?] = []
+    private var submitting: [UnsafeMutablePointer<iocb>?] = []
+    private var operations: [Operation?] = []
+    private var freeOperations: [Int] = []
+    private var closed = false
+
+    /// iocbs handed out and not yet completed (queued or in the kernel).
+    public private(set) var inFlight = 0
+
+    private struct Operation {
+        var remaining: Int
+        var error: SystemError?
+        var completion: (SystemError?) -> Void
+    }
+
+    public init() throws(SystemError) {
+        let efd = thinbd_eventfd()
+        guard efd >= 0 else { throw SystemError.current("eventfd") }
+        var ctx: io_context_t?
+        let r = io_setup(Int32(Self.capacity), &ctx)
+        if r < 0 {
+            Syscall.close(efd)
+            throw SystemError(SystemError.Code(rawValue: -r), "io_setup")
+        }
+        context = ctx!
+        eventFD = efd
+        iocbs = .allocate(capacity: Self.capacity)
+        events = .allocate(capacity: Self.capacity)
+        freeIOCBs = (0..<Int32(Self.capacity)).reversed()
+        queued.reserveCapacity(Self.capacity)
+        submitting.reserveCapacity(Self.capacity)
+    }
+
+    deinit {
+        close()
+        iocbs.deallocate()
+        events.deallocate()
+    }
+
+    /// A new descriptor (the caller closes it) that becomes readable when completions
+    /// are waiting. Reading it resets the signal; `runCompletions` does not read it.
+    public func makeReadinessDescriptor() throws(SystemError) -> Int32 {
+        let copy = Glibc.dup(eventFD)
+        guard copy >= 0 else { throw SystemError.current("dup") }
+        return copy
+    }
+
+    /// Closes a descriptor from `makeReadinessDescriptor`.
+    public static func releaseReadinessDescriptor(_ descriptor: Int32) {
+        Syscall.close(descriptor)
+    }
+
+    /// Queues `requests` (aligned for O_DIRECT, none empty) on `fd` as one operation;
+    /// `completion` runs on the owning thread, from `runCompletions` (or from
+    /// `submitQueued` when the kernel refuses them). Returns false, queuing nothing,
+    /// when the queue has no room or is closed.
+    public func enqueue(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
+        guard !closed, !requests.isEmpty, requests.count <= freeIOCBs.count else { return false }
+        let operation = Operation(remaining: requests.count, error: nil, completion: completion)
+        let index: Int
+        if let reused = freeOperations.popLast() {
+            index = reused
+            operations[index] = operation
+        } else {
+            index = operations.count
+            operations.append(operation)
+        }
+        let token = UnsafeMutableRawPointer(bitPattern: index + 1)
+        for request in requests {
+            let cb = iocbs + Int(freeIOCBs.removeLast())
+            switch request.kind {
+            case .read: io_prep_pread(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
+            case .write: io_prep_pwrite(cb, fd, request.buffer.baseAddress, request.buffer.count, Int64(request.offset))
+            }
+            io_set_eventfd(cb, eventFD)
+            cb.pointee.data = token
+            queued.append(cb)
+        }
+        inFlight += requests.count
+        return true
+    }
+
+    /// Hands everything queued to the kernel. Completions may run from here (only for
+    /// iocbs the kernel refused), and they may queue and submit more.
+    public func submitQueued() {
+        guard !queued.isEmpty else { return }
+        // Swapped out first: a completion run below may queue again.
+        swap(&queued, &submitting)
+        var submitted = 0
+        var failure: SystemError?
+        submitting.withUnsafeMutableBufferPointer { list in
+            while submitted < list.count {
+                let r = io_submit(context, list.count - submitted, list.baseAddress! + submitted)
+                if r == -EINTR || r == -EAGAIN { continue }
+                if r < 0 {
+                    failure = SystemError(SystemError.Code(rawValue: -r), "io_submit")
+                    return
+                }
+                submitted += Int(r)
+            }
+        }
+        let refused = submitting[submitted...].map { $0! }
+        submitting.removeAll(keepingCapacity: true)
+        for cb in refused { finish(cb, result: -Int(failure!.code.rawValue), expected: 0) }
+    }
+
+    /// Collects finished iocbs without waiting and runs the completions of operations
+    /// whose last iocb finished. Returns how many iocbs finished.
+    @discardableResult
+    public func runCompletions() -> Int {
+        var total = 0
+        var noWait = timespec(tv_sec: 0, tv_nsec: 0)
+        while inFlight > 0 {
+            let got = io_getevents(context, 0, Self.capacity, events, &noWait)
+            if got == -EINTR { continue }
+            if got <= 0 { break }
+            for i in 0..<Int(got) {
+                let event = events[i]
+                finish(event.obj, result: Int(bitPattern: event.res), expected: Int(event.obj.pointee.u.c.nbytes))
+            }
+            total += Int(got)
+            if Int(got) < Self.capacity { break }
+        }
+        return total
+    }
+
+    private func finish(_ cb: UnsafeMutablePointer<iocb>, result: Int, expected: Int) {
+        let index = Int(bitPattern: cb.pointee.data) - 1
+        freeIOCBs.append(Int32(cb - iocbs))
+        inFlight -= 1
+        if result < 0 {
+            operations[index]!.error = operations[index]!.error ?? SystemError(SystemError.Code(rawValue: Int32(-result)), "aio")
+        } else if result != expected {
+            operations[index]!.error = operations[index]!.error ?? SystemError(.io, "short aio transfer (\(result) of \(expected) bytes)")
+        }
+        operations[index]!.remaining -= 1
+        guard operations[index]!.remaining == 0 else { return }
+        let done = operations[index]!
+        operations[index] = nil
+        freeOperations.append(index)
+        done.completion(done.error)
+    }
+
+    /// Submits what is queued, waits for everything in flight, runs those completions,
+    /// and releases the kernel context. Later `enqueue` calls return false.
+    public func close() {
+        guard !closed else { return }
+        submitQueued()
+        closed = true
+        while inFlight > 0 {
+            let got = io_getevents(context, 1, Self.capacity, events, nil)
+            if got == -EINTR { continue }
+            if got <= 0 { break }
+            for i in 0..<Int(got) {
+                let event = events[i]
+                finish(event.obj, result: Int(bitPattern: event.res), expected: Int(event.obj.pointee.u.c.nbytes))
+            }
+        }
+        io_destroy(context)
+        Syscall.close(eventFD)
+    }
+}

@@ -1,0 +1,168 @@
+import Foundation
+import Testing
+import ThinSystem
+
+/// Runs completions until `done()` holds; the queue's I/O is real disk I/O, so this
+/// polls with a short sleep rather than watching the readiness descriptor.
+private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
+    let deadline = Date().addingTimeInterval(10)
+    while !done() && Date() < deadline {
+        queue.submitQueued()
+        if queue.runCompletions() == 0 { usleep(200) }
+    }
+}
+
+@Suite struct LoopQueueTests {
+    @Test func readsQueuedOnTheCallersQueueCompleteThere() throws {
+        let path = temporaryPath("loopqueue")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .none, create: true)
+        defer { device.close() }
+        try device.setSize(1 << 20)
+        let pattern = AlignedBuffer(count: 65536)
+        for i in 0..<pattern.bytes.count { pattern.bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
+        try device.write(UnsafeRawBufferPointer(pattern.bytes), at: 65536)
+
+        let queue = try AIOLoopQueue()
+        let target = AlignedBuffer(count: 65536)
+        // Two requests in one operation: the completion runs once, after both.
+        let requests = [
+            IORequest(.read, UnsafeMutableRawBufferPointer(rebasing: target.bytes[0..<32768]), at: 65536),
+            IORequest(.read, UnsafeMutableRawBufferPointer(rebasing: target.bytes[32768...]), at: 65536 + 32768),
+        ]
+        var completions = 0
+        var failure: SystemError?
+        let start = device.startReadsWithoutBlocking(requests, on: queue) { error in
+            completions += 1
+            failure = error
+        }
+        guard case .started = start else {
+            Issue.record("expected the reads to be queued, got \(start)")
+            return
+        }
+        #expect(queue.inFlight == 2)
+        #expect(completions == 0, "nothing runs before submission and a completion round")
+        runUntil(queue) { completions > 0 }
+        #expect(completions == 1)
+        #expect(failure == nil)
+        #expect(Array(target.bytes) == Array(pattern.bytes))
+        #expect(queue.inFlight == 0)
+        queue.close()
+    }
+
+    @Test func refusesWhatItCannotTakeWithoutBlocking() throws {
+        let path = temporaryPath("loopqueue-refuse")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .none, create: true)
+        defer { device.close() }
+        try device.setSize(1 << 20)
+        let queue = try AIOLoopQueue()
+        defer { queue.close() }
+        let buffer = AlignedBuffer(count: 4096 * (AIOLoopQueue.capacity + 1))
+        func pages(_ n: Int, unaligned: Bool = false) -> [IORequest] {
+            (0..<n).map { i in
+                let lower = i * 4096 + (unaligned ? 1 : 0)
+                return IORequest(.read, UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[lower..<lower + 4095 + (unaligned ? 0 : 1)]), at: 0)
+            }
+        }
+        let tooMany = device.startReadsWithoutBlocking(pages(AIOLoopQueue.capacity + 1), on: queue) { _ in }
+        #expect({ if case .wouldBlock = tooMany { true } else { false } }())
+        let unaligned = device.startReadsWithoutBlocking(pages(1, unaligned: true), on: queue) { _ in }
+        #expect({ if case .wouldBlock = unaligned { true } else { false } }())
+        let noQueue = device.startReadsWithoutBlocking(pages(1), on: nil) { _ in }
+        #expect({ if case .wouldBlock = noQueue { true } else { false } }())
+        #expect(queue.inFlight == 0)
+
+        // A full queue refuses; room comes back as completions run.
+        var done = 0
+        let fill = device.startReadsWithoutBlocking(pages(AIOLoopQueue.capacity), on: queue) { _ in done += 1 }
+        #expect({ if case .started = fill { true } else { false } }())
+        let overflow = device.startReadsWithoutBlocking(pages(1), on: queue) { _ in }
+        #expect({ if case .wouldBlock = overflow { true } else { false } }())
+        runUntil(queue) { done == 1 }
+        #expect(done == 1)
+        let again = device.startReadsWithoutBlocking(pages(1), on: queue) { _ in done += 1 }
+        #expect({ if case .started = again { true } else { false } }())
+        runUntil(queue) { done == 2 }
+        #expect(done == 2)
+    }
+
+    @Test func failedReadsReportTheirErrorAndCloseDrainsWhatIsInFlight() throws {
+        let path = temporaryPath("loopqueue-errors")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .none, create: true)
+        defer { device.close() }
+        try device.setSize(8192)
+        let queue = try AIOLoopQueue()
+        let buffer = AlignedBuffer(count: 4096)
+        var errors: [SystemError?] = []
+        // Past the end of the file: the kernel transfers nothing, a short read.
+        _ = device.startReadsWithoutBlocking([IORequest(.read, buffer.bytes, at: 1 << 20)], on: queue) { errors.append($0) }
+        _ = device.startReadsWithoutBlocking([IORequest(.read, buffer.bytes, at: 0)], on: queue) { errors.append($0) }
+        queue.close()
+        #expect(errors.count == 2, "close submits what is queued and runs every completion")
+        #expect(errors.compactMap { $0 }.count == 1)
+        #expect(errors.compactMap { $0 }.first?.description.contains("short") == true)
+        let late = device.startReadsWithoutBlocking([IORequest(.read, buffer.bytes, at: 0)], on: queue) { _ in }
+        #expect({ if case .wouldBlock = late { true } else { false } }(), "a closed queue takes nothing")
+    }
+
+    @Test func cachedPagesAreReadOnTheSpot() throws {
+        let path = temporaryPath("nowait")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
+        defer { device.close() }
+        try device.setSize(1 << 20)
+        let data = [UInt8](repeating: 0xA5, count: 8192)
+        try data.withUnsafeBytes { try device.write($0, at: 4096) }
+        var back = [UInt8](repeating: 0, count: 8192)
+        let start = back.withUnsafeMutableBytes { raw in
+            device.startReadsWithoutBlocking([IORequest(.read, raw, at: 4096)], on: nil) { _ in Issue.record("no callback for on-the-spot reads") }
+        }
+        // Just written through the page cache: served from it without blocking.
+        #expect({ if case .completed(nil) = start { true } else { false } }())
+        #expect(back == data)
+    }
+}
+
+@Suite struct NonBlockingLockTests {
+    @Test func sharedAccessIsRefusedWhileHeldExclusivelyAndGateWhileDraining() throws {
+        let lock = PoolLock()
+        #expect(lock.tryWithSharedAccess { 1 } == 1)
+        let holding = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            lock.withLock {
+                holding.signal()
+                release.wait()
+            }
+        }
+        thread.start()
+        holding.wait()
+        #expect(lock.tryWithSharedAccess { 1 } == nil)
+        release.signal()
+        // Once released, shared access comes back.
+        var got: Int?
+        for _ in 0..<1000 where got == nil {
+            got = lock.tryWithSharedAccess { 2 }
+            if got == nil { usleep(1000) }
+        }
+        #expect(got == 2)
+
+        let gate = DrainGate()
+        #expect(gate.tryEnter())
+        let drained = DispatchSemaphore(value: 0)
+        let drainer = Thread { gate.whileDrained { () -> Void in drained.signal() } }
+        drainer.start()
+        // The drain waits for the holder; meanwhile newcomers are refused, not queued.
+        var refused = false
+        for _ in 0..<1000 where !refused {
+            if gate.tryEnter() { gate.leave(); usleep(1000) } else { refused = true }
+        }
+        #expect(refused)
+        gate.leave()
+        drained.wait()
+        #expect(gate.tryEnter())
+        gate.leave()
+    }
+}
