@@ -10,9 +10,11 @@ or by captive mode):
   nbdkit file plugin on a raw file (page cache)
   fio libaio with O_DIRECT on the raw file (the physical limit)
 
-Prints a table of IOPS and MiB/s per job and the ratios thinbd/peer and thinbd/limit, then
-the server's peak memory with 16 exports in use.
-Usage: bench-nbd.py THINBD [--runtime S] [--only COLUMN,...] [--jobs N,...] [--no-memory]
+Each job runs on every server before the next job starts, so that the numbers a ratio
+compares were measured minutes apart at most; with --repeat N the whole sequence runs N
+times and the table shows medians. Prints a table of IOPS and MiB/s per job and the ratios
+thinbd/peer and thinbd/limit, then the server's peak memory with 16 exports in use.
+Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory]
 """
 import json
 import os
@@ -26,6 +28,7 @@ import time
 
 THINBD = os.path.abspath(sys.argv[1])
 RUNTIME = int(sys.argv[sys.argv.index("--runtime") + 1]) if "--runtime" in sys.argv else 10
+REPEAT = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
 ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
 SIZE = 1 << 30
 WORK = tempfile.mkdtemp(prefix="thinbd-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
@@ -101,32 +104,35 @@ def thinbd_server(pool, cache, export):
     return proc, f"nbd+unix:///{export}?socket={sock}"
 
 
-def bench_thinbd(raw, cache, fresh):
-    pool = os.path.join(WORK, f"thinbd-{cache}.pool")
-    if os.path.exists(pool):
-        os.unlink(pool)
-    run([THINBD, "create", pool, "--size", "16G"])
-    run([THINBD, "volume", "create", pool, "base", "--size", str(SIZE)])
-    proc, uri = thinbd_server(pool, cache, "base")
-    # One connection, like qemu-img convert for the qcow2 peer: sequential allocation.
-    run(["nbdcopy", "--connections=1", raw, uri])
-    stop(proc)
-    run([THINBD, "snapshot", pool, "base@prefill"])
-    results = []
-    for i, job in enumerate(JOBS):
-        name = f"job{i}"
-        if fresh:
-            run([THINBD, "volume", "create", pool, name, "--size", str(SIZE)])
+class ThinbdColumn:
+    """A pool prefilled once (one connection, as qemu-img convert fills the qcow2 peer,
+    then snapshotted); each job runs on a clone of the snapshot (copy-on-write) or on a
+    fresh volume (allocation), served by its own server process."""
+
+    def __init__(self, raw, cache, fresh):
+        self.cache, self.fresh = cache, fresh
+        self.pool = os.path.join(WORK, f"thinbd-{cache}-{'fresh' if fresh else 'cow'}.pool")
+        run([THINBD, "create", self.pool, "--size", "16G"])
+        run([THINBD, "volume", "create", self.pool, "base", "--size", str(SIZE)])
+        proc, uri = thinbd_server(self.pool, cache, "base")
+        run(["nbdcopy", "--connections=1", raw, uri])
+        stop(proc)
+        run([THINBD, "snapshot", self.pool, "base@prefill"])
+        self.count = 0
+
+    def run(self, job):
+        self.count += 1
+        name = f"job{self.count}"
+        if self.fresh:
+            run([THINBD, "volume", "create", self.pool, name, "--size", str(SIZE)])
         else:
-            run([THINBD, "clone", pool, "base@prefill", name])
-        proc, uri = thinbd_server(pool, cache, name)
+            run([THINBD, "clone", self.pool, "base@prefill", name])
+        proc, uri = thinbd_server(self.pool, self.cache, name)
         try:
-            results.append(fio(job, ("nbd", uri)))
+            return fio(job, ("nbd", uri))
         finally:
             stop(proc)
-        run([THINBD, "volume", "delete", pool, name])
-    os.unlink(pool)
-    return results
+            run([THINBD, "volume", "delete", self.pool, name])
 
 
 def served_fio(job, command, sock):
@@ -141,27 +147,35 @@ def served_fio(job, command, sock):
         stop(proc)
 
 
-def bench_qemu_nbd(raw):
-    image = os.path.join(WORK, "image.qcow2")
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image])
-    run(["qemu-img", "snapshot", "-c", "prefill", image])
-    sock = os.path.join(WORK, "qemu.sock")
-    results = []
-    for job in JOBS:
+class QemuColumn:
+    def __init__(self, raw):
+        self.image = os.path.join(WORK, "image.qcow2")
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, self.image])
+        run(["qemu-img", "snapshot", "-c", "prefill", self.image])
+
+    def run(self, job):
         # Re-applying the snapshot makes every cluster shared again: writes copy-on-write.
-        run(["qemu-img", "snapshot", "-a", "prefill", image])
-        results.append(served_fio(job, ["qemu-nbd", "--cache=none", "--aio=native", "-f", "qcow2", "-t", "-e", "8",
-                                        "--socket", sock, image], sock))
-    return results
+        run(["qemu-img", "snapshot", "-a", "prefill", self.image])
+        sock = os.path.join(WORK, "qemu.sock")
+        return served_fio(job, ["qemu-nbd", "--cache=none", "--aio=native", "-f", "qcow2", "-t", "-e", "8",
+                                "--socket", sock, self.image], sock)
 
 
-def bench_nbdkit(raw):
-    sock = os.path.join(WORK, "nbdkit.sock")
-    return [served_fio(job, ["nbdkit", "-f", "-U", sock, "file", raw], sock) for job in JOBS]
+class NbdkitColumn:
+    def __init__(self, raw):
+        self.raw = raw
+
+    def run(self, job):
+        sock = os.path.join(WORK, "nbdkit.sock")
+        return served_fio(job, ["nbdkit", "-f", "-U", sock, "file", self.raw], sock)
 
 
-def bench_raw(raw):
-    return [fio(job, ("file", raw)) for job in JOBS]
+class RawColumn:
+    def __init__(self, raw):
+        self.raw = raw
+
+    def run(self, job):
+        return fio(job, ("file", self.raw))
 
 
 def peak_memory_16_exports():
@@ -194,21 +208,28 @@ def main():
     print(f"working set {SIZE >> 20} MiB, {RUNTIME} s per job, directory {WORK}", flush=True)
     raw = prefill_raw()
     columns = [
-        ("thinbd none, CoW", lambda: bench_thinbd(raw, "none", fresh=False)),
-        ("thinbd none, fresh", lambda: bench_thinbd(raw, "none", fresh=True)),
-        ("thinbd wb, CoW", lambda: bench_thinbd(raw, "writeback", fresh=False)),
-        ("thinbd wb, fresh", lambda: bench_thinbd(raw, "writeback", fresh=True)),
-        ("qemu-nbd qcow2", lambda: bench_qemu_nbd(raw)),
-        ("nbdkit file", lambda: bench_nbdkit(raw)),
-        ("raw libaio", lambda: bench_raw(raw)),
+        ("thinbd none, CoW", lambda: ThinbdColumn(raw, "none", fresh=False)),
+        ("thinbd none, fresh", lambda: ThinbdColumn(raw, "none", fresh=True)),
+        ("thinbd wb, CoW", lambda: ThinbdColumn(raw, "writeback", fresh=False)),
+        ("thinbd wb, fresh", lambda: ThinbdColumn(raw, "writeback", fresh=True)),
+        ("qemu-nbd qcow2", lambda: QemuColumn(raw)),
+        ("nbdkit file", lambda: NbdkitColumn(raw)),
+        ("raw libaio", lambda: RawColumn(raw)),
     ]
     if ONLY:
         # Column titles hold commas; a selector names a title without them ("thinbd none CoW").
         columns = [c for c in columns if any(c[0].replace(",", "").startswith(o.strip()) for o in ONLY)]
-    results = {}
-    for title, body in columns:
-        print(f"running {title} ...", flush=True)
-        results[title] = body()
+    print("preparing " + ", ".join(title for title, _ in columns) + " ...", flush=True)
+    servers = [(title, make()) for title, make in columns]
+    samples = {title: [[] for _ in JOBS] for title, _ in columns}
+    for round in range(REPEAT):
+        for i, job in enumerate(JOBS):
+            print(f"round {round + 1}/{REPEAT}: {job[0]} ...", flush=True)
+            for title, server in servers:
+                samples[title][i].append(server.run(job))
+    # Medians per server and job (by IOPS; MiB/s follows the same sample).
+    results = {title: [sorted(runs, key=lambda r: r[0])[len(runs) // 2] for runs in per_job]
+               for title, per_job in samples.items()}
     memory = None if "--no-memory" in sys.argv else peak_memory_16_exports()
 
     print()
@@ -231,6 +252,8 @@ def main():
     print()
     if memory is not None:
         print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")
+    if REPEAT > 1:
+        print(f"medians of {REPEAT} rounds")
     print(f"total time {time.time() - started:.0f} s")
     shutil.rmtree(WORK, ignore_errors=True)
 

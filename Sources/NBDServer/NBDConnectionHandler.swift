@@ -27,6 +27,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var closed = false
     private let loopIO: LoopIO
     private var flushScheduled = false
+    /// A large WRITE whose payload is still arriving: its bytes are copied once,
+    /// straight into a 4 KiB-aligned buffer of their own, instead of accumulating in
+    /// `pending` (where every read would append and the buffer would regrow).
+    private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
+    /// WRITE payloads at least this large are assembled that way.
+    static let assembledPayloadMinimum = 16384
 
     init(server: NBDServer, loopIO: LoopIO) {
         self.server = server
@@ -71,6 +77,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
+        if assembly != nil {
+            continueAssembly(with: &bytes, context: context)
+            if bytes.readableBytes == 0 { return }
+        }
         if pending.readableBytes == 0 {
             pending = bytes
         } else {
@@ -89,6 +99,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func processPending(context: ChannelHandlerContext) {
         while !closed && !disconnecting && inFlight < server.configuration.maxInFlightPerConnection {
+            if parser.phase == .transmission && session != nil && startAssembly(context: context) { break }
             let message: NBDServerParser.Message?
             do {
                 message = try parser.next(&pending)
@@ -124,6 +135,43 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func flushReplies(context: ChannelHandlerContext) {
         flushScheduled = false
         if !closed { context.flush() }
+    }
+
+    /// Starts assembling when `pending` begins with a large WRITE whose payload has not
+    /// all arrived. Returns true when it did (the rest comes through `continueAssembly`).
+    private func startAssembly(context: ChannelHandlerContext) -> Bool {
+        guard assembly == nil, let header = try? pending.peekNBDRequestHeader(), header.command == .write else { return false }
+        let length = Int(header.length)
+        guard length >= Self.assembledPayloadMinimum, length <= NBDLimits.maxPayload,
+            pending.readableBytes < NBDRequestHeader.size + length
+        else { return false }
+        pending.moveReaderIndex(forwardBy: NBDRequestHeader.size)
+        var payload = Self.makeAlignedBuffer(capacity: length, allocator: context.channel.allocator)
+        let arrived = pending.readableBytes
+        payload.writeBuffer(&pending)
+        pending.clear()
+        assembly = (header, payload, length - arrived)
+        return true
+    }
+
+    /// Moves the awaited payload bytes out of `bytes`; once complete, runs the WRITE and
+    /// goes back to parsing (what is left in `bytes` is the caller's).
+    private func continueAssembly(with bytes: inout ByteBuffer, context: ChannelHandlerContext) {
+        // Taken out, so that the payload's storage has one owner and appends in place.
+        guard var current = assembly.take() else { return }
+        var chunk = bytes.readSlice(length: min(current.remaining, bytes.readableBytes))!
+        current.remaining -= chunk.readableBytes
+        current.payload.writeBuffer(&chunk)
+        guard current.remaining == 0 else {
+            assembly = current
+            return
+        }
+        guard !closed else { return }
+        handleTransmission(.request(NBDRequest(header: current.header, payload: current.payload)), context: context)
+        if bytes.readableBytes == 0 {
+            // Nothing else arrived with it: parse what `pending` may hold, then flush.
+            processPending(context: context)
+        }
     }
 
     private func handleHandshake(_ message: NBDServerParser.Message, context: ChannelHandlerContext) {
@@ -298,22 +346,28 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// A reply buffer with room for `length` data bytes at a 4 KiB-aligned address, so
-    /// that O_DIRECT reads land in it without a bounce buffer; returns it with its
-    /// reader index on that address, and the target memory (valid while the buffer is
-    /// alive and not written to).
-    private static func makeReadBuffer(length: Int, allocator: ByteBufferAllocator) -> (ByteBuffer, UnsafeMutableRawBufferPointer) {
+    /// An empty buffer whose reader and writer index sit on a 4 KiB-aligned address,
+    /// with room for `capacity` bytes from there: O_DIRECT can use it without bouncing.
+    private static func makeAlignedBuffer(capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
         let alignment = 4096
-        var data = allocator.buffer(capacity: length + alignment)
-        var pad = 0
-        var target = UnsafeMutableRawBufferPointer(start: nil, count: 0)
-        data.writeWithUnsafeMutableBytes(minimumWritableBytes: length + alignment) { raw in
-            let address = Int(bitPattern: raw.baseAddress)
-            pad = (alignment - address % alignment) % alignment
-            target = UnsafeMutableRawBufferPointer(rebasing: raw[pad..<pad + length])
-            return pad + length
+        var buffer = allocator.buffer(capacity: capacity + alignment)
+        let pad = buffer.withUnsafeMutableWritableBytes { raw in
+            (alignment - Int(bitPattern: raw.baseAddress) % alignment) % alignment
         }
-        data.moveReaderIndex(forwardBy: pad)
+        buffer.moveWriterIndex(forwardBy: pad)
+        buffer.moveReaderIndex(forwardBy: pad)
+        return buffer
+    }
+
+    /// A reply buffer holding `length` data bytes at a 4 KiB-aligned address, and that
+    /// memory, for the read to fill (valid while the buffer is alive and not written to).
+    private static func makeReadBuffer(length: Int, allocator: ByteBufferAllocator) -> (ByteBuffer, UnsafeMutableRawBufferPointer) {
+        var data = makeAlignedBuffer(capacity: length, allocator: allocator)
+        var target = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        data.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
+            target = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
+            return length
+        }
         return (data, target)
     }
 

@@ -13,7 +13,7 @@ public final class AutoCommitter: @unchecked Sendable {
         timer.setEventHandler { [weak pool] in
             guard let pool else { return }
             do throws(PoolError) {
-                try pool.commit()
+                try pool.commitInBackground()
             } catch .closed {
                 return
             } catch {

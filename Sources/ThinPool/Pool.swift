@@ -281,6 +281,22 @@ public final class Pool: @unchecked Sendable {
         try lock.withLock { () throws(PoolError) in try commitLocked() }
     }
 
+    /// A commit for the background (auto-commit), as dm-thin does it: when metadata
+    /// changed, the data written so far is synced first, outside the pool lock, so that
+    /// the commit's own barrier, which writes wait for, has little left to do. When only
+    /// data was overwritten in place (or nothing happened) it does nothing: those writes
+    /// become durable at the next FLUSH, as on a disk with a write cache, and a crash
+    /// before then leaves the pool consistent. Cost: one extra barrier per real commit.
+    public func commitInBackground() throws(PoolError) {
+        let pending = lock.withSharedAccess {
+            !isClosed && !isReadOnly
+                && (store.hasUncommittedChanges || volumes.values.contains { $0.dirty } || superblock.dataBlocks != spaceMap.dataBlocks)
+        }
+        guard pending else { return }
+        try mapErrors { try device.barrier() }
+        try commit()
+    }
+
     /// Writes volume records and the space map index into metadata blocks (no I/O).
     func prepareCommitLocked() throws(PoolError) {
         // A commit must always be possible, so it may use the metadata reserve.
@@ -391,6 +407,9 @@ public final class Pool: @unchecked Sendable {
 
     /// Whether reads can go through per-thread `AIOLoopQueue`s (see `readWithoutBlocking`).
     public var usesLoopQueues: Bool { device is AIOFileDevice }
+
+    /// Whether data buffers should be 4 KiB-aligned (O_DIRECT); others are bounced.
+    public var prefersAlignedBuffers: Bool { device is AIOFileDevice }
 
     public func info() -> PoolInfo {
         lock.withLock {

@@ -131,7 +131,7 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     }
 
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError) {
-        guard Int(bitPattern: buffer.baseAddress) % AlignedBuffer.directIOAlignment != 0 else {
+        guard pool.prefersAlignedBuffers, Int(bitPattern: buffer.baseAddress) % AlignedBuffer.directIOAlignment != 0 else {
             try run { () throws(PoolError) in try pool.write(id, at: offset, from: buffer, forceUnitAccess: fua) }
             return
         }

@@ -152,7 +152,10 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
         let gate = DrainGate()
         #expect(gate.tryEnter())
         let drained = DispatchSemaphore(value: 0)
-        let drainer = Thread { gate.whileDrained { () -> Void in drained.signal() } }
+        let drainer = Thread {
+            gate.whileDrained { () -> Void in }
+            drained.signal()
+        }
         drainer.start()
         // The drain waits for the holder; meanwhile newcomers are refused, not queued.
         var refused = false

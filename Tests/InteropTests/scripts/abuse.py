@@ -3,6 +3,7 @@
 # its own connection; afterwards the server must still serve everyone.
 # Usage: abuse.py SOCKET_PATH EXPORT
 import os
+import random
 import socket
 import struct
 import sys
@@ -180,6 +181,55 @@ def oversized_write_keeps_sync():
     assert closed_by_server(s)
 
 
+def fragmented_large_writes():
+    """Large WRITEs whose payloads arrive in odd pieces, pipelined behind and ahead of
+    other requests: the server assembles them and stays in sync."""
+    s = connect()
+    go(s)
+    rng = random.Random(5)
+    first = bytes(rng.getrandbits(8) for _ in range(1 << 20))
+    second = bytes(rng.getrandbits(8) for _ in range(65536 + 512))
+    stream = (struct.pack(">IHHQQI", REQUEST, 0, 1, 21, 1 << 20, len(first)) + first
+              + struct.pack(">IHHQQI", REQUEST, 0, 1, 22, 3 << 20, len(second)) + second
+              # Unordered with the writes (NBD does not order requests): a range they miss.
+              + struct.pack(">IHHQQI", REQUEST, 0, 0, 23, 8 << 20, 8192))
+    position = 0
+    while position < len(stream):
+        step = rng.choice([1, 7, 28, 29, 4095, 65536, 100_000])
+        s.sendall(stream[position:position + step])
+        position += step
+    replies = {}
+    for _ in range(3):
+        error, cookie = simple_reply(s)
+        replies[cookie] = error
+        if cookie == 23 and error == 0:
+            data = recv_exact(s, 8192)
+            assert data == bytes(8192), "a read pipelined behind fragmented writes saw other bytes"
+    assert replies == {21: 0, 22: 0, 23: 0}, f"replies {replies}"
+    request(s, 0, 1 << 20, 1 << 20, 24)
+    assert simple_reply(s) == (0, 24)
+    assert recv_exact(s, 1 << 20) == first, "1 MiB write assembled from fragments reads back differently"
+    request(s, 0, 3 << 20, len(second), 26)
+    assert simple_reply(s) == (0, 26)
+    assert recv_exact(s, len(second)) == second, "64 KiB + 512 write assembled from fragments reads back differently"
+    request(s, 2, 0, 0, 25)
+    assert closed_by_server(s)
+
+
+def abandoned_large_write():
+    """A client that dies halfway through a large payload: nothing is written."""
+    s = connect()
+    go(s)
+    request(s, 1, 5 << 20, 1 << 20, 31)
+    s.sendall(b"\x77" * (300_000))
+    s.close()
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///{export.decode()}?socket={path}")
+    got = h.pread(300_000, 5 << 20)
+    h.shutdown()
+    assert got != b"\x77" * 300_000, "a WRITE whose payload never finished was applied"
+
+
 def half_request():
     s = connect()
     go(s)
@@ -199,7 +249,8 @@ for name, body in [
     ("garbage", garbage), ("huge option", huge_option), ("oversized option", oversized_option_then_list),
     ("unknown option", unknown_option), ("bad client flags", bad_client_flags),
     ("bad option magic", bad_option_magic), ("bad request magic", bad_request_magic),
-    ("oversized write", oversized_write_keeps_sync), ("half request", half_request),
+    ("oversized write", oversized_write_keeps_sync), ("fragmented large writes", fragmented_large_writes),
+    ("abandoned large write", abandoned_large_write), ("half request", half_request),
     ("parallel garbage", parallel_garbage),
 ]:
     case(name, body)
