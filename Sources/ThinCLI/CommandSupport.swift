@@ -8,12 +8,13 @@ struct PoolArgument: ParsableArguments {
     var pool: String
 }
 
-/// Opens the pool, runs `body`, and closes (committing) it. Pool errors are printed as
-/// one line on standard error and end the command with exit status 1.
-func withPool<T>(_ path: String, readOnly: Bool = false, _ body: (Pool) throws -> T) throws -> T {
+/// Opens the pool (waiting up to `waitingForLock` seconds while another process holds
+/// it), runs `body`, and closes (committing) it. Pool errors are printed as one line on
+/// standard error and end the command with exit status 1.
+func withPool<T>(_ path: String, readOnly: Bool = false, waitingForLock: Double = 0, _ body: (Pool) throws -> T) throws -> T {
     let pool: Pool
     do {
-        pool = try Pool.open(path: path, readOnly: readOnly)
+        pool = try Pool.open(path: path, readOnly: readOnly, waitingForLock: waitingForLock)
     } catch {
         throw fail(error)
     }

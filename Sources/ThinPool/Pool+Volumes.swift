@@ -93,10 +93,18 @@ extension Pool {
     /// it shares the mapping root and adds one reference to it.
     @discardableResult
     public func snapshot(_ fullName: String) throws(PoolError) -> VolumeInfo {
+        try snapshot(fullName, ifMissing: false).volume
+    }
+
+    /// Takes snapshot `VOL@SNAP` unless it exists already; `created` says which. The
+    /// check and the creation are one step, so callers racing in this process (or, with
+    /// the pool lock, in others) create it exactly once.
+    public func snapshot(_ fullName: String, ifMissing: Bool) throws(PoolError) -> (volume: VolumeInfo, created: Bool) {
         guard let (volumeName, _) = VolumeName.splitSnapshot(fullName) else {
             throw .invalidName(fullName, reason: "a snapshot is named VOLUME@SNAPSHOT")
         }
         return try withVolumeExclusive(volumeName) { () throws(PoolError) in
+            if ifMissing, let existing = try? state(named: fullName) { return (describe(existing), false) }
             let origin = try state(named: String(volumeName))
             guard origin.record.kind == .volume else {
                 throw .invalidArgument("\(volumeName) is a snapshot; snapshots are taken of volumes")
@@ -109,15 +117,28 @@ extension Pool {
                 mappedBlocks: origin.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds())
             let state = addVolume(record)
             try finishManagement()
-            return describe(state)
+            return (describe(state), true)
         }
     }
 
     /// Creates writable volume `name` from a volume or snapshot. O(1), like a snapshot.
     @discardableResult
     public func clone(_ sourceName: String, as name: String) throws(PoolError) -> VolumeInfo {
+        try clone(sourceName, as: name, ifMissing: false).volume
+    }
+
+    /// Clones `sourceName` as `name` unless a clone of it by that name exists already
+    /// (`created` says which); a volume of that name with another origin is an error.
+    /// Check and creation are one step, as for `snapshot(_:ifMissing:)`.
+    public func clone(_ sourceName: String, as name: String, ifMissing: Bool) throws(PoolError) -> (volume: VolumeInfo, created: Bool) {
         try withVolumeExclusive(Substring(sourceName)) { () throws(PoolError) in
             let source = try state(named: sourceName)
+            if ifMissing, let existing = try? state(named: name) {
+                guard existing.record.parentID == source.record.id else {
+                    throw .invalidArgument("\(name) exists but is not a clone of \(sourceName)")
+                }
+                return (describe(existing), false)
+            }
             guard VolumeName.splitSnapshot(name) == nil else {
                 throw .invalidName(name, reason: "a clone is a volume; its name cannot contain '@'")
             }
@@ -129,7 +150,7 @@ extension Pool {
                 mappedBlocks: source.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds())
             let state = addVolume(record)
             try finishManagement()
-            return describe(state)
+            return (describe(state), true)
         }
     }
 

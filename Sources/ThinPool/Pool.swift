@@ -149,6 +149,25 @@ public final class Pool: @unchecked Sendable {
     /// opens a shared one. Cost: reads the superblocks and the interior of every tree
     /// (not the leaves), O(metadata / 250).
     public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil) throws(PoolError) -> Pool {
+        try open(path: path, readOnly: readOnly, cache: cache, waitingForLock: 0)
+    }
+
+    /// Like `open`, but while another process holds the pool it retries (every 20 ms)
+    /// for up to `seconds` before throwing `.inUse`: for commands that queue behind
+    /// each other, such as racing `--if-missing` creations.
+    public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil, waitingForLock seconds: Double) throws(PoolError) -> Pool {
+        let deadline = SystemInfo.monotonicNanoseconds() + UInt64(max(0, seconds) * 1e9)
+        while true {
+            do {
+                return try openOnce(path: path, readOnly: readOnly, cache: cache)
+            } catch .inUse(let path, let holder) {
+                guard SystemInfo.monotonicNanoseconds() < deadline else { throw .inUse(path: path, holder: holder) }
+                SystemInfo.sleep(milliseconds: 20)
+            }
+        }
+    }
+
+    private static func openOnce(path: String, readOnly: Bool, cache: CacheMode?) throws(PoolError) -> Pool {
         guard SystemInfo.fileExists(path) else { throw .noSuchFile(path) }
         let device: BlockDevice
         do {

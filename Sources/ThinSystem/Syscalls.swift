@@ -126,6 +126,13 @@ public enum SystemInfo {
     }
 
     /// Wall-clock seconds since the Unix epoch.
+    /// Sleeps the calling thread (not for event loops).
+    public static func sleep(milliseconds: Int) {
+        var request = timespec(tv_sec: milliseconds / 1000, tv_nsec: (milliseconds % 1000) * 1_000_000)
+        var remaining = timespec()
+        while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
+    }
+
     public static func wallClockSeconds() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)

@@ -127,6 +127,32 @@ import ThinPool
         #expect(try CLI.run(["volume", "create", pool, "v", "--size", "1G"]).status == 0)
     }
 
+    @Test func ifMissingRaceCreatesOnce() throws {
+        let dir = TemporaryDirectory()
+        let pool = dir.path + "/p.pool"
+        try CLI.run(["create", pool, "--size", "256M"])
+        try CLI.run(["volume", "create", pool, "base", "--size", "1G"])
+        // Eight processes at once, for the snapshot and then for a clone of it.
+        for arguments in [["snapshot", pool, "base@golden", "--if-missing"], ["clone", pool, "base@golden", "build", "--if-missing"]] {
+            let results = try Array(repeating: arguments, count: 8).concurrentMap { try CLI.run($0) }
+            #expect(results.allSatisfy { $0.status == 0 }, "\(results.map(\.stderr))")
+            #expect(results.filter { $0.stdout.hasPrefix("created") }.count == 1, "\(results.map(\.stdout))")
+            #expect(results.filter { $0.stdout.contains("exists already") }.count == 7)
+        }
+        let list = try CLI.run(["volume", "list", pool, "--json"])
+        let volumes = try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as! [[String: Any]]
+        #expect(Set(volumes.map { $0["name"] as! String }) == ["base", "base@golden", "build"])
+        #expect(try CLI.run(["check", pool]).status == 0)
+
+        // Without --if-missing an existing name is still an error, and a volume of that
+        // name with another origin is one even with it.
+        #expect(try CLI.run(["snapshot", pool, "base@golden"]).status == 1)
+        try CLI.run(["volume", "create", pool, "other", "--size", "1G"])
+        let wrongOrigin = try CLI.run(["clone", pool, "base@golden", "other", "--if-missing"])
+        #expect(wrongOrigin.status == 1)
+        #expect(wrongOrigin.stderr.contains("not a clone of base@golden"))
+    }
+
     @Test func checkExitCodes() throws {
         let dir = TemporaryDirectory()
         let pool = dir.path + "/p.pool"
@@ -191,5 +217,25 @@ import ThinPool
     @Test func jsonEscapes() {
         #expect(JSON.string("a\"b\\c\n\u{1}").rendered() == "\"a\\\"b\\\\c\\n\\u0001\"")
         #expect(JSON.object([("k", .array([.number(1), .bool(true), .null]))]).rendered(pretty: false) == "{\"k\":[1,true,null]}")
+    }
+}
+
+extension Array {
+    /// Runs `transform` on every element at once, each on its own thread.
+    func concurrentMap<T>(_ transform: @escaping @Sendable (Element) throws -> T) throws -> [T] where Element: Sendable {
+        let results = UnsafeMutableBufferPointer<Result<T, Error>?>.allocate(capacity: count)
+        results.initialize(repeating: nil)
+        defer { results.deallocate() }
+        nonisolated(unsafe) let shared = results
+        let done = DispatchGroup()
+        for (i, element) in enumerated() {
+            done.enter()
+            Thread {
+                shared[i] = Result { try transform(element) }
+                done.leave()
+            }.start()
+        }
+        done.wait()
+        return try results.map { try $0!.get() }
     }
 }
