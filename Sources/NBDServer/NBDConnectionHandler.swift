@@ -31,6 +31,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// straight into a 4 KiB-aligned buffer of their own, instead of accumulating in
     /// `pending` (where every read would append and the buffer would regrow).
     private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
+    /// WRITEs parsed in the current pass: they go to the thread pool together.
+    private var gatheredWrites: [(cookie: UInt64, offset: UInt64, fua: Bool, payload: ByteBuffer)] = []
     /// WRITE payloads at least this large are assembled that way.
     static let assembledPayloadMinimum = 16384
 
@@ -116,8 +118,52 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             }
         }
         if pending.readableBytes == 0 { pending.clear() } else { pending.discardReadBytes() }
+        dispatchGatheredWrites(context: context)
         context.flush()
         loopIO.scheduleSubmission()
+    }
+
+    /// Sends the WRITEs gathered in this pass to the thread pool as one batch: one
+    /// hand-off and one wake-up of the loop for all of them, and the export may plan
+    /// and submit them together.
+    private func dispatchGatheredWrites(context: ChannelHandlerContext) {
+        guard !gatheredWrites.isEmpty, let export else { return }
+        let writes = gatheredWrites
+        gatheredWrites.removeAll(keepingCapacity: true)
+        let future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> [NBDExportError?] in
+            // The payloads' storage is retained for the call, so their bytes stay put.
+            var storages: [Unmanaged<AnyObject>] = []
+            storages.reserveCapacity(writes.count)
+            defer { for storage in storages { storage.release() } }
+            let batch = writes.map { write -> NBDWrite in
+                let bytes = write.payload.withUnsafeReadableBytesWithStorageManagement { bytes, storage in
+                    storages.append(storage.retain())
+                    return bytes
+                }
+                return NBDWrite(offset: write.offset, data: bytes, fua: write.fua)
+            }
+            return export.writeBatch(batch)
+        }
+        future.assumeIsolated().whenComplete { result in
+            for (i, write) in writes.enumerated() {
+                self.inFlight -= 1
+                switch result {
+                case .success(let outcomes):
+                    var out = context.channel.allocator.buffer(capacity: 64)
+                    if let error = outcomes[i] {
+                        NBDReplyEncoder.error(error.code, message: error.message, cookie: write.cookie, structured: self.session?.structuredReplies ?? false, into: &out)
+                    } else {
+                        NBDReplyEncoder.done(cookie: write.cookie, into: &out)
+                    }
+                    if !self.closed { context.write(self.wrapOutboundOut(out), promise: nil) }
+                case .failure(let error):
+                    // The thread pool stopped: the server is going away.
+                    self.reply(error: .shutdown, "server is shutting down (\(error))", cookie: write.cookie, context: context)
+                }
+            }
+            context.flush()
+            self.requestFinished(context: context)
+        }
     }
 
     /// A reply's bytes: a head, and for reads the data, sent as they are (no copy).
@@ -255,6 +301,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context: ChannelHandlerContext
     ) {
         inFlight += 1
+        if case .write(let offset, let fua) = operation {
+            gatheredWrites.append((cookie, offset, fua, payload ?? ByteBuffer()))
+            return
+        }
         let allocator = context.channel.allocator
         let future: EventLoopFuture<Reply>
         if case .read(let offset, let length, let dontFragment) = operation {
@@ -400,12 +450,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             switch operation {
             case .read:
                 preconditionFailure("reads go through readWithoutBlocking or readAsync")
-            case .write(let offset, let fua):
-                let bytes = payload ?? ByteBuffer()
-                try bytes.withUnsafeReadableBytes { (raw) throws(NBDExportError) in
-                    try export.write(at: offset, from: raw, fua: fua)
-                }
-                NBDReplyEncoder.done(cookie: cookie, into: &out)
+            case .write:
+                preconditionFailure("writes go through dispatchGatheredWrites")
             case .writeZeroes(let offset, let length, let mayTrim, let fua):
                 try export.writeZeroes(at: offset, length: UInt64(length), mayTrim: mayTrim, fua: fua)
                 NBDReplyEncoder.done(cookie: cookie, into: &out)

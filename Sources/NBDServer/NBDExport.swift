@@ -34,6 +34,9 @@ public protocol NBDExport: AnyObject, Sendable {
     /// holes can be sent as hole chunks.
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent]
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError)
+    /// Several WRITEs a connection sent in one pass, each with its own outcome (nil:
+    /// done). An export may run them together (the default runs them one by one).
+    func writeBatch(_ writes: [NBDWrite]) -> [NBDExportError?]
     func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError)
     func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(NBDExportError)
     /// Makes every write already replied to, on any connection, durable.
@@ -57,6 +60,19 @@ public protocol NBDExport: AnyObject, Sendable {
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
         completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
     ) -> NBDNonBlockingRead
+}
+
+/// One WRITE of `NBDExport.writeBatch`; `data` is valid for the call.
+public struct NBDWrite {
+    public var offset: UInt64
+    public var data: UnsafeRawBufferPointer
+    public var fua: Bool
+
+    public init(offset: UInt64, data: UnsafeRawBufferPointer, fua: Bool) {
+        self.offset = offset
+        self.data = data
+        self.fua = fua
+    }
 }
 
 /// How `NBDExport.readWithoutBlocking` went.
@@ -96,6 +112,17 @@ extension NBDExport {
         completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
     ) -> NBDNonBlockingRead {
         .wouldBlock
+    }
+
+    public func writeBatch(_ writes: [NBDWrite]) -> [NBDExportError?] {
+        writes.map { write -> NBDExportError? in
+            do throws(NBDExportError) {
+                try self.write(at: write.offset, from: write.data, fua: write.fua)
+                return nil
+            } catch {
+                return error
+            }
+        }
     }
 }
 

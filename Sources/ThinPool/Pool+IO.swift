@@ -232,22 +232,27 @@ extension Pool {
         // Writes to different blocks run their data I/O in parallel; overlapping ones and
         // volume operations wait for each other on the range lock.
         try rangeLocks.withRange(id, blockRange(offset, UInt64(data.count))) { () throws(PoolError) in
-            let (state, plan) = try lock.withLock { () throws(PoolError) -> (VolumeState, WritePlan) in
-                let state = try volume(id, writing: true)
-                try checkRange(state, offset, UInt64(data.count))
-                return (state, try planWriteLocked(state, at: offset, count: UInt64(data.count), reserveOnly: true))
-            }
-            // No gate needed: the range lock keeps every block this touches referenced.
-            do throws(PoolError) {
-                try writeData(plan.entries, data: data, zeroMark: plan.zeroMark)
-            } catch {
-                lock.withLock { abandonWriteLocked(plan) }
-                throw error
-            }
-            try lock.withLock { () throws(PoolError) in
-                try applyWriteLocked(state, plan)
-                if forceUnitAccess { try commitLocked() }
-            }
+            try writeHoldingRange(id, at: offset, from: data, forceUnitAccess: forceUnitAccess)
+        }
+    }
+
+    /// `write` for a caller that holds the range lock of the blocks written.
+    private func writeHoldingRange(_ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool) throws(PoolError) {
+        let (state, plan) = try lock.withLock { () throws(PoolError) -> (VolumeState, WritePlan) in
+            let state = try volume(id, writing: true)
+            try checkRange(state, offset, UInt64(data.count))
+            return (state, try planWriteLocked(state, at: offset, count: UInt64(data.count), reserveOnly: true))
+        }
+        // No gate needed: the range lock keeps every block this touches referenced.
+        do throws(PoolError) {
+            try writeData(plan.entries, data: data, zeroMark: plan.zeroMark)
+        } catch {
+            lock.withLock { abandonWriteLocked(plan) }
+            throw error
+        }
+        try lock.withLock { () throws(PoolError) in
+            try applyWriteLocked(state, plan)
+            if forceUnitAccess { try commitLocked() }
         }
     }
 
@@ -376,40 +381,152 @@ extension Pool {
         }
     }
 
-    /// Writes the data blocks of a plan: in place, into fresh blocks, or copy-on-write.
-    func writeData(_ plan: [BlockWrite], data: UnsafeRawBufferPointer, zeroMark: UInt64) throws(PoolError) {
-        let source = UnsafeMutableRawBufferPointer(mutating: data)
-        var copies: [(entry: BlockWrite, buffer: AlignedBuffer)] = []
+    /// The data I/O of one or more write plans, gathered so that it leaves in two device
+    /// batches: the copy-on-write reads, then every write.
+    struct WriteDataIO {
         var reads = RequestBatch()
         var writes = RequestBatch()
+        var copies: [(entry: BlockWrite, buffer: AlignedBuffer, data: UnsafeRawBufferPointer)] = []
+    }
+
+    /// Writes the data blocks of a plan: in place, into fresh blocks, or copy-on-write.
+    func writeData(_ plan: [BlockWrite], data: UnsafeRawBufferPointer, zeroMark: UInt64) throws(PoolError) {
+        var io = WriteDataIO()
+        addWriteData(plan, data: data, zeroMark: zeroMark, to: &io)
+        try performWriteData(&io)
+    }
+
+    func addWriteData(_ plan: [BlockWrite], data: UnsafeRawBufferPointer, zeroMark: UInt64, to io: inout WriteDataIO) {
+        let source = UnsafeMutableRawBufferPointer(mutating: data)
         for entry in plan {
             let slice = UnsafeMutableRawBufferPointer(rebasing: source[entry.dataOffset..<entry.dataOffset + Int(entry.length)])
             if entry.inPlace {
-                writes.add(.write, slice, at: diskOffset(entry.current!, entry.inner))
+                io.writes.add(.write, slice, at: diskOffset(entry.current!, entry.inner))
             } else if entry.length == blockSize || (entry.current == nil && entry.target >= zeroMark) {
                 // A whole block, or a fresh block that is known to read as zeros.
-                writes.add(.write, slice, at: diskOffset(entry.target, entry.inner))
+                io.writes.add(.write, slice, at: diskOffset(entry.target, entry.inner))
             } else {
                 let scratch = buffers.take(Int(blockSize))
                 if entry.current == nil { scratch.zero() }
                 if let current = entry.current {
                     let head = Int(entry.inner)
                     let tail = Int(entry.inner + entry.length)
-                    reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[0..<head]), at: diskOffset(current))
-                    reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[tail...]), at: diskOffset(current, UInt64(tail)))
+                    io.reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[0..<head]), at: diskOffset(current))
+                    io.reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[tail...]), at: diskOffset(current, UInt64(tail)))
                 }
-                copies.append((entry, scratch))
+                io.copies.append((entry, scratch, data))
             }
         }
-        try mapErrors { try device.perform(reads.requests) }
-        for (entry, scratch) in copies {
+    }
+
+    /// Runs gathered data I/O; the copy buffers go back to the pool whatever happens.
+    func performWriteData(_ io: inout WriteDataIO) throws(PoolError) {
+        defer {
+            for copy in io.copies { buffers.give(copy.buffer) }
+            io.copies.removeAll()
+        }
+        try mapErrors { try device.perform(io.reads.requests) }
+        for (entry, scratch, data) in io.copies {
             let inner = Int(entry.inner)
             UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[inner..<inner + Int(entry.length)])
                 .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[entry.dataOffset..<entry.dataOffset + Int(entry.length)]))
-            writes.add(.write, scratch.bytes, at: diskOffset(entry.target))
+            io.writes.add(.write, scratch.bytes, at: diskOffset(entry.target))
         }
-        defer { for (_, scratch) in copies { buffers.give(scratch) } }
-        try mapErrors { try device.perform(writes.requests) }
+        try mapErrors { try device.perform(io.writes.requests) }
+    }
+
+    /// One write of a `writeBatch`.
+    public struct BatchedWrite {
+        public var volume: UInt64
+        public var offset: UInt64
+        public var data: UnsafeRawBufferPointer
+        public var forceUnitAccess: Bool
+
+        public init(volume: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, forceUnitAccess: Bool = false) {
+            self.volume = volume
+            self.offset = offset
+            self.data = data
+            self.forceUnitAccess = forceUnitAccess
+        }
+    }
+
+    /// Runs many writes as `write` would, each with its own outcome (nil: done), but
+    /// together: one range-lock acquisition, one pool-lock section to plan them all, their
+    /// data in two device batches, one section to map them, and at most one commit (when
+    /// any asked for FUA). Writes that overlap an earlier one of the batch run in a later
+    /// round, after it. Cost per batch instead of per write; meant for a server that
+    /// gathers the writes its connections sent in one pass.
+    public func writeBatch(_ writes: [BatchedWrite]) -> [PoolError?] {
+        var results = [PoolError?](repeating: nil, count: writes.count)
+        var pending = Array(writes.indices)
+        while !pending.isEmpty {
+            var round: [Int] = []
+            var ranges: [(owner: UInt64, range: Range<UInt64>)] = []
+            var later: [Int] = []
+            for i in pending {
+                let range = blockRange(writes[i].offset, UInt64(writes[i].data.count))
+                if ranges.contains(where: { $0.owner == writes[i].volume && $0.range.overlaps(range) }) {
+                    later.append(i)
+                } else {
+                    ranges.append((writes[i].volume, range))
+                    round.append(i)
+                }
+            }
+            rangeLocks.withRanges(ranges) { writeRound(round, of: writes, into: &results) }
+            pending = later
+        }
+        return results
+    }
+
+    /// One round of `writeBatch`, holding the range locks of all its writes.
+    private func writeRound(_ round: [Int], of writes: [BatchedWrite], into results: inout [PoolError?]) {
+        var planned: [(index: Int, state: VolumeState, plan: WritePlan)] = []
+        lock.withLock {
+            for i in round {
+                do throws(PoolError) {
+                    let state = try volume(writes[i].volume, writing: true)
+                    try checkRange(state, writes[i].offset, UInt64(writes[i].data.count))
+                    planned.append((i, state, try planWriteLocked(state, at: writes[i].offset, count: UInt64(writes[i].data.count), reserveOnly: true)))
+                } catch {
+                    results[i] = error
+                }
+            }
+        }
+        var io = WriteDataIO()
+        for (i, _, plan) in planned {
+            addWriteData(plan.entries, data: writes[i].data, zeroMark: plan.zeroMark, to: &io)
+        }
+        do throws(PoolError) {
+            try performWriteData(&io)
+        } catch {
+            // Which write failed is not known: undo all and let each find its own outcome.
+            lock.withLock { for entry in planned { abandonWriteLocked(entry.plan) } }
+            for (i, _, _) in planned {
+                do throws(PoolError) {
+                    // The round holds this write's range lock already.
+                    try writeHoldingRange(writes[i].volume, at: writes[i].offset, from: writes[i].data, forceUnitAccess: writes[i].forceUnitAccess)
+                } catch let failure {
+                    results[i] = failure
+                }
+            }
+            return
+        }
+        lock.withLock {
+            var commitFailure: PoolError?
+            for (i, state, plan) in planned {
+                do throws(PoolError) {
+                    try applyWriteLocked(state, plan)
+                } catch {
+                    results[i] = error
+                }
+            }
+            if planned.contains(where: { writes[$0.index].forceUnitAccess && results[$0.index] == nil }) {
+                do throws(PoolError) { try commitLocked() } catch { commitFailure = error }
+                if let commitFailure {
+                    for (i, _, _) in planned where writes[i].forceUnitAccess && results[i] == nil { results[i] = commitFailure }
+                }
+            }
+        }
     }
 
     // MARK: Zeroes, trim, flush

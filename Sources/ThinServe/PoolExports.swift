@@ -144,6 +144,23 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         }
     }
 
+    func writeBatch(_ writes: [NBDWrite]) -> [NBDExportError?] {
+        // Unaligned payloads get one copy into aligned buffers (O_DIRECT only).
+        var borrowed: [AlignedBuffer] = []
+        defer { for buffer in borrowed { buffers.give(buffer) } }
+        let batch = writes.map { write -> Pool.BatchedWrite in
+            var data = write.data
+            if pool.prefersAlignedBuffers && Int(bitPattern: data.baseAddress) % AlignedBuffer.directIOAlignment != 0 {
+                let aligned = buffers.take(data.count)
+                borrowed.append(aligned)
+                UnsafeMutableRawBufferPointer(rebasing: aligned.bytes[0..<data.count]).copyMemory(from: data)
+                data = UnsafeRawBufferPointer(rebasing: aligned.bytes[0..<data.count])
+            }
+            return Pool.BatchedWrite(volume: id, offset: write.offset, data: data, forceUnitAccess: write.fua)
+        }
+        return pool.writeBatch(batch).map { $0.map(nbdError) }
+    }
+
     func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError) {
         try run { () throws(PoolError) in
             try pool.writeZeroes(id, at: offset, count: length, mayUnmap: mayTrim)

@@ -126,13 +126,20 @@ public final class RangeLock: @unchecked Sendable {
     /// Runs `body` holding `range` of `owner`. Cost: a scan of the held ranges (as many
     /// as requests in flight).
     public func withRange<T, E: Error>(_ owner: UInt64, _ range: Range<UInt64>, _ body: () throws(E) -> T) throws(E) -> T {
+        try withRanges([(owner, range)], body)
+    }
+
+    /// Runs `body` holding all of `ranges` (which must not overlap each other). They
+    /// are taken together, once none is held by anyone else, so two callers locking
+    /// several ranges cannot deadlock.
+    public func withRanges<T, E: Error>(_ ranges: [(owner: UInt64, range: Range<UInt64>)], _ body: () throws(E) -> T) throws(E) -> T {
         state.lock()
-        while held.contains(where: { $0.owner == owner && $0.range.overlaps(range) }) {
+        while ranges.contains(where: { wanted in held.contains { $0.owner == wanted.owner && $0.range.overlaps(wanted.range) } }) {
             state.wait()
         }
         let ticket = nextTicket
         nextTicket += 1
-        held.append((owner, range, ticket))
+        for wanted in ranges { held.append((wanted.owner, wanted.range, ticket)) }
         state.unlock()
         defer {
             state.lock()
