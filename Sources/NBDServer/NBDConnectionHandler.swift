@@ -302,7 +302,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     ) {
         inFlight += 1
         if case .write(let offset, let fua) = operation {
-            gatheredWrites.append((cookie, offset, fua, payload ?? ByteBuffer()))
+            gatheredWrites.append((cookie, offset, fua, Self.alignedPayload(payload ?? ByteBuffer(), allocator: context.channel.allocator)))
             return
         }
         let allocator = context.channel.allocator
@@ -407,6 +407,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         buffer.moveWriterIndex(forwardBy: pad)
         buffer.moveReaderIndex(forwardBy: pad)
         return buffer
+    }
+
+    /// The payload itself when it starts on a 4 KiB boundary (assembled ones do), else
+    /// a copy that does. The copy is the one O_DIRECT needs anyway, and it keeps a
+    /// write in flight from pinning the whole receive buffer it was sliced from.
+    private static func alignedPayload(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let aligned = payload.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress) % 4096 == 0 }
+        guard !aligned, payload.readableBytes > 0 else { return payload }
+        var copy = makeAlignedBuffer(capacity: payload.readableBytes, allocator: allocator)
+        var source = payload
+        copy.writeBuffer(&source)
+        return copy
     }
 
     /// A reply buffer holding `length` data bytes at a 4 KiB-aligned address, and that

@@ -72,9 +72,10 @@ public final class NBDServer: @unchecked Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             // Large writes arrive in few, large reads: each read that does not drain the
-            // socket costs the client a wake-up before it can send more.
+            // socket costs the client a wake-up before it can send more. 256 KiB holds
+            // what a client's socket buffer holds (about 208 KiB by default).
             .childChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1 << 20))
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10))
             .childChannelInitializer { [unowned self] channel in self.childInitializer(channel) }
     }
 
