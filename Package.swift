@@ -64,7 +64,7 @@ let package = Package(
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
         .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"]),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
-        .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinSystem", "TestSupport"]),
+        .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinServe", "ThinSystem", "TestSupport"]),
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: ["NBDProtocol", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]

@@ -45,6 +45,22 @@ struct ServeCommand: ParsableCommand {
     @Flag(help: "Serve one connection on standard input and output.")
     var stdio = false
 
+    @Option(help: ArgumentHelp(
+        "PATTERN=SOURCE: an export name matching PATTERN (* and ?) is made on first use, as a writable clone of SOURCE (VOL or VOL@SNAP) or, with SOURCE blank:SIZE, an empty volume. All its connections share it; it is deleted after the last closes (repeatable).",
+        valueName: "PATTERN=SOURCE"))
+    var ephemeral: [String] = []
+
+    @Flag(name: .customLong("ephemeral-keep"), help: "Keep ephemeral volumes after use, as ordinary volumes.")
+    var ephemeralKeep = false
+
+    @Option(name: .customLong("ephemeral-grace"), help: "Seconds an ephemeral volume outlives its last connection (default 5), for reconnects.")
+    var ephemeralGrace: Double = 5
+
+    @Option(name: .customLong("no-flush"), help: ArgumentHelp(
+        "Exports matching PATTERN ('*' for all) answer FLUSH and FUA at once: fastest scratch disks, no durability for their data (the pool stays consistent). Unsafe for data you keep (repeatable).",
+        valueName: "PATTERN"))
+    var noFlush: [String] = []
+
     func validate() throws {
         for text in listens where ServeOptions.parseListen(text) == nil {
             throw ValidationError("--listen \(text): expected HOST:PORT")
@@ -55,9 +71,30 @@ struct ServeCommand: ParsableCommand {
         if let metadataCache, metadataCache.bytes < 1 << 20 {
             throw ValidationError("--metadata-cache must be at least 1M")
         }
+        for rule in ephemeral where Self.parseEphemeral(rule) == nil {
+            throw ValidationError("--ephemeral \(rule): expected PATTERN=VOLUME, PATTERN=VOLUME@SNAPSHOT or PATTERN=blank:SIZE")
+        }
+        if !(0...3600).contains(ephemeralGrace) {
+            throw ValidationError("--ephemeral-grace must be between 0 and 3600 seconds")
+        }
+        if readOnly && !ephemeral.isEmpty {
+            throw ValidationError("--ephemeral needs a writable pool; it cannot be combined with --read-only")
+        }
         if stdio && (!sockets.isEmpty || !listens.isEmpty || runCommand != nil) {
             throw ValidationError("--stdio serves one connection on stdin/stdout; it cannot be combined with --socket, --listen or --run")
         }
+    }
+
+    static func parseEphemeral(_ text: String) -> EphemeralRule? {
+        guard let equals = text.firstIndex(of: "="), equals != text.startIndex else { return nil }
+        let pattern = String(text[..<equals])
+        let source = String(text[text.index(after: equals)...])
+        guard !source.isEmpty, !pattern.contains("@") else { return nil }
+        if source.hasPrefix("blank:") {
+            guard let size = ByteSize(argument: String(source.dropFirst(6))), size.bytes > 0 else { return nil }
+            return EphemeralRule(pattern: pattern, source: .blank(size.bytes))
+        }
+        return EphemeralRule(pattern: pattern, source: .clone(source))
     }
 
     func run() throws {
@@ -71,6 +108,10 @@ struct ServeCommand: ParsableCommand {
         options.stdio = stdio
         options.metadataCacheBytes = metadataCache?.bytes
         options.threads = threads
+        options.ephemeralRules = ephemeral.compactMap(Self.parseEphemeral)
+        options.keepEphemeral = ephemeralKeep
+        options.ephemeralGraceMilliseconds = Int(ephemeralGrace * 1000)
+        options.noFlushPatterns = noFlush
         let status: Int32
         do {
             status = try ServeRunner.run(options) { message in

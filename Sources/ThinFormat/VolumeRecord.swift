@@ -7,7 +7,8 @@
 ///  40  u64  parent id (the volume or snapshot it was created from; 0 = none)
 ///  48  u64  owner id (snapshots: the volume they belong to; 0 = none or deleted)
 ///  56  u8   kind (0 volume, 1 snapshot)
-///  57  u8   flags (reserved, 0)
+///  57  u8   flags (bit 0: ephemeral, deleted when its server stops or next starts;
+///            other bits reserved, 0)
 ///  58  u16  name length in bytes
 ///  60  u32  reserved
 ///  64  u64  virtual size in bytes
@@ -23,6 +24,8 @@ public struct VolumeRecord: Equatable, Sendable {
     }
 
     public static let maxNameBytes = 255
+    /// Flag bit: an ephemeral volume (`serve --ephemeral`), removed by the next server start.
+    public static let ephemeralFlag: UInt8 = 1
 
     public var id: UInt64
     public var parentID: UInt64
@@ -33,11 +36,15 @@ public struct VolumeRecord: Equatable, Sendable {
     public var mappingRoot: UInt64
     public var mappedBlocks: UInt64
     public var createdAt: UInt64
+    public var flags: UInt8
+
+    public var isEphemeral: Bool { flags & Self.ephemeralFlag != 0 }
 
     public init(
         id: UInt64, parentID: UInt64 = 0, ownerID: UInt64 = 0, kind: Kind, name: String, virtualSize: UInt64,
-        mappingRoot: UInt64 = 0, mappedBlocks: UInt64 = 0, createdAt: UInt64
+        mappingRoot: UInt64 = 0, mappedBlocks: UInt64 = 0, createdAt: UInt64, flags: UInt8 = 0
     ) {
+        self.flags = flags
         self.id = id
         self.parentID = parentID
         self.ownerID = ownerID
@@ -57,6 +64,7 @@ public struct VolumeRecord: Equatable, Sendable {
         block.setLE64(40, parentID)
         block.setLE64(48, ownerID)
         block[56] = kind.rawValue
+        block[57] = flags
         let utf8 = Array(name.utf8)
         precondition(utf8.count <= Self.maxNameBytes)
         block.setLE16(58, UInt16(utf8.count))
@@ -79,6 +87,6 @@ public struct VolumeRecord: Equatable, Sendable {
         return VolumeRecord(
             id: block.le64(32), parentID: block.le64(40), ownerID: block.le64(48), kind: kind, name: name,
             virtualSize: block.le64(64), mappingRoot: block.le64(72), mappedBlocks: block.le64(80),
-            createdAt: block.le64(88))
+            createdAt: block.le64(88), flags: block[57])
     }
 }

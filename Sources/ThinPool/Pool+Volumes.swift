@@ -74,6 +74,11 @@ extension Pool {
     /// Creates an empty thin volume. Its size may exceed the pool (overcommit). O(1).
     @discardableResult
     public func createVolume(_ name: String, size: UInt64) throws(PoolError) -> VolumeInfo {
+        try createVolume(name, size: size, ephemeral: false)
+    }
+
+    /// `createVolume`, optionally marked ephemeral (see `VolumeInfo.isEphemeral`).
+    public func createVolume(_ name: String, size: UInt64, ephemeral: Bool) throws(PoolError) -> VolumeInfo {
         try withWritableLock { () throws(PoolError) in
             guard VolumeName.splitSnapshot(name) == nil else {
                 throw .invalidName(name, reason: "volume names cannot contain '@' (that names a snapshot)")
@@ -82,7 +87,7 @@ extension Pool {
             try checkVolumeSize(size)
             let record = VolumeRecord(
                 id: superblock.nextVolumeID, kind: .volume, name: name, virtualSize: size,
-                createdAt: SystemInfo.wallClockSeconds())
+                createdAt: SystemInfo.wallClockSeconds(), flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
             let state = addVolume(record)
             try finishManagement()
             return describe(state)
@@ -130,7 +135,7 @@ extension Pool {
     /// Clones `sourceName` as `name` unless a clone of it by that name exists already
     /// (`created` says which); a volume of that name with another origin is an error.
     /// Check and creation are one step, as for `snapshot(_:ifMissing:)`.
-    public func clone(_ sourceName: String, as name: String, ifMissing: Bool) throws(PoolError) -> (volume: VolumeInfo, created: Bool) {
+    public func clone(_ sourceName: String, as name: String, ifMissing: Bool, ephemeral: Bool = false) throws(PoolError) -> (volume: VolumeInfo, created: Bool) {
         try withVolumeExclusive(Substring(sourceName)) { () throws(PoolError) in
             let source = try state(named: sourceName)
             if ifMissing, let existing = try? state(named: name) {
@@ -147,7 +152,8 @@ extension Pool {
             let record = VolumeRecord(
                 id: superblock.nextVolumeID, parentID: source.record.id, kind: .volume, name: name,
                 virtualSize: source.record.virtualSize, mappingRoot: source.record.mappingRoot,
-                mappedBlocks: source.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds())
+                mappedBlocks: source.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(),
+                flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
             let state = addVolume(record)
             try finishManagement()
             return (describe(state), true)

@@ -452,7 +452,7 @@ public final class Pool: @unchecked Sendable {
         let kind: VolumeInfo.Kind = r.kind == .snapshot ? .snapshot : (r.parentID == 0 ? .volume : .clone)
         return VolumeInfo(
             id: r.id, name: r.name, kind: kind, size: r.virtualSize, mappedBytes: r.mappedBlocks * blockSize,
-            parent: volumes[r.parentID]?.record.name, createdAt: r.createdAt)
+            parent: volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral)
     }
 }
 
@@ -499,6 +499,8 @@ public struct VolumeInfo: Sendable, Equatable {
     /// The volume or snapshot this one was created from, if it still exists.
     public var parent: String?
     public var createdAt: UInt64
+    /// Made by `serve --ephemeral`: removed when that server stops, or by the next start.
+    public var isEphemeral: Bool = false
 
     public var isReadOnly: Bool { kind == .snapshot }
 }

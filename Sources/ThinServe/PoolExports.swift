@@ -26,11 +26,20 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
     let pool: Pool
     let readOnly: Bool
     let defaultExport: String?
+    let ephemeral: EphemeralVolumes?
+    /// Export-name patterns whose FLUSH and FUA return at once (`--no-flush`).
+    let noFlushPatterns: [String]
 
-    public init(pool: Pool, readOnly: Bool, defaultExport: String?) {
+    public convenience init(pool: Pool, readOnly: Bool, defaultExport: String?) {
+        self.init(pool: pool, readOnly: readOnly, defaultExport: defaultExport, ephemeral: nil, noFlushPatterns: [])
+    }
+
+    init(pool: Pool, readOnly: Bool, defaultExport: String?, ephemeral: EphemeralVolumes?, noFlushPatterns: [String]) {
         self.pool = pool
         self.readOnly = readOnly
         self.defaultExport = defaultExport
+        self.ephemeral = ephemeral
+        self.noFlushPatterns = noFlushPatterns
     }
 
     func describe(_ volume: VolumeInfo) -> NBDExportDescription {
@@ -48,8 +57,13 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
 
     public func describe(_ name: String) -> NBDExportDescription? {
         let resolved = name.isEmpty ? defaultExport : name
-        guard let resolved, let volume = try? pool.volumeInfo(resolved) else { return nil }
-        return describe(volume)
+        guard let resolved else { return nil }
+        if let volume = try? pool.volumeInfo(resolved) { return describe(volume) }
+        // A name an --ephemeral rule covers: made when a client opens it.
+        guard !readOnly, let ephemeral, let size = ephemeral.plannedSize(of: resolved) else { return nil }
+        return NBDExportDescription(
+            name: resolved, size: size, isReadOnly: false, description: "ephemeral volume, \(formatBytes(size))",
+            preferredBlockSize: UInt32(min(pool.blockSize, 65536)))
     }
 
     public func allExports() -> [NBDExportDescription] {
@@ -65,9 +79,28 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
     }
 
     public func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport {
+        let name = description.name
+        var counted = false
+        if !readOnly, let ephemeral {
+            do throws(PoolError) {
+                counted = try ephemeral.acquire(name)
+            } catch {
+                throw nbdError(error)
+            }
+        }
+        let release: (@Sendable () -> Void)?
+        if counted, let ephemeral {
+            release = { @Sendable in ephemeral.release(name) }
+        } else {
+            release = nil
+        }
         do {
-            return VolumeExport(pool: pool, id: try pool.volumeID(description.name), description: description, buffers: buffers)
+            let skipFlush = noFlushPatterns.contains { ExportPattern.matches($0, name) }
+            return VolumeExport(
+                pool: pool, id: try pool.volumeID(name), description: description, buffers: buffers, skipFlush: skipFlush,
+                onClose: release)
         } catch {
+            release?()
             throw nbdError(error)
         }
     }
@@ -80,12 +113,21 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     let id: UInt64
     let exportDescription: NBDExportDescription
     let buffers: AlignedBufferPool
+    /// `--no-flush`: FLUSH and FUA return at once (scratch disks; the pool itself stays
+    /// consistent after a crash, the data written since the last commit may be lost).
+    let skipFlush: Bool
+    private let onClose: (@Sendable () -> Void)?
 
-    init(pool: Pool, id: UInt64, description: NBDExportDescription, buffers: AlignedBufferPool) {
+    init(
+        pool: Pool, id: UInt64, description: NBDExportDescription, buffers: AlignedBufferPool, skipFlush: Bool = false,
+        onClose: (@Sendable () -> Void)? = nil
+    ) {
         self.pool = pool
         self.id = id
         self.exportDescription = description
         self.buffers = buffers
+        self.skipFlush = skipFlush
+        self.onClose = onClose
     }
 
     @inline(__always)
@@ -131,17 +173,7 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     }
 
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError) {
-        guard pool.prefersAlignedBuffers, Int(bitPattern: buffer.baseAddress) % AlignedBuffer.directIOAlignment != 0 else {
-            try run { () throws(PoolError) in try pool.write(id, at: offset, from: buffer, forceUnitAccess: fua) }
-            return
-        }
-        // One copy into an aligned buffer lets O_DIRECT write it without bouncing.
-        let aligned = buffers.take(buffer.count)
-        defer { buffers.give(aligned) }
-        UnsafeMutableRawBufferPointer(rebasing: aligned.bytes[0..<buffer.count]).copyMemory(from: buffer)
-        try run { () throws(PoolError) in
-            try pool.write(id, at: offset, from: UnsafeRawBufferPointer(rebasing: aligned.bytes[0..<buffer.count]), forceUnitAccess: fua)
-        }
+        if let error = writeBatch([NBDWrite(offset: offset, data: buffer, fua: fua)])[0] { throw error }
     }
 
     func writeBatch(_ writes: [NBDWrite]) -> [NBDExportError?] {
@@ -156,7 +188,7 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
                 UnsafeMutableRawBufferPointer(rebasing: aligned.bytes[0..<data.count]).copyMemory(from: data)
                 data = UnsafeRawBufferPointer(rebasing: aligned.bytes[0..<data.count])
             }
-            return Pool.BatchedWrite(volume: id, offset: write.offset, data: data, forceUnitAccess: write.fua)
+            return Pool.BatchedWrite(volume: id, offset: write.offset, data: data, forceUnitAccess: write.fua && !skipFlush)
         }
         return pool.writeBatch(batch).map { $0.map(nbdError) }
     }
@@ -164,18 +196,19 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError) {
         try run { () throws(PoolError) in
             try pool.writeZeroes(id, at: offset, count: length, mayUnmap: mayTrim)
-            if fua { try pool.commit() }
+            if fua && !skipFlush { try pool.commit() }
         }
     }
 
     func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(NBDExportError) {
         try run { () throws(PoolError) in
             try pool.trim(id, at: offset, count: length)
-            if fua { try pool.commit() }
+            if fua && !skipFlush { try pool.commit() }
         }
     }
 
     func flush() throws(NBDExportError) {
+        if skipFlush { return }
         try run { () throws(PoolError) in try pool.flush() }
     }
 
@@ -185,7 +218,7 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         }
     }
 
-    func close() {}
+    func close() { onClose?() }
 }
 
 /// A libaio queue for one event loop: volume reads started there complete there.

@@ -21,6 +21,14 @@ public struct ServeOptions: Sendable {
     public var threads: Int?
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
+    /// `--ephemeral`: export names made on first use.
+    public var ephemeralRules: [EphemeralRule] = []
+    /// `--ephemeral-keep`: ephemeral volumes stay (as ordinary volumes) after use.
+    public var keepEphemeral = false
+    /// How long an ephemeral volume outlives its last connection (reconnects keep it).
+    public var ephemeralGraceMilliseconds = 5000
+    /// `--no-flush`: export-name patterns whose FLUSH and FUA return at once.
+    public var noFlushPatterns: [String] = []
 
     public init(poolPath: String) { self.poolPath = poolPath }
 
@@ -61,7 +69,13 @@ public enum ServeRunner {
             try? pool.close()
             throw ServeError(description: "--default-export \(name): no such volume or snapshot")
         }
-        let provider = PoolExportProvider(pool: pool, readOnly: options.readOnly, defaultExport: options.defaultExport)
+        if !options.readOnly { EphemeralVolumes.removeLeftovers(of: pool, log: log) }
+        let ephemeral = options.ephemeralRules.isEmpty ? nil : EphemeralVolumes(
+            pool: pool, rules: options.ephemeralRules, keep: options.keepEphemeral,
+            graceMilliseconds: options.ephemeralGraceMilliseconds, log: log)
+        let provider = PoolExportProvider(
+            pool: pool, readOnly: options.readOnly, defaultExport: options.defaultExport, ephemeral: ephemeral,
+            noFlushPatterns: options.noFlushPatterns)
         var configuration = NBDServer.Configuration()
         if let threads = options.threads { configuration.ioThreads = threads }
         let server = NBDServer(provider: provider, configuration: configuration, log: log)
@@ -134,6 +148,7 @@ public enum ServeRunner {
 
         stop.wait()
         server.shutdown()
+        ephemeral?.stop()
         committer.stop()
         do {
             try pool.close()

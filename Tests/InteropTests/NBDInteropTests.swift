@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import TestSupport
+import ThinPool
 
 /// The server against real NBD clients: nbdinfo, nbdcopy, qemu-img, qemu-io, fio and
 /// python3-libnbd (nbdsh's library). None of these clients is ours.
@@ -110,6 +111,39 @@ import TestSupport
         try served.start()
         expectSuccess(try Peers.python("flags_and_errors.py", [served.uri("disk"), served.uri("disk@ro")]), "flags and errors")
         #expect(served.stop() == 0)
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func ephemeralExportsAreSharedThenGone() throws {
+        let served = try ServedPool()
+        try served.createVolume("base", size: "64M")
+        do {
+            // Golden data, and a volume an earlier (crashed) server left marked ephemeral.
+            let pool = try Pool.open(path: served.pool)
+            try [UInt8](repeating: 0x47, count: 1 << 20).withUnsafeBytes { try pool.write(try pool.volumeID("base"), at: 0, from: $0) }
+            _ = try pool.createVolume("leftover", size: 1 << 20, ephemeral: true)
+            try pool.close()
+        }
+        expectSuccess(try served.cli(["snapshot", "POOL", "base@golden"]), "snapshot")
+        let before = try served.cli(["info", "POOL", "--json"])
+        try served.start([
+            "--ephemeral", "build-*=base@golden", "--ephemeral", "scratch-*=blank:32M", "--ephemeral-grace", "0.3",
+            "--no-flush", "scratch-*",
+        ])
+        expectSuccess(try Peers.python("ephemeral.py", [served.socket, "\(0x47)"]), "ephemeral exports")
+        #expect(served.stop() == 0)
+        #expect(served.stderr.contains("left by an earlier server"), "\(served.stderr)")
+
+        // Nothing ephemeral is left, and the space is back.
+        let list = try served.cli(["volume", "list", "POOL", "--json"])
+        let names = try (JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as! [[String: Any]]).map { $0["name"] as! String }
+        #expect(Set(names) == ["base", "base@golden"])
+        let after = try served.cli(["info", "POOL", "--json"])
+        func used(_ result: CLI.Result) throws -> Int {
+            try (JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any])["used_bytes"] as! Int
+        }
+        #expect(try used(after) == used(before), "data space not returned: \(after.stdout)")
+        expectSuccess(try served.cli(["check", "POOL"]), "check")
     }
 
     @Test(.enabled(if: Peers.need("python3-nbd")))

@@ -85,11 +85,14 @@ final class Block {
         let block = Block()
         let record = VolumeRecord(
             id: 9, parentID: 3, ownerID: 2, kind: name.contains("@") ? .snapshot : .volume, name: name,
-            virtualSize: 1 << 40, mappingRoot: 77, mappedBlocks: 12345, createdAt: 1_700_000_000)
+            virtualSize: 1 << 40, mappingRoot: 77, mappedBlocks: 12345, createdAt: 1_700_000_000,
+            flags: name.count % 2 == 0 ? VolumeRecord.ephemeralFlag : 0)
         record.encode(into: block.storage)
         BlockHeader.seal(block.storage, blockNumber: 50, generation: 3)
         _ = try BlockHeader.validate(block.storage, expectedType: .volumeRecord, blockNumber: 50, maxGeneration: 3)
-        #expect(try VolumeRecord.decode(block.storage) == record)
+        let decoded = try VolumeRecord.decode(block.storage)
+        #expect(decoded == record)
+        #expect(decoded.isEphemeral == (name.count % 2 == 0))
     }
 
     @Test func headerValidationCatchesMisdirectionAndAge() {
