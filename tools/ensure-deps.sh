@@ -10,7 +10,8 @@ have libaio-dev || need+=(libaio-dev)
 if [ "${1:-build}" = test ]; then
     # Real NBD clients the interop tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy,
     # python3-libnbd (what nbdsh runs) and fio with its nbd engine.
-    for package in qemu-utils libnbd-bin python3-libnbd fio; do
+    # systemd: systemd-analyze checks the shipped unit files.
+    for package in qemu-utils libnbd-bin python3-libnbd fio systemd; do
         have "$package" || need+=("$package")
     done
 fi

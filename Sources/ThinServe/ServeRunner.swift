@@ -55,6 +55,8 @@ public struct ServeError: Error, CustomStringConvertible {
 /// or of the `--stdio` connection); returns the process exit status.
 public enum ServeRunner {
     public static func run(_ options: ServeOptions, log: @escaping @Sendable (String) -> Void) throws -> Int32 {
+        // Before any thread exists: only the signal thread may take SIGINT/SIGTERM.
+        Signals.blockTermination()
         if let name = options.defaultExport, name.isEmpty { throw ServeError(description: "--default-export needs a name") }
         let pool: Pool
         do {

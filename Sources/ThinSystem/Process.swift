@@ -3,21 +3,45 @@ import Glibc
 
 /// Signal handling without touching Glibc elsewhere.
 public enum Signals {
-    private static let sources = Lock()
-    nonisolated(unsafe) private static var installed: [DispatchSourceSignal] = []
+    private static func terminationSet() -> sigset_t {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        return set
+    }
 
-    /// Calls `handler` (on a private queue) when SIGINT or SIGTERM arrives, instead of
-    /// terminating the process. SIGPIPE is ignored.
-    public static func onTermination(_ handler: @escaping @Sendable (Int32) -> Void) {
+    /// Blocks SIGINT and SIGTERM in the calling thread and every thread it starts later.
+    /// Call first thing, before any thread exists, so that `onTermination`'s thread is
+    /// the only one that ever takes them (a thread with them unblocked would let the
+    /// default action kill the process mid-request).
+    public static func blockTermination() {
+        var set = terminationSet()
+        pthread_sigmask(SIG_BLOCK, &set, nil)
         signal(SIGPIPE, SIG_IGN)
-        let queue = DispatchQueue(label: "thinbd.signals")
-        for number in [SIGINT, SIGTERM] {
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-            source.setEventHandler { handler(number) }
-            source.resume()
-            sources.withLock { installed.append(source) }
-        }
+    }
+
+    /// Calls `handler` (on a thread of its own) for each SIGINT or SIGTERM, instead of
+    /// terminating the process. Needs `blockTermination` first. It waits with sigwait,
+    /// so it works whatever signal mask the process inherited.
+    public static func onTermination(_ handler: @escaping @Sendable (Int32) -> Void) {
+        blockTermination()
+        var thread = pthread_t()
+        let box = Unmanaged.passRetained(HandlerBox(handler))
+        let r = pthread_create(&thread, nil, { argument in
+            let handler = Unmanaged<HandlerBox>.fromOpaque(argument!).takeRetainedValue().handler
+            var set = Signals.terminationSet()
+            while true {
+                var number: Int32 = 0
+                if sigwait(&set, &number) == 0 { handler(number) }
+            }
+        }, box.toOpaque())
+        if r == 0 { pthread_detach(thread) } else { box.release() }
+    }
+
+    private final class HandlerBox {
+        let handler: @Sendable (Int32) -> Void
+        init(_ handler: @escaping @Sendable (Int32) -> Void) { self.handler = handler }
     }
 }
 
@@ -41,9 +65,22 @@ public final class ChildProcess: Sendable {
         for (key, value) in environment { entries.append("\(key)=\(value)") }
         let argv = ["/bin/sh", "-c", command]
         var pid: pid_t = 0
+        // The child starts with no signal blocked and default dispositions, whatever
+        // this server blocks or ignores.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t()
+        sigemptyset(&none)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for number in [SIGINT, SIGTERM, SIGPIPE] { sigaddset(&defaults, number) }
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let result = withCStrings(argv) { cArgs in
             withCStrings(entries) { cEnv in
-                posix_spawn(&pid, "/bin/sh", nil, nil, cArgs, cEnv)
+                posix_spawn(&pid, "/bin/sh", nil, &attributes, cArgs, cEnv)
             }
         }
         guard result == 0 else { throw SystemError(SystemError.Code(rawValue: result), "posix_spawn /bin/sh") }

@@ -276,6 +276,44 @@ import ThinPool
         #expect(result.stdout.contains("16777216"))
     }
 
+    /// The shipped unit files: valid for systemd, and their ExecStart serves a socket
+    /// passed by socket activation and stops cleanly.
+    @Test(.enabled(if: Peers.need("systemd-analyze", "nbdinfo")))
+    func systemdUnitsServeThroughSocketActivation() throws {
+        let served = try ServedPool()
+        try served.createVolume("disk", size: "16M")
+        let units = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+            .appendingPathComponent("../../tools/systemd").standardized.path
+        let socketPath = served.directory.path + "/thinbd.sock"
+        func installed(_ name: String) throws -> String {
+            try String(contentsOfFile: units + "/" + name, encoding: .utf8)
+                .replacingOccurrences(of: "/usr/local/bin/thinbd", with: CLI.executable)
+                .replacingOccurrences(of: "/var/lib/thinbd/default.pool", with: served.pool)
+                .replacingOccurrences(of: "/run/thinbd/thinbd.sock", with: socketPath)
+        }
+        let service = try installed("thinbd.service")
+        let socketUnit = try installed("thinbd.socket")
+        #expect(service != (try String(contentsOfFile: units + "/thinbd.service", encoding: .utf8)), "ExecStart paths changed")
+        try service.write(toFile: served.directory.path + "/thinbd.service", atomically: true, encoding: .utf8)
+        try socketUnit.write(toFile: served.directory.path + "/thinbd.socket", atomically: true, encoding: .utf8)
+        let verify = try Program.run(Peers.path("systemd-analyze"), [
+            "verify", served.directory.path + "/thinbd.socket", served.directory.path + "/thinbd.service",
+        ])
+        expectSuccess(verify, "systemd-analyze verify")
+        #expect(!verify.stderr.contains("thinbd"), "\(verify.stderr)")
+
+        let execStart = service.split(separator: "\n").first { $0.hasPrefix("ExecStart=") }!.dropFirst("ExecStart=".count)
+        let listen = socketUnit.split(separator: "\n").first { $0.hasPrefix("ListenStream=") }!.dropFirst("ListenStream=".count)
+        #expect(String(listen) == socketPath)
+        // The unit's command under socket activation (nbdinfo's [ CMD ] passes a listening
+        // socket as systemd does, then stops the server with SIGTERM, as systemctl does).
+        let command = execStart.split(separator: " ").map(String.init)
+        let size = try Program.run(Peers.path("nbdinfo"), ["--size", "--", "["] + command + ["--default-export", "disk", "]"])
+        expectSuccess(size, "nbdinfo through the unit's command")
+        #expect(size.stdout.contains("16777216"))
+        expectSuccess(try served.cli(["check", "POOL"]), "check after stop")
+    }
+
     @Test func poolIsLockedWhileServed() throws {
         let served = try ServedPool()
         try served.createVolume("disk", size: "16M")
