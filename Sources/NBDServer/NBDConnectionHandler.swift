@@ -128,8 +128,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// and submit them together.
     private func dispatchGatheredWrites(context: ChannelHandlerContext) {
         guard !gatheredWrites.isEmpty, let export else { return }
+        // Handed over whole: the next pass starts a new array (keeping capacity here
+        // would copy, since the batch still shares the storage).
         let writes = gatheredWrites
-        gatheredWrites.removeAll(keepingCapacity: true)
+        gatheredWrites = []
         let future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> [NBDExportError?] in
             // The payloads' storage is retained for the call, so their bytes stay put.
             var storages: [Unmanaged<AnyObject>] = []

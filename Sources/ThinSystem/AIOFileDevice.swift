@@ -50,11 +50,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         /// Called once for each request of the batch, by the reaper or a failed submission.
         func complete(result: Int, expected: Int) {
             let finished = lock.withLock { () -> Bool in
-                if result < 0 {
-                    error = error ?? SystemError(SystemError.Code(rawValue: Int32(-result)), "aio")
-                } else if result != expected {
-                    error = error ?? SystemError(.io, "short aio transfer (\(result) of \(expected) bytes)")
-                }
+                error = error ?? AIOFileDevice.transferError(result: result, expected: expected)
                 remaining -= 1
                 return remaining == 0
             }
@@ -86,6 +82,14 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     public var engineName: String { "libaio+O_DIRECT" }
 
     public var size: UInt64 { (try? Syscall.fileSize(fd)) ?? 0 }
+
+    /// What one finished iocb says: nil, or the error its result code (a negative errno,
+    /// or fewer bytes than asked) stands for.
+    static func transferError(result: Int, expected: Int) -> SystemError? {
+        if result < 0 { return SystemError(SystemError.Code(rawValue: Int32(-result)), "aio") }
+        if result != expected { return SystemError(.io, "short aio transfer (\(result) of \(expected) bytes)") }
+        return nil
+    }
 
     @inline(__always)
     static func isAligned(_ request: IORequest) -> Bool {

@@ -140,25 +140,25 @@ public final class AIOLoopQueue: @unchecked Sendable {
             let got = io_getevents(context, 0, Self.capacity, events, &noWait)
             if got == -EINTR { continue }
             if got <= 0 { break }
-            for i in 0..<Int(got) {
-                let event = events[i]
-                finish(event.obj, result: Int(bitPattern: event.res), expected: Int(event.obj.pointee.u.c.nbytes))
-            }
+            finishEvents(Int(got))
             total += Int(got)
             if Int(got) < Self.capacity { break }
         }
         return total
     }
 
+    private func finishEvents(_ count: Int) {
+        for i in 0..<count {
+            let event = events[i]
+            finish(event.obj, result: Int(bitPattern: event.res), expected: Int(event.obj.pointee.u.c.nbytes))
+        }
+    }
+
     private func finish(_ cb: UnsafeMutablePointer<iocb>, result: Int, expected: Int) {
         let index = Int(bitPattern: cb.pointee.data) - 1
         freeIOCBs.append(Int32(cb - iocbs))
         inFlight -= 1
-        if result < 0 {
-            operations[index]!.error = operations[index]!.error ?? SystemError(SystemError.Code(rawValue: Int32(-result)), "aio")
-        } else if result != expected {
-            operations[index]!.error = operations[index]!.error ?? SystemError(.io, "short aio transfer (\(result) of \(expected) bytes)")
-        }
+        operations[index]!.error = operations[index]!.error ?? AIOFileDevice.transferError(result: result, expected: expected)
         operations[index]!.remaining -= 1
         guard operations[index]!.remaining == 0 else { return }
         let done = operations[index]!
@@ -177,10 +177,7 @@ public final class AIOLoopQueue: @unchecked Sendable {
             let got = io_getevents(context, 1, Self.capacity, events, nil)
             if got == -EINTR { continue }
             if got <= 0 { break }
-            for i in 0..<Int(got) {
-                let event = events[i]
-                finish(event.obj, result: Int(bitPattern: event.res), expected: Int(event.obj.pointee.u.c.nbytes))
-            }
+            finishEvents(Int(got))
         }
         io_destroy(context)
         Syscall.close(eventFD)
