@@ -6,7 +6,8 @@ import class Foundation.ProcessInfo
 // Layering (see docs/architecture.md):
 //   CLibAIO -> ThinSystem (the only module that touches C and syscalls)
 //   ThinFormat (pure codecs) -> ThinMetadata (cache, transactions, space maps, B-trees)
-//   -> ThinPool (volumes, allocator, volume I/O) -> ThinCLI -> thinbd
+//   -> ThinPool (volumes, allocator, volume I/O) -> ThinControl (control protocol, commands)
+//   -> ThinServe (NBD exports, control socket) -> ThinCLI -> thinbd
 let package = Package(
     name: "thinbd",
     platforms: [.macOS(.v15)],
@@ -29,6 +30,7 @@ let package = Package(
         .target(name: "ThinFormat"),
         .target(name: "ThinMetadata", dependencies: ["ThinFormat", "ThinSystem"]),
         .target(name: "ThinPool", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
+        .target(name: "ThinControl", dependencies: ["ThinPool", "ThinSystem"]),
         .target(name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         .target(
             name: "NBDServer",
@@ -42,14 +44,15 @@ let package = Package(
         .target(
             name: "ThinServe",
             dependencies: [
-                "ThinPool", "ThinSystem", "NBDServer", "NBDProtocol",
+                "ThinPool", "ThinSystem", "ThinControl", "NBDServer", "NBDProtocol",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         .target(
             name: "ThinCLI",
             dependencies: [
-                "ThinPool", "ThinSystem", "ThinServe",
+                "ThinPool", "ThinSystem", "ThinControl", "ThinServe",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -64,6 +67,7 @@ let package = Package(
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
         .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"]),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "ThinControlTests", dependencies: ["ThinControl", "ThinPool", "ThinSystem", "TestSupport"]),
         .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinServe", "ThinSystem", "TestSupport"]),
         .testTarget(
             name: "NBDProtocolTests",

@@ -235,6 +235,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 out.writeNBDExportNameReply(reply)
                 context.write(wrapOutboundOut(out), promise: nil)
             case .enterTransmission(let newSession):
+                // Counted before the provider is asked, so that a management command
+                // that closes this export either sees the connection or is seen by open.
+                server.connectionEnteredTransmission(context.channel, export: newSession.export.name)
                 do {
                     export = try server.provider.open(newSession.export)
                 } catch {

@@ -31,6 +31,8 @@ public final class NBDServer: @unchecked Sendable {
     private let lock = NIOLock()
     private var listeners: [Channel] = []
     private var connections: [ObjectIdentifier: Channel] = [:]
+    /// The export each connection in transmission uses.
+    private var exportNames: [ObjectIdentifier: String] = [:]
     private var shuttingDown = false
     private var loopIOs: [ObjectIdentifier: LoopIO] = [:]
     private let idle: EventLoopPromise<Void>
@@ -123,9 +125,14 @@ public final class NBDServer: @unchecked Sendable {
         if refuse { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
     }
 
+    func connectionEnteredTransmission(_ channel: Channel, export name: String) {
+        lock.withLock { exportNames[ObjectIdentifier(channel)] = name }
+    }
+
     func connectionClosed(_ channel: Channel) {
         let nowIdle = lock.withLock { () -> Bool in
             connections[ObjectIdentifier(channel)] = nil
+            exportNames[ObjectIdentifier(channel)] = nil
             return shuttingDown && connections.isEmpty
         }
         if nowIdle { idle.succeed(()) }
@@ -136,6 +143,31 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     public var connectionCount: Int { lock.withLock { connections.count } }
+
+    /// Connections in transmission, per export name.
+    public func connectionCounts() -> [String: Int] {
+        lock.withLock { exportNames.values.reduce(into: [:]) { $0[$1, default: 0] += 1 } }
+    }
+
+    /// Closes the connections using exports whose names satisfy `matches`, the way
+    /// shutdown closes them: running requests finish, queued ones get ESHUTDOWN. Waits
+    /// up to `timeout` for them to go, then closes what is left. Returns how many there
+    /// were. Blocks the caller (not an event loop). A caller that must keep clients
+    /// away afterwards refuses them in its provider first.
+    @discardableResult
+    public func disconnect(exportsMatching matches: (String) -> Bool, timeout: TimeAmount = .seconds(10)) -> Int {
+        let victims = lock.withLock { () -> [Channel] in
+            exportNames.compactMap { id, name in matches(name) ? connections[id] : nil }
+        }
+        for channel in victims { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        let closed = EventLoopFuture.whenAllComplete(victims.map(\.closeFuture), on: group.next())
+        let timer = group.next().scheduleTask(in: timeout) {
+            for channel in victims { channel.close(promise: nil) }
+        }
+        _ = try? closed.wait()
+        timer.cancel()
+        return victims.count
+    }
 
     /// Stops accepting, lets running requests finish, answers later ones with
     /// ESHUTDOWN and closes every connection; waits up to `timeout` for that, then

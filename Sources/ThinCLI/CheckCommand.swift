@@ -1,45 +1,73 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct CheckCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Verify every metadata block and reference count.",
-        discussion: "Exit status: 0 clean, 1 damage found, 2 could not check.")
+        discussion: """
+            While the pool is served the server checks its live state (I/O waits while the
+            metadata is walked); --repair needs the pool offline.
+            Exit status: 0 clean, 1 damage found, 2 could not check.
+            """)
 
     @OptionGroup var target: PoolArgument
 
-    @Flag(help: "Fix leaked blocks and stale counts (other damage is only reported).")
+    @Flag(help: "Fix leaked blocks and stale counts (other damage is only reported). Offline only.")
     var repair = false
 
+    @OptionGroup var live: LiveOptions
+
     func run() throws {
-        let pool: Pool
-        do {
-            pool = try Pool.open(path: target.pool, readOnly: !repair)
-        } catch {
-            switch error {
-            case .corrupt, .truncated:
-                throw fail(error, code: 1)
-            default:
-                throw fail(error, code: 2)
+        let report = repair ? try repairOffline() : try checkAnywhere()
+        emit(report, live) {
+            for line in report["damage"]?.arrayValue ?? [] { print("damage: \(line.stringValue ?? "")") }
+            let repaired = report["repaired"]?.boolValue == true
+            if !repaired {
+                for line in report["stale"]?.arrayValue ?? [] { print("stale: \(line.stringValue ?? "")") }
+                if report.number("leaked_blocks") > 0 { print("leaked: \(report.number("leaked_blocks")) data blocks are counted but unused") }
+            }
+            print("checked \(report.number("volumes_checked")) volumes, \(report.number("metadata_blocks_checked")) metadata blocks, \(report.number("block_mappings")) block mappings")
+            let damaged = !(report["damage"]?.arrayValue ?? []).isEmpty
+            if repaired && !damaged {
+                let leaked = report.number("leaked_blocks")
+                print("repaired: \(leaked == 0 ? "" : "\(leaked) leaked blocks reclaimed; ")counts rewritten")
+            }
+            if report["clean"]?.boolValue == true || (repaired && !damaged) {
+                print("clean")
+            } else if !repair && !damaged {
+                print("run 'thinbd check --repair \(target.pool)' to fix (with the pool offline)")
             }
         }
-        let report = pool.check(repair: repair)
+        let damaged = !(report["damage"]?.arrayValue ?? []).isEmpty
+        if report["clean"]?.boolValue != true && !(report["repaired"]?.boolValue == true && !damaged) { throw ExitCode(1) }
+    }
+
+    private func checkAnywhere() throws -> JSON {
+        switch PoolCommandClient(poolPath: target.pool, controlPath: live.control).run(.check).reply {
+        case .success(let report):
+            return report
+        case .failure(let error):
+            if live.json { print(JSON.object([("error", error.json)]).rendered()) }
+            // A pool too damaged to open is damage found, not a failure to check.
+            throw fail(error, code: error.code == "corrupt" ? 1 : 2)
+        }
+    }
+
+    private func repairOffline() throws -> JSON {
+        let socket = live.control ?? ControlEndpoint.defaultPath(forPool: target.pool)
+        if (try? ControlClient(socketPath: socket)) != nil {
+            throw fail(ControlError(code: "busy", message: "check --repair needs the pool offline; stop the server first (a read-only check works while it is served)"), code: 2)
+        }
+        let pool: Pool
+        do {
+            pool = try Pool.open(path: target.pool, readOnly: false)
+        } catch {
+            throw fail(error, code: ControlError(error).code == "corrupt" ? 1 : 2)
+        }
+        let report = pool.check(repair: true)
         try? pool.close()
-        for line in report.damage { print("damage: \(line)") }
-        for line in report.fixable where !report.repaired { print("stale: \(line)") }
-        if report.leakedBlocks > 0 && !report.repaired { print("leaked: \(report.leakedBlocks) data blocks are counted but unused") }
-        print("checked \(report.volumesChecked) volumes, \(report.metadataBlocksChecked) metadata blocks, \(report.dataReferences) block mappings")
-        if report.repaired && report.damage.isEmpty {
-            print("repaired: \(report.leakedBlocks == 0 ? "" : "\(report.leakedBlocks) leaked blocks reclaimed; ")counts rewritten")
-            print("clean")
-            return
-        }
-        if report.isClean {
-            print("clean")
-            return
-        }
-        if !repair && report.damage.isEmpty { print("run 'thinbd check --repair \(target.pool)' to fix") }
-        throw ExitCode(1)
+        return report.json
     }
 }

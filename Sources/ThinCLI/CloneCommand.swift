@@ -1,4 +1,5 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct CloneCommand: ParsableCommand {
@@ -19,10 +20,14 @@ struct CloneCommand: ParsableCommand {
     @Option(help: "With --if-missing: seconds to wait for another command holding the pool.")
     var wait: Double = 60
 
+    @OptionGroup var live: LiveOptions
+
     func run() throws {
-        let created = try withPool(target.pool, waitingForLock: ifMissing ? wait : 0) {
-            try $0.clone(source, as: name, ifMissing: ifMissing).created
+        let result = try runPoolCommand(
+            .clone(source: source, name: name, ifMissing: ifMissing), pool: target.pool, options: live,
+            waitSeconds: ifMissing ? wait : 0)
+        emit(result, live) {
+            print(result["created"]?.boolValue == true ? "created clone \(name) of \(source)" : "clone \(name) of \(source) exists already")
         }
-        print(created ? "created clone \(name) of \(source)" : "clone \(name) of \(source) exists already")
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 import ThinSystem
 
@@ -6,6 +7,79 @@ import ThinSystem
 struct PoolArgument: ParsableArguments {
     @Argument(help: "Path of the pool file.")
     var pool: String
+}
+
+/// How a pool command reaches the pool, and how it prints.
+struct LiveOptions: ParsableArguments {
+    @Option(help: ArgumentHelp(
+        "Control socket of the server that serves the pool (default: POOL.control, where 'thinbd serve' puts it). Without a server there, the command opens the pool itself.",
+        valueName: "PATH"))
+    var control: String?
+
+    @Flag(help: "Print the result as JSON (the control protocol's result object).")
+    var json = false
+}
+
+/// Runs `command` on the pool, through its server when one serves it, else offline
+/// (see `PoolCommandClient`); returns the result, or fails the command with the error
+/// (as `{"error": ...}` on standard output too with --json).
+func runPoolCommand(_ command: ControlCommand, pool: String, options: LiveOptions, waitSeconds: Double = 0) throws -> JSON {
+    try runPoolCommandReportingServer(command, pool: pool, options: options, waitSeconds: waitSeconds).result
+}
+
+/// `runPoolCommand`, also saying whether a server answered.
+func runPoolCommandReportingServer(
+    _ command: ControlCommand, pool: String, options: LiveOptions, waitSeconds: Double = 0
+) throws -> (result: JSON, served: Bool) {
+    let client = PoolCommandClient(poolPath: pool, controlPath: options.control, waitSeconds: waitSeconds)
+    let (reply, served) = client.run(command)
+    switch reply {
+    case .success(let result):
+        return (result, served)
+    case .failure(let error):
+        if options.json { print(JSON.object([("error", error.json)]).rendered()) }
+        throw fail(error)
+    }
+}
+
+/// Prints `result` as JSON with --json, else runs `human`.
+func emit(_ result: JSON, _ options: LiveOptions, human: () -> Void) {
+    if options.json {
+        print(result.rendered())
+    } else {
+        human()
+    }
+}
+
+extension JSON {
+    /// A number field, 0 when missing (results are the server's own; fields are there).
+    func number(_ key: String) -> UInt64 { self[key]?.numberValue ?? 0 }
+    func string(_ key: String) -> String { self[key]?.stringValue ?? "" }
+}
+
+/// A volume as a result describes it.
+struct VolumeRow {
+    var name: String
+    var kind: String
+    var size: UInt64
+    var mappedBytes: UInt64
+    var parent: String?
+    var created: UInt64
+    var ephemeral: Bool
+    var connections: UInt64
+
+    init(_ json: JSON) {
+        name = json.string("name")
+        kind = json.string("kind")
+        size = json.number("size")
+        mappedBytes = json.number("mapped_bytes")
+        parent = json["parent"]?.stringValue
+        created = json.number("created")
+        ephemeral = json["ephemeral"]?.boolValue ?? false
+        connections = json.number("connections")
+    }
+
+    static func rows(_ json: JSON?) -> [VolumeRow] { (json?.arrayValue ?? []).map(VolumeRow.init) }
 }
 
 /// Opens the pool (waiting up to `waitingForLock` seconds while another process holds
@@ -33,18 +107,6 @@ func fail(_ error: Error, code: Int32 = 1) -> ExitCode {
     if let exit = error as? ExitCode { return exit }
     SystemInfo.writeStandardError("thinbd: error: \(error)\n")
     return ExitCode(code)
-}
-
-func volumeJSON(_ volume: VolumeInfo) -> JSON {
-    .object([
-        ("name", .string(volume.name)),
-        ("kind", .string(volume.kind.rawValue)),
-        ("size", .number(volume.size)),
-        ("mapped_bytes", .number(volume.mappedBytes)),
-        ("parent", volume.parent.map { .string($0) } ?? .null),
-        ("read_only", .bool(volume.isReadOnly)),
-        ("created", .number(volume.createdAt)),
-    ])
 }
 
 /// A usage bar like `[#######.............]`.

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 import ThinSystem
 
@@ -51,7 +52,7 @@ struct DemoCommand: ParsableCommand {
             let report = pool.check()
             print("check: \(report.isClean ? "clean" : "DAMAGE: \(report.damage)")")
             print("\nsnapshot tree:")
-            print(TreeCommand.draw(pool.listVolumes()), terminator: "")
+            print(TreeCommand.draw(VolumeRow.rows(PoolCommands(pool: pool, served: nil).listJSON())), terminator: "")
             let info = pool.info()
             print("\npool: \(formatBytes(info.dataUsedBytes)) used of \(formatBytes(info.dataTotalBytes)), \(info.volumes.count) volumes and snapshots")
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct GrowCommand: ParsableCommand {
@@ -10,11 +11,12 @@ struct GrowCommand: ParsableCommand {
     @Option(help: "New data capacity.")
     var size: ByteSize
 
+    @OptionGroup var live: LiveOptions
+
     func run() throws {
-        let info = try withPool(target.pool) { pool in
-            try pool.grow(to: size.bytes)
-            return pool.info()
+        let info = try runPoolCommand(.grow(size: size.bytes), pool: target.pool, options: live)
+        emit(info, live) {
+            print("\(target.pool): \(formatBytes(info.number("total_bytes"))) of data, \(formatBytes(info.number("free_bytes"))) free")
         }
-        print("\(target.pool): \(formatBytes(info.dataTotalBytes)) of data, \(formatBytes(info.dataFreeBytes)) free")
     }
 }

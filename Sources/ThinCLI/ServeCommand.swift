@@ -61,7 +61,16 @@ struct ServeCommand: ParsableCommand {
         valueName: "PATTERN"))
     var noFlush: [String] = []
 
+    @Option(help: ArgumentHelp(
+        "Control socket the CLI and CI systems use to manage the pool while it is served (default: POOL.control beside the pool; see docs/control-api.md).",
+        valueName: "PATH"))
+    var control: String?
+
+    @Flag(name: .customLong("no-control"), help: "No control socket: other thinbd commands cannot reach this server.")
+    var noControl = false
+
     func validate() throws {
+        if noControl && control != nil { throw ValidationError("--control and --no-control contradict each other") }
         for text in listens where ServeOptions.parseListen(text) == nil {
             throw ValidationError("--listen \(text): expected HOST:PORT")
         }
@@ -112,6 +121,8 @@ struct ServeCommand: ParsableCommand {
         options.keepEphemeral = ephemeralKeep
         options.ephemeralGraceMilliseconds = Int(ephemeralGrace * 1000)
         options.noFlushPatterns = noFlush
+        options.controlSocket = control
+        options.controlDisabled = noControl
         let status: Int32
         do {
             status = try ServeRunner.run(options) { message in

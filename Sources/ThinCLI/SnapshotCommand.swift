@@ -1,10 +1,15 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct SnapshotCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshot",
-        abstract: "Take a read-only snapshot VOLUME@SNAPSHOT (constant time, whatever the volume's size).")
+        abstract: "Take a read-only snapshot VOLUME@SNAPSHOT (constant time, whatever the volume's size).",
+        discussion: """
+            While the pool is served the server takes it: it holds every write that was answered
+            before and none answered after; writes pause for one commit.
+            """)
 
     @OptionGroup var target: PoolArgument
 
@@ -17,14 +22,17 @@ struct SnapshotCommand: ParsableCommand {
     @Option(help: "With --if-missing: seconds to wait for another command holding the pool.")
     var wait: Double = 60
 
+    @OptionGroup var live: LiveOptions
+
     func validate() throws {
         guard name.contains("@") else { throw ValidationError("a snapshot is named VOLUME@SNAPSHOT") }
     }
 
     func run() throws {
-        let created = try withPool(target.pool, waitingForLock: ifMissing ? wait : 0) {
-            try $0.snapshot(name, ifMissing: ifMissing).created
+        let result = try runPoolCommand(
+            .snapshot(name: name, ifMissing: ifMissing), pool: target.pool, options: live, waitSeconds: ifMissing ? wait : 0)
+        emit(result, live) {
+            print(result["created"]?.boolValue == true ? "created snapshot \(name)" : "snapshot \(name) exists already")
         }
-        print(created ? "created snapshot \(name)" : "snapshot \(name) exists already")
     }
 }

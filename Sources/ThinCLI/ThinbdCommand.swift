@@ -1,4 +1,5 @@
 import ArgumentParser
+import ThinControl
 
 /// The `thinbd` command line. Each subcommand lives in its own file; the logic lives in
 /// the ThinPool library.
@@ -10,7 +11,7 @@ public struct ThinbdCommand: ParsableCommand {
             SIZE arguments take bytes or K, M, G, T (powers of 1024): 10G, 512M, 65536.
             Snapshots are named VOLUME@SNAPSHOT.
             """,
-        version: "0.1.0",
+        version: ControlEndpoint.version,
         subcommands: [
             CreateCommand.self, InfoCommand.self, CheckCommand.self, GrowCommand.self, VolumeCommand.self,
             SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, ServeCommand.self,

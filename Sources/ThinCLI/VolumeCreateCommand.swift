@@ -1,4 +1,5 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct VolumeCreateCommand: ParsableCommand {
@@ -13,8 +14,13 @@ struct VolumeCreateCommand: ParsableCommand {
     @Option(help: "Virtual size of the volume.")
     var size: ByteSize
 
+    @OptionGroup var live: LiveOptions
+
     func run() throws {
-        let volume = try withPool(target.pool) { try $0.createVolume(name, size: size.bytes) }
-        print("created volume \(volume.name) (\(formatBytes(volume.size)))")
+        let result = try runPoolCommand(.createVolume(name: name, size: size.bytes), pool: target.pool, options: live)
+        emit(result, live) {
+            let volume = VolumeRow(result["volume"] ?? .null)
+            print("created volume \(volume.name) (\(formatBytes(volume.size)))")
+        }
     }
 }

@@ -1,26 +1,27 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct VolumeListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "list", abstract: "List volumes, snapshots and clones.")
+        commandName: "list", abstract: "List volumes, snapshots and clones (with connections when served).")
 
     @OptionGroup var target: PoolArgument
-
-    @Flag(help: "Print JSON.")
-    var json = false
+    @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let volumes = try withPool(target.pool, readOnly: true) { $0.listVolumes() }
-        if json {
-            print(JSON.array(volumes.map(volumeJSON)).rendered())
-            return
+        let (list, served) = try runPoolCommandReportingServer(.list, pool: target.pool, options: live)
+        emit(list, live) {
+            var header = ["NAME", "KIND", "SIZE", "MAPPED", "PARENT"]
+            if served { header.append("CLIENTS") }
+            var rows = [header]
+            for v in VolumeRow.rows(list) {
+                var row = [v.name, v.kind + (v.ephemeral ? " (ephemeral)" : ""), formatBytes(v.size), formatBytes(v.mappedBytes), v.parent ?? "-"]
+                if served { row.append(String(v.connections)) }
+                rows.append(row)
+            }
+            printTable(rows)
         }
-        var rows = [["NAME", "KIND", "SIZE", "MAPPED", "PARENT"]]
-        for v in volumes {
-            rows.append([v.name, v.kind.rawValue, formatBytes(v.size), formatBytes(v.mappedBytes), v.parent ?? "-"])
-        }
-        printTable(rows)
     }
 }
 

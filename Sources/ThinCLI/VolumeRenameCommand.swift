@@ -1,10 +1,12 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct VolumeRenameCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rename",
-        abstract: "Rename a volume (its snapshots follow) or a snapshot (VOL@OLD to VOL@NEW).")
+        abstract: "Rename a volume (its snapshots follow) or a snapshot (VOL@OLD to VOL@NEW).",
+        discussion: "Connected clients keep working; new connections use the new name.")
 
     @OptionGroup var target: PoolArgument
 
@@ -14,8 +16,10 @@ struct VolumeRenameCommand: ParsableCommand {
     @Argument(help: "New name.")
     var newName: String
 
+    @OptionGroup var live: LiveOptions
+
     func run() throws {
-        try withPool(target.pool) { try $0.rename(oldName, to: newName) }
-        print("renamed \(oldName) to \(newName)")
+        let result = try runPoolCommand(.rename(from: oldName, to: newName), pool: target.pool, options: live)
+        emit(result, live) { print("renamed \(oldName) to \(newName)") }
     }
 }

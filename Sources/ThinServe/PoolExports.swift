@@ -78,8 +78,28 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         return PoolLoopQueue(queue)
     }
 
+    /// Names a management operation has closed to new connections (see `ServedPool`).
+    private let closedLock = Lock()
+    private var closedNames: [String: Int] = [:]
+
+    func close(_ names: [String]) {
+        closedLock.withLock { for name in names { closedNames[name, default: 0] += 1 } }
+    }
+
+    func reopen(_ names: [String]) {
+        closedLock.withLock {
+            for name in names {
+                closedNames[name, default: 1] -= 1
+                if closedNames[name] == 0 { closedNames[name] = nil }
+            }
+        }
+    }
+
     public func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport {
         let name = description.name
+        if closedLock.withLock({ closedNames[name] != nil }) {
+            throw NBDExportError(.shutdown, "\(name) is being changed by a management command; connect again later")
+        }
         var counted = false
         if !readOnly, let ephemeral {
             do throws(PoolError) {

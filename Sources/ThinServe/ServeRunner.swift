@@ -2,6 +2,7 @@ import Dispatch
 import NBDProtocol
 import NBDServer
 import NIOCore
+import ThinControl
 import ThinPool
 import ThinSystem
 
@@ -29,6 +30,10 @@ public struct ServeOptions: Sendable {
     public var ephemeralGraceMilliseconds = 5000
     /// `--no-flush`: export-name patterns whose FLUSH and FUA return at once.
     public var noFlushPatterns: [String] = []
+    /// `--control PATH`; nil puts the control socket beside the pool (`POOL.control`).
+    public var controlSocket: String?
+    /// `--no-control`: no control socket (the CLI then cannot reach this server).
+    public var controlDisabled = false
 
     public init(poolPath: String) { self.poolPath = poolPath }
 
@@ -117,6 +122,24 @@ public enum ServeRunner {
             throw ServeError(description: "could not listen: \(error)")
         }
 
+        var control: ControlServer?
+        if !options.controlDisabled {
+            let path = options.controlSocket ?? ControlEndpoint.defaultPath(forPool: options.poolPath)
+            do {
+                control = try ControlServer(
+                    path: path, commands: PoolCommands(pool: pool, served: ServedPool(server: server, provider: provider)), log: log)
+            } catch {
+                if options.controlSocket != nil {
+                    server.shutdown(timeout: .seconds(1))
+                    try? pool.close()
+                    throw error
+                }
+                // The default place may be unwritable or too long a path; serving
+                // matters more, the CLI will say it cannot reach the server.
+                log("warning: no control socket (\(error)); pass --control PATH to choose another place")
+            }
+        }
+
         let committer = AutoCommitter(pool: pool, milliseconds: options.commitIntervalMilliseconds) { error in
             log("commit failed: \(error)")
         }
@@ -124,7 +147,7 @@ public enum ServeRunner {
             for uri in uris where uri.hasPrefix("nbd") { print(uri) }
             SystemInfo.flushStandardOutput()
             let exports = provider.allExports().map(\.name)
-            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)")
+            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)\(control.map { "; control socket \($0.path)" } ?? "")")
         }
 
         Signals.onTermination { number in
@@ -137,6 +160,7 @@ public enum ServeRunner {
             do {
                 child = try ChildProcess.shell(command, environment: ["uri": uri, "THINBD_URI": uri])
             } catch {
+                control?.stop()
                 server.shutdown(timeout: .seconds(1))
                 committer.stop()
                 try? pool.close()
@@ -149,6 +173,7 @@ public enum ServeRunner {
         }
 
         stop.wait()
+        control?.stop()
         server.shutdown()
         ephemeral?.stop()
         committer.stop()

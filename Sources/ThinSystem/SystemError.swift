@@ -26,6 +26,9 @@ public struct SystemError: Error, Equatable, Sendable, CustomStringConvertible {
         public static let notSupported = Code(rawValue: EOPNOTSUPP)
         public static let shutdown = Code(rawValue: ESHUTDOWN)
         public static let wouldBlock = Code(rawValue: EWOULDBLOCK)
+        public static let connectionRefused = Code(rawValue: ECONNREFUSED)
+        public static let nameTooLong = Code(rawValue: ENAMETOOLONG)
+        public static let timedOut = Code(rawValue: ETIMEDOUT)
     }
 
     public var code: Code

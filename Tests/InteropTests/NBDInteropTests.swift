@@ -131,6 +131,19 @@ import ThinPool
             "--no-flush", "scratch-*",
         ])
         expectSuccess(try Peers.python("ephemeral.py", [served.socket, "\(0x47)"]), "ephemeral exports")
+        func used(_ result: CLI.Result) throws -> Int {
+            try (JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any])["used_bytes"] as! Int
+        }
+        // While still served, `info` (through the server) shows the space back once the
+        // last ephemeral volume's grace period is over.
+        var live = try served.cli(["info", "POOL", "--json"])
+        let deadline = Date().addingTimeInterval(10)
+        while live.stdout.contains("\"ephemeral\": true") && Date() < deadline {
+            usleep(100_000)
+            live = try served.cli(["info", "POOL", "--json"])
+        }
+        #expect(live.stdout.contains("\"served\": true"), "\(live.stdout)")
+        #expect(try used(live) == used(before), "data space not returned while served: \(live.stdout)")
         #expect(served.stop() == 0)
         #expect(served.stderr.contains("left by an earlier server"), "\(served.stderr)")
 
@@ -139,9 +152,6 @@ import ThinPool
         let names = try (JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as! [[String: Any]]).map { $0["name"] as! String }
         #expect(Set(names) == ["base", "base@golden"])
         let after = try served.cli(["info", "POOL", "--json"])
-        func used(_ result: CLI.Result) throws -> Int {
-            try (JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any])["used_bytes"] as! Int
-        }
         #expect(try used(after) == used(before), "data space not returned: \(after.stdout)")
         expectSuccess(try served.cli(["check", "POOL"]), "check")
     }
@@ -314,15 +324,54 @@ import ThinPool
         expectSuccess(try served.cli(["check", "POOL"]), "check after stop")
     }
 
-    @Test func poolIsLockedWhileServed() throws {
+    @Test func withoutAControlSocketThePoolIsLocked() throws {
         let served = try ServedPool()
         try served.createVolume("disk", size: "16M")
-        try served.start()
+        try served.start(["--no-control"])
         let result = try served.cli(["volume", "create", "POOL", "x", "--size", "1G"])
         #expect(result.status == 1)
         #expect(result.stderr.contains("in use by thinbd serve (pid \(served.pid))"), "\(result.stderr)")
+        #expect(result.stderr.contains("no server control socket answers"), "\(result.stderr)")
         #expect(served.stop() == 0)
         expectSuccess(try served.cli(["volume", "create", "POOL", "x", "--size", "1G"]), "create after serve")
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd", "fio")))
+    func poolCommandsWorkWhileServedUnderLoad() throws {
+        let served = try ServedPool()
+        try served.createVolume("vm", size: "64M")
+        try served.start()
+        // fio writes (and later verifies) the second half of vm while the script writes
+        // the first, snapshots it, checks the pool and manages volumes, all live.
+        let fio = Process()
+        fio.executableURL = URL(fileURLWithPath: Peers.path("fio"))
+        fio.arguments = [
+            "--name=load", "--ioengine=nbd", "--uri=\(served.uri("vm"))", "--rw=randwrite", "--bs=4k", "--offset=32M",
+            "--size=32M", "--iodepth=16", "--loops=2", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+            "--verify_state_save=0",
+        ]
+        let fioOutput = Pipe()
+        fio.standardOutput = fioOutput
+        fio.standardError = fioOutput
+        try fio.run()
+        let load = try Peers.python("live_ops.py", [CLI.executable, served.pool, served.socket, "load"])
+        let fioText = String(decoding: fioOutput.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        fio.waitUntilExit()
+        expectSuccess(load, "live snapshot and check under load")
+        #expect(fio.terminationStatus == 0 && fioText.contains("err= 0"), "fio: \(fioText.suffix(2000))")
+        print(load.stdout)
+        expectSuccess(try Peers.python("live_ops.py", [CLI.executable, served.pool, served.socket, "manage"]), "live management")
+
+        // Pool-level commands through the server too.
+        let grown = try served.cli(["grow", "POOL", "--size", "3G", "--json"])
+        expectSuccess(grown, "live grow")
+        #expect(grown.stdout.contains("\"total_bytes\": 3221225472"), "\(grown.stdout)")
+        expectSuccess(try served.cli(["volume", "rename", "POOL", "vm", "disk"]), "live rename")
+        let tree = try served.cli(["tree", "POOL"])
+        #expect(tree.stdout.contains("disk  (volume") && tree.stdout.contains("└── disk@gold"), "\(tree.stdout)")
+        #expect(served.stop() == 0)
+        #expect(served.stderr.contains("control: snapshot vm@live done"), "\(served.stderr)")
+        expectSuccess(try served.cli(["check", "POOL"]), "offline check afterwards")
     }
 
     @Test(.enabled(if: Peers.need("python3-nbd")))

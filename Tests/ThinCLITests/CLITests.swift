@@ -213,11 +213,6 @@ import ThinPool
         #expect(formatBytes(10 << 30) == "10.0 GiB")
         #expect(formatBytes(1536 << 20) == "1.5 GiB")
     }
-
-    @Test func jsonEscapes() {
-        #expect(JSON.string("a\"b\\c\n\u{1}").rendered() == "\"a\\\"b\\\\c\\n\\u0001\"")
-        #expect(JSON.object([("k", .array([.number(1), .bool(true), .null]))]).rendered(pretty: false) == "{\"k\":[1,true,null]}")
-    }
 }
 
 extension Array {

@@ -1,0 +1,97 @@
+import ThinPool
+import ThinSystem
+
+public enum ControlEndpoint {
+    /// The version the CLI and `hello` report.
+    public static let version = "0.1.0"
+
+    /// Where `thinbd serve` puts its control socket unless told otherwise: beside the
+    /// pool file, named after it.
+    public static func defaultPath(forPool poolPath: String) -> String { poolPath + ".control" }
+}
+
+/// A connection to a server's control socket: one request, one reply, in order.
+public final class ControlClient {
+    private let connection: UnixStreamConnection
+    private var framer = ControlLineFramer()
+
+    public init(socketPath: String) throws(SystemError) {
+        connection = try UnixStreamConnection(connectingTo: socketPath)
+    }
+
+    /// Sends `command` and waits for its reply (as long as the operation takes).
+    public func request(_ command: ControlCommand) throws(ControlError) -> ControlReply {
+        try transfer { () throws(SystemError) in try connection.send(command.line) }
+        while true {
+            if let line = try framer.nextLine() { return try ControlReply(line: line) }
+            let bytes = try transfer { () throws(SystemError) in try connection.receive() }
+            if bytes.isEmpty { throw ControlError(code: "io", message: "the server closed the control connection without replying") }
+            framer.append(bytes)
+        }
+    }
+
+    private func transfer<T>(_ body: () throws(SystemError) -> T) throws(ControlError) -> T {
+        do throws(SystemError) {
+            return try body()
+        } catch {
+            throw ControlError(code: "io", message: "control socket: \(error)")
+        }
+    }
+}
+
+/// Runs a command on a pool wherever the pool is: through the control socket of the
+/// server that has it open, or, when none is running, on the pool opened here (and
+/// closed, committed, before returning). What the CLI does for every pool command.
+public struct PoolCommandClient {
+    public var poolPath: String
+    /// `--control PATH`: ask the server there, and fail if none answers.
+    public var controlPath: String?
+    /// How long to keep trying while another process (not a server) holds the pool.
+    public var waitSeconds: Double = 0
+
+    public init(poolPath: String, controlPath: String? = nil, waitSeconds: Double = 0) {
+        self.poolPath = poolPath
+        self.controlPath = controlPath
+        self.waitSeconds = waitSeconds
+    }
+
+    /// The reply, and whether a server gave it.
+    public func run(_ command: ControlCommand) -> (reply: ControlReply, served: Bool) {
+        let socketPath = controlPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
+        let deadline = SystemInfo.monotonicNanoseconds() + UInt64(max(0, waitSeconds) * 1e9)
+        while true {
+            do throws(SystemError) {
+                let client = try ControlClient(socketPath: socketPath)
+                do throws(ControlError) {
+                    return (try client.request(command), true)
+                } catch {
+                    return (.failure(error), true)
+                }
+            } catch {
+                let noServer = error.code == .noEntry || error.code == .connectionRefused || error.code == .nameTooLong
+                if controlPath != nil || !noServer {
+                    return (.failure(ControlError(code: "unreachable", message: "no server answers at \(socketPath): \(error.message)")), false)
+                }
+            }
+            do throws(PoolError) {
+                let pool = try Pool.open(path: poolPath, readOnly: !command.modifiesPool)
+                let reply = PoolCommands(pool: pool, served: nil).perform(command)
+                do throws(PoolError) {
+                    try pool.close()
+                } catch {
+                    return (.failure(ControlError(error)), false)
+                }
+                return (reply, false)
+            } catch {
+                if case .inUse = error {
+                    if SystemInfo.monotonicNanoseconds() < deadline {
+                        SystemInfo.sleep(milliseconds: 50)
+                        continue
+                    }
+                    return (.failure(ControlError(code: "busy", message: "\(error); no server control socket answers at \(socketPath) (pass --control PATH if the server was given one)")), false)
+                }
+                return (.failure(ControlError(error)), false)
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+/// Splits the control socket's byte stream into lines (requests and replies are one
+/// JSON object per line, ended by "\n"). No I/O: bytes go in as they arrive, in any
+/// pieces, and whole lines come out.
+public struct ControlLineFramer: Sendable {
+    /// Lines longer than this are refused: no request needs more, and a peer that never
+    /// sends a newline must not grow the buffer without bound.
+    public static let maxLineBytes = 1 << 20
+
+    private var buffer: [UInt8] = []
+    private var scanned = 0
+
+    public init() {}
+
+    public mutating func append<Bytes: Sequence>(_ bytes: Bytes) where Bytes.Element == UInt8 {
+        buffer.append(contentsOf: bytes)
+    }
+
+    /// The next whole line (without its "\n", and without a "\r" before it), or nil
+    /// until one has arrived.
+    public mutating func nextLine() throws(ControlError) -> String? {
+        guard let end = buffer[scanned...].firstIndex(of: UInt8(ascii: "\n")) else {
+            scanned = buffer.count
+            if buffer.count > Self.maxLineBytes {
+                throw .invalidRequest("line longer than \(Self.maxLineBytes) bytes")
+            }
+            return nil
+        }
+        var line = buffer[..<end]
+        if line.last == UInt8(ascii: "\r") { line = line.dropLast() }
+        let text = String(validating: line, as: UTF8.self)
+        buffer.removeSubrange(...end)
+        scanned = 0
+        guard let text else { throw .invalidRequest("line is not UTF-8") }
+        return text
+    }
+
+    /// Bytes received that do not yet make a whole line.
+    public var bufferedBytes: Int { buffer.count }
+}
+
+extension ControlCommand {
+    /// The request as one line, ready to send.
+    public var line: String { json.rendered(pretty: false) + "\n" }
+}
+
+extension ControlReply {
+    public var line: String { json.rendered(pretty: false) + "\n" }
+
+    /// Parses a reply line.
+    public init(line: String) throws(ControlError) {
+        let json: JSON
+        do throws(JSONParseError) {
+            json = try JSON.parse(line)
+        } catch {
+            throw ControlError(code: "io", message: "the server sent \(error)")
+        }
+        try self.init(json: json)
+    }
+}
+
+extension ControlCommand {
+    /// Parses a request line.
+    public init(line: String) throws(ControlError) {
+        let json: JSON
+        do throws(JSONParseError) {
+            json = try JSON.parse(line)
+        } catch {
+            throw .invalidRequest("\(error)")
+        }
+        try self.init(json: json)
+    }
+}

@@ -1,0 +1,203 @@
+import ThinPool
+import ThinSystem
+
+/// What a serving process knows that the pool does not: who is connected. The control
+/// server passes one to `PoolCommands`; offline there is none.
+public protocol ServedExports: AnyObject, Sendable {
+    /// Open connections per export name (names with none are left out).
+    func connectionCounts() -> [String: Int]
+
+    /// Refuses new connections to `names`; then, if some are connected, either closes
+    /// them (`disconnect`: running requests finish, queued ones get ESHUTDOWN) or fails
+    /// with `in-use`. Runs `body`, admits connections again, and returns how many were
+    /// closed.
+    func whileClosed(_ names: [String], disconnect: Bool, _ body: () throws(ControlError) -> Void) throws(ControlError) -> Int
+}
+
+/// Runs control commands on an open pool: the one implementation behind both the
+/// control socket (with `served`) and the offline CLI (without). Results are the JSON
+/// documented in docs/control-api.md; the CLI prints them as they are for `--json`.
+///
+/// Cost and safety are those of the pool operation each command maps to; management
+/// operations commit before they return, so a reply of success means it is durable.
+public struct PoolCommands: Sendable {
+    public let pool: Pool
+    public let served: ServedExports?
+
+    public init(pool: Pool, served: ServedExports?) {
+        self.pool = pool
+        self.served = served
+    }
+
+    public func perform(_ command: ControlCommand) -> ControlReply {
+        do throws(ControlError) {
+            return .success(try run(command))
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    func pooled<T>(_ body: () throws(PoolError) -> T) throws(ControlError) -> T {
+        do throws(PoolError) {
+            return try body()
+        } catch {
+            throw ControlError(error)
+        }
+    }
+
+    /// Runs `body` with `names` closed to clients when served (see `ServedExports`).
+    func closing(_ names: [String], force: Bool, _ body: () throws(PoolError) -> Void) throws(ControlError) -> Int {
+        guard let served else {
+            try pooled(body)
+            return 0
+        }
+        return try served.whileClosed(names, disconnect: force) { () throws(ControlError) in try pooled(body) }
+    }
+
+    func run(_ command: ControlCommand) throws(ControlError) -> JSON {
+        switch command {
+        case .hello:
+            return .object([
+                ("protocol", .number(ControlCommand.protocolVersion)),
+                ("server", .string("thinbd \(ControlEndpoint.version)")),
+                ("pool", .string(pool.path)),
+                ("served", .bool(served != nil)),
+                ("pid", .number(UInt64(SystemInfo.processID))),
+            ])
+        case .info:
+            return infoJSON(pool.info())
+        case .list:
+            return listJSON()
+        case .createVolume(let name, let size):
+            return .object([("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.createVolume(name, size: size) }))])
+        case .delete(let name, let force):
+            let disconnected = try closing([name], force: force) { () throws(PoolError) in try pool.delete(name) }
+            return .object([("deleted", .string(name)), ("disconnected", .number(UInt64(disconnected)))])
+        case .rename(let from, let to):
+            // Clients keep their connection: exports are bound to the volume, not its name.
+            try pooled { () throws(PoolError) in try pool.rename(from, to: to) }
+            return .object([("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(to) })), ("renamed_from", .string(from))])
+        case .resize(let name, let size, let force):
+            let current = try pooled { () throws(PoolError) in try pool.volumeInfo(name) }
+            var disconnected = 0
+            if size < current.size {
+                // Clients were told the old size; shrinking under them would fail their writes.
+                disconnected = try closing([name], force: force) { () throws(PoolError) in try pool.resize(name, to: size) }
+            } else {
+                try pooled { () throws(PoolError) in try pool.resize(name, to: size) }
+            }
+            return .object([
+                ("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(name) })),
+                ("disconnected", .number(UInt64(disconnected))),
+            ])
+        case .snapshot(let name, let ifMissing):
+            let (volume, created) = try pooled { () throws(PoolError) in try pool.snapshot(name, ifMissing: ifMissing) }
+            return .object([("created", .bool(created)), ("volume", volumeJSON(volume))])
+        case .clone(let source, let name, let ifMissing):
+            let (volume, created) = try pooled { () throws(PoolError) in try pool.clone(source, as: name, ifMissing: ifMissing) }
+            return .object([("created", .bool(created)), ("volume", volumeJSON(volume))])
+        case .rollback(let snapshot, let force):
+            let volumeName = snapshot.split(separator: "@", maxSplits: 1).first.map(String.init) ?? snapshot
+            let disconnected = try closing([volumeName], force: force) { () throws(PoolError) in try pool.rollback(snapshot) }
+            return .object([
+                ("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(volumeName) })),
+                ("snapshot", .string(snapshot)),
+                ("disconnected", .number(UInt64(disconnected))),
+            ])
+        case .check:
+            return pool.check(repair: false).json
+        case .grow(let size):
+            try pooled { () throws(PoolError) in try pool.grow(to: size) }
+            return infoJSON(pool.info())
+        case .exports:
+            guard let served else { throw ControlError(code: "not-served", message: "the pool is not served") }
+            let counts = served.connectionCounts()
+            return .array(pool.listVolumes().map { volume in
+                .object([("name", .string(volume.name)), ("connections", .number(UInt64(counts[volume.name] ?? 0)))])
+            })
+        }
+    }
+
+    /// Every volume, as `list` returns them.
+    public func listJSON() -> JSON {
+        let counts = served?.connectionCounts() ?? [:]
+        return .array(pool.listVolumes().map { volumeJSON($0, connections: counts[$0.name] ?? 0) })
+    }
+
+    func volumeJSON(_ volume: VolumeInfo) -> JSON {
+        volumeJSON(volume, connections: served?.connectionCounts()[volume.name] ?? 0)
+    }
+
+    func volumeJSON(_ volume: VolumeInfo, connections: Int) -> JSON {
+        .object([
+            ("name", .string(volume.name)),
+            ("kind", .string(volume.kind.rawValue)),
+            ("size", .number(volume.size)),
+            ("mapped_bytes", .number(volume.mappedBytes)),
+            ("parent", volume.parent.map { .string($0) } ?? .null),
+            ("read_only", .bool(volume.isReadOnly)),
+            ("ephemeral", .bool(volume.isEphemeral)),
+            ("created", .number(volume.createdAt)),
+            ("connections", .number(UInt64(connections))),
+        ])
+    }
+
+    func infoJSON(_ info: PoolInfo) -> JSON {
+        let counts = served?.connectionCounts() ?? [:]
+        return .object([
+            ("path", .string(info.path)),
+            ("uuid", .string(info.uuidString)),
+            ("engine", .string(info.engine)),
+            ("served", .bool(served != nil)),
+            ("block_size", .number(info.blockSize)),
+            ("total_bytes", .number(info.dataTotalBytes)),
+            ("used_bytes", .number(info.dataUsedBytes)),
+            ("free_bytes", .number(info.dataFreeBytes)),
+            ("metadata", .object([
+                ("total_bytes", .number(info.metadataTotalBytes)),
+                ("used_bytes", .number(info.metadataUsedBytes)),
+                ("free_bytes", .number(info.metadataFreeBytes)),
+            ])),
+            ("file_bytes", .number(info.fileBytes)),
+            ("allocated_file_bytes", info.allocatedFileBytes.map { .number($0) } ?? .null),
+            ("generation", .number(info.generation)),
+            ("connections", .number(UInt64(counts.values.reduce(0, +)))),
+            ("volumes", .array(info.volumes.map { volumeJSON($0, connections: counts[$0.name] ?? 0) })),
+        ])
+    }
+}
+
+extension CheckReport {
+    /// The report as `check --json` prints it.
+    public var json: JSON {
+        .object([
+            ("clean", .bool(isClean)),
+            ("damage", .array(damage.map { .string($0) })),
+            ("stale", .array(fixable.map { .string($0) })),
+            ("leaked_blocks", .number(leakedBlocks)),
+            ("repaired", .bool(repaired)),
+            ("volumes_checked", .number(UInt64(volumesChecked))),
+            ("metadata_blocks_checked", .number(UInt64(metadataBlocksChecked))),
+            ("block_mappings", .number(dataReferences)),
+        ])
+    }
+}
+
+extension ControlError {
+    /// The stable code for an engine error, with its message.
+    public init(_ error: PoolError) {
+        let code: String
+        switch error {
+        case .noSuchVolume: code = "no-such-volume"
+        case .noSuchFile: code = "no-such-file"
+        case .volumeExists, .fileExists: code = "exists"
+        case .invalidName, .invalidArgument, .outOfRange: code = "invalid-argument"
+        case .readOnly: code = "read-only"
+        case .noDataSpace, .noMetadataSpace: code = "no-space"
+        case .corrupt, .truncated, .notAPool: code = "corrupt"
+        case .inUse: code = "busy"
+        case .io, .closed: code = "io"
+        }
+        self.init(code: code, message: error.description)
+    }
+}

@@ -1,0 +1,151 @@
+import Dispatch
+import NBDServer
+import NIOCore
+import NIOPosix
+import ThinControl
+import ThinPool
+import ThinSystem
+
+/// The live side of `ServedExports`: connection counts from the NBD server, and
+/// closing exports through the provider (no new connections) and the server (existing
+/// ones).
+final class ServedPool: ServedExports {
+    let server: NBDServer
+    let provider: PoolExportProvider
+
+    init(server: NBDServer, provider: PoolExportProvider) {
+        self.server = server
+        self.provider = provider
+    }
+
+    func connectionCounts() -> [String: Int] { server.connectionCounts() }
+
+    func whileClosed(_ names: [String], disconnect: Bool, _ body: () throws(ControlError) -> Void) throws(ControlError) -> Int {
+        provider.close(names)
+        defer { provider.reopen(names) }
+        let counts = server.connectionCounts()
+        let connected = names.reduce(0) { $0 + (counts[$1] ?? 0) }
+        var disconnected = 0
+        if connected > 0 {
+            guard disconnect else {
+                throw ControlError(
+                    code: "in-use",
+                    message: "\(names.joined(separator: ", ")) has \(connected) connected client\(connected == 1 ? "" : "s"); disconnect \(connected == 1 ? "it" : "them") first, or pass --force to disconnect \(connected == 1 ? "it" : "them")")
+            }
+            disconnected = server.disconnect(exportsMatching: { names.contains($0) })
+        }
+        try body()
+        return disconnected
+    }
+}
+
+/// The control socket of `thinbd serve` (docs/control-api.md): a Unix stream socket
+/// taking one JSON request per line and answering each with one JSON line, in order.
+/// Commands run one at a time, off the event loop, so a slow one (a check, a
+/// disconnect) delays the next command but never NBD traffic.
+final class ControlServer: @unchecked Sendable {
+    let path: String
+    private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private let queue = DispatchQueue(label: "thinbd.control")
+    private var channel: Channel?
+
+    /// Listens at `path` (owner-only permissions). Refuses when another server answers
+    /// there; a stale socket file (nobody listening) is replaced.
+    init(path: String, commands: PoolCommands, log: @escaping @Sendable (String) -> Void) throws {
+        self.path = path
+        if (try? UnixStreamConnection(connectingTo: path)) != nil {
+            try? group.syncShutdownGracefully()
+            throw ServeError(description: "control socket \(path): another server answers there")
+        }
+        let queue = self.queue
+        do {
+            channel = try ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 64)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            ControlConnectionHandler(commands: commands, queue: queue, log: log))
+                    }
+                }
+                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+                .wait()
+            try SystemInfo.setPermissions(path, mode: 0o600)
+        } catch {
+            try? channel?.close().wait()
+            try? group.syncShutdownGracefully()
+            throw ServeError(description: "control socket \(path): \(error)")
+        }
+    }
+
+    /// Stops listening, waits for a command in progress, and removes the socket file.
+    func stop() {
+        try? channel?.close().wait()
+        queue.sync {}
+        try? group.syncShutdownGracefully()
+        SystemInfo.removeFile(path)
+    }
+}
+
+final class ControlConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let commands: PoolCommands
+    private let queue: DispatchQueue
+    private let log: @Sendable (String) -> Void
+    private var framer = ControlLineFramer()
+
+    init(commands: PoolCommands, queue: DispatchQueue, log: @escaping @Sendable (String) -> Void) {
+        self.commands = commands
+        self.queue = queue
+        self.log = log
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let bytes = unwrapInboundIn(data)
+        framer.append(bytes.readableBytesView)
+        let channel = context.channel
+        while true {
+            let line: String?
+            do throws(ControlError) {
+                line = try framer.nextLine()
+            } catch {
+                // The stream cannot be resynchronized: answer and hang up.
+                Self.send(.failure(error), on: channel)
+                channel.close(promise: nil)
+                return
+            }
+            guard let line else { return }
+            if line.allSatisfy({ $0 == " " || $0 == "\t" }) { continue }
+            let commands = self.commands
+            let log = self.log
+            queue.async {
+                let reply: ControlReply
+                do throws(ControlError) {
+                    let command = try ControlCommand(line: line)
+                    reply = commands.perform(command)
+                    if command.modifiesPool, case .success = reply { log("control: \(command.name) \(Self.subject(of: command))done") }
+                } catch {
+                    reply = .failure(error)
+                }
+                channel.eventLoop.execute { Self.send(reply, on: channel) }
+            }
+        }
+    }
+
+    private static func send(_ reply: ControlReply, on channel: Channel) {
+        var buffer = channel.allocator.buffer(capacity: 256)
+        buffer.writeString(reply.line)
+        channel.writeAndFlush(buffer, promise: nil)
+    }
+
+    private static func subject(of command: ControlCommand) -> String {
+        guard case .object(let fields) = command.json else { return "" }
+        let names = fields.filter { ["name", "source", "new_name"].contains($0.0) }.compactMap { $0.1.stringValue }
+        return names.isEmpty ? "" : names.joined(separator: " ") + " "
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+    }
+}
