@@ -157,6 +157,35 @@ def manage_phase():
     if fresh.pread(BLOCKS * BLOCK, 0) != gold.pread(BLOCKS * BLOCK, 0):
         failures.append("vm does not read as vm@gold after the rollback")
     gold.shutdown()
+    # --- 4. the control protocol without the CLI (docs/control-api.md) --------------------
+    import socket
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.connect(pool + ".control")
+    ctl.sendall(b'{"command":"hello"}\n{"command":"exports"}\n{"command":"explode"}\n{"command":"delete","name":"vm","force":false}\n')
+    replies = []
+    buffered = b""
+    while len(replies) < 4:
+        chunk = ctl.recv(65536)
+        if not chunk:
+            break
+        buffered += chunk
+        while b"\n" in buffered:
+            line, buffered = buffered.split(b"\n", 1)
+            replies.append(json.loads(line))
+    ctl.close()
+    if len(replies) != 4:
+        failures.append(f"raw control socket: {len(replies)} replies")
+    else:
+        hello, exports, bad, refused = replies
+        if not (hello["ok"] and hello["result"]["protocol"] == 1 and hello["result"]["served"]):
+            failures.append(f"hello: {hello}")
+        if not (exports["ok"] and {"name": "vm", "connections": 1} in exports["result"]):
+            failures.append(f"exports: {exports}")
+        if bad["ok"] or bad["error"]["code"] != "invalid-request":
+            failures.append(f"unknown command: {bad}")
+        if refused["ok"] or refused["error"]["code"] != "in-use":
+            failures.append(f"delete with a client: {refused}")
+
     deleted = cli("volume", "delete", pool, "vm@live", "--force")
     if deleted.returncode != 0:
         failures.append(f"delete of an unused snapshot: {deleted.stderr}")
