@@ -42,6 +42,14 @@ let package = Package(
             ]
         ),
         .target(
+            name: "NBDClient",
+            dependencies: ["NBDProtocol", "ThinSystem", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .target(
+            name: "ThinTransfer",
+            dependencies: ["ThinPool", "ThinSystem", "ThinControl", "NBDClient", "NBDProtocol"]
+        ),
+        .target(
             name: "ThinServe",
             dependencies: [
                 "ThinPool", "ThinSystem", "ThinControl", "NBDServer", "NBDProtocol",
@@ -52,7 +60,7 @@ let package = Package(
         .target(
             name: "ThinCLI",
             dependencies: [
-                "ThinPool", "ThinSystem", "ThinControl", "ThinServe",
+                "ThinPool", "ThinSystem", "ThinControl", "ThinServe", "ThinTransfer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

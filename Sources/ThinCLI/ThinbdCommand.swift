@@ -14,7 +14,8 @@ public struct ThinbdCommand: ParsableCommand {
         version: ControlEndpoint.version,
         subcommands: [
             CreateCommand.self, InfoCommand.self, CheckCommand.self, GrowCommand.self, VolumeCommand.self,
-            SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, ServeCommand.self,
+            SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, ImportCommand.self,
+            ExportCommand.self, ServeCommand.self,
             DemoCommand.self,
         ]
     )

@@ -12,11 +12,11 @@ public enum ControlEndpoint {
 
 /// A connection to a server's control socket: one request, one reply, in order.
 public final class ControlClient {
-    private let connection: UnixStreamConnection
+    private let connection: StreamConnection
     private var framer = ControlLineFramer()
 
     public init(socketPath: String) throws(SystemError) {
-        connection = try UnixStreamConnection(connectingTo: socketPath)
+        connection = try StreamConnection(connectingTo: socketPath)
     }
 
     /// Sends `command` and waits for its reply (as long as the operation takes).

@@ -7,6 +7,10 @@ public protocol ServedExports: AnyObject, Sendable {
     /// Open connections per export name (names with none are left out).
     func connectionCounts() -> [String: Int]
 
+    /// The server's NBD URIs without an export name (`nbd+unix:///?socket=...`,
+    /// `nbd://127.0.0.1:10809`), so that tools can copy data through it.
+    var serverURIs: [String] { get }
+
     /// Refuses new connections to `names`; then, if some are connected, either closes
     /// them (`disconnect`: running requests finish, queued ones get ESHUTDOWN) or fails
     /// with `in-use`. Runs `body`, admits connections again, and returns how many were
@@ -63,6 +67,7 @@ public struct PoolCommands: Sendable {
                 ("pool", .string(pool.path)),
                 ("served", .bool(served != nil)),
                 ("pid", .number(UInt64(SystemInfo.processID))),
+                ("uris", .array((served?.serverURIs ?? []).map { .string($0) })),
             ])
         case .info:
             return infoJSON(pool.info())
@@ -128,7 +133,8 @@ public struct PoolCommands: Sendable {
         volumeJSON(volume, connections: served?.connectionCounts()[volume.name] ?? 0)
     }
 
-    func volumeJSON(_ volume: VolumeInfo, connections: Int) -> JSON {
+    /// A volume as results describe it.
+    public func volumeJSON(_ volume: VolumeInfo, connections: Int) -> JSON {
         .object([
             ("name", .string(volume.name)),
             ("kind", .string(volume.kind.rawValue)),

@@ -12,10 +12,12 @@ import ThinSystem
 final class ServedPool: ServedExports {
     let server: NBDServer
     let provider: PoolExportProvider
+    let serverURIs: [String]
 
-    init(server: NBDServer, provider: PoolExportProvider) {
+    init(server: NBDServer, provider: PoolExportProvider, serverURIs: [String]) {
         self.server = server
         self.provider = provider
+        self.serverURIs = serverURIs
     }
 
     func connectionCounts() -> [String: Int] { server.connectionCounts() }
@@ -53,7 +55,7 @@ final class ControlServer: @unchecked Sendable {
     /// there; a stale socket file (nobody listening) is replaced.
     init(path: String, commands: PoolCommands, log: @escaping @Sendable (String) -> Void) throws {
         self.path = path
-        if (try? UnixStreamConnection(connectingTo: path)) != nil {
+        if (try? StreamConnection(connectingTo: path)) != nil {
             try? group.syncShutdownGracefully()
             throw ServeError(description: "control socket \(path): another server answers there")
         }

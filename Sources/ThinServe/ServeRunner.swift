@@ -90,6 +90,7 @@ public enum ServeRunner {
         let exitStatus = ExitStatusBox()
 
         var uris: [String] = []
+        var baseURIs: [String] = []
         do {
             if options.stdio {
                 let finished = try server.serveStandardIO()
@@ -102,6 +103,7 @@ public enum ServeRunner {
                 for path in options.unixSockets {
                     try server.listen(unixSocket: path)
                     uris.append(NBDURI.unix(socket: path, export: options.defaultExport))
+                    baseURIs.append(NBDURI.unix(socket: path, export: nil))
                 }
                 var addresses = options.listenAddresses
                 if addresses.isEmpty && options.unixSockets.isEmpty && uris.isEmpty {
@@ -113,6 +115,7 @@ public enum ServeRunner {
                     }
                     let bound = try server.listen(host: host, port: port)
                     uris.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: options.defaultExport))
+                    baseURIs.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: nil))
                 }
             }
         } catch {
@@ -127,7 +130,7 @@ public enum ServeRunner {
             let path = options.controlSocket ?? ControlEndpoint.defaultPath(forPool: options.poolPath)
             do {
                 control = try ControlServer(
-                    path: path, commands: PoolCommands(pool: pool, served: ServedPool(server: server, provider: provider)), log: log)
+                    path: path, commands: PoolCommands(pool: pool, served: ServedPool(server: server, provider: provider, serverURIs: baseURIs)), log: log)
             } catch {
                 if options.controlSocket != nil {
                     server.shutdown(timeout: .seconds(1))

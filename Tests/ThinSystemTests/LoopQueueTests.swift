@@ -16,7 +16,7 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
     @Test func readsQueuedOnTheCallersQueueCompleteThere() throws {
         let path = temporaryPath("loopqueue")
         defer { unlink(path) }
-        let device = try PoolFile.open(path: path, readOnly: false, cache: .none, create: true)
+        let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
         defer { device.close() }
         try device.setSize(1 << 20)
         let pattern = AlignedBuffer(count: 65536)
@@ -53,7 +53,7 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
     @Test func refusesWhatItCannotTakeWithoutBlocking() throws {
         let path = temporaryPath("loopqueue-refuse")
         defer { unlink(path) }
-        let device = try PoolFile.open(path: path, readOnly: false, cache: .none, create: true)
+        let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
         defer { device.close() }
         try device.setSize(1 << 20)
         let queue = try AIOLoopQueue()
@@ -90,7 +90,7 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
     @Test func failedReadsReportTheirErrorAndCloseDrainsWhatIsInFlight() throws {
         let path = temporaryPath("loopqueue-errors")
         defer { unlink(path) }
-        let device = try PoolFile.open(path: path, readOnly: false, cache: .none, create: true)
+        let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
         defer { device.close() }
         try device.setSize(8192)
         let queue = try AIOLoopQueue()

@@ -1,0 +1,213 @@
+import NBDProtocol
+import NIOCore
+import ThinSystem
+
+/// A blocking NBD client connection: one request at a time, for copying images
+/// (`thinbd import` from an NBD URI, and import/export through a running server).
+/// Not thread-safe; use one per thread.
+public final class NBDClientConnection {
+    public let export: NBDClientHandshake.Export
+    private let connection: StreamConnection
+    private var input = ByteBuffer()
+    private var nextCookie: UInt64 = 1
+    private var scratch = [UInt8](repeating: 0, count: 256 << 10)
+
+    /// The largest request this connection sends: the server's maximum, at most 32 MiB.
+    public var maximumRequestBytes: Int {
+        Int(min(export.maximumBlockSize ?? (32 << 20), 32 << 20))
+    }
+
+    /// Connects to `uri` (`nbd://` or `nbd+unix://`) and negotiates its export.
+    public init(uri: String) throws(NBDClientError) {
+        let endpoint: NBDEndpoint
+        do throws(NBDURIError) {
+            endpoint = try NBDEndpoint(uri: uri)
+        } catch {
+            throw NBDClientError(error.description)
+        }
+        do throws(SystemError) {
+            switch endpoint.address {
+            case .tcp(let host, let port): connection = try StreamConnection(host: host, port: port)
+            case .unix(let path): connection = try StreamConnection(connectingTo: path)
+            }
+        } catch {
+            throw NBDClientError("\(uri): \(error)")
+        }
+        var handshake = NBDClientHandshake(exportName: endpoint.export)
+        var ready: NBDClientHandshake.Export?
+        var buffered = ByteBuffer()
+        do throws(NBDClientError) {
+            while ready == nil {
+                for action in try handshake.receive(&buffered) {
+                    switch action {
+                    case .send(let bytes): try Self.send(bytes, on: connection)
+                    case .ready(let export): ready = export
+                    }
+                }
+                if ready == nil { try Self.fill(&buffered, from: connection, scratch: &scratch) }
+            }
+        } catch {
+            // Leave politely, so the server does not log a broken handshake.
+            var abort = ByteBuffer()
+            abort.writeNBDOptionRequest(NBDOptionRequest(option: .abort))
+            try? Self.send(abort, on: connection)
+            throw error
+        }
+        export = ready!
+        input = buffered
+    }
+
+    deinit {
+        var out = ByteBuffer()
+        out.writeNBDRequest(NBDRequest(header: NBDRequestHeader(command: .disconnect, cookie: 0, offset: 0, length: 0)))
+        try? Self.send(out, on: connection)
+    }
+
+    private static func send(_ bytes: ByteBuffer, on connection: StreamConnection) throws(NBDClientError) {
+        let result = bytes.readableBytesView.withUnsafeBytes { raw in Result { () throws(SystemError) in try connection.send(raw) } }
+        do throws(SystemError) {
+            try result.get()
+        } catch {
+            throw NBDClientError("NBD connection: \(error)")
+        }
+    }
+
+    private static func fill(_ buffer: inout ByteBuffer, from connection: StreamConnection, scratch: inout [UInt8]) throws(NBDClientError) {
+        let result = scratch.withUnsafeMutableBytes { raw in Result { () throws(SystemError) in try connection.receive(into: raw) } }
+        let count: Int
+        do throws(SystemError) {
+            count = try result.get()
+        } catch {
+            throw NBDClientError("NBD connection: \(error)")
+        }
+        guard count > 0 else { throw NBDClientError("the NBD server closed the connection") }
+        buffer.writeBytes(scratch[..<count])
+    }
+
+    private func fill() throws(NBDClientError) { try Self.fill(&input, from: connection, scratch: &scratch) }
+
+    private func request(_ command: NBDCommand, at offset: UInt64, length: Int, flags: NBDCommandFlags = [], payload: ByteBuffer? = nil) throws(NBDClientError) -> UInt64 {
+        let cookie = nextCookie
+        nextCookie += 1
+        var out = ByteBuffer()
+        out.writeNBDRequest(NBDRequest(
+            header: NBDRequestHeader(flags: flags, command: command, cookie: cookie, offset: offset, length: UInt32(length)),
+            payload: payload))
+        try Self.send(out, on: connection)
+        return cookie
+    }
+
+    private func failure(_ error: NBDError, _ message: String, _ what: String) -> NBDClientError {
+        NBDClientError("\(what) failed: \(message.isEmpty ? "\(error)" : message)")
+    }
+
+    /// The next reply's magic, once its first 4 bytes are there.
+    private func peekMagic() throws(NBDClientError) -> UInt32 {
+        while input.readableBytes < 4 { try fill() }
+        return input.getInteger(at: input.readerIndex, as: UInt32.self)!
+    }
+
+    private func nextChunk() throws(NBDClientError) -> NBDStructuredChunk {
+        while true {
+            do throws(NBDDecodingError) {
+                if let chunk = try input.readNBDStructuredChunk() { return chunk }
+            } catch {
+                throw NBDClientError("malformed reply from the NBD server: \(error)")
+            }
+            try fill()
+        }
+    }
+
+    private func simpleReplyHeader() throws(NBDClientError) -> NBDSimpleReplyHeader {
+        while true {
+            do throws(NBDDecodingError) {
+                if let header = try input.readNBDSimpleReplyHeader() { return header }
+            } catch {
+                throw NBDClientError("malformed reply from the NBD server: \(error)")
+            }
+            try fill()
+        }
+    }
+
+    /// Waits for the reply to a request without data.
+    private func awaitDone(_ cookie: UInt64, _ what: String) throws(NBDClientError) {
+        var done = false
+        while !done {
+            if try peekMagic() == NBDMagic.simpleReply {
+                let header = try simpleReplyHeader()
+                guard header.cookie == cookie else { throw NBDClientError("reply for an unknown request") }
+                if header.error != .none { throw failure(header.error, "", what) }
+                return
+            }
+            let chunk = try nextChunk()
+            guard chunk.cookie == cookie else { throw NBDClientError("reply for an unknown request") }
+            switch chunk.payload {
+            case .error(let error, let message), .errorOffset(let error, let message, _): throw failure(error, message, what)
+            default: break
+            }
+            done = chunk.flags.contains(.done)
+        }
+    }
+
+    /// Reads `buffer.count` bytes at `offset`; returns the parts the server said are
+    /// holes (zero-filled in `buffer`), as ranges of `buffer`.
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDClientError) -> [Range<Int>] {
+        precondition(buffer.count <= maximumRequestBytes)
+        let cookie = try request(.read, at: offset, length: buffer.count)
+        let what = "NBD read of \(buffer.count) bytes at \(offset)"
+        if try peekMagic() == NBDMagic.simpleReply {
+            let header = try simpleReplyHeader()
+            guard header.cookie == cookie else { throw NBDClientError("reply for an unknown request") }
+            if header.error != .none { throw failure(header.error, "", what) }
+            while input.readableBytes < buffer.count { try fill() }
+            input.readWithUnsafeReadableBytes { raw in
+                buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[0..<buffer.count]))
+                return buffer.count
+            }
+            return []
+        }
+        var holes: [Range<Int>] = []
+        var done = false
+        while !done {
+            let chunk = try nextChunk()
+            guard chunk.cookie == cookie else { throw NBDClientError("reply for an unknown request") }
+            switch chunk.payload {
+            case .offsetData(let start, let data):
+                guard start >= offset, start - offset + UInt64(data.readableBytes) <= UInt64(buffer.count) else {
+                    throw NBDClientError("the NBD server sent data outside the read")
+                }
+                let at = Int(start - offset)
+                data.withUnsafeReadableBytes { raw in
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[at..<at + raw.count]).copyMemory(from: raw)
+                }
+            case .offsetHole(let start, let length):
+                guard start >= offset, start - offset + UInt64(length) <= UInt64(buffer.count) else {
+                    throw NBDClientError("the NBD server sent a hole outside the read")
+                }
+                let range = Int(start - offset)..<Int(start - offset) + Int(length)
+                UnsafeMutableRawBufferPointer(rebasing: buffer[range]).initializeMemory(as: UInt8.self, repeating: 0)
+                holes.append(range)
+            case .error(let error, let message), .errorOffset(let error, let message, _):
+                throw failure(error, message, what)
+            case .none, .blockStatus, .unknown:
+                break
+            }
+            done = chunk.flags.contains(.done)
+        }
+        return holes.sorted { $0.lowerBound < $1.lowerBound }
+    }
+
+    public func write(at offset: UInt64, from data: UnsafeRawBufferPointer, fua: Bool = false) throws(NBDClientError) {
+        precondition(data.count <= maximumRequestBytes)
+        var payload = ByteBuffer()
+        payload.writeBytes(data)
+        let cookie = try request(.write, at: offset, length: data.count, flags: fua ? .fua : [], payload: payload)
+        try awaitDone(cookie, "NBD write of \(data.count) bytes at \(offset)")
+    }
+
+    /// Makes every write so far durable (when the export takes FLUSH).
+    public func flush() throws(NBDClientError) {
+        guard export.flags.contains(.sendFlush) else { return }
+        try awaitDone(try request(.flush, at: 0, length: 0), "NBD flush")
+    }
+}

@@ -1,0 +1,135 @@
+import NIOCore
+
+/// The client side of the fixed-newstyle handshake, as a value type: feed it the
+/// server's bytes, send what it returns. It asks for structured replies (and goes on
+/// without them if refused), then NBD_OPT_GO with the export name, and ends with the
+/// export's size and flags. No I/O.
+public struct NBDClientHandshake: Sendable {
+    /// What the handshake learned about the export.
+    public struct Export: Equatable, Sendable {
+        public var name: String
+        public var size: UInt64
+        public var flags: NBDTransmissionFlags
+        public var structuredReplies: Bool
+        /// The server's block size constraints (NBD_INFO_BLOCK_SIZE), when sent.
+        public var preferredBlockSize: UInt32?
+        public var maximumBlockSize: UInt32?
+
+        public var isReadOnly: Bool { flags.contains(.readOnly) }
+    }
+
+    public enum Action: Equatable, Sendable {
+        case send(ByteBuffer)
+        case ready(Export)
+    }
+
+    private enum State {
+        case awaitingGreeting
+        case awaitingStructuredReply
+        case awaitingGo
+        case done
+    }
+
+    public let exportName: String
+    private var state = State.awaitingGreeting
+    private var structured = false
+    private var size: UInt64?
+    private var flags = NBDTransmissionFlags()
+    private var preferredBlockSize: UInt32?
+    private var maximumBlockSize: UInt32?
+
+    public init(exportName: String) {
+        self.exportName = exportName
+    }
+
+    /// Consumes what it can of `input`; returns the bytes to send and, at the end,
+    /// `.ready`. An empty result means: read more and call again.
+    public mutating func receive(_ input: inout ByteBuffer) throws(NBDClientError) -> [Action] {
+        var actions: [Action] = []
+        while true {
+            switch state {
+            case .awaitingGreeting:
+                let greeting: NBDHandshakeFlags?
+                do throws(NBDDecodingError) {
+                    greeting = try input.readNBDGreeting()
+                } catch {
+                    throw NBDClientError("not an NBD server (or an old-style one): \(error)")
+                }
+                guard let greeting else { return actions }
+                guard greeting.contains(.fixedNewstyle) else { throw NBDClientError("the server does not speak fixed newstyle NBD") }
+                var out = ByteBuffer()
+                var clientFlags: NBDClientFlags = [.fixedNewstyle]
+                if greeting.contains(.noZeroes) { clientFlags.insert(.noZeroes) }
+                out.writeNBDClientFlags(clientFlags)
+                out.writeNBDOptionRequest(NBDOptionRequest(option: .structuredReply))
+                actions.append(.send(out))
+                state = .awaitingStructuredReply
+            case .awaitingStructuredReply:
+                guard let reply = try nextReply(&input) else { return actions }
+                guard reply.option == .structuredReply else { throw NBDClientError("the server answered \(reply.option) to NBD_OPT_STRUCTURED_REPLY") }
+                // Refusal is fine: simple replies work for everything a client here does.
+                structured = reply.type == .ack
+                var payload = ByteBuffer()
+                payload.writeNBDExportQuery(NBDExportQuery(name: exportName, infoRequests: [.blockSize]))
+                var out = ByteBuffer()
+                out.writeNBDOptionRequest(NBDOptionRequest(option: .go, payload: payload))
+                actions.append(.send(out))
+                state = .awaitingGo
+            case .awaitingGo:
+                guard var reply = try nextReply(&input) else { return actions }
+                guard reply.option == .go else { throw NBDClientError("the server answered \(reply.option) to NBD_OPT_GO") }
+                switch reply.type {
+                case .info:
+                    try readInfo(&reply.payload)
+                case .ack:
+                    guard let size else { throw NBDClientError("the server sent no size for export '\(exportName)'") }
+                    state = .done
+                    actions.append(.ready(Export(
+                        name: exportName, size: size, flags: flags, structuredReplies: structured,
+                        preferredBlockSize: preferredBlockSize, maximumBlockSize: maximumBlockSize)))
+                    return actions
+                default:
+                    let message = reply.payload.readString(length: reply.payload.readableBytes) ?? ""
+                    let what = reply.type == .errUnknown ? "no export named '\(exportName)'" : "export '\(exportName)' refused"
+                    throw NBDClientError(message.isEmpty ? what : "\(what): \(message)")
+                }
+            case .done:
+                return actions
+            }
+        }
+    }
+
+    private func nextReply(_ input: inout ByteBuffer) throws(NBDClientError) -> NBDOptionReply? {
+        do throws(NBDDecodingError) {
+            return try input.readNBDOptionReply()
+        } catch {
+            throw NBDClientError("malformed option reply: \(error)")
+        }
+    }
+
+    private mutating func readInfo(_ payload: inout ByteBuffer) throws(NBDClientError) {
+        guard let type = payload.readInteger(as: UInt16.self) else { throw NBDClientError("empty NBD_REP_INFO") }
+        switch NBDInfoType(rawValue: type) {
+        case .export:
+            guard let size = payload.readInteger(as: UInt64.self), let flags = payload.readInteger(as: UInt16.self) else {
+                throw NBDClientError("short NBD_INFO_EXPORT")
+            }
+            self.size = size
+            self.flags = NBDTransmissionFlags(rawValue: flags)
+        case .blockSize:
+            guard payload.readInteger(as: UInt32.self) != nil, let preferred = payload.readInteger(as: UInt32.self),
+                let maximum = payload.readInteger(as: UInt32.self)
+            else { throw NBDClientError("short NBD_INFO_BLOCK_SIZE") }
+            preferredBlockSize = preferred
+            maximumBlockSize = maximum
+        default:
+            break  // name, description: nothing a client here needs
+        }
+    }
+}
+
+/// Why an NBD client operation failed, for a person.
+public struct NBDClientError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}

@@ -1,0 +1,50 @@
+import ArgumentParser
+import ThinControl
+import ThinPool
+import ThinTransfer
+
+struct ExportCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "export",
+        abstract: "Copy a volume or snapshot to a sparse raw file.",
+        discussion: """
+            Unmapped space and zero runs become holes. While the pool is served, the data comes
+            through the server's NBD socket. Exporting a volume that clients are writing copies it
+            as it changes: snapshot it first for a point-in-time image. For qcow2, convert the
+            export with 'qemu-img convert -O qcow2 nbd+unix:///VOL@SNAP?socket=S out.qcow2'.
+            """)
+
+    @OptionGroup var target: PoolArgument
+
+    @Argument(help: "VOLUME or VOLUME@SNAPSHOT.")
+    var name: String
+
+    @Argument(help: "The raw file to write.")
+    var destination: String
+
+    @Flag(help: "Replace DESTINATION if it exists.")
+    var force = false
+
+    @OptionGroup var live: LiveOptions
+
+    func run() throws {
+        let progress = ProgressBar("exporting \(name)")
+        let statistics: CopyStatistics
+        do {
+            statistics = try ImageTransfer(poolPath: target.pool, controlPath: live.control)
+                .exportImage(name: name, to: destination, replacing: force) { progress.update($0, of: $1) }
+            progress.finish()
+        } catch {
+            progress.finish()
+            if live.json { print(JSON.object([("error", ControlError(code: "io", message: "\(error)").json)]).rendered()) }
+            throw fail(error)
+        }
+        let result = JSON.object([
+            ("name", .string(name)), ("destination", .string(destination)), ("bytes", .number(statistics.bytes)),
+            ("bytes_written", .number(statistics.bytesWritten)),
+        ])
+        emit(result, live) {
+            print("exported \(name) to \(destination): \(formatBytes(statistics.bytes)), \(formatBytes(statistics.bytesWritten)) of data, the rest holes")
+        }
+    }
+}

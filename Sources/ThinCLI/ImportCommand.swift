@@ -1,0 +1,51 @@
+import ArgumentParser
+import ThinControl
+import ThinPool
+import ThinTransfer
+
+struct ImportCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "import",
+        abstract: "Create a volume from a raw image file, a block device or an NBD export.",
+        discussion: """
+            Zero runs are not written, so they stay unmapped; holes of a sparse file are not even
+            read. While the pool is served, the volume is made through the server and the data goes
+            through its NBD socket. A failed import deletes the volume it made. For qcow2 and other
+            formats, serve the image with 'qemu-nbd -r -f qcow2 --socket S IMAGE' and import
+            'nbd+unix:///?socket=S', or convert it first with 'qemu-img convert -O raw'.
+            """)
+
+    @OptionGroup var target: PoolArgument
+
+    @Argument(help: "Name of the new volume.")
+    var name: String
+
+    @Argument(help: "A raw file or block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).")
+    var source: String
+
+    @Option(help: "Volume size (default: the source's size); may exceed it, and the rest reads as zeros.")
+    var size: ByteSize?
+
+    @OptionGroup var live: LiveOptions
+
+    func run() throws {
+        let progress = ProgressBar("importing \(name)")
+        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
+        let (volume, statistics): (JSON, CopyStatistics)
+        do {
+            let image = try ImageTransfer.openSource(source)
+            (volume, statistics) = try transfer.importImage(name: name, from: image, size: size?.bytes) { progress.update($0, of: $1) }
+            progress.finish()
+        } catch {
+            progress.finish()
+            if live.json { print(JSON.object([("error", ControlError(code: "io", message: "\(error)").json)]).rendered()) }
+            throw fail(error)
+        }
+        let result = JSON.object([
+            ("volume", volume), ("bytes_read", .number(statistics.bytes)), ("bytes_written", .number(statistics.bytesWritten)),
+        ])
+        emit(result, live) {
+            print("imported \(source) as \(name): \(formatBytes(statistics.bytes)), \(formatBytes(statistics.bytesWritten)) written, \(formatBytes(statistics.bytes - statistics.bytesWritten)) of zeros left unmapped")
+        }
+    }
+}

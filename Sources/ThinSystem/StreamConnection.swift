@@ -1,0 +1,102 @@
+import Glibc
+
+/// A blocking client connection on a stream socket (Unix or TCP): what the CLI uses to
+/// talk to a server's control socket and, as an NBD client, to NBD servers. Closed when
+/// released.
+public final class StreamConnection {
+    private let descriptor: Int32
+
+    /// Connects to the socket at `path`. Fails with `.noEntry` when there is no socket
+    /// file and `.connectionRefused` when nothing listens on it (a server that died),
+    /// the two answers that mean "no server here".
+    public init(connectingTo path: String) throws(SystemError) {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let pathBytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+        guard pathBytes.count < capacity else {
+            throw SystemError(.nameTooLong, "socket path \(path) is longer than \(capacity - 1) bytes")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: pathBytes)
+            raw[pathBytes.count] = 0
+        }
+        let fd = try Syscall.retrying("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        let result = withUnsafePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if result != 0 {
+            let error = SystemError.current("connect \(path)")
+            Syscall.close(fd)
+            throw error
+        }
+        descriptor = fd
+    }
+
+    /// Connects to TCP `host:port` (a name or a numeric IPv4/IPv6 address), trying each
+    /// address the name resolves to.
+    public init(host: String, port: Int) throws(SystemError) {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        let status = getaddrinfo(host, String(port), &hints, &list)
+        guard status == 0, let first = list else {
+            throw SystemError(.noEntry, "resolve \(host): \(String(cString: gai_strerror(status)))")
+        }
+        defer { freeaddrinfo(list) }
+        var lastError = SystemError(.connectionRefused, "connect \(host):\(port)")
+        var entry: UnsafeMutablePointer<addrinfo>? = first
+        while let info = entry {
+            entry = info.pointee.ai_next
+            let fd = socket(info.pointee.ai_family, info.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), info.pointee.ai_protocol)
+            if fd < 0 { continue }
+            if connect(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0 {
+                var one: Int32 = 1
+                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                descriptor = fd
+                return
+            }
+            lastError = SystemError.current("connect \(host):\(port)")
+            Syscall.close(fd)
+        }
+        throw lastError
+    }
+
+    deinit { Syscall.close(descriptor) }
+
+    /// Sends all of `bytes`.
+    public func send(_ bytes: UnsafeRawBufferPointer) throws(SystemError) {
+        var sent = 0
+        while sent < bytes.count {
+            sent += try Syscall.retrying("send") { Glibc.send(descriptor, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+        }
+    }
+
+    /// Reads what has arrived into `buffer` (blocking until something has); 0 is the end
+    /// of the stream.
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int {
+        try Syscall.retrying("recv") { recv(descriptor, buffer.baseAddress, buffer.count, 0) }
+    }
+
+    public func send(_ text: String) throws(SystemError) {
+        let bytes = Array(text.utf8)
+        let result = bytes.withUnsafeBytes { raw in Result { () throws(SystemError) in try send(raw) } }
+        try result.get()
+    }
+
+    /// Reads what has arrived (blocking until something has); an empty result is the end
+    /// of the stream.
+    public func receive(maxBytes: Int = 65536) throws(SystemError) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: maxBytes)
+        let n = try buffer.withUnsafeMutableBytes { raw in Result { () throws(SystemError) in try receive(into: raw) } }.get()
+        return Array(buffer[..<n])
+    }
+}
+
+extension SystemInfo {
+    /// Sets a file's permission bits (chmod).
+    public static func setPermissions(_ path: String, mode: UInt32) throws(SystemError) {
+        if chmod(path, mode_t(mode)) != 0 { throw SystemError.current("chmod \(path)") }
+    }
+}

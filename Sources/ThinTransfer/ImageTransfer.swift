@@ -1,0 +1,150 @@
+import NBDProtocol
+import ThinControl
+import ThinPool
+import ThinSystem
+
+/// `thinbd import` and `thinbd export`: raw images in and out of a pool, wherever the
+/// pool is. When a server has the pool, volumes are made and deleted through its control
+/// socket and the data goes through its NBD socket; otherwise the pool is opened here.
+public struct ImageTransfer {
+    public var poolPath: String
+    /// `--control PATH`: the server's control socket (and fail if none answers).
+    public var controlPath: String?
+
+    public init(poolPath: String, controlPath: String? = nil) {
+        self.poolPath = poolPath
+        self.controlPath = controlPath
+    }
+
+    /// Progress: bytes done and bytes in all.
+    public typealias Progress = (UInt64, UInt64) -> Void
+
+    /// Opens an image: an NBD URI (`nbd://`, `nbd+unix://`) or a file path.
+    public static func openSource(_ spec: String) throws(TransferError) -> ImageSource {
+        spec.contains("://") ? try NBDSource(uri: spec) : try RawFileSource(path: spec)
+    }
+
+    /// Imports `source` as new volume `name` of `size` bytes (default: the source's
+    /// size). Zero runs are not written, so they stay unmapped. A failed import deletes
+    /// the volume it made. Returns the volume (as the control protocol describes it).
+    public func importImage(name: String, from source: ImageSource, size: UInt64?, progress: Progress = { _, _ in }) throws(TransferError) -> (volume: JSON, statistics: CopyStatistics) {
+        let volumeSize = size ?? source.size
+        guard volumeSize > 0 else { throw TransferError("the source is empty; pass --size to make an empty volume") }
+        guard source.size <= volumeSize else {
+            throw TransferError("the source is \(source.size) bytes, more than --size \(volumeSize)")
+        }
+        if let server = try server() {
+            let info = try server.run(.info)
+            _ = try server.run(.createVolume(name: name, size: volumeSize))
+            do throws(TransferError) {
+                let target = try NBDTarget(uri: try server.uri(for: name))
+                let statistics = try ImageCopy.copy(
+                    from: source, to: target, length: source.size, granularity: Int(max(info["block_size"]?.numberValue ?? 0, 4096)),
+                    progress: { progress($0, source.size) })
+                let created = try server.run(.list).arrayValue?.first { $0["name"]?.stringValue == name } ?? .null
+                return (created, statistics)
+            } catch {
+                _ = try? server.run(.delete(name: name, force: true))
+                throw error
+            }
+        }
+        return try withOfflinePool(readOnly: false) { pool throws(TransferError) in
+            let volume = try pooled { () throws(PoolError) in try pool.createVolume(name, size: volumeSize) }
+            do throws(TransferError) {
+                let statistics = try ImageCopy.copy(
+                    from: source, to: try PoolVolumeTarget(pool: pool, name: name), length: source.size,
+                    granularity: Int(pool.blockSize), progress: { progress($0, source.size) })
+                let final = try pooled { () throws(PoolError) in try pool.volumeInfo(volume.name) }
+                return (PoolCommands(pool: pool, served: nil).volumeJSON(final, connections: 0), statistics)
+            } catch {
+                try? pool.delete(name)
+                throw error
+            }
+        }
+    }
+
+    /// Exports volume or snapshot `name` to a new sparse raw file at `destination`
+    /// (replacing one only if `replacing`). A volume being written is copied as it
+    /// changes: snapshot it first for a point-in-time image.
+    public func exportImage(name: String, to destination: String, replacing: Bool, progress: Progress = { _, _ in }) throws(TransferError) -> CopyStatistics {
+        func copy(_ source: ImageSource) throws(TransferError) -> CopyStatistics {
+            let target = try RawFileTarget(path: destination, replacing: replacing)
+            return try ImageCopy.copy(from: source, to: target, length: source.size, granularity: 4096, progress: { progress($0, source.size) })
+        }
+        if let server = try server() {
+            return try copy(try NBDSource(uri: try server.uri(for: name)))
+        }
+        return try withOfflinePool(readOnly: true) { pool throws(TransferError) in
+            try copy(try PoolVolumeSource(pool: pool, name: name))
+        }
+    }
+
+    // MARK: Finding the pool
+
+    /// The running server that has the pool, if any.
+    func server() throws(TransferError) -> ServerHandle? {
+        let socket = controlPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
+        let client: ControlClient
+        do throws(SystemError) {
+            client = try ControlClient(socketPath: socket)
+        } catch {
+            let noServer = error.code == .noEntry || error.code == .connectionRefused || error.code == .nameTooLong
+            if controlPath == nil && noServer { return nil }
+            throw TransferError("no server answers at \(socket): \(error.message)")
+        }
+        return ServerHandle(client: client, hello: try ServerHandle.run(.hello, on: client))
+    }
+
+    func withOfflinePool<T>(readOnly: Bool, _ body: (Pool) throws(TransferError) -> T) throws(TransferError) -> T {
+        let pool = try pooled { () throws(PoolError) in try Pool.open(path: poolPath, readOnly: readOnly) }
+        do throws(TransferError) {
+            let result = try body(pool)
+            try pooled { () throws(PoolError) in try pool.close() }
+            return result
+        } catch {
+            try? pool.close()
+            throw error
+        }
+    }
+}
+
+func pooled<T>(_ body: () throws(PoolError) -> T) throws(TransferError) -> T {
+    do throws(PoolError) {
+        return try body()
+    } catch {
+        throw TransferError(error.description)
+    }
+}
+
+/// A server reached through its control socket.
+struct ServerHandle {
+    let client: ControlClient
+    let hello: JSON
+
+    static func run(_ command: ControlCommand, on client: ControlClient) throws(TransferError) -> JSON {
+        let reply: ControlReply
+        do throws(ControlError) {
+            reply = try client.request(command)
+        } catch {
+            throw TransferError(error.message)
+        }
+        switch reply {
+        case .success(let result): return result
+        case .failure(let error): throw TransferError(error.message)
+        }
+    }
+
+    func run(_ command: ControlCommand) throws(TransferError) -> JSON { try Self.run(command, on: client) }
+
+    /// An NBD URI for `export` on this server: its Unix socket if it has one, else TCP.
+    func uri(for export: String) throws(TransferError) -> String {
+        let endpoints = (hello["uris"]?.arrayValue ?? []).compactMap { $0.stringValue }.compactMap { try? NBDEndpoint(uri: $0) }
+        for endpoint in endpoints {
+            if case .unix(let path) = endpoint.address { return NBDURI.unix(socket: path, export: export) }
+        }
+        for endpoint in endpoints {
+            if case .tcp(let host, let port) = endpoint.address { return NBDURI.tcp(host: host, port: port, export: export) }
+        }
+        throw TransferError("the server has the pool but no NBD socket to copy through (socket activation or --stdio); stop it, or serve with --socket")
+    }
+}

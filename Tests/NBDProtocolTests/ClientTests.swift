@@ -1,0 +1,89 @@
+import NBDProtocol
+import NIOCore
+import Testing
+
+@Suite struct NBDURIParsingTests {
+    @Test func parsesTheURIsServersPrint() throws {
+        #expect(try NBDEndpoint(uri: "nbd://127.0.0.1:10810/disk") == NBDEndpoint(address: .tcp(host: "127.0.0.1", port: 10810), export: "disk"))
+        #expect(try NBDEndpoint(uri: "nbd://example.org") == NBDEndpoint(address: .tcp(host: "example.org", port: 10809), export: ""))
+        #expect(try NBDEndpoint(uri: "nbd://[::1]:999/a%20b") == NBDEndpoint(address: .tcp(host: "::1", port: 999), export: "a b"))
+        #expect(try NBDEndpoint(uri: "nbd+unix:///vm@snap?socket=/run/x%20y.sock")
+            == NBDEndpoint(address: .unix(path: "/run/x y.sock"), export: "vm@snap"))
+        // What the server prints round-trips.
+        for (socket, export) in [("/tmp/nbd.sock", "build-1"), ("/a b/c.sock", "vm@golden")] {
+            #expect(try NBDEndpoint(uri: NBDURI.unix(socket: socket, export: export)) == NBDEndpoint(address: .unix(path: socket), export: export))
+        }
+        #expect(try NBDEndpoint(uri: NBDURI.tcp(host: "::1", port: 10809, export: "d")) == NBDEndpoint(address: .tcp(host: "::1", port: 10809), export: "d"))
+    }
+
+    @Test func refusesWhatItCannotReach() {
+        for bad in ["/tmp/file.raw", "nbds://host/x", "nbd+vsock:///x", "nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd://h:0/x", "nbd://h:99999/x", "nbd://h/%zz"] {
+            #expect(throws: NBDURIError.self, "\(bad)") { try NBDEndpoint(uri: bad) }
+        }
+    }
+}
+
+@Suite struct ClientHandshakeTests {
+    /// Runs the client state machine against the server's parser and state machine,
+    /// moving one byte at a time in each direction.
+    func negotiate(_ name: String) throws(NBDClientError) -> NBDClientHandshake.Export? {
+        var client = NBDClientHandshake(exportName: name)
+        var server = NBDHandshake()
+        var parser = NBDServerParser()
+        var toClient = NBDHandshake.greeting()
+        var toServer = ByteBuffer()
+        var clientInput = ByteBuffer()
+        var serverInput = ByteBuffer()
+        for _ in 0..<100_000 {
+            if let byte = toClient.readInteger(as: UInt8.self) {
+                clientInput.writeInteger(byte)
+                for action in try client.receive(&clientInput) {
+                    switch action {
+                    case .send(var bytes): toServer.writeBuffer(&bytes)
+                    case .ready(let export): return export
+                    }
+                }
+            }
+            if let byte = toServer.readInteger(as: UInt8.self) {
+                serverInput.writeInteger(byte)
+                while let message = try? parser.next(&serverInput) {
+                    for action in server.receive(message, catalog: catalog) {
+                        switch action {
+                        case .send(let reply): toClient.writeNBDOptionReply(reply)
+                        case .sendExportName(let reply): toClient.writeNBDExportNameReply(reply)
+                        case .enterTransmission: parser.enterTransmission()
+                        case .close: return nil
+                        }
+                    }
+                }
+            }
+        }
+        Issue.record("the handshake did not finish")
+        return nil
+    }
+
+    @Test func negotiatesStructuredRepliesSizeFlagsAndBlockSize() throws {
+        let export = try #require(try negotiate("disk"))
+        #expect(export.size == 1 << 30)
+        #expect(export.structuredReplies)
+        #expect(!export.isReadOnly && export.flags.contains(.sendFlush) && export.flags.contains(.canMultiConn))
+        #expect(export.preferredBlockSize == 65536)
+        #expect(export.maximumBlockSize == 32 << 20)
+        #expect(try #require(try negotiate("disk@s")).isReadOnly)
+    }
+
+    @Test func unknownExportsFailWithTheirName() {
+        do {
+            _ = try negotiate("nope")
+            Issue.record("negotiated an unknown export")
+        } catch {
+            #expect(error.description.contains("no export named 'nope'"), "\(error)")
+        }
+    }
+
+    @Test func notAnNBDServerIsSaidSo() {
+        var client = NBDClientHandshake(exportName: "x")
+        var input = ByteBuffer(string: "SSH-2.0-OpenSSH_9.6\r\n")
+        #expect(throws: NBDClientError.self) { try client.receive(&input) }
+    }
+}
