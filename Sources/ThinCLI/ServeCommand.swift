@@ -1,4 +1,5 @@
 import ArgumentParser
+import Logging
 import ThinPool
 import ThinServe
 import ThinSystem
@@ -69,7 +70,30 @@ struct ServeCommand: ParsableCommand {
     @Flag(name: .customLong("no-control"), help: "No control socket: other thinbd commands cannot reach this server.")
     var noControl = false
 
+    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (per export bytes, requests, errors, latency, connections; pool space, commits, copy-on-write).", valueName: "HOST:PORT"))
+    var metrics: String?
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical (default info; debug shows connections).")
+    var logLevel: String = "info"
+
+    @Option(name: .customLong("low-water"), help: "Warn when more than PERCENT of the data space is used (default 90).")
+    var lowWater: Int = 90
+
+    @Option(help: ArgumentHelp("Grow the pool by STEP when it passes the low-water mark or a write finds it full (needs --autogrow-max).", valueName: "STEP"))
+    var autogrow: ByteSize?
+
+    @Option(name: .customLong("autogrow-max"), help: ArgumentHelp("The data capacity --autogrow stops at.", valueName: "SIZE"))
+    var autogrowMax: ByteSize?
+
     func validate() throws {
+        if let metrics, ServeOptions.parseListen(metrics) == nil { throw ValidationError("--metrics \(metrics): expected HOST:PORT") }
+        if Logger.Level(rawValue: logLevel) == nil {
+            throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if !(1...100).contains(lowWater) { throw ValidationError("--low-water must be a percentage from 1 to 100") }
+        if (autogrow == nil) != (autogrowMax == nil) { throw ValidationError("--autogrow STEP and --autogrow-max SIZE go together") }
+        if let autogrow, autogrow.bytes < 1 << 20 { throw ValidationError("--autogrow must be at least 1M") }
+        if readOnly && autogrow != nil { throw ValidationError("--autogrow needs a writable pool; it cannot be combined with --read-only") }
         if noControl && control != nil { throw ValidationError("--control and --no-control contradict each other") }
         for text in listens where ServeOptions.parseListen(text) == nil {
             throw ValidationError("--listen \(text): expected HOST:PORT")
@@ -123,11 +147,20 @@ struct ServeCommand: ParsableCommand {
         options.noFlushPatterns = noFlush
         options.controlSocket = control
         options.controlDisabled = noControl
+        options.metricsAddress = metrics
+        options.lowWaterPercent = lowWater
+        options.autoGrowStep = autogrow?.bytes
+        options.autoGrowMaximum = autogrowMax?.bytes
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "thinbd")
         let status: Int32
         do {
-            status = try ServeRunner.run(options) { message in
-                SystemInfo.writeStandardError("thinbd: \(message)\n")
-            }
+            status = try ServeRunner.run(options, logger: logger)
         } catch {
             throw fail(error)
         }

@@ -11,6 +11,9 @@ public protocol ServedExports: AnyObject, Sendable {
     /// `nbd://127.0.0.1:10809`), so that tools can copy data through it.
     var serverURIs: [String] { get }
 
+    /// Where `--metrics` serves Prometheus metrics, if it does.
+    var metricsURL: String? { get }
+
     /// Refuses new connections to `names`; then, if some are connected, either closes
     /// them (`disconnect`: running requests finish, queued ones get ESHUTDOWN) or fails
     /// with `in-use`. Runs `body`, admits connections again, and returns how many were
@@ -68,6 +71,7 @@ public struct PoolCommands: Sendable {
                 ("served", .bool(served != nil)),
                 ("pid", .number(UInt64(SystemInfo.processID))),
                 ("uris", .array((served?.serverURIs ?? []).map { .string($0) })),
+                ("metrics", served?.metricsURL.map { .string($0) } ?? .null),
             ])
         case .info:
             return infoJSON(pool.info())

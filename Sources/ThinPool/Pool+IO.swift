@@ -324,7 +324,14 @@ extension Pool {
                 guard firstNew > 0, let previous = try tree.lookup(state.record.mappingRoot, firstNew - 1) else { return nil }
                 return previous + 1
             }
-            let runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint, reserveOnly: reserveOnly) }
+            let runs: [Range<UInt64>]
+            do throws(PoolError) {
+                runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint, reserveOnly: reserveOnly) }
+            } catch {
+                // With an autogrow policy, a full pool grows instead of failing the write.
+                guard case .noDataSpace = error, try growForPolicyLocked(atLeast: UInt64(needed)) != nil else { throw error }
+                runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint, reserveOnly: reserveOnly) }
+            }
             plan.allocated.reserveCapacity(needed)
             for run in runs { plan.allocated.append(contentsOf: run) }
             var next = 0
@@ -345,6 +352,13 @@ extension Pool {
 
     /// Maps the written blocks and releases the ones they replaced. Needs the pool lock.
     func applyWriteLocked(_ state: VolumeState, _ plan: WritePlan) throws(PoolError) {
+        for entry in plan.entries where !entry.inPlace {
+            if entry.current == nil {
+                statisticsLocked.newBlocks += 1
+            } else {
+                statisticsLocked.copyOnWriteBlocks += 1
+            }
+        }
         let tree = mappings
         var root = state.record.mappingRoot
         var mapped = state.record.mappedBlocks

@@ -277,6 +277,16 @@ extension Pool {
     /// The backing file is extended sparsely.
     public func grow(to newSize: UInt64) throws(PoolError) {
         try withWritableLock { () throws(PoolError) in
+            try growLocked(to: newSize)
+            try finishManagement()
+        }
+    }
+
+    /// `grow` without the commit; needs the pool lock. The new size is committed with
+    /// the next transaction (until then a crash leaves the old size: the file's extra
+    /// sparse bytes are unused).
+    func growLocked(to newSize: UInt64) throws(PoolError) {
+        do {
             let newBlocks = newSize / blockSize
             guard newBlocks >= spaceMap.dataBlocks else {
                 throw .invalidArgument("pools only grow: \(newSize) bytes is less than the current \(spaceMap.dataBlocks * blockSize)")
@@ -290,7 +300,6 @@ extension Pool {
             guard newBlocks < 1 << 40 else { throw .invalidArgument("pool size is too large") }
             try mapErrors { try device.setSize(dataOffset + newBlocks * blockSize) }
             spaceMap.resize(to: newBlocks)
-            try finishManagement()
         }
     }
 }

@@ -88,6 +88,10 @@ public final class Pool: @unchecked Sendable {
     var volumes: [UInt64: VolumeState] = [:]
     var names: [String: UInt64] = [:]
     var isClosed = false
+    /// Counts since open (`statistics`); under the pool lock.
+    var statisticsLocked = PoolStatistics()
+    /// `autoGrow`; under the pool lock.
+    var autoGrowLocked: AutoGrowPolicy?
     /// Data blocks are known to read as zeros at or above this mark (sparse, never written).
     var zeroScratch: AlignedBuffer
 
@@ -365,6 +369,7 @@ public final class Pool: @unchecked Sendable {
             }
         }
         superblock = next
+        statisticsLocked.commits += 1
         // Reads running outside the lock may still use blocks freed in this transaction.
         ioGate.whileDrained { spaceMap.transactionCommitted() }
         discardFreedData(freed)
@@ -454,6 +459,23 @@ public final class Pool: @unchecked Sendable {
             id: r.id, name: r.name, kind: kind, size: r.virtualSize, mappedBytes: r.mappedBlocks * blockSize,
             parent: volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral)
     }
+}
+
+/// What the pool has done since it was opened (for metrics).
+public struct PoolStatistics: Sendable, Equatable {
+    /// Metadata commits (transactions made durable).
+    public var commits: UInt64 = 0
+    /// Writes to shared blocks that went to a new block (copy-on-write), in blocks.
+    public var copyOnWriteBlocks: UInt64 = 0
+    /// Writes to unmapped space that allocated a block.
+    public var newBlocks: UInt64 = 0
+
+    public init() {}
+}
+
+extension Pool {
+    /// Counts since open. O(1), takes the pool lock briefly.
+    public var statistics: PoolStatistics { lock.withLock { statisticsLocked } }
 }
 
 /// A summary of the pool, as `thinbd info` prints it.

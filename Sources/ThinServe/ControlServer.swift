@@ -13,11 +13,13 @@ final class ServedPool: ServedExports {
     let server: NBDServer
     let provider: PoolExportProvider
     let serverURIs: [String]
+    let metricsURL: String?
 
-    init(server: NBDServer, provider: PoolExportProvider, serverURIs: [String]) {
+    init(server: NBDServer, provider: PoolExportProvider, serverURIs: [String], metricsURL: String?) {
         self.server = server
         self.provider = provider
         self.serverURIs = serverURIs
+        self.metricsURL = metricsURL
     }
 
     func connectionCounts() -> [String: Int] { server.connectionCounts() }

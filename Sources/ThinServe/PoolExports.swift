@@ -29,6 +29,10 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
     let ephemeral: EphemeralVolumes?
     /// Export-name patterns whose FLUSH and FUA return at once (`--no-flush`).
     let noFlushPatterns: [String]
+    /// `--metrics`: per-export counters (nil: none kept).
+    var metrics: ServeMetrics?
+    /// Connection events, at debug level.
+    var debugLog: (@Sendable (String) -> Void)?
 
     public convenience init(pool: Pool, readOnly: Bool, defaultExport: String?) {
         self.init(pool: pool, readOnly: readOnly, defaultExport: defaultExport, ephemeral: nil, noFlushPatterns: [])
@@ -116,9 +120,13 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         }
         do {
             let skipFlush = noFlushPatterns.contains { ExportPattern.matches($0, name) }
-            return VolumeExport(
+            let exportMetrics = metrics?.export(name)
+            let export = VolumeExport(
                 pool: pool, id: try pool.volumeID(name), description: description, buffers: buffers, skipFlush: skipFlush,
-                onClose: release)
+                metrics: exportMetrics, onClose: release)
+            exportMetrics?.connected(1)
+            debugLog?("client connected to \(name)")
+            return export
         } catch {
             release?()
             throw nbdError(error)
@@ -136,31 +144,54 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     /// `--no-flush`: FLUSH and FUA return at once (scratch disks; the pool itself stays
     /// consistent after a crash, the data written since the last commit may be lost).
     let skipFlush: Bool
+    let metrics: ExportMetrics?
     private let onClose: (@Sendable () -> Void)?
 
     init(
         pool: Pool, id: UInt64, description: NBDExportDescription, buffers: AlignedBufferPool, skipFlush: Bool = false,
-        onClose: (@Sendable () -> Void)? = nil
+        metrics: ExportMetrics? = nil, onClose: (@Sendable () -> Void)? = nil
     ) {
         self.pool = pool
         self.id = id
         self.exportDescription = description
         self.buffers = buffers
         self.skipFlush = skipFlush
+        self.metrics = metrics
         self.onClose = onClose
     }
 
+    /// Runs an operation, counting it when metrics are kept.
     @inline(__always)
-    private func run<T>(_ body: () throws(PoolError) -> T) throws(NBDExportError) -> T {
+    private func run<T>(_ operation: ExportMetrics.Operation, bytes: Int = 0, _ body: () throws(PoolError) -> T) throws(NBDExportError) -> T {
+        let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
         do {
-            return try body()
+            let result = try body()
+            metrics?.record(operation, bytes: bytes, started: started, failed: false)
+            return result
         } catch {
+            metrics?.record(operation, bytes: bytes, started: started, failed: true)
             throw nbdError(error)
         }
     }
 
+    /// Wraps a read's completion so that it is counted.
+    private func counted(
+        _ bytes: Int, _ completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
+    ) -> (Result<[NBDExtent], NBDExportError>) -> Void {
+        guard let metrics else { return completion }
+        let started = SystemInfo.monotonicNanoseconds()
+        return { result in
+            if case .failure = result {
+                metrics.record(.read, bytes: bytes, started: started, failed: true)
+            } else {
+                metrics.record(.read, bytes: bytes, started: started, failed: false)
+            }
+            completion(result)
+        }
+    }
+
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent] {
-        try run { () throws(PoolError) in
+        try run(.read, bytes: buffer.count) { () throws(PoolError) in
             Self.nbdExtents(try pool.read(id, at: offset, into: buffer))
         }
     }
@@ -169,8 +200,10 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
         completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void
     ) {
+        let done = counted(buffer.count, completion)
+        nonisolated(unsafe) let finish = done
         pool.readAsync(id, at: offset, into: buffer) { result in
-            completion(result.map(Self.nbdExtents).mapError(nbdError))
+            finish(result.map(Self.nbdExtents).mapError(nbdError))
         }
     }
 
@@ -178,11 +211,15 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
         completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
     ) -> NBDNonBlockingRead {
+        let done = counted(buffer.count, completion)
         let start = pool.readWithoutBlocking(id, at: offset, into: buffer, queue: (queue as? PoolLoopQueue)?.queue) { result in
-            completion(result.map(Self.nbdExtents).mapError(nbdError))
+            done(result.map(Self.nbdExtents).mapError(nbdError))
         }
         switch start {
-        case .completed(let result): return .completed(result.map(Self.nbdExtents).mapError(nbdError))
+        case .completed(let result):
+            let mapped = result.map(Self.nbdExtents).mapError(nbdError)
+            if let metrics { metrics.record(.read, bytes: buffer.count, started: SystemInfo.monotonicNanoseconds(), failed: (try? mapped.get()) == nil) }
+            return .completed(mapped)
         case .started: return .started
         case .wouldBlock: return .wouldBlock
         }
@@ -210,18 +247,25 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
             }
             return Pool.BatchedWrite(volume: id, offset: write.offset, data: data, forceUnitAccess: write.fua && !skipFlush)
         }
-        return pool.writeBatch(batch).map { $0.map(nbdError) }
+        let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
+        let outcomes = pool.writeBatch(batch).map { $0.map(nbdError) }
+        if let metrics {
+            for (write, outcome) in zip(writes, outcomes) {
+                metrics.record(.write, bytes: write.data.count, started: started, failed: outcome != nil)
+            }
+        }
+        return outcomes
     }
 
     func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError) {
-        try run { () throws(PoolError) in
+        try run(.writeZeroes, bytes: Int(length)) { () throws(PoolError) in
             try pool.writeZeroes(id, at: offset, count: length, mayUnmap: mayTrim)
             if fua && !skipFlush { try pool.commit() }
         }
     }
 
     func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(NBDExportError) {
-        try run { () throws(PoolError) in
+        try run(.trim, bytes: Int(length)) { () throws(PoolError) in
             try pool.trim(id, at: offset, count: length)
             if fua && !skipFlush { try pool.commit() }
         }
@@ -229,16 +273,19 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
 
     func flush() throws(NBDExportError) {
         if skipFlush { return }
-        try run { () throws(PoolError) in try pool.flush() }
+        try run(.flush) { () throws(PoolError) in try pool.flush() }
     }
 
     func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent] {
-        try run { () throws(PoolError) in
+        try run(.blockStatus) { () throws(PoolError) in
             Self.nbdExtents(try pool.extents(id, at: offset, count: length))
         }
     }
 
-    func close() { onClose?() }
+    func close() {
+        metrics?.connected(-1)
+        onClose?()
+    }
 }
 
 /// A libaio queue for one event loop: volume reads started there complete there.

@@ -1,4 +1,5 @@
 import Dispatch
+import Logging
 import NBDProtocol
 import NBDServer
 import NIOCore
@@ -34,6 +35,13 @@ public struct ServeOptions: Sendable {
     public var controlSocket: String?
     /// `--no-control`: no control socket (the CLI then cannot reach this server).
     public var controlDisabled = false
+    /// `--metrics HOST:PORT`: serve Prometheus metrics there.
+    public var metricsAddress: String?
+    /// `--low-water PERCENT`: warn (and set a metric) when more of the data space is used.
+    public var lowWaterPercent = 90
+    /// `--autogrow STEP --autogrow-max SIZE`.
+    public var autoGrowStep: UInt64?
+    public var autoGrowMaximum: UInt64?
 
     public init(poolPath: String) { self.poolPath = poolPath }
 
@@ -59,9 +67,10 @@ public struct ServeError: Error, CustomStringConvertible {
 /// Runs the NBD server on a pool until SIGINT/SIGTERM (or the end of `--run`'s command,
 /// or of the `--stdio` connection); returns the process exit status.
 public enum ServeRunner {
-    public static func run(_ options: ServeOptions, log: @escaping @Sendable (String) -> Void) throws -> Int32 {
+    public static func run(_ options: ServeOptions, logger: Logger) throws -> Int32 {
         // Before any thread exists: only the signal thread may take SIGINT/SIGTERM.
         Signals.blockTermination()
+        let log: @Sendable (String) -> Void = { logger.info("\($0)") }
         if let name = options.defaultExport, name.isEmpty { throw ServeError(description: "--default-export needs a name") }
         let pool: Pool
         do {
@@ -83,6 +92,31 @@ public enum ServeRunner {
         let provider = PoolExportProvider(
             pool: pool, readOnly: options.readOnly, defaultExport: options.defaultExport, ephemeral: ephemeral,
             noFlushPatterns: options.noFlushPatterns)
+        var metrics: ServeMetrics?
+        var metricsEndpoint: MetricsEndpoint?
+        if let address = options.metricsAddress {
+            guard let (host, port) = ServeOptions.parseListen(address) else {
+                try? pool.close()
+                throw ServeError(description: "--metrics \(address): expected HOST:PORT")
+            }
+            let registry = ServeMetrics.bootstrapPrometheus()
+            let made = ServeMetrics(pool: pool)
+            do {
+                metricsEndpoint = try MetricsEndpoint(host: host, port: port, registry: registry) { made.samplePool() }
+            } catch {
+                try? pool.close()
+                throw error
+            }
+            metrics = made
+            provider.metrics = made
+        }
+        provider.debugLog = { logger.debug("\($0)") }
+        if let step = options.autoGrowStep, let maximum = options.autoGrowMaximum, !options.readOnly {
+            pool.autoGrow = AutoGrowPolicy(step: step, maximum: maximum) { [metrics] size in
+                metrics?.grew()
+                logger.notice("autogrow: pool \(options.poolPath) grew to \(formatBytes(size))")
+            }
+        }
         var configuration = NBDServer.Configuration()
         if let threads = options.threads { configuration.ioThreads = threads }
         let server = NBDServer(provider: provider, configuration: configuration, log: log)
@@ -130,7 +164,9 @@ public enum ServeRunner {
             let path = options.controlSocket ?? ControlEndpoint.defaultPath(forPool: options.poolPath)
             do {
                 control = try ControlServer(
-                    path: path, commands: PoolCommands(pool: pool, served: ServedPool(server: server, provider: provider, serverURIs: baseURIs)), log: log)
+                    path: path, commands: PoolCommands(pool: pool, served: ServedPool(
+                        server: server, provider: provider, serverURIs: baseURIs,
+                        metricsURL: metricsEndpoint.map { "http://\($0.host.contains(":") ? "[\($0.host)]" : $0.host):\($0.port)/metrics" })), log: log)
             } catch {
                 if options.controlSocket != nil {
                     server.shutdown(timeout: .seconds(1))
@@ -139,18 +175,21 @@ public enum ServeRunner {
                 }
                 // The default place may be unwritable or too long a path; serving
                 // matters more, the CLI will say it cannot reach the server.
-                log("warning: no control socket (\(error)); pass --control PATH to choose another place")
+                logger.warning("no control socket (\(error)); pass --control PATH to choose another place")
             }
         }
 
+        let monitor = options.readOnly ? nil : SpaceMonitor(
+            pool: pool, lowWaterPercent: options.lowWaterPercent, autoGrow: pool.autoGrow != nil, metrics: metrics, logger: logger)
+
         let committer = AutoCommitter(pool: pool, milliseconds: options.commitIntervalMilliseconds) { error in
-            log("commit failed: \(error)")
+            logger.error("commit failed: \(error)")
         }
         if !options.stdio {
             for uri in uris where uri.hasPrefix("nbd") { print(uri) }
             SystemInfo.flushStandardOutput()
             let exports = provider.allExports().map(\.name)
-            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)\(control.map { "; control socket \($0.path)" } ?? "")")
+            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)\(control.map { "; control socket \($0.path)" } ?? "")\(metricsEndpoint.map { "; metrics at http://\($0.host):\($0.port)/metrics" } ?? "")")
         }
 
         Signals.onTermination { number in
@@ -164,6 +203,8 @@ public enum ServeRunner {
                 child = try ChildProcess.shell(command, environment: ["uri": uri, "THINBD_URI": uri])
             } catch {
                 control?.stop()
+                metricsEndpoint?.stop()
+                monitor?.stop()
                 server.shutdown(timeout: .seconds(1))
                 committer.stop()
                 try? pool.close()
@@ -177,13 +218,15 @@ public enum ServeRunner {
 
         stop.wait()
         control?.stop()
+        metricsEndpoint?.stop()
+        monitor?.stop()
         server.shutdown()
         ephemeral?.stop()
         committer.stop()
         do {
             try pool.close()
         } catch {
-            log("closing the pool failed: \(error)")
+            logger.error("closing the pool failed: \(error)")
             return 1
         }
         return exitStatus.get() ?? 0

@@ -375,6 +375,24 @@ import ThinPool
     }
 
     @Test(.enabled(if: Peers.need("python3-nbd")))
+    func metricsLowWaterAndAutogrow() throws {
+        let served = try ServedPool(size: "16M")
+        try served.createVolume("disk", size: "8M")
+        try served.createVolume("small", size: "32M")
+        try served.start([
+            "--metrics", "127.0.0.1:0", "--low-water", "50", "--autogrow", "8M", "--autogrow-max", "24M", "--log-level", "debug",
+        ])
+        expectSuccess(try Peers.python("metrics.py", [CLI.executable, served.pool, served.socket]), "metrics")
+        #expect(served.stop() == 0)
+        #expect(served.stderr.contains("notice thinbd: [ThinServe] autogrow: pool"), "\(served.stderr)")
+        #expect(served.stderr.contains("warning thinbd: [ThinServe] pool") && served.stderr.contains("low-water mark 50%"), "\(served.stderr)")
+        #expect(served.stderr.contains("debug thinbd: [ThinServe] client connected to small"), "\(served.stderr)")
+        let info = try served.cli(["info", "POOL", "--json"])
+        #expect(info.stdout.contains("\"total_bytes\": 25165824"), "the grown size was not committed: \(info.stdout)")
+        expectSuccess(try served.cli(["check", "POOL"]), "check")
+    }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
     func sigtermFinishesWritesAndCommits() throws {
         let served = try ServedPool()
         try served.createVolume("disk", size: "64M")

@@ -139,6 +139,7 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
 
     func connectionCounts() -> [String: Int] { counts }
     var serverURIs: [String] { ["nbd+unix:///?socket=/tmp/x.sock"] }
+    var metricsURL: String? { nil }
 
     func whileClosed(_ names: [String], disconnect: Bool, _ body: () throws(ControlError) -> Void) throws(ControlError) -> Int {
         let connected = names.reduce(0) { $0 + (counts[$1] ?? 0) }

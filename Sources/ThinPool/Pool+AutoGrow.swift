@@ -1,0 +1,60 @@
+/// How a pool grows its data region by itself (`serve --autogrow STEP --autogrow-max SIZE`).
+public struct AutoGrowPolicy: Sendable, Equatable {
+    /// Bytes added at a time.
+    public var step: UInt64
+    /// The data capacity it never grows past.
+    public var maximum: UInt64
+    /// Called (under the pool lock: keep it short) with the new capacity after each growth.
+    public var grew: (@Sendable (UInt64) -> Void)?
+
+    public init(step: UInt64, maximum: UInt64, grew: (@Sendable (UInt64) -> Void)? = nil) {
+        self.step = step
+        self.maximum = maximum
+        self.grew = grew
+    }
+
+    public static func == (lhs: AutoGrowPolicy, rhs: AutoGrowPolicy) -> Bool {
+        lhs.step == rhs.step && lhs.maximum == rhs.maximum
+    }
+}
+
+extension Pool {
+    /// When set, a write that would fail for lack of data space first grows the pool (by
+    /// as many steps as it needs, up to `maximum`), and `growByStep` grows it ahead of
+    /// time. Growing extends the file sparsely; the new size is committed with the next
+    /// transaction.
+    public var autoGrow: AutoGrowPolicy? {
+        get { lock.withLock { autoGrowLocked } }
+        set { lock.withLock { autoGrowLocked = newValue } }
+    }
+
+    /// Grows by one step of the policy, unless at its maximum (or the metadata region
+    /// would be too small). Returns the new capacity, or nil when it did not grow.
+    /// Commits. Cost: one ftruncate and one commit.
+    @discardableResult
+    public func growByStep() throws(PoolError) -> UInt64? {
+        try withWritableLock { () throws(PoolError) -> UInt64? in
+            guard let grown = try growForPolicyLocked(atLeast: 1) else { return nil }
+            try finishManagement()
+            return grown
+        }
+    }
+
+    /// Grows by whole steps until `blocks` more are free, within the policy; nil when it
+    /// cannot. Needs the pool lock.
+    func growForPolicyLocked(atLeast blocks: UInt64) throws(PoolError) -> UInt64? {
+        guard let policy = autoGrowLocked, policy.step >= blockSize else { return nil }
+        let current = spaceMap.dataBlocks * blockSize
+        let steps = (blocks * blockSize + policy.step - 1) / policy.step
+        let target = min(current + max(steps, 1) * policy.step, policy.maximum)
+        guard target / blockSize > spaceMap.dataBlocks else { return nil }
+        do throws(PoolError) {
+            try growLocked(to: target)
+        } catch {
+            // The metadata region caps the size: the policy stops here.
+            return nil
+        }
+        policy.grew?(target)
+        return target
+    }
+}

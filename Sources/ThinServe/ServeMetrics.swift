@@ -1,0 +1,133 @@
+import Metrics
+import struct Prometheus.PrometheusMetricsFactory
+import class Prometheus.PrometheusCollectorRegistry
+import ThinPool
+import ThinSystem
+
+/// The server's metrics, through swift-metrics (so an embedding program may route them
+/// to any backend); `thinbd serve --metrics` bootstraps the Prometheus backend and
+/// serves its text format. Per-export objects are made once per export name and
+/// handed to each connection's export, so a request costs a few atomic increments and
+/// no lookups.
+final class ServeMetrics: @unchecked Sendable {
+    let pool: Pool
+    private let lock = Lock()
+    private var exports: [String: ExportMetrics] = [:]
+    private let usedBytes = Gauge(label: "thinbd_pool_used_bytes")
+    private let freeBytes = Gauge(label: "thinbd_pool_free_bytes")
+    private let totalBytes = Gauge(label: "thinbd_pool_size_bytes")
+    private let metadataUsedBytes = Gauge(label: "thinbd_pool_metadata_used_bytes")
+    private let metadataTotalBytes = Gauge(label: "thinbd_pool_metadata_size_bytes")
+    private let commits = Counter(label: "thinbd_pool_commits_total")
+    private let copyOnWrite = Counter(label: "thinbd_pool_copy_on_write_blocks_total")
+    private let newBlocks = Counter(label: "thinbd_pool_allocated_blocks_total")
+    private let volumes = Gauge(label: "thinbd_pool_volumes")
+    let lowWater = Gauge(label: "thinbd_pool_low_water")
+    private let autogrows = Counter(label: "thinbd_pool_autogrow_total")
+    private var reported = PoolStatistics()
+
+    init(pool: Pool) {
+        self.pool = pool
+        lowWater.record(0)
+    }
+
+    /// The objects of export `name` (made on first use).
+    func export(_ name: String) -> ExportMetrics {
+        lock.withLock {
+            if let existing = exports[name] { return existing }
+            let made = ExportMetrics(name)
+            exports[name] = made
+            return made
+        }
+    }
+
+    /// Samples the pool's gauges and counters; called before each scrape and by the
+    /// space monitor.
+    func samplePool() {
+        let info = pool.info()
+        usedBytes.record(info.dataUsedBytes)
+        freeBytes.record(info.dataFreeBytes)
+        totalBytes.record(info.dataTotalBytes)
+        metadataUsedBytes.record(info.metadataUsedBytes)
+        metadataTotalBytes.record(info.metadataTotalBytes)
+        volumes.record(info.volumes.count)
+        let now = pool.statistics
+        lock.withLock {
+            commits.increment(by: Int64(now.commits - reported.commits))
+            copyOnWrite.increment(by: Int64(now.copyOnWriteBlocks - reported.copyOnWriteBlocks))
+            newBlocks.increment(by: Int64(now.newBlocks - reported.newBlocks))
+            reported = now
+        }
+    }
+
+    func grew() { autogrows.increment() }
+
+    /// Makes swift-metrics report to a Prometheus registry (once per process) and
+    /// returns the registry to render.
+    static func bootstrapPrometheus() -> PrometheusCollectorRegistry {
+        let registry = PrometheusCollectorRegistry()
+        var factory = PrometheusMetricsFactory(registry: registry)
+        // Storage latencies: tens of microseconds to seconds.
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
+            .microseconds(2500), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+            .milliseconds(100), .milliseconds(250), .seconds(1), .seconds(5),
+        ]
+        MetricsSystem.bootstrap(factory)
+        return registry
+    }
+}
+
+/// One export's counters, latency histograms and connection gauge.
+final class ExportMetrics: @unchecked Sendable {
+    enum Operation: String, CaseIterable {
+        case read, write, writeZeroes = "write_zeroes", trim, flush, blockStatus = "block_status"
+    }
+
+    struct PerOperation {
+        let requests: Counter
+        let errors: Counter
+        let bytes: Counter
+        let latency: Metrics.Timer
+    }
+
+    private let operations: [PerOperation]
+    private let connectionGauge: Gauge
+    private let lock = Lock()
+    private var connections = 0
+
+    init(_ export: String) {
+        operations = Operation.allCases.map { operation in
+            let dimensions = [("export", export), ("op", operation.rawValue)]
+            return PerOperation(
+                requests: Counter(label: "thinbd_requests_total", dimensions: dimensions),
+                errors: Counter(label: "thinbd_request_errors_total", dimensions: dimensions),
+                bytes: Counter(label: "thinbd_bytes_total", dimensions: dimensions),
+                latency: Metrics.Timer(label: "thinbd_request_duration_seconds", dimensions: dimensions))
+        }
+        connectionGauge = Gauge(label: "thinbd_connections", dimensions: [("export", export)])
+        connectionGauge.record(0)
+    }
+
+    private func index(_ operation: Operation) -> Int { Operation.allCases.firstIndex(of: operation)! }
+
+    /// Records one finished request that started at `started` (monotonic nanoseconds).
+    func record(_ operation: Operation, bytes: Int, started: UInt64, failed: Bool) {
+        let metrics = operations[index(operation)]
+        metrics.requests.increment()
+        if failed {
+            metrics.errors.increment()
+        } else if bytes > 0 {
+            metrics.bytes.increment(by: Int64(bytes))
+        }
+        metrics.latency.recordNanoseconds(Int64(SystemInfo.monotonicNanoseconds() - started))
+    }
+
+    func connected(_ delta: Int) {
+        let now = lock.withLock { () -> Int in
+            connections += delta
+            return connections
+        }
+        connectionGauge.record(now)
+    }
+}
