@@ -10,8 +10,9 @@ have libaio-dev || need+=(libaio-dev)
 if [ "${1:-build}" = test ]; then
     # Real NBD clients the interop tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy,
     # python3-libnbd (what nbdsh runs) and fio with its nbd engine.
-    # systemd: systemd-analyze checks the shipped unit files.
-    for package in qemu-utils libnbd-bin python3-libnbd fio systemd; do
+    # systemd: systemd-analyze checks the shipped unit files. e2fsprogs, gcc and make:
+    # tools/ci-example.sh (ext4 buildroots, builds on clones through nbdfuse).
+    for package in qemu-utils libnbd-bin python3-libnbd fio systemd e2fsprogs gcc make; do
         have "$package" || need+=("$package")
     done
 fi

@@ -374,6 +374,21 @@ import ThinPool
         expectSuccess(try served.cli(["check", "POOL"]), "offline check afterwards")
     }
 
+    /// tools/ci-example.sh: a golden ext4 buildroot, 4 builds at once on ephemeral clones
+    /// through nbdfuse and loop mounts, e2fsck clean on each, space back afterwards.
+    @Test(.enabled(if: Peers.need("nbdfuse", "mkfs.ext4", "e2fsck", "gcc", "make") && getuid() == 0))
+    func ciExampleRunsFourBuildsOnEphemeralClones() throws {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("tools/ci-example.sh").path
+        let result = try Program.run(
+            "/bin/bash", [script, "--builds", "4", "--files", "40", "--size", "256M"], environment: ["THINBD": CLI.executable],
+            timeout: 300)
+        expectSuccess(result, "ci-example.sh")
+        #expect(result.stdout.components(separatedBy: " clean ").count - 1 == 4, "\(result.stdout)")
+        #expect(result.stdout.contains("ci-example: ok") && result.stdout.contains("(clones deleted)"), "\(result.stdout)")
+        print(result.stdout)
+    }
+
     @Test(.enabled(if: Peers.need("python3-nbd")))
     func metricsLowWaterAndAutogrow() throws {
         let served = try ServedPool(size: "16M")
