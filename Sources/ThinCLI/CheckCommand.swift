@@ -49,22 +49,21 @@ struct CheckCommand: ParsableCommand {
         case .success(let report):
             return report
         case .failure(let error):
-            if live.json { print(JSON.object([("error", error.json)]).rendered()) }
             // A pool too damaged to open is damage found, not a failure to check.
-            throw fail(error, code: error.code == "corrupt" ? 1 : 2)
+            throw fail(error, live, code: error.code == "corrupt" ? 1 : 2)
         }
     }
 
     private func repairOffline() throws -> JSON {
         let socket = live.control ?? ControlEndpoint.defaultPath(forPool: target.pool)
         if (try? ControlClient(socketPath: socket)) != nil {
-            throw fail(ControlError(code: "busy", message: "check --repair needs the pool offline; stop the server first (a read-only check works while it is served)"), code: 2)
+            throw fail(ControlError(code: "busy", message: "check --repair needs the pool offline; stop the server first (a read-only check works while it is served)"), live, code: 2)
         }
         let pool: Pool
         do {
             pool = try Pool.open(path: target.pool, readOnly: false)
         } catch {
-            throw fail(error, code: ControlError(error).code == "corrupt" ? 1 : 2)
+            throw fail(ControlError(error), live, code: ControlError(error).code == "corrupt" ? 1 : 2)
         }
         let report = pool.check(repair: true)
         try? pool.close()

@@ -37,8 +37,27 @@ func runPoolCommandReportingServer(
     case .success(let result):
         return (result, served)
     case .failure(let error):
-        if options.json { print(JSON.object([("error", error.json)]).rendered()) }
-        throw fail(error)
+        throw fail(error, options)
+    }
+}
+
+/// Fails the command with `error`: one line on standard error, and with --json also
+/// `{"error": {"code", "message"}}` on standard output.
+func fail(_ error: ControlError, _ options: LiveOptions, code: Int32 = 1) -> ExitCode {
+    if options.json { print(JSON.object([("error", error.json)]).rendered()) }
+    return fail(error, code: code)
+}
+
+/// Runs a copy with a progress bar (on a terminal); a failure ends the command.
+func withProgress<T>(_ label: String, _ options: LiveOptions, _ body: (ProgressBar) throws -> T) throws -> T {
+    let progress = ProgressBar(label)
+    do {
+        let result = try body(progress)
+        progress.finish()
+        return result
+    } catch {
+        progress.finish()  // the error goes on a line of its own
+        throw fail(ControlError(code: "io", message: "\(error)"), options)
     }
 }
 

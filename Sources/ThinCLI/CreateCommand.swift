@@ -1,4 +1,5 @@
 import ArgumentParser
+import ThinControl
 import ThinPool
 
 struct CreateCommand: ParsableCommand {
@@ -18,6 +19,9 @@ struct CreateCommand: ParsableCommand {
     @Option(name: .customLong("metadata-size"), help: "Metadata region size (default: enough for four times SIZE).")
     var metadataSize: ByteSize?
 
+    @Flag(help: "Print the new pool's info as JSON (as 'info --json' does).")
+    var json = false
+
     func validate() throws {
         let bs = blockSize.bytes
         guard bs >= 4096, bs <= 1 << 20, bs & (bs - 1) == 0 else {
@@ -31,7 +35,12 @@ struct CreateCommand: ParsableCommand {
         do {
             let pool = try Pool.create(path: target.pool, geometry: geometry)
             let info = pool.info()
+            let infoJSON = PoolCommands(pool: pool, served: nil).perform(.info)
             try pool.close()
+            if json, case .success(let result) = infoJSON {
+                print(result.rendered())
+                return
+            }
             print("created \(target.pool): \(formatBytes(info.dataTotalBytes)) of data in \(formatBytes(info.blockSize)) blocks, \(formatBytes(info.metadataTotalBytes)) metadata")
         } catch {
             throw fail(error)

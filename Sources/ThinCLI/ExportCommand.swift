@@ -28,16 +28,9 @@ struct ExportCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let progress = ProgressBar("exporting \(name)")
-        let statistics: CopyStatistics
-        do {
-            statistics = try ImageTransfer(poolPath: target.pool, controlPath: live.control)
-                .exportImage(name: name, to: destination, replacing: force) { progress.update($0, of: $1) }
-            progress.finish()
-        } catch {
-            progress.finish()
-            if live.json { print(JSON.object([("error", ControlError(code: "io", message: "\(error)").json)]).rendered()) }
-            throw fail(error)
+        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
+        let statistics = try withProgress("exporting \(name)", live) { progress in
+            try transfer.exportImage(name: name, to: destination, replacing: force) { progress.update($0, of: $1) }
         }
         let result = JSON.object([
             ("name", .string(name)), ("destination", .string(destination)), ("bytes", .number(statistics.bytes)),

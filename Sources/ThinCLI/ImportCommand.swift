@@ -29,17 +29,11 @@ struct ImportCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let progress = ProgressBar("importing \(name)")
         let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
-        let (volume, statistics): (JSON, CopyStatistics)
-        do {
-            let image = try ImageTransfer.openSource(source)
-            (volume, statistics) = try transfer.importImage(name: name, from: image, size: size?.bytes) { progress.update($0, of: $1) }
-            progress.finish()
-        } catch {
-            progress.finish()
-            if live.json { print(JSON.object([("error", ControlError(code: "io", message: "\(error)").json)]).rendered()) }
-            throw fail(error)
+        let (volume, statistics) = try withProgress("importing \(name)", live) { progress in
+            try transfer.importImage(name: name, from: try ImageTransfer.openSource(source), size: size?.bytes) {
+                progress.update($0, of: $1)
+            }
         }
         let result = JSON.object([
             ("volume", volume), ("bytes_read", .number(statistics.bytes)), ("bytes_written", .number(statistics.bytesWritten)),

@@ -76,6 +76,22 @@ import TestSupport
         expectSuccess(try served.cli(["check", "POOL"]), "check")
     }
 
+    /// The progress bar shows on a terminal (`script` gives the command one) and not
+    /// in a pipe.
+    @Test(.enabled(if: Peers.need("script")))
+    func progressBarOnlyOnATerminal() throws {
+        let served = try ServedPool(size: "1G")
+        let source = served.directory.path + "/source.raw"
+        try makeSparseImage(source, size: 8 << 20, seed: 3)
+        let quiet = try served.cli(["import", "POOL", "piped", source])
+        expectSuccess(quiet, "import in a pipe")
+        #expect(!quiet.stderr.contains("importing"), "\(quiet.stderr)")
+        let command = "\(CLI.executable) import \(served.pool) tty \(source)"
+        let onTerminal = try Program.run(Peers.path("script"), ["-qec", command, "/dev/null"])
+        expectSuccess(onTerminal, "import on a terminal")
+        #expect(onTerminal.stdout.contains("importing tty [") && onTerminal.stdout.contains("100.0% 8.0 MiB of 8.0 MiB"), "\(onTerminal.stdout)")
+    }
+
     @Test(.enabled(if: Peers.need("qemu-img")))
     func importAndExportThroughARunningServer() throws {
         let served = try ServedPool(size: "1G")
