@@ -14,7 +14,9 @@ public final class NBDClientConnection {
 
     /// The largest request this connection sends: the server's maximum, at most 32 MiB.
     public var maximumRequestBytes: Int {
-        Int(min(export.maximumBlockSize ?? (32 << 20), 32 << 20))
+        // A server announcing less than 4 KiB (or nothing usable) gets 4 KiB requests:
+        // it may refuse them, with an error, but a copy never stalls on empty requests.
+        Int(min(max(export.maximumBlockSize ?? (32 << 20), 4096), 32 << 20))
     }
 
     /// Connects to `uri` (`nbd://` or `nbd+unix://`) and negotiates its export.

@@ -44,9 +44,10 @@ public enum ImageCopy {
         progress: (UInt64) -> Void = { _ in }
     ) throws(TransferError) -> CopyStatistics {
         precondition(granularity > 0 && length <= source.size)
-        var chunk = min(source.maximumReadBytes, target.maximumWriteBytes, 4 << 20)
+        var chunk = max(min(source.maximumReadBytes, target.maximumWriteBytes, 4 << 20), 1)
+        // Peers with small request limits get a finer zero check rather than no copy.
+        let granularity = min(granularity, chunk)
         chunk -= chunk % granularity
-        precondition(chunk > 0)
         let buffer = AlignedBuffer(count: chunk)
         var statistics = CopyStatistics()
         var offset: UInt64 = 0
@@ -104,6 +105,15 @@ public enum ImageCopy {
 
 // MARK: Sources and targets
 
+/// Runs an NBD client call, reporting its failure as a transfer error.
+func overNBD<T>(_ body: () throws(NBDClientError) -> T) throws(TransferError) -> T {
+    do throws(NBDClientError) {
+        return try body()
+    } catch {
+        throw TransferError(error.description)
+    }
+}
+
 /// A raw file or block device; holes the file system reports are not read.
 public final class RawFileSource: ImageSource {
     let file: RawFile
@@ -153,19 +163,11 @@ public final class NBDSource: ImageSource {
     public var maximumReadBytes: Int { connection.maximumRequestBytes }
 
     public init(uri: String) throws(TransferError) {
-        do throws(NBDClientError) {
-            connection = try NBDClientConnection(uri: uri)
-        } catch {
-            throw TransferError(error.description)
-        }
+        connection = try overNBD { () throws(NBDClientError) in try NBDClientConnection(uri: uri) }
     }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(TransferError) -> [Range<Int>] {
-        do throws(NBDClientError) {
-            return try connection.read(at: offset, into: buffer)
-        } catch {
-            throw TransferError(error.description)
-        }
+        try overNBD { () throws(NBDClientError) in try connection.read(at: offset, into: buffer) }
     }
 }
 
@@ -175,30 +177,18 @@ public final class NBDTarget: ImageTarget {
     public var maximumWriteBytes: Int { connection.maximumRequestBytes }
 
     public init(uri: String) throws(TransferError) {
-        do throws(NBDClientError) {
-            connection = try NBDClientConnection(uri: uri)
-        } catch {
-            throw TransferError(error.description)
-        }
+        connection = try overNBD { () throws(NBDClientError) in try NBDClientConnection(uri: uri) }
         guard !connection.export.isReadOnly else { throw TransferError("\(uri) is read-only") }
     }
 
     public var size: UInt64 { connection.export.size }
 
     public func write(at offset: UInt64, from data: UnsafeRawBufferPointer) throws(TransferError) {
-        do throws(NBDClientError) {
-            try connection.write(at: offset, from: data)
-        } catch {
-            throw TransferError(error.description)
-        }
+        try overNBD { () throws(NBDClientError) in try connection.write(at: offset, from: data) }
     }
 
     public func finish(size: UInt64) throws(TransferError) {
-        do throws(NBDClientError) {
-            try connection.flush()
-        } catch {
-            throw TransferError(error.description)
-        }
+        try overNBD { () throws(NBDClientError) in try connection.flush() }
     }
 }
 
