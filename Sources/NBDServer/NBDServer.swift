@@ -144,6 +144,21 @@ public final class NBDServer: @unchecked Sendable {
 
     public var connectionCount: Int { lock.withLock { connections.count } }
 
+    /// Records that export `old` is now called `new` (and, for a volume, that its
+    /// snapshots `old@S` are `new@S`), so that connections made under the old name are
+    /// counted, and closed, under the new one.
+    public func exportRenamed(from old: String, to new: String) {
+        lock.withLock {
+            for (id, name) in exportNames {
+                if name == old {
+                    exportNames[id] = new
+                } else if !old.contains("@"), name.hasPrefix(old + "@") {
+                    exportNames[id] = new + name.dropFirst(old.count)
+                }
+            }
+        }
+    }
+
     /// Connections in transmission, per export name.
     public func connectionCounts() -> [String: Int] {
         lock.withLock { exportNames.values.reduce(into: [:]) { $0[$1, default: 0] += 1 } }

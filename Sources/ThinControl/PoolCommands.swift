@@ -14,6 +14,10 @@ public protocol ServedExports: AnyObject, Sendable {
     /// Where `--metrics` serves Prometheus metrics, if it does.
     var metricsURL: String? { get }
 
+    /// A volume (and its snapshots) or a snapshot was renamed: its connections now count
+    /// under the new name.
+    func renamed(from old: String, to new: String)
+
     /// Refuses new connections to `names`; then, if some are connected, either closes
     /// them (`disconnect`: running requests finish, queued ones get ESHUTDOWN) or fails
     /// with `in-use`. Runs `body`, admits connections again, and returns how many were
@@ -85,6 +89,7 @@ public struct PoolCommands: Sendable {
         case .rename(let from, let to):
             // Clients keep their connection: exports are bound to the volume, not its name.
             try pooled { () throws(PoolError) in try pool.rename(from, to: to) }
+            served?.renamed(from: from, to: to)
             return .object([("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(to) })), ("renamed_from", .string(from))])
         case .resize(let name, let size, let force):
             let current = try pooled { () throws(PoolError) in try pool.volumeInfo(name) }

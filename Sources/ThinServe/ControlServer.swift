@@ -24,6 +24,8 @@ final class ServedPool: ServedExports {
 
     func connectionCounts() -> [String: Int] { server.connectionCounts() }
 
+    func renamed(from old: String, to new: String) { server.exportRenamed(from: old, to: new) }
+
     func whileClosed(_ names: [String], disconnect: Bool, _ body: () throws(ControlError) -> Void) throws(ControlError) -> Int {
         provider.close(names)
         defer { provider.reopen(names) }

@@ -140,6 +140,9 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
     func connectionCounts() -> [String: Int] { counts }
     var serverURIs: [String] { ["nbd+unix:///?socket=/tmp/x.sock"] }
     var metricsURL: String? { nil }
+    func renamed(from old: String, to new: String) {
+        if let count = counts.removeValue(forKey: old) { counts[new] = count }
+    }
 
     func whileClosed(_ names: [String], disconnect: Bool, _ body: () throws(ControlError) -> Void) throws(ControlError) -> Int {
         let connected = names.reduce(0) { $0 + (counts[$1] ?? 0) }

@@ -186,6 +186,17 @@ def manage_phase():
         if refused["ok"] or refused["error"]["code"] != "in-use":
             failures.append(f"delete with a client: {refused}")
 
+    # A renamed volume keeps its clients, and they still count under the new name.
+    renamed = cli("volume", "rename", pool, "vm", "vm2")
+    if renamed.returncode != 0:
+        failures.append(f"rename with a client: {renamed.stderr}")
+    refused = cli("volume", "delete", pool, "vm2")
+    if refused.returncode == 0 or "1 connected client" not in refused.stderr:
+        failures.append(f"delete of a renamed volume with a client: rc {refused.returncode}: {refused.stderr}")
+    fresh.pwrite(b"\x42" * BLOCK, 0)
+    fresh.flush()
+    cli("volume", "rename", pool, "vm2", "vm")
+
     deleted = cli("volume", "delete", pool, "vm@live", "--force")
     if deleted.returncode != 0:
         failures.append(f"delete of an unused snapshot: {deleted.stderr}")
