@@ -156,6 +156,54 @@ import ThinPool
         expectSuccess(try served.cli(["check", "POOL"]), "check")
     }
 
+    /// nbdcopy with 4 connections and nbdinfo on one new ephemeral name share one disk;
+    /// after they (and a holder) close, it is gone and `info`, through the server, shows
+    /// the space back.
+    @Test(.enabled(if: Peers.need("python3-nbd", "nbdcopy", "nbdinfo")))
+    func nbdcopyAndNbdinfoShareOneEphemeralDisk() throws {
+        let served = try ServedPool()
+        try served.createVolume("base", size: "32M")
+        expectSuccess(try served.cli(["snapshot", "POOL", "base@golden"]), "snapshot")
+        try served.start(["--ephemeral", "build-*=base@golden", "--ephemeral-grace", "0.5"])
+        func used() throws -> Int {
+            let info = try served.cli(["info", "POOL", "--json"])
+            return try (JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as! [String: Any])["used_bytes"] as! Int
+        }
+        let before = try used()
+        let image = served.directory.path + "/image.raw"
+        try makeSparseImage(image, size: 32 << 20, seed: 5)
+        let uri = served.uri("build-42")
+        // A holder keeps the disk between the clients (the grace period is short).
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        holder.arguments = ["-c", "import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); print('held', flush=True); sys.stdin.read()", uri]
+        let holderInput = Pipe()
+        let holderOutput = Pipe()
+        holder.standardInput = holderInput
+        holder.standardOutput = holderOutput
+        try holder.run()
+        _ = holderOutput.fileHandleForReading.availableData
+        expectSuccess(try Program.run(Peers.path("nbdcopy"), ["--connections=4", image, uri]), "nbdcopy into the ephemeral disk")
+        let info = try Program.run(Peers.path("nbdinfo"), [uri])
+        expectSuccess(info, "nbdinfo")
+        #expect(info.stdout.contains("can_multi_conn: true") && info.stdout.contains("export-size: 33554432"), "\(info.stdout)")
+        let back = served.directory.path + "/back.raw"
+        expectSuccess(try Program.run(Peers.path("nbdcopy"), ["--connections=4", uri, back]), "nbdcopy out of the ephemeral disk")
+        expectSuccess(try Program.run("/usr/bin/cmp", [image, back]), "the 4-connection copies saw one disk")
+        #expect(try used() > before)
+        try holderInput.fileHandleForWriting.close()
+        holder.waitUntilExit()
+        var listing = try served.cli(["volume", "list", "POOL"]).stdout
+        let deadline = Date().addingTimeInterval(10)
+        while listing.contains("build-42") && Date() < deadline {
+            usleep(100_000)
+            listing = try served.cli(["volume", "list", "POOL"]).stdout
+        }
+        #expect(!listing.contains("build-42"), "\(listing)")
+        #expect(try used() == before, "the ephemeral disk's space did not come back")
+        #expect(served.stop() == 0)
+    }
+
     @Test(.enabled(if: Peers.need("python3-nbd")))
     func multiConnFlushMakesWritesVisibleEverywhere() throws {
         let served = try ServedPool()
