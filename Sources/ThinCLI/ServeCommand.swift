@@ -85,6 +85,9 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("autogrow-max"), help: ArgumentHelp("The data capacity --autogrow stops at.", valueName: "SIZE"))
     var autogrowMax: ByteSize?
 
+    @Flag(help: "Announce the server as one JSON line on standard output ({\"uris\", \"control\", \"metrics\", \"pid\"}) instead of its URIs.")
+    var json = false
+
     func validate() throws {
         if let metrics, ServeOptions.parseListen(metrics) == nil { throw ValidationError("--metrics \(metrics): expected HOST:PORT") }
         if Logger.Level(rawValue: logLevel) == nil {
@@ -148,6 +151,7 @@ struct ServeCommand: ParsableCommand {
         options.controlSocket = control
         options.controlDisabled = noControl
         options.metricsAddress = metrics
+        options.json = json
         options.lowWaterPercent = lowWater
         options.autoGrowStep = autogrow?.bytes
         options.autoGrowMaximum = autogrowMax?.bytes

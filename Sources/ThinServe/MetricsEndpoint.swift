@@ -32,6 +32,9 @@ final class MetricsEndpoint: @unchecked Sendable {
         self.port = channel.localAddress?.port ?? port
     }
 
+    /// Where the metrics are, as a URL.
+    var url: String { "http://\(host.contains(":") ? "[\(host)]" : host):\(port)/metrics" }
+
     func stop() {
         try? channel.close().wait()
         try? group.syncShutdownGracefully()

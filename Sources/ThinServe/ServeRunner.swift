@@ -42,6 +42,8 @@ public struct ServeOptions: Sendable {
     /// `--autogrow STEP --autogrow-max SIZE`.
     public var autoGrowStep: UInt64?
     public var autoGrowMaximum: UInt64?
+    /// `--json`: announce the server as one JSON line on standard output instead of URIs.
+    public var json = false
 
     public init(poolPath: String) { self.poolPath = poolPath }
 
@@ -166,7 +168,7 @@ public enum ServeRunner {
                 control = try ControlServer(
                     path: path, commands: PoolCommands(pool: pool, served: ServedPool(
                         server: server, provider: provider, serverURIs: baseURIs,
-                        metricsURL: metricsEndpoint.map { "http://\($0.host.contains(":") ? "[\($0.host)]" : $0.host):\($0.port)/metrics" })), log: log)
+                        metricsURL: metricsEndpoint?.url)), log: log)
             } catch {
                 if options.controlSocket != nil {
                     server.shutdown(timeout: .seconds(1))
@@ -186,10 +188,20 @@ public enum ServeRunner {
             logger.error("commit failed: \(error)")
         }
         if !options.stdio {
-            for uri in uris where uri.hasPrefix("nbd") { print(uri) }
+            let metricsURL = metricsEndpoint?.url
+            if options.json {
+                print(JSON.object([
+                    ("uris", .array(uris.filter { $0.hasPrefix("nbd") }.map { .string($0) })),
+                    ("control", control.map { .string($0.path) } ?? .null),
+                    ("metrics", metricsURL.map { .string($0) } ?? .null),
+                    ("pid", .number(UInt64(SystemInfo.processID))),
+                ]).rendered(pretty: false))
+            } else {
+                for uri in uris where uri.hasPrefix("nbd") { print(uri) }
+            }
             SystemInfo.flushStandardOutput()
             let exports = provider.allExports().map(\.name)
-            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)\(control.map { "; control socket \($0.path)" } ?? "")\(metricsEndpoint.map { "; metrics at http://\($0.host):\($0.port)/metrics" } ?? "")")
+            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)\(control.map { "; control socket \($0.path)" } ?? "")\(metricsURL.map { "; metrics at \($0)" } ?? "")")
         }
 
         Signals.onTermination { number in

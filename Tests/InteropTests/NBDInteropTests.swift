@@ -301,6 +301,15 @@ import ThinPool
         #expect(result.status == 0, "\(result.stderr)")
         #expect(result.stdout.contains("16777216"))
         #expect(result.stdout.contains("nbd://127.0.0.1:"))
+
+        // --json: one line a program can read, naming the URIs, control socket and metrics.
+        let announced = try served.cli(["serve", "POOL", "--listen", "127.0.0.1:0", "--json", "--metrics", "127.0.0.1:0", "--run", "true"])
+        #expect(announced.status == 0, "\(announced.stderr)")
+        let line = try #require(announced.stdout.split(separator: "\n").first)
+        let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
+        #expect((object["uris"] as? [String])?.first?.hasPrefix("nbd://127.0.0.1:") == true, "\(line)")
+        #expect(object["control"] as? String == served.pool + ".control")
+        #expect((object["metrics"] as? String)?.hasSuffix("/metrics") == true)
     }
 
     @Test(.enabled(if: Peers.need("python3-nbd")))
