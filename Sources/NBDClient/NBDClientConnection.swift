@@ -86,7 +86,15 @@ public final class NBDClientConnection {
         buffer.writeBytes(scratch[..<count])
     }
 
-    private func fill() throws(NBDClientError) { try Self.fill(&input, from: connection, scratch: &scratch) }
+    private func fill() throws(NBDClientError) {
+        // Bytes already consumed are dropped, so the buffer holds about one reply.
+        if input.readableBytes == 0 {
+            input.clear()
+        } else if input.readerIndex > 1 << 20 {
+            input.discardReadBytes()
+        }
+        try Self.fill(&input, from: connection, scratch: &scratch)
+    }
 
     private func request(_ command: NBDCommand, at offset: UInt64, length: Int, flags: NBDCommandFlags = [], payload: ByteBuffer? = nil) throws(NBDClientError) -> UInt64 {
         let cookie = nextCookie
@@ -111,6 +119,13 @@ public final class NBDClientConnection {
 
     private func nextChunk() throws(NBDClientError) -> NBDStructuredChunk {
         while true {
+            // A chunk longer than any request needs is refused before it is buffered.
+            if input.readableBytes >= NBDStructuredChunk.headerSize,
+                let length = input.getInteger(at: input.readerIndex + 16, as: UInt32.self),
+                Int(length) > maximumRequestBytes + 65536
+            {
+                throw NBDClientError("the NBD server sent a \(length)-byte reply chunk, more than was asked for")
+            }
             do throws(NBDDecodingError) {
                 if let chunk = try input.readNBDStructuredChunk() { return chunk }
             } catch {
@@ -169,26 +184,31 @@ public final class NBDClientConnection {
             return []
         }
         var holes: [Range<Int>] = []
+        var covered = 0
         var done = false
+        /// The chunk's range within the read, if it lies inside it (no overflow on
+        /// hostile offsets).
+        func place(_ start: UInt64, _ length: Int) throws(NBDClientError) -> Range<Int> {
+            guard start >= offset, start - offset <= UInt64(buffer.count), UInt64(length) <= UInt64(buffer.count) - (start - offset) else {
+                throw NBDClientError("the NBD server sent data outside the read")
+            }
+            return Int(start - offset)..<Int(start - offset) + length
+        }
         while !done {
             let chunk = try nextChunk()
             guard chunk.cookie == cookie else { throw NBDClientError("reply for an unknown request") }
             switch chunk.payload {
             case .offsetData(let start, let data):
-                guard start >= offset, start - offset + UInt64(data.readableBytes) <= UInt64(buffer.count) else {
-                    throw NBDClientError("the NBD server sent data outside the read")
-                }
-                let at = Int(start - offset)
+                let range = try place(start, data.readableBytes)
                 data.withUnsafeReadableBytes { raw in
-                    UnsafeMutableRawBufferPointer(rebasing: buffer[at..<at + raw.count]).copyMemory(from: raw)
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[range]).copyMemory(from: raw)
                 }
+                covered += range.count
             case .offsetHole(let start, let length):
-                guard start >= offset, start - offset + UInt64(length) <= UInt64(buffer.count) else {
-                    throw NBDClientError("the NBD server sent a hole outside the read")
-                }
-                let range = Int(start - offset)..<Int(start - offset) + Int(length)
+                let range = try place(start, Int(length))
                 UnsafeMutableRawBufferPointer(rebasing: buffer[range]).initializeMemory(as: UInt8.self, repeating: 0)
                 holes.append(range)
+                covered += range.count
             case .error(let error, let message), .errorOffset(let error, let message, _):
                 throw failure(error, message, what)
             case .none, .blockStatus, .unknown:
@@ -196,6 +216,7 @@ public final class NBDClientConnection {
             }
             done = chunk.flags.contains(.done)
         }
+        guard covered == buffer.count else { throw NBDClientError("the NBD server's reply to \(what) covered \(covered) bytes") }
         return holes.sorted { $0.lowerBound < $1.lowerBound }
     }
 

@@ -100,6 +100,10 @@ public struct NBDClientHandshake: Sendable {
     }
 
     private func nextReply(_ input: inout ByteBuffer) throws(NBDClientError) -> NBDOptionReply? {
+        // Replies to what this client asks are small; a huge one is refused unbuffered.
+        if input.readableBytes >= 20, let length = input.getInteger(at: input.readerIndex + 16, as: UInt32.self), length > 1 << 20 {
+            throw NBDClientError("the server sent a \(length)-byte option reply")
+        }
         do throws(NBDDecodingError) {
             return try input.readNBDOptionReply()
         } catch {

@@ -13,7 +13,7 @@ public enum ControlEndpoint {
 /// A connection to a server's control socket: one request, one reply, in order.
 public final class ControlClient {
     private let connection: StreamConnection
-    private var framer = ControlLineFramer()
+    private var framer = ControlLineFramer(limit: ControlLineFramer.maxReplyBytes)
 
     public init(socketPath: String) throws(SystemError) {
         connection = try StreamConnection(connectingTo: socketPath)
@@ -58,7 +58,8 @@ public struct PoolCommandClient {
     /// The reply, and whether a server gave it.
     public func run(_ command: ControlCommand) -> (reply: ControlReply, served: Bool) {
         let socketPath = controlPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
-        let deadline = SystemInfo.monotonicNanoseconds() + UInt64(max(0, waitSeconds) * 1e9)
+        // At most a day: a huge or infinite --wait must not overflow.
+        let deadline = SystemInfo.monotonicNanoseconds() + UInt64(min(max(0, waitSeconds), 86_400) * 1e9)
         while true {
             do throws(SystemError) {
                 let client = try ControlClient(socketPath: socketPath)

@@ -2,14 +2,19 @@
 /// JSON object per line, ended by "\n"). No I/O: bytes go in as they arrive, in any
 /// pieces, and whole lines come out.
 public struct ControlLineFramer: Sendable {
-    /// Lines longer than this are refused: no request needs more, and a peer that never
-    /// sends a newline must not grow the buffer without bound.
+    /// Requests longer than this are refused: no request needs more, and a peer that
+    /// never sends a newline must not grow the server's buffer without bound.
     public static let maxLineBytes = 1 << 20
+    /// Replies (a `list` of many volumes) may be longer; the client still has a bound.
+    public static let maxReplyBytes = 256 << 20
 
     private var buffer: [UInt8] = []
     private var scanned = 0
+    public let limit: Int
 
-    public init() {}
+    public init(limit: Int = ControlLineFramer.maxLineBytes) {
+        self.limit = limit
+    }
 
     public mutating func append<Bytes: Sequence>(_ bytes: Bytes) where Bytes.Element == UInt8 {
         buffer.append(contentsOf: bytes)
@@ -20,8 +25,8 @@ public struct ControlLineFramer: Sendable {
     public mutating func nextLine() throws(ControlError) -> String? {
         guard let end = buffer[scanned...].firstIndex(of: UInt8(ascii: "\n")) else {
             scanned = buffer.count
-            if buffer.count > Self.maxLineBytes {
-                throw .invalidRequest("line longer than \(Self.maxLineBytes) bytes")
+            if buffer.count > limit {
+                throw .invalidRequest("line longer than \(limit) bytes")
             }
             return nil
         }

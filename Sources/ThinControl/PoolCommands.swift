@@ -84,6 +84,8 @@ public struct PoolCommands: Sendable {
         case .createVolume(let name, let size):
             return .object([("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.createVolume(name, size: size) }))])
         case .delete(let name, let force):
+            // Checked before any client is disconnected for it.
+            _ = try pooled { () throws(PoolError) in try pool.volumeInfo(name) }
             let disconnected = try closing([name], force: force) { () throws(PoolError) in try pool.delete(name) }
             return .object([("deleted", .string(name)), ("disconnected", .number(UInt64(disconnected)))])
         case .rename(let from, let to):
@@ -94,6 +96,10 @@ public struct PoolCommands: Sendable {
         case .resize(let name, let size, let force):
             let current = try pooled { () throws(PoolError) in try pool.volumeInfo(name) }
             var disconnected = 0
+            guard current.kind != .snapshot else { throw ControlError(.readOnly("snapshot \(name)")) }
+            guard size > 0, size <= Pool.maxVolumeSize else {
+                throw ControlError(code: "invalid-argument", message: "volume size must be between 1 byte and 1 EiB")
+            }
             if size < current.size {
                 // Clients were told the old size; shrinking under them would fail their writes.
                 disconnected = try closing([name], force: force) { () throws(PoolError) in try pool.resize(name, to: size) }
@@ -111,7 +117,16 @@ public struct PoolCommands: Sendable {
             let (volume, created) = try pooled { () throws(PoolError) in try pool.clone(source, as: name, ifMissing: ifMissing) }
             return .object([("created", .bool(created)), ("volume", volumeJSON(volume))])
         case .rollback(let snapshot, let force):
-            let volumeName = snapshot.split(separator: "@", maxSplits: 1).first.map(String.init) ?? snapshot
+            // Everything that can be checked is, before any client is disconnected for it.
+            guard let (volume, _) = VolumeName.splitSnapshot(snapshot) else {
+                throw ControlError(.invalidName(snapshot, reason: "rollback takes VOLUME@SNAPSHOT"))
+            }
+            let volumeName = String(volume)
+            let target = try pooled { () throws(PoolError) in try pool.volumeInfo(snapshot) }
+            _ = try pooled { () throws(PoolError) in try pool.volumeInfo(volumeName) }
+            guard target.kind == .snapshot, target.parent == volumeName else {
+                throw ControlError(.invalidArgument("\(snapshot) is not a snapshot of volume \(volumeName)"))
+            }
             let disconnected = try closing([volumeName], force: force) { () throws(PoolError) in try pool.rollback(snapshot) }
             return .object([
                 ("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(volumeName) })),

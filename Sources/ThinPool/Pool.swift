@@ -286,6 +286,12 @@ public final class Pool: @unchecked Sendable {
     /// file system cannot punch holes, the optimisation is switched off instead.
     private func forgetUncommittedData() throws(PoolError) {
         guard !isReadOnly else { return }
+        // A grow (or autogrow) that never committed left the file longer than the pool
+        // says; its tail may hold writes of that transaction. Cut it off, so a later
+        // grow starts from zeros.
+        if device.size > superblock.fileSize {
+            try mapErrors { try device.setSize(superblock.fileSize) }
+        }
         let mark = spaceMap.highWater
         let end = superblock.dataBlocks
         if mark < end && !device.discard(at: dataOffset + mark * blockSize, length: (end - mark) * blockSize) {
@@ -447,7 +453,7 @@ public final class Pool: @unchecked Sendable {
                 metadataTotalBytes: store.regionBlocks * metaBlock,
                 metadataUsedBytes: UInt64(store.usedBlocks) * metaBlock,
                 metadataFreeBytes: UInt64(store.freeBlocks) * metaBlock,
-                fileBytes: superblock.fileSize, allocatedFileBytes: device.allocatedBytes,
+                fileBytes: device.size, allocatedFileBytes: device.allocatedBytes,
                 volumes: volumes.values.map { describe($0) }.sorted { $0.name < $1.name })
         }
     }

@@ -54,6 +54,7 @@ final class ControlServer: @unchecked Sendable {
     private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private let queue = DispatchQueue(label: "thinbd.control")
     private var channel: Channel?
+    private let connections = ConnectionSet()
 
     /// Listens at `path` (owner-only permissions). Refuses when another server answers
     /// there; a stale socket file (nobody listening) is replaced.
@@ -64,11 +65,16 @@ final class ControlServer: @unchecked Sendable {
             throw ServeError(description: "control socket \(path): another server answers there")
         }
         let queue = self.queue
+        let connections = self.connections
         do {
             channel = try ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 64)
+                // A client may send its requests and shut down its side (`printf ... |
+                // socat`): the replies still go out before the connection closes.
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        connections.insert(channel)
                         try channel.pipeline.syncOperations.addHandler(
                             ControlConnectionHandler(commands: commands, queue: queue, log: log))
                     }
@@ -83,13 +89,30 @@ final class ControlServer: @unchecked Sendable {
         }
     }
 
-    /// Stops listening, waits for a command in progress, and removes the socket file.
+    /// Stops listening, closes the connections, waits for a command in progress (and
+    /// those already queued), and removes the socket file.
     func stop() {
         try? channel?.close().wait()
+        for connection in connections.all() { try? connection.close().wait() }
         queue.sync {}
         try? group.syncShutdownGracefully()
         SystemInfo.removeFile(path)
     }
+}
+
+/// The control connections open now, so that stopping can close them.
+final class ConnectionSet: @unchecked Sendable {
+    private let lock = Lock()
+    private var channels: [ObjectIdentifier: Channel] = [:]
+
+    func insert(_ channel: Channel) {
+        lock.withLock { channels[ObjectIdentifier(channel)] = channel }
+        channel.closeFuture.whenComplete { [weak self] _ in
+            self?.lock.withLock { self?.channels[ObjectIdentifier(channel)] = nil }
+        }
+    }
+
+    func all() -> [Channel] { lock.withLock { Array(channels.values) } }
 }
 
 final class ControlConnectionHandler: ChannelInboundHandler {
@@ -100,6 +123,7 @@ final class ControlConnectionHandler: ChannelInboundHandler {
     private let queue: DispatchQueue
     private let log: @Sendable (String) -> Void
     private var framer = ControlLineFramer()
+    private var failed = false
 
     init(commands: PoolCommands, queue: DispatchQueue, log: @escaping @Sendable (String) -> Void) {
         self.commands = commands
@@ -108,6 +132,7 @@ final class ControlConnectionHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
         let bytes = unwrapInboundIn(data)
         framer.append(bytes.readableBytesView)
         let channel = context.channel
@@ -116,9 +141,10 @@ final class ControlConnectionHandler: ChannelInboundHandler {
             do throws(ControlError) {
                 line = try framer.nextLine()
             } catch {
-                // The stream cannot be resynchronized: answer and hang up.
-                Self.send(.failure(error), on: channel)
-                channel.close(promise: nil)
+                // The stream cannot be resynchronized: answer after the replies already
+                // owed, then hang up.
+                failed = true
+                finish(channel, with: .failure(error))
                 return
             }
             guard let line else { return }
@@ -135,6 +161,26 @@ final class ControlConnectionHandler: ChannelInboundHandler {
                     reply = .failure(error)
                 }
                 channel.eventLoop.execute { Self.send(reply, on: channel) }
+            }
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event {
+            // The client is done sending: close once every reply it is owed has gone.
+            if !failed { finish(context.channel, with: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// Queues, behind the commands already queued, a last reply (if any) and the close.
+    private func finish(_ channel: Channel, with last: ControlReply?) {
+        queue.async {
+            channel.eventLoop.execute {
+                if let last { Self.send(last, on: channel) }
+                // Writes complete in order: once this empty one has, every reply is out.
+                channel.writeAndFlush(channel.allocator.buffer(capacity: 0)).whenComplete { _ in channel.close(promise: nil) }
             }
         }
     }

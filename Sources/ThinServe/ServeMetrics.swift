@@ -51,8 +51,9 @@ final class ServeMetrics: @unchecked Sendable {
         metadataUsedBytes.record(info.metadataUsedBytes)
         metadataTotalBytes.record(info.metadataTotalBytes)
         volumes.record(info.volumes.count)
-        let now = pool.statistics
         lock.withLock {
+            // Read under the lock: a sample racing another must not see counts go back.
+            let now = pool.statistics
             commits.increment(by: Int64(now.commits - reported.commits))
             copyOnWrite.increment(by: Int64(now.copyOnWriteBlocks - reported.copyOnWriteBlocks))
             newBlocks.increment(by: Int64(now.newBlocks - reported.newBlocks))

@@ -221,4 +221,22 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
         #expect(try ok(commands.perform(.delete(name: "vm@s", force: true)))["disconnected"] == .number(1))
         #expect(pool.check().isClean)
     }
+
+    @Test func forceDisconnectsNobodyForARequestThatCannotSucceed() throws {
+        let pool = try makePool()
+        try pool.createVolume("vm", size: 1 << 20)
+        let served = FakeServedExports(["vm": 2])
+        let commands = PoolCommands(pool: pool, served: served)
+        let hopeless: [(ControlCommand, String)] = [
+            (.rollback(snapshot: "vm", force: true), "invalid-argument"),
+            (.rollback(snapshot: "vm@missing", force: true), "no-such-volume"),
+            (.resize(name: "vm", size: 0, force: true), "invalid-argument"),
+            (.delete(name: "missing", force: true), "no-such-volume"),
+        ]
+        for (command, code) in hopeless {
+            guard case .failure(let error) = commands.perform(command) else { Issue.record("\(command) succeeded"); continue }
+            #expect(error.code == code, "\(command): \(error)")
+        }
+        #expect(served.closedDuringBody.isEmpty && served.counts["vm"] == 2, "clients were disconnected for nothing")
+    }
 }

@@ -162,17 +162,16 @@ def manage_phase():
     ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ctl.connect(pool + ".control")
     ctl.sendall(b'{"command":"hello"}\n{"command":"exports"}\n{"command":"explode"}\n{"command":"delete","name":"vm","force":false}\n')
-    replies = []
+    # Half-close, as `printf ... | socat` does: every reply still arrives, then the end.
+    ctl.shutdown(socket.SHUT_WR)
     buffered = b""
-    while len(replies) < 4:
+    while True:
         chunk = ctl.recv(65536)
         if not chunk:
             break
         buffered += chunk
-        while b"\n" in buffered:
-            line, buffered = buffered.split(b"\n", 1)
-            replies.append(json.loads(line))
     ctl.close()
+    replies = [json.loads(line) for line in buffered.split(b"\n") if line]
     if len(replies) != 4:
         failures.append(f"raw control socket: {len(replies)} replies")
     else:
