@@ -95,7 +95,8 @@ struct ServeCommand: ParsableCommand {
         }
         if !(1...100).contains(lowWater) { throw ValidationError("--low-water must be a percentage from 1 to 100") }
         if (autogrow == nil) != (autogrowMax == nil) { throw ValidationError("--autogrow STEP and --autogrow-max SIZE go together") }
-        if let autogrow, autogrow.bytes < 1 << 20 { throw ValidationError("--autogrow must be at least 1M") }
+        if let autogrow, autogrow.bytes < 1 << 20 || autogrow.bytes > 1 << 50 { throw ValidationError("--autogrow must be between 1M and 1P") }
+        if let autogrowMax, autogrowMax.bytes > 1 << 60 { throw ValidationError("--autogrow-max must be at most 1E") }
         if readOnly && autogrow != nil { throw ValidationError("--autogrow needs a writable pool; it cannot be combined with --read-only") }
         if noControl && control != nil { throw ValidationError("--control and --no-control contradict each other") }
         for text in listens where ServeOptions.parseListen(text) == nil {

@@ -45,8 +45,12 @@ extension Pool {
     func growForPolicyLocked(atLeast blocks: UInt64) throws(PoolError) -> UInt64? {
         guard let policy = autoGrowLocked, policy.step >= blockSize else { return nil }
         let current = spaceMap.dataBlocks * blockSize
-        let steps = (blocks * blockSize + policy.step - 1) / policy.step
-        let target = min(current + max(steps, 1) * policy.step, policy.maximum)
+        // Saturating: a policy of absurd sizes stops at its maximum, it does not trap.
+        let (needed, o1) = blocks.multipliedReportingOverflow(by: blockSize)
+        let steps = o1 ? UInt64.max : needed / policy.step + (needed % policy.step == 0 ? 0 : 1)
+        let (growth, o2) = max(steps, 1).multipliedReportingOverflow(by: policy.step)
+        let (sum, o3) = current.addingReportingOverflow(growth)
+        let target = o2 || o3 ? policy.maximum : min(sum, policy.maximum)
         guard target / blockSize > spaceMap.dataBlocks else { return nil }
         do throws(PoolError) {
             try growLocked(to: target)

@@ -218,7 +218,7 @@ extension Pool {
     }
 
     /// Renames a volume (its snapshots follow: `OLD@S` becomes `NEW@S`) or a snapshot
-    /// (within its volume: `VOL@OLD` to `VOL@NEW`).
+    /// (within its volume: `VOL@OLD` to `VOL@NEW`). An ephemeral volume becomes ordinary.
     public func rename(_ oldName: String, to newName: String) throws(PoolError) {
         try withWritableLock { () throws(PoolError) in
             let target = try state(named: oldName)
@@ -247,6 +247,9 @@ extension Pool {
                 names[name] = state.record.id
                 state.dirty = true
             }
+            // A renamed ephemeral volume is one somebody wants: it becomes ordinary, so
+            // no server deletes it (by its old name's rules, or as a leftover).
+            target.record.flags &= ~VolumeRecord.ephemeralFlag
             try finishManagement()
         }
     }

@@ -73,6 +73,8 @@ final class EphemeralVolumes: @unchecked Sendable {
     /// Bumped on every open of a name, so that a pending deletion can tell it is stale.
     private var generation: [String: UInt64] = [:]
     private var stopped = false
+    /// Called after an ephemeral volume is deleted (to drop its metrics).
+    var deleted: (@Sendable (String) -> Void)?
 
     init(pool: Pool, rules: [EphemeralRule], keep: Bool, graceMilliseconds: Int, log: @escaping @Sendable (String) -> Void) {
         self.pool = pool
@@ -157,13 +159,16 @@ final class EphemeralVolumes: @unchecked Sendable {
         }
     }
 
-    /// Called with `lock` held.
+    /// Called with `lock` held. Only a volume still flagged ephemeral goes: one a
+    /// management command deleted, or replaced or renamed since, is left alone.
     private func remove(_ name: String) {
         users[name] = nil
         generation[name] = nil
+        guard let volume = try? pool.volumeInfo(name), volume.isEphemeral else { return }
         do {
             try pool.delete(name)
             log("ephemeral export \(name) deleted")
+            deleted?(name)
         } catch {
             log("could not delete ephemeral export \(name): \(error)")
         }

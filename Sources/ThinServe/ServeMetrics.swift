@@ -41,6 +41,13 @@ final class ServeMetrics: @unchecked Sendable {
         }
     }
 
+    /// Drops an export's metrics (an ephemeral export that is gone), so that per-build
+    /// names do not pile up in the registry.
+    func forget(_ name: String) {
+        let gone = lock.withLock { exports.removeValue(forKey: name) }
+        gone?.destroy()
+    }
+
     /// Samples the pool's gauges and counters; called before each scrape and by the
     /// space monitor.
     func samplePool() {
@@ -122,6 +129,16 @@ final class ExportMetrics: @unchecked Sendable {
             metrics.bytes.increment(by: Int64(bytes))
         }
         metrics.latency.recordNanoseconds(Int64(SystemInfo.monotonicNanoseconds() - started))
+    }
+
+    func destroy() {
+        for metrics in operations {
+            metrics.requests.destroy()
+            metrics.errors.destroy()
+            metrics.bytes.destroy()
+            metrics.latency.destroy()
+        }
+        connectionGauge.destroy()
     }
 
     func connected(_ delta: Int) {

@@ -113,10 +113,12 @@ public enum ServeRunner {
             provider.metrics = made
         }
         provider.debugLog = { logger.debug("\($0)") }
+        if let metrics { ephemeral?.deleted = { metrics.forget($0) } }
         if let step = options.autoGrowStep, let maximum = options.autoGrowMaximum, !options.readOnly {
             pool.autoGrow = AutoGrowPolicy(step: step, maximum: maximum) { [metrics] size in
                 metrics?.grew()
-                logger.notice("autogrow: pool \(options.poolPath) grew to \(formatBytes(size))")
+                // Called under the pool lock: the log line must not wait on standard error.
+                DispatchQueue.global().async { logger.notice("autogrow: pool \(options.poolPath) grew to \(formatBytes(size))") }
             }
         }
         var configuration = NBDServer.Configuration()
@@ -155,6 +157,7 @@ public enum ServeRunner {
                 }
             }
         } catch {
+            metricsEndpoint?.stop()
             server.shutdown(timeout: .seconds(1))
             try? pool.close()
             if let serveError = error as? ServeError { throw serveError }
@@ -171,6 +174,7 @@ public enum ServeRunner {
                         metricsURL: metricsEndpoint?.url)), log: log)
             } catch {
                 if options.controlSocket != nil {
+                    metricsEndpoint?.stop()
                     server.shutdown(timeout: .seconds(1))
                     try? pool.close()
                     throw error

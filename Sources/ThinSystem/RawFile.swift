@@ -57,6 +57,19 @@ public final class RawFile {
         return UInt64(at)
     }
 
+    /// What a path is, to refuse overwriting the wrong thing: nil when nothing is there.
+    public struct Identity: Equatable, Sendable {
+        public var device: UInt64
+        public var inode: UInt64
+        public var isRegularFile: Bool
+    }
+
+    public static func identity(of path: String) -> Identity? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return Identity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), isRegularFile: st.st_mode & S_IFMT == S_IFREG)
+    }
+
     // Linux's values; Glibc's module hides them behind _GNU_SOURCE.
     private static let seekData: Int32 = 3
     private static let seekHole: Int32 = 4

@@ -67,6 +67,10 @@ public struct ImageTransfer {
     /// (replacing one only if `replacing`). A volume being written is copied as it
     /// changes: snapshot it first for a point-in-time image.
     public func exportImage(name: String, to destination: String, replacing: Bool, progress: Progress = { _, _ in }) throws(TransferError) -> CopyStatistics {
+        if let existing = RawFile.identity(of: destination) {
+            guard existing.isRegularFile else { throw TransferError("\(destination) is not a regular file; export writes raw image files") }
+            guard existing != RawFile.identity(of: poolPath) else { throw TransferError("\(destination) is the pool file itself") }
+        }
         func copy(_ source: ImageSource) throws(TransferError) -> CopyStatistics {
             let target = try RawFileTarget(path: destination, replacing: replacing)
             return try ImageCopy.copy(from: source, to: target, length: source.size, granularity: 4096, progress: { progress($0, source.size) })

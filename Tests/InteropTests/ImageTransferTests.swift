@@ -40,6 +40,10 @@ import TestSupport
         #expect(try allocatedBytes(exported) <= 33 << 20, "the export is not sparse")
         let again = try served.cli(["export", "POOL", "disk", exported])
         #expect(again.status == 1 && again.stderr.contains("exists; pass --force"), "\(again.stderr)")
+        let ontoPool = try served.cli(["export", "POOL", "disk", "POOL", "--force"])
+        #expect(ontoPool.status == 1 && ontoPool.stderr.contains("is the pool file itself"), "\(ontoPool.stderr)")
+        let ontoDevice = try served.cli(["export", "POOL", "disk", "/dev/null", "--force"])
+        #expect(ontoDevice.status == 1 && ontoDevice.stderr.contains("not a regular file"), "\(ontoDevice.stderr)")
 
         // A qcow2 image through qemu-nbd, into a larger volume.
         let qcow2 = dir + "/source.qcow2"

@@ -25,6 +25,29 @@ import ThinSystem
         #expect(reopened.checkProblems() == nil)
     }
 
+    /// A crash after an autogrow but before its commit: the file is longer than the pool
+    /// says, and its tail holds uncommitted writes. Opening cuts it off, so the next grow
+    /// reads zeros there, never those writes.
+    @Test func anUncommittedGrowLeavesNothingBehindAfterACrash() throws {
+        let device = MemoryDevice(size: 0)
+        let pool = try Pool.create(on: device, geometry: PoolGeometry(dataSize: 64 * 4096, blockSize: 4096, metadataSize: 4 << 20))
+        try pool.createVolume("v", size: 1 << 20)
+        pool.autoGrow = AutoGrowPolicy(step: 32 * 4096, maximum: 128 * 4096)
+        try pool.write("v", at: 0, [UInt8](repeating: 0x77, count: 90 * 4096))
+        let committedEnd = pool.dataRegionOffset + 64 * 4096
+        #expect(device.size > committedEnd)
+        // Every write reached the disk; the superblock still says 64 blocks.
+        let image = device.snapshot()
+        let reopened = try Pool.open(device: image)
+        #expect(image.size == committedEnd)
+        #expect(reopened.info().dataTotalBytes == 64 * 4096)
+        #expect(reopened.checkProblems() == nil)
+        try reopened.grow(to: 128 * 4096)
+        var tail = [UInt8](repeating: 0xAA, count: 64 * 4096)
+        try tail.withUnsafeMutableBytes { try image.read(into: $0, at: committedEnd) }
+        #expect(tail.allSatisfy { $0 == 0 }, "uncommitted data survived in the grown region")
+    }
+
     @Test func growByStepGrowsAheadAndStopsAtTheMaximum() throws {
         let (pool, _) = try makeMemoryPool(dataSize: 64 * 4096, blockSize: 4096)
         #expect(try pool.growByStep() == nil, "no policy, no growth")

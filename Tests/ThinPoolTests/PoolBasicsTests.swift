@@ -103,3 +103,15 @@ import ThinSystem
         #expect(reopened.checkProblems() == nil)
     }
 }
+
+@Suite struct EphemeralFlagTests {
+    @Test func renamingAnEphemeralVolumeMakesItOrdinary() throws {
+        let (pool, device) = try makeMemoryPool()
+        _ = try pool.createVolume("build-1", size: 1 << 20, ephemeral: true)
+        #expect(try pool.volumeInfo("build-1").isEphemeral)
+        try pool.rename("build-1", to: "kept")
+        #expect(try !pool.volumeInfo("kept").isEphemeral)
+        try pool.close()
+        #expect(try !Pool.open(device: device).volumeInfo("kept").isEphemeral)
+    }
+}
