@@ -393,7 +393,7 @@ import ThinPool
         expectSuccess(try served.cli(["volume", "create", "POOL", "x", "--size", "1G"]), "create after serve")
     }
 
-    @Test(.enabled(if: Peers.need("python3-nbd", "fio")))
+    @Test(.enabled(if: Peers.need("python3-nbd", "fio", "nbdinfo")))
     func poolCommandsWorkWhileServedUnderLoad() throws {
         let served = try ServedPool()
         try served.createVolume("vm", size: "64M")
@@ -424,6 +424,12 @@ import ThinPool
         expectSuccess(grown, "live grow")
         #expect(grown.stdout.contains("\"total_bytes\": 3221225472"), "\(grown.stdout)")
         expectSuccess(try served.cli(["volume", "rename", "POOL", "vm", "disk"]), "live rename")
+        expectSuccess(try served.cli(["volume", "create", "POOL", "extra", "--size", "1G"]), "live volume create")
+        expectSuccess(try served.cli(["clone", "POOL", "disk@gold", "work"]), "live clone")
+        expectSuccess(try served.cli(["volume", "resize", "POOL", "work", "--size", "128M"]), "live grow of a volume")
+        let exports = try Program.run(Peers.path("nbdinfo"), ["--list", "--json", served.uri("")])
+        #expect(exports.stdout.contains("\"extra\"") && exports.stdout.contains("\"work\""), "new volumes are not served: \(exports.stdout)")
+        expectSuccess(try served.cli(["volume", "delete", "POOL", "extra"]), "live delete")
         let tree = try served.cli(["tree", "POOL"])
         #expect(tree.stdout.contains("disk  (volume") && tree.stdout.contains("└── disk@gold"), "\(tree.stdout)")
         #expect(served.stop() == 0)
