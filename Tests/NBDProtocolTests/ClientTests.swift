@@ -87,3 +87,39 @@ import Testing
         #expect(throws: NBDClientError.self) { try client.receive(&input) }
     }
 }
+
+@Suite struct HostileServerTests {
+    /// A server that sends garbage (random, or a real handshake with bytes flipped) makes
+    /// the client's handshake fail with an error, never crash or loop.
+    @Test func garbageFromTheServerIsAnError() {
+        var rng = SystemRandomNumberGenerator()
+        var real = NBDHandshake.greeting()
+        var reply = ByteBuffer()
+        reply.writeInteger(UInt16(0))  // NBD_INFO_EXPORT
+        reply.writeInteger(UInt64(1 << 20))
+        reply.writeInteger(UInt16(1))
+        real.writeNBDOptionReply(NBDOptionReply(option: .structuredReply, type: .ack))
+        real.writeNBDOptionReply(NBDOptionReply(option: .go, type: .info, payload: reply))
+        real.writeNBDOptionReply(NBDOptionReply(option: .go, type: .ack))
+        let realBytes = Array(real.readableBytesView)
+        for round in 0..<20_000 {
+            var bytes: [UInt8]
+            if round % 2 == 0 {
+                bytes = (0..<Int.random(in: 0..<200, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            } else {
+                bytes = realBytes
+                for _ in 0..<Int.random(in: 1...3, using: &rng) {
+                    bytes[Int.random(in: 0..<bytes.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+                }
+            }
+            var client = NBDClientHandshake(exportName: "disk")
+            var input = ByteBuffer(bytes: bytes)
+            _ = try? client.receive(&input)
+        }
+        // And the unmutated handshake does finish.
+        var client = NBDClientHandshake(exportName: "disk")
+        var input = ByteBuffer(bytes: realBytes)
+        let actions = (try? client.receive(&input)) ?? []
+        #expect(actions.contains { if case .ready(let export) = $0 { export.size == 1 << 20 } else { false } })
+    }
+}

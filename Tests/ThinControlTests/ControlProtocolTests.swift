@@ -240,3 +240,28 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
         #expect(served.closedDuringBody.isEmpty && served.counts["vm"] == 2, "clients were disconnected for nothing")
     }
 }
+
+@Suite struct HostileInputTests {
+    /// Random and mutated input never crashes the parser or the framer; it is refused
+    /// with an error or parsed.
+    @Test func randomAndMutatedRequestsAreRefusedCleanly() {
+        var rng = SystemRandomNumberGenerator()
+        let seeds = ControlMessageTests.commands.map { Array($0.line.utf8) }
+        for round in 0..<20_000 {
+            var bytes: [UInt8]
+            if round % 2 == 0 {
+                bytes = (0..<Int.random(in: 0..<64, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            } else {
+                bytes = seeds[round % seeds.count]
+                for _ in 0..<Int.random(in: 1...4, using: &rng) where !bytes.isEmpty {
+                    bytes[Int.random(in: 0..<bytes.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+                }
+            }
+            var framer = ControlLineFramer()
+            framer.append(bytes + [0x0A])
+            guard let line = try? framer.nextLine() else { continue }
+            _ = try? ControlCommand(line: line)
+            _ = try? JSON.parse(line)
+        }
+    }
+}
