@@ -64,8 +64,8 @@ public struct ImageTransfer {
     }
 
     /// Exports volume or snapshot `name` to a new sparse raw file at `destination`
-    /// (replacing one only if `replacing`). A volume being written is copied as it
-    /// changes: snapshot it first for a point-in-time image.
+    /// (replacing one only if `replacing`). The file is one point in time: a served
+    /// volume is copied from a snapshot taken for the export and deleted after it.
     public func exportImage(name: String, to destination: String, replacing: Bool, progress: Progress = { _, _ in }) throws(TransferError) -> CopyStatistics {
         if let existing = RawFile.identity(of: destination) {
             guard existing.isRegularFile else { throw TransferError("\(destination) is not a regular file; export writes raw image files") }
@@ -76,7 +76,13 @@ public struct ImageTransfer {
             return try ImageCopy.copy(from: source, to: target, length: source.size, granularity: 4096, progress: { progress($0, source.size) })
         }
         if let server = try server() {
-            return try copy(try NBDSource(uri: try server.uri(for: name)))
+            guard !name.contains("@") else { return try copy(try NBDSource(uri: try server.uri(for: name))) }
+            // A served volume may be written while it is copied: copy a snapshot taken
+            // for the purpose (one commit), so the file is one point in time, then drop it.
+            let snapshot = "\(name)@thinbd-export-\(SystemInfo.processID)"
+            _ = try server.run(.snapshot(name: snapshot, ifMissing: false))
+            defer { _ = try? server.run(.delete(name: snapshot, force: true)) }
+            return try copy(try NBDSource(uri: try server.uri(for: snapshot)))
         }
         return try withOfflinePool(readOnly: true) { pool throws(TransferError) in
             try copy(try PoolVolumeSource(pool: pool, name: name))
