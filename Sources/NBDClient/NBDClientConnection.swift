@@ -10,7 +10,6 @@ public final class NBDClientConnection {
     private let connection: StreamConnection
     private var input = ByteBuffer()
     private var nextCookie: UInt64 = 1
-    private var scratch = [UInt8](repeating: 0, count: 256 << 10)
 
     /// The largest request this connection sends: the server's maximum, at most 32 MiB.
     public var maximumRequestBytes: Int {
@@ -46,7 +45,7 @@ public final class NBDClientConnection {
                     case .ready(let export): ready = export
                     }
                 }
-                if ready == nil { try Self.fill(&buffered, from: connection, scratch: &scratch) }
+                if ready == nil { try Self.fill(&buffered, from: connection) }
             }
         } catch {
             // Leave politely, so the server does not log a broken handshake.
@@ -74,16 +73,20 @@ public final class NBDClientConnection {
         }
     }
 
-    private static func fill(_ buffer: inout ByteBuffer, from connection: StreamConnection, scratch: inout [UInt8]) throws(NBDClientError) {
-        let result = scratch.withUnsafeMutableBytes { raw in Result { () throws(SystemError) in try connection.receive(into: raw) } }
+    /// Receives what has arrived straight into `buffer`'s free space.
+    private static func fill(_ buffer: inout ByteBuffer, from connection: StreamConnection) throws(NBDClientError) {
+        var outcome: Result<Int, SystemError> = .success(0)
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 256 << 10) { raw in
+            outcome = Result { () throws(SystemError) in try connection.receive(into: raw) }
+            return (try? outcome.get()) ?? 0
+        }
         let count: Int
         do throws(SystemError) {
-            count = try result.get()
+            count = try outcome.get()
         } catch {
             throw NBDClientError("NBD connection: \(error)")
         }
         guard count > 0 else { throw NBDClientError("the NBD server closed the connection") }
-        buffer.writeBytes(scratch[..<count])
     }
 
     private func fill() throws(NBDClientError) {
@@ -93,16 +96,19 @@ public final class NBDClientConnection {
         } else if input.readerIndex > 1 << 20 {
             input.discardReadBytes()
         }
-        try Self.fill(&input, from: connection, scratch: &scratch)
+        try Self.fill(&input, from: connection)
     }
 
-    private func request(_ command: NBDCommand, at offset: UInt64, length: Int, flags: NBDCommandFlags = [], payload: ByteBuffer? = nil) throws(NBDClientError) -> UInt64 {
+    private func request(
+        _ command: NBDCommand, at offset: UInt64, length: Int, flags: NBDCommandFlags = [], payload: UnsafeRawBufferPointer? = nil
+    ) throws(NBDClientError) -> UInt64 {
         let cookie = nextCookie
         nextCookie += 1
         var out = ByteBuffer()
+        out.reserveCapacity(NBDRequestHeader.size + (payload?.count ?? 0))
         out.writeNBDRequest(NBDRequest(
-            header: NBDRequestHeader(flags: flags, command: command, cookie: cookie, offset: offset, length: UInt32(length)),
-            payload: payload))
+            header: NBDRequestHeader(flags: flags, command: command, cookie: cookie, offset: offset, length: UInt32(length))))
+        if let payload { out.writeBytes(payload) }
         try Self.send(out, on: connection)
         return cookie
     }
@@ -222,9 +228,7 @@ public final class NBDClientConnection {
 
     public func write(at offset: UInt64, from data: UnsafeRawBufferPointer, fua: Bool = false) throws(NBDClientError) {
         precondition(data.count <= maximumRequestBytes)
-        var payload = ByteBuffer()
-        payload.writeBytes(data)
-        let cookie = try request(.write, at: offset, length: data.count, flags: fua ? .fua : [], payload: payload)
+        let cookie = try request(.write, at: offset, length: data.count, flags: fua ? .fua : [], payload: data)
         try awaitDone(cookie, "NBD write of \(data.count) bytes at \(offset)")
     }
 

@@ -55,8 +55,7 @@ struct CheckCommand: ParsableCommand {
     }
 
     private func repairOffline() throws -> JSON {
-        let socket = live.control ?? ControlEndpoint.defaultPath(forPool: target.pool)
-        if (try? ControlClient(socketPath: socket)) != nil {
+        if (try? ControlClient.connectToServer(ofPool: target.pool, at: live.control)) != nil {
             throw fail(ControlError(code: "busy", message: "check --repair needs the pool offline; stop the server first (a read-only check works while it is served)"), live, code: 2)
         }
         let pool: Pool

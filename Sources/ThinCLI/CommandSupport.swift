@@ -101,13 +101,13 @@ struct VolumeRow {
     static func rows(_ json: JSON?) -> [VolumeRow] { (json?.arrayValue ?? []).map(VolumeRow.init) }
 }
 
-/// Opens the pool (waiting up to `waitingForLock` seconds while another process holds
-/// it), runs `body`, and closes (committing) it. Pool errors are printed as one line on
-/// standard error and end the command with exit status 1.
-func withPool<T>(_ path: String, readOnly: Bool = false, waitingForLock: Double = 0, _ body: (Pool) throws -> T) throws -> T {
+/// Opens the pool here (`demo`; pool commands go through `runPoolCommand`), runs
+/// `body`, and closes (committing) it. Pool errors are printed as one line on standard
+/// error and end the command with exit status 1.
+func withPool<T>(_ path: String, readOnly: Bool = false, _ body: (Pool) throws -> T) throws -> T {
     let pool: Pool
     do {
-        pool = try Pool.open(path: path, readOnly: readOnly, waitingForLock: waitingForLock)
+        pool = try Pool.open(path: path, readOnly: readOnly)
     } catch {
         throw fail(error)
     }

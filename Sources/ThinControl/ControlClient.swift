@@ -19,6 +19,21 @@ public final class ControlClient {
         connection = try StreamConnection(connectingTo: socketPath)
     }
 
+    /// Connects to the server that has pool `poolPath`: at `explicitPath` (`--control`)
+    /// if given, else at the pool's default socket. Nil when no server is there (no
+    /// socket file, or a dead server's, or a path too long to be one); an error when an
+    /// explicit socket does not answer, or connecting fails some other way.
+    public static func connectToServer(ofPool poolPath: String, at explicitPath: String?) throws(ControlError) -> ControlClient? {
+        let socket = explicitPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
+        do throws(SystemError) {
+            return try ControlClient(socketPath: socket)
+        } catch {
+            let noServer = error.code == .noEntry || error.code == .connectionRefused || error.code == .nameTooLong
+            if explicitPath == nil && noServer { return nil }
+            throw ControlError(code: "unreachable", message: "no server answers at \(socket): \(error.message)")
+        }
+    }
+
     /// Sends `command` and waits for its reply (as long as the operation takes).
     public func request(_ command: ControlCommand) throws(ControlError) -> ControlReply {
         try transfer { () throws(SystemError) in try connection.send(command.line) }
@@ -57,22 +72,19 @@ public struct PoolCommandClient {
 
     /// The reply, and whether a server gave it.
     public func run(_ command: ControlCommand) -> (reply: ControlReply, served: Bool) {
-        let socketPath = controlPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
         // At most a day: a huge or infinite --wait must not overflow.
         let deadline = SystemInfo.monotonicNanoseconds() + UInt64(min(max(0, waitSeconds), 86_400) * 1e9)
         while true {
-            do throws(SystemError) {
-                let client = try ControlClient(socketPath: socketPath)
-                do throws(ControlError) {
-                    return (try client.request(command), true)
-                } catch {
-                    return (.failure(error), true)
+            do throws(ControlError) {
+                if let client = try ControlClient.connectToServer(ofPool: poolPath, at: controlPath) {
+                    do throws(ControlError) {
+                        return (try client.request(command), true)
+                    } catch {
+                        return (.failure(error), true)
+                    }
                 }
             } catch {
-                let noServer = error.code == .noEntry || error.code == .connectionRefused || error.code == .nameTooLong
-                if controlPath != nil || !noServer {
-                    return (.failure(ControlError(code: "unreachable", message: "no server answers at \(socketPath): \(error.message)")), false)
-                }
+                return (.failure(error), false)
             }
             do throws(PoolError) {
                 let pool = try Pool.open(path: poolPath, readOnly: !command.modifiesPool)
@@ -89,6 +101,7 @@ public struct PoolCommandClient {
                         SystemInfo.sleep(milliseconds: 50)
                         continue
                     }
+                    let socketPath = ControlEndpoint.defaultPath(forPool: poolPath)
                     return (.failure(ControlError(code: "busy", message: "\(error); no server control socket answers at \(socketPath) (pass --control PATH if the server was given one)")), false)
                 }
                 return (.failure(ControlError(error)), false)

@@ -152,26 +152,10 @@ public final class Pool: @unchecked Sendable {
     /// Opens an existing pool file. Read-write opens take an exclusive lock; read-only
     /// opens a shared one. Cost: reads the superblocks and the interior of every tree
     /// (not the leaves), O(metadata / 250).
+    /// A pool another process holds fails at once with `.inUse` (naming the holder);
+    /// callers that queue behind each other retry (`PoolCommandClient` does, between
+    /// looks for a server's control socket).
     public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil) throws(PoolError) -> Pool {
-        try open(path: path, readOnly: readOnly, cache: cache, waitingForLock: 0)
-    }
-
-    /// Like `open`, but while another process holds the pool it retries (every 20 ms)
-    /// for up to `seconds` before throwing `.inUse`: for commands that queue behind
-    /// each other, such as racing `--if-missing` creations.
-    public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil, waitingForLock seconds: Double) throws(PoolError) -> Pool {
-        let deadline = SystemInfo.monotonicNanoseconds() + UInt64(max(0, seconds) * 1e9)
-        while true {
-            do {
-                return try openOnce(path: path, readOnly: readOnly, cache: cache)
-            } catch .inUse(let path, let holder) {
-                guard SystemInfo.monotonicNanoseconds() < deadline else { throw .inUse(path: path, holder: holder) }
-                SystemInfo.sleep(milliseconds: 20)
-            }
-        }
-    }
-
-    private static func openOnce(path: String, readOnly: Bool, cache: CacheMode?) throws(PoolError) -> Pool {
         guard SystemInfo.fileExists(path) else { throw .noSuchFile(path) }
         let device: BlockDevice
         do {
@@ -441,21 +425,33 @@ public final class Pool: @unchecked Sendable {
     /// Whether data buffers should be 4 KiB-aligned (O_DIRECT); others are bounced.
     public var prefersAlignedBuffers: Bool { device is AIOFileDevice }
 
+    /// Sizes, usage and every volume. Cost: O(volumes), under the pool lock.
     public func info() -> PoolInfo {
         lock.withLock {
-            let dataTotal = spaceMap.dataBlocks * blockSize
-            let dataFree = spaceMap.freeBlocks * blockSize
-            let metaBlock = UInt64(MetadataLayout.blockSize)
+            let space = spaceLocked()
             return PoolInfo(
                 path: path, uuid: superblock.uuid, engine: device.engineName, generation: superblock.generation,
-                blockSize: blockSize, dataTotalBytes: dataTotal, dataFreeBytes: dataFree,
-                dataUsedBytes: dataTotal - dataFree,
-                metadataTotalBytes: store.regionBlocks * metaBlock,
-                metadataUsedBytes: UInt64(store.usedBlocks) * metaBlock,
-                metadataFreeBytes: UInt64(store.freeBlocks) * metaBlock,
+                blockSize: blockSize, dataTotalBytes: space.dataTotalBytes, dataFreeBytes: space.dataFreeBytes,
+                dataUsedBytes: space.dataUsedBytes,
+                metadataTotalBytes: space.metadataTotalBytes,
+                metadataUsedBytes: space.metadataUsedBytes,
+                metadataFreeBytes: space.metadataFreeBytes,
                 fileBytes: device.size, allocatedFileBytes: device.allocatedBytes,
                 volumes: volumes.values.map { describe($0) }.sorted { $0.name < $1.name })
         }
+    }
+
+    /// Space usage alone, for monitors that sample it often. O(1), under the pool lock.
+    public func space() -> PoolSpace {
+        lock.withLock { spaceLocked() }
+    }
+
+    private func spaceLocked() -> PoolSpace {
+        let metaBlock = UInt64(MetadataLayout.blockSize)
+        return PoolSpace(
+            dataTotalBytes: spaceMap.dataBlocks * blockSize, dataFreeBytes: spaceMap.freeBlocks * blockSize,
+            metadataTotalBytes: store.regionBlocks * metaBlock, metadataUsedBytes: UInt64(store.usedBlocks) * metaBlock,
+            metadataFreeBytes: UInt64(store.freeBlocks) * metaBlock, volumes: volumes.count)
     }
 
     func describe(_ state: VolumeState) -> VolumeInfo {
@@ -465,6 +461,20 @@ public final class Pool: @unchecked Sendable {
             id: r.id, name: r.name, kind: kind, size: r.virtualSize, mappedBytes: r.mappedBlocks * blockSize,
             parent: volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral)
     }
+}
+
+/// A pool's space usage (`Pool.space()`).
+public struct PoolSpace: Sendable, Equatable {
+    public var dataTotalBytes: UInt64
+    public var dataFreeBytes: UInt64
+    public var metadataTotalBytes: UInt64
+    public var metadataUsedBytes: UInt64
+    public var metadataFreeBytes: UInt64
+    public var volumes: Int
+
+    public var dataUsedBytes: UInt64 { dataTotalBytes - dataFreeBytes }
+    /// Data space used, in percent of the capacity.
+    public var percentUsed: Double { dataTotalBytes == 0 ? 0 : Double(dataUsedBytes) * 100 / Double(dataTotalBytes) }
 }
 
 /// What the pool has done since it was opened (for metrics).

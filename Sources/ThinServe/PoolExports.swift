@@ -174,18 +174,23 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         }
     }
 
-    /// Wraps a read's completion so that it is counted.
+    /// Counts a finished read that started at `started`.
+    private func recordRead(_ result: Result<[NBDExtent], NBDExportError>, bytes: Int, started: UInt64) {
+        guard let metrics else { return }
+        if case .failure = result {
+            metrics.record(.read, bytes: bytes, started: started, failed: true)
+        } else {
+            metrics.record(.read, bytes: bytes, started: started, failed: false)
+        }
+    }
+
+    /// Wraps a read's completion so that it is counted (itself when metrics are off).
     private func counted(
-        _ bytes: Int, _ completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
+        _ bytes: Int, started: UInt64, _ completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
     ) -> (Result<[NBDExtent], NBDExportError>) -> Void {
-        guard let metrics else { return completion }
-        let started = SystemInfo.monotonicNanoseconds()
-        return { result in
-            if case .failure = result {
-                metrics.record(.read, bytes: bytes, started: started, failed: true)
-            } else {
-                metrics.record(.read, bytes: bytes, started: started, failed: false)
-            }
+        guard metrics != nil else { return completion }
+        return { [self] result in
+            recordRead(result, bytes: bytes, started: started)
             completion(result)
         }
     }
@@ -200,7 +205,7 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
         completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void
     ) {
-        let done = counted(buffer.count, completion)
+        let done = counted(buffer.count, started: metrics == nil ? 0 : SystemInfo.monotonicNanoseconds(), completion)
         nonisolated(unsafe) let finish = done
         pool.readAsync(id, at: offset, into: buffer) { result in
             finish(result.map(Self.nbdExtents).mapError(nbdError))
@@ -211,14 +216,15 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
         completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
     ) -> NBDNonBlockingRead {
-        let done = counted(buffer.count, completion)
+        let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
+        let done = counted(buffer.count, started: started, completion)
         let start = pool.readWithoutBlocking(id, at: offset, into: buffer, queue: (queue as? PoolLoopQueue)?.queue) { result in
             done(result.map(Self.nbdExtents).mapError(nbdError))
         }
         switch start {
         case .completed(let result):
             let mapped = result.map(Self.nbdExtents).mapError(nbdError)
-            if let metrics { metrics.record(.read, bytes: buffer.count, started: SystemInfo.monotonicNanoseconds(), failed: (try? mapped.get()) == nil) }
+            recordRead(mapped, bytes: buffer.count, started: started)
             return .completed(mapped)
         case .started: return .started
         case .wouldBlock: return .wouldBlock

@@ -48,16 +48,16 @@ final class ServeMetrics: @unchecked Sendable {
         gone?.destroy()
     }
 
-    /// Samples the pool's gauges and counters; called before each scrape and by the
-    /// space monitor.
+    /// Samples the pool's gauges and counters (O(1)); called before each scrape and by
+    /// the space monitor.
     func samplePool() {
-        let info = pool.info()
-        usedBytes.record(info.dataUsedBytes)
-        freeBytes.record(info.dataFreeBytes)
-        totalBytes.record(info.dataTotalBytes)
-        metadataUsedBytes.record(info.metadataUsedBytes)
-        metadataTotalBytes.record(info.metadataTotalBytes)
-        volumes.record(info.volumes.count)
+        let space = pool.space()
+        usedBytes.record(space.dataUsedBytes)
+        freeBytes.record(space.dataFreeBytes)
+        totalBytes.record(space.dataTotalBytes)
+        metadataUsedBytes.record(space.metadataUsedBytes)
+        metadataTotalBytes.record(space.metadataTotalBytes)
+        volumes.record(space.volumes)
         lock.withLock {
             // Read under the lock: a sample racing another must not see counts go back.
             let now = pool.statistics
@@ -88,8 +88,20 @@ final class ServeMetrics: @unchecked Sendable {
 
 /// One export's counters, latency histograms and connection gauge.
 final class ExportMetrics: @unchecked Sendable {
-    enum Operation: String, CaseIterable {
-        case read, write, writeZeroes = "write_zeroes", trim, flush, blockStatus = "block_status"
+    /// The raw value indexes `operations` (no lookup per request).
+    enum Operation: Int, CaseIterable {
+        case read, write, writeZeroes, trim, flush, blockStatus
+
+        var label: String {
+            switch self {
+            case .read: "read"
+            case .write: "write"
+            case .writeZeroes: "write_zeroes"
+            case .trim: "trim"
+            case .flush: "flush"
+            case .blockStatus: "block_status"
+            }
+        }
     }
 
     struct PerOperation {
@@ -106,7 +118,7 @@ final class ExportMetrics: @unchecked Sendable {
 
     init(_ export: String) {
         operations = Operation.allCases.map { operation in
-            let dimensions = [("export", export), ("op", operation.rawValue)]
+            let dimensions = [("export", export), ("op", operation.label)]
             return PerOperation(
                 requests: Counter(label: "thinbd_requests_total", dimensions: dimensions),
                 errors: Counter(label: "thinbd_request_errors_total", dimensions: dimensions),
@@ -117,11 +129,9 @@ final class ExportMetrics: @unchecked Sendable {
         connectionGauge.record(0)
     }
 
-    private func index(_ operation: Operation) -> Int { Operation.allCases.firstIndex(of: operation)! }
-
     /// Records one finished request that started at `started` (monotonic nanoseconds).
     func record(_ operation: Operation, bytes: Int, started: UInt64, failed: Bool) {
-        let metrics = operations[index(operation)]
+        let metrics = operations[operation.rawValue]
         metrics.requests.increment()
         if failed {
             metrics.errors.increment()

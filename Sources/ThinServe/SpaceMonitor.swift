@@ -22,12 +22,11 @@ final class SpaceMonitor: @unchecked Sendable {
 
     private func check(_ pool: Pool, lowWaterPercent: Int, autoGrow: Bool, metrics: ServeMetrics?, logger: Logger) {
         defer { metrics?.samplePool() }
-        let info = pool.info()
-        guard info.dataTotalBytes > 0 else { return }
-        func percentUsed(_ info: PoolInfo) -> Double { Double(info.dataUsedBytes) * 100 / Double(info.dataTotalBytes) }
-        guard percentUsed(info) >= Double(lowWaterPercent) else {
+        let space = pool.space()
+        guard space.dataTotalBytes > 0 else { return }
+        guard space.percentUsed >= Double(lowWaterPercent) else {
             if warned {
-                logger.info("pool \(info.path) is below its low-water mark again (\(Int(percentUsed(info)))% used)")
+                logger.info("pool \(pool.path) is below its low-water mark again (\(Int(space.percentUsed))% used)")
                 warned = false
             }
             metrics?.lowWater.record(0)
@@ -36,7 +35,7 @@ final class SpaceMonitor: @unchecked Sendable {
         if autoGrow {
             do throws(PoolError) {
                 if try pool.growByStep() != nil {
-                    if percentUsed(pool.info()) < Double(lowWaterPercent) { return }
+                    if pool.space().percentUsed < Double(lowWaterPercent) { return }
                 }
             } catch .closed {
                 return
@@ -47,9 +46,9 @@ final class SpaceMonitor: @unchecked Sendable {
         metrics?.lowWater.record(1)
         if !warned {
             warned = true
-            let now = pool.info()
+            let now = pool.space()
             logger.warning(
-                "pool \(now.path) is \(Int(percentUsed(now)))% full (low-water mark \(lowWaterPercent)%): \(formatBytes(now.dataFreeBytes)) free of \(formatBytes(now.dataTotalBytes))\(autoGrow ? "; autogrow is at its maximum" : "; grow it with 'thinbd grow' or serve with --autogrow")")
+                "pool \(pool.path) is \(Int(now.percentUsed))% full (low-water mark \(lowWaterPercent)%): \(formatBytes(now.dataFreeBytes)) free of \(formatBytes(now.dataTotalBytes))\(autoGrow ? "; autogrow is at its maximum" : "; grow it with 'thinbd grow' or serve with --autogrow")")
         }
     }
 

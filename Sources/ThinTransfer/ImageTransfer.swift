@@ -93,15 +93,13 @@ public struct ImageTransfer {
 
     /// The running server that has the pool, if any.
     func server() throws(TransferError) -> ServerHandle? {
-        let socket = controlPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
-        let client: ControlClient
-        do throws(SystemError) {
-            client = try ControlClient(socketPath: socket)
+        let found: ControlClient?
+        do throws(ControlError) {
+            found = try ControlClient.connectToServer(ofPool: poolPath, at: controlPath)
         } catch {
-            let noServer = error.code == .noEntry || error.code == .connectionRefused || error.code == .nameTooLong
-            if controlPath == nil && noServer { return nil }
-            throw TransferError("no server answers at \(socket): \(error.message)")
+            throw TransferError(error.message)
         }
+        guard let client = found else { return nil }
         return ServerHandle(client: client, hello: try ServerHandle.run(.hello, on: client))
     }
 
