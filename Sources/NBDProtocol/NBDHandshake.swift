@@ -30,14 +30,6 @@ public struct NBDExportDescription: Equatable, Sendable {
     }
 }
 
-/// The exports a server offers, looked up while a client haggles.
-public protocol NBDExportCatalog {
-    /// The export named `name`; the empty name means the default export, if any.
-    func export(named name: String) -> NBDExportDescription?
-    /// Every export, for NBD_OPT_LIST.
-    func allExports() -> [NBDExportDescription]
-}
-
 /// What transmission needs to know once the handshake ends.
 public struct NBDSession: Equatable, Sendable {
     public var export: NBDExportDescription
@@ -56,32 +48,75 @@ public struct NBDSession: Equatable, Sendable {
 
 /// The server side of the fixed-newstyle handshake, as a value that returns actions.
 ///
+/// It never looks exports up itself: where an option needs the catalog it returns
+/// `.ask(query)` and waits in `awaitingCatalog` until the caller feeds the answer to
+/// `answer(_:)`. The server asks off its event loop (a lookup may wait for the pool
+/// lock; opening an ephemeral export creates and commits a clone), so one client's
+/// handshake never stalls the loop's other connections.
+///
 /// ```
 ///   (greeting sent)
 ///        │ client flags
 ///        ▼
-///   ┌─────────┐  option ──► replies ──┐
-///   │haggling │◄──────────────────────┘
-///   └─────────┘
-///     │ GO acked / EXPORT_NAME answered      │ ABORT, bad flags, unknown EXPORT_NAME
-///     ▼                                      ▼
-///   transmission                           closed
+///   ┌─────────┐  option ──► replies ──────────────┐
+///   │haggling │◄──────────────────────────────────┘
+///   └─────────┘◄─────────── answer ──────┐
+///     │    │ option that needs exports   │
+///     │    └──────► .ask(query) ──► awaitingCatalog
+///     │                                  │ GO / EXPORT_NAME opened
+///     │ ABORT, bad flags,                ▼
+///     │ unknown EXPORT_NAME          transmission
+///     ▼
+///   closed
 /// ```
 public struct NBDHandshake: Sendable {
     public static let serverFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
     public static let allocationContext = "base:allocation"
     static let allocationContextID: UInt32 = 1
 
-    public enum State: Equatable, Sendable { case awaitingClientFlags, haggling, transmission, closed }
+    public enum State: Equatable, Sendable { case awaitingClientFlags, haggling, awaitingCatalog, transmission, closed }
+
+    /// What the server must find out from its exports before the handshake goes on.
+    public enum CatalogQuery: Equatable, Sendable {
+        /// Describe one export ("" = the default export).
+        case describe(String)
+        /// Every export (NBD_OPT_LIST).
+        case list
+        /// Look the export up and open it for this connection (GO, EXPORT_NAME).
+        case open(String)
+    }
+
+    /// The answer to a `CatalogQuery`.
+    public enum CatalogAnswer: Equatable, Sendable {
+        /// `describe` found it, or `open` opened it.
+        case found(NBDExportDescription)
+        /// No export by that name (`describe`, `open`).
+        case notFound
+        /// The exports, for `list`.
+        case exports([NBDExportDescription])
+        /// `open` found the export but could not open it now (being changed, shutting down).
+        case refused(String, shuttingDown: Bool)
+    }
 
     public enum Action: Equatable, Sendable {
         case send(NBDOptionReply)
         case sendExportName(NBDExportNameReply)
+        /// Ask the catalog, then call `answer(_:)`; feed no message meanwhile.
+        case ask(CatalogQuery)
         case enterTransmission(NBDSession)
         case close(reason: String)
     }
 
+    /// The option that waits for the catalog's answer.
+    private enum Awaiting: Sendable {
+        case exportName(requestedName: String)
+        case info(NBDOption, NBDExportQuery)
+        case list
+        case metaContext(NBDOption, NBDMetaContextQuery)
+    }
+
     public private(set) var state: State = .awaitingClientFlags
+    private var awaiting: Awaiting?
     private var noZeroes = false
     private var structuredReplies = false
     /// The export named in the last SET_META_CONTEXT and whether it selected base:allocation.
@@ -98,7 +133,10 @@ public struct NBDHandshake: Sendable {
         return buffer
     }
 
-    public mutating func receive(_ message: NBDServerParser.Message, catalog: some NBDExportCatalog) -> [Action] {
+    /// Whether the next client message may be fed to `receive` (not while a query is out).
+    public var acceptsMessages: Bool { state == .awaitingClientFlags || state == .haggling }
+
+    public mutating func receive(_ message: NBDServerParser.Message) -> [Action] {
         switch (state, message) {
         case (.awaitingClientFlags, .clientFlags(let flags)):
             let known: NBDClientFlags = [.fixedNewstyle, .noZeroes]
@@ -112,10 +150,67 @@ public struct NBDHandshake: Sendable {
         case (.haggling, .oversizedOption(let option, let length)):
             return [reply(option, .errTooBig, "option payload of \(length) bytes is too large")]
         case (.haggling, .option(let request)):
-            return handle(request, catalog: catalog)
+            return handle(request)
+        case (.awaitingCatalog, _):
+            // The server feeds nothing while it asks; a message here is its bug, and
+            // the connection cannot continue in order.
+            state = .closed
+            return [.close(reason: "a message arrived while the export catalog was being asked")]
         default:
             state = .closed
             return [.close(reason: "unexpected message during the handshake")]
+        }
+    }
+
+    /// Feeds the answer to the query of the last `.ask` action.
+    public mutating func answer(_ answer: CatalogAnswer) -> [Action] {
+        guard state == .awaitingCatalog, let waiting = awaiting else {
+            state = .closed
+            return [.close(reason: "a catalog answer arrived that nobody asked for")]
+        }
+        awaiting = nil
+        state = .haggling
+        switch (waiting, answer) {
+        case (.exportName(let name), .found(let export)):
+            state = .transmission
+            let session = makeSession(export, requestedName: name)
+            return [
+                .sendExportName(NBDExportNameReply(size: export.size, flags: session.flags, padded: !noZeroes)),
+                .enterTransmission(session),
+            ]
+        case (.exportName, .notFound), (.exportName, .refused):
+            state = .closed
+            if case .refused(let why, _) = answer { return [.close(reason: "NBD_OPT_EXPORT_NAME refused: \(why)")] }
+            return [.close(reason: "NBD_OPT_EXPORT_NAME for an unknown export")]
+        case (.info(let option, let query), .found(let export)):
+            let session = makeSession(export, requestedName: query.name)
+            var actions = infoReplies(option, export, session, requested: query.infoRequests)
+            actions.append(reply(option, .ack))
+            if option == .go {
+                state = .transmission
+                actions.append(.enterTransmission(session))
+            }
+            return actions
+        case (.info(let option, let query), .notFound):
+            let what = query.name.isEmpty ? "no default export is configured" : "no such export: \(query.name)"
+            return [reply(option, .errUnknown, what)]
+        case (.info(let option, _), .refused(let why, let shuttingDown)):
+            return [reply(option, shuttingDown ? .errShutdown : .errUnknown, why)]
+        case (.list, .exports(let exports)):
+            var actions: [Action] = exports.map { export in
+                var entry = ByteBuffer()
+                entry.writeNBDServerEntry(name: export.name, description: export.description)
+                return .send(NBDOptionReply(option: .list, type: .server, payload: entry))
+            }
+            actions.append(reply(.list, .ack))
+            return actions
+        case (.metaContext(let option, let query), .found):
+            return metaContextReplies(option, query)
+        case (.metaContext(let option, let query), .notFound):
+            return [reply(option, .errUnknown, "no such export: \(query.exportName)")]
+        default:
+            state = .closed
+            return [.close(reason: "the export catalog gave an answer that does not fit the question")]
         }
     }
 
@@ -125,7 +220,13 @@ public struct NBDHandshake: Sendable {
         return .send(NBDOptionReply(option: option, type: type, payload: payload))
     }
 
-    private mutating func handle(_ request: NBDOptionRequest, catalog: some NBDExportCatalog) -> [Action] {
+    private mutating func ask(_ query: CatalogQuery, _ waiting: Awaiting) -> [Action] {
+        state = .awaitingCatalog
+        awaiting = waiting
+        return [.ask(query)]
+    }
+
+    private mutating func handle(_ request: NBDOptionRequest) -> [Action] {
         let option = request.option
         var payload = request.payload
         if isShuttingDown && option != .abort {
@@ -137,30 +238,17 @@ public struct NBDHandshake: Sendable {
         }
         switch option {
         case .exportName:
-            guard let name = try? payload.readNBDString(length: payload.readableBytes),
-                let export = catalog.export(named: name)
-            else {
+            guard let name = try? payload.readNBDString(length: payload.readableBytes) else {
                 state = .closed
-                return [.close(reason: "NBD_OPT_EXPORT_NAME for an unknown export")]
+                return [.close(reason: "NBD_OPT_EXPORT_NAME with a name that is not UTF-8")]
             }
-            state = .transmission
-            let session = makeSession(export, requestedName: name)
-            return [
-                .sendExportName(NBDExportNameReply(size: export.size, flags: session.flags, padded: !noZeroes)),
-                .enterTransmission(session),
-            ]
+            return ask(.open(name), .exportName(requestedName: name))
         case .abort:
             state = .closed
             return [reply(option, .ack), .close(reason: "client aborted the handshake")]
         case .list:
             guard payload.readableBytes == 0 else { return [reply(option, .errInvalid, "NBD_OPT_LIST takes no data")] }
-            var actions: [Action] = catalog.allExports().map { export in
-                var entry = ByteBuffer()
-                entry.writeNBDServerEntry(name: export.name, description: export.description)
-                return .send(NBDOptionReply(option: option, type: .server, payload: entry))
-            }
-            actions.append(reply(option, .ack))
-            return actions
+            return ask(.list, .list)
         case .startTLS:
             guard payload.readableBytes == 0 else { return [reply(option, .errInvalid, "NBD_OPT_STARTTLS takes no data")] }
             return [reply(option, .errUnsupported, "TLS is not supported by this server")]
@@ -171,18 +259,7 @@ public struct NBDHandshake: Sendable {
             } catch {
                 return [reply(option, .errInvalid, "malformed \(option): \(error)")]
             }
-            guard let export = catalog.export(named: query.name) else {
-                let what = query.name.isEmpty ? "no default export is configured" : "no such export: \(query.name)"
-                return [reply(option, .errUnknown, what)]
-            }
-            let session = makeSession(export, requestedName: query.name)
-            var actions = infoReplies(option, export, session, requested: query.infoRequests)
-            actions.append(reply(option, .ack))
-            if option == .go {
-                state = .transmission
-                actions.append(.enterTransmission(session))
-            }
-            return actions
+            return ask(option == .go ? .open(query.name) : .describe(query.name), .info(option, query))
         case .structuredReply:
             guard payload.readableBytes == 0 else {
                 return [reply(option, .errInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")]
@@ -191,7 +268,20 @@ public struct NBDHandshake: Sendable {
             structuredReplies = true
             return [reply(option, .ack)]
         case .listMetaContext, .setMetaContext:
-            return metaContextReplies(option, &payload, catalog: catalog)
+            if option == .setMetaContext { metaContext = nil }
+            guard structuredReplies else {
+                return [reply(option, .errInvalid, "negotiate structured replies before metadata contexts")]
+            }
+            let query: NBDMetaContextQuery
+            do {
+                query = try payload.readNBDMetaContextQuery()
+            } catch {
+                return [reply(option, .errInvalid, "malformed \(option): \(error)")]
+            }
+            if let bad = query.queries.first(where: { !$0.contains(":") }) {
+                return [reply(option, .errInvalid, "query '\(bad)' has no namespace")]
+            }
+            return ask(.describe(query.exportName), .metaContext(option, query))
         default:
             return [reply(option, .errUnsupported, "\(option) is not supported")]
         }
@@ -229,25 +319,9 @@ public struct NBDHandshake: Sendable {
         return actions
     }
 
-    private mutating func metaContextReplies(_ option: NBDOption, _ payload: inout ByteBuffer, catalog: some NBDExportCatalog) -> [Action] {
-        if option == .setMetaContext { metaContext = nil }
-        guard structuredReplies else {
-            return [reply(option, .errInvalid, "negotiate structured replies before metadata contexts")]
-        }
-        let query: NBDMetaContextQuery
-        do {
-            query = try payload.readNBDMetaContextQuery()
-        } catch {
-            return [reply(option, .errInvalid, "malformed \(option): \(error)")]
-        }
-        guard catalog.export(named: query.exportName) != nil else {
-            return [reply(option, .errUnknown, "no such export: \(query.exportName)")]
-        }
-        var matches = false
-        for q in query.queries {
-            guard q.contains(":") else { return [reply(option, .errInvalid, "query '\(q)' has no namespace")] }
-            if q == Self.allocationContext || (option == .listMetaContext && q == "base:") { matches = true }
-        }
+    /// LIST/SET_META_CONTEXT replies once the export is known to exist.
+    private mutating func metaContextReplies(_ option: NBDOption, _ query: NBDMetaContextQuery) -> [Action] {
+        var matches = query.queries.contains { $0 == Self.allocationContext || (option == .listMetaContext && $0 == "base:") }
         if option == .listMetaContext && query.queries.isEmpty { matches = true }
         var actions: [Action] = []
         if matches {
@@ -258,6 +332,35 @@ public struct NBDHandshake: Sendable {
         }
         if option == .setMetaContext { metaContext = (query.exportName, matches) }
         actions.append(reply(option, .ack))
+        return actions
+    }
+}
+
+/// Exports known up front, for driving the handshake without a server (tests, fuzzing).
+public protocol NBDExportCatalog {
+    /// The export named `name`; the empty name means the default export, if any.
+    func export(named name: String) -> NBDExportDescription?
+    /// Every export, for NBD_OPT_LIST.
+    func allExports() -> [NBDExportDescription]
+}
+
+extension NBDHandshake {
+    /// `receive`, with every query answered at once from `catalog` (opening always
+    /// succeeds for an export it knows). For tests and fuzzing; a server asks off its
+    /// event loop instead.
+    public mutating func receive(_ message: NBDServerParser.Message, catalog: some NBDExportCatalog) -> [Action] {
+        var actions = receive(message)
+        while case .ask(let query) = actions.last {
+            actions.removeLast()
+            let found: CatalogAnswer
+            switch query {
+            case .describe(let name), .open(let name):
+                found = catalog.export(named: name).map { .found($0) } ?? .notFound
+            case .list:
+                found = .exports(catalog.allExports())
+            }
+            actions += answer(found)
+        }
         return actions
     }
 }

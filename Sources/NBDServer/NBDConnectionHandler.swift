@@ -7,6 +7,9 @@ import NIOPosix
 /// when the export can do that without blocking (their disk I/O then completes on the
 /// loop too); everything else runs on the thread pool.
 ///
+/// The handshake never waits on the loop: export lookups and opens run on the thread
+/// pool (see `ask`).
+///
 /// Back-pressure: at most `maxInFlight` requests run at once; beyond that the handler
 /// stops parsing and stops asking the channel for reads, so a fast client cannot make
 /// the server buffer without bound.
@@ -27,6 +30,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var closed = false
     private let loopIO: LoopIO
     private var flushScheduled = false
+    /// The export a catalog answer opened, until the handshake enters transmission.
+    private var openedExport: NBDExport?
+    /// Closes the connection when the handshake takes too long (slowloris).
+    private var handshakeTimer: Scheduled<Void>?
+    /// The client sent NBD_OPT_ABORT: its close is not worth a log line.
+    private var abortRequested = false
     /// A large WRITE whose payload is still arriving: its bytes are copied once,
     /// straight into a 4 KiB-aligned buffer of their own, instead of accumulating in
     /// `pending` (where every read would append and the buffer would regrow).
@@ -44,13 +53,27 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     // MARK: Lifecycle
 
     func channelActive(context: ChannelHandlerContext) {
-        server.connectionOpened(context.channel)
+        guard server.connectionOpened(context.channel) else {
+            // Past --max-connections: refused before it costs anything but the accept.
+            closed = true
+            context.close(promise: nil)
+            return
+        }
+        let limit = server.configuration.handshakeTimeout
+        handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: limit) { [self] in
+            guard !closed, session == nil else { return }
+            server.log("closing connection: no handshake within \(limit.nanoseconds / 1_000_000_000) s")
+            closed = true
+            context.close(promise: nil)
+        }
         context.writeAndFlush(wrapOutboundOut(NBDHandshake.greeting()), promise: nil)
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
         if let export {
             self.export = nil
             server.release(export)
@@ -101,6 +124,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func processPending(context: ChannelHandlerContext) {
         while !closed && !disconnecting && inFlight < server.configuration.maxInFlightPerConnection {
+            // While the export catalog is asked, later options wait their turn.
+            if parser.phase != .transmission && !handshake.acceptsMessages { break }
             if parser.phase == .transmission && session != nil && startAssembly(context: context) { break }
             let message: NBDServerParser.Message?
             do {
@@ -223,7 +248,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func handleHandshake(_ message: NBDServerParser.Message, context: ChannelHandlerContext) {
-        let actions = handshake.receive(message, catalog: ProviderCatalog(provider: server.provider))
+        if case .option(let request) = message, request.option == .abort {
+            // A soft disconnect (nbdinfo --list ends this way): nothing to report.
+            abortRequested = true
+        }
+        run(handshake.receive(message), context: context)
+    }
+
+    /// Carries out what the handshake state machine asked for.
+    private func run(_ actions: [NBDHandshake.Action], context: ChannelHandlerContext) {
         for action in actions {
             switch action {
             case .send(let reply):
@@ -234,31 +267,51 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 var out = context.channel.allocator.buffer(capacity: 134)
                 out.writeNBDExportNameReply(reply)
                 context.write(wrapOutboundOut(out), promise: nil)
+            case .ask(let query):
+                ask(query, context: context)
             case .enterTransmission(let newSession):
-                // Counted before the provider is asked, so that a management command
-                // that closes this export either sees the connection or is seen by open.
-                server.connectionEnteredTransmission(context.channel, export: newSession.export.name)
-                do {
-                    export = try server.provider.open(newSession.export)
-                } catch {
-                    server.log("could not open export \(newSession.export.name): \(error.message)")
-                    context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
-                    context.close(promise: nil)
-                    closed = true
-                    return
-                }
+                // The answer that led here carried the opened export.
+                export = openedExport.take()
                 session = newSession
                 parser.enterTransmission()
+                handshakeTimer?.cancel()
+                handshakeTimer = nil
             case .close(let reason):
-                if case .option(let request) = message, request.option == .abort {
-                    // A soft disconnect (nbdinfo --list ends this way): nothing to report.
-                } else {
-                    server.log("closing connection during handshake: \(reason)")
-                }
+                if !abortRequested { server.log("closing connection during handshake: \(reason)") }
                 context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
                 context.close(promise: nil)
                 closed = true
                 return
+            }
+        }
+        // An export opened for an answer that did not end in transmission goes back.
+        if let unused = openedExport.take() { server.release(unused) }
+    }
+
+    /// Asks the export provider on the thread pool (a lookup may wait for the pool lock,
+    /// an open may create and commit an ephemeral clone) and feeds the answer back on
+    /// the loop; meanwhile the loop serves its other connections.
+    private func ask(_ query: NBDHandshake.CatalogQuery, context: ChannelHandlerContext) {
+        let server = self.server
+        let channel = context.channel
+        let answered = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> CatalogResult in
+            server.answer(query, for: channel)
+        }
+        answered.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let found):
+                if self.closed {
+                    if let export = found.export { server.release(export) }
+                    return
+                }
+                if case .refused(let why, _) = found.answer { server.log("could not open export: \(why)") }
+                self.openedExport = found.export
+                self.run(self.handshake.answer(found.answer), context: context)
+                self.processPending(context: context)
+            case .failure:
+                // The thread pool stopped: the server is going away.
+                self.closed = true
+                context.close(promise: nil)
             }
         }
     }
@@ -504,4 +557,10 @@ extension Optional {
         defer { self = nil }
         return self
     }
+}
+
+/// A catalog answer, and the export it opened (for `open` queries that succeeded).
+struct CatalogResult: Sendable {
+    var answer: NBDHandshake.CatalogAnswer
+    var export: NBDExport?
 }

@@ -141,9 +141,3 @@ public protocol NBDExportProvider: AnyObject, Sendable {
 extension NBDExportProvider {
     public func makeLoopQueue() -> NBDLoopQueue? { nil }
 }
-
-struct ProviderCatalog: NBDExportCatalog {
-    let provider: NBDExportProvider
-    func export(named name: String) -> NBDExportDescription? { provider.describe(name) }
-    func allExports() -> [NBDExportDescription] { provider.allExports() }
-}

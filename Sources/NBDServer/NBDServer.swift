@@ -16,7 +16,15 @@ public final class NBDServer: @unchecked Sendable {
         /// are enough of them to keep a queue depth of 32 busy.
         public var ioThreads = 32
         /// Event loop threads for sockets (and, with a loop queue, for reads).
+        /// Connections are spread over them; each has its own disk queue.
         public var eventLoopThreads = System.coreCount
+        /// Connections beyond this are closed as soon as they are accepted.
+        public var maxConnections = 1024
+        /// A connection that has not finished its handshake by then is closed.
+        public var handshakeTimeout: TimeAmount = .seconds(10)
+        /// Runs once on each event loop thread before it serves anything (thinbd marks
+        /// the thread as one that must never block).
+        public var eventLoopThreadSetup: (@Sendable () -> Void)?
 
         public init() {}
     }
@@ -34,6 +42,7 @@ public final class NBDServer: @unchecked Sendable {
     /// The export each connection in transmission uses.
     private var exportNames: [ObjectIdentifier: String] = [:]
     private var shuttingDown = false
+    private var refusedConnections = 0
     private var loopIOs: [ObjectIdentifier: LoopIO] = [:]
     private let idle: EventLoopPromise<Void>
 
@@ -41,7 +50,10 @@ public final class NBDServer: @unchecked Sendable {
         self.provider = provider
         self.configuration = configuration
         self.logger = log
-        group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
+        if let setup = configuration.eventLoopThreadSetup {
+            for loop in group.makeIterator() { try? loop.submit(setup).wait() }
+        }
         threadPool = NIOThreadPool(numberOfThreads: configuration.ioThreads)
         threadPool.start()
         idle = group.next().makePromise()
@@ -117,16 +129,62 @@ public final class NBDServer: @unchecked Sendable {
 
     // MARK: Connections
 
-    func connectionOpened(_ channel: Channel) {
-        let refuse = lock.withLock { () -> Bool in
+    /// Registers a new connection; false when it is over `maxConnections` (the caller
+    /// closes it; it was never counted).
+    func connectionOpened(_ channel: Channel) -> Bool {
+        let (admitted, refuse, logRefusal) = lock.withLock { () -> (Bool, Bool, Bool) in
+            guard connections.count < configuration.maxConnections else {
+                refusedConnections += 1
+                return (false, false, refusedConnections == 1 || refusedConnections % 1000 == 0)
+            }
             connections[ObjectIdentifier(channel)] = channel
-            return shuttingDown
+            return (true, shuttingDown, false)
+        }
+        if logRefusal {
+            log("refusing connections: \(configuration.maxConnections) are open (--max-connections); \(lock.withLock { refusedConnections }) refused so far")
         }
         if refuse { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        return admitted
     }
 
-    func connectionEnteredTransmission(_ channel: Channel, export name: String) {
-        lock.withLock { exportNames[ObjectIdentifier(channel)] = name }
+    /// Counts an open connection under export `name`, before the provider opens it, so
+    /// that a management command closing the export either sees the connection or is
+    /// seen by the open. False when the connection has closed meanwhile.
+    func connectionEnteredTransmission(_ channel: Channel, export name: String) -> Bool {
+        lock.withLock {
+            guard connections[ObjectIdentifier(channel)] != nil else { return false }
+            exportNames[ObjectIdentifier(channel)] = name
+            return true
+        }
+    }
+
+    /// Undoes `connectionEnteredTransmission` when the open failed.
+    func connectionLeftTransmission(_ channel: Channel) {
+        lock.withLock { exportNames[ObjectIdentifier(channel)] = nil }
+    }
+
+    /// Answers a handshake's catalog query. Runs on the thread pool: the provider may
+    /// block (pool lock, creating an ephemeral clone and committing it).
+    func answer(_ query: NBDHandshake.CatalogQuery, for channel: Channel) -> CatalogResult {
+        switch query {
+        case .describe(let name):
+            return CatalogResult(answer: provider.describe(name).map { .found($0) } ?? .notFound)
+        case .list:
+            return CatalogResult(answer: .exports(provider.allExports()))
+        case .open(let name):
+            guard let description = provider.describe(name) else { return CatalogResult(answer: .notFound) }
+            guard connectionEnteredTransmission(channel, export: description.name) else {
+                return CatalogResult(answer: .refused("the connection closed", shuttingDown: false))
+            }
+            do {
+                let export = try provider.open(description)
+                return CatalogResult(answer: .found(description), export: export)
+            } catch {
+                connectionLeftTransmission(channel)
+                return CatalogResult(
+                    answer: .refused("\(description.name): \(error.message)", shuttingDown: error.code == .shutdown))
+            }
+        }
     }
 
     func connectionClosed(_ channel: Channel) {
@@ -138,8 +196,10 @@ public final class NBDServer: @unchecked Sendable {
         if nowIdle { idle.succeed(()) }
     }
 
+    /// Gives an export back when its connection is done with it. On the thread pool:
+    /// closing may block (an ephemeral volume's bookkeeping).
     func release(_ export: NBDExport) {
-        export.close()
+        threadPool.submit { _ in export.close() }
     }
 
     public var connectionCount: Int { lock.withLock { connections.count } }

@@ -34,6 +34,15 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Threads that run requests (default 32); they mostly wait for the disk.")
     var threads: Int?
 
+    @Option(help: "Event loop threads that carry connections (default: one per core). Each has its own disk queue.")
+    var loops: Int?
+
+    @Option(name: .customLong("max-connections"), help: "Connections served at once (default 1024); more are closed as soon as they are accepted.")
+    var maxConnections: Int = 1024
+
+    @Option(name: .customLong("handshake-timeout"), help: "Seconds a client has to finish the NBD handshake (default 10); slower ones are dropped.")
+    var handshakeTimeout: Double = 10
+
     @Flag(name: .customLong("read-only"), help: "Serve every export read-only.")
     var readOnly = false
 
@@ -105,6 +114,15 @@ struct ServeCommand: ParsableCommand {
         if let threads, !(1...1024).contains(threads) {
             throw ValidationError("--threads must be between 1 and 1024")
         }
+        if let loops, !(1...256).contains(loops) {
+            throw ValidationError("--loops must be between 1 and 256")
+        }
+        if !(1...1_000_000).contains(maxConnections) {
+            throw ValidationError("--max-connections must be between 1 and 1000000")
+        }
+        if !(handshakeTimeout > 0 && handshakeTimeout <= 3600) {
+            throw ValidationError("--handshake-timeout must be more than 0 and at most 3600 seconds")
+        }
         if let metadataCache, metadataCache.bytes < 1 << 20 {
             throw ValidationError("--metadata-cache must be at least 1M")
         }
@@ -145,6 +163,9 @@ struct ServeCommand: ParsableCommand {
         options.stdio = stdio
         options.metadataCacheBytes = metadataCache?.bytes
         options.threads = threads
+        options.loops = loops
+        options.maxConnections = maxConnections
+        options.handshakeTimeoutMilliseconds = Int(handshakeTimeout * 1000)
         options.ephemeralRules = ephemeral.compactMap(Self.parseEphemeral)
         options.keepEphemeral = ephemeralKeep
         options.ephemeralGraceMilliseconds = Int(ephemeralGrace * 1000)

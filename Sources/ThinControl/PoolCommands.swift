@@ -134,7 +134,9 @@ public struct PoolCommands: Sendable {
                 ("disconnected", .number(UInt64(disconnected))),
             ])
         case .check:
-            return pool.check(repair: false).json
+            // Served: the last commit, pinned and walked without the pool lock, so the
+            // check never holds up clients. Offline: the whole state, under the lock.
+            return (served == nil ? pool.check(repair: false) : pool.checkCommittedState()).json
         case .grow(let size):
             try pooled { () throws(PoolError) in try pool.grow(to: size) }
             return infoJSON(pool.info())

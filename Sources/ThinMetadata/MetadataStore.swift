@@ -47,6 +47,10 @@ public final class MetadataStore {
     private var pendingFree: [UInt64] = []
     private var fresh: Set<UInt64> = []
     private var scanning = true
+    /// Readers of a committed state (`pin`); while any, blocks that commits free are
+    /// held back instead of reused, so that state stays readable on disk.
+    private var pins = 0
+    private var heldWhilePinned: [UInt64] = []
 
     /// Blocks kept back for operations that free space (delete, trim) so they can
     /// always run and commit even when metadata is otherwise full.
@@ -252,8 +256,47 @@ public final class MetadataStore {
             for number in pendingFree { cache[number] = nil }
             if cache.count > cacheLimit { evictClean() }
         }
-        freeList.append(contentsOf: pendingFree)
+        if pins > 0 {
+            heldWhilePinned.append(contentsOf: pendingFree)
+        } else {
+            freeList.append(contentsOf: pendingFree)
+        }
         pendingFree.removeAll(keepingCapacity: true)
+    }
+
+    // MARK: Reading a committed state without the lock
+
+    /// Keeps every block of the last commit (and of later ones) from being reused until
+    /// `unpin`, the way dm-thin's metadata snapshot does: a reader can then walk that
+    /// commit's trees with `readCommitted` while writers go on. Cost: the blocks freed
+    /// meanwhile stay unavailable until then. Not thread-safe (the pool's lock).
+    public func pin() { pins += 1 }
+
+    /// Ends a `pin`; with the last one, held blocks become free.
+    public func unpin() {
+        precondition(pins > 0, "unpin without pin")
+        pins -= 1
+        if pins == 0 {
+            freeList.append(contentsOf: heldWhilePinned)
+            heldWhilePinned.removeAll()
+        }
+    }
+
+    /// Reads block `number` of a pinned committed state straight from the device,
+    /// bypassing the cache, and validates it against `type` and `generation` (the
+    /// pinned commit's). Thread-safe: touches no shared state but the device.
+    /// Cost: one 4 KiB read and a CRC32C.
+    public func readCommitted(_ number: UInt64, _ type: BlockType, generation: UInt64, regionBlocks: UInt64) throws(MetadataError) -> MetadataBlock {
+        guard number >= regionStart, number - regionStart < regionBlocks else { throw .pointerOutOfRange(number, type) }
+        let block = MetadataBlock(number: number)
+        try wrapIO { try device.read(into: block.bytes, at: number * UInt64(MetadataLayout.blockSize)) }
+        do {
+            _ = try BlockHeader.validate(block.bytes, expectedType: type, blockNumber: number, maxGeneration: generation)
+            if type != .refcounts && type != .volumeRecord { try block.node.validateShape() }
+        } catch {
+            throw .corruptBlock(number, type, error.description)
+        }
+        return block
     }
 
     /// Every metadata block that currently holds a reference (for `check`).

@@ -28,9 +28,11 @@ extension Pool {
     /// Checks the pool's current state. With `repair` (read-write pools only), leaks and
     /// stale counts are fixed and committed; other damage is only reported.
     /// Cost: reads all metadata once; memory O(data blocks) for the recomputed counts.
+    /// Holds the pool lock throughout: for pools nobody else uses (offline `check`,
+    /// tests). A served pool uses `checkCommittedState`.
     public func check(repair: Bool = false) -> CheckReport {
         lock.withLock {
-            var walker = CheckWalker(pool: self)
+            var walker = CheckWalker(pool: self, source: .live)
             walker.run()
             var report = walker.report
             if repair && !isReadOnly && report.damage.isEmpty && !report.isClean {
@@ -38,7 +40,7 @@ extension Pool {
                     try walker.repair()
                     report.repaired = true
                     try commitLocked()
-                    var again = CheckWalker(pool: self)
+                    var again = CheckWalker(pool: self, source: .live)
                     again.run()
                     report.damage = again.report.damage
                     report.leakedBlocks = again.report.leakedBlocks
@@ -51,10 +53,62 @@ extension Pool {
             return report
         }
     }
+
+    /// Checks the last commit while the pool stays in use: commits first (so recent
+    /// writes are included), pins that commit (its blocks are not reused until the check
+    /// ends, as with dm-thin's metadata snapshot) and walks it from the disk without the
+    /// pool lock, so readers and writers are never held up by the walk. Every tree,
+    /// record and data count of that commit is checked; the in-memory metadata counts
+    /// are not (they belong to the live state; an offline `check` compares them).
+    /// Cost: reads all of the commit's metadata once; memory O(data blocks).
+    public func checkCommittedState() -> CheckReport {
+        if !isReadOnly { try? commit() }
+        let pinned = lock.withLock { () -> CommittedView? in
+            guard !isClosed else { return nil }
+            store.pin()
+            return CommittedView(superblock: superblock)
+        }
+        guard let view = pinned else {
+            var report = CheckReport()
+            report.damage.append("the pool is closed")
+            return report
+        }
+        defer { lock.withLock { store.unpin() } }
+        var walker = CheckWalker(pool: self, source: .committed(view))
+        walker.run()
+        return walker.report
+    }
+}
+
+/// What one commit holds: enough to walk it without the pool's in-memory state.
+struct CommittedView {
+    var generation: UInt64
+    var spaceMapRoot: UInt64
+    var volumeTableRoot: UInt64
+    var dataBlocks: UInt64
+    var highWater: UInt64
+    var metadataBlocks: UInt64
+
+    init(superblock: Superblock) {
+        generation = superblock.generation
+        spaceMapRoot = superblock.spaceMapRoot
+        volumeTableRoot = superblock.volumeTableRoot
+        dataBlocks = superblock.dataBlocks
+        highWater = superblock.dataHighWater
+        metadataBlocks = superblock.metadataBlocks
+    }
 }
 
 struct CheckWalker {
+    /// What is checked: the pool's in-memory state (caller holds the pool lock, pending
+    /// changes are written into metadata blocks first) or a pinned commit read from disk.
+    enum Source {
+        case live
+        case committed(CommittedView)
+    }
+
     let pool: Pool
+    let source: Source
     var report = CheckReport()
     var metadataRefs: [UInt64: UInt32] = [:]
     var dataRefs: [UInt32]
@@ -62,32 +116,67 @@ struct CheckWalker {
     var summaries: [UInt64: (count: UInt64, low: UInt64, high: UInt64)] = [:]
     var indexEntries: [UInt64: UInt64] = [:]
     var mappedCounts: [UInt64: UInt64] = [:]
+    /// The records the volume table holds, by id.
+    var records: [UInt64: VolumeRecord] = [:]
+    let dataBlocks: UInt64
+    let highWater: UInt64
+    let regionBlocks: UInt64
 
-    init(pool: Pool) {
+    init(pool: Pool, source: Source) {
         self.pool = pool
-        dataRefs = [UInt32](repeating: 0, count: Int(pool.spaceMap.dataBlocks))
+        self.source = source
+        switch source {
+        case .live:
+            dataBlocks = pool.spaceMap.dataBlocks
+            highWater = pool.spaceMap.highWater
+            regionBlocks = pool.store.regionBlocks
+        case .committed(let view):
+            dataBlocks = view.dataBlocks
+            highWater = view.highWater
+            regionBlocks = view.metadataBlocks
+        }
+        // A corrupt superblock cannot make this allocate without bound: its data
+        // block count was checked against the file size when the pool opened.
+        dataRefs = [UInt32](repeating: 0, count: Int(dataBlocks))
     }
 
     var store: MetadataStore { pool.store }
+
+    func read(_ block: UInt64, _ type: BlockType) throws(MetadataError) -> MetadataBlock {
+        switch source {
+        case .live: try store.read(block, type)
+        case .committed(let view): try store.readCommitted(block, type, generation: view.generation, regionBlocks: regionBlocks)
+        }
+    }
 
     mutating func damage(_ text: String) {
         if report.damage.count < 1000 { report.damage.append(text) }
     }
 
     mutating func run() {
-        if !pool.isReadOnly {
-            do {
-                try pool.prepareCommitLocked()
-            } catch {
-                damage("could not write pending metadata before checking: \(error)")
+        let spaceMapRoot: UInt64
+        let volumeTableRoot: UInt64
+        switch source {
+        case .live:
+            if !pool.isReadOnly {
+                do {
+                    try pool.prepareCommitLocked()
+                } catch {
+                    damage("could not write pending metadata before checking: \(error)")
+                }
             }
+            spaceMapRoot = pool.spaceMap.indexRoot
+            volumeTableRoot = pool.volumeTableRoot
+        case .committed(let view):
+            spaceMapRoot = view.spaceMapRoot
+            volumeTableRoot = view.volumeTableRoot
         }
-        walk(pool.spaceMap.indexRoot, .spaceMapIndexNode, level: nil, low: 0, high: UInt64.max) { walker, group, packed in
+        walk(spaceMapRoot, .spaceMapIndexNode, level: nil, low: 0, high: UInt64.max) { walker, group, packed in
             walker.indexEntries[group] = packed
             let block = RefcountLayout.unpackIndexValue(packed).block
             guard walker.reference(block, .refcounts) else { return }
             do {
-                let rcb = try walker.store.read(block, .refcounts)
+                let rcb = try walker.read(block, .refcounts)
                 if UInt64(rcb.bytes.le32(12)) != group {
                     walker.damage("refcount block \(block) belongs to group \(rcb.bytes.le32(12)) but is indexed as group \(group)")
                 }
@@ -95,40 +184,53 @@ struct CheckWalker {
                 walker.damage("\(error)")
             }
         }
-        var seenVolumes: Set<UInt64> = []
-        walk(pool.volumeTableRoot, .volumeTableNode, level: nil, low: 0, high: UInt64.max) { walker, id, recordBlock in
+        var recordBlocks: [UInt64: UInt64] = [:]
+        var names: Set<String> = []
+        walk(volumeTableRoot, .volumeTableNode, level: nil, low: 0, high: UInt64.max) { walker, id, recordBlock in
             guard walker.reference(recordBlock, .volumeRecord) else { return }
             do {
-                let block = try walker.store.read(recordBlock, .volumeRecord)
+                let block = try walker.read(recordBlock, .volumeRecord)
                 let record = try VolumeRecord.decode(block.bytes)
                 guard record.id == id else {
                     walker.damage("volume record \(recordBlock) has id \(record.id) but is indexed as \(id)")
                     return
                 }
-                guard let state = walker.pool.volumes[id] else {
-                    walker.damage("volume table lists id \(id) (\(record.name)) that the pool does not know")
+                guard names.insert(record.name).inserted else {
+                    walker.damage("volume record \(recordBlock): a second volume named \(record.name)")
                     return
                 }
-                if state.record != record || state.recordBlock != recordBlock {
-                    walker.damage("volume record \(recordBlock) for \(record.name) differs from the volume's state")
-                }
-                seenVolumes.insert(id)
+                walker.records[id] = record
+                recordBlocks[id] = recordBlock
             } catch {
                 walker.damage("volume record \(recordBlock): \(error)")
             }
         }
-        for (id, state) in pool.volumes {
-            report.volumesChecked += 1
-            if !seenVolumes.contains(id) { damage("volume \(state.record.name) is missing from the volume table") }
-            checkVolume(state)
+        if case .live = source {
+            for (id, state) in pool.volumes {
+                guard let record = records[id] else {
+                    damage("volume \(state.record.name) is missing from the volume table")
+                    continue
+                }
+                if state.record != record || state.recordBlock != recordBlocks[id] {
+                    damage("volume record \(recordBlocks[id] ?? 0) for \(record.name) differs from the volume's state")
+                }
+                if pool.names[record.name] != id { damage("name index disagrees for \(record.name)") }
+            }
+            for (id, record) in records where pool.volumes[id] == nil {
+                damage("volume table lists id \(id) (\(record.name)) that the pool does not know")
+            }
         }
-        checkMetadataCounts()
+        for record in records.values.sorted(by: { $0.id < $1.id }) {
+            report.volumesChecked += 1
+            checkVolume(record)
+        }
+        if case .live = source { checkMetadataCounts() }
         checkDataCounts()
     }
 
     /// Counts one reference to a metadata block; true on the first.
     mutating func reference(_ block: UInt64, _ type: BlockType) -> Bool {
-        guard block >= store.regionStart, block < store.regionStart + store.regionBlocks else {
+        guard block >= store.regionStart, block - store.regionStart < regionBlocks else {
             damage("pointer to \(type) at block \(block), outside the metadata region")
             return false
         }
@@ -155,7 +257,7 @@ struct CheckWalker {
         }
         let node: NodeView
         do {
-            node = try store.read(root, type).node
+            node = try read(root, type).node
         } catch {
             damage("\(error)")
             return nil
@@ -192,10 +294,9 @@ struct CheckWalker {
         return summary
     }
 
-    mutating func checkVolume(_ state: VolumeState) {
-        let r = state.record
-        let dataBlocks = pool.spaceMap.dataBlocks
-        let highWater = pool.spaceMap.highWater
+    mutating func checkVolume(_ r: VolumeRecord) {
+        let dataBlocks = self.dataBlocks
+        let highWater = self.highWater
         let summary = walk(r.mappingRoot, .mappingNode, level: nil, low: 0, high: UInt64.max) { walker, _, physical in
             walker.report.dataReferences += 1
             guard physical < dataBlocks else {
@@ -205,10 +306,10 @@ struct CheckWalker {
             if physical >= highWater {
                 walker.damage("mapping to data block \(physical), above the high-water mark \(highWater)")
             }
-            walker.dataRefs[Int(physical)] += 1
+            walker.dataRefs[Int(physical)] &+= 1
         }
         if let summary {
-            let limit = (r.virtualSize + pool.blockSize - 1) / pool.blockSize
+            let limit = r.virtualSize / pool.blockSize + (r.virtualSize % pool.blockSize == 0 ? 0 : 1)
             if summary.count > 0 && summary.high >= limit {
                 damage("\(r.name) maps block \(summary.high), past its end (\(limit) blocks)")
             }
@@ -224,8 +325,8 @@ struct CheckWalker {
                 break
             }
             if r.ownerID != 0 {
-                if let owner = pool.volumes[r.ownerID] {
-                    if owner.record.name != volume { damage("snapshot \(r.name) belongs to \(owner.record.name)") }
+                if let owner = records[r.ownerID] {
+                    if owner.name != volume { damage("snapshot \(r.name) belongs to \(owner.name)") }
                 } else {
                     damage("snapshot \(r.name) belongs to missing volume #\(r.ownerID)")
                 }
@@ -233,10 +334,9 @@ struct CheckWalker {
         case .volume:
             if VolumeName.splitSnapshot(r.name) != nil { damage("volume \(r.name) has '@' in its name") }
         }
-        if r.parentID != 0 && pool.volumes[r.parentID] == nil {
+        if r.parentID != 0 && records[r.parentID] == nil {
             damage("\(r.name) names missing parent #\(r.parentID)")
         }
-        if pool.names[r.name] != r.id { damage("name index disagrees for \(r.name)") }
     }
 
     mutating func checkMetadataCounts() {
@@ -250,19 +350,44 @@ struct CheckWalker {
         }
     }
 
+    /// Each group's refcount block and free count: the live space map's (which the
+    /// index must agree with), or what the committed index says.
+    func groups() -> [(block: UInt64, free: UInt32)] {
+        switch source {
+        case .live:
+            return pool.spaceMap.groupSummary()
+        case .committed:
+            let e = UInt64(DataSpaceMap.entriesPerGroup)
+            let count = Int(dataBlocks / e + (dataBlocks % e == 0 ? 0 : 1))
+            return (0..<count).map { g in
+                guard let packed = indexEntries[UInt64(g)] else {
+                    return (0, UInt32(min(e, dataBlocks - UInt64(g) * e)))
+                }
+                let (block, free) = RefcountLayout.unpackIndexValue(packed)
+                return (block, UInt32(free))
+            }
+        }
+    }
+
     mutating func checkDataCounts() {
-        let spaceMap = pool.spaceMap
         let e = DataSpaceMap.entriesPerGroup
-        let summary = spaceMap.groupSummary()
-        for g in 0..<spaceMap.groupCount {
+        let summary = groups()
+        for (g, group) in summary.enumerated() {
             let first = g * e
-            let entries = min(e, Int(spaceMap.dataBlocks) - first)
-            let counts: [UInt32]?
-            do {
-                counts = try spaceMap.storedCounts(group: g)
-            } catch {
-                damage("\(error)")
-                continue
+            let entries = min(e, Int(dataBlocks) - first)
+            var counts: [UInt32]?
+            if group.block != 0 {
+                do {
+                    let rcb = try read(group.block, .refcounts)
+                    guard Int(rcb.bytes.le32(12)) == g else {
+                        damage("refcount block \(group.block) belongs to group \(rcb.bytes.le32(12)), indexed as group \(g)")
+                        continue
+                    }
+                    counts = (0..<e).map { RefcountLayout.count(rcb.bytes, $0) }
+                } catch {
+                    damage("\(error)")
+                    continue
+                }
             }
             var zero: UInt32 = 0
             for i in 0..<entries {
@@ -275,15 +400,19 @@ struct CheckWalker {
                     damage("data block \(first + i) has \(computed) references but a count of \(stored)")
                 }
             }
-            if zero != summary[g].free {
-                report.fixable.append("group \(g): \(zero) free blocks, recorded \(summary[g].free)")
+            if zero != group.free {
+                report.fixable.append("group \(g): \(zero) free blocks, recorded \(group.free)")
             }
-            let indexed = indexEntries[UInt64(g)]
-            if summary[g].block != 0 {
-                let expected = RefcountLayout.packIndexValue(block: summary[g].block, free: Int(summary[g].free))
-                if indexed != expected { damage("space map index entry for group \(g) is stale") }
-            } else if indexed != nil {
-                damage("space map index lists group \(g), which has no refcount block")
+            if case .live = source {
+                let indexed = indexEntries[UInt64(g)]
+                if group.block != 0 {
+                    let expected = RefcountLayout.packIndexValue(block: group.block, free: Int(group.free))
+                    if indexed != expected { damage("space map index entry for group \(g) is stale") }
+                } else if indexed != nil {
+                    damage("space map index lists group \(g), which has no refcount block")
+                }
+            } else if indexEntries.keys.contains(where: { $0 >= UInt64(summary.count) }) && g == 0 {
+                damage("space map index lists groups beyond the pool's \(summary.count)")
             }
         }
     }

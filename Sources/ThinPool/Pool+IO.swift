@@ -39,7 +39,7 @@ struct RequestBatch {
 extension Pool {
     /// The id of a volume or snapshot, for the I/O calls.
     public func volumeID(_ name: String) throws(PoolError) -> UInt64 {
-        try lock.withLock { () throws(PoolError) in try state(named: name).record.id }
+        try lock.withSharedAccess { () throws(PoolError) in try state(named: name).record.id }
     }
 
     func volume(_ id: UInt64, writing: Bool) throws(PoolError) -> VolumeState {
@@ -548,13 +548,89 @@ extension Pool {
     /// Makes the range read as zeros. Whole blocks are unmapped (unless `mayUnmap` is
     /// false, then zeros are written and the space stays allocated); partial blocks that
     /// are mapped get zeros written into them.
+    ///
+    /// Works in bounded slices (`sliceBlocks` blocks unmapped, or `zeroes.count` bytes
+    /// written, per pool-lock section), and writes its zeros outside the pool lock, so
+    /// zeroing gigabytes never stalls other volumes' I/O or a commit. Not atomic: a
+    /// failure part-way (a full pool, a volume deleted meanwhile) leaves the slices done
+    /// zeroed, which NBD allows for a failed request.
     public func writeZeroes(_ id: UInt64, at offset: UInt64, count: UInt64, mayUnmap: Bool = true) throws(PoolError) {
-        try rangeLocks.withRange(id, blockRange(offset, count)) { () throws(PoolError) in
-            try lock.withLock { () throws(PoolError) in
-                let state = try volume(id, writing: true)
-                try checkRange(state, offset, count)
-                try zeroLocked(state, from: offset, count: count, unmapWholeBlocks: mayUnmap)
+        try lock.withSharedAccess { () throws(PoolError) in
+            let state = try volume(id, writing: true)
+            try checkRange(state, offset, count)
+            guard count > 0 else { return }
+            // Fail before changing anything when the zeros might need more blocks than
+            // are free: at most the two partial ends, or every block when nothing is unmapped.
+            let touched = (offset + count - 1) / blockSize - offset / blockSize + 1
+            let worstCase = mayUnmap ? min(2, touched) : touched
+            if spaceMap.freeBlocks < worstCase && autoGrowLocked == nil {
+                throw .noDataSpace("pool is out of data space (write-zeroes may need \(worstCase) blocks, \(spaceMap.freeBlocks) free)")
             }
+        }
+        guard count > 0 else { return }
+        let end = offset + count
+        guard mayUnmap else {
+            try writeZeroBytes(id, from: offset, to: end)
+            return
+        }
+        let firstWhole = (offset + blockSize - 1) / blockSize
+        let endWhole = end / blockSize
+        guard firstWhole < endWhole else {
+            try zeroMappedPartial(id, from: offset, to: end)
+            return
+        }
+        try zeroMappedPartial(id, from: offset, to: firstWhole * blockSize)
+        try unmapInSlices(id, blocks: firstWhole..<endWhole)
+        try zeroMappedPartial(id, from: endWhole * blockSize, to: end)
+    }
+
+    /// Blocks one lock section of a trim or write-zeroes unmaps at most.
+    static let sliceBlocks: UInt64 = 4096
+
+    /// Writes zeros over `start..<end` through the ordinary write path, a slice at a time.
+    private func writeZeroBytes(_ id: UInt64, from start: UInt64, to end: UInt64) throws(PoolError) {
+        var position = start
+        while position < end {
+            let length = min(UInt64(zeroes.count), end - position)
+            try write(id, at: position, from: UnsafeRawBufferPointer(rebasing: zeroes.bytes[0..<Int(length)]))
+            position += length
+        }
+    }
+
+    /// Writes zeros into the mapped blocks of `start..<end`, a range that covers no
+    /// whole block (at most parts of two), one block at a time; unmapped parts already
+    /// read as zeros.
+    private func zeroMappedPartial(_ id: UInt64, from start: UInt64, to end: UInt64) throws(PoolError) {
+        var position = start
+        while position < end {
+            let length = min(blockSize - position % blockSize, end - position)
+            try rangeLocks.withRange(id, blockRange(position, length)) { () throws(PoolError) in
+                let mapped = try lock.withSharedAccess { () throws(PoolError) -> Bool in
+                    let state = try volume(id, writing: true)
+                    try checkRange(state, position, length)
+                    return try mapErrors { try mappings.lookup(state.record.mappingRoot, position / blockSize) != nil }
+                }
+                guard mapped else { return }
+                try writeHoldingRange(
+                    id, at: position, from: UnsafeRawBufferPointer(rebasing: zeroes.bytes[0..<Int(length)]), forceUnitAccess: false)
+            }
+            position += length
+        }
+    }
+
+    /// Unmaps whole blocks, `sliceBlocks` per lock section.
+    private func unmapInSlices(_ id: UInt64, blocks: Range<UInt64>) throws(PoolError) {
+        var first = blocks.lowerBound
+        while first < blocks.upperBound {
+            let slice = first..<min(blocks.upperBound, first + Self.sliceBlocks)
+            try rangeLocks.withRange(id, slice) { () throws(PoolError) in
+                try lock.withLock { () throws(PoolError) in
+                    let state = try volume(id, writing: true)
+                    try checkRange(state, slice.lowerBound * blockSize, UInt64(slice.count) * blockSize)
+                    try unmapLocked(state, blocks: slice)
+                }
+            }
+            first = slice.upperBound
         }
     }
 
@@ -608,16 +684,15 @@ extension Pool {
 
     /// Discards whole blocks in the range (partial blocks are left as they are); they
     /// then read as zeros and their space returns to the pool at the next commit.
+    /// Sliced like `writeZeroes`, so a huge trim never holds the pool lock for long.
     public func trim(_ id: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) {
-        try rangeLocks.withRange(id, blockRange(offset, count)) { () throws(PoolError) in
-            try lock.withLock { () throws(PoolError) in
-                let state = try volume(id, writing: true)
-                try checkRange(state, offset, count)
-                let firstWhole = (offset + blockSize - 1) / blockSize
-                let endWhole = (offset + count) / blockSize
-                if firstWhole < endWhole { try unmapLocked(state, blocks: firstWhole..<endWhole) }
-            }
+        try lock.withSharedAccess { () throws(PoolError) in
+            let state = try volume(id, writing: true)
+            try checkRange(state, offset, count)
         }
+        let firstWhole = (offset + blockSize - 1) / blockSize
+        let endWhole = (offset + count) / blockSize
+        if firstWhole < endWhole { try unmapInSlices(id, blocks: firstWhole..<endWhole) }
     }
 
     func unmapLocked(_ state: VolumeState, blocks: Range<UInt64>) throws(PoolError) {

@@ -63,12 +63,14 @@ extension Pool {
         try commitLocked()
     }
 
+    /// One volume's description. Shared access: it does not wait for a commit's I/O.
     public func volumeInfo(_ name: String) throws(PoolError) -> VolumeInfo {
-        try lock.withLock { () throws(PoolError) in describe(try state(named: name)) }
+        try lock.withSharedAccess { () throws(PoolError) in describe(try state(named: name)) }
     }
 
+    /// Every volume, sorted by name. O(volumes), shared access.
     public func listVolumes() -> [VolumeInfo] {
-        lock.withLock { volumes.values.map { describe($0) }.sorted { $0.name < $1.name } }
+        lock.withSharedAccess { volumes.values.map { describe($0) }.sorted { $0.name < $1.name } }
     }
 
     /// Creates an empty thin volume. Its size may exceed the pool (overcommit). O(1).

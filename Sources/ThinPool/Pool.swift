@@ -94,6 +94,9 @@ public final class Pool: @unchecked Sendable {
     var autoGrowLocked: AutoGrowPolicy?
     /// Data blocks are known to read as zeros at or above this mark (sparse, never written).
     var zeroScratch: AlignedBuffer
+    /// Zeros that write-zeroes writes from, never written to (shared by every thread):
+    /// 1 MiB or one data block, whichever is larger.
+    let zeroes: AlignedBuffer
 
     public let blockSize: UInt64
     let dataOffset: UInt64
@@ -223,6 +226,7 @@ public final class Pool: @unchecked Sendable {
         self.dataOffset = superblock.dataOffset
         self.volumeTableRoot = superblock.volumeTableRoot
         self.zeroScratch = AlignedBuffer(count: Int(superblock.dataBlockSize))
+        self.zeroes = AlignedBuffer(count: max(1 << 20, Int(superblock.dataBlockSize)))
         store = MetadataStore(
             device: device, regionStart: superblock.metadataStart, regionBlocks: superblock.metadataBlocks,
             committedGeneration: superblock.generation)
@@ -340,8 +344,10 @@ public final class Pool: @unchecked Sendable {
         guard !isReadOnly else { return }
         try prepareCommitLocked()
         guard store.hasUncommittedChanges || superblock.dataBlocks != spaceMap.dataBlocks else {
-            // Only in-place data writes since the last commit: they need the barrier alone.
-            try mapErrors { try device.barrier() }
+            // Only in-place data writes since the last commit: they need the barrier
+            // alone, and reads go on meanwhile.
+            let device = self.device
+            try lock.admittingReaders { () throws(PoolError) in try mapErrors { try device.barrier() } }
             return
         }
         let freed = spaceMap.blocksPendingFree
@@ -425,9 +431,10 @@ public final class Pool: @unchecked Sendable {
     /// Whether data buffers should be 4 KiB-aligned (O_DIRECT); others are bounced.
     public var prefersAlignedBuffers: Bool { device is AIOFileDevice }
 
-    /// Sizes, usage and every volume. Cost: O(volumes), under the pool lock.
+    /// Sizes, usage and every volume. Cost: O(volumes), shared access to the pool lock
+    /// (it does not wait for a commit's I/O).
     public func info() -> PoolInfo {
-        lock.withLock {
+        lock.withSharedAccess {
             let space = spaceLocked()
             return PoolInfo(
                 path: path, uuid: superblock.uuid, engine: device.engineName, generation: superblock.generation,
@@ -441,9 +448,9 @@ public final class Pool: @unchecked Sendable {
         }
     }
 
-    /// Space usage alone, for monitors that sample it often. O(1), under the pool lock.
+    /// Space usage alone, for monitors that sample it often. O(1), shared access.
     public func space() -> PoolSpace {
-        lock.withLock { spaceLocked() }
+        lock.withSharedAccess { spaceLocked() }
     }
 
     private func spaceLocked() -> PoolSpace {
@@ -491,7 +498,7 @@ public struct PoolStatistics: Sendable, Equatable {
 
 extension Pool {
     /// Counts since open. O(1), takes the pool lock briefly.
-    public var statistics: PoolStatistics { lock.withLock { statisticsLocked } }
+    public var statistics: PoolStatistics { lock.withSharedAccess { statisticsLocked } }
 }
 
 /// A summary of the pool, as `thinbd info` prints it.

@@ -21,6 +21,12 @@ public struct ServeOptions: Sendable {
     public var commitIntervalMilliseconds = 1000
     /// Threads that run export operations (nil: the server's default).
     public var threads: Int?
+    /// `--loops`: event loop threads (nil: one per core).
+    public var loops: Int?
+    /// `--max-connections`.
+    public var maxConnections = 1024
+    /// `--handshake-timeout`.
+    public var handshakeTimeoutMilliseconds = 10_000
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
     /// `--ephemeral`: export names made on first use.
@@ -123,6 +129,12 @@ public enum ServeRunner {
         }
         var configuration = NBDServer.Configuration()
         if let threads = options.threads { configuration.ioThreads = threads }
+        if let loops = options.loops { configuration.eventLoopThreads = loops }
+        configuration.maxConnections = options.maxConnections
+        configuration.handshakeTimeout = .milliseconds(Int64(options.handshakeTimeoutMilliseconds))
+        // Debug builds stop at any call that could block a loop (docs/architecture.md).
+        configuration.eventLoopThreadSetup = { NonBlockingThread.markCurrent() }
+        SystemInfo.raiseOpenFileLimit()
         let server = NBDServer(provider: provider, configuration: configuration, log: log)
         let stop = DispatchSemaphore(value: 0)
         let exitStatus = ExitStatusBox()

@@ -110,6 +110,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func perform(_ requests: [IORequest]) throws {
+        NonBlockingThread.assertMayBlock("synchronous device I/O")
         let aligned = try bounceUnaligned(requests)
         guard !aligned.isEmpty else { return }
         try submitAndWait(aligned)
@@ -314,7 +315,10 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    public func barrier() throws { try Syscall.fdatasync(fd) }
+    public func barrier() throws {
+        NonBlockingThread.assertMayBlock("a device barrier")
+        try Syscall.fdatasync(fd)
+    }
 
     public func setSize(_ newSize: UInt64) throws { try Syscall.ftruncate(fd, newSize) }
 

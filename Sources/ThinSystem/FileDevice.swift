@@ -85,6 +85,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public var size: UInt64 { (try? Syscall.fileSize(fd)) ?? 0 }
 
     public func perform(_ requests: [IORequest]) throws {
+        NonBlockingThread.assertMayBlock("synchronous device I/O")
         for request in requests {
             switch request.kind {
             case .read:
@@ -110,7 +111,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         return .completed(nil)
     }
 
-    public func barrier() throws { try Syscall.fdatasync(fd) }
+    public func barrier() throws {
+        NonBlockingThread.assertMayBlock("a device barrier")
+        try Syscall.fdatasync(fd)
+    }
 
     public func setSize(_ newSize: UInt64) throws { try Syscall.ftruncate(fd, newSize) }
 

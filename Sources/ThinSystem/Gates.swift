@@ -38,6 +38,7 @@ public final class DrainGate: @unchecked Sendable {
 
     /// Becomes a holder (waits while a drain is pending). Cost: one uncontended mutex.
     public func enter() {
+        NonBlockingThread.assertMayBlock("entering the I/O gate")
         state.lock()
         while draining > 0 { state.wait() }
         holders += 1
@@ -62,6 +63,7 @@ public final class DrainGate: @unchecked Sendable {
 
     /// Waits until no holder is inside, then runs `body` with newcomers kept out.
     public func whileDrained<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        NonBlockingThread.assertMayBlock("draining the I/O gate")
         state.lock()
         draining += 1
         while holders > 0 { state.wait() }
@@ -133,6 +135,7 @@ public final class RangeLock: @unchecked Sendable {
     /// are taken together, once none is held by anyone else, so two callers locking
     /// several ranges cannot deadlock.
     public func withRanges<T, E: Error>(_ ranges: [(owner: UInt64, range: Range<UInt64>)], _ body: () throws(E) -> T) throws(E) -> T {
+        NonBlockingThread.assertMayBlock("a range lock")
         state.lock()
         while ranges.contains(where: { wanted in held.contains { $0.owner == wanted.owner && $0.range.overlaps(wanted.range) } }) {
             state.wait()

@@ -46,6 +46,7 @@ public final class PoolLock: @unchecked Sendable {
 
     @inline(__always)
     public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        NonBlockingThread.assertMayBlock("the pool lock")
         mutex.lock()
         pthread_rwlock_wrlock(access)
         defer {
@@ -58,6 +59,7 @@ public final class PoolLock: @unchecked Sendable {
     /// Read-only work on metadata: other readers, and a commit's I/O, may run meanwhile.
     @inline(__always)
     public func withSharedAccess<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        NonBlockingThread.assertMayBlock("shared access to the pool lock")
         pthread_rwlock_rdlock(access)
         defer { pthread_rwlock_unlock(access) }
         return try body()

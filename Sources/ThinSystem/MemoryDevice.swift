@@ -141,6 +141,13 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     // MARK: BlockDevice
 
     public func perform(_ requests: [IORequest]) throws {
+        NonBlockingThread.assertMayBlock("synchronous device I/O")
+        try performInMemory(requests)
+    }
+
+    /// `perform` without the blocking check: reads from memory never wait (writes may,
+    /// when a test holds them).
+    private func performInMemory(_ requests: [IORequest]) throws {
         if let hold = lock.withLock({ writeHold }),
             requests.contains(where: { $0.kind == .write && hold.range.overlaps($0.offset..<($0.offset + UInt64($0.buffer.count))) })
         {
@@ -188,7 +195,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     ) -> NonBlockingStart {
         precondition(requests.allSatisfy { $0.kind == .read })
         do {
-            try perform(requests)
+            try performInMemory(requests)
             return .completed(nil)
         } catch {
             return .completed(error as? SystemError ?? SystemError(.io, "\(error)"))
@@ -196,6 +203,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func barrier() throws {
+        NonBlockingThread.assertMayBlock("a device barrier")
         if let hold = lock.withLock({ barrierHold }) {
             barrierWaiting.signal()
             hold.wait()

@@ -116,6 +116,20 @@ extension Syscall {
 public enum SystemInfo {
     public static var processID: Int32 { getpid() }
 
+    /// Raises the soft limit on open descriptors to the hard limit (a server with many
+    /// connections needs one per connection); returns the limit now in force.
+    @discardableResult
+    public static func raiseOpenFileLimit() -> UInt64 {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 1024 }
+        if limit.rlim_cur < limit.rlim_max {
+            var raised = limit
+            raised.rlim_cur = limit.rlim_max
+            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &raised) == 0 { limit = raised }
+        }
+        return UInt64(limit.rlim_cur)
+    }
+
     public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) == 1 }
 
     /// Monotonic nanoseconds, for measuring durations.

@@ -53,6 +53,7 @@ import Testing
                         case .sendExportName(let reply): toClient.writeNBDExportNameReply(reply)
                         case .enterTransmission: parser.enterTransmission()
                         case .close: return nil
+                        case .ask: Issue.record("receive(_:catalog:) left a query unanswered")
                         }
                     }
                 }

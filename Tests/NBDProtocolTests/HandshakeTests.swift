@@ -128,4 +128,72 @@ func replyTypes(_ actions: [NBDHandshake.Action]) -> [NBDOptionReplyType] {
         #expect(replyTypes(abort) == [.ack])
         #expect(h.state == .closed)
     }
+
+    // MARK: The catalog is asked, never called
+
+    func go(_ name: String) -> NBDServerParser.Message {
+        option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: name, infoRequests: [])) }
+    }
+
+    @Test func optionsThatNeedExportsAskAndWait() {
+        var h = started()
+        #expect(h.receive(go("disk")) == [.ask(.open("disk"))])
+        #expect(h.state == .awaitingCatalog)
+        #expect(!h.acceptsMessages)
+        let actions = h.answer(.found(catalog.exports[0]))
+        #expect(replyTypes(actions) == [.info, .info, .ack])
+        guard case .enterTransmission = actions.last else { Issue.record("no transmission"); return }
+
+        var i = started()
+        #expect(i.receive(option(.info) { $0.writeNBDExportQuery(NBDExportQuery(name: "", infoRequests: [])) }) == [.ask(.describe(""))])
+        #expect(replyTypes(i.answer(.notFound)) == [.errUnknown])
+        #expect(i.state == .haggling && i.acceptsMessages)
+        #expect(i.receive(option(.list)) == [.ask(.list)])
+        #expect(replyTypes(i.answer(.exports(catalog.exports))) == [.server, .server, .ack])
+        #expect(i.receive(option(.exportName) { $0.writeString("disk") }) == [.ask(.open("disk"))])
+    }
+
+    @Test func aRefusedOpenIsAnErrorAndHagglingGoesOn() {
+        var h = started()
+        _ = h.receive(go("build-1"))
+        #expect(replyTypes(h.answer(.refused("build-1 is being changed", shuttingDown: false))) == [.errUnknown])
+        #expect(h.state == .haggling)
+        _ = h.receive(go("build-1"))
+        #expect(replyTypes(h.answer(.refused("server is shutting down", shuttingDown: true))) == [.errShutdown])
+        #expect(h.state == .haggling)
+        // EXPORT_NAME has no way to report an error: a refusal closes.
+        _ = h.receive(option(.exportName) { $0.writeString("build-1") })
+        guard case .close = h.answer(.refused("busy", shuttingDown: false)).first else {
+            Issue.record("a refused EXPORT_NAME must close")
+            return
+        }
+        #expect(h.state == .closed)
+    }
+
+    @Test func answersOutOfTurnAndMessagesWhileAskingClose() {
+        var unasked = started()
+        guard case .close = unasked.answer(.notFound).first else { Issue.record("an unasked answer must close"); return }
+        var mismatched = started()
+        _ = mismatched.receive(option(.list))
+        guard case .close = mismatched.answer(.found(catalog.exports[0])).first else {
+            Issue.record("an answer of the wrong kind must close")
+            return
+        }
+        var early = started()
+        _ = early.receive(go("disk"))
+        guard case .close = early.receive(option(.list)).first else {
+            Issue.record("a message while asking must close")
+            return
+        }
+    }
+
+    @Test func metaContextsAskWhetherTheExportExists() {
+        var h = started()
+        _ = h.receive(option(.structuredReply))
+        let query = NBDMetaContextQuery(exportName: "gone", queries: ["base:allocation"])
+        #expect(h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(query) }) == [.ask(.describe("gone"))])
+        #expect(replyTypes(h.answer(.notFound)) == [.errUnknown])
+        _ = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["base:allocation"])) })
+        #expect(replyTypes(h.answer(.found(catalog.exports[0]))) == [.metaContext, .ack])
+    }
 }

@@ -270,6 +270,13 @@ struct ModelMismatch: Error, CustomStringConvertible {
                 return
             }
             if step % 100 == 99 { try driver.verifyAll() }
+            if step % 25 == 24 {
+                let committed = driver.pool.checkCommittedState()
+                if !committed.isClean {
+                    Issue.record("seed \(seed) step \(step): the committed state's check failed:\n\((committed.damage + committed.fixable).prefix(10).joined(separator: "\n"))")
+                    return
+                }
+            }
         }
         try driver.verifyAll()
         // The run must have exercised the interesting paths, including a full pool.

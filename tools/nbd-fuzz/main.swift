@@ -165,6 +165,8 @@ func serve(_ input: [UInt8], _ rng: inout Rng) {
                     case .sendExportName(let reply):
                         var out = ByteBuffer()
                         out.writeNBDExportNameReply(reply)
+                    case .ask:
+                        fatalError("receive(_:catalog:) answers every query")
                     }
                 }
             }
