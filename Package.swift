@@ -87,7 +87,10 @@ let package = Package(
         .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinServe", "ThinSystem", "TestSupport"]),
         .testTarget(
             name: "NBDProtocolTests",
-            dependencies: ["NBDProtocol", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [
+                "NBDProtocol", "NBDServer", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
         ),
         .testTarget(name: "InteropTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"], exclude: ["scripts"]),
     ],

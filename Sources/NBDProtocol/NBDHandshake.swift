@@ -72,7 +72,7 @@ public struct NBDSession: Equatable, Sendable {
 public struct NBDHandshake: Sendable {
     public static let serverFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
     public static let allocationContext = "base:allocation"
-    static let allocationContextID: UInt32 = 1
+    public static let allocationContextID: UInt32 = 1
 
     public enum State: Equatable, Sendable { case awaitingClientFlags, haggling, awaitingCatalog, transmission, closed }
 

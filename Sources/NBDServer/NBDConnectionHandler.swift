@@ -1,18 +1,15 @@
 import NBDProtocol
 import NIOCore
-import NIOPosix
 
 /// Serves one NBD connection: the handshake, then requests executed concurrently and
 /// answered as they complete (possibly out of order). Reads start on the event loop
 /// when the export can do that without blocking (their disk I/O then completes on the
-/// loop too); everything else runs on the thread pool.
+/// loop too); everything else runs off the loop (`NBDServer.blocking`).
 ///
-/// The handshake never waits on the loop: export lookups and opens run on the thread
-/// pool (see `ask`).
-///
-/// Back-pressure: at most `maxInFlight` requests run at once; beyond that the handler
-/// stops parsing and stops asking the channel for reads, so a fast client cannot make
-/// the server buffer without bound.
+/// The handler holds no state flags: the handshake is `NBDHandshake` and the
+/// connection's life (in flight, held reads, draining, closed) is `NBDConnectionState`,
+/// both values that return actions which the handler carries out. The loop never
+/// waits: export lookups and opens are asked off the loop and answered back to it.
 final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -21,14 +18,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private let server: NBDServer
     private var parser = NBDServerParser()
     private var handshake = NBDHandshake()
+    private var state: NBDConnectionState
     private var session: NBDSession?
     private var export: NBDExport?
     private var pending = ByteBuffer()
-    private var inFlight = 0
-    private var readHeld = false
-    private var disconnecting = false
-    private var closed = false
     private let loopIO: LoopIO
+    /// A flush of replies written by loop completions is queued with the loop's I/O.
     private var flushScheduled = false
     /// The export a catalog answer opened, until the handshake enters transmission.
     private var openedExport: NBDExport?
@@ -40,7 +35,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// straight into a 4 KiB-aligned buffer of their own, instead of accumulating in
     /// `pending` (where every read would append and the buffer would regrow).
     private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
-    /// WRITEs parsed in the current pass: they go to the thread pool together.
+    /// WRITEs parsed in the current pass: they go off the loop together.
     private var gatheredWrites: [(cookie: UInt64, offset: UInt64, fua: Bool, payload: ByteBuffer)] = []
     /// WRITE payloads at least this large are assembled that way.
     static let assembledPayloadMinimum = 16384
@@ -48,6 +43,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     init(server: NBDServer, loopIO: LoopIO) {
         self.server = server
         self.loopIO = loopIO
+        state = NBDConnectionState(
+            maxInFlight: server.configuration.maxInFlightPerConnection,
+            maxInFlightBytes: server.configuration.maxInFlightBytesPerConnection)
     }
 
     // MARK: Lifecycle
@@ -55,23 +53,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelActive(context: ChannelHandlerContext) {
         guard server.connectionOpened(context.channel) else {
             // Past --max-connections: refused before it costs anything but the accept.
-            closed = true
-            context.close(promise: nil)
+            close(context: context, flush: false)
             return
         }
         let limit = server.configuration.handshakeTimeout
         handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: limit) { [self] in
-            guard !closed, session == nil else { return }
-            server.log("closing connection: no handshake within \(limit.nanoseconds / 1_000_000_000) s")
-            closed = true
-            context.close(promise: nil)
+            guard state.isOpen, !state.isInTransmission else { return }
+            server.log("closing connection: no handshake within \(limit.nanoseconds / 1_000_000) ms")
+            close(context: context, flush: false)
         }
         context.writeAndFlush(wrapOutboundOut(NBDHandshake.greeting()), promise: nil)
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        closed = true
+        state.closed()
         handshakeTimer?.cancel()
         handshakeTimer = nil
         if let export {
@@ -84,23 +80,50 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         server.log("connection error: \(error)")
-        context.close(promise: nil)
+        close(context: context, flush: false)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is NBDServer.ShutdownEvent {
             handshake.isShuttingDown = true
-            // Requests already received get ESHUTDOWN; running ones finish first.
-            processPending(context: context)
-            closeIfIdle(context: context)
+            // Parses what arrived (answered with errors), then closes when idle.
+            let actions = state.shutdownRequested()
+            if actions.contains(.parse) { processPending(context: context) }
+            run(actions.filter { $0 != .parse }, context: context)
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        run(state.writabilityChanged(context.channel.isWritable), context: context)
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Carries out what the connection state asked for.
+    private func run(_ actions: [NBDConnectionState.Action], context: ChannelHandlerContext) {
+        for action in actions {
+            switch action {
+            case .read: context.read()
+            case .parse: if pending.readableBytes > 0 { processPending(context: context) }
+            case .close: close(context: context, flush: true)
+            }
+        }
+    }
+
+    /// Closes the connection (the state machine's `.close`, or the handler's own reasons:
+    /// errors, timeouts); with `flush`, replies already written go out first. Closing
+    /// twice is harmless: the second close fails its (absent) promise.
+    private func close(context: ChannelHandlerContext, flush: Bool) {
+        state.closed()
+        if flush { context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil) }
+        context.close(promise: nil)
+    }
+
     // MARK: Input
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard state.isOpen else { return }
         var bytes = unwrapInboundIn(data)
         if assembly != nil {
             continueAssembly(with: &bytes, context: context)
@@ -115,28 +138,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if inFlight >= server.configuration.maxInFlightPerConnection || disconnecting {
-            readHeld = true
-        } else {
-            context.read()
-        }
+        if let action = state.readRequested() { run([action], context: context) }
     }
 
     private func processPending(context: ChannelHandlerContext) {
-        while !closed && !disconnecting && inFlight < server.configuration.maxInFlightPerConnection {
+        while state.mayParse {
             // While the export catalog is asked, later options wait their turn.
             if parser.phase != .transmission && !handshake.acceptsMessages { break }
-            if parser.phase == .transmission && session != nil && startAssembly(context: context) { break }
+            if parser.phase == .transmission && startAssembly(context: context) { break }
             let message: NBDServerParser.Message?
             do {
                 message = try parser.next(&pending)
             } catch {
                 server.log("closing connection: \(error)")
-                context.close(promise: nil)
+                close(context: context, flush: false)
                 return
             }
             guard let message else { break }
-            if parser.phase == .transmission && session != nil {
+            if parser.phase == .transmission {
                 handleTransmission(message, context: context)
             } else {
                 handleHandshake(message, context: context)
@@ -146,18 +165,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         dispatchGatheredWrites(context: context)
         context.flush()
         loopIO.scheduleSubmission()
+        run(state.inputProcessed(), context: context)
     }
 
-    /// Sends the WRITEs gathered in this pass to the thread pool as one batch: one
-    /// hand-off and one wake-up of the loop for all of them, and the export may plan
-    /// and submit them together.
+    /// Sends the WRITEs gathered in this pass off the loop as one batch: one hand-off
+    /// and one wake-up of the loop for all of them, and the export may plan and submit
+    /// them together.
     private func dispatchGatheredWrites(context: ChannelHandlerContext) {
         guard !gatheredWrites.isEmpty, let export else { return }
         // Handed over whole: the next pass starts a new array (keeping capacity here
         // would copy, since the batch still shares the storage).
         let writes = gatheredWrites
         gatheredWrites = []
-        let future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> [NBDExportError?] in
+        let future = server.blocking.run(on: context.eventLoop) { () -> [NBDExportError?] in
             // The payloads' storage is retained for the call, so their bytes stay put.
             var storages: [Unmanaged<AnyObject>] = []
             storages.reserveCapacity(writes.count)
@@ -172,8 +192,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return export.writeBatch(batch)
         }
         future.assumeIsolated().whenComplete { result in
+            var actions: [NBDConnectionState.Action] = []
             for (i, write) in writes.enumerated() {
-                self.inFlight -= 1
+                actions += self.state.requestFinished(bytes: write.payload.readableBytes)
+                guard self.state.isOpen else { continue }
                 switch result {
                 case .success(let outcomes):
                     var out = context.channel.allocator.buffer(capacity: 64)
@@ -182,14 +204,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                     } else {
                         NBDReplyEncoder.done(cookie: write.cookie, into: &out)
                     }
-                    if !self.closed { context.write(self.wrapOutboundOut(out), promise: nil) }
+                    context.write(self.wrapOutboundOut(out), promise: nil)
                 case .failure(let error):
                     // The thread pool stopped: the server is going away.
                     self.reply(error: .shutdown, "server is shutting down (\(error))", cookie: write.cookie, context: context)
                 }
             }
-            context.flush()
-            self.requestFinished(context: context)
+            if self.state.isOpen { context.flush() }
+            self.run(actions, context: context)
         }
     }
 
@@ -207,7 +229,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Called by the loop's I/O after a round of completions wrote replies.
     func flushReplies(context: ChannelHandlerContext) {
         flushScheduled = false
-        if !closed { context.flush() }
+        if state.isOpen { context.flush() }
     }
 
     /// Starts assembling when `pending` begins with a large WRITE whose payload has not
@@ -239,13 +261,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             assembly = current
             return
         }
-        guard !closed else { return }
         handleTransmission(.request(NBDRequest(header: current.header, payload: current.payload)), context: context)
         if bytes.readableBytes == 0 {
             // Nothing else arrived with it: parse what `pending` may hold, then flush.
             processPending(context: context)
         }
     }
+
+    // MARK: Handshake
 
     private func handleHandshake(_ message: NBDServerParser.Message, context: ChannelHandlerContext) {
         if case .option(let request) = message, request.option == .abort {
@@ -276,11 +299,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 parser.enterTransmission()
                 handshakeTimer?.cancel()
                 handshakeTimer = nil
+                state.enterTransmission()
             case .close(let reason):
                 if !abortRequested { server.log("closing connection during handshake: \(reason)") }
-                context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
-                context.close(promise: nil)
-                closed = true
+                close(context: context, flush: true)
                 return
             }
         }
@@ -288,19 +310,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if let unused = openedExport.take() { server.release(unused) }
     }
 
-    /// Asks the export provider on the thread pool (a lookup may wait for the pool lock,
-    /// an open may create and commit an ephemeral clone) and feeds the answer back on
-    /// the loop; meanwhile the loop serves its other connections.
+    /// Asks the export provider off the loop (a lookup may wait for the pool lock, an
+    /// open may create and commit an ephemeral clone) and feeds the answer back on the
+    /// loop; meanwhile the loop serves its other connections.
     private func ask(_ query: NBDHandshake.CatalogQuery, context: ChannelHandlerContext) {
         let server = self.server
         let channel = context.channel
-        let answered = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> CatalogResult in
+        let answered = server.blocking.run(on: context.eventLoop) { () -> CatalogResult in
             server.answer(query, for: channel)
         }
         answered.assumeIsolated().whenComplete { result in
             switch result {
             case .success(let found):
-                if self.closed {
+                guard self.state.isOpen else {
                     if let export = found.export { server.release(export) }
                     return
                 }
@@ -310,8 +332,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 self.processPending(context: context)
             case .failure:
                 // The thread pool stopped: the server is going away.
-                self.closed = true
-                context.close(promise: nil)
+                self.close(context: context, flush: false)
             }
         }
     }
@@ -329,22 +350,43 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .oversizedWrite(let oversized):
             reply(error: .invalid, "WRITE of \(oversized.length) bytes exceeds the 32 MiB maximum", cookie: oversized.cookie, context: context)
             return
-        default:
-            context.close(promise: nil)
+        case .clientFlags, .option, .oversizedOption:
+            // The parser yields requests only once in transmission.
+            close(context: context, flush: false)
             return
         }
-        if handshake.isShuttingDown && header.command != .disconnect {
-            reply(error: .shutdown, "server is shutting down", cookie: header.cookie, context: context)
+        switch state.admit() {
+        case .drop:
             return
+        case .refuseShuttingDown:
+            if header.command != .disconnect {
+                reply(error: .shutdown, "server is shutting down", cookie: header.cookie, context: context)
+            }
+            return
+        case .run:
+            break
         }
         switch NBDRequestValidator.validate(header, session: session) {
         case .reject(let error, let message):
             reply(error: error, message, cookie: header.cookie, context: context)
         case .execute(.disconnect):
-            disconnecting = true
-            closeIfIdle(context: context)
-        case .execute(let operation):
-            execute(operation, cookie: header.cookie, payload: payload.take(), export: export, session: session, context: context)
+            state.disconnectRequested()
+        case .execute(.write(let offset, let fua)):
+            let aligned = Self.alignedPayload(payload.take() ?? ByteBuffer(), allocator: context.channel.allocator)
+            state.requestStarted(bytes: aligned.readableBytes)
+            gatheredWrites.append((header.cookie, offset, fua, aligned))
+        case .execute(.read(let offset, let length, let dontFragment)):
+            state.requestStarted(bytes: Int(length))
+            read(offset: offset, length: length, dontFragment: dontFragment, cookie: header.cookie, export: export, session: session, context: context)
+        case .execute(.blocking(let operation)):
+            state.requestStarted(bytes: 0)
+            let allocator = context.channel.allocator
+            let future = server.blocking.run(on: context.eventLoop) { () -> Reply in
+                Reply(head: Self.perform(operation, cookie: header.cookie, export: export, session: session, allocator: allocator))
+            }
+            future.assumeIsolated().whenComplete { result in
+                self.finishRequest(result, bytes: 0, cookie: header.cookie, context: context, flush: true)
+            }
         }
     }
 
@@ -354,104 +396,69 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.write(wrapOutboundOut(out), promise: nil)
     }
 
-    private func execute(
-        _ operation: NBDOperation, cookie: UInt64, payload: ByteBuffer?, export: NBDExport, session: NBDSession,
+    private func read(
+        offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, export: NBDExport, session: NBDSession,
         context: ChannelHandlerContext
     ) {
-        inFlight += 1
-        if case .write(let offset, let fua) = operation {
-            gatheredWrites.append((cookie, offset, fua, Self.alignedPayload(payload ?? ByteBuffer(), allocator: context.channel.allocator)))
-            return
-        }
         let allocator = context.channel.allocator
-        let future: EventLoopFuture<Reply>
-        if case .read(let offset, let length, let dontFragment) = operation {
-            let structured = session.structuredReplies
-            let (data, target) = Self.makeReadBuffer(length: Int(length), allocator: allocator)
-            let reply = { @Sendable (result: Result<[NBDExtent], NBDExportError>) -> Reply in
-                Self.readReply(
-                    result, cookie: cookie, offset: offset, data: data, structured: structured, dontFragment: dontFragment,
-                    allocator: allocator)
-            }
-            let start = export.readWithoutBlocking(at: offset, into: target, queue: loopIO.queue) { result in
-                // On the loop, from its completion round.
-                self.finishRequest(.success(reply(result)), cookie: cookie, context: context, flush: false)
-            }
-            switch start {
-            case .completed(let result):
-                // Flushed with the rest of this pass by processPending.
-                inFlight -= 1
-                if !closed { write(reply(result), context: context) }
-                return
-            case .started:
-                return
-            case .wouldBlock:
-                break
-            }
-            // The pool thread is freed as soon as the disk read is submitted; the
-            // device's completion thread fulfils the promise.
+        let structured = session.structuredReplies
+        let bytes = Int(length)
+        let (data, target) = Self.makeReadBuffer(length: bytes, allocator: allocator)
+        let reply = { @Sendable (result: Result<[NBDExtent], NBDExportError>) -> Reply in
+            Self.readReply(
+                result, cookie: cookie, offset: offset, data: data, structured: structured, dontFragment: dontFragment,
+                allocator: allocator)
+        }
+        let start = export.readWithoutBlocking(at: offset, into: target, queue: loopIO.queue) { result in
+            // On the loop, from its completion round.
+            self.finishRequest(.success(reply(result)), bytes: bytes, cookie: cookie, context: context, flush: false)
+        }
+        switch start {
+        case .completed(let result):
+            // Flushed with the rest of this pass by processPending.
+            let actions = state.requestFinished(bytes: bytes)
+            if state.isOpen { write(reply(result), context: context) }
+            run(actions, context: context)
+        case .started:
+            break
+        case .wouldBlock:
+            // Off the loop; the worker is freed as soon as the disk read is submitted,
+            // and the device's completion thread fulfils the promise.
             let promise = context.eventLoop.makePromise(of: Reply.self)
-            server.threadPool.submit { state in
-                guard case .active = state else {
-                    promise.fail(NBDExportError(.shutdown, "server is shutting down"))
-                    return
-                }
-                export.readAsync(at: offset, into: target) { promise.succeed(reply($0)) }
+            // The reply buffer owns this memory and outlives the read (`reply` holds it).
+            nonisolated(unsafe) let memory = target
+            server.blocking.submit(orFail: promise) {
+                export.readAsync(at: offset, into: memory) { promise.succeed(reply($0)) }
             }
-            future = promise.futureResult
-        } else {
-            future = server.threadPool.runIfActive(eventLoop: context.eventLoop) { () -> Reply in
-                Reply(head: Self.perform(operation, cookie: cookie, payload: payload, export: export, session: session, allocator: allocator))
+            promise.futureResult.assumeIsolated().whenComplete { result in
+                self.finishRequest(result, bytes: bytes, cookie: cookie, context: context, flush: true)
             }
-        }
-        future.assumeIsolated().whenComplete { result in
-            self.finishRequest(result, cookie: cookie, context: context, flush: true)
         }
     }
 
-    /// Sends a request's reply (or ESHUTDOWN when the thread pool refused it) and lets
-    /// the next requests in. Completions from the loop's queue leave the flush to the
-    /// end of their round.
+    /// Sends a request's reply (or ESHUTDOWN when the workers refused it) and lets the
+    /// next requests in. Completions from the loop's queue leave the flush to the end of
+    /// their round.
     private func finishRequest(
-        _ result: Result<Reply, Error>, cookie: UInt64, context: ChannelHandlerContext, flush: Bool
+        _ result: Result<Reply, Error>, bytes: Int, cookie: UInt64, context: ChannelHandlerContext, flush: Bool
     ) {
-        inFlight -= 1
-        switch result {
-        case .success(let out):
-            if !closed { write(out, context: context) }
-        case .failure(let error):
-            // The thread pool stopped: the server is going away.
-            reply(error: .shutdown, "server is shutting down (\(error))", cookie: cookie, context: context)
+        let actions = state.requestFinished(bytes: bytes)
+        if state.isOpen {
+            switch result {
+            case .success(let out):
+                write(out, context: context)
+            case .failure(let error):
+                // The thread pool stopped: the server is going away.
+                reply(error: .shutdown, "server is shutting down (\(error))", cookie: cookie, context: context)
+            }
+            if flush {
+                context.flush()
+            } else if !flushScheduled {
+                flushScheduled = true
+                loopIO.flushAfterCompletions(self, context)
+            }
         }
-        if flush {
-            context.flush()
-        } else if !flushScheduled {
-            flushScheduled = true
-            loopIO.flushAfterCompletions(self, context)
-        }
-        requestFinished(context: context)
-    }
-
-    private func requestFinished(context: ChannelHandlerContext) {
-        if closed { return }
-        if disconnecting || handshake.isShuttingDown {
-            closeIfIdle(context: context)
-        }
-        if pending.readableBytes > 0 { processPending(context: context) }
-        if readHeld && inFlight < server.configuration.maxInFlightPerConnection && !disconnecting {
-            readHeld = false
-            context.read()
-        }
-    }
-
-    /// Soft disconnect or shutdown: close once every request in flight has been answered.
-    private func closeIfIdle(context: ChannelHandlerContext) {
-        guard inFlight == 0, !closed else { return }
-        if disconnecting || handshake.isShuttingDown {
-            closed = true
-            context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
-            context.close(promise: nil)
-        }
+        run(actions, context: context)
     }
 
     /// An empty buffer whose reader and writer index sit on a 4 KiB-aligned address,
@@ -508,20 +515,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Runs one operation on a pool thread and builds its reply. Never throws: failures
-    /// become error replies.
+    /// Runs one blocking operation off the loop and builds its reply. Never throws:
+    /// failures become error replies.
     private static func perform(
-        _ operation: NBDOperation, cookie: UInt64, payload: ByteBuffer?, export: NBDExport, session: NBDSession,
+        _ operation: NBDBlockingOperation, cookie: UInt64, export: NBDExport, session: NBDSession,
         allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var out = allocator.buffer(capacity: 64)
         let structured = session.structuredReplies
         do throws(NBDExportError) {
             switch operation {
-            case .read:
-                preconditionFailure("reads go through readWithoutBlocking or readAsync")
-            case .write:
-                preconditionFailure("writes go through dispatchGatheredWrites")
             case .writeZeroes(let offset, let length, let mayTrim, let fua):
                 try export.writeZeroes(at: offset, length: UInt64(length), mayTrim: mayTrim, fua: fua)
                 NBDReplyEncoder.done(cookie: cookie, into: &out)
@@ -536,12 +539,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 _ = try export.extents(at: offset, length: UInt64(length))
                 NBDReplyEncoder.done(cookie: cookie, into: &out)
             case .blockStatus(let offset, let length, let onlyOne):
+                // The validator admits BLOCK_STATUS only with a negotiated context.
+                let contextID = session.allocationContextID ?? NBDHandshake.allocationContextID
                 let extents = try export.extents(at: offset, length: UInt64(length))
                 NBDReplyEncoder.blockStatus(
-                    cookie: cookie, contextID: session.allocationContextID!, offset: offset, length: length,
+                    cookie: cookie, contextID: contextID, offset: offset, length: length,
                     extents: extents, onlyOne: onlyOne, into: &out)
-            case .disconnect:
-                preconditionFailure("DISC is handled on the event loop")
             }
         } catch {
             out.clear()

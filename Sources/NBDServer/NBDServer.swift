@@ -12,6 +12,14 @@ public final class NBDServer: @unchecked Sendable {
     public struct Configuration: Sendable {
         /// Requests one connection may have running at once.
         public var maxInFlightPerConnection = 64
+        /// Payload bytes (read buffers, write data) one connection's running requests
+        /// may hold; past it nothing more is read from that client until some finish.
+        /// A connection's memory is bounded by this plus one request (32 MiB) plus the
+        /// socket's outbound high-water mark.
+        public var maxInFlightBytesPerConnection = 32 << 20
+        /// Replies waiting in a connection's outbound buffer past which its input is
+        /// no longer read (a client that stops reading replies gets back-pressure).
+        public var outboundHighWaterMark = 4 << 20
         /// Threads that run export operations. They mostly wait for the disk, so there
         /// are enough of them to keep a queue depth of 32 busy.
         public var ioThreads = 32
@@ -35,6 +43,8 @@ public final class NBDServer: @unchecked Sendable {
     public let configuration: Configuration
     let group: MultiThreadedEventLoopGroup
     let threadPool: NIOThreadPool
+    /// Where connections run what may block.
+    let blocking: BlockingWork
     private let logger: @Sendable (String) -> Void
     private let lock = NIOLock()
     private var listeners: [Channel] = []
@@ -46,7 +56,12 @@ public final class NBDServer: @unchecked Sendable {
     private var loopIOs: [ObjectIdentifier: LoopIO] = [:]
     private let idle: EventLoopPromise<Void>
 
-    public init(provider: NBDExportProvider, configuration: Configuration = Configuration(), log: @escaping @Sendable (String) -> Void = { _ in }) {
+    public convenience init(provider: NBDExportProvider, configuration: Configuration = Configuration(), log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.init(provider: provider, configuration: configuration, log: log, inlineBlockingWork: false)
+    }
+
+    /// `inlineBlockingWork`: for handler tests on an `EmbeddedChannel` only.
+    init(provider: NBDExportProvider, configuration: Configuration, log: @escaping @Sendable (String) -> Void, inlineBlockingWork: Bool) {
         self.provider = provider
         self.configuration = configuration
         self.logger = log
@@ -56,6 +71,7 @@ public final class NBDServer: @unchecked Sendable {
         }
         threadPool = NIOThreadPool(numberOfThreads: configuration.ioThreads)
         threadPool.start()
+        blocking = inlineBlockingWork ? .inline : .threadPool(threadPool)
         idle = group.next().makePromise()
     }
 
@@ -89,6 +105,10 @@ public final class NBDServer: @unchecked Sendable {
             // socket costs the client a wake-up before it can send more. 256 KiB holds
             // what a client's socket buffer holds (about 208 KiB by default).
             .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelOption(
+                .writeBufferWaterMark,
+                value: ChannelOptions.Types.WriteBufferWaterMark(
+                    low: configuration.outboundHighWaterMark / 2, high: configuration.outboundHighWaterMark))
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10))
             .childChannelInitializer { [unowned self] channel in self.childInitializer(channel) }
     }
@@ -199,7 +219,7 @@ public final class NBDServer: @unchecked Sendable {
     /// Gives an export back when its connection is done with it. On the thread pool:
     /// closing may block (an ephemeral volume's bookkeeping).
     func release(_ export: NBDExport) {
-        threadPool.submit { _ in export.close() }
+        blocking.submit { export.close() }
     }
 
     public var connectionCount: Int { lock.withLock { connections.count } }

@@ -1,15 +1,25 @@
 import NBDProtocol
 
-/// A request that passed validation, ready for the export.
+/// A request that passed validation, ready for the export, by the path it takes
+/// through the server (so no path meets an operation it cannot run).
 public enum NBDOperation: Equatable, Sendable {
+    /// Starts on the event loop when the export can do it without blocking.
     case read(offset: UInt64, length: UInt32, dontFragment: Bool)
+    /// Gathered with the other WRITEs of an input pass and run as one batch.
     case write(offset: UInt64, fua: Bool)
+    /// Handled on the event loop: the connection drains and closes.
+    case disconnect
+    /// Runs on the thread pool.
+    case blocking(NBDBlockingOperation)
+}
+
+/// The operations that always run on the thread pool.
+public enum NBDBlockingOperation: Equatable, Sendable {
     case writeZeroes(offset: UInt64, length: UInt32, mayTrim: Bool, fua: Bool)
     case trim(offset: UInt64, length: UInt32, fua: Bool)
     case flush
     case cache(offset: UInt64, length: UInt32)
     case blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool)
-    case disconnect
 }
 
 /// The one place requests are checked (range, flags, permissions, negotiation). Past
@@ -52,7 +62,7 @@ public enum NBDRequestValidator {
             return .execute(.disconnect)
         case .flush:
             guard header.offset == 0, header.length == 0 else { return .reject(.invalid, "FLUSH must have zero offset and length") }
-            return .execute(.flush)
+            return .execute(.blocking(.flush))
         case .read, .write:
             guard Int(header.length) <= NBDLimits.maxPayload else {
                 return .reject(.invalid, "\(command) of \(header.length) bytes exceeds the 32 MiB maximum")
@@ -70,20 +80,20 @@ public enum NBDRequestValidator {
                 // Writing allocated zeros costs as much as a write: fail fast as asked.
                 return .reject(.notSupported, "fast zeroing without holes is not faster than writing")
             }
-            return .execute(.writeZeroes(offset: header.offset, length: header.length, mayTrim: !noHole, fua: fua))
+            return .execute(.blocking(.writeZeroes(offset: header.offset, length: header.length, mayTrim: !noHole, fua: fua)))
         case .trim:
             guard inBounds else { return .reject(.invalid, "TRIM beyond the end of the export (\(size) bytes)") }
-            return .execute(.trim(offset: header.offset, length: header.length, fua: fua))
+            return .execute(.blocking(.trim(offset: header.offset, length: header.length, fua: fua)))
         case .cache:
             guard inBounds else { return .reject(.invalid, "CACHE beyond the end of the export (\(size) bytes)") }
-            return .execute(.cache(offset: header.offset, length: header.length))
+            return .execute(.blocking(.cache(offset: header.offset, length: header.length)))
         case .blockStatus:
             guard session.allocationContextID != nil else {
                 return .reject(.invalid, "BLOCK_STATUS without a negotiated metadata context")
             }
             guard inBounds else { return .reject(.invalid, "BLOCK_STATUS beyond the end of the export (\(size) bytes)") }
             guard header.length > 0 else { return .reject(.invalid, "BLOCK_STATUS of zero bytes") }
-            return .execute(.blockStatus(offset: header.offset, length: header.length, onlyOne: header.flags.contains(.requestOne)))
+            return .execute(.blocking(.blockStatus(offset: header.offset, length: header.length, onlyOne: header.flags.contains(.requestOne))))
         default:
             return .reject(.invalid, "unknown command \(command.rawValue)")
         }

@@ -140,7 +140,7 @@ func serve(_ input: [UInt8], _ rng: inout Rng) {
                     var out = ByteBuffer()
                     let data = ByteBuffer(repeating: 0, count: Int(length))
                     NBDReplyEncoder.read(cookie: request.header.cookie, offset: off, data: data, extents: [NBDExtent(offset: off, length: UInt64(length), isHole: length % 2 == 0)], structured: session.structuredReplies, dontFragment: df, into: &out)
-                case .execute(.blockStatus(let off, let length, let one)):
+                case .execute(.blocking(.blockStatus(let off, let length, let one))):
                     var out = ByteBuffer()
                     NBDReplyEncoder.blockStatus(cookie: 1, contextID: session.allocationContextID ?? 1, offset: off, length: length, extents: [NBDExtent(offset: off, length: UInt64(length), isHole: true)], onlyOne: one, into: &out)
                 case .execute(.disconnect):

@@ -1,0 +1,194 @@
+/// One connection's life after the greeting, as a value that returns actions: when to
+/// read from the socket, when to parse the next request, when to close. The handler
+/// keeps no flags of its own; it reports events here and carries out what comes back.
+///
+/// ```
+///                enterTransmission        DISC / shutdown      idle, input processed
+///   handshake ───────────────────► active ───────────────► draining ─────────────────► closed
+///       │                             │                                                  ▲
+///       └─────────────────────────────┴── channel closed, handshake ends it, shutdown ───┘
+/// ```
+///
+/// Back-pressure lives here: requests run at most `maxInFlight` at once and hold at most
+/// about `maxInFlightBytes` of payload (read buffers and write data), and nothing more is
+/// read or parsed while the socket's outbound buffer is above its high-water mark
+/// (a client that stops reading replies stops being read), so a connection's memory is
+/// bounded whatever its client does.
+struct NBDConnectionState {
+    enum DrainReason: Equatable {
+        /// NBD_CMD_DISC: nothing more is parsed; close when the running requests are done.
+        case clientDisconnect
+        /// The server shuts down: requests that arrive get ESHUTDOWN; close when idle.
+        case serverShutdown
+    }
+
+    enum Phase: Equatable {
+        case handshake
+        case active
+        case draining(DrainReason)
+        case closed
+    }
+
+    enum Action: Equatable {
+        /// Ask the channel for more bytes.
+        case read
+        /// Parse what has arrived (room opened up).
+        case parse
+        /// Flush, then close the connection.
+        case close
+    }
+
+    /// What to do with a request that was parsed.
+    enum Admission: Equatable {
+        /// Validate and run it.
+        case run
+        /// Answer ESHUTDOWN (the server is shutting down).
+        case refuseShuttingDown
+        /// Drop it: the connection is closing.
+        case drop
+    }
+
+    let maxInFlight: Int
+    let maxInFlightBytes: Int
+    private(set) var phase: Phase = .handshake
+    private(set) var inFlight = 0
+    private(set) var inFlightBytes = 0
+    /// The channel asked to read while reading was not allowed; read once it is.
+    private(set) var readHeld = false
+    private(set) var writable = true
+
+    init(maxInFlight: Int, maxInFlightBytes: Int) {
+        precondition(maxInFlight > 0 && maxInFlightBytes > 0)
+        self.maxInFlight = maxInFlight
+        self.maxInFlightBytes = maxInFlightBytes
+    }
+
+    /// Whether replies may still be written.
+    var isOpen: Bool { phase != .closed }
+
+    var isInTransmission: Bool {
+        switch phase {
+        case .active, .draining: true
+        case .handshake, .closed: false
+        }
+    }
+
+    private var hasRoom: Bool { inFlight < maxInFlight && inFlightBytes < maxInFlightBytes && writable }
+
+    /// Whether the next message may be taken from the input now.
+    var mayParse: Bool {
+        switch phase {
+        case .handshake: writable
+        case .active: hasRoom
+        // What arrived is answered with small ESHUTDOWN replies; the input is bounded
+        // (reading stopped with the socket's room), so this needs no room of its own.
+        case .draining(.serverShutdown): true
+        case .draining(.clientDisconnect), .closed: false
+        }
+    }
+
+    private var mayRead: Bool {
+        switch phase {
+        case .handshake, .draining(.serverShutdown): writable
+        case .active: hasRoom
+        case .draining(.clientDisconnect), .closed: false
+        }
+    }
+
+    /// The channel wants to read: do it now, or hold it until there is room.
+    mutating func readRequested() -> Action? {
+        guard mayRead else {
+            readHeld = true
+            return nil
+        }
+        return .read
+    }
+
+    /// The handshake ended; requests may come.
+    mutating func enterTransmission() {
+        guard phase == .handshake else { return }
+        phase = .active
+    }
+
+    /// A parsed request: run it, refuse it, or drop it.
+    func admit() -> Admission {
+        switch phase {
+        case .active: .run
+        case .draining(.serverShutdown): .refuseShuttingDown
+        case .handshake, .draining(.clientDisconnect), .closed: .drop
+        }
+    }
+
+    /// A request started running, holding `bytes` of payload (read buffer or write data).
+    mutating func requestStarted(bytes: Int) {
+        precondition(phase == .active, "requests start only while active")
+        inFlight += 1
+        inFlightBytes += bytes
+    }
+
+    /// A request's reply was written (or dropped).
+    mutating func requestFinished(bytes: Int) -> [Action] {
+        precondition(inFlight > 0 && inFlightBytes >= bytes, "a request finished that never started")
+        inFlight -= 1
+        inFlightBytes -= bytes
+        return roomChanged()
+    }
+
+    /// NBD_CMD_DISC: stop taking requests; close once the running ones are answered
+    /// (see `inputProcessed`).
+    mutating func disconnectRequested() {
+        guard phase == .active else { return }
+        phase = .draining(.clientDisconnect)
+    }
+
+    /// The handler parsed what it could: a draining connection with nothing running
+    /// closes now (a shutting-down one has answered what had arrived with ESHUTDOWN).
+    mutating func inputProcessed() -> [Action] {
+        if case .draining = phase, inFlight == 0 { return close() }
+        return []
+    }
+
+    /// The server shuts down: running requests finish, requests that arrived get
+    /// ESHUTDOWN, then the connection closes. A connection still in its handshake answers
+    /// the options that arrived (NBD_REP_ERR_SHUTDOWN, from the handshake) and closes.
+    mutating func shutdownRequested() -> [Action] {
+        switch phase {
+        case .handshake:
+            return [.parse, .close]
+        case .active:
+            phase = .draining(.serverShutdown)
+            return [.parse]
+        case .draining, .closed:
+            return []
+        }
+    }
+
+    /// The socket's outbound buffer crossed a water mark.
+    mutating func writabilityChanged(_ isWritable: Bool) -> [Action] {
+        writable = isWritable
+        return isWritable ? roomChanged() : []
+    }
+
+    /// Closing for any other reason (handshake ended it, errors, timeouts, the peer).
+    mutating func closed() {
+        phase = .closed
+        readHeld = false
+    }
+
+    private mutating func close() -> [Action] {
+        phase = .closed
+        readHeld = false
+        return [.close]
+    }
+
+    private mutating func roomChanged() -> [Action] {
+        if phase == .draining(.clientDisconnect) && inFlight == 0 { return close() }
+        var actions: [Action] = []
+        if mayParse { actions.append(.parse) }
+        if readHeld && mayRead {
+            readHeld = false
+            actions.append(.read)
+        }
+        return actions
+    }
+}

@@ -1,0 +1,278 @@
+import Foundation
+import NBDProtocol
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@testable import NBDServer
+
+/// A 1 MiB in-memory export named "disk", counting opens and closes.
+final class MemoryExports: NBDExportProvider, @unchecked Sendable {
+    let lock = NSLock()
+    var bytes = [UInt8](repeating: 0, count: 1 << 20)
+    var opens = 0
+    var closes = 0
+    /// When set, `open` fails with it (an export being changed, a full pool).
+    var refusal: NBDExportError?
+
+    var description: NBDExportDescription {
+        NBDExportDescription(name: "disk", size: UInt64(bytes.count), isReadOnly: false, description: "memory")
+    }
+
+    func describe(_ name: String) -> NBDExportDescription? { name == "disk" ? description : nil }
+    func allExports() -> [NBDExportDescription] { [description] }
+
+    func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport {
+        let refused = lock.withLock { () -> NBDExportError? in
+            if let refusal { return refusal }
+            opens += 1
+            return nil
+        }
+        if let refused { throw refused }
+        return MemoryExport(exports: self)
+    }
+}
+
+final class MemoryExport: NBDExport, @unchecked Sendable {
+    let exports: MemoryExports
+    init(exports: MemoryExports) { self.exports = exports }
+
+    var exportDescription: NBDExportDescription { exports.description }
+
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent] {
+        exports.lock.withLock {
+            exports.bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) }
+        }
+        return [NBDExtent(offset: offset, length: UInt64(buffer.count), isHole: false)]
+    }
+
+    func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError) {
+        exports.lock.withLock { exports.bytes.replaceSubrange(Int(offset)..<Int(offset) + buffer.count, with: buffer) }
+    }
+
+    func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError) {
+        exports.lock.withLock { exports.bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length))) }
+    }
+
+    func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(NBDExportError) {}
+    func flush() throws(NBDExportError) {}
+    func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent] {
+        [NBDExtent(offset: offset, length: length, isHole: false)]
+    }
+    func close() { exports.lock.withLock { exports.closes += 1 } }
+}
+
+/// The connection handler driven through an `EmbeddedChannel`, with its off-loop work
+/// run inline: every byte in and out is checked, deterministically.
+@Suite struct ConnectionHandlerTests {
+    final class Harness {
+        let exports = MemoryExports()
+        let server: NBDServer
+        var channels: [EmbeddedChannel] = []
+        let logLines = NSLockedLines()
+
+        init(configure: (inout NBDServer.Configuration) -> Void = { _ in }) {
+            var configuration = NBDServer.Configuration()
+            configuration.eventLoopThreads = 1
+            configuration.ioThreads = 1
+            configure(&configuration)
+            let lines = logLines
+            server = NBDServer(provider: exports, configuration: configuration, log: { lines.append($0) }, inlineBlockingWork: true)
+        }
+
+        deinit { server.shutdown(timeout: .milliseconds(10)) }
+
+        /// A connected channel with the handler; the greeting is consumed when `greet`.
+        func connect(greet: Bool = true) throws -> EmbeddedChannel {
+            let channel = EmbeddedChannel()
+            let handler = NBDConnectionHandler(server: server, loopIO: LoopIO(eventLoop: channel.eventLoop))
+            try channel.pipeline.syncOperations.addHandler(handler)
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 10809)).wait()
+            channels.append(channel)
+            if greet {
+                var greeting = try output(channel)
+                #expect(try greeting.readNBDGreeting() == NBDHandshake.serverFlags)
+            }
+            return channel
+        }
+
+        /// Everything the handler wrote so far, as one buffer.
+        func output(_ channel: EmbeddedChannel) throws -> ByteBuffer {
+            var all = ByteBuffer()
+            while var part = try channel.readOutbound(as: ByteBuffer.self) { all.writeBuffer(&part) }
+            return all
+        }
+
+        func send(_ channel: EmbeddedChannel, _ fill: (inout ByteBuffer) -> Void) throws {
+            var buffer = ByteBuffer()
+            fill(&buffer)
+            try channel.writeInbound(buffer)
+        }
+
+        /// Client flags, then GO for "disk"; returns the option replies.
+        func negotiate(_ channel: EmbeddedChannel) throws -> [NBDOptionReply] {
+            try send(channel) {
+                $0.writeNBDClientFlags([.fixedNewstyle, .noZeroes])
+                $0.writeNBDOptionRequest(NBDOptionRequest(option: .go, payload: query("disk")))
+            }
+            return try optionReplies(channel)
+        }
+
+        func optionReplies(_ channel: EmbeddedChannel) throws -> [NBDOptionReply] {
+            var out = try output(channel)
+            var replies: [NBDOptionReply] = []
+            while let reply = try out.readNBDOptionReply() { replies.append(reply) }
+            return replies
+        }
+
+        func query(_ name: String) -> ByteBuffer {
+            var payload = ByteBuffer()
+            payload.writeNBDExportQuery(NBDExportQuery(name: name, infoRequests: []))
+            return payload
+        }
+
+        func request(_ command: NBDCommand, cookie: UInt64, offset: UInt64 = 0, length: UInt32 = 0, payload: [UInt8]? = nil) -> NBDRequest {
+            NBDRequest(
+                header: NBDRequestHeader(command: command, cookie: cookie, offset: offset, length: length),
+                payload: payload.map { ByteBuffer(bytes: $0) })
+        }
+
+        /// Simple reply headers (and, for reads, their data of `readLength` bytes).
+        func replies(_ channel: EmbeddedChannel, readLength: Int = 0) throws -> [(NBDSimpleReplyHeader, [UInt8])] {
+            var out = try output(channel)
+            var result: [(NBDSimpleReplyHeader, [UInt8])] = []
+            while let header = try out.readNBDSimpleReplyHeader() {
+                let data = header.error == .none && readLength > 0 ? out.readBytes(length: readLength) ?? [] : []
+                result.append((header, data))
+            }
+            return result
+        }
+    }
+
+    @Test func aWholeSessionWritesReadsAndDisconnects() throws {
+        let harness = Harness()
+        let channel = try harness.connect()
+        let replies = try harness.negotiate(channel)
+        #expect(replies.map(\.type) == [.info, .info, .ack])
+        #expect(harness.exports.opens == 1)
+        let data = (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        try harness.send(channel) {
+            $0.writeNBDRequest(harness.request(.write, cookie: 1, offset: 8192, length: 4096, payload: data))
+            $0.writeNBDRequest(harness.request(.flush, cookie: 2))
+        }
+        let written = try harness.replies(channel)
+        #expect(written.map(\.0.cookie).sorted() == [1, 2])
+        #expect(written.allSatisfy { $0.0.error == .none })
+        try harness.send(channel) { $0.writeNBDRequest(harness.request(.read, cookie: 3, offset: 8192, length: 4096)) }
+        let read = try harness.replies(channel, readLength: 4096)
+        #expect(read.count == 1 && read[0].0.cookie == 3 && read[0].1 == data)
+        // Out of range: an error reply, the connection stays.
+        try harness.send(channel) { $0.writeNBDRequest(harness.request(.read, cookie: 4, offset: 1 << 20, length: 512)) }
+        #expect(try harness.replies(channel).map(\.0.error) == [.invalid])
+        try harness.send(channel) { $0.writeNBDRequest(harness.request(.disconnect, cookie: 5)) }
+        #expect(!channel.isActive, "DISC closes once idle")
+        #expect(harness.exports.closes == 1, "the export is given back")
+        #expect(harness.server.connectionCount == 0)
+    }
+
+    @Test func aRefusedOpenIsAnErrorAndTheClientMayTryAgain() throws {
+        let harness = Harness()
+        harness.exports.refusal = NBDExportError(.shutdown, "disk is being changed by a management command")
+        let channel = try harness.connect()
+        let refused = try harness.negotiate(channel)
+        #expect(refused.map(\.type) == [.errShutdown])
+        #expect(channel.isActive)
+        #expect(harness.server.connectionCounts().isEmpty, "a refused open is not counted as a client of the export")
+        harness.exports.refusal = nil
+        try harness.send(channel) { $0.writeNBDOptionRequest(NBDOptionRequest(option: .go, payload: harness.query("disk"))) }
+        #expect(try harness.optionReplies(channel).map(\.type) == [.info, .info, .ack])
+        #expect(harness.server.connectionCounts() == ["disk": 1])
+    }
+
+    @Test func optionsThatArriveTogetherAreAnsweredInOrder() throws {
+        let harness = Harness()
+        let channel = try harness.connect()
+        try harness.send(channel) {
+            $0.writeNBDClientFlags([.fixedNewstyle, .noZeroes])
+            $0.writeNBDOptionRequest(NBDOptionRequest(option: .list, payload: ByteBuffer()))
+            $0.writeNBDOptionRequest(NBDOptionRequest(option: .info, payload: harness.query("nope")))
+            $0.writeNBDOptionRequest(NBDOptionRequest(option: .go, payload: harness.query("disk")))
+        }
+        let replies = try harness.optionReplies(channel)
+        #expect(replies.map(\.option) == [.list, .list, .info, .go, .go, .go])
+        #expect(replies.map(\.type) == [.server, .ack, .errUnknown, .info, .info, .ack])
+    }
+
+    @Test func aClientThatNeverFinishesTheHandshakeIsDropped() throws {
+        let harness = Harness { $0.handshakeTimeout = .seconds(3) }
+        let channel = try harness.connect()
+        try harness.send(channel) { $0.writeNBDClientFlags([.fixedNewstyle]) }
+        channel.embeddedEventLoop.advanceTime(by: .seconds(2))
+        #expect(channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(2))
+        #expect(!channel.isActive, "the handshake timeout closes it")
+        #expect(harness.server.connectionCount == 0)
+        #expect(harness.logLines.contains("no handshake within"))
+
+        // One that finishes in time stays past the timeout.
+        let served = try harness.connect()
+        _ = try harness.negotiate(served)
+        served.embeddedEventLoop.advanceTime(by: .seconds(10))
+        #expect(served.isActive)
+    }
+
+    @Test func connectionsPastTheLimitAreClosedAtOnce() throws {
+        let harness = Harness { $0.maxConnections = 2 }
+        let first = try harness.connect()
+        let second = try harness.connect()
+        let third = try harness.connect(greet: false)
+        #expect(first.isActive && second.isActive)
+        #expect(!third.isActive)
+        #expect(try harness.output(third).readableBytes == 0, "no greeting for a refused connection")
+        #expect(harness.server.connectionCount == 2)
+        #expect(harness.logLines.contains("--max-connections"))
+        try first.close().wait()
+        let fourth = try harness.connect()
+        #expect(fourth.isActive, "room again after one closed")
+    }
+
+    @Test func aClientThatStopsReadingRepliesStopsBeingRead() throws {
+        let harness = Harness()
+        let channel = try harness.connect()
+        _ = try harness.negotiate(channel)
+        channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
+        try harness.send(channel) { $0.writeNBDRequest(harness.request(.read, cookie: 9, offset: 0, length: 4096)) }
+        #expect(try harness.replies(channel).isEmpty, "nothing is parsed while the client does not read")
+        channel.isWritable = true
+        channel.pipeline.fireChannelWritabilityChanged()
+        let replies = try harness.replies(channel, readLength: 4096)
+        #expect(replies.map(\.0.cookie) == [9])
+    }
+
+    @Test func shutdownAnswersArrivedRequestsAndCloses() throws {
+        let harness = Harness()
+        let channel = try harness.connect()
+        _ = try harness.negotiate(channel)
+        channel.isWritable = false
+        channel.pipeline.fireChannelWritabilityChanged()
+        try harness.send(channel) {
+            $0.writeNBDRequest(harness.request(.read, cookie: 1, offset: 0, length: 512))
+            $0.writeNBDRequest(harness.request(.flush, cookie: 2))
+        }
+        // Still not writable: the arrived requests are answered with ESHUTDOWN anyway.
+        channel.pipeline.fireUserInboundEventTriggered(NBDServer.ShutdownEvent())
+        let replies = try harness.replies(channel)
+        #expect(replies.map(\.0.error) == [.shutdown, .shutdown])
+        #expect(!channel.isActive)
+        #expect(harness.exports.closes == 1)
+    }
+}
+
+/// Log lines collected from the server, thread-safe.
+final class NSLockedLines: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    func append(_ line: String) { lock.withLock { lines.append(line) } }
+    func contains(_ text: String) -> Bool { lock.withLock { lines.contains { $0.contains(text) } } }
+}
