@@ -83,7 +83,8 @@ let package = Package(
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
         .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"]),
         .target(name: "TestSupport", path: "Tests/TestSupport"),
-        .testTarget(name: "ThinControlTests", dependencies: ["ThinControl", "ThinTransfer", "ThinPool", "ThinSystem", "TestSupport"]),
+        .testTarget(name: "ThinControlTests", dependencies: ["ThinControl", "ThinPool", "ThinSystem", "TestSupport"]),
+        .testTarget(name: "ThinTransferTests", dependencies: ["ThinTransfer", "ThinPool", "ThinSystem"]),
         .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinServe", "ThinSystem", "TestSupport"]),
         .testTarget(
             name: "NBDProtocolTests",

@@ -177,6 +177,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         // would copy, since the batch still shares the storage).
         let writes = gatheredWrites
         gatheredWrites = []
+        if let limit = export.rateLimit {
+            // The batch waits for its slowest member's turn.
+            let wait = writes.map { limit.reserve(bytes: $0.payload.readableBytes) }.max() ?? .zero
+            if wait > .zero {
+                context.eventLoop.assumeIsolated().scheduleTask(in: wait) {
+                    self.runWrites(writes, export: export, context: context)
+                }
+                return
+            }
+        }
+        runWrites(writes, export: export, context: context)
+    }
+
+    private func runWrites(
+        _ writes: [(cookie: UInt64, offset: UInt64, fua: Bool, payload: ByteBuffer)], export: NBDExport,
+        context: ChannelHandlerContext
+    ) {
         let future = server.blocking.run(on: context.eventLoop) { () -> [NBDExportError?] in
             // The payloads' storage is retained for the call, so their bytes stay put.
             var storages: [Unmanaged<AnyObject>] = []
@@ -377,16 +394,37 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             gatheredWrites.append((header.cookie, offset, fua, aligned))
         case .execute(.read(let offset, let length, let dontFragment)):
             state.requestStarted(bytes: Int(length))
-            read(offset: offset, length: length, dontFragment: dontFragment, cookie: header.cookie, export: export, session: session, context: context)
+            withinLimit(of: export, bytes: Int(length), context: context) {
+                self.read(
+                    offset: offset, length: length, dontFragment: dontFragment, cookie: header.cookie, export: export,
+                    session: session, context: context)
+            }
         case .execute(.blocking(let operation)):
             state.requestStarted(bytes: 0)
-            let allocator = context.channel.allocator
-            let future = server.blocking.run(on: context.eventLoop) { () -> Reply in
-                Reply(head: Self.perform(operation, cookie: header.cookie, export: export, session: session, allocator: allocator))
+            withinLimit(of: export, bytes: operation.limitedBytes, context: context) {
+                let allocator = context.channel.allocator
+                let future = self.server.blocking.run(on: context.eventLoop) { () -> Reply in
+                    Reply(head: Self.perform(operation, cookie: header.cookie, export: export, session: session, allocator: allocator))
+                }
+                future.assumeIsolated().whenComplete { result in
+                    self.finishRequest(result, bytes: 0, cookie: header.cookie, context: context, flush: true)
+                }
             }
-            future.assumeIsolated().whenComplete { result in
-                self.finishRequest(result, bytes: 0, cookie: header.cookie, context: context, flush: true)
-            }
+        }
+    }
+
+    /// Runs `start` now, or, when the export's rate limit says to wait, later on this
+    /// loop (never blocking it). The request counts as in flight meanwhile, so a
+    /// throttled client also stops being read once it has `maxInFlight` waiting.
+    private func withinLimit(of export: NBDExport, bytes: Int, context: ChannelHandlerContext, _ start: @escaping () -> Void) {
+        guard let limit = export.rateLimit else { return start() }
+        let wait = limit.reserve(bytes: bytes)
+        guard wait > .zero else { return start() }
+        context.eventLoop.assumeIsolated().scheduleTask(in: wait) {
+            start()
+            // What `processPending` does after a pass: send what is ready, submit reads.
+            context.flush()
+            self.loopIO.scheduleSubmission()
         }
     }
 

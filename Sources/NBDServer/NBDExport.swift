@@ -45,6 +45,10 @@ public protocol NBDExport: AnyObject, Sendable {
     /// Called when the last connection using this export object closes.
     func close()
 
+    /// The rate limit every request to this export draws from (nil: none). The server
+    /// delays requests on its event loop by what it says; it never blocks.
+    var rateLimit: NBDRateLimit? { get }
+
     /// Like `read`, but may return before the data is there and call `completion` from
     /// another thread; `buffer` stays valid until then. Runs on the server's thread pool.
     func readAsync(
@@ -100,6 +104,8 @@ public protocol NBDLoopQueue: AnyObject {
 }
 
 extension NBDExport {
+    public var rateLimit: NBDRateLimit? { nil }
+
     public func readAsync(
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
         completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void

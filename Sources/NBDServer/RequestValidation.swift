@@ -20,6 +20,13 @@ public enum NBDBlockingOperation: Equatable, Sendable {
     case flush
     case cache(offset: UInt64, length: UInt32)
     case blockStatus(offset: UInt64, length: UInt32, onlyOne: Bool)
+
+    /// The bytes a rate limit charges: zeros that are written (NO_HOLE) cost what a
+    /// write does; the rest only count as operations.
+    public var limitedBytes: Int {
+        if case .writeZeroes(_, let length, false, _) = self { return Int(length) }
+        return 0
+    }
 }
 
 /// The one place requests are checked (range, flags, permissions, negotiation). Past

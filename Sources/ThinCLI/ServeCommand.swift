@@ -1,5 +1,6 @@
 import ArgumentParser
 import Logging
+import ThinControl
 import ThinPool
 import ThinServe
 import ThinSystem
@@ -36,6 +37,11 @@ struct ServeCommand: ParsableCommand {
 
     @Option(help: "Event loop threads that carry connections (default: one per core). Each has its own disk queue.")
     var loops: Int?
+
+    @Option(help: ArgumentHelp(
+        "PATTERN=IOPS[,BYTES/s]: exports matching PATTERN share a token bucket of IOPS requests and BYTES per second (0: unlimited); the last matching rule wins; changed live with thinbd limit (repeatable).",
+        valueName: "RULE"))
+    var limit: [String] = []
 
     @Option(name: .customLong("max-connections"), help: "Connections served at once (default 1024); more are closed as soon as they are accepted.")
     var maxConnections: Int = 1024
@@ -114,6 +120,9 @@ struct ServeCommand: ParsableCommand {
         if let threads, !(1...1024).contains(threads) {
             throw ValidationError("--threads must be between 1 and 1024")
         }
+        for rule in limit where ExportLimitRule.parse(rule) == nil {
+            throw ValidationError("--limit \(rule): expected PATTERN=IOPS[,BYTES/s], for example 'build-*=1000,100M'")
+        }
         if let loops, !(1...256).contains(loops) {
             throw ValidationError("--loops must be between 1 and 256")
         }
@@ -164,6 +173,7 @@ struct ServeCommand: ParsableCommand {
         options.metadataCacheBytes = metadataCache?.bytes
         options.threads = threads
         options.loops = loops
+        options.limits = limit.compactMap(ExportLimitRule.parse)
         options.maxConnections = maxConnections
         options.handshakeTimeoutMilliseconds = Int(handshakeTimeout * 1000)
         options.ephemeralRules = ephemeral.compactMap(Self.parseEphemeral)

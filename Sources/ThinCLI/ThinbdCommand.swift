@@ -17,7 +17,7 @@ public struct ThinbdCommand: ParsableCommand {
         subcommands: [
             CreateCommand.self, InfoCommand.self, CheckCommand.self, GrowCommand.self, VolumeCommand.self,
             SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, ImportCommand.self,
-            ExportCommand.self, ServeCommand.self,
+            ExportCommand.self, ServeCommand.self, LimitCommand.self,
             DemoCommand.self,
         ]
     )

@@ -23,6 +23,10 @@ public enum ControlCommand: Equatable, Sendable {
     case grow(size: UInt64)
     /// The served exports and their connection counts (served pools only).
     case exports
+    /// Sets the rate limit of exports matching a pattern (0 = no limit), served pools only.
+    case setLimit(ExportLimitRule)
+    /// The rate-limit rules in force (served pools only).
+    case limits
 
     /// The protocol version this build speaks; bumped only for incompatible changes.
     public static let protocolVersion: UInt64 = 1
@@ -42,13 +46,16 @@ public enum ControlCommand: Equatable, Sendable {
         case .check: "check"
         case .grow: "grow"
         case .exports: "exports"
+        case .setLimit: "limit"
+        case .limits: "limits"
         }
     }
 
     /// Whether the command changes the pool (a read-only pool refuses it).
     public var modifiesPool: Bool {
         switch self {
-        case .hello, .info, .list, .check, .exports: false
+        // Limits change the server, not the pool.
+        case .hello, .info, .list, .check, .exports, .setLimit, .limits: false
         default: true
         }
     }
@@ -56,7 +63,8 @@ public enum ControlCommand: Equatable, Sendable {
     public var json: JSON {
         var fields: [(String, JSON)] = [("command", .string(name))]
         switch self {
-        case .hello, .info, .list, .check, .exports: break
+        case .hello, .info, .list, .check, .exports, .limits: break
+        case .setLimit(let rule): fields += rule.fields
         case .createVolume(let name, let size): fields += [("name", .string(name)), ("size", .number(size))]
         case .delete(let name, let force): fields += [("name", .string(name)), ("force", .bool(force))]
         case .rename(let from, let to): fields += [("name", .string(from)), ("new_name", .string(to))]
@@ -103,6 +111,12 @@ public enum ControlCommand: Equatable, Sendable {
         case "check": self = .check
         case "grow": self = .grow(size: try number("size"))
         case "exports": self = .exports
+        case "limit":
+            self = .setLimit(
+                ExportLimitRule(
+                    pattern: try string("pattern"), operationsPerSecond: try number("iops"),
+                    bytesPerSecond: try number("bytes_per_second")))
+        case "limits": self = .limits
         default: throw .invalidRequest("unknown command \"\(command)\"")
         }
     }
@@ -153,4 +167,25 @@ public enum ControlReply: Equatable, Sendable {
                     message: error?["message"]?.stringValue ?? "the server gave no reason"))
         }
     }
+}
+
+/// A per-export rate limit: exports whose names match `pattern` (`*` and `?`) share
+/// their own token buckets of `operationsPerSecond` requests and `bytesPerSecond`
+/// bytes (0: no limit on that one).
+public struct ExportLimitRule: Equatable, Sendable {
+    public var pattern: String
+    public var operationsPerSecond: UInt64
+    public var bytesPerSecond: UInt64
+
+    public init(pattern: String, operationsPerSecond: UInt64, bytesPerSecond: UInt64) {
+        self.pattern = pattern
+        self.operationsPerSecond = operationsPerSecond
+        self.bytesPerSecond = bytesPerSecond
+    }
+
+    var fields: [(String, JSON)] {
+        [("pattern", .string(pattern)), ("iops", .number(operationsPerSecond)), ("bytes_per_second", .number(bytesPerSecond))]
+    }
+
+    public var json: JSON { .object(fields) }
 }

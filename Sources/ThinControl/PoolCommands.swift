@@ -23,6 +23,13 @@ public protocol ServedExports: AnyObject, Sendable {
     /// with `in-use`. Runs `body`, admits connections again, and returns how many were
     /// closed.
     func whileClosed(_ names: [String], disconnect: Bool, _ body: () throws(ControlError) -> Void) throws(ControlError) -> Int
+
+    /// Sets (or, with both rates 0, lifts) the limit of exports matching the rule's
+    /// pattern, for connections already open too; returns the rules now in force.
+    func setLimit(_ rule: ExportLimitRule) -> [ExportLimitRule]
+
+    /// The rate-limit rules in force, most recent last (the last match wins).
+    func limits() -> [ExportLimitRule]
 }
 
 /// Runs control commands on an open pool: the one implementation behind both the
@@ -140,6 +147,13 @@ public struct PoolCommands: Sendable {
         case .grow(let size):
             try pooled { () throws(PoolError) in try pool.grow(to: size) }
             return infoJSON(pool.info())
+        case .setLimit(let rule):
+            guard let served else { throw ControlError(code: "not-served", message: "limits apply to a served pool; start thinbd serve first") }
+            guard !rule.pattern.isEmpty else { throw ControlError(code: "invalid-argument", message: "a limit needs an export pattern") }
+            return .array(served.setLimit(rule).map(\.json))
+        case .limits:
+            guard let served else { throw ControlError(code: "not-served", message: "limits apply to a served pool; start thinbd serve first") }
+            return .array(served.limits().map(\.json))
         case .exports:
             guard let served else { throw ControlError(code: "not-served", message: "the pool is not served") }
             let counts = served.connectionCounts()

@@ -24,6 +24,10 @@ final class ServedPool: ServedExports {
 
     func connectionCounts() -> [String: Int] { server.connectionCounts() }
 
+    func setLimit(_ rule: ExportLimitRule) -> [ExportLimitRule] { provider.limits.set(rule) }
+
+    func limits() -> [ExportLimitRule] { provider.limits.rules }
+
     func renamed(from old: String, to new: String) { server.exportRenamed(from: old, to: new) }
 
     func whileClosed(_ names: [String], disconnect: Bool, _ body: () throws(ControlError) -> Void) throws(ControlError) -> Int {

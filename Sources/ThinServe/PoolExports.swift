@@ -1,5 +1,6 @@
 import NBDProtocol
 import NBDServer
+import ThinControl
 import ThinPool
 import ThinSystem
 
@@ -29,6 +30,8 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
     let ephemeral: EphemeralVolumes?
     /// Export-name patterns whose FLUSH and FUA return at once (`--no-flush`).
     let noFlushPatterns: [String]
+    /// `--limit` and the control socket's `limit`: per-export rate limits.
+    let limits: ExportLimits
     /// `--metrics`: per-export counters (nil: none kept).
     var metrics: ServeMetrics?
     /// Connection events, at debug level.
@@ -38,7 +41,11 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         self.init(pool: pool, readOnly: readOnly, defaultExport: defaultExport, ephemeral: nil, noFlushPatterns: [])
     }
 
-    init(pool: Pool, readOnly: Bool, defaultExport: String?, ephemeral: EphemeralVolumes?, noFlushPatterns: [String]) {
+    init(
+        pool: Pool, readOnly: Bool, defaultExport: String?, ephemeral: EphemeralVolumes?, noFlushPatterns: [String],
+        limits: [ExportLimitRule] = []
+    ) {
+        self.limits = ExportLimits(rules: limits)
         self.pool = pool
         self.readOnly = readOnly
         self.defaultExport = defaultExport
@@ -112,23 +119,29 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
                 throw nbdError(error)
             }
         }
-        let release: (@Sendable () -> Void)?
+        let limits = self.limits
+        let rateLimit = limits.acquire(name)
+        let release: @Sendable () -> Void
         if counted, let ephemeral {
-            release = { @Sendable in ephemeral.release(name) }
+            release = { @Sendable in
+                limits.release(name)
+                ephemeral.release(name)
+            }
         } else {
-            release = nil
+            release = { @Sendable in limits.release(name) }
         }
         do {
             let skipFlush = noFlushPatterns.contains { ExportPattern.matches($0, name) }
             let exportMetrics = metrics?.export(name)
+            exportMetrics?.limited(by: rateLimit)
             let export = VolumeExport(
                 pool: pool, id: try pool.volumeID(name), description: description, buffers: buffers, skipFlush: skipFlush,
-                metrics: exportMetrics, onClose: release)
+                metrics: exportMetrics, rateLimit: rateLimit, onClose: release)
             exportMetrics?.connected(1)
             debugLog?("client connected to \(name)")
             return export
         } catch {
-            release?()
+            release()
             throw nbdError(error)
         }
     }
@@ -145,12 +158,15 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     /// consistent after a crash, the data written since the last commit may be lost).
     let skipFlush: Bool
     let metrics: ExportMetrics?
+    /// Shared by every connection to this export (`--limit`).
+    let rateLimit: NBDRateLimit?
     private let onClose: (@Sendable () -> Void)?
 
     init(
         pool: Pool, id: UInt64, description: NBDExportDescription, buffers: AlignedBufferPool, skipFlush: Bool = false,
-        metrics: ExportMetrics? = nil, onClose: (@Sendable () -> Void)? = nil
+        metrics: ExportMetrics? = nil, rateLimit: NBDRateLimit? = nil, onClose: (@Sendable () -> Void)? = nil
     ) {
+        self.rateLimit = rateLimit
         self.pool = pool
         self.id = id
         self.exportDescription = description
@@ -289,6 +305,8 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     }
 
     func close() {
+        // The time this connection waited for its limit is counted before it goes.
+        metrics?.sampleLimit()
         metrics?.connected(-1)
         onClose?()
     }

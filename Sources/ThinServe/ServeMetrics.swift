@@ -1,6 +1,7 @@
 import Metrics
 import struct Prometheus.PrometheusMetricsFactory
 import class Prometheus.PrometheusCollectorRegistry
+import NBDServer
 import ThinPool
 import ThinSystem
 
@@ -51,6 +52,7 @@ final class ServeMetrics: @unchecked Sendable {
     /// Samples the pool's gauges and counters (O(1)); called before each scrape and by
     /// the space monitor.
     func samplePool() {
+        for export in lock.withLock({ Array(exports.values) }) { export.sampleLimit() }
         let space = pool.space()
         usedBytes.record(space.dataUsedBytes)
         freeBytes.record(space.dataFreeBytes)
@@ -113,8 +115,14 @@ final class ExportMetrics: @unchecked Sendable {
 
     private let operations: [PerOperation]
     private let connectionGauge: Gauge
+    private let limitOperations: Gauge
+    private let limitBytes: Gauge
+    private let throttled: Counter
     private let lock = Lock()
     private var connections = 0
+    /// The export's rate limit while it has connections (sampled at each scrape).
+    private weak var rateLimit: NBDRateLimit?
+    private var reportedDelay: UInt64 = 0
 
     init(_ export: String) {
         operations = Operation.allCases.map { operation in
@@ -127,6 +135,35 @@ final class ExportMetrics: @unchecked Sendable {
         }
         connectionGauge = Gauge(label: "thinbd_connections", dimensions: [("export", export)])
         connectionGauge.record(0)
+        limitOperations = Gauge(label: "thinbd_export_limit_iops", dimensions: [("export", export)])
+        limitBytes = Gauge(label: "thinbd_export_limit_bytes_per_second", dimensions: [("export", export)])
+        throttled = Counter(label: "thinbd_export_throttled_nanoseconds_total", dimensions: [("export", export)])
+        limitOperations.record(0)
+        limitBytes.record(0)
+    }
+
+    /// Connections to this export draw from `limit`.
+    func limited(by limit: NBDRateLimit) {
+        lock.withLock {
+            if rateLimit !== limit {
+                rateLimit = limit
+                reportedDelay = limit.delayedNanoseconds
+            }
+        }
+        sampleLimit()
+    }
+
+    /// Reports the limit in force (0: none) and the time requests waited for it.
+    func sampleLimit() {
+        lock.withLock {
+            guard let limit = rateLimit else { return }
+            let rates = limit.rates
+            limitOperations.record(Int64(clamping: rates.operationsPerSecond))
+            limitBytes.record(Int64(clamping: rates.bytesPerSecond))
+            let delay = limit.delayedNanoseconds
+            if delay > reportedDelay { throttled.increment(by: Int64(clamping: delay - reportedDelay)) }
+            reportedDelay = delay
+        }
     }
 
     /// Records one finished request that started at `started` (monotonic nanoseconds).
@@ -149,6 +186,9 @@ final class ExportMetrics: @unchecked Sendable {
             metrics.latency.destroy()
         }
         connectionGauge.destroy()
+        limitOperations.destroy()
+        limitBytes.destroy()
+        throttled.destroy()
     }
 
     func connected(_ delta: Int) {

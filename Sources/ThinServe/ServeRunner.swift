@@ -25,6 +25,8 @@ public struct ServeOptions: Sendable {
     public var loops: Int?
     /// `--max-connections`.
     public var maxConnections = 1024
+    /// `--limit`: per-export rate limits.
+    public var limits: [ExportLimitRule] = []
     /// `--handshake-timeout`.
     public var handshakeTimeoutMilliseconds = 10_000
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
@@ -99,7 +101,7 @@ public enum ServeRunner {
             graceMilliseconds: options.ephemeralGraceMilliseconds, log: log)
         let provider = PoolExportProvider(
             pool: pool, readOnly: options.readOnly, defaultExport: options.defaultExport, ephemeral: ephemeral,
-            noFlushPatterns: options.noFlushPatterns)
+            noFlushPatterns: options.noFlushPatterns, limits: options.limits)
         var metrics: ServeMetrics?
         var metricsEndpoint: MetricsEndpoint?
         if let address = options.metricsAddress {

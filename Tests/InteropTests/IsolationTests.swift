@@ -28,4 +28,18 @@ import ThinPool
         #expect(served.stop() == 0)
         expectSuccess(try served.cli(["check", "POOL"]), "check")
     }
+
+    /// `--limit` and `thinbd limit`: two connections to a limited export share its rate,
+    /// an unlimited export is not held back, and live changes reach open connections.
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func perExportLimitsAreSharedAndChangeLive() throws {
+        let served = try ServedPool()
+        try served.createVolume("lim-a", size: "16M")
+        try served.createVolume("free", size: "16M")
+        try served.start(["--limit", "lim-*=200"])
+        let result = try Peers.python("limits.py", [served.socket, CLI.executable, served.pool], timeout: 120)
+        expectSuccess(result, "per-export limits")
+        print(result.stdout)
+        #expect(served.stop() == 0)
+    }
 }

@@ -52,7 +52,8 @@ import ThinSystem
         .createVolume(name: "vm", size: 10 << 30), .delete(name: "vm@s", force: true), .delete(name: "x", force: false),
         .rename(from: "a", to: "b"), .resize(name: "vm", size: 4096, force: true),
         .snapshot(name: "vm@golden", ifMissing: true), .clone(source: "vm@golden", name: "build-1", ifMissing: false),
-        .rollback(snapshot: "vm@golden", force: true),
+        .rollback(snapshot: "vm@golden", force: true), .limits,
+        .setLimit(ExportLimitRule(pattern: "build-*", operationsPerSecond: 1000, bytesPerSecond: 100 << 20)),
     ]
 
     @Test func commandsRoundTripThroughOneLine() throws {
@@ -135,7 +136,16 @@ import ThinSystem
 final class FakeServedExports: ServedExports, @unchecked Sendable {
     var counts: [String: Int]
     var closedDuringBody: [String] = []
+    var rules: [ExportLimitRule] = []
     init(_ counts: [String: Int]) { self.counts = counts }
+
+    func setLimit(_ rule: ExportLimitRule) -> [ExportLimitRule] {
+        rules.removeAll { $0.pattern == rule.pattern }
+        rules.append(rule)
+        return rules
+    }
+
+    func limits() -> [ExportLimitRule] { rules }
 
     func connectionCounts() -> [String: Int] { counts }
     var serverURIs: [String] { ["nbd+unix:///?socket=/tmp/x.sock"] }
