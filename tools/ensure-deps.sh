@@ -18,7 +18,7 @@ if [ "${1:-build}" = test ]; then
 fi
 
 if [ "${1:-build}" = bench ]; then
-    for package in fio qemu-utils nbdkit libnbd-bin; do
+    for package in fio qemu-utils nbdkit libnbd-bin python3-libnbd; do
         have "$package" || need+=("$package")
     done
 fi

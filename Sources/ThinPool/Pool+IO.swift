@@ -72,12 +72,12 @@ extension Pool {
     /// released, so reads from many connections reach the disk together.
     @discardableResult
     public func read(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> [Extent] {
-        let (requests, extents) = try planRead(id, at: offset, into: buffer)!
-        // planRead entered the gate under the pool lock (where no commit can be draining
-        // it), so no commit hands the planned blocks to someone else before this is done.
-        defer { ioGate.leave() }
-        if !requests.isEmpty { try mapErrors { try device.perform(requests) } }
-        return extents
+        let plan = try planRead(id, at: offset, into: buffer)!
+        // planRead entered the gate under the pool lock, before any commit that frees the
+        // planned blocks, so that commit waits for this read before handing them out.
+        defer { ioGate.leave(plan.ticket) }
+        if !plan.requests.isEmpty { try mapErrors { try device.perform(plan.requests) } }
+        return plan.extents
     }
 
     /// Like `read`, but returns once the disk reads are submitted; `completion` runs when
@@ -88,17 +88,17 @@ extension Pool {
         _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
         completion: @escaping @Sendable (Result<[Extent], PoolError>) -> Void
     ) {
-        let requests: [IORequest]
-        let extents: [Extent]
+        let plan: ReadPlan
         do {
-            (requests, extents) = try planRead(id, at: offset, into: buffer)!
+            plan = try planRead(id, at: offset, into: buffer)!
         } catch {
             completion(.failure(error))
             return
         }
         let gate = ioGate
-        device.submit(requests) { error in
-            gate.leave()
+        let (ticket, extents) = (plan.ticket, plan.extents)
+        device.submit(plan.requests) { error in
+            gate.leave(ticket)
             completion(error.map { .failure(.io($0)) } ?? .success(extents))
         }
     }
@@ -129,28 +129,28 @@ extension Pool {
             return .completed(.failure(error))
         }
         guard let plan else { return .wouldBlock }
-        guard !plan.requests.isEmpty else {
-            ioGate.leave()
-            return .completed(.success(plan.extents))
-        }
         let gate = ioGate
-        let extents = plan.extents
+        let (ticket, extents) = (plan.ticket, plan.extents)
+        guard !plan.requests.isEmpty else {
+            gate.leave(ticket)
+            return .completed(.success(extents))
+        }
         switch device.startReadsWithoutBlocking(plan.requests, on: queue, completion: { error in
-            gate.leave()
+            gate.leave(ticket)
             completion(error.map { .failure(.io($0)) } ?? .success(extents))
         }) {
         case .started:
             return .started
         case .completed(let error):
-            gate.leave()
+            gate.leave(ticket)
             return .completed(error.map { .failure(.io($0)) } ?? .success(extents))
         case .wouldBlock:
-            gate.leave()
+            gate.leave(ticket)
             return .wouldBlock
         }
     }
 
-    private typealias ReadPlan = (requests: [IORequest], extents: [Extent])
+    private typealias ReadPlan = (requests: [IORequest], extents: [Extent], ticket: DrainGate.Ticket)
 
     /// Looks the range up and zeroes the holes in `buffer`; on success the caller holds
     /// the I/O gate and must leave it once the planned requests are done. Non-blocking
@@ -162,21 +162,17 @@ extension Pool {
         func plan() throws(PoolError) -> ReadPlan? {
             let state = try volume(id, writing: false)
             try checkRange(state, offset, UInt64(buffer.count))
-            var plan: ReadPlan = ([], [])
+            var found: (requests: [IORequest], extents: [Extent]) = ([], [])
             if buffer.count > 0 {
                 do throws(MetadataError) {
-                    plan = try lookUpRead(state, at: offset, into: buffer, cachedOnly: !blocking)
+                    found = try lookUpRead(state, at: offset, into: buffer, cachedOnly: !blocking)
                 } catch {
                     if case .notCached = error { return nil }
                     throw PoolError(error)
                 }
             }
-            if blocking {
-                ioGate.enter()
-            } else if !ioGate.tryEnter() {
-                return nil
-            }
-            return plan
+            // Entered under the lock, so before any commit that frees these blocks.
+            return (found.requests, found.extents, ioGate.enter())
         }
         if blocking { return try lock.withSharedAccess(plan) }
         return try lock.tryWithSharedAccess(plan) ?? nil
@@ -184,7 +180,7 @@ extension Pool {
 
     private func lookUpRead(
         _ state: VolumeState, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool
-    ) throws(MetadataError) -> ReadPlan {
+    ) throws(MetadataError) -> (requests: [IORequest], extents: [Extent]) {
         let end = offset + UInt64(buffer.count)
         var batch = RequestBatch()
         var runs = ExtentList()
@@ -237,15 +233,47 @@ extension Pool {
     }
 
     /// `write` for a caller that holds the range lock of the blocks written.
-    private func writeHoldingRange(_ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool) throws(PoolError) {
+    ///
+    /// `zeroFill`: `data` is all zeros, so new blocks that are known to read as zeros
+    /// (above the zero mark) and are wholly covered, or were unmapped, get no data I/O
+    /// at all, and other whole blocks have their storage released (a hole in the pool
+    /// file, made durable by the commit's barrier like a write): write-zeroes without
+    /// holes then costs metadata, not bandwidth. The blocks stay allocated in the pool.
+    private func writeHoldingRange(
+        _ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool, zeroFill: Bool = false
+    ) throws(PoolError) {
         let (state, plan) = try lock.withLock { () throws(PoolError) -> (VolumeState, WritePlan) in
             let state = try volume(id, writing: true)
             try checkRange(state, offset, UInt64(data.count))
             return (state, try planWriteLocked(state, at: offset, count: UInt64(data.count), reserveOnly: true))
         }
+        var entries = plan.entries
+        if zeroFill {
+            let blockSize = self.blockSize
+            entries.removeAll { entry in
+                !entry.inPlace && entry.targetReadsZero && (entry.current == nil || entry.length == blockSize)
+            }
+            // Whole blocks are zeroed by releasing their storage (they then read as
+            // zeros) instead of writing zeros; where the host cannot, zeros are written.
+            var runs: [(start: UInt64, blocks: UInt64, entries: [Int])] = []
+            for (index, entry) in entries.enumerated() where entry.length == blockSize {
+                let physical = entry.inPlace ? entry.current! : entry.target
+                if let last = runs.last, last.start + last.blocks == physical {
+                    runs[runs.count - 1].blocks += 1
+                    runs[runs.count - 1].entries.append(index)
+                } else {
+                    runs.append((physical, 1, [index]))
+                }
+            }
+            var released = Set<Int>()
+            for run in runs where device.discard(at: diskOffset(run.start), length: run.blocks * blockSize) {
+                released.formUnion(run.entries)
+            }
+            entries = entries.enumerated().filter { !released.contains($0.offset) }.map(\.element)
+        }
         // No gate needed: the range lock keeps every block this touches referenced.
         do throws(PoolError) {
-            try writeData(plan.entries, data: data, zeroMark: plan.zeroMark)
+            try writeData(entries, data: data, zeroMark: plan.zeroMark)
         } catch {
             lock.withLock { abandonWriteLocked(plan) }
             throw error
@@ -264,6 +292,9 @@ extension Pool {
         var current: UInt64?
         var target: UInt64 = 0
         var inPlace: Bool
+        /// The new block reads as zeros already (never written since creation, or its
+        /// storage released after it was freed): nothing around the data needs writing.
+        var targetReadsZero = false
     }
 
     /// What a write will do, decided under the pool lock: per block, write in place or
@@ -336,7 +367,11 @@ extension Pool {
             for run in runs { plan.allocated.append(contentsOf: run) }
             var next = 0
             for i in plan.entries.indices where !plan.entries[i].inPlace {
-                plan.entries[i].target = plan.allocated[next]
+                let target = plan.allocated[next]
+                plan.entries[i].target = target
+                // Taken out of the known-zero set either way: the write may put data there.
+                let released = knownZeroLocked.remove(target)
+                plan.entries[i].targetReadsZero = target >= plan.zeroMark || released
                 next += 1
             }
         }
@@ -416,7 +451,7 @@ extension Pool {
             let slice = UnsafeMutableRawBufferPointer(rebasing: source[entry.dataOffset..<entry.dataOffset + Int(entry.length)])
             if entry.inPlace {
                 io.writes.add(.write, slice, at: diskOffset(entry.current!, entry.inner))
-            } else if entry.length == blockSize || (entry.current == nil && entry.target >= zeroMark) {
+            } else if entry.length == blockSize || (entry.current == nil && entry.targetReadsZero) {
                 // A whole block, or a fresh block that is known to read as zeros.
                 io.writes.add(.write, slice, at: diskOffset(entry.target, entry.inner))
             } else {
@@ -585,15 +620,22 @@ extension Pool {
     }
 
     /// Blocks one lock section of a trim or write-zeroes unmaps at most.
-    static let sliceBlocks: UInt64 = 4096
+    static let sliceBlocks: UInt64 = 256
 
-    /// Writes zeros over `start..<end` through the ordinary write path, a slice at a time.
+    /// Writes zeros over `start..<end` through the ordinary write path, a slice at a time
+    /// (skipping the data I/O of new blocks that read as zeros already).
     private func writeZeroBytes(_ id: UInt64, from start: UInt64, to end: UInt64) throws(PoolError) {
         var position = start
         while position < end {
             let length = min(UInt64(zeroes.count), end - position)
-            try write(id, at: position, from: UnsafeRawBufferPointer(rebasing: zeroes.bytes[0..<Int(length)]))
+            try rangeLocks.withRange(id, blockRange(position, length)) { () throws(PoolError) in
+                try writeHoldingRange(
+                    id, at: position, from: UnsafeRawBufferPointer(rebasing: zeroes.bytes[0..<Int(length)]),
+                    forceUnitAccess: false, zeroFill: true)
+            }
             position += length
+            // Between slices, lookups that waited for the lock get their turn first.
+            SystemInfo.yieldProcessor()
         }
     }
 
@@ -631,6 +673,7 @@ extension Pool {
                 }
             }
             first = slice.upperBound
+            SystemInfo.yieldProcessor()
         }
     }
 

@@ -70,8 +70,8 @@ public final class Pool: @unchecked Sendable {
     /// Orders every metadata change; lookups for reads need only its shared side, so they
     /// continue while a commit writes and syncs.
     let lock = PoolLock()
-    /// Data I/O done outside `lock` holds an entry; a commit drains it before freed
-    /// blocks can be handed out again.
+    /// Data I/O done outside `lock` holds an entry; a commit waits for the entries made
+    /// before it before freed blocks can be handed out again.
     let ioGate = DrainGate()
     /// Per-volume block range locks: writes, trims and volume operations on the same
     /// blocks take turns. Taken before `lock`.
@@ -94,6 +94,10 @@ public final class Pool: @unchecked Sendable {
     var autoGrowLocked: AutoGrowPolicy?
     /// Data blocks are known to read as zeros at or above this mark (sparse, never written).
     var zeroScratch: AlignedBuffer
+    /// Data blocks below the high-water mark known to read as zeros: freed, and their
+    /// storage released after the commit. Allocation takes blocks out; empty after open
+    /// (conservative). Under the pool lock.
+    var knownZeroLocked = BlockRanges()
     /// Zeros that write-zeroes writes from, never written to (shared by every thread):
     /// 1 MiB or one data block, whichever is larger.
     let zeroes: AlignedBuffer
@@ -366,15 +370,24 @@ public final class Pool: @unchecked Sendable {
         }
         superblock = next
         statisticsLocked.commits += 1
-        // Reads running outside the lock may still use blocks freed in this transaction.
-        ioGate.whileDrained { spaceMap.transactionCommitted() }
-        discardFreedData(freed)
+        // Reads running outside the lock may still use blocks freed in this transaction:
+        // wait for those (only those; later reads go on) before the blocks can be reused.
+        let gate = ioGate
+        lock.admittingReaders { gate.waitForEarlierHolders() }
+        spaceMap.transactionCommitted()
+        // Releasing storage is host I/O: lookups go on meanwhile (the mutex keeps the
+        // freed blocks from being handed out before their storage is released).
+        if !freed.isEmpty { lock.admittingReaders { discardFreedData(freed) } }
     }
 
     /// Returns freed data blocks' storage to the host file system (best effort). Only
     /// after commit: until then the previous commit may still map them.
     private func discardFreedData(_ freed: Set<UInt64>) {
         guard !freed.isEmpty else { return }
+        func release(_ blocks: Range<UInt64>) {
+            guard !blocks.isEmpty, device.discard(at: dataOffset + blocks.lowerBound * blockSize, length: UInt64(blocks.count) * blockSize) else { return }
+            knownZeroLocked.insert(blocks)
+        }
         var start: UInt64 = 0
         var length: UInt64 = 0
         for block in freed.sorted() {
@@ -382,11 +395,11 @@ public final class Pool: @unchecked Sendable {
                 length += 1
                 continue
             }
-            if length > 0 { _ = device.discard(at: dataOffset + start * blockSize, length: length * blockSize) }
+            release(start..<start + length)
             start = block
             length = 1
         }
-        if length > 0 { _ = device.discard(at: dataOffset + start * blockSize, length: length * blockSize) }
+        release(start..<start + length)
     }
 
     /// Commits and releases the file. Further calls fail with `.closed`.
@@ -395,7 +408,9 @@ public final class Pool: @unchecked Sendable {
             guard !isClosed else { return }
             defer {
                 isClosed = true
-                ioGate.whileDrained { device.close() }
+                // Nothing can enter any more (closed under the lock): wait for what runs.
+                ioGate.waitForEarlierHolders()
+                device.close()
             }
             try commitLocked()
         }

@@ -24,57 +24,53 @@ final class ConditionLock {
     func broadcast() { pthread_cond_broadcast(condition) }
 }
 
-/// Lets many holders in at once, and lets one caller wait until nobody holds it while
-/// keeping newcomers out (writer preference, so a waiting drain is never starved).
+/// Tracks holders (data I/O running outside the pool lock) so that a commit can wait
+/// for everyone who entered before it, without ever holding up newcomers: an epoch
+/// scheme with two counters. Entering and leaving never wait; `waitForEarlierHolders`
+/// switches the epoch (new holders count in the other counter) and waits for the old
+/// one to empty, like an RCU grace period.
 ///
-/// The pool uses it to keep data I/O that runs outside the pool lock from touching
-/// blocks a commit is about to hand out again.
+/// The pool uses it so that blocks freed in a transaction are not handed out again while
+/// reads that looked them up before the commit may still be reading them. Those reads
+/// entered before the commit changed the metadata, hence before the switch; reads that
+/// enter after it looked up the new metadata and need no waiting for.
 public final class DrainGate: @unchecked Sendable {
+    /// The epoch a holder entered in; give it back to `leave`.
+    public struct Ticket: Sendable {
+        fileprivate let epoch: Int
+    }
+
     private let state = ConditionLock()
-    private var holders = 0
-    private var draining = 0
+    private var epoch = 0
+    private var holders = [0, 0]
 
     public init() {}
 
-    /// Becomes a holder (waits while a drain is pending). Cost: one uncontended mutex.
-    public func enter() {
-        NonBlockingThread.assertMayBlock("entering the I/O gate")
-        state.lock()
-        while draining > 0 { state.wait() }
-        holders += 1
-        state.unlock()
-    }
-
-    /// Becomes a holder unless a drain is pending; never waits.
-    public func tryEnter() -> Bool {
+    /// Becomes a holder. Never waits; cost: one uncontended mutex.
+    public func enter() -> Ticket {
         state.lock()
         defer { state.unlock() }
-        guard draining == 0 else { return false }
-        holders += 1
-        return true
+        holders[epoch] += 1
+        return Ticket(epoch: epoch)
     }
 
-    public func leave() {
+    public func leave(_ ticket: Ticket) {
         state.lock()
-        holders -= 1
-        if holders == 0 { state.broadcast() }
+        holders[ticket.epoch] -= 1
+        if holders[ticket.epoch] == 0 && ticket.epoch != epoch { state.broadcast() }
         state.unlock()
     }
 
-    /// Waits until no holder is inside, then runs `body` with newcomers kept out.
-    public func whileDrained<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        NonBlockingThread.assertMayBlock("draining the I/O gate")
+    /// Waits until every holder that entered before this call has left; holders that
+    /// enter meanwhile are neither waited for nor held up. Calls must not overlap (the
+    /// pool's mutex serializes them).
+    public func waitForEarlierHolders() {
+        NonBlockingThread.assertMayBlock("waiting for the I/O gate")
         state.lock()
-        draining += 1
-        while holders > 0 { state.wait() }
+        let old = epoch
+        epoch = 1 - old
+        while holders[old] > 0 { state.wait() }
         state.unlock()
-        defer {
-            state.lock()
-            draining -= 1
-            state.broadcast()
-            state.unlock()
-        }
-        return try body()
     }
 }
 

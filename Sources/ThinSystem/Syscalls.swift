@@ -116,6 +116,9 @@ extension Syscall {
 public enum SystemInfo {
     public static var processID: Int32 { getpid() }
 
+    /// Gives the processor to another runnable thread, if any (sched_yield).
+    public static func yieldProcessor() { sched_yield() }
+
     /// Raises the soft limit on open descriptors to the hard limit (a server with many
     /// connections needs one per connection); returns the limit now in force.
     @discardableResult

@@ -150,22 +150,24 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
         #expect(got == 2)
 
         let gate = DrainGate()
-        #expect(gate.tryEnter())
+        let early = gate.enter()
         let drained = DispatchSemaphore(value: 0)
         let drainer = Thread {
-            gate.whileDrained { () -> Void in }
+            gate.waitForEarlierHolders()
             drained.signal()
         }
         drainer.start()
-        // The drain waits for the holder; meanwhile newcomers are refused, not queued.
-        var refused = false
-        for _ in 0..<1000 where !refused {
-            if gate.tryEnter() { gate.leave(); usleep(1000) } else { refused = true }
+        // The wait is for the earlier holder only: newcomers get in at once, and the
+        // wait ends while one of them still holds.
+        var late: DrainGate.Ticket?
+        for _ in 0..<100 {
+            let ticket = gate.enter()
+            if drained.wait(timeout: .now() + .milliseconds(1)) == .success { Issue.record("the wait ended before the early holder left") }
+            if let late { gate.leave(late) }
+            late = ticket
         }
-        #expect(refused)
-        gate.leave()
-        drained.wait()
-        #expect(gate.tryEnter())
-        gate.leave()
+        gate.leave(early)
+        #expect(drained.wait(timeout: .now() + 10) == .success, "the wait did not end when the early holder left")
+        if let late { gate.leave(late) }
     }
 }
