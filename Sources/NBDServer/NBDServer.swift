@@ -98,7 +98,9 @@ public final class NBDServer: @unchecked Sendable {
 
     private var bootstrap: ServerBootstrap {
         ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 256)
+            // Room for a burst of clients connecting at once (a CI host starting its jobs):
+            // the kernel caps it at net.core.somaxconn.
+            .serverChannelOption(.backlog, value: Int32(clamping: max(256, min(configuration.maxConnections, 4096))))
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             // Large writes arrive in few, large reads: each read that does not drain the

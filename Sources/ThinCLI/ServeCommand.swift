@@ -189,13 +189,16 @@ struct ServeCommand: ParsableCommand {
         options.autoGrowMaximum = autogrowMax?.bytes
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            // Written by a thread of its own: a stalled reader of standard error never
+            // stalls the server.
+            var handler = StreamLogHandler(label: label, stream: BackgroundStandardError())
             handler.logLevel = level
             return handler
         }
         let logger = Logger(label: "thinbd")
         let status: Int32
         do {
+            defer { BackgroundStandardError.flush() }
             status = try ServeRunner.run(options, logger: logger)
         } catch {
             throw fail(error)

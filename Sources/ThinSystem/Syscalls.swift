@@ -181,11 +181,22 @@ public enum SystemInfo {
         }
     }
 
-    /// Writes a line to standard error without buffering.
+    /// Writes text to standard error without buffering, all of it (retrying short
+    /// writes and EINTR); may block while the reader of standard error is slow.
     public static func writeStandardError(_ text: String) {
         var copy = text
         copy.withUTF8 { bytes in
-            _ = Glibc.write(2, bytes.baseAddress, bytes.count)
+            var offset = 0
+            while offset < bytes.count {
+                let written = Glibc.write(2, bytes.baseAddress! + offset, bytes.count - offset)
+                if written > 0 {
+                    offset += written
+                } else if written < 0 && errno == EINTR {
+                    continue
+                } else {
+                    return
+                }
+            }
         }
     }
 

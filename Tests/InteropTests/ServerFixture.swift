@@ -50,6 +50,10 @@ final class ServedPool {
     private var control: Pipe?
     private(set) var stderr = ""
     private var errPipe: Pipe?
+    /// Standard error, read as it comes: a server that logs a lot must never block on
+    /// a full pipe.
+    private let errBytes = LockedBytes()
+    private var errReader: Thread?
 
     init(size: String = "2G", blockSize: String = "64K") throws {
         pool = directory.path + "/pool"
@@ -85,10 +89,22 @@ final class ServedPool {
         self.process = process
         self.control = control
         self.errPipe = err
+        let handle = err.fileHandleForReading
+        let bytes = errBytes
+        let reader = Thread {
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { return }
+                bytes.append(chunk)
+            }
+        }
+        reader.start()
+        errReader = reader
         let deadline = Date().addingTimeInterval(20)
         while !FileManager.default.fileExists(atPath: socket) {
             guard process.isRunning, Date() < deadline else {
-                throw FixtureError("server did not start: \(String(decoding: err.fileHandleForReading.availableData, as: UTF8.self))")
+                usleep(100_000)
+                throw FixtureError("server did not start: \(String(decoding: errBytes.get(), as: UTF8.self))")
             }
             usleep(20_000)
         }
@@ -111,7 +127,12 @@ final class ServedPool {
             if process.isRunning { kill(process.processIdentifier, SIGKILL) }
         }
         process.waitUntilExit()
-        if let errPipe { stderr = String(decoding: errPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self) }
+        if errPipe != nil {
+            // The reader thread ends at end of file, after the server exited.
+            let deadline = Date().addingTimeInterval(5)
+            while errReader?.isFinished == false && Date() < deadline { usleep(10_000) }
+            stderr = String(decoding: errBytes.get(), as: UTF8.self)
+        }
         self.process = nil
         return process.terminationStatus
     }
@@ -150,4 +171,11 @@ func makeSparseImage(_ path: String, size: Int, seed: UInt64) throws {
         handle.write(Data(bytes))
     }
     try handle.close()
+}
+
+final class LockedBytes: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data = Data()
+    func append(_ chunk: Data) { lock.lock(); data.append(chunk); lock.unlock() }
+    func get() -> Data { lock.lock(); defer { lock.unlock() }; return data }
 }
