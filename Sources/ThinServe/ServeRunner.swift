@@ -1,5 +1,6 @@
 import Dispatch
 import Logging
+import class Prometheus.PrometheusCollectorRegistry
 import NBDProtocol
 import NBDServer
 import NIOCore
@@ -76,59 +77,93 @@ public struct ServeError: Error, CustomStringConvertible {
 
 /// Runs the NBD server on a pool until SIGINT/SIGTERM (or the end of `--run`'s command,
 /// or of the `--stdio` connection); returns the process exit status.
+///
+/// The server is an ordered set of services: the pool, the auto-committer, the
+/// ephemeral reaper, the NBD listeners, the space monitor, the metrics endpoint and
+/// the control socket. Each is set up in that order (a failure stops the ones already
+/// up, in reverse, and reports the error), then a swift-service-lifecycle
+/// `ServiceGroup` runs them and, on shutdown, stops them in reverse order from one
+/// place: the control socket first, the pool's final commit last.
 public enum ServeRunner {
     public static func run(_ options: ServeOptions, logger: Logger) throws -> Int32 {
         // Before any thread exists: only the signal thread may take SIGINT/SIGTERM.
         Signals.blockTermination()
         let log: @Sendable (String) -> Void = { logger.info("\($0)") }
         if let name = options.defaultExport, name.isEmpty { throw ServeError(description: "--default-export needs a name") }
+        let services = ServeServices()
+        do {
+            return try serve(options, services: services, logger: logger, log: log)
+        } catch {
+            // Whatever was set up stops, in reverse order; the pool commits and closes last.
+            services.stopAll()
+            if let serveError = error as? ServeError { throw serveError }
+            throw ServeError(description: "\(error)")
+        }
+    }
+
+    private static func serve(
+        _ options: ServeOptions, services: ServeServices, logger: Logger, log: @escaping @Sendable (String) -> Void
+    ) throws -> Int32 {
         let pool: Pool
         do {
             pool = try Pool.open(path: options.poolPath, readOnly: options.readOnly, cache: options.cache)
         } catch {
             throw ServeError(description: error.description)
         }
+        let poolClosed = ClosedBox()
+        services.add("pool") {
+            do {
+                try pool.close()
+            } catch {
+                logger.error("closing the pool failed: \(error)")
+                poolClosed.failed()
+            }
+        }
         if let bytes = options.metadataCacheBytes {
             pool.metadataCacheBlocks = Int(min(bytes / 4096, UInt64(Int.max)))
         }
         if let name = options.defaultExport, (try? pool.volumeInfo(name)) == nil {
-            try? pool.close()
             throw ServeError(description: "--default-export \(name): no such volume or snapshot")
         }
+        var metricsHost: (host: String, port: Int)?
+        if let address = options.metricsAddress {
+            guard let parsed = ServeOptions.parseListen(address) else {
+                throw ServeError(description: "--metrics \(address): expected HOST:PORT")
+            }
+            metricsHost = parsed
+        }
+
+        let committer = AutoCommitter(pool: pool, milliseconds: options.commitIntervalMilliseconds) { error in
+            logger.error("commit failed: \(error)")
+        }
+        services.add("auto-committer") { committer.stop() }
+
         if !options.readOnly { EphemeralVolumes.removeLeftovers(of: pool, log: log) }
         let ephemeral = options.ephemeralRules.isEmpty ? nil : EphemeralVolumes(
             pool: pool, rules: options.ephemeralRules, keep: options.keepEphemeral,
             graceMilliseconds: options.ephemeralGraceMilliseconds, log: log)
+        if let ephemeral { services.add("ephemeral reaper") { ephemeral.stop() } }
+
         let provider = PoolExportProvider(
             pool: pool, readOnly: options.readOnly, defaultExport: options.defaultExport, ephemeral: ephemeral,
             noFlushPatterns: options.noFlushPatterns, limits: options.limits)
         var metrics: ServeMetrics?
-        var metricsEndpoint: MetricsEndpoint?
-        if let address = options.metricsAddress {
-            guard let (host, port) = ServeOptions.parseListen(address) else {
-                try? pool.close()
-                throw ServeError(description: "--metrics \(address): expected HOST:PORT")
-            }
-            let registry = ServeMetrics.bootstrapPrometheus()
+        var registry: PrometheusCollectorRegistry?
+        if metricsHost != nil {
+            registry = ServeMetrics.bootstrapPrometheus()
             let made = ServeMetrics(pool: pool)
-            do {
-                metricsEndpoint = try MetricsEndpoint(host: host, port: port, registry: registry) { made.samplePool() }
-            } catch {
-                try? pool.close()
-                throw error
-            }
             metrics = made
             provider.metrics = made
+            if let ephemeral { ephemeral.deleted = { made.forget($0) } }
         }
         provider.debugLog = { logger.debug("\($0)") }
-        if let metrics { ephemeral?.deleted = { metrics.forget($0) } }
         if let step = options.autoGrowStep, let maximum = options.autoGrowMaximum, !options.readOnly {
             pool.autoGrow = AutoGrowPolicy(step: step, maximum: maximum) { [metrics] size in
                 metrics?.grew()
-                // Called under the pool lock: the log line must not wait on standard error.
-                DispatchQueue.global().async { logger.notice("autogrow: pool \(options.poolPath) grew to \(formatBytes(size))") }
+                logger.notice("autogrow: pool \(options.poolPath) grew to \(formatBytes(size))")
             }
         }
+
         var configuration = NBDServer.Configuration()
         if let threads = options.threads { configuration.ioThreads = threads }
         if let loops = options.loops { configuration.eventLoopThreads = loops }
@@ -138,15 +173,14 @@ public enum ServeRunner {
         configuration.eventLoopThreadSetup = { NonBlockingThread.markCurrent() }
         SystemInfo.raiseOpenFileLimit()
         let server = NBDServer(provider: provider, configuration: configuration, log: log)
-        let stop = DispatchSemaphore(value: 0)
-        let exitStatus = ExitStatusBox()
-
+        services.add("NBD listeners") { server.shutdown() }
+        let stop = StopRequest()
         var uris: [String] = []
         var baseURIs: [String] = []
         do {
             if options.stdio {
                 let finished = try server.serveStandardIO()
-                finished.whenComplete { _ in stop.signal() }
+                finished.whenComplete { _ in stop.request() }
             } else {
                 for fd in SystemInfo.socketActivationDescriptors() {
                     try server.listen(inheritedSocket: fd)
@@ -170,96 +204,87 @@ public enum ServeRunner {
                     baseURIs.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: nil))
                 }
             }
+        } catch let error as ServeError {
+            throw error
         } catch {
-            metricsEndpoint?.stop()
-            server.shutdown(timeout: .seconds(1))
-            try? pool.close()
-            if let serveError = error as? ServeError { throw serveError }
             throw ServeError(description: "could not listen: \(error)")
+        }
+
+        if !options.readOnly {
+            let monitor = SpaceMonitor(
+                pool: pool, lowWaterPercent: options.lowWaterPercent, autoGrow: pool.autoGrow != nil, metrics: metrics,
+                logger: logger)
+            services.add("space monitor") { monitor.stop() }
+        }
+
+        var metricsEndpoint: MetricsEndpoint?
+        if let (host, port) = metricsHost, let registry, let metrics {
+            let endpoint = try MetricsEndpoint(host: host, port: port, registry: registry) { metrics.samplePool() }
+            metricsEndpoint = endpoint
+            services.add("metrics endpoint") { endpoint.stop() }
         }
 
         var control: ControlServer?
         if !options.controlDisabled {
             let path = options.controlSocket ?? ControlEndpoint.defaultPath(forPool: options.poolPath)
             do {
-                control = try ControlServer(
+                let made = try ControlServer(
                     path: path, commands: PoolCommands(pool: pool, served: ServedPool(
                         server: server, provider: provider, serverURIs: baseURIs,
                         metricsURL: metricsEndpoint?.url)), log: log)
+                control = made
+                services.add("control socket") { made.stop() }
             } catch {
-                if options.controlSocket != nil {
-                    metricsEndpoint?.stop()
-                    server.shutdown(timeout: .seconds(1))
-                    try? pool.close()
-                    throw error
-                }
                 // The default place may be unwritable or too long a path; serving
                 // matters more, the CLI will say it cannot reach the server.
+                if options.controlSocket != nil { throw error }
                 logger.warning("no control socket (\(error)); pass --control PATH to choose another place")
             }
         }
 
-        let monitor = options.readOnly ? nil : SpaceMonitor(
-            pool: pool, lowWaterPercent: options.lowWaterPercent, autoGrow: pool.autoGrow != nil, metrics: metrics, logger: logger)
-
-        let committer = AutoCommitter(pool: pool, milliseconds: options.commitIntervalMilliseconds) { error in
-            logger.error("commit failed: \(error)")
-        }
         if !options.stdio {
-            let metricsURL = metricsEndpoint?.url
-            if options.json {
-                print(JSON.object([
-                    ("uris", .array(uris.filter { $0.hasPrefix("nbd") }.map { .string($0) })),
-                    ("control", control.map { .string($0.path) } ?? .null),
-                    ("metrics", metricsURL.map { .string($0) } ?? .null),
-                    ("pid", .number(UInt64(SystemInfo.processID))),
-                ]).rendered(pretty: false))
-            } else {
-                for uri in uris where uri.hasPrefix("nbd") { print(uri) }
-            }
-            SystemInfo.flushStandardOutput()
+            announce(options, uris: uris, control: control, metricsURL: metricsEndpoint?.url)
             let exports = provider.allExports().map(\.name)
-            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)\(control.map { "; control socket \($0.path)" } ?? "")\(metricsURL.map { "; metrics at \($0)" } ?? "")")
+            log("serving \(exports.count) export\(exports.count == 1 ? "" : "s") from \(options.poolPath) (\(pool.engineName)); pid \(SystemInfo.processID)\(control.map { "; control socket \($0.path)" } ?? "")\(metricsEndpoint.map { "; metrics at \($0.url)" } ?? "")")
         }
 
-        Signals.onTermination { number in
-            log("signal \(number): shutting down")
-            stop.signal()
-        }
+        let exitStatus = ExitStatusBox()
         if let command = options.runCommand {
             let uri = uris.first { $0.hasPrefix("nbd+unix") } ?? uris.first { $0.hasPrefix("nbd") } ?? ""
             let child: ChildProcess
             do {
                 child = try ChildProcess.shell(command, environment: ["uri": uri, "THINBD_URI": uri])
             } catch {
-                control?.stop()
-                metricsEndpoint?.stop()
-                monitor?.stop()
-                server.shutdown(timeout: .seconds(1))
-                committer.stop()
-                try? pool.close()
                 throw ServeError(description: "--run: \(error)")
             }
             Thread.detach {
                 exitStatus.set(child.wait())
-                stop.signal()
+                stop.request()
             }
         }
-
-        stop.wait()
-        control?.stop()
-        metricsEndpoint?.stop()
-        monitor?.stop()
-        server.shutdown()
-        ephemeral?.stop()
-        committer.stop()
-        do {
-            try pool.close()
-        } catch {
-            logger.error("closing the pool failed: \(error)")
-            return 1
+        Signals.onTermination { number in
+            log("signal \(number): shutting down")
+            stop.request()
         }
+
+        services.run(until: stop, logger: logger)
+        if poolClosed.hasFailed { return 1 }
         return exitStatus.get() ?? 0
+    }
+
+    /// The URIs served, or with `--json` one line for programs.
+    private static func announce(_ options: ServeOptions, uris: [String], control: ControlServer?, metricsURL: String?) {
+        if options.json {
+            print(JSON.object([
+                ("uris", .array(uris.filter { $0.hasPrefix("nbd") }.map { .string($0) })),
+                ("control", control.map { .string($0.path) } ?? .null),
+                ("metrics", metricsURL.map { .string($0) } ?? .null),
+                ("pid", .number(UInt64(SystemInfo.processID))),
+            ]).rendered(pretty: false))
+        } else {
+            for uri in uris where uri.hasPrefix("nbd") { print(uri) }
+        }
+        SystemInfo.flushStandardOutput()
     }
 }
 
