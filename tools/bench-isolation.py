@@ -230,7 +230,7 @@ load_iops = {}
 
 def fio_json(job_file):
     # fio's nbd engine prints "connected" lines before the JSON document.
-    out = run("fio", "--output-format=json", job_file).stdout
+    out = subprocess.run(["fio", "--output-format=json", job_file], check=True, capture_output=True, text=True, cwd=work).stdout
     return json.loads(out[out.index("{"):])
 
 

@@ -81,7 +81,7 @@ idle_rss, idle_fds = rss_kib(), descriptors()
 threading.Thread(target=sampler, daemon=True).start()
 
 jobs = ["[global]", "ioengine=nbd", "thread=1", "rw=randwrite", "bs=4k", "iodepth=1", "time_based",
-        f"runtime={args.seconds}", "verify=crc32c", "verify_backlog=64", "verify_fatal=1",
+        f"runtime={args.seconds}", "verify=crc32c", "verify_backlog=64", "verify_fatal=1", "verify_state_save=0",
         f"size={region}", f"offset_increment={region}", f"numjobs={per_export}", "group_reporting=1"]
 for i in range(args.exports):
     jobs += [f"[soak-{i}]", f"uri=nbd+unix:///soak-{i}?socket={sock}"]
@@ -90,7 +90,8 @@ with open(job_file, "w") as f:
     f.write("\n".join(jobs) + "\n")
 
 started = time.monotonic()
-fio = subprocess.run(["fio", "--output-format=json", job_file], capture_output=True, text=True)
+# In the work directory: fio may leave files of its own where it runs.
+fio = subprocess.run(["fio", "--output-format=json", job_file], capture_output=True, text=True, cwd=work)
 elapsed = time.monotonic() - started
 stop.set()
 time.sleep(2.5)
