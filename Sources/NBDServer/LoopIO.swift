@@ -5,10 +5,20 @@ import NIOPosix
 /// descriptor so that completions run on the loop: a read goes from socket to disk and
 /// back to the socket without leaving the loop's thread.
 ///
+/// It also gathers the WRITEs of all the loop's connections per loop round (see
+/// `submitWrites`).
+///
 /// Used only on its loop (hence `@unchecked Sendable`: the server keeps one per loop
 /// in a table that other threads read).
 final class LoopIO: @unchecked Sendable {
     let eventLoop: EventLoop
+    /// Where the round's writes run (off the loop) and who runs them.
+    private let blocking: BlockingWork
+    private let provider: NBDExportProvider
+    /// WRITEs the loop's connections parsed in this round, per connection: they leave
+    /// together at the end of the round, as one batch for the provider.
+    private var roundWrites: [PendingWrites] = []
+    private var writeDispatchScheduled = false
     /// Nil until the readiness descriptor is watched (and after `close`); reads then
     /// go through the thread pool.
     private(set) var queue: NBDLoopQueue?
@@ -19,8 +29,75 @@ final class LoopIO: @unchecked Sendable {
     private var needFlush: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
     private var flushing: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
 
-    init(eventLoop: EventLoop) {
+    init(eventLoop: EventLoop, blocking: BlockingWork, provider: NBDExportProvider) {
         self.eventLoop = eventLoop
+        self.blocking = blocking
+        self.provider = provider
+    }
+
+    /// One connection's WRITEs of a pass, and whom to tell how they went.
+    struct PendingWrites {
+        var writes: [GatheredWrite]
+        var export: NBDExport
+        var handler: NBDConnectionHandler
+        var context: ChannelHandlerContext
+    }
+
+    /// Queues a connection's WRITEs; at the end of this loop round, what was queued for
+    /// one export goes off the loop in one hand-off and one provider batch (connections
+    /// at queue depth 1 then share one plan, one device submission and one map step),
+    /// and each connection hears its outcomes through `writesFinished` on the loop.
+    func submitWrites(_ writes: [GatheredWrite], export: NBDExport, handler: NBDConnectionHandler, context: ChannelHandlerContext) {
+        roundWrites.append(PendingWrites(writes: writes, export: export, handler: handler, context: context))
+        guard !writeDispatchScheduled else { return }
+        writeDispatchScheduled = true
+        eventLoop.assumeIsolatedUnsafeUnchecked().execute { [self] in
+            writeDispatchScheduled = false
+            dispatchRoundWrites()
+        }
+    }
+
+    /// One hand-off per export (by name) for the round: the connections of one export
+    /// share a batch, while exports never wait for each other (a volume busy with a
+    /// snapshot holds up only its own writes).
+    private func dispatchRoundWrites() {
+        guard !roundWrites.isEmpty else { return }
+        let round = roundWrites
+        roundWrites = []
+        var groups: [String: [PendingWrites]] = [:]
+        var order: [String] = []
+        for pending in round {
+            let name = pending.export.exportDescription.name
+            if groups[name] == nil { order.append(name) }
+            groups[name, default: []].append(pending)
+        }
+        for name in order { dispatch(groups[name]!) }
+    }
+
+    private func dispatch(_ group: [PendingWrites]) {
+        // Only Sendable parts cross to the worker; handlers and contexts stay here.
+        let batches = group.map { (export: $0.export, writes: $0.writes) }
+        let provider = self.provider
+        let future = blocking.run(on: eventLoop) { () -> [[NBDExportError?]] in
+            // The payloads' storage is retained for the call, so their bytes stay put.
+            var storages: [Unmanaged<AnyObject>] = []
+            defer { for storage in storages { storage.release() } }
+            let prepared = batches.map { batch in
+                NBDWriteBatch(export: batch.export, writes: batch.writes.map { write in
+                    let bytes = write.payload.withUnsafeReadableBytesWithStorageManagement { bytes, storage in
+                        storages.append(storage.retain())
+                        return bytes
+                    }
+                    return NBDWrite(offset: write.offset, data: bytes, fua: write.fua)
+                })
+            }
+            return provider.writeBatches(prepared)
+        }
+        future.assumeIsolated().whenComplete { result in
+            for (i, pending) in group.enumerated() {
+                pending.handler.writesFinished(pending.writes, result.map { $0[i] }, context: pending.context)
+            }
+        }
     }
 
     /// Starts watching `candidate`'s readiness descriptor; the queue is used once that
@@ -119,4 +196,12 @@ private final class CompletionWatcher: ChannelInboundHandler {
     func channelReadComplete(context: ChannelHandlerContext) {
         loopIO.runCompletions()
     }
+}
+
+/// A WRITE as parsed: its payload already in an aligned buffer.
+struct GatheredWrite: Sendable {
+    var cookie: UInt64
+    var offset: UInt64
+    var fua: Bool
+    var payload: ByteBuffer
 }

@@ -36,7 +36,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `pending` (where every read would append and the buffer would regrow).
     private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
     /// WRITEs parsed in the current pass: they go off the loop together.
-    private var gatheredWrites: [(cookie: UInt64, offset: UInt64, fua: Bool, payload: ByteBuffer)] = []
+    private var gatheredWrites: [GatheredWrite] = []
     /// WRITE payloads at least this large are assembled that way.
     static let assembledPayloadMinimum = 16384
 
@@ -190,46 +190,33 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         runWrites(writes, export: export, context: context)
     }
 
-    private func runWrites(
-        _ writes: [(cookie: UInt64, offset: UInt64, fua: Bool, payload: ByteBuffer)], export: NBDExport,
-        context: ChannelHandlerContext
-    ) {
-        let future = server.blocking.run(on: context.eventLoop) { () -> [NBDExportError?] in
-            // The payloads' storage is retained for the call, so their bytes stay put.
-            var storages: [Unmanaged<AnyObject>] = []
-            storages.reserveCapacity(writes.count)
-            defer { for storage in storages { storage.release() } }
-            let batch = writes.map { write -> NBDWrite in
-                let bytes = write.payload.withUnsafeReadableBytesWithStorageManagement { bytes, storage in
-                    storages.append(storage.retain())
-                    return bytes
+    private func runWrites(_ writes: [GatheredWrite], export: NBDExport, context: ChannelHandlerContext) {
+        // With every other connection's writes of this loop round, as one batch.
+        loopIO.submitWrites(writes, export: export, handler: self, context: context)
+    }
+
+    /// The outcomes of writes handed to `LoopIO.submitWrites`, on the loop.
+    func writesFinished(_ writes: [GatheredWrite], _ result: Result<[NBDExportError?], Error>, context: ChannelHandlerContext) {
+        var actions: [NBDConnectionState.Action] = []
+        for (i, write) in writes.enumerated() {
+            actions += state.requestFinished(bytes: write.payload.readableBytes)
+            guard state.isOpen else { continue }
+            switch result {
+            case .success(let outcomes):
+                var out = context.channel.allocator.buffer(capacity: 64)
+                if let error = outcomes[i] {
+                    NBDReplyEncoder.error(error.code, message: error.message, cookie: write.cookie, structured: session?.structuredReplies ?? false, into: &out)
+                } else {
+                    NBDReplyEncoder.done(cookie: write.cookie, into: &out)
                 }
-                return NBDWrite(offset: write.offset, data: bytes, fua: write.fua)
+                context.write(wrapOutboundOut(out), promise: nil)
+            case .failure(let error):
+                // The thread pool stopped: the server is going away.
+                reply(error: .shutdown, "server is shutting down (\(error))", cookie: write.cookie, context: context)
             }
-            return export.writeBatch(batch)
         }
-        future.assumeIsolated().whenComplete { result in
-            var actions: [NBDConnectionState.Action] = []
-            for (i, write) in writes.enumerated() {
-                actions += self.state.requestFinished(bytes: write.payload.readableBytes)
-                guard self.state.isOpen else { continue }
-                switch result {
-                case .success(let outcomes):
-                    var out = context.channel.allocator.buffer(capacity: 64)
-                    if let error = outcomes[i] {
-                        NBDReplyEncoder.error(error.code, message: error.message, cookie: write.cookie, structured: self.session?.structuredReplies ?? false, into: &out)
-                    } else {
-                        NBDReplyEncoder.done(cookie: write.cookie, into: &out)
-                    }
-                    context.write(self.wrapOutboundOut(out), promise: nil)
-                case .failure(let error):
-                    // The thread pool stopped: the server is going away.
-                    self.reply(error: .shutdown, "server is shutting down (\(error))", cookie: write.cookie, context: context)
-                }
-            }
-            if self.state.isOpen { context.flush() }
-            self.run(actions, context: context)
-        }
+        if state.isOpen { context.flush() }
+        run(actions, context: context)
     }
 
     /// A reply's bytes: a head, and for reads the data, sent as they are (no copy).
@@ -391,7 +378,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         case .execute(.write(let offset, let fua)):
             let aligned = Self.alignedPayload(payload.take() ?? ByteBuffer(), allocator: context.channel.allocator)
             state.requestStarted(bytes: aligned.readableBytes)
-            gatheredWrites.append((header.cookie, offset, fua, aligned))
+            gatheredWrites.append(GatheredWrite(cookie: header.cookie, offset: offset, fua: fua, payload: aligned))
         case .execute(.read(let offset, let length, let dontFragment)):
             state.requestStarted(bytes: Int(length))
             withinLimit(of: export, bytes: Int(length), context: context) {

@@ -142,8 +142,28 @@ public protocol NBDExportProvider: AnyObject, Sendable {
     /// A disk queue for one event loop, called once on each loop that gets a
     /// connection; nil (the default) when the exports have no use for one.
     func makeLoopQueue() -> NBDLoopQueue?
+
+    /// The WRITEs that all connections of one event loop sent in one loop round, per
+    /// export, each write with its own outcome. A provider may run them as one batch
+    /// (the default runs each export's `writeBatch` in turn). Runs off the loop.
+    func writeBatches(_ batches: [NBDWriteBatch]) -> [[NBDExportError?]]
+}
+
+/// The WRITEs one connection sent to `export` in one pass.
+public struct NBDWriteBatch {
+    public var export: NBDExport
+    public var writes: [NBDWrite]
+
+    public init(export: NBDExport, writes: [NBDWrite]) {
+        self.export = export
+        self.writes = writes
+    }
 }
 
 extension NBDExportProvider {
     public func makeLoopQueue() -> NBDLoopQueue? { nil }
+
+    public func writeBatches(_ batches: [NBDWriteBatch]) -> [[NBDExportError?]] {
+        batches.map { $0.export.writeBatch($0.writes) }
+    }
 }

@@ -88,7 +88,7 @@ public final class NBDServer: @unchecked Sendable {
     private func loopIO(for eventLoop: EventLoop) -> LoopIO {
         let (loopIO, isNew) = lock.withLock { () -> (LoopIO, Bool) in
             if let existing = loopIOs[ObjectIdentifier(eventLoop)] { return (existing, false) }
-            let made = LoopIO(eventLoop: eventLoop)
+            let made = LoopIO(eventLoop: eventLoop, blocking: blocking, provider: provider)
             loopIOs[ObjectIdentifier(eventLoop)] = made
             return (made, true)
         }

@@ -84,6 +84,35 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
     /// Aligned copies of write payloads (NIO's buffers are not 4 KiB-aligned).
     let buffers = AlignedBufferPool()
 
+    /// All of a loop round's WRITEs to this pool as one `Pool.writeBatch`: one range-lock
+    /// acquisition, one planning section, two device submissions and one mapping
+    /// section for the writes of every connection, however many there are.
+    public func writeBatches(_ batches: [NBDWriteBatch]) -> [[NBDExportError?]] {
+        var results = [[NBDExportError?]](repeating: [], count: batches.count)
+        var merged: [Pool.BatchedWrite] = []
+        var owners: [(batch: Int, export: VolumeExport)] = []
+        var borrowed: [AlignedBuffer] = []
+        defer { for buffer in borrowed { buffers.give(buffer) } }
+        for (i, batch) in batches.enumerated() {
+            guard let volume = batch.export as? VolumeExport, volume.pool === pool else {
+                results[i] = batch.export.writeBatch(batch.writes)
+                continue
+            }
+            merged += volume.poolWrites(batch.writes, borrowing: &borrowed)
+            owners.append((i, volume))
+        }
+        guard !merged.isEmpty else { return results }
+        let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
+        let outcomes = pool.writeBatch(merged)
+        var next = 0
+        for (i, volume) in owners {
+            let count = batches[i].writes.count
+            results[i] = volume.recorded(batches[i].writes, Array(outcomes[next..<next + count]), started: started)
+            next += count
+        }
+        return results
+    }
+
     public func makeLoopQueue() -> NBDLoopQueue? {
         guard pool.usesLoopQueues, let queue = try? AIOLoopQueue() else { return nil }
         return PoolLoopQueue(queue)
@@ -256,10 +285,17 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     }
 
     func writeBatch(_ writes: [NBDWrite]) -> [NBDExportError?] {
-        // Unaligned payloads get one copy into aligned buffers (O_DIRECT only).
         var borrowed: [AlignedBuffer] = []
         defer { for buffer in borrowed { buffers.give(buffer) } }
-        let batch = writes.map { write -> Pool.BatchedWrite in
+        let batch = poolWrites(writes, borrowing: &borrowed)
+        let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
+        return recorded(writes, pool.writeBatch(batch), started: started)
+    }
+
+    /// The engine's form of `writes`: unaligned payloads get one copy into aligned
+    /// buffers (O_DIRECT only), borrowed until the caller gives them back.
+    func poolWrites(_ writes: [NBDWrite], borrowing borrowed: inout [AlignedBuffer]) -> [Pool.BatchedWrite] {
+        writes.map { write -> Pool.BatchedWrite in
             var data = write.data
             if pool.prefersAlignedBuffers && Int(bitPattern: data.baseAddress) % AlignedBuffer.directIOAlignment != 0 {
                 let aligned = buffers.take(data.count)
@@ -269,14 +305,17 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
             }
             return Pool.BatchedWrite(volume: id, offset: write.offset, data: data, forceUnitAccess: write.fua && !skipFlush)
         }
-        let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
-        let outcomes = pool.writeBatch(batch).map { $0.map(nbdError) }
+    }
+
+    /// Maps the engine's outcomes to NBD errors, counting them when metrics are kept.
+    func recorded(_ writes: [NBDWrite], _ outcomes: [PoolError?], started: UInt64) -> [NBDExportError?] {
+        let mapped = outcomes.map { $0.map(nbdError) }
         if let metrics {
-            for (write, outcome) in zip(writes, outcomes) {
+            for (write, outcome) in zip(writes, mapped) {
                 metrics.record(.write, bytes: write.data.count, started: started, failed: outcome != nil)
             }
         }
-        return outcomes
+        return mapped
     }
 
     func writeZeroes(at offset: UInt64, length: UInt64, mayTrim: Bool, fua: Bool) throws(NBDExportError) {

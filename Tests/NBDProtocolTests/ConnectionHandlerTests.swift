@@ -19,6 +19,14 @@ final class MemoryExports: NBDExportProvider, @unchecked Sendable {
         NBDExportDescription(name: "disk", size: UInt64(bytes.count), isReadOnly: false, description: "memory")
     }
 
+    /// How many connections' batches each `writeBatches` call carried.
+    var batchCalls: [Int] = []
+
+    func writeBatches(_ batches: [NBDWriteBatch]) -> [[NBDExportError?]] {
+        lock.withLock { batchCalls.append(batches.count) }
+        return batches.map { $0.export.writeBatch($0.writes) }
+    }
+
     func describe(_ name: String) -> NBDExportDescription? { name == "disk" ? description : nil }
     func allExports() -> [NBDExportDescription] { [description] }
 
@@ -82,10 +90,14 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
 
         deinit { server.shutdown(timeout: .milliseconds(10)) }
 
+        /// One loop and its I/O for every connection, as on one server loop.
+        let loop = EmbeddedEventLoop()
+        lazy var loopIO = LoopIO(eventLoop: loop, blocking: .inline, provider: exports)
+
         /// A connected channel with the handler; the greeting is consumed when `greet`.
         func connect(greet: Bool = true) throws -> EmbeddedChannel {
-            let channel = EmbeddedChannel()
-            let handler = NBDConnectionHandler(server: server, loopIO: LoopIO(eventLoop: channel.eventLoop))
+            let channel = EmbeddedChannel(loop: loop)
+            let handler = NBDConnectionHandler(server: server, loopIO: loopIO)
             try channel.pipeline.syncOperations.addHandler(handler)
             try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 10809)).wait()
             channels.append(channel)
@@ -107,6 +119,8 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
             var buffer = ByteBuffer()
             fill(&buffer)
             try channel.writeInbound(buffer)
+            // Work the handler queued for the end of the loop round (the round's writes).
+            loop.run()
         }
 
         /// Client flags, then GO for "disk"; returns the option replies.
@@ -175,6 +189,31 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         #expect(harness.server.connectionCount == 0)
     }
 
+    @Test func writesOfOneLoopRoundLeaveAsOneBatch() throws {
+        let harness = Harness()
+        let first = try harness.connect()
+        let second = try harness.connect()
+        _ = try harness.negotiate(first)
+        _ = try harness.negotiate(second)
+        harness.exports.batchCalls = []
+        // Both connections' writes arrive before the loop round ends.
+        try first.writeInbound(ByteBuffer(bytes: {
+            var b = ByteBuffer()
+            b.writeNBDRequest(harness.request(.write, cookie: 1, offset: 0, length: 512, payload: [UInt8](repeating: 1, count: 512)))
+            return Array(b.readableBytesView)
+        }()))
+        try second.writeInbound(ByteBuffer(bytes: {
+            var b = ByteBuffer()
+            b.writeNBDRequest(harness.request(.write, cookie: 2, offset: 4096, length: 512, payload: [UInt8](repeating: 2, count: 512)))
+            return Array(b.readableBytesView)
+        }()))
+        harness.loop.run()
+        #expect(harness.exports.batchCalls == [2], "one hand-off for both connections")
+        #expect(try harness.replies(first).map(\.0.cookie) == [1])
+        #expect(try harness.replies(second).map(\.0.cookie) == [2])
+        #expect(harness.exports.bytes[0] == 1 && harness.exports.bytes[4096] == 2)
+    }
+
     @Test func aRefusedOpenIsAnErrorAndTheClientMayTryAgain() throws {
         let harness = Harness()
         harness.exports.refusal = NBDExportError(.shutdown, "disk is being changed by a management command")
@@ -207,9 +246,9 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         let harness = Harness { $0.handshakeTimeout = .seconds(3) }
         let channel = try harness.connect()
         try harness.send(channel) { $0.writeNBDClientFlags([.fixedNewstyle]) }
-        channel.embeddedEventLoop.advanceTime(by: .seconds(2))
+        harness.loop.advanceTime(by: .seconds(2))
         #expect(channel.isActive)
-        channel.embeddedEventLoop.advanceTime(by: .seconds(2))
+        harness.loop.advanceTime(by: .seconds(2))
         #expect(!channel.isActive, "the handshake timeout closes it")
         #expect(harness.server.connectionCount == 0)
         #expect(harness.logLines.contains("no handshake within"))
@@ -217,7 +256,7 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         // One that finishes in time stays past the timeout.
         let served = try harness.connect()
         _ = try harness.negotiate(served)
-        served.embeddedEventLoop.advanceTime(by: .seconds(10))
+        harness.loop.advanceTime(by: .seconds(10))
         #expect(served.isActive)
     }
 
