@@ -18,6 +18,10 @@ Targets: every phase but the 128-connection one keeps the reader's p99 within 2x
 baseline and its max under 50 ms; 128 connections do within 10% of the IOPS of the
 same load (same total queue depth) on 16 connections.
 
+The load generators (this driver, its threads and fio) run at nice 10 by default
+(--nice 0 to turn it off), so that on a 2-core machine their own CPU use is not
+measured as the server's interference; the server and the reader run at normal priority.
+
 The server listens on a Unix socket in a private directory and is stopped by its pid.
 """
 import argparse
@@ -38,6 +42,7 @@ parser.add_argument("thinbd")
 parser.add_argument("--dir", default=None, help="where the pool goes (default: a new directory under /tmp)")
 parser.add_argument("--phase-seconds", type=float, default=5.0)
 parser.add_argument("--keep", action="store_true", help="keep the pool directory")
+parser.add_argument("--nice", type=int, default=10, help="niceness of the load generators (0: same as the reader)")
 args = parser.parse_args()
 
 thinbd = os.path.abspath(args.thinbd)
@@ -103,6 +108,11 @@ while True:
 """
 reader = subprocess.Popen([sys.executable, "-c", READER, uri("A"), reader_log])
 time.sleep(2)  # warm-up: connection, metadata cache
+if args.nice:
+    # The load generators (this process, its threads and its fio children) yield the CPU
+    # to the server and the reader: on two cores shared by all of them, their own CPU
+    # use would otherwise be measured as the server's interference.
+    os.nice(args.nice)
 
 phases = []
 

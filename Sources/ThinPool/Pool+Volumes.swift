@@ -58,9 +58,12 @@ extension Pool {
 
     /// Finishes a management operation: commit, and on failure report it unchanged
     /// as far as the caller is concerned (the in-memory state is reloaded on next open).
-    func finishManagement() throws(PoolError) {
+    /// Without `commit` the change waits for the next commit (FLUSH, auto-commit): for
+    /// ephemeral volumes, which do not outlive a crash anyway (the next server deletes
+    /// what is left), so a CI host starting forty builds pays no forty commits.
+    func finishManagement(commit: Bool = true) throws(PoolError) {
         store.mayUseReserve = false
-        try commitLocked()
+        if commit { try commitLocked() }
     }
 
     /// One volume's description. Shared access: it does not wait for a commit's I/O.
@@ -79,7 +82,8 @@ extension Pool {
         try createVolume(name, size: size, ephemeral: false)
     }
 
-    /// `createVolume`, optionally marked ephemeral (see `VolumeInfo.isEphemeral`).
+    /// `createVolume`, optionally marked ephemeral (see `VolumeInfo.isEphemeral`); an
+    /// ephemeral volume is made durable by the next commit, not by one of its own.
     public func createVolume(_ name: String, size: UInt64, ephemeral: Bool) throws(PoolError) -> VolumeInfo {
         try withWritableLock { () throws(PoolError) in
             guard VolumeName.splitSnapshot(name) == nil else {
@@ -91,7 +95,7 @@ extension Pool {
                 id: superblock.nextVolumeID, kind: .volume, name: name, virtualSize: size,
                 createdAt: SystemInfo.wallClockSeconds(), flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
             let state = addVolume(record)
-            try finishManagement()
+            try finishManagement(commit: !ephemeral)
             return describe(state)
         }
     }
@@ -136,7 +140,8 @@ extension Pool {
 
     /// Clones `sourceName` as `name` unless a clone of it by that name exists already
     /// (`created` says which); a volume of that name with another origin is an error.
-    /// Check and creation are one step, as for `snapshot(_:ifMissing:)`.
+    /// Check and creation are one step, as for `snapshot(_:ifMissing:)`. An ephemeral
+    /// clone is made durable by the next commit, not by one of its own.
     public func clone(_ sourceName: String, as name: String, ifMissing: Bool, ephemeral: Bool = false) throws(PoolError) -> (volume: VolumeInfo, created: Bool) {
         try withVolumeExclusive(Substring(sourceName)) { () throws(PoolError) in
             let source = try state(named: sourceName)
@@ -157,7 +162,7 @@ extension Pool {
                 mappedBlocks: source.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(),
                 flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
             let state = addVolume(record)
-            try finishManagement()
+            try finishManagement(commit: !ephemeral)
             return (describe(state), true)
         }
     }
@@ -215,7 +220,7 @@ extension Pool {
                     other.dirty = true
                 }
             }
-            try finishManagement()
+            try finishManagement(commit: !victim.record.isEphemeral)
         }
     }
 
