@@ -107,15 +107,22 @@ public final class MetadataStore {
         if let block = cacheLock.withLock({ cache[number] }) { return block }
         if cachedOnly { throw .notCached(number) }
         _ = try slot(number, type)
+        let block = try readFromDevice(number, type, maxGeneration: committedGeneration)
+        insertIntoCache(block)
+        return block
+    }
+
+    /// One block read from the device and validated: type, own number, generation no
+    /// newer than `maxGeneration`, CRC, and a node's shape.
+    private func readFromDevice(_ number: UInt64, _ type: BlockType, maxGeneration: UInt64) throws(MetadataError) -> MetadataBlock {
         let block = MetadataBlock(number: number)
         try wrapIO { try device.read(into: block.bytes, at: number * UInt64(MetadataLayout.blockSize)) }
         do {
-            _ = try BlockHeader.validate(block.bytes, expectedType: type, blockNumber: number, maxGeneration: committedGeneration)
+            _ = try BlockHeader.validate(block.bytes, expectedType: type, blockNumber: number, maxGeneration: maxGeneration)
             if type != .refcounts && type != .volumeRecord { try block.node.validateShape() }
         } catch {
             throw .corruptBlock(number, type, error.description)
         }
-        insertIntoCache(block)
         return block
     }
 
@@ -288,15 +295,7 @@ public final class MetadataStore {
     /// Cost: one 4 KiB read and a CRC32C.
     public func readCommitted(_ number: UInt64, _ type: BlockType, generation: UInt64, regionBlocks: UInt64) throws(MetadataError) -> MetadataBlock {
         guard number >= regionStart, number - regionStart < regionBlocks else { throw .pointerOutOfRange(number, type) }
-        let block = MetadataBlock(number: number)
-        try wrapIO { try device.read(into: block.bytes, at: number * UInt64(MetadataLayout.blockSize)) }
-        do {
-            _ = try BlockHeader.validate(block.bytes, expectedType: type, blockNumber: number, maxGeneration: generation)
-            if type != .refcounts && type != .volumeRecord { try block.node.validateShape() }
-        } catch {
-            throw .corruptBlock(number, type, error.description)
-        }
-        return block
+        return try readFromDevice(number, type, maxGeneration: generation)
     }
 
     /// Every metadata block that currently holds a reference (for `check`).

@@ -1,4 +1,5 @@
 import Testing
+import ThinSystem
 
 @testable import ThinPool
 
@@ -7,7 +8,7 @@ import Testing
     @Test func matchesASetUnderRandomInsertsAndRemoves() {
         var ranges = BlockRanges()
         var model = Set<UInt64>()
-        var rng = SplitMixForTests(seed: 9)
+        var rng = SplitMix64(seed: 9)
         for _ in 0..<20_000 {
             if rng.next() % 3 == 0 {
                 let block = rng.next() % 2000
@@ -30,17 +31,5 @@ import Testing
         for i in UInt64(0)..<10 { ranges.insert(i * 10..<i * 10 + 1 + i) }
         #expect(ranges.ranges.count == 4)
         #expect(ranges.contains(90), "the largest runs are kept")
-    }
-}
-
-struct SplitMixForTests {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
