@@ -51,7 +51,7 @@ public struct NBDSession: Equatable, Sendable {
 /// It never looks exports up itself: where an option needs the catalog it returns
 /// `.ask(query)` and waits in `awaitingCatalog` until the caller feeds the answer to
 /// `answer(_:)`. The server asks off its event loop (a lookup may wait for the pool
-/// lock; opening an ephemeral export creates and commits a clone), so one client's
+/// lock; opening an ephemeral export creates a clone), so one client's
 /// handshake never stalls the loop's other connections.
 ///
 /// ```

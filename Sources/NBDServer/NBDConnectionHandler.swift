@@ -315,7 +315,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Asks the export provider off the loop (a lookup may wait for the pool lock, an
-    /// open may create and commit an ephemeral clone) and feeds the answer back on the
+    /// open may create an ephemeral clone under the pool lock) and feeds the answer back on the
     /// loop; meanwhile the loop serves its other connections.
     private func ask(_ query: NBDHandshake.CatalogQuery, context: ChannelHandlerContext) {
         let server = self.server

@@ -186,7 +186,7 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     /// Answers a handshake's catalog query. Runs on the thread pool: the provider may
-    /// block (pool lock, creating an ephemeral clone and committing it).
+    /// block (the pool lock, creating an ephemeral clone).
     func answer(_ query: NBDHandshake.CatalogQuery, for channel: Channel) -> CatalogResult {
         switch query {
         case .describe(let name):

@@ -4,7 +4,9 @@ import ThinSystem
 
 /// Volume management. Each operation validates its arguments, changes the in-memory
 /// state, and commits before returning: a volume, snapshot or clone that an operation
-/// reported is durable.
+/// reported is durable. Ephemeral volumes are the exception: they are made and deleted
+/// without a commit of their own (they do not outlive a crash; the next commit takes
+/// them along).
 extension Pool {
     /// Largest virtual size of a volume (the NBD size field is 64-bit; keep block math safe).
     public static let maxVolumeSize: UInt64 = 1 << 60
