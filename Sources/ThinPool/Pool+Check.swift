@@ -453,7 +453,7 @@ extension Pool {
         try lock.withLock { () throws(PoolError) in
             let state = try volume(id, writing: false)
             var result: [UInt64: UInt64] = [:]
-            try mapErrors {
+            _ = try mapErrors {
                 try mappings.forEach(state.record.mappingRoot, in: blocks) { (vb: UInt64, physical: UInt64) -> Bool in
                     result[vb] = physical
                     return true
