@@ -1,3 +1,4 @@
+import Atomics
 import NIOConcurrencyHelpers
 import NIOCore
 
@@ -11,7 +12,8 @@ import NIOCore
 /// second's worth may pass without waiting (the burst). Nothing ever blocks: the
 /// server delays the request on its event loop by the returned time.
 ///
-/// Thread-safe; cost per request: one uncontended lock and a few arithmetic operations.
+/// Thread-safe; cost per request: one atomic load when unlimited, else one lock and a
+/// few arithmetic operations.
 public final class NBDRateLimit: Sendable {
     public struct Rates: Equatable, Sendable {
         /// Operations per second; 0 = no limit.
@@ -61,6 +63,9 @@ public final class NBDRateLimit: Sendable {
     }
 
     private let state: NIOLockedValueBox<State>
+    /// Whether any rate is set: every export has a limit object (so a rule added later
+    /// applies to open connections), and an unlimited one must cost a request no lock.
+    private let limited: ManagedAtomic<Bool>
 
     public init(_ rates: Rates, now: NIODeadline = .now()) {
         var initial = State(rates: rates, lastRefill: now)
@@ -69,6 +74,7 @@ public final class NBDRateLimit: Sendable {
         initial.operations.tokens = initial.operations.burst
         initial.bytes.tokens = initial.bytes.burst
         state = NIOLockedValueBox(initial)
+        limited = ManagedAtomic(!rates.isUnlimited)
     }
 
     public var rates: Rates { state.withLockedValue { $0.rates } }
@@ -82,12 +88,14 @@ public final class NBDRateLimit: Sendable {
             state.rates = rates
             state.operations.set(rate: rates.operationsPerSecond)
             state.bytes.set(rate: rates.bytesPerSecond)
+            limited.store(!rates.isUnlimited, ordering: .relaxed)
         }
     }
 
     /// Takes one operation of `bytes` bytes; returns how long it must wait before it runs.
     public func reserve(bytes: Int, now: NIODeadline = .now()) -> TimeAmount {
-        state.withLockedValue { state in
+        guard limited.load(ordering: .relaxed) else { return .zero }
+        return state.withLockedValue { state in
             let elapsed = now > state.lastRefill ? Double((now - state.lastRefill).nanoseconds) / 1e9 : 0
             state.lastRefill = max(now, state.lastRefill)
             state.operations.refill(seconds: elapsed)

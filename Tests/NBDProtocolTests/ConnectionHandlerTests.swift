@@ -115,12 +115,13 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
             return all
         }
 
-        func send(_ channel: EmbeddedChannel, _ fill: (inout ByteBuffer) -> Void) throws {
+        /// Feeds bytes to a connection; with `endRound`, the loop round ends (work queued
+        /// for it, such as the round's writes, runs).
+        func send(_ channel: EmbeddedChannel, endRound: Bool = true, _ fill: (inout ByteBuffer) -> Void) throws {
             var buffer = ByteBuffer()
             fill(&buffer)
             try channel.writeInbound(buffer)
-            // Work the handler queued for the end of the loop round (the round's writes).
-            loop.run()
+            if endRound { loop.run() }
         }
 
         /// Client flags, then GO for "disk"; returns the option replies.
@@ -197,16 +198,12 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         _ = try harness.negotiate(second)
         harness.exports.batchCalls = []
         // Both connections' writes arrive before the loop round ends.
-        try first.writeInbound(ByteBuffer(bytes: {
-            var b = ByteBuffer()
-            b.writeNBDRequest(harness.request(.write, cookie: 1, offset: 0, length: 512, payload: [UInt8](repeating: 1, count: 512)))
-            return Array(b.readableBytesView)
-        }()))
-        try second.writeInbound(ByteBuffer(bytes: {
-            var b = ByteBuffer()
-            b.writeNBDRequest(harness.request(.write, cookie: 2, offset: 4096, length: 512, payload: [UInt8](repeating: 2, count: 512)))
-            return Array(b.readableBytesView)
-        }()))
+        try harness.send(first, endRound: false) {
+            $0.writeNBDRequest(harness.request(.write, cookie: 1, offset: 0, length: 512, payload: [UInt8](repeating: 1, count: 512)))
+        }
+        try harness.send(second, endRound: false) {
+            $0.writeNBDRequest(harness.request(.write, cookie: 2, offset: 4096, length: 512, payload: [UInt8](repeating: 2, count: 512)))
+        }
         harness.loop.run()
         #expect(harness.exports.batchCalls == [2], "one hand-off for both connections")
         #expect(try harness.replies(first).map(\.0.cookie) == [1])
