@@ -139,15 +139,23 @@ public struct Superblock: Equatable, Sendable {
         guard bs >= 4096, bs <= 1 << 20, bs & (bs - 1) == 0 else {
             throw .inconsistent("data block size \(dataBlockSize) is not a power of two between 4 KiB and 1 MiB")
         }
-        guard metadataStart >= 2, metadataBlocks >= 16, metadataBlocks < 1 << 40 else {
+        // Every bound below keeps the sums and products that follow (region ends, byte
+        // offsets, the file size) far from 2^64: nothing read here can make them trap.
+        let limit: UInt64 = 1 << 60
+        guard metadataStart >= 2, metadataStart < 1 << 40, metadataBlocks >= 16, metadataBlocks < 1 << 40 else {
             throw .inconsistent("metadata region (\(metadataStart), \(metadataBlocks) blocks) is invalid")
         }
         let metadataEnd = (metadataStart + metadataBlocks) * UInt64(MetadataLayout.blockSize)
-        guard dataOffset >= metadataEnd, dataOffset % bs == 0 else {
-            throw .inconsistent("data region at \(dataOffset) overlaps metadata or is misaligned")
+        guard dataOffset >= metadataEnd, dataOffset < limit, dataOffset % bs == 0 else {
+            throw .inconsistent("data region at \(dataOffset) overlaps metadata, is misaligned or is too far out")
         }
-        guard dataBlocks < (1 << 48), dataBlocks.multipliedReportingOverflow(by: bs).overflow == false else {
+        let dataBytes = dataBlocks.multipliedReportingOverflow(by: bs)
+        guard !dataBytes.overflow, dataBytes.partialValue < limit else {
             throw .inconsistent("data block count \(dataBlocks) is too large")
+        }
+        guard generation < limit else { throw .inconsistent("generation \(generation) is out of range") }
+        guard nextVolumeID >= 1, nextVolumeID < limit else {
+            throw .inconsistent("next volume id \(nextVolumeID) is out of range")
         }
         guard dataHighWater <= dataBlocks else {
             throw .inconsistent("high-water mark \(dataHighWater) beyond \(dataBlocks) data blocks")

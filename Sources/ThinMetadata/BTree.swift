@@ -30,39 +30,98 @@ public struct BTree {
         self.values = values
     }
 
+    // MARK: Checked descent
+
+    // Nothing read from disk is trusted: a block's CRC only proves that some writer wrote
+    // it. Every step down a tree checks what the parent promises of the child (one level
+    // lower, not empty, keys inside the parent's range for it), and every leaf value is
+    // checked before anyone uses it (a data block inside the pool, a metadata block
+    // inside the region). Levels only go down, so no walk can loop; keys stay in range,
+    // so arithmetic on them cannot overflow for a caller that asked for a bounded range.
+
+    /// Reads the root and checks it can be one (not empty unless it is a lone leaf).
+    private func readRoot(_ root: UInt64, cachedOnly: Bool = false) throws(MetadataError) -> NodeView {
+        let node = try store.read(root, type, cachedOnly: cachedOnly).node
+        guard node.count > 0 || node.isLeaf else { throw .corruptBlock(root, type, "an interior node with no entries") }
+        return node
+    }
+
+    /// Reads child `i` of the interior node `parent` and checks it against the parent:
+    /// one level down, not empty, keys in `parent.key(i) ..< next key` (or `upper`, the
+    /// parent's own bound). Returns the child and its upper bound.
+    private func readChild(
+        of parent: NodeView, at i: Int, upper: UInt64?, cachedOnly: Bool = false
+    ) throws(MetadataError) -> (node: NodeView, number: UInt64, upper: UInt64?) {
+        let number = parent.value(i)
+        let node = try store.read(number, type, cachedOnly: cachedOnly).node
+        let bound = i + 1 < parent.count ? parent.key(i + 1) : upper
+        try checkChild(node, number, level: parent.level, lower: parent.key(i), upper: bound)
+        return (node, number, bound)
+    }
+
+    private func checkChild(_ node: NodeView, _ number: UInt64, level parentLevel: UInt16, lower: UInt64, upper: UInt64?) throws(MetadataError) {
+        guard node.level + 1 == parentLevel else {
+            throw .corruptBlock(number, type, "level \(node.level) under a level \(parentLevel) node")
+        }
+        guard node.count > 0 else { throw .corruptBlock(number, type, "an empty node below the root") }
+        let first = node.key(0)
+        let last = node.key(node.count - 1)
+        guard first >= lower, upper.map({ last < $0 }) ?? true else {
+            let limit = upper.map { String($0) } ?? "end"
+            throw .corruptBlock(number, type, "keys \(first)...\(last) lie outside its parent's range \(lower)..<\(limit)")
+        }
+    }
+
+    /// The one check a writer needs on its way down (it rewrites keys as it goes).
+    private func checkLevel(_ node: NodeView, _ number: UInt64, under parentLevel: UInt16) throws(MetadataError) {
+        guard node.level + 1 == parentLevel, node.count > 0 else {
+            throw .corruptBlock(number, type, "level \(node.level) with \(node.count) entries under a level \(parentLevel) node")
+        }
+    }
+
+    /// Leaf value `i` of `node` (block `number`), checked against what it refers to.
+    private func leafValue(_ node: NodeView, _ i: Int, in number: UInt64) throws(MetadataError) -> UInt64 {
+        let value = node.value(i)
+        switch values {
+        case .dataBlocks(let spaceMap):
+            guard value < spaceMap.dataBlocks else {
+                throw .corruptBlock(number, type, "key \(node.key(i)) maps to data block \(value), beyond the pool's \(spaceMap.dataBlocks)")
+            }
+        case .metadataBlocks(let valueType):
+            guard store.contains(value) else {
+                throw .corruptBlock(number, type, "key \(node.key(i)) points to a \(valueType) at block \(value), outside the metadata region")
+            }
+        case .packedRefcountBlocks:
+            let (block, free) = RefcountLayout.unpackIndexValue(value)
+            guard store.contains(block), free <= RefcountLayout.entriesPerBlock else {
+                throw .corruptBlock(number, type, "group \(node.key(i)) points to block \(block) with \(free) free entries")
+            }
+        }
+        return value
+    }
+
     // MARK: Lookup
 
     public func lookup(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> UInt64? {
-        var number = root
-        while number != 0 {
-            let node = try store.read(number, type).node
-            if node.isLeaf {
-                let i = node.lowerBound(key)
-                return i < node.count && node.key(i) == key ? node.value(i) : nil
-            }
-            let i = node.childIndex(for: key)
-            if i < 0 { return nil }
-            number = node.value(i)
-        }
-        return nil
+        try lookupWithSharing(root, key)?.value
     }
 
     /// Looks `key` up and says whether any node on its path is shared with another tree.
     public func lookupWithSharing(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> (value: UInt64, pathShared: Bool)? {
+        guard root != 0 else { return nil }
         var number = root
-        var shared = false
-        while number != 0 {
-            if store.refcount(number) > 1 { shared = true }
-            let node = try store.read(number, type).node
-            if node.isLeaf {
-                let i = node.lowerBound(key)
-                return i < node.count && node.key(i) == key ? (node.value(i), shared) : nil
-            }
+        var node = try readRoot(root)
+        var upper: UInt64?
+        var shared = store.refcount(root) > 1
+        while !node.isLeaf {
             let i = node.childIndex(for: key)
             if i < 0 { return nil }
-            number = node.value(i)
+            (node, number, upper) = try readChild(of: node, at: i, upper: upper)
+            if store.refcount(number) > 1 { shared = true }
         }
-        return nil
+        let i = node.lowerBound(key)
+        guard i < node.count, node.key(i) == key else { return nil }
+        return (try leafValue(node, i, in: number), shared)
     }
 
     /// Calls `body` for each entry with `range.lowerBound <= key < range.upperBound`, in
@@ -73,13 +132,19 @@ public struct BTree {
         _ body: (UInt64, UInt64) throws(MetadataError) -> Bool
     ) throws(MetadataError) -> Bool {
         guard root != 0, !range.isEmpty else { return true }
-        let node = try store.read(root, type, cachedOnly: cachedOnly).node
+        return try forEach(readRoot(root, cachedOnly: cachedOnly), root, upper: nil, in: range, cachedOnly: cachedOnly, body)
+    }
+
+    private func forEach(
+        _ node: NodeView, _ number: UInt64, upper: UInt64?, in range: Range<UInt64>, cachedOnly: Bool,
+        _ body: (UInt64, UInt64) throws(MetadataError) -> Bool
+    ) throws(MetadataError) -> Bool {
         if node.isLeaf {
             var i = node.lowerBound(range.lowerBound)
             while i < node.count {
                 let k = node.key(i)
                 if k >= range.upperBound { return true }
-                if try !body(k, node.value(i)) { return false }
+                if try !body(k, leafValue(node, i, in: number)) { return false }
                 i += 1
             }
             return true
@@ -87,7 +152,8 @@ public struct BTree {
         var i = max(0, node.childIndex(for: range.lowerBound))
         while i < node.count {
             if node.key(i) >= range.upperBound { return true }
-            if try !forEach(node.value(i), in: range, cachedOnly: cachedOnly, body) { return false }
+            let child = try readChild(of: node, at: i, upper: upper, cachedOnly: cachedOnly)
+            if try !forEach(child.node, child.number, upper: child.upper, in: range, cachedOnly: cachedOnly, body) { return false }
             i += 1
         }
         return true
@@ -153,6 +219,7 @@ public struct BTree {
             leaf.node.insert(key, value, at: 0)
             return (leaf.number, nil)
         }
+        _ = try readRoot(root)
         var top = try shadowNode(root)
         if top.node.isFull {
             let newRoot = try store.allocate(type, level: top.node.level + 1)
@@ -179,6 +246,7 @@ public struct BTree {
                 node.setKey(0, key)
             }
             var child = try shadowNode(node.value(i))
+            try checkLevel(child.node, child.number, under: node.level)
             node.setValue(i, child.number)
             if child.node.isFull {
                 let right = try split(child, parent: node, at: i, appending: key > child.node.key(child.node.count - 1))
@@ -192,7 +260,7 @@ public struct BTree {
     /// caller now owns), or nil when absent (then nothing is shadowed).
     public func remove(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> (root: UInt64, removed: UInt64?) {
         guard try lookup(root, key) != nil else { return (root, nil) }
-        var (newRoot, removed) = try removeBelow(root, key)
+        var (newRoot, removed) = try removeBelow(root, key, level: nil)
         // Collapse roots with a single child: the child's reference moves up.
         while newRoot != 0 {
             let node = try store.read(newRoot, type).node
@@ -205,17 +273,23 @@ public struct BTree {
         return (newRoot, removed)
     }
 
-    private func removeBelow(_ number: UInt64, _ key: UInt64) throws(MetadataError) -> (UInt64, UInt64?) {
+    /// `level`: the level the node must have (nil for the root).
+    private func removeBelow(_ number: UInt64, _ key: UInt64, level: UInt16?) throws(MetadataError) -> (UInt64, UInt64?) {
         let block = try shadowNode(number)
         let node = block.node
+        if let level { try checkLevel(node, number, under: level + 1) }
         var removed: UInt64?
         if node.isLeaf {
             let i = node.lowerBound(key)
-            removed = node.value(i)
+            guard i < node.count, node.key(i) == key else {
+                throw .corruptBlock(number, type, "key \(key) was found by a lookup but is not in its leaf")
+            }
+            removed = try leafValue(node, i, in: block.number)
             node.remove(at: i)
         } else {
             let i = node.childIndex(for: key)
-            let (child, value) = try removeBelow(node.value(i), key)
+            guard i >= 0 else { throw .corruptBlock(number, type, "key \(key) was found by a lookup but lies below this node") }
+            let (child, value) = try removeBelow(node.value(i), key, level: node.level - 1)
             removed = value
             if child == 0 { node.remove(at: i) } else { node.setValue(i, child) }
         }
@@ -245,16 +319,25 @@ public struct BTree {
     /// Drops one reference to the tree at `root`; nodes whose count reaches zero are
     /// freed and release their children and leaf values. Cost: O(nodes freed).
     public func release(_ root: UInt64) throws(MetadataError) {
-        guard root != 0 else { return }
-        if store.refcount(root) > 1 {
-            try store.decRef(root, type)
+        try release(root, level: nil)
+    }
+
+    private func release(_ number: UInt64, level: UInt16?) throws(MetadataError) {
+        guard number != 0 else { return }
+        if store.refcount(number) > 1 {
+            try store.decRef(number, type)
             return
         }
-        let node = try store.read(root, type).node
+        let node = try store.read(number, type).node
+        if let level { try checkLevel(node, number, under: level + 1) }
         for i in 0..<node.count {
-            if node.isLeaf { try releaseValue(node.value(i)) } else { try release(node.value(i)) }
+            if node.isLeaf {
+                try releaseValue(leafValue(node, i, in: number))
+            } else {
+                try release(node.value(i), level: node.level - 1)
+            }
         }
-        try store.decRef(root, type)
+        try store.decRef(number, type)
     }
 
     /// Adds one reference to the whole tree (a snapshot or clone). Cost: O(1).
@@ -263,31 +346,32 @@ public struct BTree {
     }
 
     /// Open-time scan: counts references to the tree's nodes without reading leaves.
-    /// `leafValue` is called for leaf values when `readLeaves` is set.
-    public func scanReferences(_ root: UInt64, readLeaves: Bool, leafValue: (UInt64) throws(MetadataError) -> Void = { _ throws(MetadataError) in }) throws(MetadataError) {
+    /// `visit` is called with each (checked) leaf value when `readLeaves` is set.
+    public func scanReferences(_ root: UInt64, readLeaves: Bool, visit: (UInt64) throws(MetadataError) -> Void = { _ throws(MetadataError) in }) throws(MetadataError) {
         guard root != 0 else { return }
         guard try store.scanReference(root, type: type) == 1 else { return }
-        let node = try store.read(root, type).node
+        let node = try readRoot(root)
         if node.isLeaf {
-            for i in 0..<node.count { try leafValue(node.value(i)) }
+            if readLeaves {
+                for i in 0..<node.count { try visit(self.leafValue(node, i, in: root)) }
+            }
             return
         }
-        try scanChildren(node, readLeaves: readLeaves, leafValue: leafValue)
+        try scanChildren(node, upper: nil, readLeaves: readLeaves, visit: visit)
     }
 
-    private func scanChildren(_ node: NodeView, readLeaves: Bool, leafValue: (UInt64) throws(MetadataError) -> Void) throws(MetadataError) {
+    private func scanChildren(
+        _ node: NodeView, upper: UInt64?, readLeaves: Bool, visit: (UInt64) throws(MetadataError) -> Void
+    ) throws(MetadataError) {
         for i in 0..<node.count {
-            let child = node.value(i)
-            guard try store.scanReference(child, type: type) == 1 else { continue }
+            let number = node.value(i)
+            guard try store.scanReference(number, type: type) == 1 else { continue }
             if node.level == 1 && !readLeaves { continue }
-            let childNode = try store.read(child, type).node
-            guard childNode.level + 1 == node.level else {
-                throw .corruptBlock(child, type, "level \(childNode.level) under a level \(node.level) node")
-            }
-            if childNode.isLeaf {
-                for j in 0..<childNode.count { try leafValue(childNode.value(j)) }
+            let child = try readChild(of: node, at: i, upper: upper)
+            if child.node.isLeaf {
+                for j in 0..<child.node.count { try visit(self.leafValue(child.node, j, in: number)) }
             } else {
-                try scanChildren(childNode, readLeaves: readLeaves, leafValue: leafValue)
+                try scanChildren(child.node, upper: child.upper, readLeaves: readLeaves, visit: visit)
             }
         }
     }

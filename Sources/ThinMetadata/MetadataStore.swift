@@ -146,8 +146,16 @@ public final class MetadataStore {
 
     // MARK: Allocation and reference counts
 
+    /// The block's reference count; 0 for a number outside the region (whose read then
+    /// fails with `pointerOutOfRange`).
     public func refcount(_ number: UInt64) -> UInt32 {
-        refcounts[Int(number - regionStart)]
+        guard contains(number) else { return 0 }
+        return refcounts[Int(number - regionStart)]
+    }
+
+    /// Whether `number` is a block of the metadata region. Cost: two comparisons.
+    public func contains(_ number: UInt64) -> Bool {
+        number >= regionStart && number - regionStart < UInt64(refcounts.count)
     }
 
     public var freeBlocks: Int { freeList.count }

@@ -88,8 +88,10 @@ struct CommittedView {
     var dataBlocks: UInt64
     var highWater: UInt64
     var metadataBlocks: UInt64
+    var nextVolumeID: UInt64
 
     init(superblock: Superblock) {
+        nextVolumeID = superblock.nextVolumeID
         generation = superblock.generation
         spaceMapRoot = superblock.spaceMapRoot
         volumeTableRoot = superblock.volumeTableRoot
@@ -121,6 +123,7 @@ struct CheckWalker {
     let dataBlocks: UInt64
     let highWater: UInt64
     let regionBlocks: UInt64
+    let nextVolumeID: UInt64
 
     init(pool: Pool, source: Source) {
         self.pool = pool
@@ -130,10 +133,12 @@ struct CheckWalker {
             dataBlocks = pool.spaceMap.dataBlocks
             highWater = pool.spaceMap.highWater
             regionBlocks = pool.store.regionBlocks
+            nextVolumeID = pool.superblock.nextVolumeID
         case .committed(let view):
             dataBlocks = view.dataBlocks
             highWater = view.highWater
             regionBlocks = view.metadataBlocks
+            nextVolumeID = view.nextVolumeID
         }
         // A corrupt superblock cannot make this allocate without bound: its data
         // block count was checked against the file size when the pool opened.
@@ -186,11 +191,16 @@ struct CheckWalker {
         }
         var recordBlocks: [UInt64: UInt64] = [:]
         var names: Set<String> = []
+        let (nextVolumeID, blockSize) = (self.nextVolumeID, pool.blockSize)
         walk(volumeTableRoot, .volumeTableNode, level: nil, low: 0, high: UInt64.max) { walker, id, recordBlock in
             guard walker.reference(recordBlock, .volumeRecord) else { return }
             do {
                 let block = try walker.read(recordBlock, .volumeRecord)
                 let record = try VolumeRecord.decode(block.bytes)
+                if let problem = record.problem(blockSize: blockSize, nextVolumeID: nextVolumeID) {
+                    walker.damage("volume record \(recordBlock): \(problem)")
+                    return
+                }
                 guard record.id == id else {
                     walker.damage("volume record \(recordBlock) has id \(record.id) but is indexed as \(id)")
                     return

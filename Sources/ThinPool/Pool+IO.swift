@@ -416,7 +416,7 @@ extension Pool {
                 root = newRoot
                 mappedCount += 1
                 holding = !plan.reserved
-                if let replaced { try spaceMap.decRef(replaced) } else { mapped += 1 }
+                if let replaced { try spaceMap.decRef(replaced) } else { mapped &+= 1 }
             }
         } catch {
             for (index, block) in plan.allocated.enumerated().dropFirst(mappedCount) {
@@ -752,7 +752,9 @@ extension Pool {
         try mapErrors {
             root = try mappings.removeAll(root, in: blocks) { (_: UInt64, physical: UInt64) throws(MetadataError) in
                 try spaceMap.decRef(physical)
-                mapped -= 1
+                // The count comes from disk: a wrong one is stale (check reports it and
+                // --repair recounts), never a reason to trap.
+                mapped = mapped > 0 ? mapped - 1 : 0
             }
         }
     }

@@ -261,6 +261,9 @@ public final class Pool: @unchecked Sendable {
             } catch {
                 throw .corruptBlock(recordBlock, .volumeRecord, "\(error)")
             }
+            if let problem = record.problem(blockSize: blockSize, nextVolumeID: superblock.nextVolumeID) {
+                throw .corruptBlock(recordBlock, .volumeRecord, problem)
+            }
             records.append((recordBlock, record))
             try mappingTree.scanReferences(record.mappingRoot, readLeaves: false)
         }

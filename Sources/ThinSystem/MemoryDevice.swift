@@ -135,6 +135,25 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// Replaces the bytes at `offset` as if they had always been there (corruption
+    /// tests: durable at once, no write counted). The range must lie in one page.
+    public func patch(at offset: UInt64, with newBytes: [UInt8]) {
+        lock.withLock {
+            let page = offset / UInt64(Self.pageSize)
+            let start = Int(offset % UInt64(Self.pageSize))
+            precondition(start + newBytes.count <= Self.pageSize, "a patch must lie in one page")
+            var bytes = pages[page] ?? [UInt8](repeating: 0, count: Self.pageSize)
+            bytes.replaceSubrange(start..<start + newBytes.count, with: newBytes)
+            pages[page] = bytes
+            durablePages[page] = bytes
+        }
+    }
+
+    /// The current contents of one page (zeros where nothing was written).
+    public func page(_ index: UInt64) -> [UInt8] {
+        lock.withLock { pages[index] ?? [UInt8](repeating: 0, count: Self.pageSize) }
+    }
+
     /// Bytes held in memory (non-zero pages), for space tests.
     public var storedBytes: UInt64 { lock.withLock { UInt64(pages.count * Self.pageSize) } }
 
