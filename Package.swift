@@ -89,7 +89,7 @@ let package = Package(
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "ThinControlTests", dependencies: ["ThinControl", "ThinPool", "ThinSystem", "TestSupport"]),
         .testTarget(name: "ThinTransferTests", dependencies: ["ThinTransfer", "ThinPool", "ThinSystem"]),
-        .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinServe", "ThinSystem", "TestSupport"]),
+        .testTarget(name: "ThinCLITests", dependencies: ["ThinCLI", "ThinControl", "ThinServe", "ThinSystem", "TestSupport"]),
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: [

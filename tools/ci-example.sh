@@ -127,7 +127,10 @@ t1=$(now)
 "$THINBD" snapshot "$pool" buildroot@golden >/dev/null
 t2=$(now)
 echo "golden buildroot prepared in $(elapsed "$t0" "$t1") s; snapshot taken in $(elapsed "$t1" "$t2") s (while served)"
-used_before=$("$THINBD" info "$pool" --json | awk -F': ' '/"used_bytes"/ { gsub(/,/, "", $2); print $2; exit }')
+# Data space used: the top-level "used_bytes" of info --json (two spaces in; the metadata
+# object has one of its own).
+used_now() { "$THINBD" info "$pool" --json | awk -F' : ' '/^  "used_bytes"/ { gsub(/,/, "", $2); print $2; exit }'; }
+used_before=$(used_now)
 
 # 2. N builds at once, each on its own ephemeral clone.
 build_on_clone() {
@@ -195,7 +198,6 @@ if "$THINBD" volume list "$pool" | grep -q 'build-'; then
     failed=1
 fi
 # Their space returns with the next commit (the server's auto-commit, within a second).
-used_now() { "$THINBD" info "$pool" --json | awk -F': ' '/"used_bytes"/ { gsub(/,/, "", $2); print $2; exit }'; }
 for _ in $(seq 50); do
     [ "$(used_now)" = "$used_before" ] && break
     sleep 0.1

@@ -21,40 +21,37 @@ struct CheckCommand: ParsableCommand {
 
     func run() throws {
         let report = repair ? try repairOffline() : try checkAnywhere()
+        let damaged = !report.damage.isEmpty
         emit(report, live) {
-            for line in report["damage"]?.arrayValue ?? [] { print("damage: \(line.stringValue ?? "")") }
-            let repaired = report["repaired"]?.boolValue == true
-            if !repaired {
-                for line in report["stale"]?.arrayValue ?? [] { print("stale: \(line.stringValue ?? "")") }
-                if report.number("leaked_blocks") > 0 { print("leaked: \(report.number("leaked_blocks")) data blocks are counted but unused") }
+            for line in report.damage { print("damage: \(line)") }
+            if !report.repaired {
+                for line in report.stale { print("stale: \(line)") }
+                if report.leakedBlocks > 0 { print("leaked: \(report.leakedBlocks) data blocks are counted but unused") }
             }
-            print("checked \(report.number("volumes_checked")) volumes, \(report.number("metadata_blocks_checked")) metadata blocks, \(report.number("block_mappings")) block mappings")
-            let damaged = !(report["damage"]?.arrayValue ?? []).isEmpty
-            if repaired && !damaged {
-                let leaked = report.number("leaked_blocks")
+            print("checked \(report.volumesChecked) volumes, \(report.metadataBlocksChecked) metadata blocks, \(report.blockMappings) block mappings")
+            if report.repaired && !damaged {
+                let leaked = report.leakedBlocks
                 print("repaired: \(leaked == 0 ? "" : "\(leaked) leaked blocks reclaimed; ")counts rewritten")
             }
-            if report["clean"]?.boolValue == true || (repaired && !damaged) {
+            if report.clean || (report.repaired && !damaged) {
                 print("clean")
             } else if !repair && !damaged {
                 print("run 'thinbd check --repair \(target.pool)' to fix (with the pool offline)")
             }
         }
-        let damaged = !(report["damage"]?.arrayValue ?? []).isEmpty
-        if report["clean"]?.boolValue != true && !(report["repaired"]?.boolValue == true && !damaged) { throw ExitCode(1) }
+        if !report.clean && !(report.repaired && !damaged) { throw ExitCode(1) }
     }
 
-    private func checkAnywhere() throws -> JSON {
-        switch PoolCommandClient(poolPath: target.pool, controlPath: live.control).run(.check).reply {
-        case .success(let report):
-            return report
-        case .failure(let error):
+    private func checkAnywhere() throws -> CheckResult {
+        do throws(ControlError) {
+            return try PoolCommandClient(poolPath: target.pool, controlPath: live.control).run(.check).reply.result()
+        } catch {
             // A pool too damaged to open is damage found, not a failure to check.
             throw fail(error, live, code: error.code == "corrupt" ? 1 : 2)
         }
     }
 
-    private func repairOffline() throws -> JSON {
+    private func repairOffline() throws -> CheckResult {
         if (try? ControlClient.connectToServer(ofPool: target.pool, at: live.control)) != nil {
             throw fail(ControlError(code: "busy", message: "check --repair needs the pool offline; stop the server first (a read-only check works while it is served)"), live, code: 2)
         }
@@ -66,6 +63,6 @@ struct CheckCommand: ParsableCommand {
         }
         let report = pool.check(repair: true)
         try? pool.close()
-        return report.json
+        return CheckResult(report)
     }
 }

@@ -25,9 +25,9 @@ struct CloneCommand: ParsableCommand {
     func run() throws {
         let result = try runPoolCommand(
             .clone(source: source, name: name, ifMissing: ifMissing), pool: target.pool, options: live,
-            waitSeconds: ifMissing ? wait : 0)
+            waitSeconds: ifMissing ? wait : 0, as: SnapshotCloneResult.self)
         emit(result, live) {
-            print(result["created"]?.boolValue == true ? "created clone \(name) of \(source)" : "clone \(name) of \(source) exists already")
+            print(result.created ? "created clone \(name) of \(source)" : "clone \(name) of \(source) exists already")
         }
     }
 }

@@ -21,30 +21,37 @@ struct LiveOptions: ParsableArguments {
 }
 
 /// Runs `command` on the pool, through its server when one serves it, else offline
-/// (see `PoolCommandClient`); returns the result, or fails the command with the error
-/// (as `{"error": ...}` on standard output too with --json).
-func runPoolCommand(_ command: ControlCommand, pool: String, options: LiveOptions, waitSeconds: Double = 0) throws -> JSON {
-    try runPoolCommandReportingServer(command, pool: pool, options: options, waitSeconds: waitSeconds).result
+/// (see `PoolCommandClient`); returns the result, of the type the command returns (see
+/// `ControlCommand.decodeResult`), or fails the command with the error (as
+/// `{"error": ...}` on standard output too with --json).
+func runPoolCommand<Value>(
+    _ command: ControlCommand, pool: String, options: LiveOptions, waitSeconds: Double = 0, as type: Value.Type = Value.self
+) throws -> Value {
+    try runPoolCommandReportingServer(command, pool: pool, options: options, waitSeconds: waitSeconds, as: type).result
 }
 
 /// `runPoolCommand`, also saying whether a server answered.
-func runPoolCommandReportingServer(
-    _ command: ControlCommand, pool: String, options: LiveOptions, waitSeconds: Double = 0
-) throws -> (result: JSON, served: Bool) {
+func runPoolCommandReportingServer<Value>(
+    _ command: ControlCommand, pool: String, options: LiveOptions, waitSeconds: Double = 0, as _: Value.Type = Value.self
+) throws -> (result: Value, served: Bool) {
     let client = PoolCommandClient(poolPath: pool, controlPath: options.control, waitSeconds: waitSeconds)
     let (reply, served) = client.run(command)
-    switch reply {
-    case .success(let result):
-        return (result, served)
-    case .failure(let error):
+    do throws(ControlError) {
+        return (try reply.result(), served)
+    } catch {
         throw fail(error, options)
     }
+}
+
+/// What `--json` prints on failure.
+struct ErrorOutput: Codable, Equatable {
+    var error: ControlError
 }
 
 /// Fails the command with `error`: one line on standard error, and with --json also
 /// `{"error": {"code", "message"}}` on standard output.
 func fail(_ error: ControlError, _ options: LiveOptions, code: Int32 = 1) -> ExitCode {
-    if options.json { print(JSON.object([("error", error.json)]).rendered()) }
+    if options.json { print(ControlJSON.pretty(ErrorOutput(error: error))) }
     return fail(error, code: code)
 }
 
@@ -62,43 +69,12 @@ func withProgress<T>(_ label: String, _ options: LiveOptions, _ body: (ProgressB
 }
 
 /// Prints `result` as JSON with --json, else runs `human`.
-func emit(_ result: JSON, _ options: LiveOptions, human: () -> Void) {
+func emit(_ result: some Encodable, _ options: LiveOptions, human: () -> Void) {
     if options.json {
-        print(result.rendered())
+        print(ControlJSON.pretty(result))
     } else {
         human()
     }
-}
-
-extension JSON {
-    /// A number field, 0 when missing (results are the server's own; fields are there).
-    func number(_ key: String) -> UInt64 { self[key]?.numberValue ?? 0 }
-    func string(_ key: String) -> String { self[key]?.stringValue ?? "" }
-}
-
-/// A volume as a result describes it.
-struct VolumeRow {
-    var name: String
-    var kind: String
-    var size: UInt64
-    var mappedBytes: UInt64
-    var parent: String?
-    var created: UInt64
-    var ephemeral: Bool
-    var connections: UInt64
-
-    init(_ json: JSON) {
-        name = json.string("name")
-        kind = json.string("kind")
-        size = json.number("size")
-        mappedBytes = json.number("mapped_bytes")
-        parent = json["parent"]?.stringValue
-        created = json.number("created")
-        ephemeral = json["ephemeral"]?.boolValue ?? false
-        connections = json.number("connections")
-    }
-
-    static func rows(_ json: JSON?) -> [VolumeRow] { (json?.arrayValue ?? []).map(VolumeRow.init) }
 }
 
 /// Opens the pool here (`demo`; pool commands go through `runPoolCommand`), runs

@@ -35,10 +35,10 @@ struct CreateCommand: ParsableCommand {
         do {
             let pool = try Pool.create(path: target.pool, geometry: geometry)
             let info = pool.info()
-            let infoJSON = PoolCommands(pool: pool, served: nil).perform(.info)
+            let result = try PoolCommands(pool: pool, served: nil).run(.info)
             try pool.close()
-            if json, case .success(let result) = infoJSON {
-                print(result.rendered())
+            if json {
+                print(ControlJSON.pretty(result))
                 return
             }
             print("created \(target.pool): \(formatBytes(info.dataTotalBytes)) of data in \(formatBytes(info.blockSize)) blocks, \(formatBytes(info.metadataTotalBytes)) metadata")

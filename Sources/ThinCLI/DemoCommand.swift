@@ -52,7 +52,7 @@ struct DemoCommand: ParsableCommand {
             let report = pool.check()
             print("check: \(report.isClean ? "clean" : "DAMAGE: \(report.damage)")")
             print("\nsnapshot tree:")
-            print(TreeCommand.draw(VolumeRow.rows(PoolCommands(pool: pool, served: nil).listJSON())), terminator: "")
+            print(TreeCommand.draw(PoolCommands(pool: pool, served: nil).list()), terminator: "")
             let info = pool.info()
             print("\npool: \(formatBytes(info.dataUsedBytes)) used of \(formatBytes(info.dataTotalBytes)), \(info.volumes.count) volumes and snapshots")
         }

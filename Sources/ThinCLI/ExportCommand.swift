@@ -29,15 +29,11 @@ struct ExportCommand: ParsableCommand {
 
     func run() throws {
         let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
-        let statistics = try withProgress("exporting \(name)", live) { progress in
+        let result = try withProgress("exporting \(name)", live) { progress in
             try transfer.exportImage(name: name, to: destination, replacing: force) { progress.update($0, of: $1) }
         }
-        let result = JSON.object([
-            ("name", .string(name)), ("destination", .string(destination)), ("bytes", .number(statistics.bytes)),
-            ("bytes_written", .number(statistics.bytesWritten)),
-        ])
         emit(result, live) {
-            print("exported \(name) to \(destination): \(formatBytes(statistics.bytes)), \(formatBytes(statistics.bytesWritten)) of data, the rest holes")
+            print("exported \(name) to \(destination): \(formatBytes(result.bytes)), \(formatBytes(result.bytesWritten)) of data, the rest holes")
         }
     }
 }

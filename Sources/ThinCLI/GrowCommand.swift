@@ -14,9 +14,9 @@ struct GrowCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let info = try runPoolCommand(.grow(size: size.bytes), pool: target.pool, options: live)
+        let info = try runPoolCommand(.grow(size: size.bytes), pool: target.pool, options: live, as: PoolInfoResult.self)
         emit(info, live) {
-            print("\(target.pool): \(formatBytes(info.number("total_bytes"))) of data, \(formatBytes(info.number("free_bytes"))) free")
+            print("\(target.pool): \(formatBytes(info.totalBytes)) of data, \(formatBytes(info.freeBytes)) free")
         }
     }
 }

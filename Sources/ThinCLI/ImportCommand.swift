@@ -30,16 +30,13 @@ struct ImportCommand: ParsableCommand {
 
     func run() throws {
         let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
-        let (volume, statistics) = try withProgress("importing \(name)", live) { progress in
+        let result = try withProgress("importing \(name)", live) { progress in
             try transfer.importImage(name: name, from: try ImageTransfer.openSource(source), size: size?.bytes) {
                 progress.update($0, of: $1)
             }
         }
-        let result = JSON.object([
-            ("volume", volume), ("bytes_read", .number(statistics.bytes)), ("bytes_written", .number(statistics.bytesWritten)),
-        ])
         emit(result, live) {
-            print("imported \(source) as \(name): \(formatBytes(statistics.bytes)), \(formatBytes(statistics.bytesWritten)) written, \(formatBytes(statistics.bytes - statistics.bytesWritten)) of zeros left unmapped")
+            print("imported \(source) as \(name): \(formatBytes(result.bytesRead)), \(formatBytes(result.bytesWritten)) written, \(formatBytes(result.bytesRead - result.bytesWritten)) of zeros left unmapped")
         }
     }
 }

@@ -46,15 +46,14 @@ struct LimitCommand: ParsableCommand {
 
     func run() throws {
         let command: ControlCommand = rule.flatMap(ExportLimitRule.parse).map { .setLimit($0) } ?? .limits
-        let result = try runPoolCommand(command, pool: target.pool, options: live)
-        emit(result, live) {
-            let rules = result.arrayValue ?? []
+        let rules = try runPoolCommand(command, pool: target.pool, options: live, as: [ExportLimitRule].self)
+        emit(rules, live) {
             if rules.isEmpty { print("no limits") }
             for rule in rules {
-                let iops = rule.number("iops")
-                let bytes = rule.number("bytes_per_second")
+                let iops = rule.operationsPerSecond
+                let bytes = rule.bytesPerSecond
                 let parts = [iops > 0 ? "\(iops) IOPS" : nil, bytes > 0 ? "\(formatBytes(bytes))/s" : nil].compactMap { $0 }
-                print("\(rule.string("pattern")): \(parts.joined(separator: ", "))")
+                print("\(rule.pattern): \(parts.joined(separator: ", "))")
             }
         }
     }

@@ -19,9 +19,9 @@ struct RollbackCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let result = try runPoolCommand(.rollback(snapshot: name, force: force), pool: target.pool, options: live)
+        let result = try runPoolCommand(.rollback(snapshot: name, force: force), pool: target.pool, options: live, as: RollbackResult.self)
         emit(result, live) {
-            print("rolled \(VolumeRow(result["volume"] ?? .null).name) back to \(name)\(disconnectedNote(result))")
+            print("rolled \(result.volume.name) back to \(name)\(disconnectedNote(result.disconnected))")
         }
     }
 }

@@ -100,7 +100,7 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("autogrow-max"), help: ArgumentHelp("The data capacity --autogrow stops at.", valueName: "SIZE"))
     var autogrowMax: ByteSize?
 
-    @Flag(help: "Announce the server as one JSON line on standard output ({\"uris\", \"control\", \"metrics\", \"pid\"}) instead of its URIs.")
+    @Flag(help: "Announce the server as one JSON line on standard output ({\"control\", \"metrics\", \"pid\", \"uris\"}) instead of its URIs.")
     var json = false
 
     func validate() throws {

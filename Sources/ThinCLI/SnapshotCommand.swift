@@ -30,9 +30,10 @@ struct SnapshotCommand: ParsableCommand {
 
     func run() throws {
         let result = try runPoolCommand(
-            .snapshot(name: name, ifMissing: ifMissing), pool: target.pool, options: live, waitSeconds: ifMissing ? wait : 0)
+            .snapshot(name: name, ifMissing: ifMissing), pool: target.pool, options: live, waitSeconds: ifMissing ? wait : 0,
+            as: SnapshotCloneResult.self)
         emit(result, live) {
-            print(result["created"]?.boolValue == true ? "created snapshot \(name)" : "snapshot \(name) exists already")
+            print(result.created ? "created snapshot \(name)" : "snapshot \(name) exists already")
         }
     }
 }

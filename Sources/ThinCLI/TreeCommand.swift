@@ -12,16 +12,15 @@ struct TreeCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let list = try runPoolCommand(.list, pool: target.pool, options: live)
-        let rows = VolumeRow.rows(list)
-        emit(Self.nested(rows), live) { print(Self.draw(rows), terminator: "") }
+        let volumes = try runPoolCommand(.list, pool: target.pool, options: live, as: [VolumeSummary].self)
+        emit(Self.nested(volumes), live) { print(Self.draw(volumes), terminator: "") }
     }
 
     /// Roots are volumes with no (remaining) parent; children are sorted by creation.
-    static func children(_ volumes: [VolumeRow]) -> (roots: [VolumeRow], children: [String: [VolumeRow]]) {
+    static func children(_ volumes: [VolumeSummary]) -> (roots: [VolumeSummary], children: [String: [VolumeSummary]]) {
         let names = Set(volumes.map(\.name))
-        var children: [String: [VolumeRow]] = [:]
-        var roots: [VolumeRow] = []
+        var children: [String: [VolumeSummary]] = [:]
+        var roots: [VolumeSummary] = []
         for volume in volumes {
             if let parent = volume.parent, names.contains(parent) {
                 children[parent, default: []].append(volume)
@@ -29,20 +28,20 @@ struct TreeCommand: ParsableCommand {
                 roots.append(volume)
             }
         }
-        let order: (VolumeRow, VolumeRow) -> Bool = { ($0.created, $0.name) < ($1.created, $1.name) }
+        let order: (VolumeSummary, VolumeSummary) -> Bool = { ($0.created, $0.name) < ($1.created, $1.name) }
         return (roots.sorted(by: order), children.mapValues { $0.sorted(by: order) })
     }
 
-    static func draw(_ volumes: [VolumeRow]) -> String {
+    static func draw(_ volumes: [VolumeSummary]) -> String {
         if volumes.isEmpty { return "(no volumes)\n" }
         let (roots, children) = children(volumes)
         var out = ""
-        func line(_ v: VolumeRow) -> String {
+        func line(_ v: VolumeSummary) -> String {
             var details = [v.kind + (v.ephemeral ? ", ephemeral" : ""), formatBytes(v.size), "\(formatBytes(v.mappedBytes)) mapped"]
             if v.connections > 0 { details.append("\(v.connections) client\(v.connections == 1 ? "" : "s")") }
             return "\(v.name)  (\(details.joined(separator: ", ")))"
         }
-        func visit(_ v: VolumeRow, prefix: String, isLast: Bool, isRoot: Bool) {
+        func visit(_ v: VolumeSummary, prefix: String, isLast: Bool, isRoot: Bool) {
             out += isRoot ? line(v) + "\n" : prefix + (isLast ? "└── " : "├── ") + line(v) + "\n"
             let kids = children[v.name] ?? []
             let childPrefix = isRoot ? "" : prefix + (isLast ? "    " : "│   ")
@@ -54,17 +53,38 @@ struct TreeCommand: ParsableCommand {
         return out
     }
 
-    /// The tree as JSON: each volume object gains a "children" array.
-    static func nested(_ volumes: [VolumeRow]) -> JSON {
+    /// The tree for --json: the roots, each volume with its children.
+    static func nested(_ volumes: [VolumeSummary]) -> [VolumeTreeNode] {
         let (roots, children) = children(volumes)
-        func node(_ v: VolumeRow) -> JSON {
-            .object([
-                ("name", .string(v.name)), ("kind", .string(v.kind)), ("size", .number(v.size)),
-                ("mapped_bytes", .number(v.mappedBytes)), ("ephemeral", .bool(v.ephemeral)),
-                ("connections", .number(v.connections)),
-                ("children", .array((children[v.name] ?? []).map(node))),
-            ])
-        }
-        return .array(roots.map(node))
+        func node(_ v: VolumeSummary) -> VolumeTreeNode { VolumeTreeNode(volume: v, children: (children[v.name] ?? []).map(node)) }
+        return roots.map(node)
+    }
+}
+
+/// A volume of `tree --json`: the volume object of `list` with a `children` array (the
+/// snapshots and clones made from it).
+struct VolumeTreeNode: Codable, Equatable {
+    var volume: VolumeSummary
+    var children: [VolumeTreeNode]
+
+    enum CodingKeys: String, CodingKey {
+        case children
+    }
+
+    init(volume: VolumeSummary, children: [VolumeTreeNode]) {
+        self.volume = volume
+        self.children = children
+    }
+
+    /// The volume's keys and `children`, in one object.
+    func encode(to encoder: Encoder) throws {
+        try volume.encode(to: encoder)
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(children, forKey: .children)
+    }
+
+    init(from decoder: Decoder) throws {
+        volume = try VolumeSummary(from: decoder)
+        children = try decoder.container(keyedBy: CodingKeys.self).decode([VolumeTreeNode].self, forKey: .children)
     }
 }

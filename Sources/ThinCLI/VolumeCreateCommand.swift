@@ -17,9 +17,9 @@ struct VolumeCreateCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let result = try runPoolCommand(.createVolume(name: name, size: size.bytes), pool: target.pool, options: live)
+        let result = try runPoolCommand(.createVolume(name: name, size: size.bytes), pool: target.pool, options: live, as: VolumeCreateResult.self)
         emit(result, live) {
-            let volume = VolumeRow(result["volume"] ?? .null)
+            let volume = result.volume
             print("created volume \(volume.name) (\(formatBytes(volume.size)))")
         }
     }

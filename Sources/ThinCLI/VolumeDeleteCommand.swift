@@ -19,13 +19,12 @@ struct VolumeDeleteCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let result = try runPoolCommand(.delete(name: name, force: force), pool: target.pool, options: live)
-        emit(result, live) { print("deleted \(name)\(disconnectedNote(result))") }
+        let result = try runPoolCommand(.delete(name: name, force: force), pool: target.pool, options: live, as: DeleteResult.self)
+        emit(result, live) { print("deleted \(name)\(disconnectedNote(result.disconnected))") }
     }
 }
 
 /// ", after disconnecting N clients" when a --force closed connections.
-func disconnectedNote(_ result: JSON) -> String {
-    let count = result.number("disconnected")
-    return count == 0 ? "" : " (disconnected \(count) client\(count == 1 ? "" : "s"))"
+func disconnectedNote(_ count: UInt64) -> String {
+    count == 0 ? "" : " (disconnected \(count) client\(count == 1 ? "" : "s"))"
 }

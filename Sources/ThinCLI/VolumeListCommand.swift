@@ -10,12 +10,12 @@ struct VolumeListCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let (list, served) = try runPoolCommandReportingServer(.list, pool: target.pool, options: live)
+        let (list, served) = try runPoolCommandReportingServer(.list, pool: target.pool, options: live, as: [VolumeSummary].self)
         emit(list, live) {
             var header = ["NAME", "KIND", "SIZE", "MAPPED", "PARENT"]
             if served { header.append("CLIENTS") }
             var rows = [header]
-            for v in VolumeRow.rows(list) {
+            for v in list {
                 var row = [v.name, v.kind + (v.ephemeral ? " (ephemeral)" : ""), formatBytes(v.size), formatBytes(v.mappedBytes), v.parent ?? "-"]
                 if served { row.append(String(v.connections)) }
                 rows.append(row)

@@ -19,7 +19,7 @@ struct VolumeRenameCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let result = try runPoolCommand(.rename(from: oldName, to: newName), pool: target.pool, options: live)
+        let result = try runPoolCommand(.rename(from: oldName, to: newName), pool: target.pool, options: live, as: RenameResult.self)
         emit(result, live) { print("renamed \(oldName) to \(newName)") }
     }
 }

@@ -25,7 +25,7 @@ struct VolumeResizeCommand: ParsableCommand {
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let result = try runPoolCommand(.resize(name: name, size: size.bytes, force: force), pool: target.pool, options: live)
-        emit(result, live) { print("resized \(name) to \(formatBytes(size.bytes))\(disconnectedNote(result))") }
+        let result = try runPoolCommand(.resize(name: name, size: size.bytes, force: force), pool: target.pool, options: live, as: ResizeResult.self)
+        emit(result, live) { print("resized \(name) to \(formatBytes(size.bytes))\(disconnectedNote(result.disconnected))") }
     }
 }

@@ -38,7 +38,7 @@ public final class ControlClient {
     public func request(_ command: ControlCommand) throws(ControlError) -> ControlReply {
         try transfer { () throws(SystemError) in try connection.send(command.line) }
         while true {
-            if let line = try framer.nextLine() { return try ControlReply(line: line) }
+            if let line = try framer.nextLine() { return try ControlReply(line: line, answering: command) }
             let bytes = try transfer { () throws(SystemError) in try connection.receive() }
             if bytes.isEmpty { throw ControlError(code: "io", message: "the server closed the control connection without replying") }
             framer.append(bytes)

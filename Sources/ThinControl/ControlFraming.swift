@@ -1,3 +1,5 @@
+import FoundationEssentials
+
 /// Splits the control socket's byte stream into lines (requests and replies are one
 /// JSON object per line, ended by "\n"). No I/O: bytes go in as they arrive, in any
 /// pieces, and whole lines come out.
@@ -45,33 +47,43 @@ public struct ControlLineFramer: Sendable {
 
 extension ControlCommand {
     /// The request as one line, ready to send.
-    public var line: String { json.rendered(pretty: false) + "\n" }
-}
+    public var line: String { ControlJSON.line(self) + "\n" }
 
-extension ControlReply {
-    public var line: String { json.rendered(pretty: false) + "\n" }
-
-    /// Parses a reply line.
+    /// Parses a request line: anything but a valid request (not JSON, nested too deep, not
+    /// an object, a missing or mistyped argument) is an `invalid-request` error, never a
+    /// crash.
     public init(line: String) throws(ControlError) {
-        let json: JSON
-        do throws(JSONParseError) {
-            json = try JSON.parse(line)
+        do {
+            self = try JSONDecoder().decode(ControlCommand.self, from: Data(line.utf8))
+        } catch let error as ControlError {
+            throw error
         } catch {
-            throw ControlError(code: "io", message: "the server sent \(error)")
+            throw .invalidRequest(ControlJSON.describe(error))
         }
-        try self.init(json: json)
+    }
+
+    /// Parses a request from its bytes, which must be UTF-8 throughout (the decoder itself
+    /// does not look inside strings it skips).
+    public init(bytes: [UInt8]) throws(ControlError) {
+        guard let line = String(validating: bytes, as: UTF8.self) else { throw .invalidRequest("a request is UTF-8 text") }
+        try self.init(line: line)
     }
 }
 
-extension ControlCommand {
-    /// Parses a request line.
-    public init(line: String) throws(ControlError) {
-        let json: JSON
-        do throws(JSONParseError) {
-            json = try JSON.parse(line)
+extension ControlReply {
+    public var line: String { ControlJSON.line(self) + "\n" }
+
+    /// Parses a reply line to `command`: its result is read as that command's result type.
+    /// A reply that is not what the protocol says is a `ControlError` with code `io`.
+    public init(line: String, answering command: ControlCommand) throws(ControlError) {
+        let decoder = JSONDecoder()
+        decoder.userInfo[Self.commandKey] = command
+        do {
+            self = try decoder.decode(ControlReply.self, from: Data(line.utf8))
+        } catch let error as ControlError {
+            throw error
         } catch {
-            throw .invalidRequest("\(error)")
+            throw ControlError(code: "io", message: "the server's reply to \(command.name) does not follow the protocol: \(ControlJSON.describe(error))")
         }
-        try self.init(json: json)
     }
 }

@@ -60,70 +60,21 @@ public enum ControlCommand: Equatable, Sendable {
         }
     }
 
-    public var json: JSON {
-        var fields: [(String, JSON)] = [("command", .string(name))]
+    /// The volumes and snapshots the command names, in request order (for the log).
+    public var subjects: [String] {
         switch self {
-        case .hello, .info, .list, .check, .exports, .limits: break
-        case .setLimit(let rule): fields += rule.fields
-        case .createVolume(let name, let size): fields += [("name", .string(name)), ("size", .number(size))]
-        case .delete(let name, let force): fields += [("name", .string(name)), ("force", .bool(force))]
-        case .rename(let from, let to): fields += [("name", .string(from)), ("new_name", .string(to))]
-        case .resize(let name, let size, let force):
-            fields += [("name", .string(name)), ("size", .number(size)), ("force", .bool(force))]
-        case .snapshot(let name, let ifMissing): fields += [("name", .string(name)), ("if_missing", .bool(ifMissing))]
-        case .clone(let source, let name, let ifMissing):
-            fields += [("source", .string(source)), ("name", .string(name)), ("if_missing", .bool(ifMissing))]
-        case .rollback(let snapshot, let force): fields += [("name", .string(snapshot)), ("force", .bool(force))]
-        case .grow(let size): fields += [("size", .number(size))]
-        }
-        return .object(fields)
-    }
-
-    /// Reads a request; unknown keys are ignored (later versions may add optional ones),
-    /// missing or mistyped ones are a `ControlError` with code `invalid-request`.
-    public init(json: JSON) throws(ControlError) {
-        guard case .object = json else { throw .invalidRequest("a request is a JSON object") }
-        guard let command = json["command"]?.stringValue else { throw .invalidRequest("the request has no \"command\" string") }
-        func string(_ key: String) throws(ControlError) -> String {
-            guard let value = json[key]?.stringValue else { throw .invalidRequest("\(command) needs \"\(key)\" (a string)") }
-            return value
-        }
-        func number(_ key: String) throws(ControlError) -> UInt64 {
-            guard let value = json[key]?.numberValue else { throw .invalidRequest("\(command) needs \"\(key)\" (a whole number)") }
-            return value
-        }
-        func flag(_ key: String) throws(ControlError) -> Bool {
-            guard let value = json[key] else { return false }
-            guard let bool = value.boolValue else { throw .invalidRequest("\"\(key)\" must be true or false") }
-            return bool
-        }
-        switch command {
-        case "hello": self = .hello
-        case "info": self = .info
-        case "list": self = .list
-        case "volume-create": self = .createVolume(name: try string("name"), size: try number("size"))
-        case "delete": self = .delete(name: try string("name"), force: try flag("force"))
-        case "rename": self = .rename(from: try string("name"), to: try string("new_name"))
-        case "resize": self = .resize(name: try string("name"), size: try number("size"), force: try flag("force"))
-        case "snapshot": self = .snapshot(name: try string("name"), ifMissing: try flag("if_missing"))
-        case "clone": self = .clone(source: try string("source"), name: try string("name"), ifMissing: try flag("if_missing"))
-        case "rollback": self = .rollback(snapshot: try string("name"), force: try flag("force"))
-        case "check": self = .check
-        case "grow": self = .grow(size: try number("size"))
-        case "exports": self = .exports
-        case "limit":
-            self = .setLimit(
-                ExportLimitRule(
-                    pattern: try string("pattern"), operationsPerSecond: try number("iops"),
-                    bytesPerSecond: try number("bytes_per_second")))
-        case "limits": self = .limits
-        default: throw .invalidRequest("unknown command \"\(command)\"")
+        case .createVolume(let name, _), .delete(let name, _), .resize(let name, _, _), .snapshot(let name, _),
+            .rollback(let name, _):
+            [name]
+        case .rename(let from, let to): [from, to]
+        case .clone(let source, let name, _): [source, name]
+        case .hello, .info, .list, .check, .grow, .exports, .setLimit, .limits: []
         }
     }
 }
 
 /// A failed control request: a stable code for programs and a message for people.
-public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible {
+public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible, Codable {
     /// Stable codes (docs/control-api.md): `invalid-request`, `no-such-volume`, `exists`,
     /// `invalid-argument`, `in-use`, `read-only`, `no-space`, `corrupt`, `busy`,
     /// `not-served`, `io`, `unreachable`.
@@ -139,32 +90,36 @@ public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible 
 
     public static func invalidRequest(_ message: String) -> ControlError { ControlError(code: "invalid-request", message: message) }
 
-    public var json: JSON { .object([("code", .string(code)), ("message", .string(message))]) }
+    enum CodingKeys: String, CodingKey {
+        case code, message
+    }
+
+    /// A server's error object; what it leaves out is filled in, so that it still fails.
+    public init(from decoder: Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        code = (try? container.decodeIfPresent(String.self, forKey: .code)) ?? "io"
+        message = (try? container.decodeIfPresent(String.self, forKey: .message)) ?? "the server gave no reason"
+    }
 }
 
 /// A reply: one JSON object on one line, `{"ok": true, "result": ...}` or
 /// `{"ok": false, "error": {"code": ..., "message": ...}}`.
 public enum ControlReply: Equatable, Sendable {
-    case success(JSON)
+    case success(ControlResult)
     case failure(ControlError)
 
-    public var json: JSON {
+    /// The result, as the type its command returns (`HelloResult` for `hello`,
+    /// `[VolumeSummary]` for `list`, ...: see `ControlCommand.decodeResult`), or the
+    /// error the reply carries.
+    public func result<Value>(as _: Value.Type = Value.self) throws(ControlError) -> Value {
         switch self {
-        case .success(let result): .object([("ok", .bool(true)), ("result", result)])
-        case .failure(let error): .object([("ok", .bool(false)), ("error", error.json)])
-        }
-    }
-
-    public init(json: JSON) throws(ControlError) {
-        guard let ok = json["ok"]?.boolValue else { throw ControlError(code: "io", message: "the server's reply has no \"ok\"") }
-        if ok {
-            self = .success(json["result"] ?? .null)
-        } else {
-            let error = json["error"]
-            self = .failure(
-                ControlError(
-                    code: error?["code"]?.stringValue ?? "io",
-                    message: error?["message"]?.stringValue ?? "the server gave no reason"))
+        case .failure(let error):
+            throw error
+        case .success(let result):
+            guard let value = result.value as? Value else {
+                throw ControlError(code: "io", message: "expected a \(Value.self) result, got \(type(of: result.value))")
+            }
+            return value
         }
     }
 }
@@ -172,7 +127,7 @@ public enum ControlReply: Equatable, Sendable {
 /// A per-export rate limit: exports whose names match `pattern` (`*` and `?`) share
 /// their own token buckets of `operationsPerSecond` requests and `bytesPerSecond`
 /// bytes (0: no limit on that one).
-public struct ExportLimitRule: Equatable, Sendable {
+public struct ExportLimitRule: Equatable, Sendable, Codable {
     public var pattern: String
     public var operationsPerSecond: UInt64
     public var bytesPerSecond: UInt64
@@ -183,9 +138,166 @@ public struct ExportLimitRule: Equatable, Sendable {
         self.bytesPerSecond = bytesPerSecond
     }
 
-    var fields: [(String, JSON)] {
-        [("pattern", .string(pattern)), ("iops", .number(operationsPerSecond)), ("bytes_per_second", .number(bytesPerSecond))]
+    enum CodingKeys: String, CodingKey {
+        case pattern, operationsPerSecond = "iops", bytesPerSecond = "bytes_per_second"
+    }
+}
+
+// MARK: The wire form of requests
+
+extension ControlCommand: Codable {
+    /// `command` and every argument key of every command.
+    enum Key: String, CodingKey {
+        case command, name, size, force, source, pattern, iops
+        case newName = "new_name", ifMissing = "if_missing", bytesPerSecond = "bytes_per_second"
     }
 
-    public var json: JSON { .object(fields) }
+    public func encode(to encoder: Encoder) throws {
+        var container = encoder.container(keyedBy: Key.self)
+        try container.encode(self.name, forKey: .command)
+        switch self {
+        case .hello, .info, .list, .check, .exports, .limits:
+            break
+        case .createVolume(let name, let size):
+            try container.encode(name, forKey: .name)
+            try container.encode(size, forKey: .size)
+        case .delete(let name, let force), .rollback(let name, let force):
+            try container.encode(name, forKey: .name)
+            try container.encode(force, forKey: .force)
+        case .rename(let from, let to):
+            try container.encode(from, forKey: .name)
+            try container.encode(to, forKey: .newName)
+        case .resize(let name, let size, let force):
+            try container.encode(name, forKey: .name)
+            try container.encode(size, forKey: .size)
+            try container.encode(force, forKey: .force)
+        case .snapshot(let name, let ifMissing):
+            try container.encode(name, forKey: .name)
+            try container.encode(ifMissing, forKey: .ifMissing)
+        case .clone(let source, let name, let ifMissing):
+            try container.encode(source, forKey: .source)
+            try container.encode(name, forKey: .name)
+            try container.encode(ifMissing, forKey: .ifMissing)
+        case .grow(let size):
+            try container.encode(size, forKey: .size)
+        case .setLimit(let rule):
+            try container.encode(rule.pattern, forKey: .pattern)
+            try container.encode(rule.operationsPerSecond, forKey: .iops)
+            try container.encode(rule.bytesPerSecond, forKey: .bytesPerSecond)
+        }
+    }
+
+    /// Reads a request; unknown keys are ignored (later versions may add optional ones),
+    /// flags left out are false, and anything missing or mistyped throws a `ControlError`
+    /// with code `invalid-request` naming the command and the key.
+    public init(from decoder: Decoder) throws {
+        let request = try RequestReader(decoder)
+        switch request.command {
+        case "hello": self = .hello
+        case "info": self = .info
+        case "list": self = .list
+        case "volume-create": self = .createVolume(name: try request.string(.name), size: try request.number(.size))
+        case "delete": self = .delete(name: try request.string(.name), force: try request.flag(.force))
+        case "rename": self = .rename(from: try request.string(.name), to: try request.string(.newName))
+        case "resize": self = .resize(name: try request.string(.name), size: try request.number(.size), force: try request.flag(.force))
+        case "snapshot": self = .snapshot(name: try request.string(.name), ifMissing: try request.flag(.ifMissing))
+        case "clone":
+            self = .clone(source: try request.string(.source), name: try request.string(.name), ifMissing: try request.flag(.ifMissing))
+        case "rollback": self = .rollback(snapshot: try request.string(.name), force: try request.flag(.force))
+        case "check": self = .check
+        case "grow": self = .grow(size: try request.number(.size))
+        case "exports": self = .exports
+        case "limit":
+            self = .setLimit(
+                ExportLimitRule(
+                    pattern: try request.string(.pattern), operationsPerSecond: try request.number(.iops),
+                    bytesPerSecond: try request.number(.bytesPerSecond)))
+        case "limits": self = .limits
+        default: throw ControlError.invalidRequest("unknown command \"\(request.command)\"")
+        }
+    }
+}
+
+/// A request's keyed container and command name: every argument read through it that is
+/// missing or of the wrong type (a negative, fractional or too large number too) becomes
+/// an `invalid-request` error naming the command and the key.
+private struct RequestReader {
+    let container: KeyedDecodingContainer<ControlCommand.Key>
+    let command: String
+
+    init(_ decoder: Decoder) throws(ControlError) {
+        do {
+            container = try decoder.container(keyedBy: ControlCommand.Key.self)
+        } catch {
+            throw .invalidRequest("a request is a JSON object")
+        }
+        do {
+            command = try container.decode(String.self, forKey: .command)
+        } catch {
+            throw .invalidRequest("the request has no \"command\" string")
+        }
+    }
+
+    func string(_ key: ControlCommand.Key) throws(ControlError) -> String { try argument(key, "a string") }
+
+    func number(_ key: ControlCommand.Key) throws(ControlError) -> UInt64 { try argument(key, "a whole number") }
+
+    private func argument<Value: Decodable>(_ key: ControlCommand.Key, _ kind: String) throws(ControlError) -> Value {
+        do {
+            return try container.decode(Value.self, forKey: key)
+        } catch {
+            throw .invalidRequest("\(command) needs \"\(key.stringValue)\" (\(kind))")
+        }
+    }
+
+    /// A flag: false when left out (or null).
+    func flag(_ key: ControlCommand.Key) throws(ControlError) -> Bool {
+        do {
+            return try container.decodeIfPresent(Bool.self, forKey: key) ?? false
+        } catch {
+            throw .invalidRequest("\"\(key.stringValue)\" must be true or false")
+        }
+    }
+}
+
+// MARK: The wire form of replies
+
+extension ControlReply: Codable {
+    enum Key: String, CodingKey {
+        case ok, result, error
+    }
+
+    /// The `userInfo` key under which a decoder must hold the `ControlCommand` a reply
+    /// answers: its result is read as that command's result type.
+    public static let commandKey = CodingUserInfoKey(rawValue: "thinbd.control.command")!
+
+    public func encode(to encoder: Encoder) throws {
+        var container = encoder.container(keyedBy: Key.self)
+        switch self {
+        case .success(let result):
+            try container.encode(true, forKey: .ok)
+            try container.encode(result, forKey: .result)
+        case .failure(let error):
+            try container.encode(false, forKey: .ok)
+            try container.encode(error, forKey: .error)
+        }
+    }
+
+    /// Reads a reply to the command in `decoder.userInfo[ControlReply.commandKey]`. A reply
+    /// without `"ok"` is a `ControlError` with code `io`.
+    public init(from decoder: Decoder) throws {
+        guard let command = decoder.userInfo[Self.commandKey] as? ControlCommand else {
+            throw DecodingError.dataCorrupted(
+                .init(codingPath: decoder.codingPath, debugDescription: "a reply is read for the command it answers (userInfo[ControlReply.commandKey])"))
+        }
+        let container = try decoder.container(keyedBy: Key.self)
+        guard let ok = try? container.decode(Bool.self, forKey: .ok) else {
+            throw ControlError(code: "io", message: "the server's reply has no \"ok\"")
+        }
+        if ok {
+            self = .success(try command.decodeResult(from: container.superDecoder(forKey: .result)))
+        } else {
+            self = .failure(try container.decodeIfPresent(ControlError.self, forKey: .error) ?? ControlError(code: "io", message: "the server gave no reason"))
+        }
+    }
 }

@@ -33,8 +33,8 @@ public protocol ServedExports: AnyObject, Sendable {
 }
 
 /// Runs control commands on an open pool: the one implementation behind both the
-/// control socket (with `served`) and the offline CLI (without). Results are the JSON
-/// documented in docs/control-api.md; the CLI prints them as they are for `--json`.
+/// control socket (with `served`) and the offline CLI (without). Results are the typed
+/// objects of docs/control-api.md (`ControlResult`); the CLI prints them for `--json`.
 ///
 /// Cost and safety are those of the pool operation each command maps to; management
 /// operations commit before they return, so a reply of success means it is durable.
@@ -63,46 +63,44 @@ public struct PoolCommands: Sendable {
         }
     }
 
-    /// Runs `body` with `names` closed to clients when served (see `ServedExports`).
-    func closing(_ names: [String], force: Bool, _ body: () throws(PoolError) -> Void) throws(ControlError) -> Int {
+    /// Runs `body` with `names` closed to clients when served (see `ServedExports`);
+    /// returns how many clients were disconnected.
+    func closing(_ names: [String], force: Bool, _ body: () throws(PoolError) -> Void) throws(ControlError) -> UInt64 {
         guard let served else {
             try pooled(body)
             return 0
         }
-        return try served.whileClosed(names, disconnect: force) { () throws(ControlError) in try pooled(body) }
+        return UInt64(try served.whileClosed(names, disconnect: force) { () throws(ControlError) in try pooled(body) })
     }
 
-    func run(_ command: ControlCommand) throws(ControlError) -> JSON {
+    /// Runs `command`; its result's case is the one `ControlCommand.decodeResult` reads.
+    public func run(_ command: ControlCommand) throws(ControlError) -> ControlResult {
         switch command {
         case .hello:
-            return .object([
-                ("protocol", .number(ControlCommand.protocolVersion)),
-                ("server", .string("thinbd \(ControlEndpoint.version)")),
-                ("pool", .string(pool.path)),
-                ("served", .bool(served != nil)),
-                ("pid", .number(UInt64(SystemInfo.processID))),
-                ("uris", .array((served?.serverURIs ?? []).map { .string($0) })),
-                ("metrics", served?.metricsURL.map { .string($0) } ?? .null),
-            ])
+            return .hello(
+                HelloResult(
+                    protocolVersion: ControlCommand.protocolVersion, server: "thinbd \(ControlEndpoint.version)", pool: pool.path,
+                    served: served != nil, pid: UInt64(SystemInfo.processID), uris: served?.serverURIs ?? [],
+                    metrics: served?.metricsURL))
         case .info:
-            return infoJSON(pool.info())
+            return .poolInfo(poolInfo(pool.info()))
         case .list:
-            return listJSON()
+            return .volumes(list())
         case .createVolume(let name, let size):
-            return .object([("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.createVolume(name, size: size) }))])
+            return .volumeCreated(VolumeCreateResult(volume: volume(try pooled { () throws(PoolError) in try pool.createVolume(name, size: size) })))
         case .delete(let name, let force):
             // Checked before any client is disconnected for it.
-            _ = try pooled { () throws(PoolError) in try pool.volumeInfo(name) }
+            _ = try volumeInfo(name)
             let disconnected = try closing([name], force: force) { () throws(PoolError) in try pool.delete(name) }
-            return .object([("deleted", .string(name)), ("disconnected", .number(UInt64(disconnected)))])
+            return .deleted(DeleteResult(deleted: name, disconnected: disconnected))
         case .rename(let from, let to):
             // Clients keep their connection: exports are bound to the volume, not its name.
             try pooled { () throws(PoolError) in try pool.rename(from, to: to) }
             served?.renamed(from: from, to: to)
-            return .object([("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(to) })), ("renamed_from", .string(from))])
+            return .renamed(RenameResult(volume: volume(try volumeInfo(to)), renamedFrom: from))
         case .resize(let name, let size, let force):
-            let current = try pooled { () throws(PoolError) in try pool.volumeInfo(name) }
-            var disconnected = 0
+            let current = try volumeInfo(name)
+            var disconnected: UInt64 = 0
             guard current.kind != .snapshot else { throw ControlError(.readOnly("snapshot \(name)")) }
             guard size > 0, size <= Pool.maxVolumeSize else {
                 throw ControlError(code: "invalid-argument", message: "volume size must be between 1 byte and 1 EiB")
@@ -113,119 +111,70 @@ public struct PoolCommands: Sendable {
             } else {
                 try pooled { () throws(PoolError) in try pool.resize(name, to: size) }
             }
-            return .object([
-                ("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(name) })),
-                ("disconnected", .number(UInt64(disconnected))),
-            ])
+            return .resized(ResizeResult(volume: volume(try volumeInfo(name)), disconnected: disconnected))
         case .snapshot(let name, let ifMissing):
-            let (volume, created) = try pooled { () throws(PoolError) in try pool.snapshot(name, ifMissing: ifMissing) }
-            return .object([("created", .bool(created)), ("volume", volumeJSON(volume))])
+            let (made, created) = try pooled { () throws(PoolError) in try pool.snapshot(name, ifMissing: ifMissing) }
+            return .snapshotOrClone(SnapshotCloneResult(created: created, volume: volume(made)))
         case .clone(let source, let name, let ifMissing):
-            let (volume, created) = try pooled { () throws(PoolError) in try pool.clone(source, as: name, ifMissing: ifMissing) }
-            return .object([("created", .bool(created)), ("volume", volumeJSON(volume))])
+            let (made, created) = try pooled { () throws(PoolError) in try pool.clone(source, as: name, ifMissing: ifMissing) }
+            return .snapshotOrClone(SnapshotCloneResult(created: created, volume: volume(made)))
         case .rollback(let snapshot, let force):
             // Everything that can be checked is, before any client is disconnected for it.
-            guard let (volume, _) = VolumeName.splitSnapshot(snapshot) else {
+            guard let parts = VolumeName.splitSnapshot(snapshot) else {
                 throw ControlError(.invalidName(snapshot, reason: "rollback takes VOLUME@SNAPSHOT"))
             }
-            let volumeName = String(volume)
-            let target = try pooled { () throws(PoolError) in try pool.volumeInfo(snapshot) }
-            _ = try pooled { () throws(PoolError) in try pool.volumeInfo(volumeName) }
+            let volumeName = String(parts.volume)
+            let target = try volumeInfo(snapshot)
+            _ = try volumeInfo(volumeName)
             guard target.kind == .snapshot, target.parent == volumeName else {
                 throw ControlError(.invalidArgument("\(snapshot) is not a snapshot of volume \(volumeName)"))
             }
             let disconnected = try closing([volumeName], force: force) { () throws(PoolError) in try pool.rollback(snapshot) }
-            return .object([
-                ("volume", volumeJSON(try pooled { () throws(PoolError) in try pool.volumeInfo(volumeName) })),
-                ("snapshot", .string(snapshot)),
-                ("disconnected", .number(UInt64(disconnected))),
-            ])
+            return .rolledBack(RollbackResult(volume: volume(try volumeInfo(volumeName)), snapshot: snapshot, disconnected: disconnected))
         case .check:
             // Served: the last commit, pinned and walked without the pool lock, so the
             // check never holds up clients. Offline: the whole state, under the lock.
-            return (served == nil ? pool.check(repair: false) : pool.checkCommittedState()).json
+            return .check(CheckResult(served == nil ? pool.check(repair: false) : pool.checkCommittedState()))
         case .grow(let size):
             try pooled { () throws(PoolError) in try pool.grow(to: size) }
-            return infoJSON(pool.info())
+            return .poolInfo(poolInfo(pool.info()))
         case .setLimit(let rule):
             guard let served else { throw ControlError(code: "not-served", message: "limits apply to a served pool; start thinbd serve first") }
             guard !rule.pattern.isEmpty else { throw ControlError(code: "invalid-argument", message: "a limit needs an export pattern") }
-            return .array(served.setLimit(rule).map(\.json))
+            return .limits(served.setLimit(rule))
         case .limits:
             guard let served else { throw ControlError(code: "not-served", message: "limits apply to a served pool; start thinbd serve first") }
-            return .array(served.limits().map(\.json))
+            return .limits(served.limits())
         case .exports:
             guard let served else { throw ControlError(code: "not-served", message: "the pool is not served") }
             let counts = served.connectionCounts()
-            return .array(pool.listVolumes().map { volume in
-                .object([("name", .string(volume.name)), ("connections", .number(UInt64(counts[volume.name] ?? 0)))])
-            })
+            return .exports(pool.listVolumes().map { ExportEntry(name: $0.name, connections: UInt64(counts[$0.name] ?? 0)) })
         }
     }
 
     /// Every volume, as `list` returns them.
-    public func listJSON() -> JSON {
+    public func list() -> [VolumeSummary] {
         let counts = served?.connectionCounts() ?? [:]
-        return .array(pool.listVolumes().map { volumeJSON($0, connections: counts[$0.name] ?? 0) })
+        return pool.listVolumes().map { VolumeSummary($0, connections: counts[$0.name] ?? 0) }
     }
 
-    func volumeJSON(_ volume: VolumeInfo) -> JSON {
-        volumeJSON(volume, connections: served?.connectionCounts()[volume.name] ?? 0)
+    func volumeInfo(_ name: String) throws(ControlError) -> VolumeInfo {
+        try pooled { () throws(PoolError) in try pool.volumeInfo(name) }
     }
 
-    /// A volume as results describe it.
-    public func volumeJSON(_ volume: VolumeInfo, connections: Int) -> JSON {
-        .object([
-            ("name", .string(volume.name)),
-            ("kind", .string(volume.kind.rawValue)),
-            ("size", .number(volume.size)),
-            ("mapped_bytes", .number(volume.mappedBytes)),
-            ("parent", volume.parent.map { .string($0) } ?? .null),
-            ("read_only", .bool(volume.isReadOnly)),
-            ("ephemeral", .bool(volume.isEphemeral)),
-            ("created", .number(volume.createdAt)),
-            ("connections", .number(UInt64(connections))),
-        ])
+    func volume(_ volume: VolumeInfo) -> VolumeSummary {
+        VolumeSummary(volume, connections: served?.connectionCounts()[volume.name] ?? 0)
     }
 
-    func infoJSON(_ info: PoolInfo) -> JSON {
+    func poolInfo(_ info: PoolInfo) -> PoolInfoResult {
         let counts = served?.connectionCounts() ?? [:]
-        return .object([
-            ("path", .string(info.path)),
-            ("uuid", .string(info.uuidString)),
-            ("engine", .string(info.engine)),
-            ("served", .bool(served != nil)),
-            ("block_size", .number(info.blockSize)),
-            ("total_bytes", .number(info.dataTotalBytes)),
-            ("used_bytes", .number(info.dataUsedBytes)),
-            ("free_bytes", .number(info.dataFreeBytes)),
-            ("metadata", .object([
-                ("total_bytes", .number(info.metadataTotalBytes)),
-                ("used_bytes", .number(info.metadataUsedBytes)),
-                ("free_bytes", .number(info.metadataFreeBytes)),
-            ])),
-            ("file_bytes", .number(info.fileBytes)),
-            ("allocated_file_bytes", info.allocatedFileBytes.map { .number($0) } ?? .null),
-            ("generation", .number(info.generation)),
-            ("connections", .number(UInt64(counts.values.reduce(0, +)))),
-            ("volumes", .array(info.volumes.map { volumeJSON($0, connections: counts[$0.name] ?? 0) })),
-        ])
-    }
-}
-
-extension CheckReport {
-    /// The report as `check --json` prints it.
-    public var json: JSON {
-        .object([
-            ("clean", .bool(isClean)),
-            ("damage", .array(damage.map { .string($0) })),
-            ("stale", .array(fixable.map { .string($0) })),
-            ("leaked_blocks", .number(leakedBlocks)),
-            ("repaired", .bool(repaired)),
-            ("volumes_checked", .number(UInt64(volumesChecked))),
-            ("metadata_blocks_checked", .number(UInt64(metadataBlocksChecked))),
-            ("block_mappings", .number(dataReferences)),
-        ])
+        return PoolInfoResult(
+            path: info.path, uuid: info.uuidString, engine: info.engine, served: served != nil, blockSize: info.blockSize,
+            totalBytes: info.dataTotalBytes, usedBytes: info.dataUsedBytes, freeBytes: info.dataFreeBytes,
+            metadata: PoolInfoResult.Space(
+                totalBytes: info.metadataTotalBytes, usedBytes: info.metadataUsedBytes, freeBytes: info.metadataFreeBytes),
+            fileBytes: info.fileBytes, allocatedFileBytes: info.allocatedFileBytes, generation: info.generation,
+            connections: UInt64(counts.values.reduce(0, +)), volumes: info.volumes.map { VolumeSummary($0, connections: counts[$0.name] ?? 0) })
     }
 }
 

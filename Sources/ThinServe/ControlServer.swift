@@ -196,9 +196,7 @@ final class ControlConnectionHandler: ChannelInboundHandler {
     }
 
     private static func subject(of command: ControlCommand) -> String {
-        guard case .object(let fields) = command.json else { return "" }
-        let names = fields.filter { ["name", "source", "new_name"].contains($0.0) }.compactMap { $0.1.stringValue }
-        return names.isEmpty ? "" : names.joined(separator: " ") + " "
+        command.subjects.map { $0 + " " }.joined()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

@@ -275,17 +275,26 @@ public enum ServeRunner {
     /// The URIs served, or with `--json` one line for programs.
     private static func announce(_ options: ServeOptions, uris: [String], control: ControlServer?, metricsURL: String?) {
         if options.json {
-            print(JSON.object([
-                ("uris", .array(uris.filter { $0.hasPrefix("nbd") }.map { .string($0) })),
-                ("control", control.map { .string($0.path) } ?? .null),
-                ("metrics", metricsURL.map { .string($0) } ?? .null),
-                ("pid", .number(UInt64(SystemInfo.processID))),
-            ]).rendered(pretty: false))
+            let announcement = ServeAnnouncement(
+                uris: uris.filter { $0.hasPrefix("nbd") }, control: control?.path, metrics: metricsURL,
+                pid: UInt64(SystemInfo.processID))
+            print(ControlJSON.line(announcement))
         } else {
             for uri in uris where uri.hasPrefix("nbd") { print(uri) }
         }
         SystemInfo.flushStandardOutput()
     }
+}
+
+/// What `serve --json` prints once it listens: one line for programs.
+public struct ServeAnnouncement: Codable, Sendable, Equatable {
+    /// The NBD URIs it serves.
+    public var uris: [String]
+    /// Its control socket (null with `--no-control`).
+    @Nullable public var control: String?
+    /// The `--metrics` URL (null without).
+    @Nullable public var metrics: String?
+    public var pid: UInt64
 }
 
 final class ExitStatusBox: @unchecked Sendable {

@@ -26,25 +26,28 @@ public struct ImageTransfer {
 
     /// Imports `source` as new volume `name` of `size` bytes (default: the source's
     /// size). Zero runs are not written, so they stay unmapped. A failed import deletes
-    /// the volume it made. Returns the volume (as the control protocol describes it).
-    public func importImage(name: String, from source: ImageSource, size: UInt64?, progress: Progress = { _, _ in }) throws(TransferError) -> (volume: JSON, statistics: CopyStatistics) {
+    /// the volume it made. Returns the volume (as the control protocol describes it) and
+    /// what was copied.
+    public func importImage(name: String, from source: ImageSource, size: UInt64?, progress: Progress = { _, _ in }) throws(TransferError) -> ImportResult {
         let volumeSize = size ?? source.size
         guard volumeSize > 0 else { throw TransferError("the source is empty; pass --size to make an empty volume") }
         guard source.size <= volumeSize else {
             throw TransferError("the source is \(source.size) bytes, more than --size \(volumeSize)")
         }
         if let server = try server() {
-            let info = try server.run(.info)
-            _ = try server.run(.createVolume(name: name, size: volumeSize))
+            let info = try server.run(.info, as: PoolInfoResult.self)
+            _ = try server.run(.createVolume(name: name, size: volumeSize), as: VolumeCreateResult.self)
             do throws(TransferError) {
                 let target = try NBDTarget(uri: try server.uri(for: name))
                 let statistics = try ImageCopy.copy(
-                    from: source, to: target, length: source.size, granularity: Int(max(info["block_size"]?.numberValue ?? 0, 4096)),
+                    from: source, to: target, length: source.size, granularity: Int(max(info.blockSize, 4096)),
                     progress: { progress($0, source.size) })
-                let created = try server.run(.list).arrayValue?.first { $0["name"]?.stringValue == name } ?? .null
-                return (created, statistics)
+                guard let created = try server.run(.list, as: [VolumeSummary].self).first(where: { $0.name == name }) else {
+                    throw TransferError("volume \(name) went away during the import")
+                }
+                return ImportResult(volume: created, statistics)
             } catch {
-                _ = try? server.run(.delete(name: name, force: true))
+                _ = try? server.run(.delete(name: name, force: true), as: DeleteResult.self)
                 throw error
             }
         }
@@ -55,7 +58,7 @@ public struct ImageTransfer {
                     from: source, to: try PoolVolumeTarget(pool: pool, name: name), length: source.size,
                     granularity: Int(pool.blockSize), progress: { progress($0, source.size) })
                 let final = try pooled { () throws(PoolError) in try pool.volumeInfo(volume.name) }
-                return (PoolCommands(pool: pool, served: nil).volumeJSON(final, connections: 0), statistics)
+                return ImportResult(volume: VolumeSummary(final, connections: 0), statistics)
             } catch {
                 try? pool.delete(name)
                 throw error
@@ -66,7 +69,12 @@ public struct ImageTransfer {
     /// Exports volume or snapshot `name` to a new sparse raw file at `destination`
     /// (replacing one only if `replacing`). The file is one point in time: a served
     /// volume is copied from a snapshot taken for the export and deleted after it.
-    public func exportImage(name: String, to destination: String, replacing: Bool, progress: Progress = { _, _ in }) throws(TransferError) -> CopyStatistics {
+    public func exportImage(name: String, to destination: String, replacing: Bool, progress: Progress = { _, _ in }) throws(TransferError) -> ExportResult {
+        let statistics = try exportCopy(name: name, to: destination, replacing: replacing, progress: progress)
+        return ExportResult(name: name, destination: destination, bytes: statistics.bytes, bytesWritten: statistics.bytesWritten)
+    }
+
+    private func exportCopy(name: String, to destination: String, replacing: Bool, progress: Progress) throws(TransferError) -> CopyStatistics {
         if let existing = RawFile.identity(of: destination) {
             guard existing.isRegularFile else { throw TransferError("\(destination) is not a regular file; export writes raw image files") }
             guard existing != RawFile.identity(of: poolPath) else { throw TransferError("\(destination) is the pool file itself") }
@@ -80,8 +88,8 @@ public struct ImageTransfer {
             // A served volume may be written while it is copied: copy a snapshot taken
             // for the purpose (one commit), so the file is one point in time, then drop it.
             let snapshot = "\(name)@thinbd-export-\(SystemInfo.processID)"
-            _ = try server.run(.snapshot(name: snapshot, ifMissing: false))
-            defer { _ = try? server.run(.delete(name: snapshot, force: true)) }
+            _ = try server.run(.snapshot(name: snapshot, ifMissing: false), as: SnapshotCloneResult.self)
+            defer { _ = try? server.run(.delete(name: snapshot, force: true), as: DeleteResult.self) }
             return try copy(try NBDSource(uri: try server.uri(for: snapshot)))
         }
         return try withOfflinePool(readOnly: true) { pool throws(TransferError) in
@@ -124,29 +132,60 @@ func pooled<T>(_ body: () throws(PoolError) -> T) throws(TransferError) -> T {
     }
 }
 
+/// What `thinbd import --json` prints.
+public struct ImportResult: Codable, Sendable, Equatable {
+    public var volume: VolumeSummary
+    /// Bytes read from the source.
+    public var bytesRead: UInt64
+    /// Bytes written to the volume (zero runs are not).
+    public var bytesWritten: UInt64
+
+    enum CodingKeys: String, CodingKey {
+        case volume, bytesRead = "bytes_read", bytesWritten = "bytes_written"
+    }
+}
+
+extension ImportResult {
+    init(volume: VolumeSummary, _ statistics: CopyStatistics) {
+        self.init(volume: volume, bytesRead: statistics.bytes, bytesWritten: statistics.bytesWritten)
+    }
+}
+
+/// What `thinbd export --json` prints.
+public struct ExportResult: Codable, Sendable, Equatable {
+    public var name: String
+    public var destination: String
+    /// The file's size.
+    public var bytes: UInt64
+    /// Bytes of data written (the rest are holes).
+    public var bytesWritten: UInt64
+
+    enum CodingKeys: String, CodingKey {
+        case name, destination, bytes, bytesWritten = "bytes_written"
+    }
+}
+
 /// A server reached through its control socket.
 struct ServerHandle {
     let client: ControlClient
-    let hello: JSON
+    let hello: HelloResult
 
-    static func run(_ command: ControlCommand, on client: ControlClient) throws(TransferError) -> JSON {
-        let reply: ControlReply
+    /// Runs `command` on the server; its result is of type `Value` (see `ControlCommand.decodeResult`).
+    static func run<Value>(_ command: ControlCommand, on client: ControlClient, as _: Value.Type = Value.self) throws(TransferError) -> Value {
         do throws(ControlError) {
-            reply = try client.request(command)
+            return try client.request(command).result()
         } catch {
             throw TransferError(error.message)
         }
-        switch reply {
-        case .success(let result): return result
-        case .failure(let error): throw TransferError(error.message)
-        }
     }
 
-    func run(_ command: ControlCommand) throws(TransferError) -> JSON { try Self.run(command, on: client) }
+    func run<Value>(_ command: ControlCommand, as type: Value.Type) throws(TransferError) -> Value {
+        try Self.run(command, on: client, as: type)
+    }
 
     /// An NBD URI for `export` on this server: its Unix socket if it has one, else TCP.
     func uri(for export: String) throws(TransferError) -> String {
-        let endpoints = (hello["uris"]?.arrayValue ?? []).compactMap { $0.stringValue }.compactMap { try? NBDEndpoint(uri: $0) }
+        let endpoints = hello.uris.compactMap { try? NBDEndpoint(uri: $0) }
         for endpoint in endpoints {
             if case .unix(let path) = endpoint.address { return NBDURI.unix(socket: path, export: export) }
         }

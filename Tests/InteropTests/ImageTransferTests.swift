@@ -32,7 +32,7 @@ import TestSupport
 
         let imported = try served.cli(["import", "POOL", "disk", source, "--json"])
         expectSuccess(imported, "import from a file")
-        #expect(imported.stdout.contains("\"bytes_written\": 33554432"), "\(imported.stdout)")
+        #expect(try jsonObject(imported)["bytes_written"] as? Int == 33_554_432, "\(imported.stdout)")
         #expect(try mapped(served, "disk") == 32 << 20, "zero runs were mapped")
         let exported = dir + "/exported.raw"
         expectSuccess(try served.cli(["export", "POOL", "disk", exported]), "export")

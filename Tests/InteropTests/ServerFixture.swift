@@ -151,6 +151,14 @@ func expectSuccess(_ result: CLI.Result, _ what: String, sourceLocation: SourceL
 }
 
 /// A file of `size` bytes with random data in some places and holes in others.
+/// The JSON object a `--json` command printed.
+func jsonObject(_ result: CLI.Result) throws -> [String: Any] {
+    guard let object = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any] else {
+        throw FixtureError("not a JSON object: \(result.stdout)")
+    }
+    return object
+}
+
 func makeSparseImage(_ path: String, size: Int, seed: UInt64) throws {
     var rng = seed
     FileManager.default.createFile(atPath: path, contents: nil)

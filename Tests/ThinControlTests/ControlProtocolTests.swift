@@ -1,50 +1,8 @@
+import FoundationEssentials
 import Testing
-import ThinControl
+@testable import ThinControl
 import ThinPool
 import ThinSystem
-
-@Suite struct JSONTests {
-    static let samples: [JSON] = [
-        .null, .bool(true), .bool(false), .number(0), .number(UInt64.max), .string(""),
-        .string("quote \" backslash \\ newline \n tab \t bell \u{07} é 𝄞"),
-        .array([]), .object([]),
-        .object([("a", .array([.number(1), .null, .object([("b", .string("c"))])])), ("z", .bool(false))]),
-    ]
-
-    @Test func roundTripsCompactAndPretty() throws {
-        for value in Self.samples {
-            #expect(try JSON.parse(value.rendered(pretty: false)) == value)
-            #expect(try JSON.parse(value.rendered()) == value)
-            #expect(!value.rendered(pretty: false).contains("\n"))
-        }
-    }
-
-    @Test func rendersEscapesExactly() {
-        #expect(JSON.string("a\"b\\c\n\u{1}").rendered() == "\"a\\\"b\\\\c\\n\\u0001\"")
-        #expect(JSON.object([("k", .array([.number(1), .bool(true), .null]))]).rendered(pretty: false) == "{\"k\":[1,true,null]}")
-    }
-
-    @Test func readsEscapesAndSurrogatePairs() throws {
-        #expect(try JSON.parse(#""\u00e9\ud834\udd1e\/\b\f""#) == .string("é𝄞/\u{08}\u{0C}"))
-        #expect(try JSON.parse(" { \"k\" : [ 1 , 2 ] } ") == .object([("k", .array([.number(1), .number(2)]))]))
-    }
-
-    @Test func refusesMalformedInputWithItsPosition() {
-        let bad = [
-            "", "{", "[1,]", "{\"a\" 1}", "01", "-1", "1.5", "1e3", "18446744073709551616", "\"abc",
-            "\"\\ud834\"", "\"\\x\"", "tru", "nul", "[1] 2", "\"\u{01}\"", String(repeating: "[", count: 100),
-        ]
-        for text in bad {
-            #expect(throws: JSONParseError.self, "\(text)") { try JSON.parse(text) }
-        }
-        do {
-            _ = try JSON.parse("[1, x]")
-            Issue.record("accepted")
-        } catch {
-            #expect(error.offset == 4)
-        }
-    }
-}
 
 @Suite struct ControlMessageTests {
     static let commands: [ControlCommand] = [
@@ -65,22 +23,65 @@ import ThinSystem
     }
 
     @Test func repliesRoundTrip() throws {
-        let replies: [ControlReply] = [
-            .success(.object([("created", .bool(true))])), .success(.null),
-            .failure(ControlError(code: "in-use", message: "vm has 2 connected clients")),
+        let replies: [(ControlCommand, ControlReply)] = [
+            (.snapshot(name: "v@s", ifMissing: true), .success(.snapshotOrClone(SnapshotCloneResult(created: true, volume: Samples.snapshot)))),
+            (.list, .success(.volumes([]))),
+            (.delete(name: "vm", force: false), .failure(ControlError(code: "in-use", message: "vm has 2 connected clients"))),
         ]
-        for reply in replies { #expect(try ControlReply(line: String(reply.line.dropLast())) == reply) }
+        for (command, reply) in replies {
+            #expect(try ControlReply(line: String(reply.line.dropLast()), answering: command) == reply)
+        }
+    }
+
+    @Test func badRepliesAreIOErrors() throws {
+        let cases: [(String, String)] = [
+            (#"{"result":[]}"#, #"has no "ok""#),
+            (#"{"ok":"yes","result":[]}"#, #"has no "ok""#),
+            ("[]", "reply to list"),
+            ("{", "malformed JSON"),
+            (#"{"ok":true}"#, "reply to list"),
+            (#"{"ok":true,"result":[{"name":"vm"}]}"#, #""result[0].kind" is missing"#),
+            (#"{"ok":true,"result":[{"name":"vm","kind":"volume","size":-1}]}"#, "reply to list"),
+        ]
+        for (line, expected) in cases {
+            do {
+                _ = try ControlReply(line: line, answering: .list)
+                Issue.record("accepted \(line)")
+            } catch {
+                #expect(error.code == "io", "\(line)")
+                #expect(error.message.contains(expected), "\(line): \(error.message)")
+            }
+        }
+        // An error object with parts missing is still a failure.
+        #expect(try ControlReply(line: #"{"ok":false}"#, answering: .list) == .failure(ControlError(code: "io", message: "the server gave no reason")))
+        #expect(
+            try ControlReply(line: #"{"ok":false,"error":{"message":"m"}}"#, answering: .list)
+                == .failure(ControlError(code: "io", message: "m")))
     }
 
     @Test func badRequestsNameTheProblem() {
         let cases: [(String, String)] = [
             ("[]", "a request is a JSON object"),
-            ("{}", "no \"command\""),
-            ("{\"command\":\"explode\"}", "unknown command"),
-            ("{\"command\":\"delete\"}", "needs \"name\""),
-            ("{\"command\":\"grow\",\"size\":\"big\"}", "needs \"size\""),
-            ("{\"command\":\"delete\",\"name\":\"v\",\"force\":1}", "\"force\" must be true or false"),
+            ("5", "a request is a JSON object"),
+            ("{}", #"the request has no "command" string"#),
+            (#"{"command":5}"#, #"the request has no "command" string"#),
+            (#"{"command":"explode"}"#, #"unknown command "explode""#),
+            (#"{"command":"delete"}"#, #"delete needs "name" (a string)"#),
+            (#"{"command":"delete","name":7}"#, #"delete needs "name" (a string)"#),
+            (#"{"command":"delete","name":null}"#, #"delete needs "name" (a string)"#),
+            (#"{"command":"grow","size":"big"}"#, #"grow needs "size" (a whole number)"#),
+            (#"{"command":"volume-create","name":"v"}"#, #"volume-create needs "size" (a whole number)"#),
+            (#"{"command":"volume-create","name":"v","size":-1}"#, #"volume-create needs "size" (a whole number)"#),
+            (#"{"command":"volume-create","name":"v","size":1.5}"#, #"volume-create needs "size" (a whole number)"#),
+            (#"{"command":"resize","name":"v","size":18446744073709551616}"#, #"resize needs "size" (a whole number)"#),
+            (#"{"command":"resize","name":"v","size":1e400}"#, #"resize needs "size" (a whole number)"#),
+            (#"{"command":"limit","pattern":"p","iops":-5,"bytes_per_second":0}"#, #"limit needs "iops" (a whole number)"#),
+            (#"{"command":"rename","name":"a"}"#, #"rename needs "new_name" (a string)"#),
+            (#"{"command":"delete","name":"v","force":1}"#, #""force" must be true or false"#),
+            (#"{"command":"snapshot","name":"v@s","if_missing":"yes"}"#, #""if_missing" must be true or false"#),
             ("{not json", "malformed JSON"),
+            (#"{"command":"hello"} x"#, "malformed JSON"),
+            ("", "malformed JSON"),
         ]
         for (line, expected) in cases {
             do {
@@ -88,7 +89,7 @@ import ThinSystem
                 Issue.record("accepted \(line)")
             } catch {
                 #expect(error.code == "invalid-request")
-                #expect(error.message.contains(expected), "\(error.message)")
+                #expect(error.message.contains(expected), "\(line): \(error.message)")
             }
         }
     }
@@ -169,27 +170,26 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
         try Pool.create(on: MemoryDevice(size: 0), geometry: PoolGeometry(dataSize: 4 << 20, blockSize: 4096, metadataSize: 4 << 20))
     }
 
-    func ok(_ reply: ControlReply) throws -> JSON {
-        guard case .success(let json) = reply else { throw ControlError(code: "test", message: "\(reply)") }
-        return json
-    }
-
     @Test func offlineCommandsDoWhatTheySay() throws {
         let pool = try makePool()
         let commands = PoolCommands(pool: pool, served: nil)
-        let created = try ok(commands.perform(.createVolume(name: "vm", size: 1 << 20)))
-        #expect(created["volume"]?["size"]?.numberValue == 1 << 20)
-        #expect(try ok(commands.perform(.snapshot(name: "vm@a", ifMissing: false)))["created"] == .bool(true))
-        #expect(try ok(commands.perform(.snapshot(name: "vm@a", ifMissing: true)))["created"] == .bool(false))
-        #expect(try ok(commands.perform(.clone(source: "vm@a", name: "c", ifMissing: false)))["volume"]?["kind"] == .string("clone"))
-        let list = try ok(commands.perform(.list)).arrayValue ?? []
-        #expect(list.compactMap { $0["name"]?.stringValue } == ["c", "vm", "vm@a"])
-        #expect(try ok(commands.perform(.rename(from: "c", to: "d")))["volume"]?["name"] == .string("d"))
-        #expect(try ok(commands.perform(.resize(name: "vm", size: 4096, force: false)))["volume"]?["size"] == .number(4096))
-        #expect(try ok(commands.perform(.rollback(snapshot: "vm@a", force: false)))["volume"]?["size"] == .number(1 << 20))
-        #expect(try ok(commands.perform(.delete(name: "d", force: false)))["deleted"] == .string("d"))
-        #expect(try ok(commands.perform(.check))["clean"] == .bool(true))
-        #expect(try ok(commands.perform(.info))["served"] == .bool(false))
+        let created = try commands.perform(.createVolume(name: "vm", size: 1 << 20)).result(as: VolumeCreateResult.self)
+        #expect(created.volume.size == 1 << 20)
+        #expect(try commands.perform(.snapshot(name: "vm@a", ifMissing: false)).result(as: SnapshotCloneResult.self).created)
+        #expect(try !commands.perform(.snapshot(name: "vm@a", ifMissing: true)).result(as: SnapshotCloneResult.self).created)
+        #expect(try commands.perform(.clone(source: "vm@a", name: "c", ifMissing: false)).result(as: SnapshotCloneResult.self).volume.kind == "clone")
+        let list = try commands.perform(.list).result(as: [VolumeSummary].self)
+        #expect(list.map(\.name) == ["c", "vm", "vm@a"])
+        #expect(list.map(\.parent) == ["vm@a", nil, "vm"])
+        #expect(try commands.perform(.rename(from: "c", to: "d")).result(as: RenameResult.self).volume.name == "d")
+        #expect(try commands.perform(.resize(name: "vm", size: 4096, force: false)).result(as: ResizeResult.self).volume.size == 4096)
+        #expect(try commands.perform(.rollback(snapshot: "vm@a", force: false)).result(as: RollbackResult.self).volume.size == 1 << 20)
+        #expect(try commands.perform(.delete(name: "d", force: false)).result(as: DeleteResult.self).deleted == "d")
+        #expect(try commands.perform(.check).result(as: CheckResult.self).clean)
+        let info = try commands.perform(.info).result(as: PoolInfoResult.self)
+        #expect(!info.served)
+        #expect(info.volumes.map(\.name) == ["vm", "vm@a"])
+        #expect(try commands.perform(.hello).result(as: HelloResult.self).metrics == nil)
         guard case .failure(let error) = commands.perform(.exports) else { Issue.record("exports offline"); return }
         #expect(error.code == "not-served")
     }
@@ -222,13 +222,14 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
         }
         #expect(try pool.volumeInfo("vm").size == 1 << 20)
         // Growing and renaming leave clients alone.
-        #expect(try ok(commands.perform(.resize(name: "vm", size: 2 << 20, force: false)))["disconnected"] == .number(0))
+        #expect(try commands.perform(.resize(name: "vm", size: 2 << 20, force: false)).result(as: ResizeResult.self).disconnected == 0)
         #expect(served.closedDuringBody.isEmpty)
-        let info = try ok(commands.perform(.info))
-        #expect(info["connections"] == .number(3))
-        #expect(try ok(commands.perform(.rollback(snapshot: "vm@s", force: true)))["disconnected"] == .number(2))
+        let info = try commands.perform(.info).result(as: PoolInfoResult.self)
+        #expect(info.connections == 3)
+        #expect(info.volumes.map(\.connections) == [2, 1])
+        #expect(try commands.perform(.rollback(snapshot: "vm@s", force: true)).result(as: RollbackResult.self).disconnected == 2)
         #expect(served.closedDuringBody == ["vm"])
-        #expect(try ok(commands.perform(.delete(name: "vm@s", force: true)))["disconnected"] == .number(1))
+        #expect(try commands.perform(.delete(name: "vm@s", force: true)).result(as: DeleteResult.self).disconnected == 1)
         #expect(pool.check().isClean)
     }
 
@@ -252,11 +253,12 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
 }
 
 @Suite struct HostileInputTests {
-    /// Random and mutated input never crashes the parser or the framer; it is refused
-    /// with an error or parsed.
+    /// Random and mutated input never crashes the decoder or the framer; it is refused
+    /// with an error or decoded.
     @Test func randomAndMutatedRequestsAreRefusedCleanly() {
         var rng = SystemRandomNumberGenerator()
         let seeds = ControlMessageTests.commands.map { Array($0.line.utf8) }
+        var refused = 0
         for round in 0..<20_000 {
             var bytes: [UInt8]
             if round % 2 == 0 {
@@ -267,11 +269,82 @@ final class FakeServedExports: ServedExports, @unchecked Sendable {
                     bytes[Int.random(in: 0..<bytes.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
                 }
             }
+            do {
+                _ = try ControlCommand(bytes: bytes)
+            } catch {
+                #expect(error.code == "invalid-request")
+                refused += 1
+            }
             var framer = ControlLineFramer()
             framer.append(bytes + [0x0A])
             guard let line = try? framer.nextLine() else { continue }
             _ = try? ControlCommand(line: line)
-            _ = try? JSON.parse(line)
+            for command in [ControlCommand.list, .hello, .info, .check] { _ = try? ControlReply(line: line, answering: command) }
         }
+        #expect(refused > 10_000)
+    }
+
+    func expectRefused(_ bytes: [UInt8], _ expected: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        do {
+            _ = try ControlCommand(bytes: bytes)
+            Issue.record("accepted", sourceLocation: sourceLocation)
+        } catch {
+            #expect(error.code == "invalid-request", sourceLocation: sourceLocation)
+            #expect(error.message.contains(expected), "\(error.message)", sourceLocation: sourceLocation)
+        }
+        for command in [ControlCommand.list, .hello] {
+            #expect(throws: ControlError.self, sourceLocation: sourceLocation) {
+                try ControlReply(line: String(decoding: bytes, as: UTF8.self), answering: command)
+            }
+        }
+    }
+
+    /// Nesting far deeper than any stack allows, open or closed, at the top or inside a
+    /// key that would otherwise be ignored.
+    @Test func deepNestingIsRefused() throws {
+        let depth = 100_000
+        expectRefused(Array(repeating: UInt8(ascii: "["), count: depth), "malformed JSON")
+        expectRefused(Array((String(repeating: "[", count: depth) + String(repeating: "]", count: depth)).utf8), "malformed JSON")
+        let ignoredKey = #"{"command":"hello","x":"# + String(repeating: "[", count: depth) + String(repeating: "]", count: depth) + "}"
+        expectRefused(Array(ignoredKey.utf8), "malformed JSON")
+        let objects = #"{"command":"hello","x":"# + String(repeating: #"{"a":"#, count: depth) + "1" + String(repeating: "}", count: depth) + "}"
+        expectRefused(Array(objects.utf8), "malformed JSON")
+        // Nesting a request needs is fine.
+        #expect(try ControlCommand(line: #"{"command":"hello","x":[[[{"a":[1]}]]]}"#) == .hello)
+    }
+
+    @Test func hugeNumbersAreRefused() throws {
+        let numbers = [
+            "1e400", "-1e400", "99999999999999999999999999999999999999", "18446744073709551616", String(repeating: "9", count: 100_000),
+            "-1", "0.5", "-0.5e-7",
+        ]
+        for number in numbers {
+            expectRefused(Array(#"{"command":"grow","size":\#(number)}"#.utf8), #"grow needs "size" (a whole number)"#)
+        }
+        #expect(try ControlCommand(line: #"{"command":"grow","size":18446744073709551615}"#) == .grow(size: UInt64.max))
+    }
+
+    @Test func invalidUTF8IsRefused() {
+        let cases: [[UInt8]] = [
+            [0xFF, 0xFE],
+            Array(#"{"command":"delete","name":""#.utf8) + [0xC3] + Array(#""}"#.utf8),
+            // In a key the decoder would skip.
+            Array(#"{"command":"hello","x":""#.utf8) + [0xED, 0xA0, 0x80] + Array(#""}"#.utf8),
+            Array(#"{"command":"hello"}"#.utf8) + [0x80],
+        ]
+        for bytes in cases { expectRefused(bytes, "a request is UTF-8 text") }
+        // Escapes that spell no character are refused too.
+        expectRefused(Array(#"{"command":"delete","name":"\ud834"}"#.utf8), #"delete needs "name" (a string)"#)
+    }
+
+    /// Lines as long as the framer lets through.
+    @Test func oneMebibyteLinesAreHandled() throws {
+        let filler = String(repeating: "a", count: ControlLineFramer.maxLineBytes - 64)
+        let long = #"{"command":"delete","name":"\#(filler)"}"#
+        #expect(long.utf8.count <= ControlLineFramer.maxLineBytes)
+        #expect(try ControlCommand(line: long) == .delete(name: filler, force: false))
+        expectRefused(Array(String(repeating: "x", count: ControlLineFramer.maxLineBytes).utf8), "malformed JSON")
+        expectRefused(Array(String(repeating: "{", count: ControlLineFramer.maxLineBytes).utf8), "malformed JSON")
+        expectRefused(Array(("[" + String(repeating: "1,", count: ControlLineFramer.maxLineBytes / 2 - 1) + "1]").utf8), "a request is a JSON object")
     }
 }

@@ -5,6 +5,7 @@ The server runs with --limit 'lim-*=200'; volumes lim-a and free exist. Checks t
 two connections to lim-a share 200 IOPS, that free is not held back, that a live
 `thinbd limit` changes the rate of open connections, and that 0 lifts it.
 """
+import json
 import subprocess
 import sys
 import threading
@@ -72,7 +73,7 @@ print(f"after limit lim-*=0: {lifted:.0f} IOPS", flush=True)
 check(lifted > 900, f"lifting the limit left {lifted:.0f} IOPS")
 
 listed = subprocess.run([thinbd, "limit", pool, "--json"], capture_output=True, text=True, timeout=30)
-check(listed.returncode == 0 and listed.stdout.strip() == "[]", f"rules after lifting: {listed.stdout} {listed.stderr}")
+check(listed.returncode == 0 and json.loads(listed.stdout) == [], f"rules after lifting: {listed.stdout} {listed.stderr}")
 
 for h in limited + [free]:
     h.shutdown()

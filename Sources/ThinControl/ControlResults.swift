@@ -1,0 +1,267 @@
+import ThinPool
+
+// The results of control commands (docs/control-api.md, "Results"): what a server sends
+// back in `"result"`, and what the CLI prints for `--json`. Keys are the documented
+// snake_case names; encoders sort them. Optional fields the contract allows to be null are
+// `@Nullable`: written as `null`, never left out, and read back from null or a missing key.
+
+/// A volume, snapshot or clone: in `list`, `info.volumes` and most results.
+public struct VolumeSummary: Codable, Sendable, Equatable {
+    public var name: String
+    /// `volume`, `snapshot` or `clone`.
+    public var kind: String
+    public var size: UInt64
+    public var mappedBytes: UInt64
+    /// The volume or snapshot it came from, while that exists.
+    @Nullable public var parent: String?
+    public var readOnly: Bool
+    /// Made by `serve --ephemeral`.
+    public var ephemeral: Bool
+    /// Seconds since 1970.
+    public var created: UInt64
+    /// NBD connections to it (0 offline).
+    public var connections: UInt64
+
+    enum CodingKeys: String, CodingKey {
+        case name, kind, size, parent, ephemeral, created, connections
+        case mappedBytes = "mapped_bytes", readOnly = "read_only"
+    }
+}
+
+extension VolumeSummary {
+    public init(_ volume: VolumeInfo, connections: Int) {
+        self.init(
+            name: volume.name, kind: volume.kind.rawValue, size: volume.size, mappedBytes: volume.mappedBytes,
+            parent: volume.parent, readOnly: volume.isReadOnly, ephemeral: volume.isEphemeral, created: volume.createdAt,
+            connections: UInt64(connections))
+    }
+}
+
+/// `hello`: who answers, for which pool, and where its NBD listeners are.
+public struct HelloResult: Codable, Sendable, Equatable {
+    public var protocolVersion: UInt64
+    /// `thinbd VERSION`.
+    public var server: String
+    public var pool: String
+    public var served: Bool
+    public var pid: UInt64
+    /// NBD URIs without an export name.
+    public var uris: [String]
+    /// The `--metrics` URL.
+    @Nullable public var metrics: String?
+
+    enum CodingKeys: String, CodingKey {
+        case server, pool, served, pid, uris, metrics
+        case protocolVersion = "protocol"
+    }
+}
+
+/// `info` and `grow`: the pool's sizes, usage and volumes.
+public struct PoolInfoResult: Codable, Sendable, Equatable {
+    /// Space of one region of the pool file, in bytes.
+    public struct Space: Codable, Sendable, Equatable {
+        public var totalBytes: UInt64
+        public var usedBytes: UInt64
+        public var freeBytes: UInt64
+
+        enum CodingKeys: String, CodingKey {
+            case totalBytes = "total_bytes", usedBytes = "used_bytes", freeBytes = "free_bytes"
+        }
+    }
+
+    public var path: String
+    public var uuid: String
+    public var engine: String
+    public var served: Bool
+    public var blockSize: UInt64
+    /// Data space (the top-level `total_bytes`, `used_bytes`, `free_bytes`).
+    public var totalBytes: UInt64
+    public var usedBytes: UInt64
+    public var freeBytes: UInt64
+    public var metadata: Space
+    /// The pool file's apparent size.
+    public var fileBytes: UInt64
+    /// What the file takes on disk, when the file system says.
+    @Nullable public var allocatedFileBytes: UInt64?
+    public var generation: UInt64
+    /// NBD connections to all its exports.
+    public var connections: UInt64
+    public var volumes: [VolumeSummary]
+
+    enum CodingKeys: String, CodingKey {
+        case path, uuid, engine, served, metadata, generation, connections, volumes
+        case blockSize = "block_size", totalBytes = "total_bytes", usedBytes = "used_bytes", freeBytes = "free_bytes"
+        case fileBytes = "file_bytes", allocatedFileBytes = "allocated_file_bytes"
+    }
+}
+
+/// An entry of `exports`.
+public struct ExportEntry: Codable, Sendable, Equatable {
+    public var name: String
+    public var connections: UInt64
+}
+
+/// `volume-create`.
+public struct VolumeCreateResult: Codable, Sendable, Equatable {
+    public var volume: VolumeSummary
+}
+
+/// `snapshot` and `clone`.
+public struct SnapshotCloneResult: Codable, Sendable, Equatable {
+    /// False when `if_missing` found it already there.
+    public var created: Bool
+    public var volume: VolumeSummary
+}
+
+/// `delete`.
+public struct DeleteResult: Codable, Sendable, Equatable {
+    public var deleted: String
+    /// Clients a `force` closed.
+    public var disconnected: UInt64
+}
+
+/// `rename`.
+public struct RenameResult: Codable, Sendable, Equatable {
+    public var volume: VolumeSummary
+    public var renamedFrom: String
+
+    enum CodingKeys: String, CodingKey {
+        case volume, renamedFrom = "renamed_from"
+    }
+}
+
+/// `resize`.
+public struct ResizeResult: Codable, Sendable, Equatable {
+    public var volume: VolumeSummary
+    public var disconnected: UInt64
+}
+
+/// `rollback`.
+public struct RollbackResult: Codable, Sendable, Equatable {
+    public var volume: VolumeSummary
+    public var snapshot: String
+    public var disconnected: UInt64
+}
+
+/// `check`: the consistency check's report.
+public struct CheckResult: Codable, Sendable, Equatable {
+    public var clean: Bool
+    /// Damage repair cannot fix.
+    public var damage: [String]
+    /// Counts that disagree with the trees and can be recomputed.
+    public var stale: [String]
+    public var leakedBlocks: UInt64
+    public var repaired: Bool
+    public var volumesChecked: UInt64
+    public var metadataBlocksChecked: UInt64
+    public var blockMappings: UInt64
+
+    enum CodingKeys: String, CodingKey {
+        case clean, damage, stale, repaired
+        case leakedBlocks = "leaked_blocks", volumesChecked = "volumes_checked"
+        case metadataBlocksChecked = "metadata_blocks_checked", blockMappings = "block_mappings"
+    }
+}
+
+extension CheckResult {
+    public init(_ report: CheckReport) {
+        self.init(
+            clean: report.isClean, damage: report.damage, stale: report.fixable, leakedBlocks: report.leakedBlocks,
+            repaired: report.repaired, volumesChecked: UInt64(report.volumesChecked),
+            metadataBlocksChecked: UInt64(report.metadataBlocksChecked), blockMappings: report.dataReferences)
+    }
+}
+
+/// The result of any command: which case depends on the command (`ControlCommand.decodeResult`).
+/// On the wire it is just its value.
+public enum ControlResult: Encodable, Sendable, Equatable {
+    case hello(HelloResult)
+    /// `info` and `grow`.
+    case poolInfo(PoolInfoResult)
+    /// `list`.
+    case volumes([VolumeSummary])
+    case exports([ExportEntry])
+    case volumeCreated(VolumeCreateResult)
+    /// `snapshot` and `clone`.
+    case snapshotOrClone(SnapshotCloneResult)
+    case deleted(DeleteResult)
+    case renamed(RenameResult)
+    case resized(ResizeResult)
+    case rolledBack(RollbackResult)
+    /// `limit` and `limits`: the rules in force.
+    case limits([ExportLimitRule])
+    case check(CheckResult)
+
+    /// The result itself, to encode or to cast to its type.
+    public var value: any Encodable & Sendable {
+        switch self {
+        case .hello(let value): value
+        case .poolInfo(let value): value
+        case .volumes(let value): value
+        case .exports(let value): value
+        case .volumeCreated(let value): value
+        case .snapshotOrClone(let value): value
+        case .deleted(let value): value
+        case .renamed(let value): value
+        case .resized(let value): value
+        case .rolledBack(let value): value
+        case .limits(let value): value
+        case .check(let value): value
+        }
+    }
+
+    public func encode(to encoder: Encoder) throws { try value.encode(to: encoder) }
+}
+
+extension ControlCommand {
+    /// Reads this command's result: each command has one result type.
+    public func decodeResult(from decoder: Decoder) throws -> ControlResult {
+        switch self {
+        case .hello: .hello(try HelloResult(from: decoder))
+        case .info, .grow: .poolInfo(try PoolInfoResult(from: decoder))
+        case .list: .volumes(try [VolumeSummary](from: decoder))
+        case .exports: .exports(try [ExportEntry](from: decoder))
+        case .createVolume: .volumeCreated(try VolumeCreateResult(from: decoder))
+        case .snapshot, .clone: .snapshotOrClone(try SnapshotCloneResult(from: decoder))
+        case .delete: .deleted(try DeleteResult(from: decoder))
+        case .rename: .renamed(try RenameResult(from: decoder))
+        case .resize: .resized(try ResizeResult(from: decoder))
+        case .rollback: .rolledBack(try RollbackResult(from: decoder))
+        case .setLimit, .limits: .limits(try [ExportLimitRule](from: decoder))
+        case .check: .check(try CheckResult(from: decoder))
+        }
+    }
+}
+
+/// An optional field the contract writes as `null` when it has no value. (Synthesized
+/// `Codable` leaves nil out; the documented objects always have every key.) Reading takes
+/// null or a missing key as nil.
+@propertyWrapper
+public struct Nullable<Value: Codable & Sendable & Equatable>: Codable, Sendable, Equatable {
+    public var wrappedValue: Value?
+
+    public init(wrappedValue: Value?) {
+        self.wrappedValue = wrappedValue
+    }
+
+    public init(from decoder: Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        wrappedValue = container.decodeNil() ? nil : try container.decode(Value.self)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var container = encoder.singleValueContainer()
+        if let wrappedValue {
+            try container.encode(wrappedValue)
+        } else {
+            try container.encodeNil()
+        }
+    }
+}
+
+extension KeyedDecodingContainer {
+    /// Synthesized `init(from:)` calls this for `@Nullable` fields: a missing key is nil, as null is.
+    public func decode<Value>(_ type: Nullable<Value>.Type, forKey key: Key) throws -> Nullable<Value> {
+        try decodeIfPresent(type, forKey: key) ?? Nullable(wrappedValue: nil)
+    }
+}
