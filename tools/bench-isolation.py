@@ -9,6 +9,7 @@ each phase's window of the reader's log gives its p50, p99 and max:
   baseline                   nothing else
   zero 2 GiB NO_HOLE on B    one WRITE_ZEROES of 2 GiB with NBD_CMD_FLAG_NO_HOLE
   40 ephemeral clones        40 new names opened at once (--ephemeral 'job-*=A')
+  control                    the same 40-connection rounds against nbdkit, not thinbd
   live check                 thinbd check while served
   20 live snapshots          thinbd snapshot, one after another
   128 connections            fio: 128 connections of 4 KiB random I/O on 16 other exports
@@ -18,6 +19,10 @@ Targets: every phase but the 128-connection one keeps the reader's p99 within 2x
 baseline and its max under 50 ms; 128 connections do within 10% of the IOPS of the
 same load (same total queue depth) on 16 connections.
 
+Controls, against nbdkit's memory plugin: the clone phase's connection rounds sent to
+nbdkit while the reader reads from thinbd, and both fio loads run on nbdkit, with the
+CPU time per request of each server and of fio (what the clients cost on shared cores).
+
 The load generators (this driver, its threads and fio) run at nice 10 by default
 (--nice 0 to turn it off), so that on a 2-core machine their own CPU use is not
 measured as the server's interference; the server and the reader run at normal priority.
@@ -25,8 +30,10 @@ measured as the server's interference; the server and the reader run at normal p
 The server listens on a Unix socket in a private directory and is stopped by its pid.
 """
 import argparse
+import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -180,15 +187,32 @@ def control(request):
     return answer["result"]
 
 
-def clones():
-    # Rounds of forty connections from threads of one process (libnbd releases the GIL
-    # while it waits), each opening a new name at once and writing to it.
+@contextlib.contextmanager
+def nbdkit_memory():
+    """A peer server for control measurements: nbdkit's memory plugin (one 64 MiB disk
+    for every export name) on its own Unix socket; yields (socket path, pid)."""
+    directory = tempfile.mkdtemp(prefix="nbdkit-", dir=work)
+    peer_socket = os.path.join(directory, "nbd.sock")
+    peer = subprocess.Popen(["nbdkit", "-f", "-U", peer_socket, "memory", "size=64M"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(peer_socket) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield peer_socket, peer.pid
+    finally:
+        peer.terminate()
+        peer.wait()
+
+
+def connection_rounds(target_uri, label):
+    """Rounds of forty connections from threads of one process (libnbd releases the GIL
+    while it waits), each opening its own name at once, writing 4 KiB and leaving."""
     failures = []
 
     def open_job(name):
         try:
             h = nbd.NBD()
-            h.connect_uri(uri(name))
+            h.connect_uri(target_uri(name))
             h.pwrite(b"x" * 4096, 0)
             h.shutdown()
         except Exception as error:
@@ -202,7 +226,19 @@ def clones():
             w.join()
 
     windows = repeatedly(round_)
-    return windows, f"({len(windows)} x 40 clones{', %d failed: %s' % (len(failures), failures[0]) if failures else ''})"
+    return windows, f"({len(windows)} x 40 {label}{', %d failed: %s' % (len(failures), failures[0]) if failures else ''})"
+
+
+def clones():
+    return connection_rounds(uri, "clones")
+
+
+def peer_connections():
+    """Control for the clone phase: the same forty-connection rounds, but against
+    another server (nbdkit's memory plugin), so nothing of them runs in thinbd. What
+    the reader loses then is the cost of the clients and the kernel on shared cores."""
+    with nbdkit_memory() as (peer_socket, _):
+        return connection_rounds(lambda name: f"nbd+unix:///{name}?socket={peer_socket}", "connections to nbdkit")
 
 
 def live_check():
@@ -223,30 +259,56 @@ def snapshots():
     return windows, f"({len(windows)} x 20 snapshots, each round deleted after)"
 
 
-def fio_load(connections_per_export, iodepth, runtime):
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio_load(connections_per_export, iodepth, runtime, socket_path=None, server_pid=None):
+    """Random 4 KiB reads and writes on the 16 load exports; returns IOPS and the CPU
+    microseconds per request of the server and of fio (its own, from its rusage)."""
     jobs = ["[global]", "ioengine=nbd", "thread=1", "rw=randrw", "bs=4k", "time_based", f"runtime={runtime}",
             f"iodepth={iodepth}", f"numjobs={connections_per_export}", "group_reporting=1", "size=64m"]
     for i in range(16):
-        jobs += [f"[load-{i}]", f"uri={uri(f'load-{i}')}"]
+        target = uri(f"load-{i}") if socket_path is None else f"nbd+unix:///load-{i}?socket={socket_path}"
+        jobs += [f"[load-{i}]", f"uri={target}"]
     job_file = os.path.join(work, "load.fio")
     with open(job_file, "w") as f:
         f.write("\n".join(jobs) + "\n")
-    data = fio_json(job_file)
-    return sum(job["read"]["iops"] + job["write"]["iops"] for job in data["jobs"])
+    server_pid = server_pid or announced["pid"]
+    server_before = cpu_seconds(server_pid)
+    data, fio_cpu = fio_json(job_file)
+    iops = sum(job["read"]["iops"] + job["write"]["iops"] for job in data["jobs"])
+    requests = max(1.0, iops * runtime)
+    return {"iops": iops, "server_us": (cpu_seconds(server_pid) - server_before) / requests * 1e6,
+            "fio_us": fio_cpu / requests * 1e6}
 
 
 load_iops = {}
 
 
 def fio_json(job_file):
+    """Runs fio; returns its JSON document and the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     # fio's nbd engine prints "connected" lines before the JSON document.
     out = subprocess.run(["fio", "--output-format=json", job_file], check=True, capture_output=True, text=True, cwd=work).stdout
-    return json.loads(out[out.index("{"):])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return json.loads(out[out.index("{"):]), used
+
+
+def peer_connection_scaling(runtime):
+    """The same two loads on nbdkit's memory plugin (one 64 MiB disk for every export
+    name): a peer's ratio on this machine, in this run, for the connection-count target."""
+    with nbdkit_memory() as (peer_socket, pid):
+        return fio_load(1, 8, runtime, peer_socket, pid), fio_load(8, 1, runtime, peer_socket, pid)
 
 
 def many_connections():
     load_iops[128] = fio_load(8, 1, int(seconds * 2))
-    return f"({load_iops[128]:.0f} IOPS)"
+    return f"({load_iops[128]['iops']:.0f} IOPS)"
 
 
 def limited_export():
@@ -256,7 +318,7 @@ def limited_export():
     job_file = os.path.join(work, "limited.fio")
     with open(job_file, "w") as f:
         f.write("\n".join(jobs) + "\n")
-    data = fio_json(job_file)
+    data, _ = fio_json(job_file)
     iops = sum(job["read"]["iops"] for job in data["jobs"])
     load_iops["limited"] = iops
     return f"(limited export did {iops:.0f} IOPS against its limit of 1000)"
@@ -266,12 +328,14 @@ try:
     phase("baseline", baseline)
     phase("one 2 GiB WRITE_ZEROES NO_HOLE on B", zero_b)
     phase("40 new ephemeral clones at once", clones)
+    phase("control: the same 40 connections at once to nbdkit", peer_connections)
     phase("live check", live_check)
     phase("20 live snapshots", snapshots)
     phase("128 connections on 16 other exports", many_connections)
     phase("one export limited to 1,000 IOPS, hammered", limited_export)
     # Not a reader phase: the same load as 16 connections, for the IOPS comparison.
     load_iops[16] = fio_load(1, 8, int(seconds * 2))
+    load_iops["peer"] = peer_connection_scaling(int(seconds * 2))
 finally:
     reader.terminate()
     reader.wait()
@@ -306,15 +370,22 @@ for name, windows, detail in phases:
     p50, p99, worst, count = s
     ratio = p99 / base[1]
     if name.startswith("128"):
-        met = load_iops[128] >= 0.9 * load_iops[16]
-        target = f"IOPS {load_iops[128]:.0f} vs {load_iops[16]:.0f} on 16 connections ({load_iops[128] / load_iops[16]:.2f}x): {'met' if met else 'MISSED'}"
-    elif name == "baseline":
-        met, target = True, "-"
+        many, few = load_iops[128], load_iops[16]
+        met = many["iops"] >= 0.9 * few["iops"]
+        target = f"IOPS {many['iops']:.0f} vs {few['iops']:.0f} on 16 connections ({many['iops'] / few['iops']:.2f}x): {'met' if met else 'MISSED'}"
+    elif name == "baseline" or name.startswith("control"):
+        met, target = True, "- (not a thinbd phase)" if name.startswith("control") else "-"
     else:
         met = ratio <= 2 and worst < 50_000
         target = "met" if met else "MISSED"
     all_met = all_met and met
     print(f"| {name} {detail} | {count} | {p50 / 1000:.2f} | {p99 / 1000:.2f} | {worst / 1000:.1f} | {ratio:.2f} | {target} |")
+print("\nConnection count, same total queue depth (CPU is microseconds per request):\n")
+print("| server | 16 conns x depth 8 IOPS | 128 conns x depth 1 IOPS | ratio | server CPU 16 / 128 | fio CPU 16 / 128 |")
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
+for label, (few, many) in (("thinbd", (load_iops[16], load_iops[128])), ("nbdkit memory", load_iops["peer"])):
+    print(f"| {label} | {few['iops']:.0f} | {many['iops']:.0f} | {many['iops'] / few['iops']:.2f} | "
+          f"{few['server_us']:.1f} / {many['server_us']:.1f} | {few['fio_us']:.1f} / {many['fio_us']:.1f} |")
 print(f"\nall targets met: {'yes' if all_met else 'no'}")
 if not args.keep and not args.dir:
     subprocess.run(["rm", "-rf", work])
