@@ -57,7 +57,8 @@ struct CheckCommand: ParsableCommand {
         }
         let pool: Pool
         do {
-            pool = try Pool.open(path: target.pool, readOnly: false)
+            // A pool flagged for a check opens for its repair: that is what clears the flag.
+            pool = try Pool.open(path: target.pool, readOnly: false, force: true)
         } catch {
             throw fail(ControlError(error), live, code: ControlError(error).code == "corrupt" ? 1 : 2)
         }

@@ -33,6 +33,15 @@ struct InfoCommand: ParsableCommand {
         if info.served {
             text += "\nserved:      yes, \(info.connections) connection\(info.connections == 1 ? "" : "s")"
         }
+        switch info.state {
+        case "failed":
+            text += "\nstate:       FAILED, serving reads only: \(info.failure ?? "damage found")"
+            text += "\n             stop the server and run: thinbd check --repair \(info.path)"
+        case "needs-check":
+            text += "\nstate:       NEEDS CHECK (a server found damage): thinbd check --repair \(info.path)"
+        default:
+            break
+        }
         return text
     }
 }

@@ -52,6 +52,9 @@ struct ServeCommand: ParsableCommand {
     @Flag(name: .customLong("read-only"), help: "Serve every export read-only.")
     var readOnly = false
 
+    @Flag(help: "Serve a pool flagged for a check (a server found damage in it) read-write anyway; without it such a pool must be repaired with 'thinbd check --repair' first, or served --read-only.")
+    var force = false
+
     @Option(name: .customLong("default-export"), help: "The export an empty export name selects.")
     var defaultExport: String?
 
@@ -167,6 +170,7 @@ struct ServeCommand: ParsableCommand {
         options.listenAddresses = listens
         options.cache = cache
         options.readOnly = readOnly
+        options.force = force
         options.defaultExport = defaultExport
         options.runCommand = runCommand
         options.stdio = stdio

@@ -87,9 +87,14 @@ public struct PoolInfoResult: Codable, Sendable, Equatable {
     /// NBD connections to all its exports.
     public var connections: UInt64
     public var volumes: [VolumeSummary]
+    /// `ok`, `failed` (damage found: the pool serves reads only and commits nothing) or
+    /// `needs-check` (flagged by a server that found damage). Missing from older servers.
+    @Nullable public var state: String?
+    /// What put the pool in fail mode.
+    @Nullable public var failure: String?
 
     enum CodingKeys: String, CodingKey {
-        case path, uuid, engine, served, metadata, generation, connections, volumes
+        case path, uuid, engine, served, metadata, generation, connections, volumes, state, failure
         case blockSize = "block_size", totalBytes = "total_bytes", usedBytes = "used_bytes", freeBytes = "free_bytes"
         case fileBytes = "file_bytes", allocatedFileBytes = "allocated_file_bytes"
     }

@@ -174,7 +174,8 @@ public struct PoolCommands: Sendable {
             metadata: PoolInfoResult.Space(
                 totalBytes: info.metadataTotalBytes, usedBytes: info.metadataUsedBytes, freeBytes: info.metadataFreeBytes),
             fileBytes: info.fileBytes, allocatedFileBytes: info.allocatedFileBytes, generation: info.generation,
-            connections: UInt64(counts.values.reduce(0, +)), volumes: info.volumes.map { VolumeSummary($0, connections: counts[$0.name] ?? 0) })
+            connections: UInt64(counts.values.reduce(0, +)), volumes: info.volumes.map { VolumeSummary($0, connections: counts[$0.name] ?? 0) },
+            state: info.state, failure: info.failure?.reason)
     }
 }
 
@@ -189,7 +190,7 @@ extension ControlError {
         case .invalidName, .invalidArgument, .outOfRange: code = "invalid-argument"
         case .readOnly: code = "read-only"
         case .noDataSpace, .noMetadataSpace: code = "no-space"
-        case .corrupt, .truncated, .notAPool: code = "corrupt"
+        case .corrupt, .truncated, .notAPool, .failed, .needsCheck: code = "corrupt"
         case .inUse: code = "busy"
         case .io, .closed: code = "io"
         }

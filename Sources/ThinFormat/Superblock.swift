@@ -8,7 +8,8 @@
 ///  40  u32      format version
 ///  44  u32      metadata block size (4096)
 ///  48  u32      data block size
-///  52  u32      flags (reserved, 0)
+///  52  u32      flags (bit 0: needs check, set when damage was found while the pool
+///               was open read-write; other bits reserved, 0)
 ///  56  16 bytes pool UUID
 ///  72  u64      first metadata block (the metadata region starts here)
 ///  80  u64      metadata block count (region length, in 4 KiB blocks)
@@ -29,6 +30,15 @@ public struct Superblock: Equatable, Sendable {
     public var formatVersion: UInt32 = Superblock.formatVersion
     public var dataBlockSize: UInt32
     public var flags: UInt32 = 0
+
+    /// Flag: damage was found while the pool was open, so it stopped committing. A
+    /// read-write open refuses the pool (unless forced) until `check --repair` clears it.
+    public static let needsCheckFlag: UInt32 = 1
+
+    public var needsCheck: Bool {
+        get { flags & Self.needsCheckFlag != 0 }
+        set { flags = newValue ? flags | Self.needsCheckFlag : flags & ~Self.needsCheckFlag }
+    }
     public var uuid: [UInt8]
     public var metadataStart: UInt64
     public var metadataBlocks: UInt64

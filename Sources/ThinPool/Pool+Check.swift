@@ -50,6 +50,14 @@ extension Pool {
                     report.damage.append("repair failed: \(error)")
                 }
             }
+            if repair && !isReadOnly && report.damage.isEmpty && superblock.needsCheck {
+                do {
+                    try writeNeedsCheckLocked(false)
+                    report.repaired = true
+                } catch {
+                    report.damage.append("could not clear the needs-check flag: \(error)")
+                }
+            }
             return report
         }
     }
@@ -76,6 +84,8 @@ extension Pool {
         defer { lock.withLock { store.unpin() } }
         var walker = CheckWalker(pool: self, source: .committed(view))
         walker.run()
+        // Damage in the last commit: stop committing, as when a request meets it.
+        if let first = walker.report.damage.first { enterFailMode("check found: \(first)") }
         return walker.report
     }
 }

@@ -47,6 +47,7 @@ extension Pool {
         guard let state = volumes[id] else { throw .noSuchVolume("#\(id)") }
         if writing {
             if isReadOnly { throw .readOnly("pool \(path) (opened read-only)") }
+            try refuseChangesIfFailed()
             if state.record.kind == .snapshot { throw .readOnly("snapshot \(state.record.name)") }
         }
         return state
@@ -168,7 +169,7 @@ extension Pool {
                     found = try lookUpRead(state, at: offset, into: buffer, cachedOnly: !blocking)
                 } catch {
                     if case .notCached = error { return nil }
-                    throw PoolError(error)
+                    throw noticing(PoolError(error))
                 }
             }
             // Entered under the lock, so before any commit that frees these blocks.
@@ -426,7 +427,7 @@ extension Pool {
                     spaceMap.unreserve(block)
                 }
             }
-            throw PoolError(error)
+            throw noticing(PoolError(error))
         }
     }
 

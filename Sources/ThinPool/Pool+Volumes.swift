@@ -15,6 +15,7 @@ extension Pool {
         try lock.withLock { () throws(PoolError) -> T in
             guard !isClosed else { throw .closed }
             guard !isReadOnly else { throw .readOnly("pool \(path) (opened read-only)") }
+            try refuseChangesIfFailed()
             return try body()
         }
     }

@@ -88,6 +88,8 @@ public final class Pool: @unchecked Sendable {
     var volumes: [UInt64: VolumeState] = [:]
     var names: [String: UInt64] = [:]
     var isClosed = false
+    /// Fail mode (Pool+FailMode.swift): its own lock, so that finding damage never waits.
+    let failureState = LockedValue(FailureState())
     /// Counts since open (`statistics`); under the pool lock.
     var statisticsLocked = PoolStatistics()
     /// `autoGrow`; under the pool lock.
@@ -115,7 +117,7 @@ public final class Pool: @unchecked Sendable {
     public static func create(path: String, geometry: PoolGeometry, cache: CacheMode? = nil) throws(PoolError) -> Pool {
         try geometry.validate()
         if SystemInfo.fileExists(path) { throw .fileExists(path) }
-        let device = try mapErrors { try PoolFile.open(path: path, readOnly: false, cache: cache, create: true) }
+        let device = try ThinPool.mapErrors { try PoolFile.open(path: path, readOnly: false, cache: cache, create: true) }
         do {
             return try create(on: device, path: path, geometry: geometry)
         } catch {
@@ -145,7 +147,7 @@ public final class Pool: @unchecked Sendable {
             generation: 1, dataBlockSize: geometry.blockSize, uuid: uuid, metadataStart: metadataStart,
             metadataBlocks: metadataBlocks, dataOffset: dataOffset, dataBlocks: dataBlocks, createdAt: now)
         let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
-        try mapErrors {
+        try ThinPool.mapErrors {
             try device.setSize(superblock.fileSize)
             // Slot 0 stays empty until the first commit; a zeroed slot never validates.
             try device.write(UnsafeRawBufferPointer(buffer.bytes), at: 0)
@@ -162,7 +164,11 @@ public final class Pool: @unchecked Sendable {
     /// A pool another process holds fails at once with `.inUse` (naming the holder);
     /// callers that queue behind each other retry (`PoolCommandClient` does, between
     /// looks for a server's control socket).
-    public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil) throws(PoolError) -> Pool {
+    ///
+    /// A pool flagged for a check (a server found damage in it) opens read-only; a
+    /// read-write open fails with `.needsCheck` unless `force` (which `check --repair`
+    /// uses: a repair that leaves no damage clears the flag).
+    public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil, force: Bool = false) throws(PoolError) -> Pool {
         guard SystemInfo.fileExists(path) else { throw .noSuchFile(path) }
         let device: BlockDevice
         do {
@@ -175,7 +181,7 @@ public final class Pool: @unchecked Sendable {
             throw .io(SystemError(.io, "\(error)"))
         }
         do {
-            return try open(device: device, path: path, readOnly: readOnly)
+            return try open(device: device, path: path, readOnly: readOnly, force: force)
         } catch {
             device.close()
             throw error
@@ -183,8 +189,11 @@ public final class Pool: @unchecked Sendable {
     }
 
     /// Opens the pool stored on `device`.
-    public static func open(device: BlockDevice, path: String = "memory", readOnly: Bool = false) throws(PoolError) -> Pool {
+    public static func open(device: BlockDevice, path: String = "memory", readOnly: Bool = false, force: Bool = false) throws(PoolError) -> Pool {
         let superblock = try readSuperblock(device: device, path: path)
+        if superblock.needsCheck && !readOnly && !force {
+            throw .needsCheck(path: path, reason: "a server found damage in it and stopped writing")
+        }
         let pool = try Pool(device: device, path: path, superblock: superblock, readOnly: readOnly)
         try pool.forgetUncommittedData()
         return pool
@@ -201,7 +210,7 @@ public final class Pool: @unchecked Sendable {
         var problems: [String] = []
         var sawSignature = false
         for slot in MetadataLayout.superblockSlots {
-            try mapErrors { try device.read(into: buffer.bytes, at: slot * UInt64(MetadataLayout.blockSize)) }
+            try ThinPool.mapErrors { try device.read(into: buffer.bytes, at: slot * UInt64(MetadataLayout.blockSize)) }
             do {
                 let candidate = try Superblock.decode(buffer.bytes, slot: slot)
                 sawSignature = true
@@ -241,7 +250,7 @@ public final class Pool: @unchecked Sendable {
         } catch {
             throw PoolError(error)
         }
-        try mapErrors { try loadVolumes() }
+        try ThinPool.mapErrors { try loadVolumes() }
         store.finishScan()
     }
 
@@ -312,6 +321,10 @@ public final class Pool: @unchecked Sendable {
     /// become durable at the next FLUSH, as on a disk with a write cache, and a crash
     /// before then leaves the pool consistent. Cost: one extra barrier per real commit.
     public func commitInBackground() throws(PoolError) {
+        if failure != nil {
+            lock.withLock { flagNeedsCheckLocked() }
+            return
+        }
         let pending = lock.withSharedAccess {
             !isClosed && !isReadOnly
                 && (store.hasUncommittedChanges || volumes.values.contains { $0.dirty } || superblock.dataBlocks != spaceMap.dataBlocks)
@@ -349,6 +362,12 @@ public final class Pool: @unchecked Sendable {
     func commitLocked() throws(PoolError) {
         guard !isClosed else { throw .closed }
         guard !isReadOnly else { return }
+        if let failure {
+            // Damage found: nothing more is committed (it would spread), and a FLUSH
+            // that cannot make data durable must not report success.
+            flagNeedsCheckLocked()
+            throw .failed(failure.reason)
+        }
         try prepareCommitLocked()
         guard store.hasUncommittedChanges || superblock.dataBlocks != spaceMap.dataBlocks else {
             // Only in-place data writes since the last commit: they need the barrier
@@ -415,7 +434,8 @@ public final class Pool: @unchecked Sendable {
                 ioGate.waitForEarlierHolders()
                 device.close()
             }
-            try commitLocked()
+            // In fail mode the last commit stays the pool's state; only the flag goes out.
+            if failure == nil { try commitLocked() } else { flagNeedsCheckLocked() }
         }
     }
 
@@ -462,7 +482,8 @@ public final class Pool: @unchecked Sendable {
                 metadataUsedBytes: space.metadataUsedBytes,
                 metadataFreeBytes: space.metadataFreeBytes,
                 fileBytes: device.size, allocatedFileBytes: device.allocatedBytes,
-                volumes: volumes.values.map { describe($0) }.sorted { $0.name < $1.name })
+                volumes: volumes.values.map { describe($0) }.sorted { $0.name < $1.name },
+                failure: failure, needsCheck: superblock.needsCheck)
         }
     }
 
@@ -535,6 +556,14 @@ public struct PoolInfo: Sendable {
     public var fileBytes: UInt64
     public var allocatedFileBytes: UInt64?
     public var volumes: [VolumeInfo]
+    /// Set when damage put the pool in fail mode (reads only, no commits).
+    public var failure: PoolFailure?
+    /// The superblock is flagged for a check (damage was found by an earlier server).
+    public var needsCheck: Bool
+
+    /// `ok`, `failed` (fail mode: reads only) or `needs-check` (flagged by an earlier
+    /// server, opened read-only or forced).
+    public var state: String { failure != nil ? "failed" : needsCheck ? "needs-check" : "ok" }
 
     public var uuidString: String {
         let hex = uuid.map { byte in

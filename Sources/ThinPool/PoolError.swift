@@ -21,6 +21,12 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     case noMetadataSpace
     case io(SystemError)
     case closed
+    /// Damage was found while the pool was open: it serves reads and commits nothing
+    /// more (fail mode) until it is closed and repaired.
+    case failed(String)
+    /// The pool was flagged for a check when damage was found; a read-write open needs
+    /// `check --repair` first, or `force`.
+    case needsCheck(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -48,6 +54,10 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
         case .noMetadataSpace: "pool is out of metadata space"
         case .io(let error): "I/O error: \(error)"
         case .closed: "pool is closed"
+        case .failed(let why):
+            "pool is in fail mode after finding damage (\(why)): it serves reads only; stop it and run thinbd check --repair"
+        case .needsCheck(let path, let reason):
+            "pool \(path) needs a check: \(reason); run thinbd check --repair \(path) (or open it with --force)"
         }
     }
 

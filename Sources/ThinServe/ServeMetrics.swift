@@ -25,6 +25,8 @@ final class ServeMetrics: @unchecked Sendable {
     private let volumes = Gauge(label: "thinbd_pool_volumes")
     let lowWater = Gauge(label: "thinbd_pool_low_water")
     private let autogrows = Counter(label: "thinbd_pool_autogrow_total")
+    /// 1 once damage put the pool in fail mode (reads only, no commits).
+    private let damaged = Gauge(label: "thinbd_pool_damaged")
     private var reported = PoolStatistics()
 
     init(pool: Pool) {
@@ -60,6 +62,7 @@ final class ServeMetrics: @unchecked Sendable {
         metadataUsedBytes.record(space.metadataUsedBytes)
         metadataTotalBytes.record(space.metadataTotalBytes)
         volumes.record(space.volumes)
+        damaged.record(pool.failure == nil ? 0 : 1)
         lock.withLock {
             // Read under the lock: a sample racing another must not see counts go back.
             let now = pool.statistics

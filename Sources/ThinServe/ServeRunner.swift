@@ -16,6 +16,8 @@ public struct ServeOptions: Sendable {
     public var listenAddresses: [String] = []
     public var cache: CacheMode?
     public var readOnly = false
+    /// Open a pool flagged for a check read-write anyway (`--force`).
+    public var force = false
     public var defaultExport: String?
     public var runCommand: String?
     public var stdio = false
@@ -106,9 +108,16 @@ public enum ServeRunner {
     ) throws -> Int32 {
         let pool: Pool
         do {
-            pool = try Pool.open(path: options.poolPath, readOnly: options.readOnly, cache: options.cache)
+            pool = try Pool.open(path: options.poolPath, readOnly: options.readOnly, cache: options.cache, force: options.force)
         } catch {
             throw ServeError(description: error.description)
+        }
+        // Once, on whichever thread met the damage (it may be a loop: the log is queued).
+        pool.onFailure { failure in
+            log("pool damaged, serving reads only and committing nothing more: \(failure.reason); stop the server and run thinbd check --repair \(options.poolPath)")
+        }
+        if pool.needsCheck {
+            log("warning: \(options.poolPath) is flagged for a check (a server found damage in it); run thinbd check --repair")
         }
         let poolClosed = ClosedBox()
         services.add("pool") {

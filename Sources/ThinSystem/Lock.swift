@@ -25,6 +25,23 @@ public final class Lock: @unchecked Sendable {
     }
 }
 
+/// A value reachable only while its lock is held (the shape of swift-nio's
+/// `NIOLockedValueBox`): state guarded by a lock cannot be touched without it.
+public final class LockedValue<Value>: @unchecked Sendable {
+    private let lock = Lock()
+    private var value: Value
+
+    public init(_ value: Value) {
+        self.value = value
+    }
+
+    /// Runs `body` with the value, under the lock. Keep `body` short: it must not block.
+    @inline(__always)
+    public func withLockedValue<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
+        try lock.withLock { () throws(E) -> T in try body(&value) }
+    }
+}
+
 /// The pool's lock: a mutex that orders every change to metadata, plus a read-write lock
 /// that lets lookups run while a holder of the mutex does I/O that changes nothing (a
 /// commit writing its blocks and waiting for fdatasync).

@@ -23,7 +23,7 @@ enum Samples {
             path: "/p", uuid: "u", engine: "libaio+O_DIRECT", served: true, blockSize: 65536, totalBytes: 1 << 30,
             usedBytes: 65536, freeBytes: (1 << 30) - 65536,
             metadata: .init(totalBytes: 16 << 20, usedBytes: 16384, freeBytes: (16 << 20) - 16384), fileBytes: 1_091_567_616,
-            allocatedFileBytes: allocated, generation: 7, connections: 2, volumes: [volume])
+            allocatedFileBytes: allocated, generation: 7, connections: 2, volumes: [volume], state: "ok", failure: nil)
     }
 
     static func hello(metrics: String?) -> HelloResult {
@@ -133,7 +133,7 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         #expect(encodedLine(Samples.hello(metrics: "http://h:1/metrics")).hasPrefix(#"{"metrics":"http://h:1/metrics","pid":42,"#))
         #expect(
             encodedLine(Samples.info(allocated: nil))
-                == #"{"allocated_file_bytes":null,"block_size":65536,"connections":2,"engine":"libaio+O_DIRECT","file_bytes":1091567616,"free_bytes":1073676288,"generation":7,"metadata":{"free_bytes":16760832,"total_bytes":16777216,"used_bytes":16384},"path":"/p","served":true,"total_bytes":1073741824,"used_bytes":65536,"uuid":"u","volumes":["#
+                == #"{"allocated_file_bytes":null,"block_size":65536,"connections":2,"engine":"libaio+O_DIRECT","failure":null,"file_bytes":1091567616,"free_bytes":1073676288,"generation":7,"metadata":{"free_bytes":16760832,"total_bytes":16777216,"used_bytes":16384},"path":"/p","served":true,"state":"ok","total_bytes":1073741824,"used_bytes":65536,"uuid":"u","volumes":["#
                 + Samples.volumeLine + "]}")
         #expect(encodedLine(Samples.info(allocated: 8192)).hasPrefix(#"{"allocated_file_bytes":8192,"block_size":65536,"#))
         #expect(
@@ -364,7 +364,7 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
         #expect(
             try keys(info) == [
                 "path", "uuid", "engine", "served", "block_size", "total_bytes", "used_bytes", "free_bytes", "metadata",
-                "file_bytes", "allocated_file_bytes", "generation", "connections", "volumes",
+                "file_bytes", "allocated_file_bytes", "generation", "connections", "volumes", "state", "failure",
             ])
         guard case .poolInfo(let poolInfo) = info else { throw ControlError(code: "test", message: "\(info)") }
         #expect(try decoded(KeySet.self, encodedLine(poolInfo.metadata)).keys == ["total_bytes", "used_bytes", "free_bytes"])

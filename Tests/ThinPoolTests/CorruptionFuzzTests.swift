@@ -77,17 +77,36 @@ struct CorruptionFuzzer {
     mutating func damagedImage() -> (MemoryDevice, String) {
         let image = pristine.snapshot()
         let block = live[random(live.count)]
-        var page = image.page(block)
-        let (offset, width) = pickField(in: page)
-        var original: UInt64 = 0
-        for i in 0..<width { original |= UInt64(page[offset + i]) << UInt64(8 * i) }
-        let value = hostileValue(replacing: original, width: width)
-        for i in 0..<width { page[offset + i] = UInt8(truncatingIfNeeded: value >> UInt64(8 * i)) }
-        let crc = CRC32C.checksum(Array(page[4...]))
-        for i in 0..<4 { page[i] = UInt8(truncatingIfNeeded: crc >> UInt32(8 * i)) }
-        image.patch(at: block * UInt64(MetadataLayout.blockSize), with: page)
-        return (image, "block \(block) offset \(offset) (\(width) bytes): \(original) -> \(value)")
+        let (offset, width) = pickField(in: image.page(block))
+        let original = rewriteField(of: image, block: block, offset: offset, width: width) { original in
+            hostileValue(replacing: original, width: width)
+        }
+        return (image, "block \(block) offset \(offset) (\(width) bytes): \(original) -> \(field(of: image, block: block, offset: offset, width: width))")
     }
+}
+
+/// A little-endian field of a metadata block.
+func field(of image: MemoryDevice, block: UInt64, offset: Int, width: Int) -> UInt64 {
+    let page = image.page(block)
+    var value: UInt64 = 0
+    for i in 0..<width { value |= UInt64(page[offset + i]) << UInt64(8 * i) }
+    return value
+}
+
+/// Rewrites a little-endian field of a metadata block and seals the block again with a
+/// correct CRC, as a buggy writer would leave it. Returns the field's old value.
+@discardableResult
+func rewriteField(
+    of image: MemoryDevice, block: UInt64, offset: Int, width: Int, _ newValue: (UInt64) -> UInt64
+) -> UInt64 {
+    var page = image.page(block)
+    let original = field(of: image, block: block, offset: offset, width: width)
+    let value = newValue(original)
+    for i in 0..<width { page[offset + i] = UInt8(truncatingIfNeeded: value >> UInt64(8 * i)) }
+    let crc = CRC32C.checksum(Array(page[4...]))
+    for i in 0..<4 { page[i] = UInt8(truncatingIfNeeded: crc >> UInt32(8 * i)) }
+    image.patch(at: block * UInt64(MetadataLayout.blockSize), with: page)
+    return original
 }
 
 /// Everything a user can do with a pool, on a damaged one. Returns whether any step

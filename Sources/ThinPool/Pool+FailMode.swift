@@ -1,0 +1,103 @@
+import ThinFormat
+import ThinMetadata
+import ThinSystem
+
+/// Why a pool stopped writing: the first damage found while it was open.
+public struct PoolFailure: Sendable, Equatable {
+    /// What was found (`corrupt block N (type): reason`).
+    public var reason: String
+    /// When, in seconds since 1970.
+    public var since: UInt64
+}
+
+/// What fail mode keeps: the failure, whether the needs-check flag is on disk yet, and
+/// who wants to hear of it. Guarded by its own small lock (`Pool.failureState`), never
+/// by the pool lock, so that a reader on an event loop can record damage without waiting.
+struct FailureState {
+    var failure: PoolFailure?
+    var flagWritten = false
+    var handler: (@Sendable (PoolFailure) -> Void)?
+}
+
+// Fail mode, as dm-thin's: when a request meets damage (a block that fails its checks,
+// a pointer out of range, a reference count that cannot be right), that request fails
+// and the pool stops changing. Nothing more is committed, so the damage is never spread
+// into new metadata; reads of everything undamaged go on. The superblock is flagged so
+// that the next read-write open insists on `check --repair` first.
+extension Pool {
+    /// The damage that put the pool in fail mode, or nil while it is healthy.
+    /// Cost: one small lock; never waits for the pool lock.
+    public var failure: PoolFailure? { failureState.withLockedValue { $0.failure } }
+
+    /// Calls `handler` once when the pool enters fail mode (at once if it is in it), on the
+    /// thread that found the damage, which may be an event loop: it must not block.
+    public func onFailure(_ handler: @escaping @Sendable (PoolFailure) -> Void) {
+        let current = failureState.withLockedValue { state -> PoolFailure? in
+            state.handler = handler
+            return state.failure
+        }
+        if let current { handler(current) }
+    }
+
+    /// Puts the pool in fail mode for `reason` (the first reason is kept). Thread-safe and
+    /// non-blocking: the needs-check flag is written by the next commit attempt, which
+    /// runs where blocking is allowed.
+    func enterFailMode(_ reason: String) {
+        let entered = failureState.withLockedValue { state -> (PoolFailure, (@Sendable (PoolFailure) -> Void)?)? in
+            guard state.failure == nil else { return nil }
+            let failure = PoolFailure(reason: reason, since: SystemInfo.wallClockSeconds())
+            state.failure = failure
+            return (failure, state.handler)
+        }
+        if let (failure, handler) = entered { handler?(failure) }
+    }
+
+    /// Damage in `error` puts the pool in fail mode; the error is returned as it was.
+    func noticing(_ error: PoolError) -> PoolError {
+        if case .corrupt(let why) = error { enterFailMode(why) }
+        return error
+    }
+
+    /// `mapErrors` for pool code (it hides the global one inside `Pool`): the same
+    /// conversion, and damage found on the way puts the pool in fail mode.
+    func mapErrors<T>(_ body: () throws -> T) throws(PoolError) -> T {
+        do {
+            return try ThinPool.mapErrors(body)
+        } catch {
+            throw noticing(error)
+        }
+    }
+
+    /// Throws `.failed` in fail mode: every change to the pool asks this first.
+    func refuseChangesIfFailed() throws(PoolError) {
+        if let failure { throw .failed(failure.reason) }
+    }
+
+    /// In fail mode a commit only flags the superblock for a check, once. No tree
+    /// changes, so nothing damaged is spread. Needs the pool lock; blocking I/O.
+    func flagNeedsCheckLocked() {
+        guard !isReadOnly, !isClosed, failureState.withLockedValue({ !$0.flagWritten && $0.failure != nil }) else { return }
+        // Best effort: if it cannot be written, the damage is found again when next read.
+        guard (try? writeNeedsCheckLocked(true)) != nil else { return }
+        failureState.withLockedValue { $0.flagWritten = true }
+    }
+
+    /// Writes the last commit's superblock with the needs-check flag set or cleared, as
+    /// the next generation into the other slot: a torn write leaves the last commit as it
+    /// was. Needs the pool lock; one 4 KiB write and a barrier.
+    func writeNeedsCheckLocked(_ value: Bool) throws(PoolError) {
+        var next = superblock
+        next.needsCheck = value
+        next.generation += 1
+        let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
+        next.encode(into: buffer.bytes)
+        try ThinPool.mapErrors {
+            try device.write(UnsafeRawBufferPointer(buffer.bytes), at: next.slot * UInt64(MetadataLayout.blockSize))
+            try device.barrier()
+        }
+        superblock = next
+    }
+
+    /// Whether the pool was flagged for a check (by a server that found damage).
+    public var needsCheck: Bool { lock.withSharedAccess { superblock.needsCheck } }
+}

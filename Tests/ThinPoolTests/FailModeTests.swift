@@ -1,0 +1,117 @@
+import Testing
+import ThinFormat
+import ThinPool
+import ThinSystem
+
+/// A committed pool with two volumes, and the mapping leaf of `x` (its whole tree:
+/// x maps a few blocks, so its root is one leaf that no other volume shares).
+func poolWithDamageableLeaf() throws -> (device: MemoryDevice, leaf: UInt64) {
+    let (pool, device) = try makeMemoryPool(dataSize: 8 << 20)
+    try pool.createVolume("y", size: 1 << 20)
+    try pool.write("y", at: 0, pattern(64 << 10, seed: 1))
+    try pool.commit()
+    let before = Set(pool.metadataBlocksInUse())
+    try pool.createVolume("x", size: 1 << 20)
+    try pool.write("x", at: 0, pattern(3 * 4096, seed: 2))
+    try pool.close()
+    let reopened = try Pool.open(device: device)
+    let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
+    try reopened.close()
+    let leaves = added.filter { block in
+        field(of: device, block: block, offset: 8, width: 2) == UInt64(BlockType.mappingNode.rawValue)
+            && field(of: device, block: block, offset: 10, width: 2) == 0
+    }
+    #expect(leaves.count == 1, "x's mapping leaves: \(leaves)")
+    return (device, try #require(leaves.first))
+}
+
+@Suite struct FailModeTests {
+    /// The reported bug's shape: a mapping that points past the data region, with a valid
+    /// CRC. Reading it fails that request only; the pool stops changing; everything else
+    /// still reads; the flag makes the next read-write open insist on a check.
+    @Test func damagedMappingFailsThatReadAndPutsThePoolInFailMode() throws {
+        let (device, leaf) = try poolWithDamageableLeaf()
+        // Entry 1's value: x's second block now maps far past the pool's data blocks.
+        let valueOffset = 32 + 8 * NodeView.capacity + 8
+        rewriteField(of: device, block: leaf, offset: valueOffset, width: 8) { _ in 1 << 40 }
+
+        let pool = try Pool.open(device: device)
+        #expect(pool.failure == nil)
+        let seen = LockedValue<[String]>([])
+        pool.onFailure { failure in seen.withLockedValue { $0.append(failure.reason) } }
+        // The undamaged block of x and all of y read; the damaged block is an error.
+        #expect(try pool.read("x", at: 0, count: 4096) == Array(pattern(3 * 4096, seed: 2)[0..<4096]))
+        #expect(throws: PoolError.self) { try pool.read("x", at: 4096, count: 4096) }
+        let failure = try #require(pool.failure)
+        #expect(failure.reason.contains("corrupt block \(leaf)"), "\(failure.reason)")
+        #expect(seen.withLockedValue { $0 } == [failure.reason], "the handler runs once")
+        #expect(try pool.read("y", at: 0, count: 64 << 10) == pattern(64 << 10, seed: 1))
+        #expect(pool.info().state == "failed")
+        // Nothing changes any more, on any volume, and nothing is committed.
+        let generation = pool.generation
+        #expect {
+            try pool.write("y", at: 0, [1, 2, 3])
+        } throws: { error in
+            guard case .failed = error as? PoolError else { return false }
+            return true
+        }
+        #expect(throws: PoolError.self) { try pool.createVolume("z", size: 1 << 20) }
+        #expect(throws: PoolError.self) { try pool.snapshot("y@after") }
+        #expect(throws: PoolError.self) { try pool.flush() }
+        _ = try? pool.read("x", at: 4096, count: 4096)
+        #expect(seen.withLockedValue { $0.count } == 1)
+        try pool.close()
+
+        // The superblock is flagged: read-write needs a check or force; read-only opens.
+        #expect {
+            try Pool.open(device: device)
+        } throws: { error in
+            guard case .needsCheck = error as? PoolError else { return false }
+            return "\(error)".contains("check --repair")
+        }
+        let readOnly = try Pool.open(device: device, readOnly: true)
+        #expect(readOnly.needsCheck)
+        #expect(readOnly.info().state == "needs-check")
+        #expect(readOnly.generation == generation + 1, "only the flag was written")
+        #expect(try readOnly.read("y", at: 0, count: 64 << 10) == pattern(64 << 10, seed: 1))
+        try readOnly.close()
+        // A repair that cannot fix the damage leaves the flag on.
+        let forced = try Pool.open(device: device, force: true)
+        #expect(!forced.check(repair: true).damage.isEmpty)
+        try forced.close()
+        #expect(throws: PoolError.self) { try Pool.open(device: device) }
+    }
+
+    @Test func repairWithoutDamageClearsTheFlag() throws {
+        let (device, leaf) = try poolWithDamageableLeaf()
+        let valueOffset = 32 + 8 * NodeView.capacity + 8
+        let good = rewriteField(of: device, block: leaf, offset: valueOffset, width: 8) { _ in 1 << 40 }
+        let pool = try Pool.open(device: device)
+        _ = try? pool.read("x", at: 4096, count: 4096)
+        #expect(pool.failure != nil)
+        try pool.close()
+        // Someone fixes the block by hand; the flag stays until a check says so.
+        rewriteField(of: device, block: leaf, offset: valueOffset, width: 8) { _ in good }
+        #expect(throws: PoolError.self) { try Pool.open(device: device) }
+        let forced = try Pool.open(device: device, force: true)
+        let report = forced.check(repair: true)
+        #expect(report.damage.isEmpty, "\(report.damage)")
+        #expect(!forced.needsCheck)
+        try forced.close()
+        let reopened = try Pool.open(device: device)
+        #expect(reopened.info().state == "ok")
+        try reopened.write("x", at: 4096, [9])
+        try reopened.close()
+    }
+
+    /// A live check that finds damage in the last commit stops commits too.
+    @Test func liveCheckThatFindsDamageEntersFailMode() throws {
+        let (device, leaf) = try poolWithDamageableLeaf()
+        rewriteField(of: device, block: leaf, offset: 32 + 8 * NodeView.capacity + 8, width: 8) { _ in 1 << 40 }
+        let pool = try Pool.open(device: device)
+        #expect(!pool.checkCommittedState().damage.isEmpty)
+        #expect(pool.failure?.reason.hasPrefix("check found:") == true)
+        #expect(throws: PoolError.self) { try pool.write("y", at: 0, [1]) }
+        try pool.close()
+    }
+}
