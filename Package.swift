@@ -97,7 +97,7 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
-        .testTarget(name: "InteropTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"], exclude: ["scripts"]),
+        .testTarget(name: "InteropTests", dependencies: ["ThinFormat", "ThinPool", "ThinSystem", "TestSupport"], exclude: ["scripts"]),
     ],
     swiftLanguageModes: [.v6]
 )
