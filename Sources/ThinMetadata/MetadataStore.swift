@@ -56,7 +56,17 @@ public final class MetadataStore {
     /// always run and commit even when metadata is otherwise full.
     public let reserveBlocks: Int
     /// Set while an operation that releases space runs: it may dip into the reserve.
-    public var mayUseReserve = false
+    /// Only `usingReserve` sets it, so it is reset on every path.
+    public private(set) var mayUseReserve = false
+
+    /// Runs `body` (an operation that frees space, or a commit) allowed to dip into the
+    /// reserve; the permission ends with `body`, however it ends.
+    public func usingReserve<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        let previous = mayUseReserve
+        mayUseReserve = true
+        defer { mayUseReserve = previous }
+        return try body()
+    }
 
     public init(device: BlockDevice, regionStart: UInt64, regionBlocks: UInt64, committedGeneration: UInt64, cacheLimitBlocks: Int = 16384) {
         self.device = device

@@ -2,9 +2,20 @@ import ThinFormat
 import ThinMetadata
 import ThinSystem
 
-/// Why a pool stopped writing: the first damage found while it was open.
+/// Why a pool stopped writing: the first damage found, or the first commit that failed,
+/// while it was open.
 public struct PoolFailure: Sendable, Equatable {
-    /// What was found (`corrupt block N (type): reason`).
+    public enum Kind: Sendable, Equatable {
+        /// Metadata failed its checks: the pool is flagged for a check.
+        case damage
+        /// A commit or a barrier failed (I/O error, ENOSPC): what it was to make durable
+        /// may be lost, so nothing after it is committed either. The last commit on disk
+        /// is intact; reopening the pool serves it again (no check needed).
+        case commitFailed
+    }
+
+    public var kind: Kind
+    /// What was found (`corrupt block N (type): reason`) or what failed.
     public var reason: String
     /// When, in seconds since 1970.
     public var since: UInt64
@@ -42,10 +53,10 @@ extension Pool {
     /// Puts the pool in fail mode for `reason` (the first reason is kept). Thread-safe and
     /// non-blocking: the needs-check flag is written by the next commit attempt, which
     /// runs where blocking is allowed.
-    func enterFailMode(_ reason: String) {
+    func enterFailMode(_ reason: String, kind: PoolFailure.Kind = .damage) {
         let entered = failureState.withLockedValue { state -> (PoolFailure, (@Sendable (PoolFailure) -> Void)?)? in
             guard state.failure == nil else { return nil }
-            let failure = PoolFailure(reason: reason, since: SystemInfo.wallClockSeconds())
+            let failure = PoolFailure(kind: kind, reason: reason, since: SystemInfo.wallClockSeconds())
             state.failure = failure
             return (failure, state.handler)
         }
@@ -68,15 +79,28 @@ extension Pool {
         }
     }
 
+    /// Runs a commit's I/O; if it fails, whatever it was to make durable may be lost (a
+    /// failed fdatasync may have dropped dirty pages), so the pool commits nothing more:
+    /// a command that reported failure can never become durable later, and no later
+    /// FLUSH can report success over lost data.
+    func failingOnCommitError<T>(_ body: () throws(PoolError) -> T) throws(PoolError) -> T {
+        do {
+            return try body()
+        } catch {
+            enterFailMode("commit failed: \(error)", kind: .commitFailed)
+            throw error
+        }
+    }
+
     /// Throws `.failed` in fail mode: every change to the pool asks this first.
     func refuseChangesIfFailed() throws(PoolError) {
-        if let failure { throw .failed(failure.reason) }
+        if let failure { throw .failed(failure) }
     }
 
     /// In fail mode a commit only flags the superblock for a check, once. No tree
     /// changes, so nothing damaged is spread. Needs the pool lock; blocking I/O.
     func flagNeedsCheckLocked() {
-        guard !isReadOnly, !isClosed, failureState.withLockedValue({ !$0.flagWritten && $0.failure != nil }) else { return }
+        guard !isReadOnly, !isClosed, failureState.withLockedValue({ !$0.flagWritten && $0.failure?.kind == .damage }) else { return }
         // Best effort: if it cannot be written, the damage is found again when next read.
         guard (try? writeNeedsCheckLocked(true)) != nil else { return }
         failureState.withLockedValue { $0.flagWritten = true }

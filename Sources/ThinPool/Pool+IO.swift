@@ -740,9 +740,10 @@ extension Pool {
     }
 
     func unmapLocked(_ state: VolumeState, blocks: Range<UInt64>) throws(PoolError) {
-        let previous = store.mayUseReserve
-        store.mayUseReserve = true
-        defer { store.mayUseReserve = previous }
+        try store.usingReserve { () throws(PoolError) in try unmapWithReserveLocked(state, blocks: blocks) }
+    }
+
+    private func unmapWithReserveLocked(_ state: VolumeState, blocks: Range<UInt64>) throws(PoolError) {
         var mapped = state.record.mappedBlocks
         var root = state.record.mappingRoot
         defer {

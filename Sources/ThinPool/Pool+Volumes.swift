@@ -65,7 +65,6 @@ extension Pool {
     /// ephemeral volumes, which do not outlive a crash anyway (the next server deletes
     /// what is left), so a CI host starting forty builds pays no forty commits.
     func finishManagement(commit: Bool = true) throws(PoolError) {
-        store.mayUseReserve = false
         if commit { try commitLocked() }
     }
 
@@ -182,10 +181,11 @@ extension Pool {
             guard snapshot.record.kind == .snapshot, snapshot.record.ownerID == volume.record.id else {
                 throw .invalidArgument("\(snapshotName) is not a snapshot of volume \(volumeName)")
             }
-            store.mayUseReserve = true
-            try mapErrors {
-                try mappings.retain(snapshot.record.mappingRoot)
-                try mappings.release(volume.record.mappingRoot)
+            try store.usingReserve { () throws(PoolError) in
+                try mapErrors {
+                    try mappings.retain(snapshot.record.mappingRoot)
+                    try mappings.release(volume.record.mappingRoot)
+                }
             }
             volume.record.mappingRoot = snapshot.record.mappingRoot
             volume.record.mappedBlocks = snapshot.record.mappedBlocks
@@ -202,13 +202,14 @@ extension Pool {
         try withVolumeExclusive(Substring(name)) { () throws(PoolError) in
             let victim = try state(named: name)
             let id = victim.record.id
-            store.mayUseReserve = true
-            try mapErrors {
-                try mappings.release(victim.record.mappingRoot)
-                if victim.recordBlock != 0 {
-                    let (root, removed) = try volumeTable.remove(volumeTableRoot, id)
-                    volumeTableRoot = root
-                    if let removed { try store.decRef(removed, .volumeRecord) }
+            try store.usingReserve { () throws(PoolError) in
+                try mapErrors {
+                    try mappings.release(victim.record.mappingRoot)
+                    if victim.recordBlock != 0 {
+                        let (root, removed) = try volumeTable.remove(volumeTableRoot, id)
+                        volumeTableRoot = root
+                        if let removed { try store.decRef(removed, .volumeRecord) }
+                    }
                 }
             }
             volumes[id] = nil
@@ -272,13 +273,14 @@ extension Pool {
             guard volume.record.kind == .volume else { throw .readOnly("snapshot \(name)") }
             try checkVolumeSize(newSize)
             if newSize < volume.record.virtualSize {
-                store.mayUseReserve = true
-                let tail = newSize % blockSize
-                if tail != 0 {
-                    try zeroLocked(volume, from: newSize, count: blockSize - tail, unmapWholeBlocks: true)
+                try store.usingReserve { () throws(PoolError) in
+                    let tail = newSize % blockSize
+                    if tail != 0 {
+                        try zeroLocked(volume, from: newSize, count: blockSize - tail, unmapWholeBlocks: true)
+                    }
+                    let firstGone = (newSize + blockSize - 1) / blockSize
+                    try unmapLocked(volume, blocks: firstGone..<UInt64.max)
                 }
-                let firstGone = (newSize + blockSize - 1) / blockSize
-                try unmapLocked(volume, blocks: firstGone..<UInt64.max)
             }
             volume.record.virtualSize = newSize
             volume.dirty = true

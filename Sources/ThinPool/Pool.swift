@@ -201,7 +201,7 @@ public final class Pool: @unchecked Sendable {
 
     /// Reads both slots and returns the newest valid superblock.
     static func readSuperblock(device: BlockDevice, path: String) throws(PoolError) -> Superblock {
-        let size = device.size
+        let size = try ThinPool.mapErrors { try device.size }
         guard size >= 2 * UInt64(MetadataLayout.blockSize) else {
             throw .notAPool(path: path, reason: "file is only \(size) bytes")
         }
@@ -293,7 +293,7 @@ public final class Pool: @unchecked Sendable {
         // A grow (or autogrow) that never committed left the file longer than the pool
         // says; its tail may hold writes of that transaction. Cut it off, so a later
         // grow starts from zeros.
-        if device.size > superblock.fileSize {
+        if try mapErrors({ try device.size }) > superblock.fileSize {
             try mapErrors { try device.setSize(superblock.fileSize) }
         }
         let mark = spaceMap.highWater
@@ -330,16 +330,17 @@ public final class Pool: @unchecked Sendable {
                 && (store.hasUncommittedChanges || volumes.values.contains { $0.dirty } || superblock.dataBlocks != spaceMap.dataBlocks)
         }
         guard pending else { return }
-        try mapErrors { try device.barrier() }
+        try failingOnCommitError { () throws(PoolError) in try mapErrors { try device.barrier() } }
         try commit()
     }
 
     /// Writes volume records and the space map index into metadata blocks (no I/O).
     func prepareCommitLocked() throws(PoolError) {
         // A commit must always be possible, so it may use the metadata reserve.
-        let previous = store.mayUseReserve
-        store.mayUseReserve = true
-        defer { store.mayUseReserve = previous }
+        try store.usingReserve { () throws(PoolError) in try prepareCommitWithReserveLocked() }
+    }
+
+    private func prepareCommitWithReserveLocked() throws(PoolError) {
         try mapErrors {
             for state in volumes.values where state.dirty {
                 let block: MetadataBlock
@@ -366,8 +367,12 @@ public final class Pool: @unchecked Sendable {
             // Damage found: nothing more is committed (it would spread), and a FLUSH
             // that cannot make data durable must not report success.
             flagNeedsCheckLocked()
-            throw .failed(failure.reason)
+            throw .failed(failure)
         }
+        try failingOnCommitError { () throws(PoolError) in try writeCommitLocked() }
+    }
+
+    private func writeCommitLocked() throws(PoolError) {
         try prepareCommitLocked()
         guard store.hasUncommittedChanges || superblock.dataBlocks != spaceMap.dataBlocks else {
             // Only in-place data writes since the last commit: they need the barrier
@@ -481,7 +486,7 @@ public final class Pool: @unchecked Sendable {
                 metadataTotalBytes: space.metadataTotalBytes,
                 metadataUsedBytes: space.metadataUsedBytes,
                 metadataFreeBytes: space.metadataFreeBytes,
-                fileBytes: device.size, allocatedFileBytes: device.allocatedBytes,
+                fileBytes: (try? device.size) ?? superblock.fileSize, allocatedFileBytes: device.allocatedBytes,
                 volumes: volumes.values.map { describe($0) }.sorted { $0.name < $1.name },
                 failure: failure, needsCheck: superblock.needsCheck)
         }

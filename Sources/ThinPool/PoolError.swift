@@ -23,7 +23,7 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     case closed
     /// Damage was found while the pool was open: it serves reads and commits nothing
     /// more (fail mode) until it is closed and repaired.
-    case failed(String)
+    case failed(PoolFailure)
     /// The pool was flagged for a check when damage was found; a read-write open needs
     /// `check --repair` first, or `force`.
     case needsCheck(path: String, reason: String)
@@ -54,8 +54,10 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
         case .noMetadataSpace: "pool is out of metadata space"
         case .io(let error): "I/O error: \(error)"
         case .closed: "pool is closed"
-        case .failed(let why):
-            "pool is in fail mode after finding damage (\(why)): it serves reads only; stop it and run thinbd check --repair"
+        case .failed(let failure) where failure.kind == .damage:
+            "pool is in fail mode after finding damage (\(failure.reason)): it serves reads only; stop it and run thinbd check --repair"
+        case .failed(let failure):
+            "pool is in fail mode (\(failure.reason)): it serves reads only and commits nothing more; reopen it to serve its last commit"
         case .needsCheck(let path, let reason):
             "pool \(path) needs a check: \(reason); run thinbd check --repair \(path) (or open it with --force)"
         }

@@ -27,6 +27,8 @@ final class ServeMetrics: @unchecked Sendable {
     private let autogrows = Counter(label: "thinbd_pool_autogrow_total")
     /// 1 once damage put the pool in fail mode (reads only, no commits).
     private let damaged = Gauge(label: "thinbd_pool_damaged")
+    /// 1 in fail mode for any reason (damage, or a commit that failed).
+    private let failed = Gauge(label: "thinbd_pool_failed")
     private var reported = PoolStatistics()
 
     init(pool: Pool) {
@@ -62,7 +64,9 @@ final class ServeMetrics: @unchecked Sendable {
         metadataUsedBytes.record(space.metadataUsedBytes)
         metadataTotalBytes.record(space.metadataTotalBytes)
         volumes.record(space.volumes)
-        damaged.record(pool.failure == nil ? 0 : 1)
+        let failure = pool.failure
+        damaged.record(failure?.kind == .damage ? 1 : 0)
+        failed.record(failure == nil ? 0 : 1)
         lock.withLock {
             // Read under the lock: a sample racing another must not see counts go back.
             let now = pool.statistics

@@ -114,7 +114,12 @@ public enum ServeRunner {
         }
         // Once, on whichever thread met the damage (it may be a loop: the log is queued).
         pool.onFailure { failure in
-            log("pool damaged, serving reads only and committing nothing more: \(failure.reason); stop the server and run thinbd check --repair \(options.poolPath)")
+            switch failure.kind {
+            case .damage:
+                log("pool damaged, serving reads only and committing nothing more: \(failure.reason); stop the server and run thinbd check --repair \(options.poolPath)")
+            case .commitFailed:
+                log("\(failure.reason); serving reads only and committing nothing more (what that commit held may be lost); restart the server to serve the last commit")
+            }
         }
         if pool.needsCheck {
             log("warning: \(options.poolPath) is flagged for a check (a server found damage in it); run thinbd check --repair")

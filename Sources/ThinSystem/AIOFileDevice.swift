@@ -81,7 +81,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
 
     public var engineName: String { "libaio+O_DIRECT" }
 
-    public var size: UInt64 { (try? Syscall.fileSize(fd)) ?? 0 }
+    public var size: UInt64 { get throws { try Syscall.fileSize(fd) } }
 
     /// What one finished iocb says: nil, or the error its result code (a negative errno,
     /// or fewer bytes than asked) stands for.

@@ -24,8 +24,9 @@ public struct IORequest {
 public protocol BlockDevice: AnyObject, Sendable {
     /// A short name for logs and `info`: "libaio+O_DIRECT", "pread/pwrite", "memory".
     var engineName: String { get }
-    /// The backing store's size in bytes.
-    var size: UInt64 { get }
+    /// The backing store's size in bytes; an error when it cannot be had (fstat failed),
+    /// never a made-up 0.
+    var size: UInt64 { get throws }
     /// Runs a batch of requests; cost: one submission for the whole batch where the engine allows.
     func perform(_ requests: [IORequest]) throws
     /// Makes every completed write durable (fdatasync).

@@ -82,7 +82,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     public var engineName: String { "pread/pwrite" }
 
-    public var size: UInt64 { (try? Syscall.fileSize(fd)) ?? 0 }
+    public var size: UInt64 { get throws { try Syscall.fileSize(fd) } }
 
     public func perform(_ requests: [IORequest]) throws {
         NonBlockingThread.assertMayBlock("synchronous device I/O")

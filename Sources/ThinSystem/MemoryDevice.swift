@@ -22,6 +22,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
 
     private var failReadsRemaining = 0
     private var failWritesRemaining = 0
+    private var failBarriersRemaining = 0
     private var injectedCode = SystemError.Code.io
     private var dropWritesAfter: Int?
     private var cutPowerAtWrite: Int?
@@ -81,6 +82,12 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     /// The next `count` writes fail with `code`.
     public func failWrites(_ count: Int, with code: SystemError.Code = .io) {
         lock.withLock { failWritesRemaining = count; injectedCode = code }
+    }
+
+    /// The next `count` barriers fail with `code`, and sync nothing: as a failed
+    /// fdatasync, after which the writes it was to sync may be gone.
+    public func failBarriers(_ count: Int, with code: SystemError.Code = .io) {
+        lock.withLock { failBarriersRemaining = count; injectedCode = code }
     }
 
     /// Every write after the `n`-th (counting from now) is acknowledged and silently lost.
@@ -230,6 +237,10 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         }
         try lock.withLock { () throws(SystemError) in
             if powerIsCut { throw SystemError(.io, "device lost power") }
+            if failBarriersRemaining > 0 {
+                failBarriersRemaining -= 1
+                throw SystemError(injectedCode, "injected barrier failure")
+            }
             barrierCount += 1
             if let cut = cutPowerAtBarrier, barrierCount >= cut {
                 powerIsCut = true

@@ -53,7 +53,7 @@ enum Syscall {
     static func fileSize(_ fd: Int32) throws(SystemError) -> UInt64 {
         var st = stat()
         _ = try retrying("fstat") { Glibc.fstat(fd, &st) }
-        return UInt64(st.st_size)
+        return UInt64(clamping: st.st_size)
     }
 
     /// Bytes actually allocated on the host file system (for sparse files).

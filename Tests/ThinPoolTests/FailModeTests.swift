@@ -114,4 +114,52 @@ func poolWithDamageableLeaf() throws -> (device: MemoryDevice, leaf: UInt64) {
         #expect(throws: PoolError.self) { try pool.write("y", at: 0, [1]) }
         try pool.close()
     }
+
+    /// The old bug: a snapshot whose commit failed was still in memory, and the next
+    /// commit (auto-commit, FLUSH, close) made it durable although it had been reported
+    /// as failed. Now the failed commit puts the pool in fail mode: nothing more is
+    /// committed, and the pool reopens in its last commit.
+    @Test(arguments: [SystemError.Code.io, .noSpace])
+    func failedCommitNeverBecomesDurableLater(code: SystemError.Code) throws {
+        let (pool, device) = try makeMemoryPool()
+        try pool.createVolume("v", size: 1 << 20)
+        try pool.write("v", at: 0, [1, 2, 3])
+        try pool.commit()
+        device.failWrites(1, with: code)
+        #expect(throws: PoolError.self) { try pool.snapshot("v@s") }
+        #expect(pool.failure?.kind == .commitFailed)
+        // The device works again; nothing may commit the snapshot now.
+        #expect {
+            try pool.flush()
+        } throws: { error in
+            guard case .failed = error as? PoolError else { return false }
+            return true
+        }
+        #expect(throws: PoolError.self) { try pool.write("v", at: 0, [9]) }
+        try pool.commitInBackground()
+        #expect(try pool.read("v", at: 0, count: 3) == [1, 2, 3], "reads go on")
+        try pool.close()
+        let reopened = try Pool.open(device: device)
+        #expect((try? reopened.volumeInfo("v@s")) == nil, "the failed snapshot became durable")
+        #expect(!reopened.needsCheck, "a failed commit is not damage: no check needed")
+        #expect(try reopened.read("v", at: 0, count: 3) == [1, 2, 3])
+        #expect(reopened.checkProblems() == nil)
+        try reopened.write("v", at: 0, [4])
+        try reopened.close()
+    }
+
+    /// A failed barrier (fdatasync) may have dropped the data it was to sync: the FLUSH
+    /// that asked for it fails, and so does every later one.
+    @Test func failedBarrierFailsThisAndEveryLaterFlush() throws {
+        let (pool, device) = try makeMemoryPool()
+        try pool.createVolume("v", size: 1 << 20)
+        try pool.write("v", at: 0, [1])
+        try pool.commit()
+        try pool.write("v", at: 0, [2])  // in place: the flush is a barrier alone
+        device.failBarriers(1)
+        #expect(throws: PoolError.self) { try pool.flush() }
+        #expect(throws: PoolError.self) { try pool.flush() }
+        #expect(pool.failure?.kind == .commitFailed)
+        try pool.close()
+    }
 }
