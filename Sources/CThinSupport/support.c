@@ -12,6 +12,10 @@ int thinbd_punch_hole(int fd, long long offset, long long length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
 
+int thinbd_allocate(int fd, long long offset, long long length) {
+    return fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+
 int thinbd_eventfd(void) { return eventfd(0, EFD_CLOEXEC); }
 
 int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock) {

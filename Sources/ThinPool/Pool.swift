@@ -149,6 +149,14 @@ public final class Pool: @unchecked Sendable {
         let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
         try ThinPool.mapErrors {
             try device.setSize(superblock.fileSize)
+            // The metadata region takes its host storage now (about 0.4% of the data
+            // size): a host file system that fills up later then fails data writes with
+            // ENOSPC, never a commit, and the pool serves again once space is freed.
+            do {
+                _ = try device.preallocate(at: 0, length: metadataEnd)
+            } catch let error as SystemError where error.code == .noSpace {
+                throw SystemError(.noSpace, "no room on the host file system for the pool's \(metadataEnd >> 20) MiB of metadata")
+            }
             // Slot 0 stays empty until the first commit; a zeroed slot never validates.
             try device.write(UnsafeRawBufferPointer(buffer.bytes), at: 0)
             superblock.encode(into: buffer.bytes)
@@ -290,6 +298,9 @@ public final class Pool: @unchecked Sendable {
     /// file system cannot punch holes, the optimisation is switched off instead.
     private func forgetUncommittedData() throws(PoolError) {
         guard !isReadOnly else { return }
+        // Pools made before the metadata region was preallocated get it now (best effort:
+        // a full host file system still opens the pool).
+        _ = try? device.preallocate(at: 0, length: dataOffset)
         // A grow (or autogrow) that never committed left the file longer than the pool
         // says; its tail may hold writes of that transaction. Cut it off, so a later
         // grow starts from zeros.

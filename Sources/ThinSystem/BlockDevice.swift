@@ -33,6 +33,10 @@ public protocol BlockDevice: AnyObject, Sendable {
     func barrier() throws
     /// Grows or shrinks the backing store.
     func setSize(_ newSize: UInt64) throws
+    /// Makes the host hold storage for the byte range now, so later writes there cannot
+    /// fail for want of space (the pool's metadata region). Returns false when the
+    /// backing store cannot; throws when it has no room (ENOSPC). Contents unchanged.
+    func preallocate(at offset: UInt64, length: UInt64) throws -> Bool
     /// Best effort: releases the byte range's storage; reads of it then return zeros.
     /// Returns false when the backing store cannot do that.
     func discard(at offset: UInt64, length: UInt64) -> Bool

@@ -122,6 +122,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         Syscall.punchHole(fd, offset, length)
     }
 
+    public func preallocate(at offset: UInt64, length: UInt64) throws -> Bool {
+        try Syscall.allocate(fd, offset, length)
+    }
+
     public var allocatedBytes: UInt64? { try? Syscall.allocatedBytes(fd) }
 
     public func close() {

@@ -263,6 +263,9 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// Memory is always there.
+    public func preallocate(at offset: UInt64, length: UInt64) throws -> Bool { true }
+
     public func discard(at offset: UInt64, length: UInt64) -> Bool {
         // Zeroing is a write like any other as far as crash simulation goes.
         lock.withLock {

@@ -67,6 +67,18 @@ enum Syscall {
         _ = try retrying("ftruncate") { Glibc.ftruncate(fd, off_t(size)) }
     }
 
+    /// Allocates host storage for the byte range (fallocate, size unchanged). Returns
+    /// false when the file system cannot (EOPNOTSUPP); ENOSPC and other errors throw.
+    static func allocate(_ fd: Int32, _ offset: UInt64, _ length: UInt64) throws(SystemError) -> Bool {
+        while true {
+            if thinbd_allocate(fd, Int64(offset), Int64(length)) == 0 { return true }
+            let code = errno
+            if code == EINTR { continue }
+            if code == EOPNOTSUPP { return false }
+            throw SystemError(SystemError.Code(rawValue: code), "fallocate")
+        }
+    }
+
     /// Returns false when the file system cannot punch holes.
     static func punchHole(_ fd: Int32, _ offset: UInt64, _ length: UInt64) -> Bool {
         while true {

@@ -55,8 +55,9 @@ final class ServedPool {
     private let errBytes = LockedBytes()
     private var errReader: Thread?
 
-    init(size: String = "2G", blockSize: String = "64K") throws {
-        pool = directory.path + "/pool"
+    /// `poolPath`: where the pool file goes (default: in the fixture's own directory).
+    init(size: String = "2G", blockSize: String = "64K", poolPath: String? = nil) throws {
+        pool = poolPath ?? directory.path + "/pool"
         socket = directory.path + "/nbd.sock"
         let created = try CLI.run(["create", pool, "--size", size, "--block-size", blockSize])
         guard created.status == 0 else { throw FixtureError("create failed: \(created.stderr)") }

@@ -9,6 +9,8 @@ int thinbd_o_direct(void);
 
 /// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); returns 0 or -1 with errno set.
 int thinbd_punch_hole(int fd, long long offset, long long length);
+/* fallocate without changing the size: host storage for the range, now. */
+int thinbd_allocate(int fd, long long offset, long long length);
 #include <pthread.h>
 
 /// Initializes a read-write lock that prefers writers (waiting writers block new readers).
