@@ -119,3 +119,18 @@ if ProcessInfo.processInfo.environment["THINBD_BENCHMARKS"] != nil {
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ))
 }
+
+// The coverage-guided fuzzer (tools/fuzz, libFuzzer): only when asked for, with
+// `-sanitize=fuzzer` from the command line, so the regular build never compiles it:
+//   THINBD_FUZZ=1 swift build -c release --product thinbd-fuzz -Xswiftc -sanitize=fuzzer
+//   (or tools/fuzz-libfuzzer.sh)
+if ProcessInfo.processInfo.environment["THINBD_FUZZ"] != nil {
+    package.targets.append(
+        .executableTarget(
+            name: "thinbd-fuzz",
+            dependencies: ["ThinFormat", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            path: "tools/fuzz",
+            // libFuzzer brings main(); the entry point is LLVMFuzzerTestOneInput.
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]
+        ))
+}

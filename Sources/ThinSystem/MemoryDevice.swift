@@ -23,6 +23,8 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     private var failReadsRemaining = 0
     private var failWritesRemaining = 0
     private var failBarriersRemaining = 0
+    private var failWriteNumber: Int?
+    private var failBarrierNumber: Int?
     private var injectedCode = SystemError.Code.io
     private var dropWritesAfter: Int?
     private var cutPowerAtWrite: Int?
@@ -88,6 +90,16 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     /// fdatasync, after which the writes it was to sync may be gone.
     public func failBarriers(_ count: Int, with code: SystemError.Code = .io) {
         lock.withLock { failBarriersRemaining = count; injectedCode = code }
+    }
+
+    /// Only the `n`-th write from now fails (EIO); the device works before and after.
+    public func failWrite(number n: Int) {
+        lock.withLock { failWriteNumber = writeCount + n }
+    }
+
+    /// Only the `n`-th barrier from now fails (EIO) and syncs nothing.
+    public func failBarrier(number n: Int) {
+        lock.withLock { failBarrierNumber = barrierCount + n }
     }
 
     /// Every write after the `n`-th (counting from now) is acknowledged and silently lost.
@@ -202,6 +214,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                         failWritesRemaining -= 1
                         throw SystemError(injectedCode, "injected write fault")
                     }
+                    if writeCount == failWriteNumber { throw SystemError(.io, "injected write fault") }
                     guard request.offset + UInt64(request.buffer.count) <= currentSize else {
                         throw SystemError(.noSpace, "write past end of device")
                     }
@@ -242,6 +255,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                 throw SystemError(injectedCode, "injected barrier failure")
             }
             barrierCount += 1
+            if barrierCount == failBarrierNumber { throw SystemError(.io, "injected barrier failure") }
             if let cut = cutPowerAtBarrier, barrierCount >= cut {
                 powerIsCut = true
                 throw SystemError(.io, "device lost power")

@@ -257,3 +257,68 @@ struct CrashWorkload {
         }
     }
 }
+
+/// A failing device under the crash workload's random operations: the Nth write, or the
+/// Nth barrier, fails once (EIO) and the device works again afterwards. The operation
+/// that met it fails; the pool written so far then opens in exactly its last commit (or
+/// the commit in flight, when its superblock landed before a later barrier failed), with
+/// only acknowledged or failed-and-retried writes on top of it in blocks written since,
+/// and `check` is clean.
+@Suite struct FaultInjectionTests {
+    static let steps = 100
+
+    func runUntilFailure(_ run: inout CrashWorkload) -> Bool {
+        for _ in 0..<Self.steps {
+            do {
+                try run.runStep()
+            } catch {
+                return true
+            }
+        }
+        return false
+    }
+
+    @Test func everyFailedWriteLeavesTheLastCommit() throws {
+        let seed: UInt64 = 44
+        var dry = try CrashWorkload(seed: seed, cutAtWrite: nil)
+        let baseline = dry.device.writeCount
+        for _ in 0..<Self.steps { try dry.runStep() }
+        let totalWrites = dry.device.writeCount - baseline
+        var failures: [String] = []
+        var hits = 0
+        for n in stride(from: 1, through: totalWrites, by: max(1, totalWrites / 300)) {
+            var run = try CrashWorkload(seed: seed, cutAtWrite: nil)
+            run.device.failWrite(number: n)
+            if runUntilFailure(&run) { hits += 1 }
+            run.pool.abandon()
+            if let failure = try run.verifyAfterCrash(seed: UInt64(n), keepVolatile: 1.0) {
+                failures.append("write \(n) failed: \(failure)")
+            }
+        }
+        #expect(hits > 200, "only \(hits) injected failures were met")
+        #expect(failures.isEmpty, "\(failures.prefix(5).joined(separator: "\n"))")
+    }
+
+    @Test func everyFailedBarrierLeavesTheLastCommitAndStopsCommits() throws {
+        let seed: UInt64 = 45
+        var dry = try CrashWorkload(seed: seed, cutAtWrite: nil)
+        let baseline = dry.device.barrierCount
+        for _ in 0..<Self.steps { try dry.runStep() }
+        let barriers = dry.device.barrierCount - baseline
+        #expect(barriers > 30)
+        var failures: [String] = []
+        for n in 1...barriers {
+            var run = try CrashWorkload(seed: seed, cutAtWrite: nil)
+            run.device.failBarrier(number: n)
+            #expect(runUntilFailure(&run), "barrier \(n) was never met")
+            // A failed barrier may have lost what it was to sync: nothing commits now.
+            #expect(run.pool.failure?.kind == .commitFailed, "barrier \(n): \(String(describing: run.pool.failure))")
+            #expect(throws: PoolError.self) { try run.pool.commit() }
+            run.pool.abandon()
+            if let failure = try run.verifyAfterCrash(seed: UInt64(n), keepVolatile: 1.0) {
+                failures.append("barrier \(n) failed: \(failure)")
+            }
+        }
+        #expect(failures.isEmpty, "\(failures.prefix(5).joined(separator: "\n"))")
+    }
+}
