@@ -258,39 +258,66 @@ public final class Pool: @unchecked Sendable {
         } catch {
             throw PoolError(error)
         }
-        try ThinPool.mapErrors { try loadVolumes() }
+        let damage = try ThinPool.mapErrors { try loadVolumes() }
         store.finishScan()
+        // Damage in one volume's record or tree does not keep the others from being
+        // read: the pool opens in fail mode (nothing changes, nothing commits; the
+        // metadata counts of a damaged tree are incomplete, and nothing allocates).
+        if let first = damage.first {
+            enterFailMode(damage.count == 1 ? first : "\(first) (and \(damage.count - 1) more)")
+        }
     }
 
     /// Reads every volume record and counts references to the trees' interior nodes.
-    private func loadVolumes() throws {
+    /// Returns the damage found in single volumes: a record that fails its checks (the
+    /// volume is left out) or a mapping tree whose interior fails them (the volume stays;
+    /// reads of the damaged ranges fail). Damage in the volume table itself throws.
+    private func loadVolumes() throws -> [String] {
         let table = volumeTable
         let mappingTree = mappings
         var records: [(UInt64, VolumeRecord)] = []
+        var damage: [String] = []
+        func isDamage(_ error: MetadataError) -> Bool {
+            switch error {
+            case .corruptBlock, .pointerOutOfRange, .refcountInvariant: true
+            default: false
+            }
+        }
         try table.scanReferences(volumeTableRoot, readLeaves: true) { (recordBlock: UInt64) throws(MetadataError) in
-            guard try store.scanReference(recordBlock, type: .volumeRecord) == 1 else {
-                throw .corruptBlock(recordBlock, .volumeRecord, "referenced twice from the volume table")
+            do throws(MetadataError) {
+                guard try store.scanReference(recordBlock, type: .volumeRecord) == 1 else {
+                    throw .corruptBlock(recordBlock, .volumeRecord, "referenced twice from the volume table")
+                }
+                let block = try store.read(recordBlock, .volumeRecord)
+                let record: VolumeRecord
+                do {
+                    record = try VolumeRecord.decode(block.bytes)
+                } catch {
+                    throw .corruptBlock(recordBlock, .volumeRecord, "\(error)")
+                }
+                if let problem = record.problem(blockSize: blockSize, nextVolumeID: superblock.nextVolumeID) {
+                    throw .corruptBlock(recordBlock, .volumeRecord, problem)
+                }
+                records.append((recordBlock, record))
+            } catch where isDamage(error) {
+                damage.append(error.description)
+                return
             }
-            let block = try store.read(recordBlock, .volumeRecord)
-            let record: VolumeRecord
-            do {
-                record = try VolumeRecord.decode(block.bytes)
-            } catch {
-                throw .corruptBlock(recordBlock, .volumeRecord, "\(error)")
+            do throws(MetadataError) {
+                try mappingTree.scanReferences(records[records.count - 1].1.mappingRoot, readLeaves: false)
+            } catch where isDamage(error) {
+                damage.append("\(records[records.count - 1].1.name): \(error)")
             }
-            if let problem = record.problem(blockSize: blockSize, nextVolumeID: superblock.nextVolumeID) {
-                throw .corruptBlock(recordBlock, .volumeRecord, problem)
-            }
-            records.append((recordBlock, record))
-            try mappingTree.scanReferences(record.mappingRoot, readLeaves: false)
         }
         for (recordBlock, record) in records {
             guard volumes[record.id] == nil, names[record.name] == nil else {
-                throw MetadataError.corruptBlock(recordBlock, .volumeRecord, "duplicate volume id or name '\(record.name)'")
+                damage.append(MetadataError.corruptBlock(recordBlock, .volumeRecord, "duplicate volume id or name '\(record.name)'").description)
+                continue
             }
             volumes[record.id] = VolumeState(record: record, recordBlock: recordBlock, dirty: false)
             names[record.name] = record.id
         }
+        return damage
     }
 
     /// Data above the committed high-water mark may hold writes of a transaction that

@@ -162,4 +162,40 @@ func poolWithDamageableLeaf() throws -> (device: MemoryDevice, leaf: UInt64) {
         #expect(pool.failure?.kind == .commitFailed)
         try pool.close()
     }
+
+    /// Damage the open-time walk meets (an interior node of one volume's tree) leaves the
+    /// pool openable: the other volume and the undamaged ranges read, in fail mode.
+    @Test(arguments: [false, true])
+    func damagedInteriorNodeOpensInFailModeAndServesTheRest(readOnly: Bool) throws {
+        let (pool, device) = try makeMemoryPool(dataSize: 8 << 20)
+        try pool.createVolume("y", size: 1 << 20)
+        try pool.write("y", at: 0, pattern(64 << 10, seed: 1))
+        try pool.commit()
+        let before = Set(pool.metadataBlocksInUse())
+        try pool.createVolume("x", size: 4 << 20)
+        // 600 mapped blocks: more than one leaf, so x's root is an interior node.
+        for i in 0..<600 { try pool.write("x", at: UInt64(i) * 4096, [UInt8(i % 250 + 1)]) }
+        try pool.close()
+        let reopened = try Pool.open(device: device)
+        let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
+        try reopened.close()
+        let roots = added.filter { block in
+            field(of: device, block: block, offset: 8, width: 2) == UInt64(BlockType.mappingNode.rawValue)
+                && field(of: device, block: block, offset: 10, width: 2) == 1
+        }
+        let root = try #require(roots.count == 1 ? roots.first : nil, "x's interior nodes: \(roots)")
+        let firstChildKeyOfSecond = field(of: device, block: root, offset: 32 + 8, width: 8)
+        rewriteField(of: device, block: root, offset: 32 + 8 * NodeView.capacity + 8, width: 8) { _ in 1 << 40 }
+
+        let damaged = try Pool.open(device: device, readOnly: readOnly)
+        let failure = try #require(damaged.failure, "open found the damage but did not enter fail mode")
+        #expect(failure.reason.contains("x:"), "\(failure.reason)")
+        #expect(damaged.info().state == "failed")
+        #expect(try damaged.read("y", at: 0, count: 64 << 10) == pattern(64 << 10, seed: 1))
+        #expect(try damaged.read("x", at: 0, count: 1) == [1])
+        #expect(throws: PoolError.self) { try damaged.read("x", at: firstChildKeyOfSecond * 4096, count: 1) }
+        #expect(!damaged.check().damage.isEmpty)
+        #expect(throws: PoolError.self) { try damaged.write("y", at: 0, [1]) }
+        try damaged.close()
+    }
 }
