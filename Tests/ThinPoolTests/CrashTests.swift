@@ -114,6 +114,15 @@ struct CrashWorkload {
         }
     }
 
+    /// How many device writes and barriers `steps` operations of this seed make, run
+    /// once without faults (the points the fault and power-cut tests aim at).
+    static func dryRun(seed: UInt64, steps: Int) throws -> (writes: Int, barriers: Int) {
+        var dry = try CrashWorkload(seed: seed, cutAtWrite: nil)
+        let (writes, barriers) = (dry.device.writeCount, dry.device.barrierCount)
+        for _ in 0..<steps { try dry.runStep() }
+        return (dry.device.writeCount - writes, dry.device.barrierCount - barriers)
+    }
+
     /// Reopens the crashed image and checks it against the model.
     func verifyAfterCrash(seed: UInt64, keepVolatile: Double) throws -> String? {
         let image = device.imageAfterCrash(seed: seed, keepVolatile: keepVolatile)
@@ -165,10 +174,7 @@ struct CrashWorkload {
     /// exactly the committed data.
     @Test func powerCutAtManyPointsKeepsCommittedData() throws {
         let seed: UInt64 = 42
-        var dry = try CrashWorkload(seed: seed, cutAtWrite: nil)
-        let baseline = dry.device.writeCount
-        for _ in 0..<Self.steps { try dry.runStep() }
-        let totalWrites = dry.device.writeCount - baseline
+        let totalWrites = try CrashWorkload.dryRun(seed: seed, steps: Self.steps).writes
         #expect(totalWrites > 240)
 
         var failures: [String] = []
@@ -197,10 +203,7 @@ struct CrashWorkload {
     /// and the superblock, and between the superblock and its barrier.
     @Test func powerCutAtEveryBarrierKeepsCommittedData() throws {
         let seed: UInt64 = 43
-        var dry = try CrashWorkload(seed: seed, cutAtWrite: nil)
-        let baseline = dry.device.barrierCount
-        for _ in 0..<Self.steps { try dry.runStep() }
-        let barriers = dry.device.barrierCount - baseline
+        let barriers = try CrashWorkload.dryRun(seed: seed, steps: Self.steps).barriers
         #expect(barriers > 30)
         var failures: [String] = []
         for cut in 1...barriers {
@@ -280,10 +283,7 @@ struct CrashWorkload {
 
     @Test func everyFailedWriteLeavesTheLastCommit() throws {
         let seed: UInt64 = 44
-        var dry = try CrashWorkload(seed: seed, cutAtWrite: nil)
-        let baseline = dry.device.writeCount
-        for _ in 0..<Self.steps { try dry.runStep() }
-        let totalWrites = dry.device.writeCount - baseline
+        let totalWrites = try CrashWorkload.dryRun(seed: seed, steps: Self.steps).writes
         var failures: [String] = []
         var hits = 0
         for n in stride(from: 1, through: totalWrites, by: max(1, totalWrites / 300)) {
@@ -301,10 +301,7 @@ struct CrashWorkload {
 
     @Test func everyFailedBarrierLeavesTheLastCommitAndStopsCommits() throws {
         let seed: UInt64 = 45
-        var dry = try CrashWorkload(seed: seed, cutAtWrite: nil)
-        let baseline = dry.device.barrierCount
-        for _ in 0..<Self.steps { try dry.runStep() }
-        let barriers = dry.device.barrierCount - baseline
+        let barriers = try CrashWorkload.dryRun(seed: seed, steps: Self.steps).barriers
         #expect(barriers > 30)
         var failures: [String] = []
         for n in 1...barriers {

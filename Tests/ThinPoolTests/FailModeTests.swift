@@ -17,12 +17,17 @@ func poolWithDamageableLeaf() throws -> (device: MemoryDevice, leaf: UInt64) {
     let reopened = try Pool.open(device: device)
     let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
     try reopened.close()
-    let leaves = added.filter { block in
-        field(of: device, block: block, offset: 8, width: 2) == UInt64(BlockType.mappingNode.rawValue)
-            && field(of: device, block: block, offset: 10, width: 2) == 0
-    }
+    let leaves = mappingNodes(in: device, among: added, level: 0)
     #expect(leaves.count == 1, "x's mapping leaves: \(leaves)")
     return (device, try #require(leaves.first))
+}
+
+/// The mapping-tree nodes of a level among `blocks` (read from the device's pages).
+func mappingNodes(in device: MemoryDevice, among blocks: Set<UInt64>, level: UInt64) -> [UInt64] {
+    blocks.filter { block in
+        field(of: device, block: block, offset: 8, width: 2) == UInt64(BlockType.mappingNode.rawValue)
+            && field(of: device, block: block, offset: 10, width: 2) == level
+    }.sorted()
 }
 
 @Suite struct FailModeTests {
@@ -179,10 +184,7 @@ func poolWithDamageableLeaf() throws -> (device: MemoryDevice, leaf: UInt64) {
         let reopened = try Pool.open(device: device)
         let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
         try reopened.close()
-        let roots = added.filter { block in
-            field(of: device, block: block, offset: 8, width: 2) == UInt64(BlockType.mappingNode.rawValue)
-                && field(of: device, block: block, offset: 10, width: 2) == 1
-        }
+        let roots = mappingNodes(in: device, among: added, level: 1)
         let root = try #require(roots.count == 1 ? roots.first : nil, "x's interior nodes: \(roots)")
         let firstChildKeyOfSecond = field(of: device, block: root, offset: 32 + 8, width: 8)
         rewriteField(of: device, block: root, offset: 32 + 8 * NodeView.capacity + 8, width: 8) { _ in 1 << 40 }

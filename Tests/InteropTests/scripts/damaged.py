@@ -6,32 +6,16 @@
 #   EIO, the pool must then refuse writes and flushes, and info and the metrics must say
 #   so; reads keep working afterwards.
 import errno
-import json
-import socket
 import sys
 import urllib.request
 import nbd
+from checks import check, control as control_socket, failures, has_errno
 
 pool, sock = sys.argv[1:3]
-failures = []
 BLOCK = 64 << 10
 
 
-def check(ok, what):
-    if not ok:
-        failures.append(what)
 
-
-def control(request):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(pool + ".control")
-        s.sendall((json.dumps(request) + "\n").encode())
-        return json.loads(s.makefile().readline())
-
-
-def is_eio(error):
-    # libnbd reports errno as the symbolic name ("EIO") in some versions, a number in others.
-    return error.errno in (errno.EIO, "EIO")
 
 
 def connect(export):
@@ -50,13 +34,13 @@ good = connect("good")
 bad = connect("bad")
 read_good(good, "before")
 check(bad.pread(BLOCK, 0) == b"\x01" * BLOCK, "bad block 0 (undamaged) reads wrong data")
-check(control({"command": "info"})["result"]["state"] == "ok", "state before the damage is met")
+check(control_socket(pool, {"command": "info"})["result"]["state"] == "ok", "state before the damage is met")
 
 try:
     bad.pread(BLOCK, BLOCK)
     failures.append("reading the damaged block succeeded")
 except nbd.Error as error:
-    check(is_eio(error), f"damaged block: errno {error.errno}, not EIO")
+    check(has_errno(error, errno.EIO), f"damaged block: errno {error.errno}, not EIO")
 
 # The connection that met the damage still serves its undamaged range; the others too.
 check(bad.pread(BLOCK, 0) == b"\x01" * BLOCK, "bad block 0 after the damage")
@@ -74,16 +58,16 @@ for what, attempt in [
         attempt()
         failures.append(f"{what} succeeded in fail mode")
     except nbd.Error as error:
-        check(is_eio(error), f"{what}: errno {error.errno}, not EIO")
+        check(has_errno(error, errno.EIO), f"{what}: errno {error.errno}, not EIO")
 read_good(good, "after refused writes")
 
-info = control({"command": "info"})["result"]
+info = control_socket(pool, {"command": "info"})["result"]
 check(info["state"] == "failed", f"info state: {info.get('state')}")
 check("corrupt block" in (info.get("failure") or ""), f"info failure: {info.get('failure')}")
-snapshot = control({"command": "snapshot", "name": "good@after"})
+snapshot = control_socket(pool, {"command": "snapshot", "name": "good@after"})
 check(not snapshot["ok"] and snapshot["error"]["code"] == "corrupt", f"snapshot in fail mode: {snapshot}")
 
-metrics_url = control({"command": "hello"})["result"]["metrics"]
+metrics_url = control_socket(pool, {"command": "hello"})["result"]["metrics"]
 with urllib.request.urlopen(metrics_url, timeout=10) as response:
     text = response.read().decode()
 check("thinbd_pool_damaged 1" in text, "metrics: " + "".join(line for line in text.splitlines() if "damaged" in line))

@@ -6,27 +6,15 @@
 #   before must read back, the pool must not be in fail mode, and after FILLER is removed
 #   (space freed) writes and flushes must work again, on the same server.
 import errno
-import json
 import os
-import socket
 import sys
 import nbd
+from checks import check, control as control_socket, failures, has_errno
 
 pool, sock, filler = sys.argv[1:4]
-failures = []
 MiB = 1 << 20
 
 
-def check(ok, what):
-    if not ok:
-        failures.append(what)
-
-
-def control(request):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(pool + ".control")
-        s.sendall((json.dumps(request) + "\n").encode())
-        return json.loads(s.makefile().readline())
 
 
 def chunk(i):
@@ -49,7 +37,7 @@ while written * MiB < size:
         break
 check(error is not None, f"the whole {size >> 20} MiB volume fit: the file system never filled")
 if error is not None:
-    check(error.errno in (errno.ENOSPC, "ENOSPC"), f"full file system: errno {error.errno} ({error}), not ENOSPC")
+    check(has_errno(error, errno.ENOSPC), f"full file system: errno {error.errno} ({error}), not ENOSPC")
 print(f"{written} MiB written before ENOSPC")
 check(written >= 4, f"only {written} MiB written before the file system was full")
 
@@ -57,7 +45,7 @@ for i in range(written):
     if h.pread(MiB, i * MiB) != chunk(i):
         failures.append(f"chunk {i} reads wrong data after ENOSPC")
         break
-info = control({"command": "info"})["result"]
+info = control_socket(pool, {"command": "info"})["result"]
 check(info.get("state") == "ok", f"a full host file system put the pool in state {info.get('state')}: {info.get('failure')}")
 
 os.remove(filler)
