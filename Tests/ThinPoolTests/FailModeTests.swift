@@ -200,4 +200,27 @@ func mappingNodes(in device: MemoryDevice, among blocks: Set<UInt64>, level: UIn
         #expect(throws: PoolError.self) { try damaged.write("y", at: 0, [1]) }
         try damaged.close()
     }
+
+    /// A record whose name holds a NUL byte (valid CRC): the volume is left out rather
+    /// than listed, printed or served under a name no rule allows.
+    @Test func recordWithAControlByteInItsNameIsLeftOut() throws {
+        let (pool, device) = try makeMemoryPool()
+        try pool.createVolume("good", size: 1 << 20)
+        try pool.commit()
+        let before = Set(pool.metadataBlocksInUse())
+        try pool.createVolume("bad", size: 1 << 20)
+        try pool.close()
+        let reopened = try Pool.open(device: device)
+        let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
+        try reopened.close()
+        let records = added.filter { field(of: device, block: $0, offset: 8, width: 2) == UInt64(BlockType.volumeRecord.rawValue) }
+        let record = try #require(records.count == 1 ? records.first : nil, "\(records)")
+        rewriteField(of: device, block: record, offset: 96 + 1, width: 1) { _ in 0 }  // "b\0d"
+
+        let damaged = try Pool.open(device: device, readOnly: true)
+        #expect(damaged.listVolumes().map(\.name) == ["good"])
+        #expect(damaged.failure?.reason.contains("control character") == true, "\(String(describing: damaged.failure))")
+        #expect(damaged.check().damage.contains { $0.contains("control character") })
+        try damaged.close()
+    }
 }
