@@ -128,7 +128,7 @@ if ProcessInfo.processInfo.environment["THINBD_FUZZ"] != nil {
     package.targets.append(
         .executableTarget(
             name: "thinbd-fuzz",
-            dependencies: ["ThinFormat", "NBDProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["ThinFormat", "NBDProtocol", "NBDServer", "ThinControl", .product(name: "NIOCore", package: "swift-nio")],
             path: "tools/fuzz",
             // libFuzzer brings main(); the entry point is LLVMFuzzerTestOneInput.
             swiftSettings: [.unsafeFlags(["-parse-as-library"])]

@@ -1,11 +1,14 @@
 // Coverage-guided fuzzing (libFuzzer, `swiftc -sanitize=fuzzer`) of everything that
 // decodes untrusted bytes without a pool around it: metadata block decoders and node
-// checks, the NBD server's parser and handshake state machine (fed whole and one byte at
-// a time), and the client handshake. The first input byte picks the target; the rest is
+// checks, the NBD server's parser, handshake state machine and request validation (fed
+// whole and one byte at a time), the client handshake, and the control socket's line
+// framer and request decoder. The first input byte picks the target; the rest is
 // its input. Built and run by tools/fuzz-libfuzzer.sh; only in the package when
 // THINBD_FUZZ is set, so the regular build never compiles it.
 import NBDProtocol
+import NBDServer
 import NIOCore
+import ThinControl
 import ThinFormat
 
 /// libFuzzer's driver, called from the executable's entry point: SwiftPM links
@@ -31,13 +34,14 @@ public func fuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePoi
 public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard size > 0 else { return 0 }
     let input = UnsafeBufferPointer(start: data + 1, count: size - 1)
-    switch data[0] % 6 {
+    switch data[0] % 7 {
     case 0: fuzzMetadataBlock(input, as: .mappingNode)
     case 1: fuzzMetadataBlock(input, as: .volumeRecord)
     case 2: fuzzSuperblock(input)
     case 3: fuzzServerSession(input, byteAtATime: false)
     case 4: fuzzServerSession(input, byteAtATime: true)
-    default: fuzzClientHandshake(input)
+    case 5: fuzzClientHandshake(input)
+    default: fuzzControlLines(input)
     }
     return 0
 }
@@ -107,6 +111,7 @@ func fuzzServerSession(_ input: UnsafeBufferPointer<UInt8>, byteAtATime: Bool) {
     var handshake = NBDHandshake()
     var buffer = ByteBuffer()
     var open = true
+    var session: NBDSession?
     func drain() {
         while open {
             let message: NBDServerParser.Message?
@@ -117,11 +122,17 @@ func fuzzServerSession(_ input: UnsafeBufferPointer<UInt8>, byteAtATime: Bool) {
                 return
             }
             guard let message else { return }
-            if case .request = message { continue }
+            if case .request(let request) = message {
+                // Every request is validated against the negotiated session, as the server does.
+                if let session { _ = NBDRequestValidator.validate(request.header, session: session) }
+                continue
+            }
             guard handshake.acceptsMessages else { continue }
             for action in handshake.receive(message, catalog: FuzzCatalog()) {
                 switch action {
-                case .enterTransmission: parser.enterTransmission()
+                case .enterTransmission(let negotiated):
+                    session = negotiated
+                    parser.enterTransmission()
                 case .close: open = false
                 default: break
                 }
@@ -136,6 +147,18 @@ func fuzzServerSession(_ input: UnsafeBufferPointer<UInt8>, byteAtATime: Bool) {
     } else {
         buffer.writeBytes(input)
         drain()
+    }
+}
+
+/// Bytes on the control socket: framed into lines (a small limit, so the over-long path
+/// is reached too), each line decoded as a request and as a reply to `info`.
+func fuzzControlLines(_ input: UnsafeBufferPointer<UInt8>) {
+    var framer = ControlLineFramer(limit: 4096)
+    framer.append(input)
+    while true {
+        guard let line = try? framer.nextLine() else { return }
+        _ = try? ControlCommand(line: line)
+        _ = try? ControlReply(line: line, answering: .info)
     }
 }
 
