@@ -55,7 +55,7 @@ import ThinPool
         return leaf
     }
 
-    @Test(.enabled(if: Peers.need("python3-nbd")))
+    @Test(.enabled(if: Peers.need("python3-nbd", "qemu-io")))
     func damagedMappingLeafIsContainedWhileServed() throws {
         let served = try ServedPool(size: "64M")
         let leaf = try Self.prepare(served.pool)
@@ -65,6 +65,15 @@ import ThinPool
 
         try served.start(["--metrics", "127.0.0.1:0"])
         expectSuccess(try Peers.python("damaged.py", [served.pool, served.socket]), "damaged pool served")
+        // Another client, in fail mode: qemu-io reads the undamaged block 0 (its pattern)
+        // and gets EIO for block 1.
+        let qemuIO = Peers.path("qemu-io")
+        let good = try Program.run(qemuIO, ["-r", "-f", "raw", "-c", "read -P 1 0 64k", served.uri("bad")])
+        #expect(
+            good.status == 0 && good.stdout.contains("read 65536/65536") && !good.stdout.contains("Pattern verification failed"),
+            "\(good.stdout)\(good.stderr)")
+        let bad = try Program.run(qemuIO, ["-r", "-f", "raw", "-c", "read 64k 64k", served.uri("bad")])
+        #expect((bad.stdout + bad.stderr).contains("Input/output error"), "\(bad.stdout)\(bad.stderr)")
         #expect(served.stop() == 0)
         let logged = served.stderr.components(separatedBy: "pool damaged").count - 1
         #expect(logged == 1, "logged \(logged) times: \(served.stderr)")
