@@ -46,14 +46,18 @@ public final class NBDServer: @unchecked Sendable {
     /// Where connections run what may block.
     let blocking: BlockingWork
     private let logger: @Sendable (String) -> Void
-    private let lock = NIOLock()
-    private var listeners: [Channel] = []
-    private var connections: [ObjectIdentifier: Channel] = [:]
-    /// The export each connection in transmission uses.
-    private var exportNames: [ObjectIdentifier: String] = [:]
-    private var shuttingDown = false
-    private var refusedConnections = 0
-    private var loopIOs: [ObjectIdentifier: LoopIO] = [:]
+    /// The server's registry, reachable only under its lock (held briefly, also on
+    /// event loops: nothing in it blocks).
+    private struct Registry {
+        var listeners: [Channel] = []
+        var connections: [ObjectIdentifier: Channel] = [:]
+        /// The export each connection in transmission uses.
+        var exportNames: [ObjectIdentifier: String] = [:]
+        var shuttingDown = false
+        var refusedConnections = 0
+        var loopIOs: [ObjectIdentifier: LoopIO] = [:]
+    }
+    private let registry = NIOLockedValueBox(Registry())
     private let idle: EventLoopPromise<Void>
 
     public convenience init(provider: NBDExportProvider, configuration: Configuration = Configuration(), log: @escaping @Sendable (String) -> Void = { _ in }) {
@@ -86,10 +90,11 @@ public final class NBDServer: @unchecked Sendable {
 
     /// The loop's disk queue holder, made (and started) by the loop's first connection.
     private func loopIO(for eventLoop: EventLoop) -> LoopIO {
-        let (loopIO, isNew) = lock.withLock { () -> (LoopIO, Bool) in
-            if let existing = loopIOs[ObjectIdentifier(eventLoop)] { return (existing, false) }
+        let (blocking, provider) = (self.blocking, self.provider)
+        let (loopIO, isNew) = registry.withLockedValue { registry -> (LoopIO, Bool) in
+            if let existing = registry.loopIOs[ObjectIdentifier(eventLoop)] { return (existing, false) }
             let made = LoopIO(eventLoop: eventLoop, blocking: blocking, provider: provider)
-            loopIOs[ObjectIdentifier(eventLoop)] = made
+            registry.loopIOs[ObjectIdentifier(eventLoop)] = made
             return (made, true)
         }
         if isNew, let queue = provider.makeLoopQueue() { loopIO.start(queue, log: logger) }
@@ -116,7 +121,7 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     private func addListener(_ channel: Channel) {
-        lock.withLock { listeners.append(channel) }
+        registry.withLockedValue { $0.listeners.append(channel) }
     }
 
     /// Listens on TCP `host:port` (port 0 picks one); returns the bound address.
@@ -154,16 +159,18 @@ public final class NBDServer: @unchecked Sendable {
     /// Registers a new connection; false when it is over `maxConnections` (the caller
     /// closes it; it was never counted).
     func connectionOpened(_ channel: Channel) -> Bool {
-        let (admitted, refuse, logRefusal) = lock.withLock { () -> (Bool, Bool, Bool) in
-            guard connections.count < configuration.maxConnections else {
-                refusedConnections += 1
-                return (false, false, refusedConnections == 1 || refusedConnections % 1000 == 0)
+        let maximum = configuration.maxConnections
+        let (admitted, refuse, refusedSoFar) = registry.withLockedValue { registry -> (Bool, Bool, Int?) in
+            guard registry.connections.count < maximum else {
+                registry.refusedConnections += 1
+                let refused = registry.refusedConnections
+                return (false, false, refused == 1 || refused % 1000 == 0 ? refused : nil)
             }
-            connections[ObjectIdentifier(channel)] = channel
-            return (true, shuttingDown, false)
+            registry.connections[ObjectIdentifier(channel)] = channel
+            return (true, registry.shuttingDown, nil)
         }
-        if logRefusal {
-            log("refusing connections: \(configuration.maxConnections) are open (--max-connections); \(lock.withLock { refusedConnections }) refused so far")
+        if let refusedSoFar {
+            log("refusing connections: \(maximum) are open (--max-connections); \(refusedSoFar) refused so far")
         }
         if refuse { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
         return admitted
@@ -173,16 +180,16 @@ public final class NBDServer: @unchecked Sendable {
     /// that a management command closing the export either sees the connection or is
     /// seen by the open. False when the connection has closed meanwhile.
     func connectionEnteredTransmission(_ channel: Channel, export name: String) -> Bool {
-        lock.withLock {
-            guard connections[ObjectIdentifier(channel)] != nil else { return false }
-            exportNames[ObjectIdentifier(channel)] = name
+        registry.withLockedValue { registry in
+            guard registry.connections[ObjectIdentifier(channel)] != nil else { return false }
+            registry.exportNames[ObjectIdentifier(channel)] = name
             return true
         }
     }
 
     /// Undoes `connectionEnteredTransmission` when the open failed.
     func connectionLeftTransmission(_ channel: Channel) {
-        lock.withLock { exportNames[ObjectIdentifier(channel)] = nil }
+        registry.withLockedValue { $0.exportNames[ObjectIdentifier(channel)] = nil }
     }
 
     /// Answers a handshake's catalog query. Runs on the thread pool: the provider may
@@ -210,10 +217,10 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     func connectionClosed(_ channel: Channel) {
-        let nowIdle = lock.withLock { () -> Bool in
-            connections[ObjectIdentifier(channel)] = nil
-            exportNames[ObjectIdentifier(channel)] = nil
-            return shuttingDown && connections.isEmpty
+        let nowIdle = registry.withLockedValue { registry -> Bool in
+            registry.connections[ObjectIdentifier(channel)] = nil
+            registry.exportNames[ObjectIdentifier(channel)] = nil
+            return registry.shuttingDown && registry.connections.isEmpty
         }
         if nowIdle { idle.succeed(()) }
     }
@@ -224,18 +231,18 @@ public final class NBDServer: @unchecked Sendable {
         blocking.submit { export.close() }
     }
 
-    public var connectionCount: Int { lock.withLock { connections.count } }
+    public var connectionCount: Int { registry.withLockedValue { $0.connections.count } }
 
     /// Records that export `old` is now called `new` (and, for a volume, that its
     /// snapshots `old@S` are `new@S`), so that connections made under the old name are
     /// counted, and closed, under the new one.
     public func exportRenamed(from old: String, to new: String) {
-        lock.withLock {
-            for (id, name) in exportNames {
+        registry.withLockedValue { registry in
+            for (id, name) in registry.exportNames {
                 if name == old {
-                    exportNames[id] = new
+                    registry.exportNames[id] = new
                 } else if !old.contains("@"), name.hasPrefix(old + "@") {
-                    exportNames[id] = new + name.dropFirst(old.count)
+                    registry.exportNames[id] = new + name.dropFirst(old.count)
                 }
             }
         }
@@ -243,7 +250,7 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Connections in transmission, per export name.
     public func connectionCounts() -> [String: Int] {
-        lock.withLock { exportNames.values.reduce(into: [:]) { $0[$1, default: 0] += 1 } }
+        registry.withLockedValue { $0.exportNames.values.reduce(into: [:]) { $0[$1, default: 0] += 1 } }
     }
 
     /// Closes the connections using exports whose names satisfy `matches`, the way
@@ -253,8 +260,8 @@ public final class NBDServer: @unchecked Sendable {
     /// away afterwards refuses them in its provider first.
     @discardableResult
     public func disconnect(exportsMatching matches: (String) -> Bool, timeout: TimeAmount = .seconds(10)) -> Int {
-        let victims = lock.withLock { () -> [Channel] in
-            exportNames.compactMap { id, name in matches(name) ? connections[id] : nil }
+        let victims = registry.withLockedValue { registry -> [Channel] in
+            registry.exportNames.compactMap { id, name in matches(name) ? registry.connections[id] : nil }
         }
         for channel in victims { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
         let closed = EventLoopFuture.whenAllComplete(victims.map(\.closeFuture), on: group.next())
@@ -270,11 +277,11 @@ public final class NBDServer: @unchecked Sendable {
     /// ESHUTDOWN and closes every connection; waits up to `timeout` for that, then
     /// closes what is left. Blocks the caller (not an event loop).
     public func shutdown(timeout: TimeAmount = .seconds(10)) {
-        let (listening, open) = lock.withLock { () -> ([Channel], [Channel]) in
-            shuttingDown = true
-            let l = listeners
-            listeners = []
-            return (l, Array(connections.values))
+        let (listening, open) = registry.withLockedValue { registry -> ([Channel], [Channel]) in
+            registry.shuttingDown = true
+            let listening = registry.listeners
+            registry.listeners = []
+            return (listening, Array(registry.connections.values))
         }
         for channel in listening { try? channel.close().wait() }
         if open.isEmpty {
@@ -286,11 +293,11 @@ public final class NBDServer: @unchecked Sendable {
         let timer = loop.scheduleTask(in: timeout) { [idle] in idle.succeed(()) }
         try? idle.futureResult.wait()
         timer.cancel()
-        let remaining = lock.withLock { Array(connections.values) }
+        let remaining = registry.withLockedValue { Array($0.connections.values) }
         for channel in remaining { try? channel.close().wait() }
         // Reads still on a loop queue finish (their replies go nowhere) before the
         // loops and the exports go away.
-        for loopIO in lock.withLock({ Array(loopIOs.values) }) {
+        for loopIO in registry.withLockedValue({ Array($0.loopIOs.values) }) {
             try? loopIO.eventLoop.submit { loopIO.close() }.wait()
         }
         try? threadPool.syncShutdownGracefully()

@@ -106,17 +106,16 @@ final class ControlServer: @unchecked Sendable {
 
 /// The control connections open now, so that stopping can close them.
 final class ConnectionSet: @unchecked Sendable {
-    private let lock = Lock()
-    private var channels: [ObjectIdentifier: Channel] = [:]
+    private let channels = LockedValue<[ObjectIdentifier: Channel]>([:])
 
     func insert(_ channel: Channel) {
-        lock.withLock { channels[ObjectIdentifier(channel)] = channel }
+        channels.withLockedValue { $0[ObjectIdentifier(channel)] = channel }
         channel.closeFuture.whenComplete { [weak self] _ in
-            self?.lock.withLock { self?.channels[ObjectIdentifier(channel)] = nil }
+            self?.channels.withLockedValue { $0[ObjectIdentifier(channel)] = nil }
         }
     }
 
-    func all() -> [Channel] { lock.withLock { Array(channels.values) } }
+    func all() -> [Channel] { channels.withLockedValue { Array($0.values) } }
 }
 
 final class ControlConnectionHandler: ChannelInboundHandler {

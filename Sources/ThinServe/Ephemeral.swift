@@ -68,11 +68,15 @@ final class EphemeralVolumes: @unchecked Sendable {
     let keep: Bool
     let graceMilliseconds: Int
     private let log: @Sendable (String) -> Void
-    private let lock = Lock()
-    private var users: [String: Int] = [:]
-    /// Bumped on every open of a name, so that a pending deletion can tell it is stale.
-    private var generation: [String: UInt64] = [:]
-    private var stopped = false
+    /// Users per name, and whether the server stopped; reachable only under its lock,
+    /// which creation and deletion hold too (they run off the event loops).
+    private struct State {
+        var users: [String: Int] = [:]
+        /// Bumped on every open of a name, so that a pending deletion can tell it is stale.
+        var generation: [String: UInt64] = [:]
+        var stopped = false
+    }
+    private let state = LockedValue(State())
     /// Called after an ephemeral volume is deleted (to drop its metrics).
     var deleted: (@Sendable (String) -> Void)?
 
@@ -102,8 +106,8 @@ final class EphemeralVolumes: @unchecked Sendable {
     /// Returns false when no rule applies (the name is an ordinary export).
     func acquire(_ name: String) throws(PoolError) -> Bool {
         guard let rule = rule(for: name) else { return false }
-        return try lock.withLock { () throws(PoolError) -> Bool in
-            guard !stopped else { throw .io(SystemError(.shutdown, "server is shutting down")) }
+        return try state.withLockedValue { (state: inout State) throws(PoolError) -> Bool in
+            guard !state.stopped else { throw .io(SystemError(.shutdown, "server is shutting down")) }
             if let existing = try? pool.volumeInfo(name) {
                 // An ordinary volume that happens to match is served as it is, never deleted.
                 guard existing.isEphemeral || keep else { return false }
@@ -116,24 +120,25 @@ final class EphemeralVolumes: @unchecked Sendable {
                 }
                 log("ephemeral export \(name) created (\(describe(rule.source)))")
             }
-            users[name, default: 0] += 1
-            generation[name, default: 0] += 1
+            state.users[name, default: 0] += 1
+            state.generation[name, default: 0] += 1
             return true
         }
     }
 
     /// One user of `name` left; the last one starts the grace period.
     func release(_ name: String) {
-        let pending = lock.withLock { () -> UInt64? in
-            users[name, default: 1] -= 1
-            guard users[name] == 0, !keep, !stopped else { return nil }
-            return generation[name]
+        let keep = self.keep
+        let pending = state.withLockedValue { state -> UInt64? in
+            state.users[name, default: 1] -= 1
+            guard state.users[name] == 0, !keep, !state.stopped else { return nil }
+            return state.generation[name]
         }
         guard let pending else { return }
         DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(graceMilliseconds)) { [self] in
-            lock.withLock {
-                guard !stopped, users[name] == 0, generation[name] == pending else { return }
-                remove(name)
+            state.withLockedValue { state in
+                guard !state.stopped, state.users[name] == 0, state.generation[name] == pending else { return }
+                remove(name, from: &state)
             }
         }
     }
@@ -152,18 +157,19 @@ final class EphemeralVolumes: @unchecked Sendable {
 
     /// The server stops: every ephemeral volume goes (unless kept).
     func stop() {
-        lock.withLock {
-            stopped = true
+        let keep = self.keep
+        state.withLockedValue { state in
+            state.stopped = true
             guard !keep else { return }
-            for name in users.keys { remove(name) }
+            for name in state.users.keys { remove(name, from: &state) }
         }
     }
 
-    /// Called with `lock` held. Only a volume still flagged ephemeral goes: one a
+    /// Under the state's lock. Only a volume still flagged ephemeral goes: one a
     /// management command deleted, or replaced or renamed since, is left alone.
-    private func remove(_ name: String) {
-        users[name] = nil
-        generation[name] = nil
+    private func remove(_ name: String, from state: inout State) {
+        state.users[name] = nil
+        state.generation[name] = nil
         guard let volume = try? pool.volumeInfo(name), volume.isEphemeral else { return }
         do {
             try pool.delete(name)

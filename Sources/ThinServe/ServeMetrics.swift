@@ -12,8 +12,13 @@ import ThinSystem
 /// no lookups.
 final class ServeMetrics: @unchecked Sendable {
     let pool: Pool
-    private let lock = Lock()
-    private var exports: [String: ExportMetrics] = [:]
+    /// Per-export objects, and the pool counts reported so far (under one lock: a sample
+    /// racing another must not see counts go back).
+    private struct State {
+        var exports: [String: ExportMetrics] = [:]
+        var reported = PoolStatistics()
+    }
+    private let state = LockedValue(State())
     private let usedBytes = Gauge(label: "thinbd_pool_used_bytes")
     private let freeBytes = Gauge(label: "thinbd_pool_free_bytes")
     private let totalBytes = Gauge(label: "thinbd_pool_size_bytes")
@@ -29,7 +34,6 @@ final class ServeMetrics: @unchecked Sendable {
     private let damaged = Gauge(label: "thinbd_pool_damaged")
     /// 1 in fail mode for any reason (damage, or a commit that failed).
     private let failed = Gauge(label: "thinbd_pool_failed")
-    private var reported = PoolStatistics()
 
     init(pool: Pool) {
         self.pool = pool
@@ -38,10 +42,10 @@ final class ServeMetrics: @unchecked Sendable {
 
     /// The objects of export `name` (made on first use).
     func export(_ name: String) -> ExportMetrics {
-        lock.withLock {
-            if let existing = exports[name] { return existing }
+        state.withLockedValue { state in
+            if let existing = state.exports[name] { return existing }
             let made = ExportMetrics(name)
-            exports[name] = made
+            state.exports[name] = made
             return made
         }
     }
@@ -49,14 +53,14 @@ final class ServeMetrics: @unchecked Sendable {
     /// Drops an export's metrics (an ephemeral export that is gone), so that per-build
     /// names do not pile up in the registry.
     func forget(_ name: String) {
-        let gone = lock.withLock { exports.removeValue(forKey: name) }
+        let gone = state.withLockedValue { $0.exports.removeValue(forKey: name) }
         gone?.destroy()
     }
 
     /// Samples the pool's gauges and counters (O(1)); called before each scrape and by
     /// the space monitor.
     func samplePool() {
-        for export in lock.withLock({ Array(exports.values) }) { export.sampleLimit() }
+        for export in state.withLockedValue({ Array($0.exports.values) }) { export.sampleLimit() }
         let space = pool.space()
         usedBytes.record(space.dataUsedBytes)
         freeBytes.record(space.dataFreeBytes)
@@ -67,13 +71,13 @@ final class ServeMetrics: @unchecked Sendable {
         let failure = pool.failure
         damaged.record(failure?.kind == .damage ? 1 : 0)
         failed.record(failure == nil ? 0 : 1)
-        lock.withLock {
+        state.withLockedValue { state in
             // Read under the lock: a sample racing another must not see counts go back.
             let now = pool.statistics
-            commits.increment(by: Int64(now.commits - reported.commits))
-            copyOnWrite.increment(by: Int64(now.copyOnWriteBlocks - reported.copyOnWriteBlocks))
-            newBlocks.increment(by: Int64(now.newBlocks - reported.newBlocks))
-            reported = now
+            commits.increment(by: Int64(now.commits - state.reported.commits))
+            copyOnWrite.increment(by: Int64(now.copyOnWriteBlocks - state.reported.copyOnWriteBlocks))
+            newBlocks.increment(by: Int64(now.newBlocks - state.reported.newBlocks))
+            state.reported = now
         }
     }
 
@@ -125,11 +129,14 @@ final class ExportMetrics: @unchecked Sendable {
     private let limitOperations: Gauge
     private let limitBytes: Gauge
     private let throttled: Counter
-    private let lock = Lock()
-    private var connections = 0
-    /// The export's rate limit while it has connections (sampled at each scrape).
-    private weak var rateLimit: NBDRateLimit?
-    private var reportedDelay: UInt64 = 0
+    /// Connections, and the rate limit with the delay reported so far; under one lock.
+    private struct State {
+        var connections = 0
+        /// The export's rate limit while it has connections (sampled at each scrape).
+        weak var rateLimit: NBDRateLimit?
+        var reportedDelay: UInt64 = 0
+    }
+    private let state = LockedValue(State())
 
     init(_ export: String) {
         operations = Operation.allCases.map { operation in
@@ -151,10 +158,10 @@ final class ExportMetrics: @unchecked Sendable {
 
     /// Connections to this export draw from `limit`.
     func limited(by limit: NBDRateLimit) {
-        lock.withLock {
-            if rateLimit !== limit {
-                rateLimit = limit
-                reportedDelay = limit.delayedNanoseconds
+        state.withLockedValue { state in
+            if state.rateLimit !== limit {
+                state.rateLimit = limit
+                state.reportedDelay = limit.delayedNanoseconds
             }
         }
         sampleLimit()
@@ -162,14 +169,14 @@ final class ExportMetrics: @unchecked Sendable {
 
     /// Reports the limit in force (0: none) and the time requests waited for it.
     func sampleLimit() {
-        lock.withLock {
-            guard let limit = rateLimit else { return }
+        state.withLockedValue { state in
+            guard let limit = state.rateLimit else { return }
             let rates = limit.rates
             limitOperations.record(Int64(clamping: rates.operationsPerSecond))
             limitBytes.record(Int64(clamping: rates.bytesPerSecond))
             let delay = limit.delayedNanoseconds
-            if delay > reportedDelay { throttled.increment(by: Int64(clamping: delay - reportedDelay)) }
-            reportedDelay = delay
+            if delay > state.reportedDelay { throttled.increment(by: Int64(clamping: delay - state.reportedDelay)) }
+            state.reportedDelay = delay
         }
     }
 
@@ -199,9 +206,9 @@ final class ExportMetrics: @unchecked Sendable {
     }
 
     func connected(_ delta: Int) {
-        let now = lock.withLock { () -> Int in
-            connections += delta
-            return connections
+        let now = state.withLockedValue { state -> Int in
+            state.connections += delta
+            return state.connections
         }
         connectionGauge.record(now)
     }
