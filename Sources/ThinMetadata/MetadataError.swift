@@ -17,6 +17,15 @@ public enum MetadataError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A caller that must not block asked for a block the cache does not hold.
     case notCached(UInt64)
 
+    /// Whether the error says the metadata is damaged (as opposed to full, unreadable or
+    /// not cached): what puts a pool in fail mode.
+    public var isDamage: Bool {
+        switch self {
+        case .corruptBlock, .pointerOutOfRange, .refcountInvariant: true
+        case .noMetadataSpace, .noDataSpace, .io, .notCached: false
+        }
+    }
+
     public var description: String {
         switch self {
         case .corruptBlock(let n, let type, let why): "corrupt block \(n) (\(type)): \(why)"

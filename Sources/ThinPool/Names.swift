@@ -46,3 +46,15 @@ extension VolumeRecord {
         return nil
     }
 }
+
+extension VolumeRecord {
+    /// Decodes a record block (its header already validated) and applies `problem`:
+    /// what open and `check` both use, so they refuse the same records.
+    static func read(
+        _ bytes: UnsafeMutableRawBufferPointer, blockSize: UInt64, nextVolumeID: UInt64
+    ) throws(BlockValidationError) -> VolumeRecord {
+        let record = try decode(bytes)
+        if let problem = record.problem(blockSize: blockSize, nextVolumeID: nextVolumeID) { throw .badContents(problem) }
+        return record
+    }
+}

@@ -206,11 +206,7 @@ struct CheckWalker {
             guard walker.reference(recordBlock, .volumeRecord) else { return }
             do {
                 let block = try walker.read(recordBlock, .volumeRecord)
-                let record = try VolumeRecord.decode(block.bytes)
-                if let problem = record.problem(blockSize: blockSize, nextVolumeID: nextVolumeID) {
-                    walker.damage("volume record \(recordBlock): \(problem)")
-                    return
-                }
+                let record = try VolumeRecord.read(block.bytes, blockSize: blockSize, nextVolumeID: nextVolumeID)
                 guard record.id == id else {
                     walker.damage("volume record \(recordBlock) has id \(record.id) but is indexed as \(id)")
                     return

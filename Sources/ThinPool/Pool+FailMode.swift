@@ -31,8 +31,8 @@ struct FailureState {
 }
 
 // Fail mode, as dm-thin's: when a request meets damage (a block that fails its checks,
-// a pointer out of range, a reference count that cannot be right), that request fails
-// and the pool stops changing. Nothing more is committed, so the damage is never spread
+// a pointer out of range, a reference count that cannot be right), or a commit or
+// barrier fails, that request fails and the pool stops changing. Nothing more is committed, so the damage is never spread
 // into new metadata; reads of everything undamaged go on. The superblock is flagged so
 // that the next read-write open insists on `check --repair` first.
 extension Pool {
@@ -100,10 +100,15 @@ extension Pool {
     /// In fail mode a commit only flags the superblock for a check, once. No tree
     /// changes, so nothing damaged is spread. Needs the pool lock; blocking I/O.
     func flagNeedsCheckLocked() {
-        guard !isReadOnly, !isClosed, failureState.withLockedValue({ !$0.flagWritten && $0.failure?.kind == .damage }) else { return }
+        guard !isReadOnly, !isClosed, needsCheckFlagPending else { return }
         // Best effort: if it cannot be written, the damage is found again when next read.
         guard (try? writeNeedsCheckLocked(true)) != nil else { return }
         failureState.withLockedValue { $0.flagWritten = true }
+    }
+
+    /// Damage put the pool in fail mode and the needs-check flag is not on disk yet.
+    var needsCheckFlagPending: Bool {
+        failureState.withLockedValue { !$0.flagWritten && $0.failure?.kind == .damage }
     }
 
     /// Writes the last commit's superblock with the needs-check flag set or cleared, as

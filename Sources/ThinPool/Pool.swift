@@ -173,8 +173,8 @@ public final class Pool: @unchecked Sendable {
     /// callers that queue behind each other retry (`PoolCommandClient` does, between
     /// looks for a server's control socket).
     ///
-    /// A pool flagged for a check (a server found damage in it) opens read-only; a
-    /// read-write open fails with `.needsCheck` unless `force` (which `check --repair`
+    /// A pool flagged for a check (a server found damage in it) opens read-only as usual;
+    /// a read-write open fails with `.needsCheck` unless `force` (which `check --repair`
     /// uses: a repair that leaves no damage clears the flag).
     public static func open(path: String, readOnly: Bool = false, cache: CacheMode? = nil, force: Bool = false) throws(PoolError) -> Pool {
         guard SystemInfo.fileExists(path) else { throw .noSuchFile(path) }
@@ -277,36 +277,28 @@ public final class Pool: @unchecked Sendable {
         let mappingTree = mappings
         var records: [(UInt64, VolumeRecord)] = []
         var damage: [String] = []
-        func isDamage(_ error: MetadataError) -> Bool {
-            switch error {
-            case .corruptBlock, .pointerOutOfRange, .refcountInvariant: true
-            default: false
-            }
-        }
+        let (blockSize, nextVolumeID) = (blockSize, superblock.nextVolumeID)
         try table.scanReferences(volumeTableRoot, readLeaves: true) { (recordBlock: UInt64) throws(MetadataError) in
+            let record: VolumeRecord
             do throws(MetadataError) {
                 guard try store.scanReference(recordBlock, type: .volumeRecord) == 1 else {
                     throw .corruptBlock(recordBlock, .volumeRecord, "referenced twice from the volume table")
                 }
                 let block = try store.read(recordBlock, .volumeRecord)
-                let record: VolumeRecord
                 do {
-                    record = try VolumeRecord.decode(block.bytes)
+                    record = try VolumeRecord.read(block.bytes, blockSize: blockSize, nextVolumeID: nextVolumeID)
                 } catch {
                     throw .corruptBlock(recordBlock, .volumeRecord, "\(error)")
                 }
-                if let problem = record.problem(blockSize: blockSize, nextVolumeID: superblock.nextVolumeID) {
-                    throw .corruptBlock(recordBlock, .volumeRecord, problem)
-                }
-                records.append((recordBlock, record))
-            } catch where isDamage(error) {
+            } catch where error.isDamage {
                 damage.append(error.description)
                 return
             }
+            records.append((recordBlock, record))
             do throws(MetadataError) {
-                try mappingTree.scanReferences(records[records.count - 1].1.mappingRoot, readLeaves: false)
-            } catch where isDamage(error) {
-                damage.append("\(records[records.count - 1].1.name): \(error)")
+                try mappingTree.scanReferences(record.mappingRoot, readLeaves: false)
+            } catch where error.isDamage {
+                damage.append("\(record.name): \(error)")
             }
         }
         for (recordBlock, record) in records {
@@ -360,7 +352,8 @@ public final class Pool: @unchecked Sendable {
     /// before then leaves the pool consistent. Cost: one extra barrier per real commit.
     public func commitInBackground() throws(PoolError) {
         if failure != nil {
-            lock.withLock { flagNeedsCheckLocked() }
+            // Nothing commits in fail mode; the flag, when damage calls for it, goes out once.
+            if needsCheckFlagPending { lock.withLock { flagNeedsCheckLocked() } }
             return
         }
         let pending = lock.withSharedAccess {

@@ -21,8 +21,8 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     case noMetadataSpace
     case io(SystemError)
     case closed
-    /// Damage was found while the pool was open: it serves reads and commits nothing
-    /// more (fail mode) until it is closed and repaired.
+    /// Fail mode: damage was found, or a commit failed, while the pool was open; it serves
+    /// reads and commits nothing more until it is reopened (repaired first, for damage).
     case failed(PoolFailure)
     /// The pool was flagged for a check when damage was found; a read-write open needs
     /// `check --repair` first, or `force`.
