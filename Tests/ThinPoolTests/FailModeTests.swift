@@ -6,20 +6,29 @@ import ThinSystem
 /// A committed pool with two volumes, and the mapping leaf of `x` (its whole tree:
 /// x maps a few blocks, so its root is one leaf that no other volume shares).
 func poolWithDamageableLeaf() throws -> (device: MemoryDevice, leaf: UInt64) {
-    let (pool, device) = try makeMemoryPool(dataSize: 8 << 20)
-    try pool.createVolume("y", size: 1 << 20)
-    try pool.write("y", at: 0, pattern(64 << 10, seed: 1))
-    try pool.commit()
-    let before = Set(pool.metadataBlocksInUse())
-    try pool.createVolume("x", size: 1 << 20)
-    try pool.write("x", at: 0, pattern(3 * 4096, seed: 2))
-    try pool.close()
-    let reopened = try Pool.open(device: device)
-    let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
-    try reopened.close()
+    let (device, added) = try blocksAdded(after: "y") { pool in
+        try pool.createVolume("x", size: 1 << 20)
+        try pool.write("x", at: 0, pattern(3 * 4096, seed: 2))
+    }
     let leaves = mappingNodes(in: device, among: added, level: 0)
     #expect(leaves.count == 1, "x's mapping leaves: \(leaves)")
     return (device, try #require(leaves.first))
+}
+
+/// A pool with volume `base` (64 KiB written, committed); then `change` runs and the pool
+/// is closed. Returns the device and the metadata blocks `change` added (as a reopened
+/// pool counts them).
+func blocksAdded(after base: String, _ change: (Pool) throws -> Void) throws -> (MemoryDevice, Set<UInt64>) {
+    let (pool, device) = try makeMemoryPool(dataSize: 8 << 20)
+    try pool.createVolume(base, size: 1 << 20)
+    try pool.write(base, at: 0, pattern(64 << 10, seed: 1))
+    try pool.commit()
+    let before = Set(pool.metadataBlocksInUse())
+    try change(pool)
+    try pool.close()
+    let reopened = try Pool.open(device: device)
+    defer { try? reopened.close() }
+    return (device, Set(reopened.metadataBlocksInUse()).subtracting(before))
 }
 
 /// The mapping-tree nodes of a level among `blocks` (read from the device's pages).
@@ -172,18 +181,11 @@ func mappingNodes(in device: MemoryDevice, among blocks: Set<UInt64>, level: UIn
     /// pool openable: the other volume and the undamaged ranges read, in fail mode.
     @Test(arguments: [false, true])
     func damagedInteriorNodeOpensInFailModeAndServesTheRest(readOnly: Bool) throws {
-        let (pool, device) = try makeMemoryPool(dataSize: 8 << 20)
-        try pool.createVolume("y", size: 1 << 20)
-        try pool.write("y", at: 0, pattern(64 << 10, seed: 1))
-        try pool.commit()
-        let before = Set(pool.metadataBlocksInUse())
-        try pool.createVolume("x", size: 4 << 20)
-        // 600 mapped blocks: more than one leaf, so x's root is an interior node.
-        for i in 0..<600 { try pool.write("x", at: UInt64(i) * 4096, [UInt8(i % 250 + 1)]) }
-        try pool.close()
-        let reopened = try Pool.open(device: device)
-        let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
-        try reopened.close()
+        let (device, added) = try blocksAdded(after: "y") { pool in
+            try pool.createVolume("x", size: 4 << 20)
+            // 600 mapped blocks: more than one leaf, so x's root is an interior node.
+            for i in 0..<600 { try pool.write("x", at: UInt64(i) * 4096, [UInt8(i % 250 + 1)]) }
+        }
         let roots = mappingNodes(in: device, among: added, level: 1)
         let root = try #require(roots.count == 1 ? roots.first : nil, "x's interior nodes: \(roots)")
         let firstChildKeyOfSecond = field(of: device, block: root, offset: 32 + 8, width: 8)
@@ -204,15 +206,7 @@ func mappingNodes(in device: MemoryDevice, among blocks: Set<UInt64>, level: UIn
     /// A record whose name holds a NUL byte (valid CRC): the volume is left out rather
     /// than listed, printed or served under a name no rule allows.
     @Test func recordWithAControlByteInItsNameIsLeftOut() throws {
-        let (pool, device) = try makeMemoryPool()
-        try pool.createVolume("good", size: 1 << 20)
-        try pool.commit()
-        let before = Set(pool.metadataBlocksInUse())
-        try pool.createVolume("bad", size: 1 << 20)
-        try pool.close()
-        let reopened = try Pool.open(device: device)
-        let added = Set(reopened.metadataBlocksInUse()).subtracting(before)
-        try reopened.close()
+        let (device, added) = try blocksAdded(after: "good") { pool in try pool.createVolume("bad", size: 1 << 20) }
         let records = added.filter { field(of: device, block: $0, offset: 8, width: 2) == UInt64(BlockType.volumeRecord.rawValue) }
         let record = try #require(records.count == 1 ? records.first : nil, "\(records)")
         rewriteField(of: device, block: record, offset: 96 + 1, width: 1) { _ in 0 }  // "b\0d"
