@@ -24,8 +24,8 @@ extension Pool {
     /// time. Growing extends the file sparsely; the new size is committed with the next
     /// transaction.
     public var autoGrow: AutoGrowPolicy? {
-        get { lock.withLock { autoGrowLocked } }
-        set { lock.withLock { autoGrowLocked = newValue } }
+        get { lock.withSharedAccess { $0.autoGrow } }
+        set { lock.withLock { $0.autoGrow = newValue } }
     }
 
     /// Grows by one step of the policy, unless at its maximum (or the metadata region
@@ -33,27 +33,27 @@ extension Pool {
     /// Commits. Cost: one ftruncate and one commit.
     @discardableResult
     public func growByStep() throws(PoolError) -> UInt64? {
-        try withWritableLock { () throws(PoolError) -> UInt64? in
-            guard let grown = try growForPolicyLocked(atLeast: 1) else { return nil }
-            try finishManagement()
+        try withWritableLock { state throws(PoolError) -> UInt64? in
+            guard let grown = try growForPolicy(&state, atLeast: 1) else { return nil }
+            try finishManagement(&state)
             return grown
         }
     }
 
     /// Grows by whole steps until `blocks` more are free, within the policy; nil when it
-    /// cannot. Needs the pool lock.
-    func growForPolicyLocked(atLeast blocks: UInt64) throws(PoolError) -> UInt64? {
-        guard let policy = autoGrowLocked, policy.step >= blockSize else { return nil }
-        let current = spaceMap.dataBlocks * blockSize
+    /// cannot.
+    func growForPolicy(_ state: inout PoolState, atLeast blocks: UInt64) throws(PoolError) -> UInt64? {
+        guard let policy = state.autoGrow, policy.step >= blockSize else { return nil }
+        let current = state.spaceMap.dataBlocks * blockSize
         // Saturating: a policy of absurd sizes stops at its maximum, it does not trap.
         let (needed, o1) = blocks.multipliedReportingOverflow(by: blockSize)
         let steps = o1 ? UInt64.max : needed / policy.step + (needed % policy.step == 0 ? 0 : 1)
         let (growth, o2) = max(steps, 1).multipliedReportingOverflow(by: policy.step)
         let (sum, o3) = current.addingReportingOverflow(growth)
         let target = o2 || o3 ? policy.maximum : min(sum, policy.maximum)
-        guard target / blockSize > spaceMap.dataBlocks else { return nil }
+        guard target / blockSize > state.spaceMap.dataBlocks else { return nil }
         do throws(PoolError) {
-            try growLocked(to: target)
+            try grow(&state, to: target)
         } catch {
             // The metadata region caps the size: the policy stops here.
             return nil

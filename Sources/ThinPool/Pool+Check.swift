@@ -31,28 +31,26 @@ extension Pool {
     /// Holds the pool lock throughout: for pools nobody else uses (offline `check`,
     /// tests). A served pool uses `checkCommittedState`.
     public func check(repair: Bool = false) -> CheckReport {
-        lock.withLock {
-            var walker = CheckWalker(pool: self, source: .live)
-            walker.run()
+        lock.withLock { state in
+            let walker = checkLive(&state)
             var report = walker.report
             if repair && !isReadOnly && report.damage.isEmpty && !report.isClean {
                 do {
-                    try walker.repair()
+                    try walker.repair(&state)
                     report.repaired = true
-                    try commitLocked()
-                    var again = CheckWalker(pool: self, source: .live)
-                    again.run()
-                    report.damage = again.report.damage
-                    report.leakedBlocks = again.report.leakedBlocks
-                    report.fixable = again.report.fixable
-                    if !again.report.isClean { report.damage.append("repair did not converge") }
+                    try commit(&state)
+                    let again = checkLive(&state).report
+                    report.damage = again.damage
+                    report.leakedBlocks = again.leakedBlocks
+                    report.fixable = again.fixable
+                    if !again.isClean { report.damage.append("repair did not converge") }
                 } catch {
                     report.damage.append("repair failed: \(error)")
                 }
             }
-            if repair && !isReadOnly && report.damage.isEmpty && superblock.needsCheck {
+            if repair && !isReadOnly && report.damage.isEmpty && state.superblock.needsCheck {
                 do {
-                    try writeNeedsCheckLocked(false)
+                    try writeNeedsCheck(&state, false)
                     report.repaired = true
                 } catch {
                     report.damage.append("could not clear the needs-check flag: \(error)")
@@ -60,6 +58,22 @@ extension Pool {
             }
             return report
         }
+    }
+
+    /// Walks the in-memory state, after writing its pending changes into metadata blocks.
+    private func checkLive(_ state: inout PoolState) -> CheckWalker {
+        var problem: String?
+        if !isReadOnly {
+            do {
+                try prepareCommit(&state)
+            } catch {
+                problem = "could not write pending metadata before checking: \(error)"
+            }
+        }
+        var walker = CheckWalker(store: state.store, blockSize: blockSize, source: .live(LiveView(state)))
+        if let problem { walker.damage(problem) }
+        walker.run()
+        return walker
     }
 
     /// Checks the last commit while the pool stays in use: commits first (so recent
@@ -71,18 +85,20 @@ extension Pool {
     /// Cost: reads all of the commit's metadata once; memory O(data blocks).
     public func checkCommittedState() -> CheckReport {
         if !isReadOnly { try? commit() }
-        let pinned = lock.withLock { () -> CommittedView? in
-            guard !isClosed else { return nil }
-            store.pin()
-            return CommittedView(superblock: superblock)
+        // The walk reads the pinned commit's blocks from the device through the store's
+        // committed-read path, which needs no pool lock (the cache has its own).
+        let pinned = lock.withLock { state -> (MetadataStore, CommittedView)? in
+            guard !state.isClosed else { return nil }
+            state.store.pin()
+            return (state.store, CommittedView(superblock: state.superblock))
         }
-        guard let view = pinned else {
+        guard let (store, view) = pinned else {
             var report = CheckReport()
             report.damage.append("the pool is closed")
             return report
         }
-        defer { lock.withLock { store.unpin() } }
-        var walker = CheckWalker(pool: self, source: .committed(view))
+        defer { lock.withLock { state in state.store.unpin() } }
+        var walker = CheckWalker(store: store, blockSize: blockSize, source: .committed(view))
         walker.run()
         // Damage in the last commit: stop committing, as when a request meets it.
         if let first = walker.report.damage.first { enterFailMode("check found: \(first)") }
@@ -111,15 +127,34 @@ struct CommittedView {
     }
 }
 
+/// The parts of the live state a check compares with what the trees hold (taken under
+/// the exclusive lock, after the pending changes were written into metadata blocks).
+struct LiveView {
+    var volumes: [UInt64: VolumeState]
+    var names: [String: UInt64]
+    var spaceMap: DataSpaceMap
+    var volumeTableRoot: UInt64
+    var nextVolumeID: UInt64
+
+    init(_ state: borrowing PoolState) {
+        volumes = state.volumes
+        names = state.names
+        spaceMap = state.spaceMap
+        volumeTableRoot = state.volumeTableRoot
+        nextVolumeID = state.superblock.nextVolumeID
+    }
+}
+
 struct CheckWalker {
-    /// What is checked: the pool's in-memory state (caller holds the pool lock, pending
-    /// changes are written into metadata blocks first) or a pinned commit read from disk.
+    /// What is checked: the pool's in-memory state (the caller holds the exclusive lock
+    /// for the whole walk) or a pinned commit read from disk.
     enum Source {
-        case live
+        case live(LiveView)
         case committed(CommittedView)
     }
 
-    let pool: Pool
+    let store: MetadataStore
+    let blockSize: UInt64
     let source: Source
     var report = CheckReport()
     var metadataRefs: [UInt64: UInt32] = [:]
@@ -135,15 +170,16 @@ struct CheckWalker {
     let regionBlocks: UInt64
     let nextVolumeID: UInt64
 
-    init(pool: Pool, source: Source) {
-        self.pool = pool
+    init(store: MetadataStore, blockSize: UInt64, source: Source) {
+        self.store = store
+        self.blockSize = blockSize
         self.source = source
         switch source {
-        case .live:
-            dataBlocks = pool.spaceMap.dataBlocks
-            highWater = pool.spaceMap.highWater
-            regionBlocks = pool.store.regionBlocks
-            nextVolumeID = pool.superblock.nextVolumeID
+        case .live(let live):
+            dataBlocks = live.spaceMap.dataBlocks
+            highWater = live.spaceMap.highWater
+            regionBlocks = store.regionBlocks
+            nextVolumeID = live.nextVolumeID
         case .committed(let view):
             dataBlocks = view.dataBlocks
             highWater = view.highWater
@@ -154,8 +190,6 @@ struct CheckWalker {
         // block count was checked against the file size when the pool opened.
         dataRefs = [UInt32](repeating: 0, count: Int(dataBlocks))
     }
-
-    var store: MetadataStore { pool.store }
 
     func read(_ block: UInt64, _ type: BlockType) throws(MetadataError) -> MetadataBlock {
         switch source {
@@ -172,16 +206,9 @@ struct CheckWalker {
         let spaceMapRoot: UInt64
         let volumeTableRoot: UInt64
         switch source {
-        case .live:
-            if !pool.isReadOnly {
-                do {
-                    try pool.prepareCommitLocked()
-                } catch {
-                    damage("could not write pending metadata before checking: \(error)")
-                }
-            }
-            spaceMapRoot = pool.spaceMap.indexRoot
-            volumeTableRoot = pool.volumeTableRoot
+        case .live(let live):
+            spaceMapRoot = live.spaceMap.indexRoot
+            volumeTableRoot = live.volumeTableRoot
         case .committed(let view):
             spaceMapRoot = view.spaceMapRoot
             volumeTableRoot = view.volumeTableRoot
@@ -201,7 +228,7 @@ struct CheckWalker {
         }
         var recordBlocks: [UInt64: UInt64] = [:]
         var names: Set<String> = []
-        let (nextVolumeID, blockSize) = (self.nextVolumeID, pool.blockSize)
+        let (nextVolumeID, blockSize) = (self.nextVolumeID, self.blockSize)
         walk(volumeTableRoot, .volumeTableNode, level: nil, low: 0, high: UInt64.max) { walker, id, recordBlock in
             guard walker.reference(recordBlock, .volumeRecord) else { return }
             do {
@@ -221,18 +248,18 @@ struct CheckWalker {
                 walker.damage("volume record \(recordBlock): \(error)")
             }
         }
-        if case .live = source {
-            for (id, state) in pool.volumes {
+        if case .live(let live) = source {
+            for (id, volume) in live.volumes {
                 guard let record = records[id] else {
-                    damage("volume \(state.record.name) is missing from the volume table")
+                    damage("volume \(volume.record.name) is missing from the volume table")
                     continue
                 }
-                if state.record != record || state.recordBlock != recordBlocks[id] {
+                if volume.record != record || volume.recordBlock != recordBlocks[id] {
                     damage("volume record \(recordBlocks[id] ?? 0) for \(record.name) differs from the volume's state")
                 }
-                if pool.names[record.name] != id { damage("name index disagrees for \(record.name)") }
+                if live.names[record.name] != id { damage("name index disagrees for \(record.name)") }
             }
-            for (id, record) in records where pool.volumes[id] == nil {
+            for (id, record) in records where live.volumes[id] == nil {
                 damage("volume table lists id \(id) (\(record.name)) that the pool does not know")
             }
         }
@@ -325,7 +352,7 @@ struct CheckWalker {
             walker.dataRefs[Int(physical)] &+= 1
         }
         if let summary {
-            let limit = r.virtualSize / pool.blockSize + (r.virtualSize % pool.blockSize == 0 ? 0 : 1)
+            let limit = r.virtualSize / blockSize + (r.virtualSize % blockSize == 0 ? 0 : 1)
             if summary.count > 0 && summary.high >= limit {
                 damage("\(r.name) maps block \(summary.high), past its end (\(limit) blocks)")
             }
@@ -370,8 +397,8 @@ struct CheckWalker {
     /// index must agree with), or what the committed index says.
     func groups() -> [(block: UInt64, free: UInt32)] {
         switch source {
-        case .live:
-            return pool.spaceMap.groupSummary()
+        case .live(let live):
+            return live.spaceMap.groupSummary()
         case .committed:
             let e = UInt64(DataSpaceMap.entriesPerGroup)
             let count = Int(dataBlocks / e + (dataBlocks % e == 0 ? 0 : 1))
@@ -434,8 +461,8 @@ struct CheckWalker {
     }
 
     /// Fixes leaks and recomputable counts (only when there is no other damage).
-    func repair() throws {
-        let spaceMap = pool.spaceMap
+    func repair(_ state: inout PoolState) throws {
+        let spaceMap = state.spaceMap
         let e = DataSpaceMap.entriesPerGroup
         for g in 0..<spaceMap.groupCount {
             guard let counts = try spaceMap.storedCounts(group: g) else { continue }
@@ -446,9 +473,7 @@ struct CheckWalker {
             try spaceMap.recountGroup(g)
         }
         for (id, count) in mappedCounts {
-            guard let state = pool.volumes[id] else { continue }
-            state.record.mappedBlocks = count
-            state.dirty = true
+            state.volumes[id]?.change { $0.mappedBlocks = count }
         }
     }
 }
@@ -456,7 +481,7 @@ struct CheckWalker {
 extension Pool {
     /// Metadata blocks the current state references (diagnostics and tests).
     public func metadataBlocksInUse() -> [UInt64] {
-        lock.withLock { store.referencedBlocks().map(\.block) }
+        lock.withLock { state in state.store.referencedBlocks().map(\.block) }
     }
 
     /// Byte offset of the data region in the pool file.
@@ -466,11 +491,11 @@ extension Pool {
 extension Pool {
     /// The data block behind each mapped virtual block of a range (layout diagnostics).
     func physicalBlocks(_ id: UInt64, blocks: Range<UInt64>) throws(PoolError) -> [UInt64: UInt64] {
-        try lock.withLock { () throws(PoolError) in
-            let state = try volume(id, writing: false)
+        try lock.withSharedAccess { state throws(PoolError) in
+            let volume = try volume(id, writing: false, in: state)
             var result: [UInt64: UInt64] = [:]
             _ = try mapErrors {
-                try mappings.forEach(state.record.mappingRoot, in: blocks) { (vb: UInt64, physical: UInt64) -> Bool in
+                try state.mappings.forEach(volume.record.mappingRoot, in: blocks) { (vb: UInt64, physical: UInt64) -> Bool in
                     result[vb] = physical
                     return true
                 }

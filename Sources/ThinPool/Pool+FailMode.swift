@@ -98,11 +98,11 @@ extension Pool {
     }
 
     /// In fail mode a commit only flags the superblock for a check, once. No tree
-    /// changes, so nothing damaged is spread. Needs the pool lock; blocking I/O.
-    func flagNeedsCheckLocked() {
-        guard !isReadOnly, !isClosed, needsCheckFlagPending else { return }
+    /// changes, so nothing damaged is spread. Blocking I/O.
+    func flagNeedsCheck(_ state: inout PoolState) {
+        guard !isReadOnly, !state.isClosed, needsCheckFlagPending else { return }
         // Best effort: if it cannot be written, the damage is found again when next read.
-        guard (try? writeNeedsCheckLocked(true)) != nil else { return }
+        guard (try? writeNeedsCheck(&state, true)) != nil else { return }
         failureState.withLockedValue { $0.flagWritten = true }
     }
 
@@ -113,9 +113,9 @@ extension Pool {
 
     /// Writes the last commit's superblock with the needs-check flag set or cleared, as
     /// the next generation into the other slot: a torn write leaves the last commit as it
-    /// was. Needs the pool lock; one 4 KiB write and a barrier.
-    func writeNeedsCheckLocked(_ value: Bool) throws(PoolError) {
-        var next = superblock
+    /// was. One 4 KiB write and a barrier.
+    func writeNeedsCheck(_ state: inout PoolState, _ value: Bool) throws(PoolError) {
+        var next = state.superblock
         next.needsCheck = value
         next.generation += 1
         let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
@@ -124,9 +124,9 @@ extension Pool {
             try device.write(UnsafeRawBufferPointer(buffer.bytes), at: next.slot * UInt64(MetadataLayout.blockSize))
             try device.barrier()
         }
-        superblock = next
+        state.superblock = next
     }
 
     /// Whether the pool was flagged for a check (by a server that found damage).
-    public var needsCheck: Bool { lock.withSharedAccess { superblock.needsCheck } }
+    public var needsCheck: Bool { lock.withSharedAccess { $0.superblock.needsCheck } }
 }

@@ -39,25 +39,31 @@ struct RequestBatch {
 extension Pool {
     /// The id of a volume or snapshot, for the I/O calls.
     public func volumeID(_ name: String) throws(PoolError) -> UInt64 {
-        try lock.withSharedAccess { () throws(PoolError) in try state(named: name).record.id }
+        try lock.withSharedAccess { state throws(PoolError) in try state.volume(named: name).record.id }
     }
 
-    func volume(_ id: UInt64, writing: Bool) throws(PoolError) -> VolumeState {
-        guard !isClosed else { throw .closed }
-        guard let state = volumes[id] else { throw .noSuchVolume("#\(id)") }
+    /// Volume `id`, checked for the request: the pool is open, the volume exists, and
+    /// for `writing`, the pool, its state and the volume all take writes.
+    func volume(_ id: UInt64, writing: Bool, in state: borrowing PoolState) throws(PoolError) -> VolumeState {
+        guard !state.isClosed else { throw .closed }
+        guard let volume = state.volumes[id] else { throw .noSuchVolume("#\(id)") }
         if writing {
             if isReadOnly { throw .readOnly("pool \(path) (opened read-only)") }
             try refuseChangesIfFailed()
-            if state.record.kind == .snapshot { throw .readOnly("snapshot \(state.record.name)") }
+            if volume.record.kind == .snapshot { throw .readOnly("snapshot \(volume.record.name)") }
         }
-        return state
+        return volume
     }
 
-    func checkRange(_ state: VolumeState, _ offset: UInt64, _ count: UInt64) throws(PoolError) {
+    /// `volume(_:writing:in:)` for a request of `count` bytes at `offset`, which must
+    /// lie inside the volume (without overflow).
+    func volume(_ id: UInt64, writing: Bool, at offset: UInt64, count: UInt64, in state: borrowing PoolState) throws(PoolError) -> VolumeState {
+        let volume = try self.volume(id, writing: writing, in: state)
         let (end, overflow) = offset.addingReportingOverflow(count)
-        guard !overflow, end <= state.record.virtualSize else {
-            throw .outOfRange("request at \(offset) for \(count) bytes is beyond the end of \(state.record.name) (\(state.record.virtualSize) bytes)")
+        guard !overflow, end <= volume.record.virtualSize else {
+            throw .outOfRange("request at \(offset) for \(count) bytes is beyond the end of \(volume.record.name) (\(volume.record.virtualSize) bytes)")
         }
+        return volume
     }
 
     @inline(__always)
@@ -160,13 +166,12 @@ extension Pool {
         _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, blocking: Bool = true
     ) throws(PoolError) -> ReadPlan? {
         // Shared access: reads plan side by side, and during a commit's I/O.
-        func plan() throws(PoolError) -> ReadPlan? {
-            let state = try volume(id, writing: false)
-            try checkRange(state, offset, UInt64(buffer.count))
+        func plan(_ state: borrowing PoolState) throws(PoolError) -> ReadPlan? {
+            let volume = try volume(id, writing: false, at: offset, count: UInt64(buffer.count), in: state)
             var found: (requests: [IORequest], extents: [Extent]) = ([], [])
             if buffer.count > 0 {
                 do throws(MetadataError) {
-                    found = try lookUpRead(state, at: offset, into: buffer, cachedOnly: !blocking)
+                    found = try lookUpRead(volume, in: state.mappings, at: offset, into: buffer, cachedOnly: !blocking)
                 } catch {
                     if case .notCached = error { return nil }
                     throw noticing(PoolError(error))
@@ -180,14 +185,14 @@ extension Pool {
     }
 
     private func lookUpRead(
-        _ state: VolumeState, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool
+        _ volume: VolumeState, in mappings: BTree, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool
     ) throws(MetadataError) -> (requests: [IORequest], extents: [Extent]) {
         let end = offset + UInt64(buffer.count)
         var batch = RequestBatch()
         var runs = ExtentList()
         var zeroFrom = 0
         let blocks = (offset / blockSize)..<((end + blockSize - 1) / blockSize)
-        try mappings.forEach(state.record.mappingRoot, in: blocks, cachedOnly: cachedOnly) { (vb: UInt64, physical: UInt64) -> Bool in
+        try mappings.forEach(volume.record.mappingRoot, in: blocks, cachedOnly: cachedOnly) { (vb: UInt64, physical: UInt64) -> Bool in
             let start = max(offset, vb * blockSize)
             let stop = min(end, (vb + 1) * blockSize)
             let lower = Int(start - offset)
@@ -219,10 +224,9 @@ extension Pool {
     /// durable when this returns: the pool commits.
     public func write(_ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool = false) throws(PoolError) {
         guard data.count > 0 else {
-            try lock.withLock { () throws(PoolError) in
-                let state = try volume(id, writing: true)
-                try checkRange(state, offset, 0)
-                if forceUnitAccess { try commitLocked() }
+            try lock.withLock { (state: inout PoolState) throws(PoolError) in
+                _ = try volume(id, writing: true, at: offset, count: 0, in: state)
+                if forceUnitAccess { try commit(&state) }
             }
             return
         }
@@ -243,10 +247,9 @@ extension Pool {
     private func writeHoldingRange(
         _ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool, zeroFill: Bool = false
     ) throws(PoolError) {
-        let (state, plan) = try lock.withLock { () throws(PoolError) -> (VolumeState, WritePlan) in
-            let state = try volume(id, writing: true)
-            try checkRange(state, offset, UInt64(data.count))
-            return (state, try planWriteLocked(state, at: offset, count: UInt64(data.count), reserveOnly: true))
+        let plan = try lock.withLock { (state: inout PoolState) throws(PoolError) -> WritePlan in
+            let volume = try volume(id, writing: true, at: offset, count: UInt64(data.count), in: state)
+            return try planWrite(&state, volume, at: offset, count: UInt64(data.count), reserveOnly: true)
         }
         var entries = plan.entries
         if zeroFill {
@@ -276,12 +279,13 @@ extension Pool {
         do throws(PoolError) {
             try writeData(entries, data: data, zeroMark: plan.zeroMark)
         } catch {
-            lock.withLock { abandonWriteLocked(plan) }
+            lock.withLock { state in abandonWrite(&state, plan) }
             throw error
         }
-        try lock.withLock { () throws(PoolError) in
-            try applyWriteLocked(state, plan)
-            if forceUnitAccess { try commitLocked() }
+        // The range lock kept the volume from being deleted or resized meanwhile.
+        try lock.withLock { (state: inout PoolState) throws(PoolError) in
+            try applyWrite(&state, id, plan)
+            if forceUnitAccess { try commit(&state) }
         }
     }
 
@@ -312,21 +316,22 @@ extension Pool {
 
     /// Writes under the pool lock from start to end (write-zeroes and shrink use it; the
     /// caller holds the range lock for the blocks).
-    func writeLocked(_ state: VolumeState, at offset: UInt64, from data: UnsafeRawBufferPointer) throws(PoolError) {
-        let plan = try planWriteLocked(state, at: offset, count: UInt64(data.count))
+    func writeHoldingLock(_ state: inout PoolState, _ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer) throws(PoolError) {
+        guard let volume = state.volumes[id] else { throw .noSuchVolume("#\(id)") }
+        let plan = try planWrite(&state, volume, at: offset, count: UInt64(data.count))
         do {
             try writeData(plan.entries, data: data, zeroMark: plan.zeroMark)
         } catch {
-            abandonWriteLocked(plan)
+            abandonWrite(&state, plan)
             throw error
         }
-        try applyWriteLocked(state, plan)
+        try applyWrite(&state, id, plan)
     }
 
     /// Decides each block's fate and allocates every new block up front, so a full pool
-    /// fails the write before any change. Needs the pool lock.
-    func planWriteLocked(_ state: VolumeState, at offset: UInt64, count: UInt64, reserveOnly: Bool = false) throws(PoolError) -> WritePlan {
-        let tree = mappings
+    /// fails the write before any change.
+    func planWrite(_ state: inout PoolState, _ volume: VolumeState, at offset: UInt64, count: UInt64, reserveOnly: Bool = false) throws(PoolError) -> WritePlan {
+        let (tree, spaceMap) = (state.mappings, state.spaceMap)
         var plan = WritePlan()
         plan.reserved = reserveOnly
         var position = offset
@@ -338,7 +343,7 @@ extension Pool {
                 let length = min(blockSize - inner, end - position)
                 var current: UInt64?
                 var inPlace = false
-                if let (physical, pathShared) = try tree.lookupWithSharing(state.record.mappingRoot, vb) {
+                if let (physical, pathShared) = try tree.lookupWithSharing(volume.record.mappingRoot, vb) {
                     current = physical
                     if !pathShared && !spaceMap.sharingDroppedThisTransaction(physical) {
                         inPlace = try spaceMap.refcount(physical) == 1
@@ -353,7 +358,7 @@ extension Pool {
         if needed > 0 {
             let firstNew = plan.entries.first { !$0.inPlace }!.virtual
             let hint: UInt64? = try mapErrors {
-                guard firstNew > 0, let previous = try tree.lookup(state.record.mappingRoot, firstNew - 1) else { return nil }
+                guard firstNew > 0, let previous = try tree.lookup(volume.record.mappingRoot, firstNew - 1) else { return nil }
                 return previous + 1
             }
             let runs: [Range<UInt64>]
@@ -361,7 +366,7 @@ extension Pool {
                 runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint, reserveOnly: reserveOnly) }
             } catch {
                 // With an autogrow policy, a full pool grows instead of failing the write.
-                guard case .noDataSpace = error, try growForPolicyLocked(atLeast: UInt64(needed)) != nil else { throw error }
+                guard case .noDataSpace = error, try growForPolicy(&state, atLeast: UInt64(needed)) != nil else { throw error }
                 runs = try mapErrors { try spaceMap.allocate(UInt64(needed), near: hint, reserveOnly: reserveOnly) }
             }
             plan.allocated.reserveCapacity(needed)
@@ -371,7 +376,7 @@ extension Pool {
                 let target = plan.allocated[next]
                 plan.entries[i].target = target
                 // Taken out of the known-zero set either way: the write may put data there.
-                let released = knownZeroLocked.remove(target)
+                let released = state.knownZero.remove(target)
                 plan.entries[i].targetReadsZero = target >= plan.zeroMark || released
                 next += 1
             }
@@ -379,29 +384,34 @@ extension Pool {
         return plan
     }
 
-    /// Returns a failed write's new blocks. Needs the pool lock.
-    func abandonWriteLocked(_ plan: WritePlan) {
+    /// Returns a failed write's new blocks.
+    func abandonWrite(_ state: inout PoolState, _ plan: WritePlan) {
         for block in plan.allocated {
-            if plan.reserved { spaceMap.unreserve(block) } else { try? spaceMap.decRef(block) }
+            if plan.reserved { state.spaceMap.unreserve(block) } else { try? state.spaceMap.decRef(block) }
         }
     }
 
-    /// Maps the written blocks and releases the ones they replaced. Needs the pool lock.
-    func applyWriteLocked(_ state: VolumeState, _ plan: WritePlan) throws(PoolError) {
+    /// Maps the written blocks into volume `id` and releases the ones they replaced.
+    func applyWrite(_ state: inout PoolState, _ id: UInt64, _ plan: WritePlan) throws(PoolError) {
+        guard let volume = state.volumes[id] else {
+            abandonWrite(&state, plan)
+            throw .noSuchVolume("#\(id)")
+        }
         for entry in plan.entries where !entry.inPlace {
             if entry.current == nil {
-                statisticsLocked.newBlocks += 1
+                state.statistics.newBlocks += 1
             } else {
-                statisticsLocked.copyOnWriteBlocks += 1
+                state.statistics.copyOnWriteBlocks += 1
             }
         }
-        let tree = mappings
-        var root = state.record.mappingRoot
-        var mapped = state.record.mappedBlocks
+        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        var root = volume.record.mappingRoot
+        var mapped = volume.record.mappedBlocks
         defer {
-            state.record.mappingRoot = root
-            state.record.mappedBlocks = mapped
-            state.dirty = true
+            state.volumes[id]?.change { record in
+                record.mappingRoot = root
+                record.mappedBlocks = mapped
+            }
         }
         // `mappedCount` new blocks are in the tree; `holding` says whether the next one
         // already has its reference (materialized or allocated) without being mapped.
@@ -530,28 +540,28 @@ extension Pool {
 
     /// One round of `writeBatch`, holding the range locks of all its writes.
     private func writeRound(_ round: [Int], of writes: [BatchedWrite], into results: inout [PoolError?]) {
-        var planned: [(index: Int, state: VolumeState, plan: WritePlan)] = []
-        lock.withLock {
+        var planned: [(index: Int, plan: WritePlan)] = []
+        lock.withLock { state in
             for i in round {
+                let (id, offset, count) = (writes[i].volume, writes[i].offset, UInt64(writes[i].data.count))
                 do throws(PoolError) {
-                    let state = try volume(writes[i].volume, writing: true)
-                    try checkRange(state, writes[i].offset, UInt64(writes[i].data.count))
-                    planned.append((i, state, try planWriteLocked(state, at: writes[i].offset, count: UInt64(writes[i].data.count), reserveOnly: true)))
+                    let volume = try volume(id, writing: true, at: offset, count: count, in: state)
+                    planned.append((i, try planWrite(&state, volume, at: offset, count: count, reserveOnly: true)))
                 } catch {
                     results[i] = error
                 }
             }
         }
         var io = WriteDataIO()
-        for (i, _, plan) in planned {
+        for (i, plan) in planned {
             addWriteData(plan.entries, data: writes[i].data, zeroMark: plan.zeroMark, to: &io)
         }
         do throws(PoolError) {
             try performWriteData(&io)
         } catch {
             // Which write failed is not known: undo all and let each find its own outcome.
-            lock.withLock { for entry in planned { abandonWriteLocked(entry.plan) } }
-            for (i, _, _) in planned {
+            lock.withLock { state in for entry in planned { abandonWrite(&state, entry.plan) } }
+            for (i, _) in planned {
                 do throws(PoolError) {
                     // The round holds this write's range lock already.
                     try writeHoldingRange(writes[i].volume, at: writes[i].offset, from: writes[i].data, forceUnitAccess: writes[i].forceUnitAccess)
@@ -561,19 +571,19 @@ extension Pool {
             }
             return
         }
-        lock.withLock {
+        lock.withLock { state in
             var commitFailure: PoolError?
-            for (i, state, plan) in planned {
+            for (i, plan) in planned {
                 do throws(PoolError) {
-                    try applyWriteLocked(state, plan)
+                    try applyWrite(&state, writes[i].volume, plan)
                 } catch {
                     results[i] = error
                 }
             }
             if planned.contains(where: { writes[$0.index].forceUnitAccess && results[$0.index] == nil }) {
-                do throws(PoolError) { try commitLocked() } catch { commitFailure = error }
+                do throws(PoolError) { try commit(&state) } catch { commitFailure = error }
                 if let commitFailure {
-                    for (i, _, _) in planned where writes[i].forceUnitAccess && results[i] == nil { results[i] = commitFailure }
+                    for (i, _) in planned where writes[i].forceUnitAccess && results[i] == nil { results[i] = commitFailure }
                 }
             }
         }
@@ -591,16 +601,15 @@ extension Pool {
     /// failure part-way (a full pool, a volume deleted meanwhile) leaves the slices done
     /// zeroed, which NBD allows for a failed request.
     public func writeZeroes(_ id: UInt64, at offset: UInt64, count: UInt64, mayUnmap: Bool = true) throws(PoolError) {
-        try lock.withSharedAccess { () throws(PoolError) in
-            let state = try volume(id, writing: true)
-            try checkRange(state, offset, count)
+        try lock.withSharedAccess { state throws(PoolError) in
+            _ = try volume(id, writing: true, at: offset, count: count, in: state)
             guard count > 0 else { return }
             // Fail before changing anything when the zeros might need more blocks than
             // are free: at most the two partial ends, or every block when nothing is unmapped.
             let touched = (offset + count - 1) / blockSize - offset / blockSize + 1
             let worstCase = mayUnmap ? min(2, touched) : touched
-            if spaceMap.freeBlocks < worstCase && autoGrowLocked == nil {
-                throw .noDataSpace("pool is out of data space (write-zeroes may need \(worstCase) blocks, \(spaceMap.freeBlocks) free)")
+            if state.spaceMap.freeBlocks < worstCase && state.autoGrow == nil {
+                throw .noDataSpace("pool is out of data space (write-zeroes may need \(worstCase) blocks, \(state.spaceMap.freeBlocks) free)")
             }
         }
         guard count > 0 else { return }
@@ -648,10 +657,9 @@ extension Pool {
         while position < end {
             let length = min(blockSize - position % blockSize, end - position)
             try rangeLocks.withRange(id, blockRange(position, length)) { () throws(PoolError) in
-                let mapped = try lock.withSharedAccess { () throws(PoolError) -> Bool in
-                    let state = try volume(id, writing: true)
-                    try checkRange(state, position, length)
-                    return try mapErrors { try mappings.lookup(state.record.mappingRoot, position / blockSize) != nil }
+                let mapped = try lock.withSharedAccess { state throws(PoolError) -> Bool in
+                    let volume = try volume(id, writing: true, at: position, count: length, in: state)
+                    return try mapErrors { try state.mappings.lookup(volume.record.mappingRoot, position / blockSize) != nil }
                 }
                 guard mapped else { return }
                 try writeHoldingRange(
@@ -667,10 +675,9 @@ extension Pool {
         while first < blocks.upperBound {
             let slice = first..<min(blocks.upperBound, first + Self.sliceBlocks)
             try rangeLocks.withRange(id, slice) { () throws(PoolError) in
-                try lock.withLock { () throws(PoolError) in
-                    let state = try volume(id, writing: true)
-                    try checkRange(state, slice.lowerBound * blockSize, UInt64(slice.count) * blockSize)
-                    try unmapLocked(state, blocks: slice)
+                try lock.withLock { (state: inout PoolState) throws(PoolError) in
+                    _ = try volume(id, writing: true, at: slice.lowerBound * blockSize, count: UInt64(slice.count) * blockSize, in: state)
+                    try unmap(&state, id, blocks: slice)
                 }
             }
             first = slice.upperBound
@@ -686,41 +693,46 @@ extension Pool {
         return (offset / blockSize)..<((end - 1) / blockSize + 1)
     }
 
-    func zeroLocked(_ state: VolumeState, from offset: UInt64, count: UInt64, unmapWholeBlocks: Bool) throws(PoolError) {
+    /// Zeroes a range of volume `id` under the exclusive lock (resize uses it for the
+    /// tail of the last block).
+    func zero(_ state: inout PoolState, _ id: UInt64, from offset: UInt64, count: UInt64, unmapWholeBlocks: Bool) throws(PoolError) {
         guard count > 0 else { return }
         let end = offset + count
         // Fail before changing anything when the zeros might need more blocks than are
         // free: at most the two partial ends, or every block when nothing is unmapped.
         let worstCase = unmapWholeBlocks ? min(2, (end - 1) / blockSize - offset / blockSize + 1) : (end - 1) / blockSize - offset / blockSize + 1
-        if spaceMap.freeBlocks < worstCase {
-            throw .noDataSpace("pool is out of data space (write-zeroes may need \(worstCase) blocks, \(spaceMap.freeBlocks) free)")
+        if state.spaceMap.freeBlocks < worstCase {
+            throw .noDataSpace("pool is out of data space (write-zeroes may need \(worstCase) blocks, \(state.spaceMap.freeBlocks) free)")
         }
         let firstWhole = (offset + blockSize - 1) / blockSize
         let endWhole = end / blockSize
         if unmapWholeBlocks && firstWhole < endWhole {
-            try unmapLocked(state, blocks: firstWhole..<endWhole)
-            try zeroPartial(state, from: offset, to: min(end, firstWhole * blockSize))
-            try zeroPartial(state, from: max(offset, endWhole * blockSize), to: end)
+            try unmap(&state, id, blocks: firstWhole..<endWhole)
+            try zeroPartial(&state, id, from: offset, to: min(end, firstWhole * blockSize))
+            try zeroPartial(&state, id, from: max(offset, endWhole * blockSize), to: end)
         } else if unmapWholeBlocks {
-            try zeroPartial(state, from: offset, to: end)
+            try zeroPartial(&state, id, from: offset, to: end)
         } else {
             var position = offset
             while position < end {
                 let length = min(blockSize - position % blockSize, end - position)
-                try writeLocked(state, at: position, from: UnsafeRawBufferPointer(rebasing: zeroScratch.bytes[0..<Int(length)]))
+                let zeros = UnsafeRawBufferPointer(rebasing: state.zeroScratch.bytes[0..<Int(length)])
+                try writeHoldingLock(&state, id, at: position, from: zeros)
                 position += length
             }
         }
     }
 
     /// Writes zeros into the mapped blocks of a range that spans at most part of two blocks.
-    private func zeroPartial(_ state: VolumeState, from start: UInt64, to end: UInt64) throws(PoolError) {
+    private func zeroPartial(_ state: inout PoolState, _ id: UInt64, from start: UInt64, to end: UInt64) throws(PoolError) {
         var position = start
         while position < end {
             let length = min(blockSize - position % blockSize, end - position)
-            let mapped = try mapErrors { try mappings.lookup(state.record.mappingRoot, position / blockSize) != nil }
+            guard let volume = state.volumes[id] else { throw .noSuchVolume("#\(id)") }
+            let mapped = try mapErrors { try state.mappings.lookup(volume.record.mappingRoot, position / blockSize) != nil }
             if mapped {
-                try writeLocked(state, at: position, from: UnsafeRawBufferPointer(rebasing: zeroScratch.bytes[0..<Int(length)]))
+                let zeros = UnsafeRawBufferPointer(rebasing: state.zeroScratch.bytes[0..<Int(length)])
+                try writeHoldingLock(&state, id, at: position, from: zeros)
             }
             position += length
         }
@@ -730,33 +742,35 @@ extension Pool {
     /// then read as zeros and their space returns to the pool at the next commit.
     /// Sliced like `writeZeroes`, so a huge trim never holds the pool lock for long.
     public func trim(_ id: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) {
-        try lock.withSharedAccess { () throws(PoolError) in
-            let state = try volume(id, writing: true)
-            try checkRange(state, offset, count)
+        try lock.withSharedAccess { state throws(PoolError) in
+            _ = try volume(id, writing: true, at: offset, count: count, in: state)
         }
         let firstWhole = (offset + blockSize - 1) / blockSize
         let endWhole = (offset + count) / blockSize
         if firstWhole < endWhole { try unmapInSlices(id, blocks: firstWhole..<endWhole) }
     }
 
-    func unmapLocked(_ state: VolumeState, blocks: Range<UInt64>) throws(PoolError) {
-        try store.usingReserve { () throws(PoolError) in try unmapWithReserveLocked(state, blocks: blocks) }
-    }
-
-    private func unmapWithReserveLocked(_ state: VolumeState, blocks: Range<UInt64>) throws(PoolError) {
-        var mapped = state.record.mappedBlocks
-        var root = state.record.mappingRoot
+    /// Unmaps `blocks` of volume `id`; their space returns to the pool at the next commit.
+    /// It frees space, so it may use the metadata reserve.
+    func unmap(_ state: inout PoolState, _ id: UInt64, blocks: Range<UInt64>) throws(PoolError) {
+        guard let volume = state.volumes[id] else { throw .noSuchVolume("#\(id)") }
+        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        var mapped = volume.record.mappedBlocks
+        var root = volume.record.mappingRoot
         defer {
-            state.record.mappedBlocks = mapped
-            state.record.mappingRoot = root
-            state.dirty = true
+            state.volumes[id]?.change { record in
+                record.mappedBlocks = mapped
+                record.mappingRoot = root
+            }
         }
-        try mapErrors {
-            root = try mappings.removeAll(root, in: blocks) { (_: UInt64, physical: UInt64) throws(MetadataError) in
-                try spaceMap.decRef(physical)
-                // The count comes from disk: a wrong one is stale (check reports it and
-                // --repair recounts), never a reason to trap.
-                mapped = mapped > 0 ? mapped - 1 : 0
+        try state.store.usingReserve { () throws(PoolError) in
+            try mapErrors {
+                root = try tree.removeAll(root, in: blocks) { (_: UInt64, physical: UInt64) throws(MetadataError) in
+                    try spaceMap.decRef(physical)
+                    // The count comes from disk: a wrong one is stale (check reports it and
+                    // --repair recounts), never a reason to trap.
+                    mapped = mapped > 0 ? mapped - 1 : 0
+                }
             }
         }
     }
@@ -769,15 +783,14 @@ extension Pool {
     /// Mapped and unmapped runs covering `offset..<offset+count`, in order, merged.
     /// Unmapped runs read as zeros. Cost: one tree walk over the range.
     public func extents(_ id: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) -> [Extent] {
-        try lock.withLock { () throws(PoolError) in
-            let state = try volume(id, writing: false)
-            try checkRange(state, offset, count)
+        try lock.withSharedAccess { state throws(PoolError) in
+            let volume = try volume(id, writing: false, at: offset, count: count, in: state)
             guard count > 0 else { return [] }
             let end = offset + count
             var runs = ExtentList()
             var covered = offset
             _ = try mapErrors {
-                try mappings.forEach(state.record.mappingRoot, in: (offset / blockSize)..<((end + blockSize - 1) / blockSize)) { (vb: UInt64, _: UInt64) -> Bool in
+                try state.mappings.forEach(volume.record.mappingRoot, in: (offset / blockSize)..<((end + blockSize - 1) / blockSize)) { (vb: UInt64, _: UInt64) -> Bool in
                     let start = max(offset, vb * blockSize)
                     let stop = min(end, (vb + 1) * blockSize)
                     runs.add(covered, start, mapped: false)

@@ -11,31 +11,27 @@ extension Pool {
     /// Largest virtual size of a volume (the NBD size field is 64-bit; keep block math safe).
     public static let maxVolumeSize: UInt64 = 1 << 60
 
-    func withWritableLock<T>(_ body: () throws(PoolError) -> T) throws(PoolError) -> T {
-        try lock.withLock { () throws(PoolError) -> T in
-            guard !isClosed else { throw .closed }
+    /// Runs `body` under the exclusive lock, once the pool is known to take changes.
+    func withWritableLock<T>(_ body: (inout PoolState) throws(PoolError) -> T) throws(PoolError) -> T {
+        try lock.withLock { (state: inout PoolState) throws(PoolError) -> T in
+            guard !state.isClosed else { throw .closed }
             guard !isReadOnly else { throw .readOnly("pool \(path) (opened read-only)") }
             try refuseChangesIfFailed()
-            return try body()
+            return try body(&state)
         }
     }
 
     /// Runs a volume operation with the volume's whole block range locked (so writes in
     /// flight to it finish first and none start), then under the pool lock. Operations
     /// on a name that does not exist fail before locking anything.
-    func withVolumeExclusive<T>(_ name: Substring, _ body: () throws(PoolError) -> T) throws(PoolError) -> T {
-        let id = try lock.withLock { () throws(PoolError) in try state(named: String(name)).record.id }
+    func withVolumeExclusive<T>(_ name: Substring, _ body: (inout PoolState) throws(PoolError) -> T) throws(PoolError) -> T {
+        let id = try lock.withSharedAccess { state throws(PoolError) in try state.volume(named: String(name)).record.id }
         return try rangeLocks.withRange(id, 0..<UInt64.max) { () throws(PoolError) -> T in
             try withWritableLock(body)
         }
     }
 
-    func state(named name: String) throws(PoolError) -> VolumeState {
-        guard let id = names[name], let state = volumes[id] else { throw .noSuchVolume(name) }
-        return state
-    }
-
-    func checkNewName(_ name: String) throws(PoolError) {
+    func checkNewName(_ name: String, in state: borrowing PoolState) throws(PoolError) {
         if let (volume, snapshot) = VolumeName.splitSnapshot(name) {
             if let why = VolumeName.validate(volume) ?? VolumeName.validate(snapshot) {
                 throw .invalidName(name, reason: why)
@@ -43,7 +39,7 @@ extension Pool {
         } else if let why = VolumeName.validate(Substring(name)) {
             throw .invalidName(name, reason: why)
         }
-        if names[name] != nil { throw .volumeExists(name) }
+        if state.names[name] != nil { throw .volumeExists(name) }
     }
 
     func checkVolumeSize(_ size: UInt64) throws(PoolError) {
@@ -51,31 +47,23 @@ extension Pool {
         guard size <= Self.maxVolumeSize else { throw .invalidArgument("volume size must be at most 1 EiB") }
     }
 
-    func addVolume(_ record: VolumeRecord) -> VolumeState {
-        let state = VolumeState(record: record, recordBlock: 0, dirty: true)
-        volumes[record.id] = state
-        names[record.name] = record.id
-        superblock.nextVolumeID = record.id + 1
-        return state
-    }
-
-    /// Finishes a management operation: commit, and on failure report it unchanged
-    /// as far as the caller is concerned (the in-memory state is reloaded on next open).
+    /// Finishes a management operation: commit. A failed commit puts the pool in fail
+    /// mode, so the change, reported as failed, never becomes durable later.
     /// Without `commit` the change waits for the next commit (FLUSH, auto-commit): for
     /// ephemeral volumes, which do not outlive a crash anyway (the next server deletes
     /// what is left), so a CI host starting forty builds pays no forty commits.
-    func finishManagement(commit: Bool = true) throws(PoolError) {
-        if commit { try commitLocked() }
+    func finishManagement(_ state: inout PoolState, commit: Bool = true) throws(PoolError) {
+        if commit { try self.commit(&state) }
     }
 
     /// One volume's description. Shared access: it does not wait for a commit's I/O.
     public func volumeInfo(_ name: String) throws(PoolError) -> VolumeInfo {
-        try lock.withSharedAccess { () throws(PoolError) in describe(try state(named: name)) }
+        try lock.withSharedAccess { state throws(PoolError) in describe(try state.volume(named: name), in: state) }
     }
 
     /// Every volume, sorted by name. O(volumes), shared access.
     public func listVolumes() -> [VolumeInfo] {
-        lock.withSharedAccess { volumes.values.map { describe($0) }.sorted { $0.name < $1.name } }
+        lock.withSharedAccess { state in describeAll(state) }
     }
 
     /// Creates an empty thin volume. Its size may exceed the pool (overcommit). O(1).
@@ -87,18 +75,18 @@ extension Pool {
     /// `createVolume`, optionally marked ephemeral (see `VolumeInfo.isEphemeral`); an
     /// ephemeral volume is made durable by the next commit, not by one of its own.
     public func createVolume(_ name: String, size: UInt64, ephemeral: Bool) throws(PoolError) -> VolumeInfo {
-        try withWritableLock { () throws(PoolError) in
+        try withWritableLock { state throws(PoolError) in
             guard VolumeName.splitSnapshot(name) == nil else {
                 throw .invalidName(name, reason: "volume names cannot contain '@' (that names a snapshot)")
             }
-            try checkNewName(name)
+            try checkNewName(name, in: state)
             try checkVolumeSize(size)
             let record = VolumeRecord(
-                id: superblock.nextVolumeID, kind: .volume, name: name, virtualSize: size,
+                id: state.superblock.nextVolumeID, kind: .volume, name: name, virtualSize: size,
                 createdAt: SystemInfo.wallClockSeconds(), flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
-            let state = addVolume(record)
-            try finishManagement(commit: !ephemeral)
-            return describe(state)
+            let volume = state.add(record)
+            try finishManagement(&state, commit: !ephemeral)
+            return describe(volume, in: state)
         }
     }
 
@@ -116,21 +104,21 @@ extension Pool {
         guard let (volumeName, _) = VolumeName.splitSnapshot(fullName) else {
             throw .invalidName(fullName, reason: "a snapshot is named VOLUME@SNAPSHOT")
         }
-        return try withVolumeExclusive(volumeName) { () throws(PoolError) in
-            if ifMissing, let existing = try? state(named: fullName) { return (describe(existing), false) }
-            let origin = try state(named: String(volumeName))
+        return try withVolumeExclusive(volumeName) { state throws(PoolError) in
+            if ifMissing, let existing = try? state.volume(named: fullName) { return (describe(existing, in: state), false) }
+            let origin = try state.volume(named: String(volumeName))
             guard origin.record.kind == .volume else {
                 throw .invalidArgument("\(volumeName) is a snapshot; snapshots are taken of volumes")
             }
-            try checkNewName(fullName)
-            try mapErrors { try mappings.retain(origin.record.mappingRoot) }
+            try checkNewName(fullName, in: state)
+            try mapErrors { try state.mappings.retain(origin.record.mappingRoot) }
             let record = VolumeRecord(
-                id: superblock.nextVolumeID, parentID: origin.record.id, ownerID: origin.record.id, kind: .snapshot,
+                id: state.superblock.nextVolumeID, parentID: origin.record.id, ownerID: origin.record.id, kind: .snapshot,
                 name: fullName, virtualSize: origin.record.virtualSize, mappingRoot: origin.record.mappingRoot,
                 mappedBlocks: origin.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds())
-            let state = addVolume(record)
-            try finishManagement()
-            return (describe(state), true)
+            let snapshot = state.add(record)
+            try finishManagement(&state)
+            return (describe(snapshot, in: state), true)
         }
     }
 
@@ -145,27 +133,27 @@ extension Pool {
     /// Check and creation are one step, as for `snapshot(_:ifMissing:)`. An ephemeral
     /// clone is made durable by the next commit, not by one of its own.
     public func clone(_ sourceName: String, as name: String, ifMissing: Bool, ephemeral: Bool = false) throws(PoolError) -> (volume: VolumeInfo, created: Bool) {
-        try withVolumeExclusive(Substring(sourceName)) { () throws(PoolError) in
-            let source = try state(named: sourceName)
-            if ifMissing, let existing = try? state(named: name) {
+        try withVolumeExclusive(Substring(sourceName)) { state throws(PoolError) in
+            let source = try state.volume(named: sourceName)
+            if ifMissing, let existing = try? state.volume(named: name) {
                 guard existing.record.parentID == source.record.id else {
                     throw .invalidArgument("\(name) exists but is not a clone of \(sourceName)")
                 }
-                return (describe(existing), false)
+                return (describe(existing, in: state), false)
             }
             guard VolumeName.splitSnapshot(name) == nil else {
                 throw .invalidName(name, reason: "a clone is a volume; its name cannot contain '@'")
             }
-            try checkNewName(name)
-            try mapErrors { try mappings.retain(source.record.mappingRoot) }
+            try checkNewName(name, in: state)
+            try mapErrors { try state.mappings.retain(source.record.mappingRoot) }
             let record = VolumeRecord(
-                id: superblock.nextVolumeID, parentID: source.record.id, kind: .volume, name: name,
+                id: state.superblock.nextVolumeID, parentID: source.record.id, kind: .volume, name: name,
                 virtualSize: source.record.virtualSize, mappingRoot: source.record.mappingRoot,
                 mappedBlocks: source.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(),
                 flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
-            let state = addVolume(record)
-            try finishManagement(commit: !ephemeral)
-            return (describe(state), true)
+            let clone = state.add(record)
+            try finishManagement(&state, commit: !ephemeral)
+            return (describe(clone, in: state), true)
         }
     }
 
@@ -175,23 +163,25 @@ extension Pool {
         guard let (volumeName, _) = VolumeName.splitSnapshot(snapshotName) else {
             throw .invalidName(snapshotName, reason: "rollback takes VOLUME@SNAPSHOT")
         }
-        try withVolumeExclusive(volumeName) { () throws(PoolError) in
-            let snapshot = try state(named: snapshotName)
-            let volume = try state(named: String(volumeName))
+        try withVolumeExclusive(volumeName) { state throws(PoolError) in
+            let snapshot = try state.volume(named: snapshotName)
+            let volume = try state.volume(named: String(volumeName))
             guard snapshot.record.kind == .snapshot, snapshot.record.ownerID == volume.record.id else {
                 throw .invalidArgument("\(snapshotName) is not a snapshot of volume \(volumeName)")
             }
-            try store.usingReserve { () throws(PoolError) in
+            let mappings = state.mappings
+            try state.store.usingReserve { () throws(PoolError) in
                 try mapErrors {
                     try mappings.retain(snapshot.record.mappingRoot)
                     try mappings.release(volume.record.mappingRoot)
                 }
             }
-            volume.record.mappingRoot = snapshot.record.mappingRoot
-            volume.record.mappedBlocks = snapshot.record.mappedBlocks
-            volume.record.virtualSize = snapshot.record.virtualSize
-            volume.dirty = true
-            try finishManagement()
+            state.volumes[volume.record.id]?.change { record in
+                record.mappingRoot = snapshot.record.mappingRoot
+                record.mappedBlocks = snapshot.record.mappedBlocks
+                record.virtualSize = snapshot.record.virtualSize
+            }
+            try finishManagement(&state)
         }
     }
 
@@ -199,40 +189,45 @@ extension Pool {
     /// return to the pool. Its snapshots stay (named as before); its clones stay.
     /// Cost: O(blocks only it referenced).
     public func delete(_ name: String) throws(PoolError) {
-        try withVolumeExclusive(Substring(name)) { () throws(PoolError) in
-            let victim = try state(named: name)
+        try withVolumeExclusive(Substring(name)) { state throws(PoolError) in
+            let victim = try state.volume(named: name)
             let id = victim.record.id
-            try store.usingReserve { () throws(PoolError) in
-                try mapErrors {
-                    try mappings.release(victim.record.mappingRoot)
-                    if victim.recordBlock != 0 {
-                        let (root, removed) = try volumeTable.remove(volumeTableRoot, id)
-                        volumeTableRoot = root
-                        if let removed { try store.decRef(removed, .volumeRecord) }
+            let (store, mappings, volumeTable) = (state.store, state.mappings, state.volumeTable)
+            var tableRoot = state.volumeTableRoot
+            do {
+                // Whatever the release did, the table root it left is the one to keep.
+                defer { state.volumeTableRoot = tableRoot }
+                try store.usingReserve { () throws(PoolError) in
+                    try mapErrors {
+                        try mappings.release(victim.record.mappingRoot)
+                        if victim.recordBlock != 0 {
+                            let (root, removed) = try volumeTable.remove(tableRoot, id)
+                            tableRoot = root
+                            if let removed { try store.decRef(removed, .volumeRecord) }
+                        }
                     }
                 }
             }
-            volumes[id] = nil
-            names[name] = nil
-            for other in volumes.values {
-                if other.record.parentID == id {
-                    other.record.parentID = 0
-                    other.dirty = true
-                }
-                if other.record.ownerID == id {
-                    other.record.ownerID = 0
-                    other.dirty = true
+            state.volumes[id] = nil
+            state.names[name] = nil
+            let related = state.volumes.compactMap { otherID, other in
+                other.record.parentID == id || other.record.ownerID == id ? otherID : nil
+            }
+            for otherID in related {
+                state.volumes[otherID]?.change { record in
+                    if record.parentID == id { record.parentID = 0 }
+                    if record.ownerID == id { record.ownerID = 0 }
                 }
             }
-            try finishManagement(commit: !victim.record.isEphemeral)
+            try finishManagement(&state, commit: !victim.record.isEphemeral)
         }
     }
 
     /// Renames a volume (its snapshots follow: `OLD@S` becomes `NEW@S`) or a snapshot
     /// (within its volume: `VOL@OLD` to `VOL@NEW`). An ephemeral volume becomes ordinary.
     public func rename(_ oldName: String, to newName: String) throws(PoolError) {
-        try withWritableLock { () throws(PoolError) in
-            let target = try state(named: oldName)
+        try withWritableLock { state throws(PoolError) in
+            let target = try state.volume(named: oldName)
             if target.record.kind == .snapshot {
                 guard let (oldVolume, _) = VolumeName.splitSnapshot(oldName),
                     let (newVolume, _) = VolumeName.splitSnapshot(newName), oldVolume == newVolume
@@ -242,65 +237,65 @@ extension Pool {
             } else if VolumeName.splitSnapshot(newName) != nil {
                 throw .invalidName(newName, reason: "volume names cannot contain '@'")
             }
-            try checkNewName(newName)
-            var renames: [(VolumeState, String)] = [(target, newName)]
+            try checkNewName(newName, in: state)
+            var renames: [(id: UInt64, oldName: String, newName: String)] = [(target.record.id, oldName, newName)]
             if target.record.kind == .volume {
-                for other in volumes.values where other.record.ownerID == target.record.id {
+                for other in state.volumes.values where other.record.ownerID == target.record.id {
                     guard let (_, snap) = VolumeName.splitSnapshot(other.record.name) else { continue }
                     let renamed = "\(newName)@\(snap)"
-                    if names[renamed] != nil { throw .volumeExists(renamed) }
-                    renames.append((other, renamed))
+                    if state.names[renamed] != nil { throw .volumeExists(renamed) }
+                    renames.append((other.record.id, other.record.name, renamed))
                 }
             }
-            for (state, name) in renames {
-                names[state.record.name] = nil
-                state.record.name = name
-                names[name] = state.record.id
-                state.dirty = true
+            for rename in renames {
+                state.names[rename.oldName] = nil
+                state.names[rename.newName] = rename.id
+                state.volumes[rename.id]?.change { $0.name = rename.newName }
             }
             // A renamed ephemeral volume is one somebody wants: it becomes ordinary, so
             // no server deletes it (by its old name's rules, or as a leftover).
-            target.record.flags &= ~VolumeRecord.ephemeralFlag
-            try finishManagement()
+            state.volumes[target.record.id]?.change { $0.flags &= ~VolumeRecord.ephemeralFlag }
+            try finishManagement(&state)
         }
     }
 
     /// Grows or shrinks a volume. Shrinking unmaps every block past the new end and
     /// zeroes the tail of the last partial block, so growing again reads zeros.
     public func resize(_ name: String, to newSize: UInt64) throws(PoolError) {
-        try withVolumeExclusive(Substring(name)) { () throws(PoolError) in
-            let volume = try state(named: name)
+        try withVolumeExclusive(Substring(name)) { state throws(PoolError) in
+            let volume = try state.volume(named: name)
+            let id = volume.record.id
             guard volume.record.kind == .volume else { throw .readOnly("snapshot \(name)") }
             try checkVolumeSize(newSize)
             if newSize < volume.record.virtualSize {
+                let store = state.store
                 try store.usingReserve { () throws(PoolError) in
                     let tail = newSize % blockSize
                     if tail != 0 {
-                        try zeroLocked(volume, from: newSize, count: blockSize - tail, unmapWholeBlocks: true)
+                        try zero(&state, id, from: newSize, count: blockSize - tail, unmapWholeBlocks: true)
                     }
                     let firstGone = (newSize + blockSize - 1) / blockSize
-                    try unmapLocked(volume, blocks: firstGone..<UInt64.max)
+                    try unmap(&state, id, blocks: firstGone..<UInt64.max)
                 }
             }
-            volume.record.virtualSize = newSize
-            volume.dirty = true
-            try finishManagement()
+            state.volumes[id]?.change { $0.virtualSize = newSize }
+            try finishManagement(&state)
         }
     }
 
     /// Grows the pool's data region to `newSize` bytes (rounded down to whole blocks).
     /// The backing file is extended sparsely.
     public func grow(to newSize: UInt64) throws(PoolError) {
-        try withWritableLock { () throws(PoolError) in
-            try growLocked(to: newSize)
-            try finishManagement()
+        try withWritableLock { state throws(PoolError) in
+            try grow(&state, to: newSize)
+            try finishManagement(&state)
         }
     }
 
-    /// `grow` without the commit; needs the pool lock. The new size is committed with
-    /// the next transaction (until then a crash leaves the old size: the file's extra
-    /// sparse bytes are unused).
-    func growLocked(to newSize: UInt64) throws(PoolError) {
+    /// `grow` without the commit. The new size is committed with the next transaction
+    /// (until then a crash leaves the old size: the file's extra sparse bytes are unused).
+    func grow(_ state: inout PoolState, to newSize: UInt64) throws(PoolError) {
+        let (spaceMap, store) = (state.spaceMap, state.store)
         do {
             let newBlocks = newSize / blockSize
             guard newBlocks >= spaceMap.dataBlocks else {

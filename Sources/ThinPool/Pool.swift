@@ -45,20 +45,6 @@ public struct PoolGeometry: Sendable {
     }
 }
 
-/// In-memory state of one volume or snapshot.
-final class VolumeState {
-    var record: VolumeRecord
-    /// Where the record was last written (0 = not yet).
-    var recordBlock: UInt64
-    var dirty: Bool
-
-    init(record: VolumeRecord, recordBlock: UInt64, dirty: Bool) {
-        self.record = record
-        self.recordBlock = recordBlock
-        self.dirty = dirty
-    }
-}
-
 /// A thin pool: one backing file holding a superblock pair, a metadata region and a
 /// data region, with thin volumes, read-only snapshots and writable clones inside.
 ///
@@ -67,9 +53,10 @@ final class VolumeState {
 /// the next `commit()` (NBD FLUSH, FUA, or the auto-commit timer), like a disk with a
 /// volatile write cache.
 public final class Pool: @unchecked Sendable {
-    /// Orders every metadata change; lookups for reads need only its shared side, so they
-    /// continue while a commit writes and syncs.
-    let lock = PoolLock()
+    /// Everything that changes with the metadata (`PoolState`), behind the lock that
+    /// orders every change to it; lookups need only its shared side, so they continue
+    /// while a commit writes and syncs.
+    let lock: PoolLock<PoolState>
     /// Data I/O done outside `lock` holds an entry; a commit waits for the entries made
     /// before it before freed blocks can be handed out again.
     let ioGate = DrainGate()
@@ -81,34 +68,14 @@ public final class Pool: @unchecked Sendable {
     let device: BlockDevice
     public let path: String
     public let isReadOnly: Bool
-    var superblock: Superblock
-    let store: MetadataStore
-    let spaceMap: DataSpaceMap
-    var volumeTableRoot: UInt64
-    var volumes: [UInt64: VolumeState] = [:]
-    var names: [String: UInt64] = [:]
-    var isClosed = false
     /// Fail mode (Pool+FailMode.swift): its own lock, so that finding damage never waits.
     let failureState = LockedValue(FailureState())
-    /// Counts since open (`statistics`); under the pool lock.
-    var statisticsLocked = PoolStatistics()
-    /// `autoGrow`; under the pool lock.
-    var autoGrowLocked: AutoGrowPolicy?
-    /// Data blocks are known to read as zeros at or above this mark (sparse, never written).
-    var zeroScratch: AlignedBuffer
-    /// Data blocks below the high-water mark known to read as zeros: freed, and their
-    /// storage released after the commit. Allocation takes blocks out; empty after open
-    /// (conservative). Under the pool lock.
-    var knownZeroLocked = BlockRanges()
     /// Zeros that write-zeroes writes from, never written to (shared by every thread):
     /// 1 MiB or one data block, whichever is larger.
     let zeroes: AlignedBuffer
 
     public let blockSize: UInt64
     let dataOffset: UInt64
-
-    var mappings: BTree { BTree(store: store, type: .mappingNode, values: .dataBlocks(spaceMap)) }
-    var volumeTable: BTree { BTree(store: store, type: .volumeTableNode, values: .metadataBlocks(.volumeRecord)) }
 
     // MARK: Creating and opening
 
@@ -242,74 +209,17 @@ public final class Pool: @unchecked Sendable {
         self.device = device
         self.path = path
         self.isReadOnly = readOnly
-        self.superblock = superblock
         self.blockSize = UInt64(superblock.dataBlockSize)
         self.dataOffset = superblock.dataOffset
-        self.volumeTableRoot = superblock.volumeTableRoot
-        self.zeroScratch = AlignedBuffer(count: Int(superblock.dataBlockSize))
         self.zeroes = AlignedBuffer(count: max(1 << 20, Int(superblock.dataBlockSize)))
-        store = MetadataStore(
-            device: device, regionStart: superblock.metadataStart, regionBlocks: superblock.metadataBlocks,
-            committedGeneration: superblock.generation)
-        do {
-            spaceMap = try DataSpaceMap(
-                store: store, indexRoot: superblock.spaceMapRoot, dataBlocks: superblock.dataBlocks,
-                highWater: superblock.dataHighWater)
-        } catch {
-            throw PoolError(error)
-        }
-        let damage = try ThinPool.mapErrors { try loadVolumes() }
-        store.finishScan()
+        let (state, damage) = try ThinPool.mapErrors { try PoolState.load(device: device, superblock: superblock) }
+        lock = PoolLock(state)
         // Damage in one volume's record or tree does not keep the others from being
         // read: the pool opens in fail mode (nothing changes, nothing commits; the
         // metadata counts of a damaged tree are incomplete, and nothing allocates).
         if let first = damage.first {
             enterFailMode(damage.count == 1 ? first : "\(first) (and \(damage.count - 1) more)")
         }
-    }
-
-    /// Reads every volume record and counts references to the trees' interior nodes.
-    /// Returns the damage found in single volumes: a record that fails its checks (the
-    /// volume is left out) or a mapping tree whose interior fails them (the volume stays;
-    /// reads of the damaged ranges fail). Damage in the volume table itself throws.
-    private func loadVolumes() throws -> [String] {
-        let table = volumeTable
-        let mappingTree = mappings
-        var records: [(UInt64, VolumeRecord)] = []
-        var damage: [String] = []
-        let (blockSize, nextVolumeID) = (blockSize, superblock.nextVolumeID)
-        try table.scanReferences(volumeTableRoot, readLeaves: true) { (recordBlock: UInt64) throws(MetadataError) in
-            let record: VolumeRecord
-            do throws(MetadataError) {
-                guard try store.scanReference(recordBlock, type: .volumeRecord) == 1 else {
-                    throw .corruptBlock(recordBlock, .volumeRecord, "referenced twice from the volume table")
-                }
-                let block = try store.read(recordBlock, .volumeRecord)
-                do {
-                    record = try VolumeRecord.read(block.bytes, blockSize: blockSize, nextVolumeID: nextVolumeID)
-                } catch {
-                    throw .corruptBlock(recordBlock, .volumeRecord, "\(error)")
-                }
-            } catch where error.isDamage {
-                damage.append(error.description)
-                return
-            }
-            records.append((recordBlock, record))
-            do throws(MetadataError) {
-                try mappingTree.scanReferences(record.mappingRoot, readLeaves: false)
-            } catch where error.isDamage {
-                damage.append("\(record.name): \(error)")
-            }
-        }
-        for (recordBlock, record) in records {
-            guard volumes[record.id] == nil, names[record.name] == nil else {
-                damage.append(MetadataError.corruptBlock(recordBlock, .volumeRecord, "duplicate volume id or name '\(record.name)'").description)
-                continue
-            }
-            volumes[record.id] = VolumeState(record: record, recordBlock: recordBlock, dirty: false)
-            names[record.name] = record.id
-        }
-        return damage
     }
 
     /// Data above the committed high-water mark may hold writes of a transaction that
@@ -323,179 +233,33 @@ public final class Pool: @unchecked Sendable {
         // A grow (or autogrow) that never committed left the file longer than the pool
         // says; its tail may hold writes of that transaction. Cut it off, so a later
         // grow starts from zeros.
-        if try mapErrors({ try device.size }) > superblock.fileSize {
-            try mapErrors { try device.setSize(superblock.fileSize) }
-        }
-        let mark = spaceMap.highWater
-        let end = superblock.dataBlocks
-        if mark < end && !device.discard(at: dataOffset + mark * blockSize, length: (end - mark) * blockSize) {
-            spaceMap.setHighWater(end)
-        }
-    }
-
-    // MARK: Commit and close
-
-    /// Makes every write and change so far durable. Cost: one write per dirty metadata
-    /// block, two barriers (fdatasync), one superblock write.
-    ///
-    /// Crash safety: after a crash at any moment, open finds either the previous commit
-    /// or this one, complete.
-    public func commit() throws(PoolError) {
-        try lock.withLock { () throws(PoolError) in try commitLocked() }
-    }
-
-    /// A commit for the background (auto-commit), as dm-thin does it: when metadata
-    /// changed, the data written so far is synced first, outside the pool lock, so that
-    /// the commit's own barrier, which writes wait for, has little left to do. When only
-    /// data was overwritten in place (or nothing happened) it does nothing: those writes
-    /// become durable at the next FLUSH, as on a disk with a write cache, and a crash
-    /// before then leaves the pool consistent. Cost: one extra barrier per real commit.
-    public func commitInBackground() throws(PoolError) {
-        if failure != nil {
-            // Nothing commits in fail mode; the flag, when damage calls for it, goes out once.
-            if needsCheckFlagPending { lock.withLock { flagNeedsCheckLocked() } }
-            return
-        }
-        let pending = lock.withSharedAccess {
-            !isClosed && !isReadOnly
-                && (store.hasUncommittedChanges || volumes.values.contains { $0.dirty } || superblock.dataBlocks != spaceMap.dataBlocks)
-        }
-        guard pending else { return }
-        try failingOnCommitError { () throws(PoolError) in try mapErrors { try device.barrier() } }
-        try commit()
-    }
-
-    /// Writes volume records and the space map index into metadata blocks (no I/O).
-    func prepareCommitLocked() throws(PoolError) {
-        // A commit must always be possible, so it may use the metadata reserve.
-        try store.usingReserve { () throws(PoolError) in try prepareCommitWithReserveLocked() }
-    }
-
-    private func prepareCommitWithReserveLocked() throws(PoolError) {
-        try mapErrors {
-            for state in volumes.values where state.dirty {
-                let block: MetadataBlock
-                if state.recordBlock == 0 {
-                    block = try store.allocate(.volumeRecord)
-                } else {
-                    block = try store.shadow(state.recordBlock, .volumeRecord).block
-                }
-                state.record.encode(into: block.bytes)
-                if block.number != state.recordBlock {
-                    volumeTableRoot = try volumeTable.insert(volumeTableRoot, state.record.id, block.number).root
-                    state.recordBlock = block.number
-                }
-                state.dirty = false
+        try lock.withLock { (state: inout PoolState) throws(PoolError) in
+            if try mapErrors({ try device.size }) > state.superblock.fileSize {
+                try mapErrors { try device.setSize(state.superblock.fileSize) }
             }
-            try spaceMap.flushIndex()
-        }
-    }
-
-    func commitLocked() throws(PoolError) {
-        guard !isClosed else { throw .closed }
-        guard !isReadOnly else { return }
-        if let failure {
-            // Damage found: nothing more is committed (it would spread), and a FLUSH
-            // that cannot make data durable must not report success.
-            flagNeedsCheckLocked()
-            throw .failed(failure)
-        }
-        try failingOnCommitError { () throws(PoolError) in try writeCommitLocked() }
-    }
-
-    private func writeCommitLocked() throws(PoolError) {
-        try prepareCommitLocked()
-        guard store.hasUncommittedChanges || superblock.dataBlocks != spaceMap.dataBlocks else {
-            // Only in-place data writes since the last commit: they need the barrier
-            // alone, and reads go on meanwhile.
-            let device = self.device
-            try lock.admittingReaders { () throws(PoolError) in try mapErrors { try device.barrier() } }
-            return
-        }
-        let freed = spaceMap.blocksPendingFree
-        var next = superblock
-        next.spaceMapRoot = spaceMap.indexRoot
-        next.volumeTableRoot = volumeTableRoot
-        next.dataBlocks = spaceMap.dataBlocks
-        next.dataHighWater = spaceMap.highWater
-        next.committedAt = SystemInfo.wallClockSeconds()
-        let poolLock = lock
-        try mapErrors {
-            try store.commit(&next) { (io: () throws(MetadataError) -> Void) throws(MetadataError) in
-                // Reads may look mappings up while the blocks are written and synced.
-                try poolLock.admittingReaders { () throws(MetadataError) in try io() }
+            let mark = state.spaceMap.highWater
+            let end = state.superblock.dataBlocks
+            if mark < end && !device.discard(at: dataOffset + mark * blockSize, length: (end - mark) * blockSize) {
+                state.spaceMap.setHighWater(end)
             }
-        }
-        superblock = next
-        statisticsLocked.commits += 1
-        // Reads running outside the lock may still use blocks freed in this transaction:
-        // wait for those (only those; later reads go on) before the blocks can be reused.
-        let gate = ioGate
-        lock.admittingReaders { gate.waitForEarlierHolders() }
-        spaceMap.transactionCommitted()
-        // Releasing storage is host I/O: lookups go on meanwhile (the mutex keeps the
-        // freed blocks from being handed out before their storage is released).
-        if !freed.isEmpty { lock.admittingReaders { discardFreedData(freed) } }
-    }
-
-    /// Returns freed data blocks' storage to the host file system (best effort). Only
-    /// after commit: until then the previous commit may still map them.
-    private func discardFreedData(_ freed: Set<UInt64>) {
-        guard !freed.isEmpty else { return }
-        func release(_ blocks: Range<UInt64>) {
-            guard !blocks.isEmpty, device.discard(at: dataOffset + blocks.lowerBound * blockSize, length: UInt64(blocks.count) * blockSize) else { return }
-            knownZeroLocked.insert(blocks)
-        }
-        var start: UInt64 = 0
-        var length: UInt64 = 0
-        for block in freed.sorted() {
-            if length > 0 && start + length == block {
-                length += 1
-                continue
-            }
-            release(start..<start + length)
-            start = block
-            length = 1
-        }
-        release(start..<start + length)
-    }
-
-    /// Commits and releases the file. Further calls fail with `.closed`.
-    public func close() throws(PoolError) {
-        try lock.withLock { () throws(PoolError) in
-            guard !isClosed else { return }
-            defer {
-                isClosed = true
-                // Nothing can enter any more (closed under the lock): wait for what runs.
-                ioGate.waitForEarlierHolders()
-                device.close()
-            }
-            // In fail mode the last commit stays the pool's state; only the flag goes out.
-            if failure == nil { try commitLocked() } else { flagNeedsCheckLocked() }
-        }
-    }
-
-    /// Releases the file without committing (what a crash would leave, for tests).
-    public func abandon() {
-        lock.withLock {
-            isClosed = true
-            device.close()
         }
     }
 
     deinit {
-        if !isClosed { device.close() }
+        lock.withLockInDeinit { state in
+            if !state.isClosed { device.close() }
+        }
     }
 
     // MARK: Information
 
-    public var generation: UInt64 { lock.withLock { superblock.generation } }
+    public var generation: UInt64 { lock.withSharedAccess { $0.superblock.generation } }
 
     /// How many clean 4 KiB metadata blocks the cache keeps (dirty blocks stay until
     /// commit whatever the limit). Default 16,384 (64 MiB).
     public var metadataCacheBlocks: Int {
-        get { lock.withLock { store.cacheLimit } }
-        set { lock.withLock { store.cacheLimit = max(4, newValue) } }
+        get { lock.withSharedAccess { $0.store.cacheLimit } }
+        set { lock.withLock { $0.store.cacheLimit = max(4, newValue) } }
     }
     public var engineName: String { device.engineName }
 
@@ -508,40 +272,45 @@ public final class Pool: @unchecked Sendable {
     /// Sizes, usage and every volume. Cost: O(volumes), shared access to the pool lock
     /// (it does not wait for a commit's I/O).
     public func info() -> PoolInfo {
-        lock.withSharedAccess {
-            let space = spaceLocked()
+        lock.withSharedAccess { state in
+            let space = space(state)
             return PoolInfo(
-                path: path, uuid: superblock.uuid, engine: device.engineName, generation: superblock.generation,
+                path: path, uuid: state.superblock.uuid, engine: device.engineName, generation: state.superblock.generation,
                 blockSize: blockSize, dataTotalBytes: space.dataTotalBytes, dataFreeBytes: space.dataFreeBytes,
                 dataUsedBytes: space.dataUsedBytes,
                 metadataTotalBytes: space.metadataTotalBytes,
                 metadataUsedBytes: space.metadataUsedBytes,
                 metadataFreeBytes: space.metadataFreeBytes,
-                fileBytes: (try? device.size) ?? superblock.fileSize, allocatedFileBytes: device.allocatedBytes,
-                volumes: volumes.values.map { describe($0) }.sorted { $0.name < $1.name },
-                failure: failure, needsCheck: superblock.needsCheck)
+                fileBytes: (try? device.size) ?? state.superblock.fileSize, allocatedFileBytes: device.allocatedBytes,
+                volumes: describeAll(state), failure: failure, needsCheck: state.superblock.needsCheck)
         }
     }
 
     /// Space usage alone, for monitors that sample it often. O(1), shared access.
     public func space() -> PoolSpace {
-        lock.withSharedAccess { spaceLocked() }
+        lock.withSharedAccess { state in space(state) }
     }
 
-    private func spaceLocked() -> PoolSpace {
+    private func space(_ state: borrowing PoolState) -> PoolSpace {
         let metaBlock = UInt64(MetadataLayout.blockSize)
         return PoolSpace(
-            dataTotalBytes: spaceMap.dataBlocks * blockSize, dataFreeBytes: spaceMap.freeBlocks * blockSize,
-            metadataTotalBytes: store.regionBlocks * metaBlock, metadataUsedBytes: UInt64(store.usedBlocks) * metaBlock,
-            metadataFreeBytes: UInt64(store.freeBlocks) * metaBlock, volumes: volumes.count)
+            dataTotalBytes: state.spaceMap.dataBlocks * blockSize, dataFreeBytes: state.spaceMap.freeBlocks * blockSize,
+            metadataTotalBytes: state.store.regionBlocks * metaBlock,
+            metadataUsedBytes: UInt64(state.store.usedBlocks) * metaBlock,
+            metadataFreeBytes: UInt64(state.store.freeBlocks) * metaBlock, volumes: state.volumes.count)
     }
 
-    func describe(_ state: VolumeState) -> VolumeInfo {
-        let r = state.record
+    func describe(_ volume: VolumeState, in state: borrowing PoolState) -> VolumeInfo {
+        let r = volume.record
         let kind: VolumeInfo.Kind = r.kind == .snapshot ? .snapshot : (r.parentID == 0 ? .volume : .clone)
         return VolumeInfo(
             id: r.id, name: r.name, kind: kind, size: r.virtualSize, mappedBytes: r.mappedBlocks * blockSize,
-            parent: volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral)
+            parent: state.volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral)
+    }
+
+    /// Every volume, sorted by name.
+    func describeAll(_ state: borrowing PoolState) -> [VolumeInfo] {
+        state.volumes.values.map { describe($0, in: state) }.sorted { $0.name < $1.name }
     }
 }
 
@@ -573,7 +342,7 @@ public struct PoolStatistics: Sendable, Equatable {
 
 extension Pool {
     /// Counts since open. O(1), takes the pool lock briefly.
-    public var statistics: PoolStatistics { lock.withSharedAccess { statisticsLocked } }
+    public var statistics: PoolStatistics { lock.withSharedAccess { $0.statistics } }
 }
 
 /// A summary of the pool, as `thinbd info` prints it.

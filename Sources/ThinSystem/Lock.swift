@@ -42,60 +42,98 @@ public final class LockedValue<Value>: @unchecked Sendable {
     }
 }
 
-/// The pool's lock: a mutex that orders every change to metadata, plus a read-write lock
-/// that lets lookups run while a holder of the mutex does I/O that changes nothing (a
-/// commit writing its blocks and waiting for fdatasync).
+/// The pool's lock and the state it guards. A mutex orders every change; a read-write
+/// lock lets lookups run while the holder of the mutex does I/O that changes nothing
+/// (a commit writing its blocks and waiting for fdatasync).
 ///
-/// `withLock` takes both (exclusive). `withSharedAccess` takes only the read side, so it
-/// runs concurrently with other readers and with the I/O phase of a commit.
-public final class PoolLock: @unchecked Sendable {
+/// The state is reachable only through the closures below, as with `LockedValue`:
+/// - `withLock` takes both (exclusive) and lends the state `inout`;
+/// - `withSharedAccess` takes only the read side and lends it `borrowing`, so it runs
+///   beside other readers and beside the I/O phase of a commit, and cannot change it;
+/// - `admittingReaders`, inside `withLock`, lets readers back in while its body runs.
+///   The caller keeps the mutex, so nobody else changes the state meanwhile, and the
+///   body gets the state `borrowing` only: the exclusive holder must not change it
+///   through its own `inout` during the body either (the one rule the types cannot say).
+public final class PoolLock<State>: @unchecked Sendable {
     private let mutex = Lock()
     private let access = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
+    /// Stable storage: the closures get its address, never a copy of the state. (The
+    /// methods are inlinable so that callers specialize them: a generic call would copy
+    /// the state through its value witness on every lookup.)
+    @usableFromInline let state = UnsafeMutablePointer<State>.allocate(capacity: 1)
 
-    public init() {
+    public init(_ initial: State) {
         _ = thinbd_rwlock_init_writer_preferring(access)
+        state.initialize(to: initial)
     }
 
     deinit {
+        state.deinitialize(count: 1)
+        state.deallocate()
         pthread_rwlock_destroy(access)
         access.deallocate()
     }
 
-    @inline(__always)
-    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        NonBlockingThread.assertMayBlock("the pool lock")
+    @usableFromInline func lockExclusive() {
         mutex.lock()
         pthread_rwlock_wrlock(access)
-        defer {
-            pthread_rwlock_unlock(access)
-            mutex.unlock()
-        }
-        return try body()
     }
 
-    /// Read-only work on metadata: other readers, and a commit's I/O, may run meanwhile.
-    @inline(__always)
-    public func withSharedAccess<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+    @usableFromInline func unlockExclusive() {
+        pthread_rwlock_unlock(access)
+        mutex.unlock()
+    }
+
+    @usableFromInline func lockShared() { pthread_rwlock_rdlock(access) }
+    @usableFromInline func tryLockShared() -> Bool { pthread_rwlock_tryrdlock(access) == 0 }
+    /// Releases the read side (shared access), or the write side while admitting readers.
+    @usableFromInline func unlockAccess() { pthread_rwlock_unlock(access) }
+    @usableFromInline func relockAccessExclusive() { pthread_rwlock_wrlock(access) }
+    @usableFromInline func lockMutexOnly() { mutex.lock() }
+    @usableFromInline func unlockMutexOnly() { mutex.unlock() }
+
+    /// Exclusive access: waits for readers and for any other holder. Blocks.
+    @inlinable
+    public func withLock<T, E: Error>(_ body: (inout State) throws(E) -> T) throws(E) -> T {
+        NonBlockingThread.assertMayBlock("the pool lock")
+        lockExclusive()
+        defer { unlockExclusive() }
+        return try body(&state.pointee)
+    }
+
+    /// Exclusive access from the owner's `deinit`: nobody else can reach the lock any
+    /// more, so this never waits, and it may run on any thread (an event loop too).
+    @inlinable
+    public func withLockInDeinit<T>(_ body: (inout State) -> T) -> T {
+        lockMutexOnly()
+        defer { unlockMutexOnly() }
+        return body(&state.pointee)
+    }
+
+    /// Read-only access: other readers, and a commit's I/O, may run meanwhile.
+    @inlinable
+    public func withSharedAccess<T, E: Error>(_ body: (borrowing State) throws(E) -> T) throws(E) -> T {
         NonBlockingThread.assertMayBlock("shared access to the pool lock")
-        pthread_rwlock_rdlock(access)
-        defer { pthread_rwlock_unlock(access) }
-        return try body()
+        lockShared()
+        defer { unlockAccess() }
+        return try body(state.pointee)
     }
 
     /// Like `withSharedAccess`, but returns nil at once, without running `body`, when
     /// the lock is held or wanted exclusively: for threads that must not wait.
-    @inline(__always)
-    public func tryWithSharedAccess<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T? {
-        guard pthread_rwlock_tryrdlock(access) == 0 else { return nil }
-        defer { pthread_rwlock_unlock(access) }
-        return try body()
+    @inlinable
+    public func tryWithSharedAccess<T, E: Error>(_ body: (borrowing State) throws(E) -> T) throws(E) -> T? {
+        guard tryLockShared() else { return nil }
+        defer { unlockAccess() }
+        return try body(state.pointee)
     }
 
-    /// Called inside `withLock`: lets readers in while `body` runs. The caller keeps
-    /// the mutex, so no one changes metadata meanwhile; `body` must not change it either.
-    public func admittingReaders<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        pthread_rwlock_unlock(access)
-        defer { pthread_rwlock_wrlock(access) }
-        return try body()
+    /// Called inside `withLock`: lets readers in while `body` runs, and lends `body` the
+    /// state read-only. The caller keeps the mutex, so no one changes the state meanwhile.
+    @inlinable
+    public func admittingReaders<T, E: Error>(_ body: (borrowing State) throws(E) -> T) throws(E) -> T {
+        unlockAccess()
+        defer { relockAccessExclusive() }
+        return try body(state.pointee)
     }
 }

@@ -127,24 +127,24 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
 
 @Suite struct NonBlockingLockTests {
     @Test func sharedAccessIsRefusedWhileHeldExclusivelyAndGateWhileDraining() throws {
-        let lock = PoolLock()
-        #expect(lock.tryWithSharedAccess { 1 } == 1)
+        let lock = PoolLock(0)
+        #expect(lock.tryWithSharedAccess { _ in 1 } == 1)
         let holding = DispatchSemaphore(value: 0)
         let release = DispatchSemaphore(value: 0)
         let thread = Thread {
-            lock.withLock {
+            lock.withLock { _ in
                 holding.signal()
                 release.wait()
             }
         }
         thread.start()
         holding.wait()
-        #expect(lock.tryWithSharedAccess { 1 } == nil)
+        #expect(lock.tryWithSharedAccess { _ in 1 } == nil)
         release.signal()
         // Once released, shared access comes back.
         var got: Int?
         for _ in 0..<1000 where got == nil {
-            got = lock.tryWithSharedAccess { 2 }
+            got = lock.tryWithSharedAccess { _ in 2 }
             if got == nil { usleep(1000) }
         }
         #expect(got == 2)
