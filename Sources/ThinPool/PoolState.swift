@@ -52,6 +52,23 @@ struct PoolState {
         return volume
     }
 
+    /// Lends volume `id`'s mapping root and mapped-block count to `body`, and stores what
+    /// it leaves in the record on every path: a tree change that fails part-way keeps the
+    /// root of what the tree already holds. `body` must not reach the state otherwise.
+    mutating func changingMapping<T>(
+        of id: UInt64, _ body: (_ root: inout UInt64, _ mapped: inout UInt64) throws(PoolError) -> T
+    ) throws(PoolError) -> T {
+        guard let volume = volumes[id] else { throw .noSuchVolume("#\(id)") }
+        var (root, mapped) = (volume.record.mappingRoot, volume.record.mappedBlocks)
+        defer {
+            volumes[id]?.change { record in
+                record.mappingRoot = root
+                record.mappedBlocks = mapped
+            }
+        }
+        return try body(&root, &mapped)
+    }
+
     /// Reads the state of the commit `superblock` describes from `device`: the volume
     /// catalog, and references to every tree's interior nodes. Returns the damage found
     /// in single volumes: a record that fails its checks (the volume is left out) or a
