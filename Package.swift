@@ -8,6 +8,8 @@ import class Foundation.ProcessInfo
 //   ThinFormat (pure codecs) -> ThinMetadata (cache, transactions, space maps, B-trees)
 //   -> ThinPool (volumes, allocator, volume I/O) -> ThinControl (control protocol, commands)
 //   -> ThinServe (NBD exports, control socket) -> ThinCLI -> thinbd
+//   NBDProtocol (codecs, handshake state machines) and NBDTLS (credentials, swift-nio-ssl)
+//   -> NBDServer, NBDClient
 let package = Package(
     name: "thinbd",
     platforms: [.macOS(.v15)],
@@ -19,6 +21,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-asn1", from: "1.7.4"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
@@ -38,9 +42,21 @@ let package = Package(
         .target(name: "ThinControl", dependencies: ["ThinPool", "ThinSystem"]),
         .target(name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         .target(
+            name: "NBDTLS",
+            dependencies: [
+                "ThinSystem",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ]
+        ),
+        .target(
             name: "NBDServer",
             dependencies: [
-                "NBDProtocol",
+                "NBDProtocol", "NBDTLS",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -49,7 +65,14 @@ let package = Package(
         ),
         .target(
             name: "NBDClient",
-            dependencies: ["NBDProtocol", "ThinSystem", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [
+                "NBDProtocol", "NBDTLS", "ThinSystem",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+            ]
         ),
         .target(
             name: "ThinTransfer",
@@ -58,7 +81,7 @@ let package = Package(
         .target(
             name: "ThinServe",
             dependencies: [
-                "ThinPool", "ThinSystem", "ThinControl", "NBDServer", "NBDProtocol",
+                "ThinPool", "ThinSystem", "ThinControl", "NBDServer", "NBDProtocol", "NBDTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -71,7 +94,7 @@ let package = Package(
         .target(
             name: "ThinCLI",
             dependencies: [
-                "ThinPool", "ThinSystem", "ThinControl", "ThinServe", "ThinTransfer",
+                "ThinPool", "ThinSystem", "ThinControl", "ThinServe", "ThinTransfer", "NBDProtocol", "NBDTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -97,6 +120,8 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
+        .testTarget(
+            name: "NBDTLSTests", dependencies: ["NBDTLS", .product(name: "NIOSSL", package: "swift-nio-ssl")]),
         .testTarget(name: "InteropTests", dependencies: ["ThinFormat", "ThinPool", "ThinSystem", "TestSupport"], exclude: ["scripts"]),
     ],
     swiftLanguageModes: [.v6]

@@ -12,13 +12,14 @@ if [ "${1:-build}" = test ]; then
     # python3-libnbd (what nbdsh runs) and fio with its nbd engine.
     # systemd: systemd-analyze checks the shipped unit files. e2fsprogs, gcc and make:
     # tools/ci-example.sh (ext4 buildroots, builds on clones through nbdfuse).
-    for package in qemu-utils libnbd-bin python3-libnbd fio systemd e2fsprogs gcc make; do
+    # openssl: the TLS tests make their certificates with it.
+    for package in qemu-utils libnbd-bin python3-libnbd fio systemd e2fsprogs gcc make openssl; do
         have "$package" || need+=("$package")
     done
 fi
 
 if [ "${1:-build}" = bench ]; then
-    for package in fio qemu-utils nbdkit libnbd-bin python3-libnbd; do
+    for package in fio qemu-utils nbdkit libnbd-bin python3-libnbd openssl; do
         have "$package" || need+=("$package")
     done
 fi

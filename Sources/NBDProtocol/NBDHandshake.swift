@@ -30,6 +30,17 @@ public struct NBDExportDescription: Equatable, Sendable {
     }
 }
 
+/// How a server offers TLS (`serve --tls`), as the NBD spec's modes.
+public enum NBDTLSMode: String, Sendable, Equatable, CaseIterable {
+    /// NOTLS: STARTTLS gets NBD_REP_ERR_UNSUP.
+    case off
+    /// SELECTIVETLS with no TLS-only export: a client may upgrade with STARTTLS, or not.
+    case on
+    /// FORCEDTLS: every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD until
+    /// TLS is up; EXPORT_NAME before it ends the connection (it cannot be refused).
+    case require
+}
+
 /// What transmission needs to know once the handshake ends.
 public struct NBDSession: Equatable, Sendable {
     public var export: NBDExportDescription
@@ -104,6 +115,11 @@ public struct NBDHandshake: Sendable {
         /// Ask the catalog, then call `answer(_:)`; feed no message meanwhile.
         case ask(CatalogQuery)
         case enterTransmission(NBDSession)
+        /// The STARTTLS acknowledgement was sent (the action before this one): from the
+        /// next byte on, the connection speaks TLS. Nothing more may be read in plain
+        /// text; bytes the client sent before reading the acknowledgement break the
+        /// protocol and end the connection.
+        case startTLS
         case close(reason: String)
     }
 
@@ -123,8 +139,13 @@ public struct NBDHandshake: Sendable {
     private var metaContext: (exportName: String, selected: Bool)?
     /// Set by the server while it shuts down: options get NBD_REP_ERR_SHUTDOWN.
     public var isShuttingDown = false
+    public let tlsMode: NBDTLSMode
+    /// STARTTLS was acknowledged: everything since has gone over TLS.
+    public private(set) var isTLSActive = false
 
-    public init() {}
+    public init(tlsMode: NBDTLSMode = .off) {
+        self.tlsMode = tlsMode
+    }
 
     /// The bytes the server sends as soon as a client connects.
     public static func greeting() -> ByteBuffer {
@@ -236,6 +257,14 @@ public struct NBDHandshake: Sendable {
             }
             return [reply(option, .errShutdown, "server is shutting down")]
         }
+        if tlsMode == .require && !isTLSActive && option != .startTLS && option != .abort {
+            // FORCEDTLS: nothing about the exports is told, and nothing served, in plain text.
+            if option == .exportName {
+                state = .closed
+                return [.close(reason: "NBD_OPT_EXPORT_NAME before STARTTLS, and this server requires TLS")]
+            }
+            return [reply(option, .errTLSRequired, "this server requires TLS: send NBD_OPT_STARTTLS first")]
+        }
         switch option {
         case .exportName:
             guard let name = try? payload.readNBDString(length: payload.readableBytes) else {
@@ -251,7 +280,14 @@ public struct NBDHandshake: Sendable {
             return ask(.list, .list)
         case .startTLS:
             guard payload.readableBytes == 0 else { return [reply(option, .errInvalid, "NBD_OPT_STARTTLS takes no data")] }
-            return [reply(option, .errUnsupported, "TLS is not supported by this server")]
+            guard tlsMode != .off else { return [reply(option, .errUnsupported, "TLS is not enabled on this server (serve --tls)")] }
+            guard !isTLSActive else { return [reply(option, .errInvalid, "TLS is already on")] }
+            isTLSActive = true
+            // What was negotiated in plain text could have been changed on the way: it is
+            // forgotten, and the client negotiates again over TLS.
+            structuredReplies = false
+            metaContext = nil
+            return [reply(option, .ack), .startTLS]
         case .info, .go:
             let query: NBDExportQuery
             do {

@@ -16,14 +16,15 @@ public enum NBDURI {
         return out
     }
 
-    public static func tcp(host: String, port: Int, export: String?) -> String {
+    /// `tls`: the `nbds` scheme, for a server that requires TLS.
+    public static func tcp(host: String, port: Int, export: String?, tls: Bool = false) -> String {
         let shownHost = host.contains(":") ? "[\(host)]" : host
         let portPart = port == 10809 ? "" : ":\(port)"
-        return "nbd://\(shownHost)\(portPart)" + (export.map { "/" + encode($0) } ?? "")
+        return (tls ? "nbds://" : "nbd://") + "\(shownHost)\(portPart)" + (export.map { "/" + encode($0) } ?? "")
     }
 
-    public static func unix(socket: String, export: String?) -> String {
-        "nbd+unix:///" + (export.map { encode($0) } ?? "") + "?socket=" + encode(socket, keepSlash: true)
+    public static func unix(socket: String, export: String?, tls: Bool = false) -> String {
+        (tls ? "nbds+unix:///" : "nbd+unix:///") + (export.map { encode($0) } ?? "") + "?socket=" + encode(socket, keepSlash: true)
     }
 }
 
@@ -36,15 +37,23 @@ public struct NBDEndpoint: Equatable, Sendable {
 
     public var address: Address
     public var export: String
+    /// The `nbds` schemes: the client must upgrade with STARTTLS and refuses plain text.
+    public var requiresTLS = false
+    /// libnbd's query parameters `tls-certificates=DIR`, `tls-psk-file=FILE` and
+    /// `tls-username=NAME` (a command's own options take precedence).
+    public var tlsCertificates: String?
+    public var tlsPSKFile: String?
+    public var tlsUsername: String?
 
-    public init(address: Address, export: String) {
+    public init(address: Address, export: String, requiresTLS: Bool = false) {
         self.address = address
         self.export = export
+        self.requiresTLS = requiresTLS
     }
 
-    /// Parses `nbd://HOST[:PORT][/EXPORT]` (HOST may be `[IPv6]`) and
-    /// `nbd+unix:///[EXPORT]?socket=PATH`, with %-escapes. TLS schemes (`nbds`) and
-    /// other transports are refused with the reason.
+    /// Parses `nbd[s]://HOST[:PORT][/EXPORT]` (HOST may be `[IPv6]`) and
+    /// `nbd[s]+unix:///[EXPORT]?socket=PATH`, with %-escapes and libnbd's `tls-*` query
+    /// parameters. Other transports are refused with the reason.
     public init(uri: String) throws(NBDURIError) {
         func decode(_ text: Substring) throws(NBDURIError) -> String {
             var bytes: [UInt8] = []
@@ -81,8 +90,13 @@ public struct NBDEndpoint: Equatable, Sendable {
             authority = rest
         }
         let export = try decode(path)
+        var parameters: [String: String] = [:]
+        for pair in query.split(separator: "&") {
+            let (key, value) = pair.firstIndex(of: "=").map { (pair[..<$0], pair[pair.index(after: $0)...]) } ?? (pair, "")
+            parameters[try decode(key)] = try decode(value)
+        }
         switch scheme {
-        case "nbd":
+        case "nbd", "nbds":
             var host = authority
             var port = 10809
             if host.hasPrefix("["), let close = host.firstIndex(of: "]") {
@@ -98,17 +112,17 @@ public struct NBDEndpoint: Equatable, Sendable {
                 host = host[..<colon]
             }
             if host.isEmpty { host = "localhost" }
-            self.init(address: .tcp(host: try decode(host), port: port), export: export)
-        case "nbd+unix":
-            guard authority.isEmpty else { throw NBDURIError("nbd+unix URIs have no host: \(uri)") }
-            let socket = query.split(separator: "&").first { $0.hasPrefix("socket=") }
-            guard let socket else { throw NBDURIError("\(uri) has no ?socket=PATH") }
-            self.init(address: .unix(path: try decode(socket.dropFirst("socket=".count))), export: export)
-        case "nbds", "nbds+unix":
-            throw NBDURIError("TLS (\(scheme)://) is not supported; use nbd:// or nbd+unix://")
+            self.init(address: .tcp(host: try decode(host), port: port), export: export, requiresTLS: scheme == "nbds")
+        case "nbd+unix", "nbds+unix":
+            guard authority.isEmpty else { throw NBDURIError("\(scheme) URIs have no host: \(uri)") }
+            guard let socket = parameters["socket"] else { throw NBDURIError("\(uri) has no ?socket=PATH") }
+            self.init(address: .unix(path: socket), export: export, requiresTLS: scheme == "nbds+unix")
         default:
-            throw NBDURIError("unsupported NBD transport \(scheme):// (use nbd:// or nbd+unix://)")
+            throw NBDURIError("unsupported NBD transport \(scheme):// (use nbd://, nbds://, nbd+unix:// or nbds+unix://)")
         }
+        tlsCertificates = parameters["tls-certificates"]
+        tlsPSKFile = parameters["tls-psk-file"]
+        tlsUsername = parameters["tls-username"]
     }
 }
 

@@ -1,5 +1,8 @@
 import NBDProtocol
+import NBDTLS
 import NIOCore
+import NIOSSL
+import NIOTLS
 
 /// Serves one NBD connection: the handshake, then requests executed concurrently and
 /// answered as they complete (possibly out of order). Reads start on the event loop
@@ -17,7 +20,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private let server: NBDServer
     private var parser = NBDServerParser()
-    private var handshake = NBDHandshake()
+    private var handshake: NBDHandshake
     private var state: NBDConnectionState
     private var session: NBDSession?
     private var export: NBDExport?
@@ -39,10 +42,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var gatheredWrites: [GatheredWrite] = []
     /// WRITE payloads at least this large are assembled that way.
     static let assembledPayloadMinimum = 16384
+    /// The TLS handler STARTTLS put at the front of the pipeline.
+    private var tlsHandler: NIOSSLServerHandler?
 
     init(server: NBDServer, loopIO: LoopIO) {
         self.server = server
         self.loopIO = loopIO
+        handshake = NBDHandshake(tlsMode: server.configuration.tls?.mode ?? .off)
         state = NBDConnectionState(
             maxInFlight: server.configuration.maxInFlightPerConnection,
             maxInFlightBytes: server.configuration.maxInFlightBytesPerConnection)
@@ -79,11 +85,25 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        server.log("connection error: \(error)")
+        // A TLS client that just closes its socket (qemu does) is not worth a log line.
+        if let error = error as? NIOSSLError, case .uncleanShutdown = error {
+            close(context: context, flush: false)
+            return
+        }
+        server.log(tlsHandler != nil ? "TLS connection error: \(error)" : "connection error: \(error)")
         close(context: context, flush: false)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? TLSUserEvent, case .handshakeCompleted = event {
+            // The chain was checked against the CA during the handshake; the CRL is ours
+            // to check, before a byte of NBD is read over TLS.
+            if let tlsHandler, let refusal = server.configuration.tls?.credentials.refusal(of: tlsHandler) {
+                server.log("closing connection: \(refusal)")
+                close(context: context, flush: false)
+            }
+            return
+        }
         if event is NBDServer.ShutdownEvent {
             handshake.isShuttingDown = true
             // Parses what arrived (answered with errors), then closes when idle.
@@ -304,6 +324,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 handshakeTimer?.cancel()
                 handshakeTimer = nil
                 state.enterTransmission()
+            case .startTLS:
+                guard startTLS(context: context) else { return }
             case .close(let reason):
                 if !abortRequested { server.log("closing connection during handshake: \(reason)") }
                 close(context: context, flush: true)
@@ -312,6 +334,34 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         // An export opened for an answer that did not end in transmission goes back.
         if let unused = openedExport.take() { server.release(unused) }
+    }
+
+    /// Puts TLS in front of this connection once the STARTTLS acknowledgement is written:
+    /// the acknowledgement leaves in plain text, and every byte after it, both ways, goes
+    /// through TLS. Returns false when the connection was closed instead.
+    private func startTLS(context: ChannelHandlerContext) -> Bool {
+        guard let tls = server.configuration.tls else {
+            close(context: context, flush: false)
+            return false
+        }
+        // The client must wait for the acknowledgement before its TLS handshake: bytes
+        // that came with STARTTLS were sent in plain text and are never read as TLS.
+        guard pending.readableBytes == 0, assembly == nil else {
+            server.log("closing connection: the client sent data after NBD_OPT_STARTTLS without waiting for the reply")
+            close(context: context, flush: false)
+            return false
+        }
+        context.flush()
+        let handler = tls.credentials.makeHandler()
+        do {
+            try context.pipeline.syncOperations.addHandler(handler, position: .first)
+        } catch {
+            server.log("closing connection: could not start TLS: \(error)")
+            close(context: context, flush: false)
+            return false
+        }
+        tlsHandler = handler
+        return true
     }
 
     /// Asks the export provider off the loop (a lookup may wait for the pool lock, an

@@ -1,4 +1,5 @@
 import NBDProtocol
+import NBDTLS
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -33,8 +34,21 @@ public final class NBDServer: @unchecked Sendable {
         /// Runs once on each event loop thread before it serves anything (thinbd marks
         /// the thread as one that must never block).
         public var eventLoopThreadSetup: (@Sendable () -> Void)?
+        /// TLS (STARTTLS): the mode and the credentials; nil serves plain text only.
+        public var tls: TLS?
 
         public init() {}
+    }
+
+    /// How the server offers TLS, with what credentials.
+    public struct TLS: Sendable {
+        public var mode: NBDTLSMode
+        public var credentials: NBDTLSServerCredentials
+
+        public init(mode: NBDTLSMode, credentials: NBDTLSServerCredentials) {
+            self.mode = mode
+            self.credentials = credentials
+        }
     }
 
     struct ShutdownEvent {}

@@ -1,11 +1,14 @@
 import ArgumentParser
 import Logging
+import NBDProtocol
+import NBDTLS
 import ThinControl
 import ThinPool
 import ThinServe
 import ThinSystem
 
 extension CacheMode: ExpressibleByArgument {}
+extension NBDTLSMode: ExpressibleByArgument {}
 
 struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -103,6 +106,22 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("autogrow-max"), help: ArgumentHelp("The data capacity --autogrow stops at.", valueName: "SIZE"))
     var autogrowMax: ByteSize?
 
+    @Option(help: ArgumentHelp(
+        "off (default), on (clients may upgrade with STARTTLS) or require (every option but STARTTLS is refused until TLS is up; nbds:// URIs).",
+        valueName: "MODE"))
+    var tls: NBDTLSMode = .off
+
+    @Option(name: .customLong("tls-certificates"), help: ArgumentHelp(
+        "Directory with ca-cert.pem, server-cert.pem and server-key.pem (and ca-crl.pem, checked when present), as qemu-nbd and nbdkit take them.",
+        valueName: "DIR"))
+    var tlsCertificates: String?
+
+    @Option(name: .customLong("tls-psk"), help: ArgumentHelp("Pre-shared keys in psktool's format (IDENTITY:HEXKEY lines) instead of certificates.", valueName: "FILE"))
+    var tlsPSK: String?
+
+    @Flag(name: .customLong("tls-verify-peer"), help: "Clients must present a certificate signed by ca-cert.pem (with --tls-certificates).")
+    var tlsVerifyPeer = false
+
     @Flag(help: "Announce the server as one JSON line on standard output ({\"control\", \"metrics\", \"pid\", \"uris\"}) instead of its URIs.")
     var json = false
 
@@ -147,6 +166,18 @@ struct ServeCommand: ParsableCommand {
         if readOnly && !ephemeral.isEmpty {
             throw ValidationError("--ephemeral needs a writable pool; it cannot be combined with --read-only")
         }
+        if tlsCertificates != nil && tlsPSK != nil {
+            throw ValidationError("--tls-certificates and --tls-psk are alternatives; give one")
+        }
+        if tlsVerifyPeer && tlsCertificates == nil {
+            throw ValidationError("--tls-verify-peer checks client certificates against the CA of --tls-certificates DIR")
+        }
+        if tls != .off && tlsCertificates == nil && tlsPSK == nil {
+            throw ValidationError("--tls \(tls.rawValue) needs --tls-certificates DIR or --tls-psk FILE")
+        }
+        if tls == .off && (tlsCertificates != nil || tlsPSK != nil) {
+            throw ValidationError("TLS credentials were given but --tls is off: add --tls on or --tls require")
+        }
         if stdio && (!sockets.isEmpty || !listens.isEmpty || runCommand != nil) {
             throw ValidationError("--stdio serves one connection on stdin/stdout; it cannot be combined with --socket, --listen or --run")
         }
@@ -188,6 +219,9 @@ struct ServeCommand: ParsableCommand {
         options.controlDisabled = noControl
         options.metricsAddress = metrics
         options.json = json
+        options.tlsMode = tls
+        options.tlsSource = tlsCertificates.map { .certificates(directory: $0) } ?? tlsPSK.map { .psk(file: $0) }
+        options.tlsVerifyPeer = tlsVerifyPeer
         options.lowWaterPercent = lowWater
         options.autoGrowStep = autogrow?.bytes
         options.autoGrowMaximum = autogrowMax?.bytes

@@ -3,6 +3,7 @@ import Logging
 import class Prometheus.PrometheusCollectorRegistry
 import NBDProtocol
 import NBDServer
+import NBDTLS
 import NIOCore
 import ThinControl
 import ThinPool
@@ -55,8 +56,19 @@ public struct ServeOptions: Sendable {
     public var autoGrowMaximum: UInt64?
     /// `--json`: announce the server as one JSON line on standard output instead of URIs.
     public var json = false
+    /// `--tls off|on|require`.
+    public var tlsMode: NBDTLSMode = .off
+    /// `--tls-certificates DIR` or `--tls-psk FILE`.
+    public var tlsSource: NBDTLSSource?
+    /// `--tls-verify-peer`: clients need a certificate signed by the CA.
+    public var tlsVerifyPeer = false
 
     public init(poolPath: String) { self.poolPath = poolPath }
+
+    /// Whether a listen address is reachable from this host only.
+    public static func isLoopback(_ host: String) -> Bool {
+        host == "localhost" || host == "::1" || host.hasPrefix("127.")
+    }
 
     public static let defaultHost = "127.0.0.1"
     public static let defaultPort = 10809
@@ -103,9 +115,30 @@ public enum ServeRunner {
         }
     }
 
+    /// Loads the TLS credentials (reads files: at start, never on a loop).
+    static func tlsConfiguration(_ options: ServeOptions) throws -> NBDServer.TLS? {
+        guard options.tlsMode != .off else {
+            if options.tlsSource != nil || options.tlsVerifyPeer {
+                throw ServeError(description: "TLS credentials were given but --tls is off: add --tls on or --tls require")
+            }
+            return nil
+        }
+        guard let source = options.tlsSource else {
+            throw ServeError(description: "--tls \(options.tlsMode.rawValue) needs --tls-certificates DIR or --tls-psk FILE")
+        }
+        do {
+            return NBDServer.TLS(
+                mode: options.tlsMode, credentials: try NBDTLSServerCredentials.load(source, verifyPeer: options.tlsVerifyPeer))
+        } catch {
+            throw ServeError(description: error.description)
+        }
+    }
+
     private static func serve(
         _ options: ServeOptions, services: ServeServices, logger: Logger, log: @escaping @Sendable (String) -> Void
     ) throws -> Int32 {
+        // Credentials first: a bad certificate fails the start before the pool is opened.
+        let tls = try tlsConfiguration(options)
         let pool: Pool
         do {
             pool = try Pool.open(path: options.poolPath, readOnly: options.readOnly, cache: options.cache, force: options.force)
@@ -179,6 +212,7 @@ public enum ServeRunner {
         }
 
         var configuration = NBDServer.Configuration()
+        configuration.tls = tls
         if let threads = options.threads { configuration.ioThreads = threads }
         if let loops = options.loops { configuration.eventLoopThreads = loops }
         configuration.maxConnections = options.maxConnections
@@ -191,6 +225,8 @@ public enum ServeRunner {
         let stop = StopRequest()
         var uris: [String] = []
         var baseURIs: [String] = []
+        // The URIs announced: nbds:// when plain text is refused.
+        let requireTLS = options.tlsMode == .require
         do {
             if options.stdio {
                 let finished = try server.serveStandardIO()
@@ -202,8 +238,8 @@ public enum ServeRunner {
                 }
                 for path in options.unixSockets {
                     try server.listen(unixSocket: path)
-                    uris.append(NBDURI.unix(socket: path, export: options.defaultExport))
-                    baseURIs.append(NBDURI.unix(socket: path, export: nil))
+                    uris.append(NBDURI.unix(socket: path, export: options.defaultExport, tls: requireTLS))
+                    baseURIs.append(NBDURI.unix(socket: path, export: nil, tls: requireTLS))
                 }
                 var addresses = options.listenAddresses
                 if addresses.isEmpty && options.unixSockets.isEmpty && uris.isEmpty {
@@ -213,9 +249,12 @@ public enum ServeRunner {
                     guard let (host, port) = ServeOptions.parseListen(text) else {
                         throw ServeError(description: "--listen \(text): expected HOST:PORT")
                     }
+                    if options.tlsMode != .require && !ServeOptions.isLoopback(host) {
+                        log("warning: listening on \(text), which other hosts can reach, without --tls require: anyone who can connect reads and writes every export, in plain text")
+                    }
                     let bound = try server.listen(host: host, port: port)
-                    uris.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: options.defaultExport))
-                    baseURIs.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: nil))
+                    uris.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: options.defaultExport, tls: requireTLS))
+                    baseURIs.append(NBDURI.tcp(host: host, port: bound.port ?? port, export: nil, tls: requireTLS))
                 }
             }
         } catch let error as ServeError {

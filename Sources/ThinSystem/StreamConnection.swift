@@ -100,3 +100,49 @@ extension SystemInfo {
         if chmod(path, mode_t(mode)) != 0 { throw SystemError.current("chmod \(path)") }
     }
 }
+
+/// What `stat` says of a path, for the security checks of the control socket's place.
+public struct FileStatus: Sendable, Equatable {
+    public var mode: UInt32
+    public var owner: UInt32
+    public var isDirectory: Bool
+    public var isSocket: Bool
+
+    /// Group or others may write (create or remove entries, for a directory).
+    public var isWritableByOthers: Bool { mode & 0o022 != 0 }
+    /// The sticky bit: in a directory, only an entry's owner may remove or rename it.
+    public var isSticky: Bool { mode & 0o1000 != 0 }
+}
+
+extension SystemInfo {
+    /// The effective user id of this process.
+    public static var effectiveUserID: UInt32 { geteuid() }
+
+    /// `lstat` of `path` (a symbolic link is described, not followed); nil when it does
+    /// not exist or cannot be looked at.
+    public static func status(of path: String) -> FileStatus? {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return nil }
+        let type = info.st_mode & S_IFMT
+        return FileStatus(mode: UInt32(info.st_mode & 0o7777), owner: info.st_uid, isDirectory: type == S_IFDIR, isSocket: type == S_IFSOCK)
+    }
+
+    /// The whole contents of a small file (credentials, keys). Refuses files over
+    /// `limit` bytes instead of reading without bound.
+    public static func readSmallFile(_ path: String, limit: Int = 1 << 20) throws(SystemError) -> [UInt8] {
+        let descriptor = try Syscall.open(path, flags: O_RDONLY)
+        defer { Syscall.close(descriptor) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { raw in Glibc.read(descriptor, raw.baseAddress, raw.count) }
+            if count < 0 {
+                if errno == EINTR { continue }
+                throw SystemError.current("read \(path)")
+            }
+            if count == 0 { return bytes }
+            bytes.append(contentsOf: chunk[0..<count])
+            if bytes.count > limit { throw SystemError(.invalidArgument, "\(path) is larger than \(limit) bytes") }
+        }
+    }
+}

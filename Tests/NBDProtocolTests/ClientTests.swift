@@ -16,8 +16,22 @@ import Testing
         #expect(try NBDEndpoint(uri: NBDURI.tcp(host: "::1", port: 10809, export: "d")) == NBDEndpoint(address: .tcp(host: "::1", port: 10809), export: "d"))
     }
 
+    @Test func parsesTLSSchemesAndLibnbdParameters() throws {
+        let tcp = try NBDEndpoint(uri: "nbds://h:10810/disk?tls-certificates=/etc/pki/a%20b&tls-username=ci")
+        #expect(tcp.address == .tcp(host: "h", port: 10810))
+        #expect(tcp.export == "disk" && tcp.requiresTLS)
+        #expect(tcp.tlsCertificates == "/etc/pki/a b" && tcp.tlsUsername == "ci" && tcp.tlsPSKFile == nil)
+        let unix = try NBDEndpoint(uri: "nbds+unix:///vm?tls-psk-file=/k.psk&socket=/run/s.sock")
+        #expect(unix.address == .unix(path: "/run/s.sock") && unix.export == "vm" && unix.requiresTLS)
+        #expect(unix.tlsPSKFile == "/k.psk")
+        #expect(try !NBDEndpoint(uri: "nbd://h/x").requiresTLS)
+        // What a server that requires TLS prints round-trips.
+        #expect(try NBDEndpoint(uri: NBDURI.unix(socket: "/s", export: "e", tls: true)).requiresTLS)
+        #expect(try NBDEndpoint(uri: NBDURI.tcp(host: "::1", port: 1, export: "e", tls: true)) == NBDEndpoint(address: .tcp(host: "::1", port: 1), export: "e", requiresTLS: true))
+    }
+
     @Test func refusesWhatItCannotReach() {
-        for bad in ["/tmp/file.raw", "nbds://host/x", "nbd+vsock:///x", "nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd://h:0/x", "nbd://h:99999/x", "nbd://h/%zz"] {
+        for bad in ["/tmp/file.raw", "nbd+vsock:///x", "nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd://h:0/x", "nbd://h:99999/x", "nbd://h/%zz"] {
             #expect(throws: NBDURIError.self, "\(bad)") { try NBDEndpoint(uri: bad) }
         }
     }
@@ -54,6 +68,7 @@ import Testing
                         case .enterTransmission: parser.enterTransmission()
                         case .close: return nil
                         case .ask: Issue.record("receive(_:catalog:) left a query unanswered")
+                        case .startTLS: Issue.record("STARTTLS from a client that does not ask for it")
                         }
                     }
                 }

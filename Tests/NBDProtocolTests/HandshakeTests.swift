@@ -197,3 +197,84 @@ func replyTypes(_ actions: [NBDHandshake.Action]) -> [NBDOptionReplyType] {
         #expect(replyTypes(h.answer(.found(catalog.exports[0]))) == [.metaContext, .ack])
     }
 }
+
+@Suite struct HandshakeTLSTests {
+    func started(_ mode: NBDTLSMode) -> NBDHandshake {
+        var h = NBDHandshake(tlsMode: mode)
+        #expect(h.receive(.clientFlags([.fixedNewstyle, .noZeroes]), catalog: catalog).isEmpty)
+        return h
+    }
+
+    func go(_ name: String) -> NBDServerParser.Message {
+        option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: name, infoRequests: [])) }
+    }
+
+    /// STARTTLS is acknowledged, then the connection switches: the ack comes first.
+    func startTLS(_ h: inout NBDHandshake) {
+        let actions = h.receive(option(.startTLS), catalog: catalog)
+        #expect(replyTypes(actions) == [.ack])
+        guard actions.count == 2, case .startTLS = actions[1] else {
+            Issue.record("expected the acknowledgement, then .startTLS: \(actions)")
+            return
+        }
+        #expect(h.isTLSActive)
+    }
+
+    @Test func requireRefusesEveryOptionButStartTLSAndAbortInPlainText() {
+        var h = started(.require)
+        for message in [
+            option(.list), go("disk"), option(.info) { $0.writeNBDExportQuery(NBDExportQuery(name: "disk", infoRequests: [])) },
+            option(.structuredReply), option(NBDOption(rawValue: 77)),
+            option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["base:allocation"])) },
+        ] {
+            let actions = h.receive(message, catalog: catalog)
+            #expect(replyTypes(actions) == [.errTLSRequired], "\(message)")
+            // Nothing about the exports leaks: no entry, no info, no transmission.
+            #expect(actions.count == 1)
+        }
+        #expect(h.state == .haggling)
+        // EXPORT_NAME cannot be refused with an error: the connection ends.
+        var plain = started(.require)
+        let dropped = plain.receive(option(.exportName) { $0.writeString("disk") }, catalog: catalog)
+        #expect(plain.state == .closed && replyTypes(dropped).isEmpty)
+        guard case .close = dropped.last else { Issue.record("expected close: \(dropped)"); return }
+        // ABORT is answered as usual.
+        var aborting = started(.require)
+        #expect(replyTypes(aborting.receive(option(.abort), catalog: catalog)) == [.ack])
+        #expect(aborting.state == .closed)
+    }
+
+    @Test func requireServesEverythingOnceTLSIsUp() {
+        var h = started(.require)
+        startTLS(&h)
+        #expect(replyTypes(h.receive(option(.list), catalog: catalog)) == [.server, .server, .ack])
+        // A second STARTTLS, or one with data, is invalid; never TLS_REQD after TLS.
+        #expect(replyTypes(h.receive(option(.startTLS), catalog: catalog)) == [.errInvalid])
+        #expect(replyTypes(h.receive(option(.startTLS) { $0.writeInteger(UInt8(1)) }, catalog: catalog)) == [.errInvalid])
+        #expect(replyTypes(h.receive(option(NBDOption(rawValue: 77)), catalog: catalog)) == [.errUnsupported])
+        let actions = h.receive(go("disk"), catalog: catalog)
+        guard case .enterTransmission = actions.last else { Issue.record("no transmission: \(actions)"); return }
+    }
+
+    @Test func onAllowsPlainTextAndForgetsWhatWasNegotiatedBeforeTLS() {
+        var plain = started(.on)
+        #expect(replyTypes(plain.receive(option(.list), catalog: catalog)) == [.server, .server, .ack])
+        #expect(replyTypes(plain.receive(option(.structuredReply), catalog: catalog)) == [.ack])
+        startTLS(&plain)
+        // Structured replies negotiated in plain text are off again until asked over TLS.
+        let actions = plain.receive(go("disk"), catalog: catalog)
+        guard case .enterTransmission(let session) = actions.last else { Issue.record("no transmission"); return }
+        #expect(!session.structuredReplies)
+
+        var again = started(.on)
+        #expect(replyTypes(again.receive(option(.startTLS) { $0.writeString("x") }, catalog: catalog)) == [.errInvalid])
+        #expect(!again.isTLSActive)
+    }
+
+    @Test func offAnswersStartTLSUnsupported() {
+        var h = started(.off)
+        #expect(replyTypes(h.receive(option(.startTLS), catalog: catalog)) == [.errUnsupported])
+        #expect(!h.isTLSActive)
+        #expect(replyTypes(h.receive(option(.list), catalog: catalog)) == [.server, .server, .ack])
+    }
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 # Multi-conn: writes spread over 4 connections, FLUSH on one, then every other
-# connection reads all of them. Usage: multiconn_flush.py URI
+# connection reads all of them. Usage: multiconn_flush.py URI (nbd:// or nbds://)
 import os
 import sys
 import nbd
@@ -9,6 +9,8 @@ uri = sys.argv[1]
 handles = []
 for _ in range(4):
     h = nbd.NBD()
+    # nbds:// URIs name their credentials (tls-certificates=DIR, tls-psk-file=FILE).
+    h.set_uri_allow_local_file(True)
     h.connect_uri(uri)
     if not h.can_multi_conn():
         sys.exit("server does not advertise multi-conn")
