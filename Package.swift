@@ -76,7 +76,7 @@ let package = Package(
         ),
         .target(
             name: "ThinTransfer",
-            dependencies: ["ThinPool", "ThinSystem", "ThinControl", "NBDClient", "NBDProtocol"]
+            dependencies: ["ThinPool", "ThinSystem", "ThinControl", "NBDClient", "NBDProtocol", "NBDTLS"]
         ),
         .target(
             name: "ThinServe",

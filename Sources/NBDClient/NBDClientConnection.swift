@@ -1,4 +1,5 @@
 import NBDProtocol
+import NBDTLS
 import NIOCore
 import ThinSystem
 
@@ -7,7 +8,9 @@ import ThinSystem
 /// Not thread-safe; use one per thread.
 public final class NBDClientConnection {
     public let export: NBDClientHandshake.Export
-    private let connection: StreamConnection
+    /// Whether the connection runs over TLS.
+    public let usesTLS: Bool
+    private let connection: NBDClientTransport
     private var input = ByteBuffer()
     private var nextCookie: UInt64 = 1
 
@@ -18,23 +21,45 @@ public final class NBDClientConnection {
         Int(min(max(export.maximumBlockSize ?? (32 << 20), 4096), 32 << 20))
     }
 
-    /// Connects to `uri` (`nbd://` or `nbd+unix://`) and negotiates its export.
-    public init(uri: String) throws(NBDClientError) {
+    /// Connects to `uri` and negotiates its export. `nbds://` and `nbds+unix://` URIs, or
+    /// any URI with `tls` credentials, upgrade with STARTTLS first and never go on in
+    /// plain text. Credentials come from `tls`, else from the URI's libnbd parameters
+    /// (`tls-certificates=DIR`, `tls-psk-file=FILE`, `tls-username=NAME`). The server's
+    /// certificate is checked against the CA, and against the host name for TCP
+    /// connections by name.
+    public init(uri: String, tls: NBDTLSClientCredentials? = nil) throws(NBDClientError) {
         let endpoint: NBDEndpoint
         do throws(NBDURIError) {
             endpoint = try NBDEndpoint(uri: uri)
         } catch {
             throw NBDClientError(error.description)
         }
-        do throws(SystemError) {
-            switch endpoint.address {
-            case .tcp(let host, let port): connection = try StreamConnection(host: host, port: port)
-            case .unix(let path): connection = try StreamConnection(connectingTo: path)
+        var credentials = tls
+        if credentials == nil && endpoint.requiresTLS {
+            do throws(NBDTLSError) {
+                if let directory = endpoint.tlsCertificates {
+                    credentials = try NBDTLSClientCredentials.load(.certificates(directory: directory))
+                } else if let file = endpoint.tlsPSKFile {
+                    credentials = try NBDTLSClientCredentials.load(.psk(file: file), username: endpoint.tlsUsername)
+                }
+            } catch {
+                throw NBDClientError(error.description)
             }
-        } catch {
-            throw NBDClientError("\(uri): \(error)")
+            guard credentials != nil else {
+                throw NBDClientError("\(uri) needs TLS credentials: --tls-certificates DIR or --tls-psk FILE (or tls-certificates=DIR in the URI)")
+            }
         }
-        var handshake = NBDClientHandshake(exportName: endpoint.export)
+        usesTLS = credentials != nil
+        if credentials != nil {
+            connection = try ChannelTransport(endpoint.address)
+        } else {
+            do throws(SystemError) {
+                connection = try SocketTransport(endpoint.address)
+            } catch {
+                throw NBDClientError("\(uri): \(error)")
+            }
+        }
+        var handshake = NBDClientHandshake(exportName: endpoint.export, requireTLS: credentials != nil)
         var ready: NBDClientHandshake.Export?
         var buffered = ByteBuffer()
         do throws(NBDClientError) {
@@ -42,6 +67,7 @@ public final class NBDClientConnection {
                 for action in try handshake.receive(&buffered) {
                     switch action {
                     case .send(let bytes): try Self.send(bytes, on: connection)
+                    case .startTLS: try connection.startTLS(credentials!, hostName: endpoint.nameToVerify)
                     case .ready(let export): ready = export
                     }
                 }
@@ -62,31 +88,24 @@ public final class NBDClientConnection {
         var out = ByteBuffer()
         out.writeNBDRequest(NBDRequest(header: NBDRequestHeader(command: .disconnect, cookie: 0, offset: 0, length: 0)))
         try? Self.send(out, on: connection)
+        connection.close()
     }
 
-    private static func send(_ bytes: ByteBuffer, on connection: StreamConnection) throws(NBDClientError) {
-        let result = bytes.readableBytesView.withUnsafeBytes { raw in Result { () throws(SystemError) in try connection.send(raw) } }
-        do throws(SystemError) {
-            try result.get()
-        } catch {
-            throw NBDClientError("NBD connection: \(error)")
+    private static func send(_ bytes: ByteBuffer, on connection: NBDClientTransport) throws(NBDClientError) {
+        let result = bytes.readableBytesView.withUnsafeBytes { raw in
+            Result { () throws(NBDClientError) in try connection.send(raw) }
         }
+        try result.get()
     }
 
     /// Receives what has arrived straight into `buffer`'s free space.
-    private static func fill(_ buffer: inout ByteBuffer, from connection: StreamConnection) throws(NBDClientError) {
-        var outcome: Result<Int, SystemError> = .success(0)
+    private static func fill(_ buffer: inout ByteBuffer, from connection: NBDClientTransport) throws(NBDClientError) {
+        var outcome: Result<Int, NBDClientError> = .success(0)
         buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: 256 << 10) { raw in
-            outcome = Result { () throws(SystemError) in try connection.receive(into: raw) }
+            outcome = Result { () throws(NBDClientError) in try connection.receive(into: raw) }
             return (try? outcome.get()) ?? 0
         }
-        let count: Int
-        do throws(SystemError) {
-            count = try outcome.get()
-        } catch {
-            throw NBDClientError("NBD connection: \(error)")
-        }
-        guard count > 0 else { throw NBDClientError("the NBD server closed the connection") }
+        guard try outcome.get() > 0 else { throw NBDClientError("the NBD server closed the connection") }
     }
 
     private func fill() throws(NBDClientError) {

@@ -1,9 +1,11 @@
 import NIOCore
 
 /// The client side of the fixed-newstyle handshake, as a value type: feed it the
-/// server's bytes, send what it returns. It asks for structured replies (and goes on
-/// without them if refused), then NBD_OPT_GO with the export name, and ends with the
-/// export's size and flags. No I/O.
+/// server's bytes, send what it returns. With `requireTLS` it first sends
+/// NBD_OPT_STARTTLS and insists on the acknowledgement (never going on in plain text:
+/// no downgrade); then it asks for structured replies (and goes on without them if
+/// refused), then NBD_OPT_GO with the export name, and ends with the export's size and
+/// flags. No I/O.
 public struct NBDClientHandshake: Sendable {
     /// What the handshake learned about the export.
     public struct Export: Equatable, Sendable {
@@ -20,17 +22,22 @@ public struct NBDClientHandshake: Sendable {
 
     public enum Action: Equatable, Sendable {
         case send(ByteBuffer)
+        /// The server acknowledged STARTTLS: do the TLS handshake now, before carrying out
+        /// the actions after this one; every later byte, both ways, goes over TLS.
+        case startTLS
         case ready(Export)
     }
 
     private enum State {
         case awaitingGreeting
+        case awaitingStartTLS
         case awaitingStructuredReply
         case awaitingGo
         case done
     }
 
     public let exportName: String
+    public let requireTLS: Bool
     private var state = State.awaitingGreeting
     private var structured = false
     private var size: UInt64?
@@ -38,8 +45,15 @@ public struct NBDClientHandshake: Sendable {
     private var preferredBlockSize: UInt32?
     private var maximumBlockSize: UInt32?
 
-    public init(exportName: String) {
+    public init(exportName: String, requireTLS: Bool = false) {
         self.exportName = exportName
+        self.requireTLS = requireTLS
+    }
+
+    private func structuredReplyRequest() -> ByteBuffer {
+        var out = ByteBuffer()
+        out.writeNBDOptionRequest(NBDOptionRequest(option: .structuredReply))
+        return out
     }
 
     /// Consumes what it can of `input`; returns the bytes to send and, at the end,
@@ -61,9 +75,30 @@ public struct NBDClientHandshake: Sendable {
                 var clientFlags: NBDClientFlags = [.fixedNewstyle]
                 if greeting.contains(.noZeroes) { clientFlags.insert(.noZeroes) }
                 out.writeNBDClientFlags(clientFlags)
-                out.writeNBDOptionRequest(NBDOptionRequest(option: .structuredReply))
-                actions.append(.send(out))
+                if requireTLS {
+                    out.writeNBDOptionRequest(NBDOptionRequest(option: .startTLS))
+                    actions.append(.send(out))
+                    state = .awaitingStartTLS
+                } else {
+                    var request = structuredReplyRequest()
+                    out.writeBuffer(&request)
+                    actions.append(.send(out))
+                    state = .awaitingStructuredReply
+                }
+            case .awaitingStartTLS:
+                guard var reply = try nextReply(&input) else { return actions }
+                guard reply.option == .startTLS else { throw NBDClientError("the server answered \(reply.option) to NBD_OPT_STARTTLS") }
+                guard reply.type == .ack else {
+                    let message = reply.payload.readString(length: reply.payload.readableBytes) ?? ""
+                    throw NBDClientError("the server refused TLS\(message.isEmpty ? "" : ": \(message)") (an nbds:// URI never goes on in plain text)")
+                }
+                // The server sends nothing more before the TLS handshake: bytes after the
+                // acknowledgement were not sent by it over TLS.
+                guard input.readableBytes == 0 else { throw NBDClientError("the server sent data after acknowledging STARTTLS") }
+                actions.append(.startTLS)
+                actions.append(.send(structuredReplyRequest()))
                 state = .awaitingStructuredReply
+                return actions
             case .awaitingStructuredReply:
                 guard let reply = try nextReply(&input) else { return actions }
                 guard reply.option == .structuredReply else { throw NBDClientError("the server answered \(reply.option) to NBD_OPT_STRUCTURED_REPLY") }

@@ -45,6 +45,14 @@ public struct NBDEndpoint: Equatable, Sendable {
     public var tlsPSKFile: String?
     public var tlsUsername: String?
 
+    /// The name a TLS client checks the server's certificate against: the host of a TCP
+    /// address given by name. Nil for IP addresses and Unix sockets (the CA alone).
+    public var nameToVerify: String? {
+        guard case .tcp(let host, _) = address else { return nil }
+        let isIPAddress = host.contains(":") || host.allSatisfy { $0.isNumber || $0 == "." }
+        return isIPAddress ? nil : host
+    }
+
     public init(address: Address, export: String, requiresTLS: Bool = false) {
         self.address = address
         self.export = export

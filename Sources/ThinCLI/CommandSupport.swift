@@ -1,4 +1,5 @@
 import ArgumentParser
+import NBDTLS
 import ThinControl
 import ThinPool
 import ThinSystem
@@ -18,6 +19,37 @@ struct LiveOptions: ParsableArguments {
 
     @Flag(help: "Print the result as JSON (the control protocol's result object).")
     var json = false
+}
+
+/// TLS credentials for an NBD client (`import` and `export` with nbds:// URIs, or a
+/// server that requires TLS), as qemu-img and libnbd take them.
+struct TLSClientOptions: ParsableArguments {
+    @Option(name: .customLong("tls-certificates"), help: ArgumentHelp(
+        "Directory with ca-cert.pem (the server's CA) and, for servers that check clients, client-cert.pem and client-key.pem.",
+        valueName: "DIR"))
+    var certificates: String?
+
+    @Option(name: .customLong("tls-psk"), help: ArgumentHelp("Pre-shared keys in psktool's format (IDENTITY:HEXKEY lines).", valueName: "FILE"))
+    var psk: String?
+
+    @Option(name: .customLong("tls-username"), help: ArgumentHelp("The PSK identity to use (default: the file's first).", valueName: "NAME"))
+    var username: String?
+
+    func validate() throws {
+        if certificates != nil && psk != nil { throw ValidationError("--tls-certificates and --tls-psk are alternatives; give one") }
+        if username != nil && psk == nil { throw ValidationError("--tls-username names a key of --tls-psk FILE") }
+    }
+
+    /// The credentials, loaded (reads the files); nil without TLS options.
+    func load() throws -> NBDTLSClientCredentials? {
+        do {
+            if let certificates { return try NBDTLSClientCredentials.load(.certificates(directory: certificates)) }
+            if let psk { return try NBDTLSClientCredentials.load(.psk(file: psk), username: username) }
+            return nil
+        } catch {
+            throw fail(error)
+        }
+    }
 }
 
 /// Runs `command` on the pool, through its server when one serves it, else offline

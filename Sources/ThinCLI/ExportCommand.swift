@@ -27,8 +27,10 @@ struct ExportCommand: ParsableCommand {
 
     @OptionGroup var live: LiveOptions
 
+    @OptionGroup(title: "TLS (a server that requires TLS)") var tls: TLSClientOptions
+
     func run() throws {
-        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
+        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control, tls: try tls.load())
         let result = try withProgress("exporting \(name)", live) { progress in
             try transfer.exportImage(name: name, to: destination, replacing: force) { progress.update($0, of: $1) }
         }

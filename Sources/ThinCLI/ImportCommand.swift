@@ -20,7 +20,7 @@ struct ImportCommand: ParsableCommand {
     @Argument(help: "Name of the new volume.")
     var name: String
 
-    @Argument(help: "A raw file or block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).")
+    @Argument(help: "A raw file or block device, or an NBD URI (nbd[s]://HOST[:PORT]/EXPORT, nbd[s]+unix:///EXPORT?socket=PATH).")
     var source: String
 
     @Option(help: "Volume size (default: the source's size); may exceed it, and the rest reads as zeros.")
@@ -28,10 +28,13 @@ struct ImportCommand: ParsableCommand {
 
     @OptionGroup var live: LiveOptions
 
+    @OptionGroup(title: "TLS (an nbds:// source, or a server that requires TLS)") var tls: TLSClientOptions
+
     func run() throws {
-        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
+        let credentials = try tls.load()
+        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control, tls: credentials)
         let result = try withProgress("importing \(name)", live) { progress in
-            try transfer.importImage(name: name, from: try ImageTransfer.openSource(source), size: size?.bytes) {
+            try transfer.importImage(name: name, from: try ImageTransfer.openSource(source, tls: credentials), size: size?.bytes) {
                 progress.update($0, of: $1)
             }
         }

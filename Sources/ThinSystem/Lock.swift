@@ -137,3 +137,38 @@ public final class PoolLock<State>: @unchecked Sendable {
         return try body(state.pointee)
     }
 }
+
+/// A value behind a lock that threads can wait on: `update` changes it and wakes the
+/// waiters; `wait(until:)` blocks until the value gives an answer. The value is
+/// reachable only through these (as with `LockedValue`). Waiting blocks: not for event
+/// loops, whose producers only `update`.
+public final class WaitableValue<Value>: @unchecked Sendable {
+    private let condition = ConditionLock()
+    private var value: Value
+
+    public init(_ value: Value) {
+        self.value = value
+    }
+
+    /// Changes the value under the lock and wakes every waiter. Never waits for long.
+    public func update<T>(_ body: (inout Value) -> T) -> T {
+        condition.lock()
+        defer {
+            condition.broadcast()
+            condition.unlock()
+        }
+        return body(&value)
+    }
+
+    /// Blocks until `ready` returns non-nil for the value (it may change it, under the
+    /// lock), and returns that.
+    public func wait<T>(until ready: (inout Value) -> T?) -> T {
+        NonBlockingThread.assertMayBlock("waiting on a WaitableValue")
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            if let answer = ready(&value) { return answer }
+            condition.wait()
+        }
+    }
+}

@@ -1,5 +1,6 @@
 import NBDClient
 import NBDProtocol
+import NBDTLS
 import ThinPool
 import ThinSystem
 
@@ -156,14 +157,15 @@ public final class RawFileSource: ImageSource {
     }
 }
 
-/// An NBD export (`nbd://`, `nbd+unix://`); holes come from structured replies.
+/// An NBD export (`nbd[s]://`, `nbd[s]+unix://`); holes come from structured replies.
 public final class NBDSource: ImageSource {
     let connection: NBDClientConnection
     public var size: UInt64 { connection.export.size }
     public var maximumReadBytes: Int { connection.maximumRequestBytes }
 
-    public init(uri: String) throws(TransferError) {
-        connection = try overNBD { () throws(NBDClientError) in try NBDClientConnection(uri: uri) }
+    /// `tls`: credentials for a server that needs TLS (see `NBDClientConnection.init`).
+    public init(uri: String, tls: NBDTLSClientCredentials? = nil) throws(TransferError) {
+        connection = try overNBD { () throws(NBDClientError) in try NBDClientConnection(uri: uri, tls: tls) }
     }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(TransferError) -> [Range<Int>] {
@@ -176,8 +178,8 @@ public final class NBDTarget: ImageTarget {
     let connection: NBDClientConnection
     public var maximumWriteBytes: Int { connection.maximumRequestBytes }
 
-    public init(uri: String) throws(TransferError) {
-        connection = try overNBD { () throws(NBDClientError) in try NBDClientConnection(uri: uri) }
+    public init(uri: String, tls: NBDTLSClientCredentials? = nil) throws(TransferError) {
+        connection = try overNBD { () throws(NBDClientError) in try NBDClientConnection(uri: uri, tls: tls) }
         guard !connection.export.isReadOnly else { throw TransferError("\(uri) is read-only") }
     }
 

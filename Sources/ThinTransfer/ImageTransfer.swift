@@ -1,4 +1,5 @@
 import NBDProtocol
+import NBDTLS
 import ThinControl
 import ThinPool
 import ThinSystem
@@ -10,18 +11,21 @@ public struct ImageTransfer {
     public var poolPath: String
     /// `--control PATH`: the server's control socket (and fail if none answers).
     public var controlPath: String?
+    /// TLS credentials for the server's NBD socket when it requires TLS.
+    public var tls: NBDTLSClientCredentials?
 
-    public init(poolPath: String, controlPath: String? = nil) {
+    public init(poolPath: String, controlPath: String? = nil, tls: NBDTLSClientCredentials? = nil) {
         self.poolPath = poolPath
         self.controlPath = controlPath
+        self.tls = tls
     }
 
     /// Progress: bytes done and bytes in all.
     public typealias Progress = (UInt64, UInt64) -> Void
 
-    /// Opens an image: an NBD URI (`nbd://`, `nbd+unix://`) or a file path.
-    public static func openSource(_ spec: String) throws(TransferError) -> ImageSource {
-        spec.contains("://") ? try NBDSource(uri: spec) : try RawFileSource(path: spec)
+    /// Opens an image: an NBD URI (`nbd[s]://`, `nbd[s]+unix://`) or a file path.
+    public static func openSource(_ spec: String, tls: NBDTLSClientCredentials? = nil) throws(TransferError) -> ImageSource {
+        spec.contains("://") ? try NBDSource(uri: spec, tls: tls) : try RawFileSource(path: spec)
     }
 
     /// Imports `source` as new volume `name` of `size` bytes (default: the source's
@@ -38,7 +42,7 @@ public struct ImageTransfer {
             let info = try server.run(.info, as: PoolInfoResult.self)
             _ = try server.run(.createVolume(name: name, size: volumeSize), as: VolumeCreateResult.self)
             do throws(TransferError) {
-                let target = try NBDTarget(uri: try server.uri(for: name))
+                let target = try NBDTarget(uri: try server.uri(for: name), tls: tls)
                 let statistics = try ImageCopy.copy(
                     from: source, to: target, length: source.size, granularity: Int(max(info.blockSize, 4096)),
                     progress: { progress($0, source.size) })
@@ -84,13 +88,13 @@ public struct ImageTransfer {
             return try ImageCopy.copy(from: source, to: target, length: source.size, granularity: 4096, progress: { progress($0, source.size) })
         }
         if let server = try server() {
-            guard !name.contains("@") else { return try copy(try NBDSource(uri: try server.uri(for: name))) }
+            guard !name.contains("@") else { return try copy(try NBDSource(uri: try server.uri(for: name), tls: tls)) }
             // A served volume may be written while it is copied: copy a snapshot taken
             // for the purpose (one commit), so the file is one point in time, then drop it.
             let snapshot = "\(name)@thinbd-export-\(SystemInfo.processID)"
             _ = try server.run(.snapshot(name: snapshot, ifMissing: false), as: SnapshotCloneResult.self)
             defer { _ = try? server.run(.delete(name: snapshot, force: true), as: DeleteResult.self) }
-            return try copy(try NBDSource(uri: try server.uri(for: snapshot)))
+            return try copy(try NBDSource(uri: try server.uri(for: snapshot), tls: tls))
         }
         return try withOfflinePool(readOnly: true) { pool throws(TransferError) in
             try copy(try PoolVolumeSource(pool: pool, name: name))
@@ -183,14 +187,17 @@ struct ServerHandle {
         try Self.run(command, on: client, as: type)
     }
 
-    /// An NBD URI for `export` on this server: its Unix socket if it has one, else TCP.
+    /// An NBD URI for `export` on this server: its Unix socket if it has one, else TCP;
+    /// `nbds` when the server requires TLS.
     func uri(for export: String) throws(TransferError) -> String {
         let endpoints = hello.uris.compactMap { try? NBDEndpoint(uri: $0) }
         for endpoint in endpoints {
-            if case .unix(let path) = endpoint.address { return NBDURI.unix(socket: path, export: export) }
+            if case .unix(let path) = endpoint.address { return NBDURI.unix(socket: path, export: export, tls: endpoint.requiresTLS) }
         }
         for endpoint in endpoints {
-            if case .tcp(let host, let port) = endpoint.address { return NBDURI.tcp(host: host, port: port, export: export) }
+            if case .tcp(let host, let port) = endpoint.address {
+                return NBDURI.tcp(host: host, port: port, export: export, tls: endpoint.requiresTLS)
+            }
         }
         throw TransferError("the server has the pool but no NBD socket to copy through (socket activation or --stdio); stop it, or serve with --socket")
     }

@@ -39,10 +39,13 @@ import Testing
 
 @Suite struct ClientHandshakeTests {
     /// Runs the client state machine against the server's parser and state machine,
-    /// moving one byte at a time in each direction.
-    func negotiate(_ name: String) throws(NBDClientError) -> NBDClientHandshake.Export? {
-        var client = NBDClientHandshake(exportName: name)
-        var server = NBDHandshake()
+    /// moving one byte at a time in each direction. Both sides' STARTTLS switches are
+    /// counted (the bytes stay plain here: the state machines are what is tested).
+    func negotiate(
+        _ name: String, requireTLS: Bool = false, serverTLS: NBDTLSMode = .off, switches: UnsafeMutablePointer<Int>? = nil
+    ) throws(NBDClientError) -> NBDClientHandshake.Export? {
+        var client = NBDClientHandshake(exportName: name, requireTLS: requireTLS)
+        var server = NBDHandshake(tlsMode: serverTLS)
         var parser = NBDServerParser()
         var toClient = NBDHandshake.greeting()
         var toServer = ByteBuffer()
@@ -54,6 +57,10 @@ import Testing
                 for action in try client.receive(&clientInput) {
                     switch action {
                     case .send(var bytes): toServer.writeBuffer(&bytes)
+                    case .startTLS:
+                        // The server sent nothing after its acknowledgement.
+                        #expect(toClient.readableBytes == 0 && clientInput.readableBytes == 0)
+                        switches?.pointee += 1
                     case .ready(let export): return export
                     }
                 }
@@ -68,7 +75,9 @@ import Testing
                         case .enterTransmission: parser.enterTransmission()
                         case .close: return nil
                         case .ask: Issue.record("receive(_:catalog:) left a query unanswered")
-                        case .startTLS: Issue.record("STARTTLS from a client that does not ask for it")
+                        case .startTLS:
+                            #expect(requireTLS, "STARTTLS from a client that does not ask for it")
+                            switches?.pointee += 1
                         }
                     }
                 }
@@ -86,6 +95,40 @@ import Testing
         #expect(export.preferredBlockSize == 65536)
         #expect(export.maximumBlockSize == 32 << 20)
         #expect(try #require(try negotiate("disk@s")).isReadOnly)
+    }
+
+    @Test func tlsComesFirstAndIsNeverSkipped() throws {
+        var switches = 0
+        for mode in [NBDTLSMode.on, .require] {
+            switches = 0
+            let export = try #require(try negotiate("disk", requireTLS: true, serverTLS: mode, switches: &switches))
+            #expect(export.size == 1 << 30 && export.structuredReplies)
+            #expect(switches == 2, "client and server each switch once")
+        }
+        // A server without TLS: the client stops; it never goes on in plain text.
+        do {
+            _ = try negotiate("disk", requireTLS: true, serverTLS: .off)
+            Issue.record("went on without TLS")
+        } catch {
+            #expect(error.description.contains("refused TLS"), "\(error)")
+        }
+        // A client without TLS against a server that requires it is told why.
+        do {
+            _ = try negotiate("disk", serverTLS: .require)
+            Issue.record("negotiated in plain text with a server that requires TLS")
+        } catch {
+            #expect(error.description.contains("requires TLS"), "\(error)")
+        }
+    }
+
+    @Test func bytesAfterTheStartTLSAcknowledgementAreRefused() throws {
+        var client = NBDClientHandshake(exportName: "disk", requireTLS: true)
+        var input = NBDHandshake.greeting()
+        _ = try client.receive(&input)
+        var reply = ByteBuffer()
+        reply.writeNBDOptionReply(NBDOptionReply(option: .startTLS, type: .ack, payload: ByteBuffer()))
+        reply.writeString("injected")
+        #expect(throws: NBDClientError.self) { try client.receive(&reply) }
     }
 
     @Test func unknownExportsFailWithTheirName() {

@@ -6,7 +6,8 @@
 #   foreign/  ca-cert.pem, and a client certificate signed by another CA
 #   revoked/  ca-cert.pem, and a client certificate the CA signed and then revoked
 #             (server/ca-crl.pem lists it)
-#   keys.psk  two pre-shared keys (alice, bob), psktool's format
+#   wrongca/  ca-cert.pem of the other CA only (a client that must refuse the server)
+#   keys.psk  two pre-shared keys (alice, bob), psktool's format; wrong.psk another key for alice
 # Usage: tlscerts.sh DIR
 set -eu
 d=$1
@@ -46,6 +47,10 @@ CONF
 openssl ca -config "$w/ca.cnf" -keyfile "$w/ca-key.pem" -cert "$w/ca-cert.pem" -revoke "$d/revoked/client-cert.pem" 2>/dev/null
 openssl ca -config "$w/ca.cnf" -keyfile "$w/ca-key.pem" -cert "$w/ca-cert.pem" -gencrl -out "$d/server/ca-crl.pem" 2>/dev/null
 for dir in server client anon foreign revoked; do cp "$w/ca-cert.pem" "$d/$dir/ca-cert.pem"; done
+# wrongca/: trusts only the other CA (so refuses the server's certificate).
+mkdir -p "$d/wrongca"
+cp "$w/other-cert.pem" "$d/wrongca/ca-cert.pem"
 hex() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
 printf 'alice:%s\nbob:%s\n' "$(hex)" "$(hex)" > "$d/keys.psk"
-chmod 600 "$d/keys.psk" "$d"/*/*-key.pem
+printf 'alice:%s\n' "$(hex)" > "$d/wrong.psk"
+chmod 600 "$d/keys.psk" "$d/wrong.psk" "$d"/*/*-key.pem
