@@ -91,7 +91,7 @@ struct ServeCommand: ParsableCommand {
     @Flag(name: .customLong("no-control"), help: "No control socket: other thinbd commands cannot reach this server.")
     var noControl = false
 
-    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (per export bytes, requests, errors, latency, connections; pool space, commits, copy-on-write).", valueName: "HOST:PORT"))
+    @Option(help: ArgumentHelp("Serve Prometheus metrics at http://HOST:PORT/metrics (per export bytes, requests, errors, latency, connections; pool space, commits, copy-on-write). A bare PORT listens on 127.0.0.1.", valueName: "[HOST:]PORT"))
     var metrics: String?
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical (default info; debug shows connections).")
@@ -126,7 +126,9 @@ struct ServeCommand: ParsableCommand {
     var json = false
 
     func validate() throws {
-        if let metrics, ServeOptions.parseListen(metrics) == nil { throw ValidationError("--metrics \(metrics): expected HOST:PORT") }
+        if let metrics, ServeOptions.parseMetricsAddress(metrics) == nil {
+            throw ValidationError("--metrics \(metrics): expected PORT (on 127.0.0.1) or HOST:PORT")
+        }
         if Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
         }

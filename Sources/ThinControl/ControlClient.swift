@@ -8,6 +8,23 @@ public enum ControlEndpoint {
     /// Where `thinbd serve` puts its control socket unless told otherwise: beside the
     /// pool file, named after it.
     public static func defaultPath(forPool poolPath: String) -> String { poolPath + ".control" }
+
+    /// Why `path` is no safe place for a control socket, or nil. Whoever can replace the
+    /// socket can take the commands meant for the server (or answer them): its directory
+    /// must not be writable by other users, unless it is sticky (like /tmp: then only the
+    /// owner of a file can remove it) and a socket already there is ours.
+    public static func unsafePlace(_ path: String) -> String? {
+        let directory = path.lastIndex(of: "/").map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        guard let place = SystemInfo.status(of: directory, followingLinks: true) else { return nil }
+        guard place.isWritableByOthers else { return nil }
+        guard place.isSticky else {
+            return "its directory \(directory) is writable by other users (mode \(String(place.mode, radix: 8))) and not sticky: anyone could replace the socket; choose another --control PATH"
+        }
+        if let existing = SystemInfo.status(of: path), existing.owner != SystemInfo.effectiveUserID {
+            return "\(path) belongs to another user (uid \(existing.owner)) in the shared directory \(directory)"
+        }
+        return nil
+    }
 }
 
 /// A connection to a server's control socket: one request, one reply, in order.
@@ -25,6 +42,9 @@ public final class ControlClient {
     /// explicit socket does not answer, or connecting fails some other way.
     public static func connectToServer(ofPool poolPath: String, at explicitPath: String?) throws(ControlError) -> ControlClient? {
         let socket = explicitPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
+        if SystemInfo.fileExists(socket), let problem = ControlEndpoint.unsafePlace(socket) {
+            throw ControlError(code: "unreachable", message: "not using the control socket \(socket): \(problem)")
+        }
         do throws(SystemError) {
             return try ControlClient(socketPath: socket)
         } catch {

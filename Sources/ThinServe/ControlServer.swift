@@ -64,6 +64,10 @@ final class ControlServer: @unchecked Sendable {
     /// there; a stale socket file (nobody listening) is replaced.
     init(path: String, commands: PoolCommands, log: @escaping @Sendable (String) -> Void) throws {
         self.path = path
+        if let problem = ControlEndpoint.unsafePlace(path) {
+            try? group.syncShutdownGracefully()
+            throw ServeError(description: "control socket \(path): \(problem)")
+        }
         if (try? StreamConnection(connectingTo: path)) != nil {
             try? group.syncShutdownGracefully()
             throw ServeError(description: "control socket \(path): another server answers there")

@@ -73,6 +73,12 @@ public struct ServeOptions: Sendable {
     public static let defaultHost = "127.0.0.1"
     public static let defaultPort = 10809
 
+    /// The metrics endpoint's address: `HOST:PORT`, or a bare `PORT` on loopback.
+    public static func parseMetricsAddress(_ text: String) -> (host: String, port: Int)? {
+        if let port = Int(text), (0...65535).contains(port) { return (defaultHost, port) }
+        return parseListen(text)
+    }
+
     /// Splits `HOST:PORT` (the host may be a bracketed IPv6 address).
     public static func parseListen(_ text: String) -> (host: String, port: Int)? {
         guard let colon = text.lastIndex(of: ":") else { return nil }
@@ -174,8 +180,11 @@ public enum ServeRunner {
         }
         var metricsHost: (host: String, port: Int)?
         if let address = options.metricsAddress {
-            guard let parsed = ServeOptions.parseListen(address) else {
-                throw ServeError(description: "--metrics \(address): expected HOST:PORT")
+            guard let parsed = ServeOptions.parseMetricsAddress(address) else {
+                throw ServeError(description: "--metrics \(address): expected PORT or HOST:PORT")
+            }
+            if !ServeOptions.isLoopback(parsed.host) {
+                log("notice: metrics at \(address) can be read from other hosts (export names, sizes, traffic)")
             }
             metricsHost = parsed
         }

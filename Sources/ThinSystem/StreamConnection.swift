@@ -118,11 +118,11 @@ extension SystemInfo {
     /// The effective user id of this process.
     public static var effectiveUserID: UInt32 { geteuid() }
 
-    /// `lstat` of `path` (a symbolic link is described, not followed); nil when it does
-    /// not exist or cannot be looked at.
-    public static func status(of path: String) -> FileStatus? {
+    /// `lstat` of `path` (a symbolic link is described, not followed), or `stat` with
+    /// `followingLinks`; nil when it does not exist or cannot be looked at.
+    public static func status(of path: String, followingLinks: Bool = false) -> FileStatus? {
         var info = stat()
-        guard lstat(path, &info) == 0 else { return nil }
+        guard (followingLinks ? stat(path, &info) : lstat(path, &info)) == 0 else { return nil }
         let type = info.st_mode & S_IFMT
         return FileStatus(mode: UInt32(info.st_mode & 0o7777), owner: info.st_uid, isDirectory: type == S_IFDIR, isSocket: type == S_IFSOCK)
     }
