@@ -10,11 +10,18 @@ or by captive mode):
   nbdkit file plugin on a raw file (page cache)
   fio libaio with O_DIRECT on the raw file (the physical limit)
 
+With --tls, the TLS comparison instead: thinbd in plain text, thinbd with --tls require
+(X.509, made by Tests/InteropTests/scripts/tlscerts.sh), qemu-nbd with --tls-creds on the
+same qcow2, qemu-nbd in plain text, and nbdkit's null plugin over TLS (no I/O at all:
+the ceiling the client's own TLS puts on any server), for 1M sequential read and write
+and 4K random read. fio's nbd engine speaks TLS through libnbd, which finds the client's credentials
+in $HOME/.pki/libnbd (a private HOME for fio).
+
 Each job runs on every server before the next job starts, so that the numbers a ratio
 compares were measured minutes apart at most; with --repeat N the whole sequence runs N
 times and the table shows medians. Prints a table of IOPS and MiB/s per job and the ratios
 thinbd/peer and thinbd/limit, then the server's peak memory with 16 exports in use.
-Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory]
+Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls]
 """
 import json
 import os
@@ -40,7 +47,13 @@ ALL_JOBS = [
     ("1M seqwrite QD8", dict(rw="write", bs="1M", iodepth=8, numjobs=1)),
     ("4k randrw 4 conns", dict(rw="randrw", bs="4k", iodepth=8, numjobs=4)),
 ]
-JOBS = [ALL_JOBS[int(i)] for i in sys.argv[sys.argv.index("--jobs") + 1].split(",")] if "--jobs" in sys.argv else ALL_JOBS
+TLS = "--tls" in sys.argv
+DEFAULT_JOBS = [ALL_JOBS[2], ALL_JOBS[3], ALL_JOBS[0]] if TLS else ALL_JOBS
+JOBS = [ALL_JOBS[int(i)] for i in sys.argv[sys.argv.index("--jobs") + 1].split(",")] if "--jobs" in sys.argv else DEFAULT_JOBS
+# Credentials for --tls: server/ for the servers, and a HOME whose .pki/libnbd holds the
+# client's, where libnbd (under fio) looks for them.
+TLS_DIR = os.path.join(WORK, "tls")
+FIO_HOME = os.path.join(WORK, "fio-home")
 
 
 def run(cmd, **kw):
@@ -61,7 +74,10 @@ def fio(job, target):
         args += ["--ioengine=nbd", f"--uri={target[1]}"]
     else:
         args += ["--ioengine=libaio", "--direct=1", f"--filename={target[1]}"]
-    out = run(args).stdout
+    env = None
+    if target[0] == "nbd" and target[1].startswith("nbds"):
+        env = dict(os.environ, HOME=FIO_HOME)
+    out = run(args, env=env).stdout
     data = json.loads(out[out.index("{"):])
     job = data["jobs"][0]
     iops = job["read"]["iops"] + job["write"]["iops"]
@@ -94,14 +110,21 @@ def prefill_raw():
     return raw
 
 
-def thinbd_server(pool, cache, export):
+def thinbd_server(pool, cache, export, tls=False):
     sock = os.path.join(WORK, f"thinbd-{export}.sock")
     if os.path.exists(sock):
         os.unlink(sock)
-    proc = subprocess.Popen([THINBD, "serve", pool, "--socket", sock, "--cache", cache],
+    extra = ["--tls", "require", "--tls-certificates", os.path.join(TLS_DIR, "server")] if tls else []
+    proc = subprocess.Popen([THINBD, "serve", pool, "--socket", sock, "--cache", cache] + extra,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_socket(sock, proc)
-    return proc, f"nbd+unix:///{export}?socket={sock}"
+    return proc, f"{'nbds' if tls else 'nbd'}+unix:///{export}?socket={sock}"
+
+
+def make_tls_credentials():
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "InteropTests", "scripts", "tlscerts.sh")
+    run(["/bin/sh", script, TLS_DIR])
+    shutil.copytree(os.path.join(TLS_DIR, "client"), os.path.join(FIO_HOME, ".pki", "libnbd"))
 
 
 class ThinbdColumn:
@@ -109,9 +132,9 @@ class ThinbdColumn:
     then snapshotted); each job runs on a clone of the snapshot (copy-on-write) or on a
     fresh volume (allocation), served by its own server process."""
 
-    def __init__(self, raw, cache, fresh):
-        self.cache, self.fresh = cache, fresh
-        self.pool = os.path.join(WORK, f"thinbd-{cache}-{'fresh' if fresh else 'cow'}.pool")
+    def __init__(self, raw, cache, fresh, tls=False):
+        self.cache, self.fresh, self.tls = cache, fresh, tls
+        self.pool = os.path.join(WORK, f"thinbd-{cache}-{'fresh' if fresh else 'cow'}{'-tls' if tls else ''}.pool")
         run([THINBD, "create", self.pool, "--size", "16G"])
         run([THINBD, "volume", "create", self.pool, "base", "--size", str(SIZE)])
         proc, uri = thinbd_server(self.pool, cache, "base")
@@ -127,7 +150,7 @@ class ThinbdColumn:
             run([THINBD, "volume", "create", self.pool, name, "--size", str(SIZE)])
         else:
             run([THINBD, "clone", self.pool, "base@prefill", name])
-        proc, uri = thinbd_server(self.pool, self.cache, name)
+        proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
         try:
             return fio(job, ("nbd", uri))
         finally:
@@ -135,21 +158,22 @@ class ThinbdColumn:
             run([THINBD, "volume", "delete", self.pool, name])
 
 
-def served_fio(job, command, sock):
+def served_fio(job, command, sock, tls=False):
     """Starts a peer server on `sock`, runs one fio job against it, stops it by its pid."""
     if os.path.exists(sock):
         os.unlink(sock)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_socket(sock, proc)
     try:
-        return fio(job, ("nbd", f"nbd+unix:///?socket={sock}"))
+        return fio(job, ("nbd", f"{'nbds' if tls else 'nbd'}+unix:///?socket={sock}"))
     finally:
         stop(proc)
 
 
 class QemuColumn:
-    def __init__(self, raw):
-        self.image = os.path.join(WORK, "image.qcow2")
+    def __init__(self, raw, tls=False):
+        self.tls = tls
+        self.image = os.path.join(WORK, f"image{'-tls' if tls else ''}.qcow2")
         run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, self.image])
         run(["qemu-img", "snapshot", "-c", "prefill", self.image])
 
@@ -157,8 +181,13 @@ class QemuColumn:
         # Re-applying the snapshot makes every cluster shared again: writes copy-on-write.
         run(["qemu-img", "snapshot", "-a", "prefill", self.image])
         sock = os.path.join(WORK, "qemu.sock")
+        tls = []
+        if self.tls:
+            # As thinbd's column: the server's certificate, clients not asked for one.
+            tls = ["--object", f"tls-creds-x509,id=tls0,dir={os.path.join(TLS_DIR, 'server')},endpoint=server,verify-peer=off",
+                   "--tls-creds", "tls0"]
         return served_fio(job, ["qemu-nbd", "--cache=none", "--aio=native", "-f", "qcow2", "-t", "-e", "8",
-                                "--socket", sock, self.image], sock)
+                                "--socket", sock] + tls + [self.image], sock, tls=self.tls)
 
 
 class NbdkitColumn:
@@ -168,6 +197,17 @@ class NbdkitColumn:
     def run(self, job):
         sock = os.path.join(WORK, "nbdkit.sock")
         return served_fio(job, ["nbdkit", "-f", "-U", sock, "file", self.raw], sock)
+
+
+class NullColumn:
+    """nbdkit's null plugin over TLS: a server that does no I/O at all, so the client's
+    own TLS cost bounds what any server can reach through it on this machine."""
+
+    def run(self, job):
+        sock = os.path.join(WORK, "null.sock")
+        return served_fio(job, ["nbdkit", "-f", "-U", sock, "--tls=require",
+                                f"--tls-certificates={os.path.join(TLS_DIR, 'server')}", "null", str(SIZE)],
+                          sock, tls=True)
 
 
 class RawColumn:
@@ -203,10 +243,25 @@ def peak_memory_16_exports():
         os.unlink(pool)
 
 
+def measure(servers):
+    """Runs every job on every server, job by job, REPEAT times; the median (IOPS, MiB/s)
+    per server and job (by IOPS; MiB/s follows the same sample)."""
+    samples = {title: [[] for _ in JOBS] for title, _ in servers}
+    for round in range(REPEAT):
+        for i, job in enumerate(JOBS):
+            print(f"round {round + 1}/{REPEAT}: {job[0]} ...", flush=True)
+            for title, server in servers:
+                samples[title][i].append(server.run(job))
+    return {title: [sorted(runs, key=lambda r: r[0])[len(runs) // 2] for runs in per_job]
+            for title, per_job in samples.items()}
+
+
 def main():
     started = time.time()
     print(f"working set {SIZE >> 20} MiB, {RUNTIME} s per job, directory {WORK}", flush=True)
     raw = prefill_raw()
+    if TLS:
+        return tls_comparison(raw, started)
     columns = [
         ("thinbd none, CoW", lambda: ThinbdColumn(raw, "none", fresh=False)),
         ("thinbd none, fresh", lambda: ThinbdColumn(raw, "none", fresh=True)),
@@ -220,16 +275,7 @@ def main():
         # Column titles hold commas; a selector names a title without them ("thinbd none CoW").
         columns = [c for c in columns if any(c[0].replace(",", "").startswith(o.strip()) for o in ONLY)]
     print("preparing " + ", ".join(title for title, _ in columns) + " ...", flush=True)
-    servers = [(title, make()) for title, make in columns]
-    samples = {title: [[] for _ in JOBS] for title, _ in columns}
-    for round in range(REPEAT):
-        for i, job in enumerate(JOBS):
-            print(f"round {round + 1}/{REPEAT}: {job[0]} ...", flush=True)
-            for title, server in servers:
-                samples[title][i].append(server.run(job))
-    # Medians per server and job (by IOPS; MiB/s follows the same sample).
-    results = {title: [sorted(runs, key=lambda r: r[0])[len(runs) // 2] for runs in per_job]
-               for title, per_job in samples.items()}
+    results = measure([(title, make()) for title, make in columns])
     memory = None if "--no-memory" in sys.argv else peak_memory_16_exports()
 
     print()
@@ -256,6 +302,34 @@ def main():
         print(f"medians of {REPEAT} rounds")
     print(f"total time {time.time() - started:.0f} s")
     shutil.rmtree(WORK, ignore_errors=True)
+
+
+def tls_comparison(raw, started):
+    make_tls_credentials()
+    columns = [
+        ("thinbd", ThinbdColumn(raw, "none", fresh=False)),
+        ("thinbd TLS", ThinbdColumn(raw, "none", fresh=False, tls=True)),
+        ("qemu-nbd", QemuColumn(raw)),
+        ("qemu-nbd TLS", QemuColumn(raw, tls=True)),
+        ("nbdkit null TLS (ceiling)", NullColumn()),
+    ]
+    results = measure(columns)
+    print()
+    print("| job (--cache none, CoW clone; qcow2 for qemu-nbd) | " + " | ".join(t for t, _ in columns) +
+          " | thinbd TLS / plain | thinbd TLS / qemu-nbd TLS | thinbd TLS / ceiling |")
+    print("| --- " * (len(columns) + 4) + "|")
+    for i, (name, params) in enumerate(JOBS):
+        large = params["bs"] == "1M"
+        value = lambda title: results[title][i][1 if large else 0]
+        cells = [f"{value(t):,.0f} MiB/s" if large else f"{value(t):,.0f} IOPS" for t, _ in columns]
+        ours = value("thinbd TLS")
+        print(f"| {name} | " + " | ".join(cells) +
+              f" | {ours / value('thinbd'):.2f}x | {ours / value('qemu-nbd TLS'):.2f}x |"
+              f" {ours / value('nbdkit null TLS (ceiling)'):.2f}x |")
+    print()
+    if REPEAT > 1:
+        print(f"medians of {REPEAT} rounds")
+    print(f"total time {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -117,17 +117,15 @@ final class ChannelTransport: NBDClientTransport {
     }
 
     func startTLS(_ credentials: NBDTLSClientCredentials, hostName: String?) throws(NBDClientError) {
-        let handler: NIOSSLClientHandler
-        do throws(NBDTLSError) {
-            handler = try credentials.makeHandler(hostName: hostName)
-        } catch {
-            throw NBDClientError(error.description)
-        }
         let channel = self.channel
         do {
+            // Made on the channel's loop, where it lives (handlers are not Sendable).
             try channel.eventLoop.submit {
+                let handler = try credentials.makeHandler(hostName: hostName)
                 try channel.pipeline.syncOperations.addHandler(handler, position: .first)
             }.wait()
+        } catch let error as NBDTLSError {
+            throw NBDClientError(error.description)
         } catch {
             throw NBDClientError("cannot start TLS: \(error)")
         }

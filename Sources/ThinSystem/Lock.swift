@@ -151,6 +151,7 @@ public final class WaitableValue<Value>: @unchecked Sendable {
     }
 
     /// Changes the value under the lock and wakes every waiter. Never waits for long.
+    @discardableResult
     public func update<T>(_ body: (inout Value) -> T) -> T {
         condition.lock()
         defer {
