@@ -21,9 +21,12 @@ public struct VolumeSummary: Codable, Sendable, Equatable {
     public var created: UInt64
     /// NBD connections to it (0 offline).
     public var connections: UInt64
+    /// The image's identity across pools and renames (null for a volume made before
+    /// UUIDs existed, until the pool is next opened read-write).
+    @Nullable public var uuid: String?
 
     enum CodingKeys: String, CodingKey {
-        case name, kind, size, parent, ephemeral, created, connections
+        case name, kind, size, parent, ephemeral, created, connections, uuid
         case mappedBytes = "mapped_bytes", readOnly = "read_only"
     }
 }
@@ -33,7 +36,7 @@ extension VolumeSummary {
         self.init(
             name: volume.name, kind: volume.kind.rawValue, size: volume.size, mappedBytes: volume.mappedBytes,
             parent: volume.parent, readOnly: volume.isReadOnly, ephemeral: volume.isEphemeral, created: volume.createdAt,
-            connections: UInt64(connections))
+            connections: UInt64(connections), uuid: volume.uuid)
     }
 }
 

@@ -15,7 +15,8 @@
 ///  72  u64  mapping B-tree root (0 = nothing mapped)
 ///  80  u64  mapped block count
 ///  88  u64  creation time (Unix seconds)
-///  96  ...  name, UTF-8 (a snapshot's name is "VOLUME@SNAPSHOT")
+///  96  ...  name, UTF-8 (a snapshot's name is "VOLUME@SNAPSHOT"), up to 255 bytes
+/// 352  16   image UUID (random, version 4; all zero in records made before it existed)
 /// ```
 public struct VolumeRecord: Equatable, Sendable {
     public enum Kind: UInt8, Sendable {
@@ -37,13 +38,23 @@ public struct VolumeRecord: Equatable, Sendable {
     public var mappedBlocks: UInt64
     public var createdAt: UInt64
     public var flags: UInt8
+    /// The image's identity, the same in every pool that holds a copy of it, unchanged by
+    /// renames. Sixteen zero bytes: none yet (a record written before UUIDs existed).
+    public var uuid: [UInt8]
+
+    public static let uuidOffset = 352
+    public static let noUUID = [UInt8](repeating: 0, count: 16)
 
     public var isEphemeral: Bool { flags & Self.ephemeralFlag != 0 }
+    public var hasUUID: Bool { uuid != Self.noUUID }
 
     public init(
         id: UInt64, parentID: UInt64 = 0, ownerID: UInt64 = 0, kind: Kind, name: String, virtualSize: UInt64,
-        mappingRoot: UInt64 = 0, mappedBlocks: UInt64 = 0, createdAt: UInt64, flags: UInt8 = 0
+        mappingRoot: UInt64 = 0, mappedBlocks: UInt64 = 0, createdAt: UInt64, flags: UInt8 = 0,
+        uuid: [UInt8] = VolumeRecord.noUUID
     ) {
+        precondition(uuid.count == 16, "a UUID is 16 bytes")
+        self.uuid = uuid
         self.flags = flags
         self.id = id
         self.parentID = parentID
@@ -73,6 +84,7 @@ public struct VolumeRecord: Equatable, Sendable {
         block.setLE64(80, mappedBlocks)
         block.setLE64(88, createdAt)
         for (i, byte) in utf8.enumerated() { block[96 + i] = byte }
+        for (i, byte) in uuid.enumerated() { block[Self.uuidOffset + i] = byte }
     }
 
     /// Decodes a block whose header has already been validated.
@@ -87,6 +99,6 @@ public struct VolumeRecord: Equatable, Sendable {
         return VolumeRecord(
             id: block.le64(32), parentID: block.le64(40), ownerID: block.le64(48), kind: kind, name: name,
             virtualSize: block.le64(64), mappingRoot: block.le64(72), mappedBlocks: block.le64(80),
-            createdAt: block.le64(88), flags: block[57])
+            createdAt: block.le64(88), flags: block[57], uuid: (0..<16).map { block[uuidOffset + $0] })
     }
 }

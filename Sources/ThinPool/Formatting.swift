@@ -1,3 +1,23 @@
+import ThinSystem
+
+/// A random (version 4) UUID's 16 bytes.
+func makeUUID() -> [UInt8] {
+    var uuid = SystemInfo.randomBytes(16)
+    uuid[6] = uuid[6] & 0x0F | 0x40
+    uuid[8] = uuid[8] & 0x3F | 0x80
+    return uuid
+}
+
+/// 16 bytes as `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+public func formatUUID(_ bytes: [UInt8]) -> String {
+    let hex = bytes.map { byte in
+        let digits = String(byte, radix: 16)
+        return digits.count == 1 ? "0" + digits : digits
+    }
+    let groups = [0..<4, 4..<6, 6..<8, 8..<10, 10..<16]
+    return groups.map { hex[$0].joined() }.joined(separator: "-")
+}
+
 /// Human-readable sizes: "10.0 GiB", "512 B".
 public func formatBytes(_ bytes: UInt64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]

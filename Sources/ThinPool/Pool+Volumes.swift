@@ -83,7 +83,7 @@ extension Pool {
             try checkVolumeSize(size)
             let record = VolumeRecord(
                 id: state.superblock.nextVolumeID, kind: .volume, name: name, virtualSize: size,
-                createdAt: SystemInfo.wallClockSeconds(), flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
+                createdAt: SystemInfo.wallClockSeconds(), flags: ephemeral ? VolumeRecord.ephemeralFlag : 0, uuid: makeUUID())
             let volume = state.add(record)
             try finishManagement(&state, commit: !ephemeral)
             return describe(volume, in: state)
@@ -115,7 +115,7 @@ extension Pool {
             let record = VolumeRecord(
                 id: state.superblock.nextVolumeID, parentID: origin.record.id, ownerID: origin.record.id, kind: .snapshot,
                 name: fullName, virtualSize: origin.record.virtualSize, mappingRoot: origin.record.mappingRoot,
-                mappedBlocks: origin.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds())
+                mappedBlocks: origin.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(), uuid: makeUUID())
             let snapshot = state.add(record)
             try finishManagement(&state)
             return (describe(snapshot, in: state), true)
@@ -150,7 +150,7 @@ extension Pool {
                 id: state.superblock.nextVolumeID, parentID: source.record.id, kind: .volume, name: name,
                 virtualSize: source.record.virtualSize, mappingRoot: source.record.mappingRoot,
                 mappedBlocks: source.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(),
-                flags: ephemeral ? VolumeRecord.ephemeralFlag : 0)
+                flags: ephemeral ? VolumeRecord.ephemeralFlag : 0, uuid: makeUUID())
             let clone = state.add(record)
             try finishManagement(&state, commit: !ephemeral)
             return (describe(clone, in: state), true)

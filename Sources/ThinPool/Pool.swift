@@ -104,11 +104,7 @@ public final class Pool: @unchecked Sendable {
         let alignment = max(bs, 1 << 20)
         let dataOffset = (metadataEnd + alignment - 1) / alignment * alignment
         let dataBlocks = geometry.dataSize / bs
-        var uuid = [UInt8](repeating: 0, count: 16)
-        var rng = SplitMix64(seed: SystemInfo.monotonicNanoseconds() ^ (UInt64(SystemInfo.processID) << 32))
-        for i in 0..<16 { uuid[i] = UInt8(truncatingIfNeeded: rng.next()) }
-        uuid[6] = uuid[6] & 0x0F | 0x40
-        uuid[8] = uuid[8] & 0x3F | 0x80
+        let uuid = makeUUID()
         let now = SystemInfo.wallClockSeconds()
         let superblock = Superblock(
             generation: 1, dataBlockSize: geometry.blockSize, uuid: uuid, metadataStart: metadataStart,
@@ -242,6 +238,9 @@ public final class Pool: @unchecked Sendable {
             if mark < end && !device.discard(at: dataOffset + mark * blockSize, length: (end - mark) * blockSize) {
                 state.spaceMap.setHighWater(end)
             }
+            // Volumes made before images had UUIDs get theirs now (written by the next commit).
+            let missing = state.volumes.compactMap { id, volume in volume.record.hasUUID ? nil : id }
+            for id in missing { state.volumes[id]?.change { $0.uuid = makeUUID() } }
         }
     }
 
@@ -305,7 +304,8 @@ public final class Pool: @unchecked Sendable {
         let kind: VolumeInfo.Kind = r.kind == .snapshot ? .snapshot : (r.parentID == 0 ? .volume : .clone)
         return VolumeInfo(
             id: r.id, name: r.name, kind: kind, size: r.virtualSize, mappedBytes: r.mappedBlocks * blockSize,
-            parent: state.volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral)
+            parent: state.volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral,
+            uuid: r.hasUUID ? formatUUID(r.uuid) : nil)
     }
 
     /// Every volume, sorted by name.
@@ -370,16 +370,7 @@ public struct PoolInfo: Sendable {
     /// server, opened read-only or forced).
     public var state: String { failure != nil ? "failed" : needsCheck ? "needs-check" : "ok" }
 
-    public var uuidString: String {
-        let hex = uuid.map { byte in
-            let s = String(byte, radix: 16)
-            return s.count == 1 ? "0" + s : s
-        }.joined()
-        let parts = [0..<8, 8..<12, 12..<16, 16..<20, 20..<32].map { range in
-            String(hex[hex.index(hex.startIndex, offsetBy: range.lowerBound)..<hex.index(hex.startIndex, offsetBy: range.upperBound)])
-        }
-        return parts.joined(separator: "-")
-    }
+    public var uuidString: String { formatUUID(uuid) }
 }
 
 /// One volume, snapshot or clone.
@@ -398,6 +389,9 @@ public struct VolumeInfo: Sendable, Equatable {
     public var createdAt: UInt64
     /// Made by `serve --ephemeral`: removed when that server stops, or by the next start.
     public var isEphemeral: Bool = false
+    /// The image's identity across pools and renames; nil for a volume made before
+    /// UUIDs existed, until the pool is next opened read-write.
+    public var uuid: String?
 
     public var isReadOnly: Bool { kind == .snapshot }
 }

@@ -146,3 +146,28 @@ extension SystemInfo {
         }
     }
 }
+
+extension SystemInfo {
+    /// `count` bytes from the kernel's random source (/dev/urandom): for UUIDs.
+    public static func randomBytes(_ count: Int) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var filled = 0
+        if let descriptor = try? Syscall.open("/dev/urandom", flags: O_RDONLY) {
+            defer { Syscall.close(descriptor) }
+            while filled < count {
+                let got = bytes.withUnsafeMutableBytes { raw in Glibc.read(descriptor, raw.baseAddress! + filled, count - filled) }
+                if got <= 0 {
+                    if got < 0 && errno == EINTR { continue }
+                    break
+                }
+                filled += got
+            }
+        }
+        if filled < count {
+            // No /dev/urandom (a chroot): time and pid are unique enough for an identity.
+            var rng = SplitMix64(seed: monotonicNanoseconds() ^ wallClockSeconds() << 20 ^ UInt64(processID) << 40)
+            for i in filled..<count { bytes[i] = UInt8(truncatingIfNeeded: rng.next()) }
+        }
+        return bytes
+    }
+}

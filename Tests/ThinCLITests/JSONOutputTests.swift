@@ -30,7 +30,7 @@ import TestSupport
         #expect(tree[1].children.isEmpty)
         #expect(
             ControlJSON.line(tree[1])
-                == #"{"children":[],"connections":0,"created":4,"ephemeral":false,"kind":"volume","mapped_bytes":4096,"name":"other","parent":null,"read_only":false,"size":65536}"#
+                == #"{"children":[],"connections":0,"created":4,"ephemeral":false,"kind":"volume","mapped_bytes":4096,"name":"other","parent":null,"read_only":false,"size":65536,"uuid":null}"#
         )
         #expect(ControlJSON.line(tree[0].children[0]).hasPrefix(#"{"children":[{"children":[],"connections":0,"created":3,"#))
         let decoded = try JSONDecoder().decode([VolumeTreeNode].self, from: Data(ControlJSON.pretty(tree).utf8))
@@ -75,7 +75,10 @@ import TestSupport
         #expect(created.stdout.contains("\n  \"volumes\" : [\n\n  ]\n}\n"), "\(created.stdout)")
 
         let volume = try CLI.run(["volume", "create", pool, "vm", "--size", "1G", "--json"])
-        let createdAt = try #require(try JSONSerialization.jsonObject(with: Data(volume.stdout.utf8)) as? [String: [String: Any]])["volume"]?["created"] as? Int
+        let fields = try #require(try JSONSerialization.jsonObject(with: Data(volume.stdout.utf8)) as? [String: [String: Any]])["volume"]
+        let createdAt = fields?["created"] as? Int
+        let uuid = try #require(fields?["uuid"] as? String)
+        #expect(uuid.count == 36 && uuid.split(separator: "-").map(\.count) == [8, 4, 4, 4, 12], "\(uuid)")
         #expect(
             volume.stdout == """
                 {
@@ -88,7 +91,8 @@ import TestSupport
                     "name" : "vm",
                     "parent" : null,
                     "read_only" : false,
-                    "size" : 1073741824
+                    "size" : 1073741824,
+                    "uuid" : "\(uuid)"
                   }
                 }
 

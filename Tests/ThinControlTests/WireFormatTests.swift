@@ -8,7 +8,7 @@ import ThinSystem
 enum Samples {
     static let volume = VolumeSummary(
         name: "vm", kind: "volume", size: 1 << 30, mappedBytes: 65536, parent: nil, readOnly: false, ephemeral: false,
-        created: 1_795_300_000, connections: 2)
+        created: 1_795_300_000, connections: 2, uuid: "6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8")
     static let snapshot = VolumeSummary(
         name: "vm@s", kind: "snapshot", size: 1 << 30, mappedBytes: 0, parent: "vm", readOnly: true, ephemeral: false,
         created: 1_795_300_001, connections: 0)
@@ -16,7 +16,7 @@ enum Samples {
         name: "build-1", kind: "clone", size: 1 << 30, mappedBytes: 4096, parent: "vm@s", readOnly: false, ephemeral: true,
         created: 1_795_300_002, connections: 1)
     static let volumeLine =
-        #"{"connections":2,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":65536,"name":"vm","parent":null,"read_only":false,"size":1073741824}"#
+        #"{"connections":2,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":65536,"name":"vm","parent":null,"read_only":false,"size":1073741824,"uuid":"6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8"}"#
 
     static func info(allocated: UInt64?) -> PoolInfoResult {
         PoolInfoResult(
@@ -124,7 +124,7 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         #expect(encodedLine(Samples.volume) == Samples.volumeLine)
         #expect(
             encodedLine(Samples.snapshot)
-                == #"{"connections":0,"created":1795300001,"ephemeral":false,"kind":"snapshot","mapped_bytes":0,"name":"vm@s","parent":"vm","read_only":true,"size":1073741824}"#
+                == #"{"connections":0,"created":1795300001,"ephemeral":false,"kind":"snapshot","mapped_bytes":0,"name":"vm@s","parent":"vm","read_only":true,"size":1073741824,"uuid":null}"#
         )
         #expect(
             encodedLine(Samples.hello(metrics: nil))
@@ -187,7 +187,8 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
                     "name" : "vm",
                     "parent" : null,
                     "read_only" : false,
-                    "size" : 1073741824
+                    "size" : 1073741824,
+                    "uuid" : "6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8"
                   }
                 }
                 """)
@@ -281,8 +282,10 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
     /// Results from another server may leave out optional keys or have null for them, and
     /// may carry keys this version does not know.
     @Test func optionalResultFieldsReadFromNullOrMissing() throws {
-        let noParent = #"{"connections":2,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":65536,"name":"vm","read_only":false,"size":1073741824,"future":[1]}"#
+        let noParent = #"{"connections":2,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":65536,"name":"vm","read_only":false,"size":1073741824,"uuid":"6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8","future":[1]}"#
         #expect(try decoded(VolumeSummary.self, noParent) == Samples.volume)
+        let noUUID = noParent.replacing(#""uuid":"6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8","#, with: "")
+        #expect(try decoded(VolumeSummary.self, noUUID).uuid == nil)
         #expect(try decoded(VolumeSummary.self, Samples.volumeLine) == Samples.volume)
         let withParent = Samples.volumeLine.replacing(#""parent":null"#, with: #""parent":"base""#)
         #expect(try decoded(VolumeSummary.self, withParent).parent == "base")
@@ -341,7 +344,7 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
 
 /// Results computed on a pool carry exactly the keys docs/control-api.md lists.
 @Suite struct ResultKeyTests {
-    static let volumeKeys: Set = ["name", "kind", "size", "mapped_bytes", "parent", "read_only", "ephemeral", "created", "connections"]
+    static let volumeKeys: Set = ["name", "kind", "size", "mapped_bytes", "parent", "read_only", "ephemeral", "created", "connections", "uuid"]
 
     @Test func everyResultHasItsDocumentedKeys() throws {
         let pool = try Pool.create(
@@ -355,8 +358,10 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
         #expect(try elementKeys(.volumes([createResult.volume])) == [Self.volumeKeys])
         #expect(
             encodedLine(createResult.volume)
-                == #"{"connections":1,"created":\#(createResult.volume.created),"ephemeral":false,"kind":"volume","mapped_bytes":0,"name":"vm","parent":null,"read_only":false,"size":1048576}"#
+                == #"{"connections":1,"created":\#(createResult.volume.created),"ephemeral":false,"kind":"volume","mapped_bytes":0,"name":"vm","parent":null,"read_only":false,"size":1048576,"uuid":"\#(createResult.volume.uuid ?? "none")"}"#
         )
+        // A new volume has a UUID, a fresh one each time.
+        #expect(createResult.volume.uuid?.count == 36)
 
         #expect(try keys(commands.run(.hello)) == ["protocol", "server", "pool", "served", "pid", "uris", "metrics"])
         #expect(encodedLine(try commands.run(.hello)).contains(#""metrics":null"#))

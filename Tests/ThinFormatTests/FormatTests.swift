@@ -86,13 +86,15 @@ final class Block {
         let record = VolumeRecord(
             id: 9, parentID: 3, ownerID: 2, kind: name.contains("@") ? .snapshot : .volume, name: name,
             virtualSize: 1 << 40, mappingRoot: 77, mappedBlocks: 12345, createdAt: 1_700_000_000,
-            flags: name.count % 2 == 0 ? VolumeRecord.ephemeralFlag : 0)
+            flags: name.count % 2 == 0 ? VolumeRecord.ephemeralFlag : 0, uuid: (0..<16).map { UInt8(truncatingIfNeeded: $0 * 17 + name.count) })
         record.encode(into: block.storage)
         BlockHeader.seal(block.storage, blockNumber: 50, generation: 3)
         _ = try BlockHeader.validate(block.storage, expectedType: .volumeRecord, blockNumber: 50, maxGeneration: 3)
         let decoded = try VolumeRecord.decode(block.storage)
         #expect(decoded == record)
         #expect(decoded.isEphemeral == (name.count % 2 == 0))
+        // The UUID sits after the longest name, so no name reaches it.
+        #expect(decoded.hasUUID && decoded.uuid[15] == UInt8(truncatingIfNeeded: 15 * 17 + name.count))
     }
 
     @Test func headerValidationCatchesMisdirectionAndAge() {
