@@ -166,6 +166,166 @@ public struct BTree {
         return n
     }
 
+    // MARK: Differences
+
+    /// A subtree known by its parent's pointer, read only when it must be (and then kept).
+    private struct SubtreeReference {
+        var number: UInt64
+        /// Level the parent promises (nil for a root: whatever it is).
+        var level: UInt16?
+        var lower: UInt64
+        var upper: UInt64?
+        var node: NodeView?
+    }
+
+    /// Calls `changed` with the keys of `range` whose entries differ between the trees
+    /// `a` and `b` (present in one only, or with different values), in key order, as
+    /// maximal runs. Subtrees that both trees reach through the same block are skipped
+    /// without being read: two snapshots of one lineage share every subtree a change did
+    /// not copy, so the cost follows the change, not the size. A tree of 0 is empty.
+    public func differences(
+        _ a: UInt64, _ b: UInt64, in range: Range<UInt64> = 0..<UInt64.max,
+        _ changed: (Range<UInt64>) throws(MetadataError) -> Void
+    ) throws(MetadataError) {
+        var runs = RunCollector()
+        let left = a == 0 ? nil : SubtreeReference(number: a, level: nil, lower: 0, upper: nil)
+        let right = b == 0 ? nil : SubtreeReference(number: b, level: nil, lower: 0, upper: nil)
+        try differences(left, right, range, &runs, changed)
+        if let last = runs.pending { try changed(last) }
+    }
+
+    /// Joins changed keys into runs and hands each finished run on.
+    private struct RunCollector {
+        var pending: Range<UInt64>?
+
+        mutating func add(_ key: UInt64, _ changed: (Range<UInt64>) throws(MetadataError) -> Void) throws(MetadataError) {
+            if let run = pending, run.upperBound == key {
+                pending = run.lowerBound..<key + 1
+                return
+            }
+            if let run = pending { try changed(run) }
+            pending = key..<key + 1
+        }
+    }
+
+    /// Reads a referenced subtree (once) and checks it against what its parent promised.
+    private func read(_ reference: SubtreeReference) throws(MetadataError) -> SubtreeReference {
+        if reference.node != nil { return reference }
+        var read = reference
+        if let level = reference.level {
+            let node = try store.read(reference.number, type).node
+            try checkChild(node, reference.number, level: level + 1, lower: reference.lower, upper: reference.upper)
+            read.node = node
+        } else {
+            read.node = try readRoot(reference.number)
+        }
+        return read
+    }
+
+    /// The children of interior `node` whose key ranges meet `range`.
+    private func children(of node: NodeView, upper: UInt64?, meeting range: Range<UInt64>) -> [SubtreeReference] {
+        var result: [SubtreeReference] = []
+        var i = max(0, node.childIndex(for: range.lowerBound))
+        while i < node.count, node.key(i) < range.upperBound {
+            let bound = i + 1 < node.count ? node.key(i + 1) : upper
+            result.append(SubtreeReference(number: node.value(i), level: node.level - 1, lower: node.key(i), upper: bound))
+            i += 1
+        }
+        return result
+    }
+
+    /// Splits `range` among the children that meet it, each taking its own key range; the
+    /// part below the first child (where this side has no keys, but the other may) goes
+    /// with it, and with no child at all, the whole range is compared with nothing.
+    private func split(_ range: Range<UInt64>, among children: [SubtreeReference]) -> [(SubtreeReference?, Range<UInt64>)] {
+        guard !children.isEmpty else { return [(nil, range)] }
+        return children.enumerated().map { index, child in
+            let lower = index == 0 ? range.lowerBound : max(range.lowerBound, child.lower)
+            return (child, lower..<min(range.upperBound, child.upper ?? .max))
+        }
+    }
+
+    private func differences(
+        _ a: SubtreeReference?, _ b: SubtreeReference?, _ range: Range<UInt64>, _ runs: inout RunCollector,
+        _ changed: (Range<UInt64>) throws(MetadataError) -> Void
+    ) throws(MetadataError) {
+        guard !range.isEmpty else { return }
+        if let a, let b, a.number == b.number { return }
+        guard var a, var b else {
+            // One side is empty here: every entry of the other differs.
+            guard let present = try (a ?? b).map({ (reference) throws(MetadataError) in try read(reference) }) else { return }
+            return try differences(a == nil ? nil : present, a == nil ? present : nil, range, &runs, changed, oneSided: true)
+        }
+        // A child's level is what its parent promises, so only the side that is expanded
+        // is read: the higher interior node (the left when levels tie). Its children are
+        // then compared with the other side over their own ranges, pairing subtrees up.
+        if a.level == nil { a = try read(a) }
+        if b.level == nil { b = try read(b) }
+        let leftLevel = a.level ?? a.node!.level
+        let rightLevel = b.level ?? b.node!.level
+        // The other side, if interior, is read once here rather than by every child's
+        // comparison (each would expand it again).
+        if leftLevel > 0 && leftLevel >= rightLevel {
+            a = try read(a)
+            if rightLevel > 0 { b = try read(b) }
+            for (child, part) in split(range, among: children(of: a.node!, upper: a.upper, meeting: range)) {
+                try differences(child, b, part, &runs, changed)
+            }
+            return
+        }
+        if rightLevel > 0 {
+            b = try read(b)
+            if leftLevel > 0 { a = try read(a) }
+            for (child, part) in split(range, among: children(of: b.node!, upper: b.upper, meeting: range)) {
+                try differences(a, child, part, &runs, changed)
+            }
+            return
+        }
+        try differences(try read(a), try read(b), range, &runs, changed, oneSided: false)
+    }
+
+    /// Compares what two subtrees hold in `range` entry by entry, one of them possibly
+    /// absent (`oneSided`): interior nodes of a lone side are walked down to their leaves.
+    private func differences(
+        _ a: SubtreeReference?, _ b: SubtreeReference?, _ range: Range<UInt64>, _ runs: inout RunCollector,
+        _ changed: (Range<UInt64>) throws(MetadataError) -> Void, oneSided: Bool
+    ) throws(MetadataError) {
+        if oneSided, let lone = a ?? b, let node = lone.node, !node.isLeaf {
+            for (child, part) in split(range, among: children(of: node, upper: lone.upper, meeting: range)) {
+                guard let child else { continue }
+                let read = try read(child)
+                try differences(a == nil ? nil : read, a == nil ? read : nil, part, &runs, changed, oneSided: true)
+            }
+            return
+        }
+        let left = a.map { ($0, $0.node!) }
+        let right = b.map { ($0, $0.node!) }
+        // Two leaves (or a leaf and nothing): walk their entries in `range` together.
+        var i = left.map { $0.1.lowerBound(range.lowerBound) } ?? 0
+        var j = right.map { $0.1.lowerBound(range.lowerBound) } ?? 0
+        while true {
+            let leftKey = left.flatMap { i < $0.1.count && $0.1.key(i) < range.upperBound ? $0.1.key(i) : nil }
+            let rightKey = right.flatMap { j < $0.1.count && $0.1.key(j) < range.upperBound ? $0.1.key(j) : nil }
+            switch (leftKey, rightKey) {
+            case (nil, nil):
+                return
+            case (let l?, let r?) where l == r:
+                let same = try leafValue(left!.1, i, in: left!.0.number) == leafValue(right!.1, j, in: right!.0.number)
+                if !same { try runs.add(l, changed) }
+                i += 1
+                j += 1
+            case (let l?, let r) where r == nil || l < r!:
+                try runs.add(l, changed)
+                i += 1
+            case (_, let r?):
+                try runs.add(r, changed)
+                j += 1
+            default:
+                return
+            }
+        }
+    }
+
     // MARK: Mutation
 
     /// Shadows a node and, when the original stays shared, references its children.

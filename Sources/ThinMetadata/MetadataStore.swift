@@ -39,6 +39,11 @@ public final class MetadataStore {
     /// Readers holding only shared access look blocks up concurrently; the cache map has
     /// its own small lock.
     private let cacheLock = Lock()
+    /// Calls of `read` since the store was made, cached or not (under `cacheLock`).
+    private var readCalls = 0
+
+    /// How many blocks `read` has been asked for: a measure of a walk's cost.
+    public var readCount: Int { cacheLock.withLock { readCalls } }
     public var cacheLimit: Int
     private var dirtyBlocks: [UInt64: MetadataBlock] = [:]
 
@@ -114,7 +119,10 @@ public final class MetadataStore {
     /// With `cachedOnly`, a block that is not cached throws `.notCached` instead of
     /// being read: for callers on threads that must not block.
     public func read(_ number: UInt64, _ type: BlockType, cachedOnly: Bool = false) throws(MetadataError) -> MetadataBlock {
-        if let block = cacheLock.withLock({ cache[number] }) { return block }
+        if let block = cacheLock.withLock({ () -> MetadataBlock? in
+            readCalls &+= 1
+            return cache[number]
+        }) { return block }
         if cachedOnly { throw .notCached(number) }
         _ = try slot(number, type)
         let block = try readFromDevice(number, type, maxGeneration: committedGeneration)

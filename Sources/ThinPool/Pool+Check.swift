@@ -484,6 +484,9 @@ extension Pool {
         lock.withLock { state in state.store.referencedBlocks().map(\.block) }
     }
 
+    /// Metadata blocks asked of the store since open, cached or not (cost measurements).
+    var metadataReads: Int { lock.withSharedAccess { $0.store.readCount } }
+
     /// Byte offset of the data region in the pool file.
     public var dataRegionOffset: UInt64 { dataOffset }
 }
