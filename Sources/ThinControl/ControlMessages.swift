@@ -27,6 +27,8 @@ public enum ControlCommand: Equatable, Sendable {
     case setLimit(ExportLimitRule)
     /// The rate-limit rules in force (served pools only).
     case limits
+    /// The extents whose contents may differ between two volumes or snapshots.
+    case diff(from: String, to: String)
 
     /// The protocol version this build speaks; bumped only for incompatible changes.
     public static let protocolVersion: UInt64 = 1
@@ -48,6 +50,7 @@ public enum ControlCommand: Equatable, Sendable {
         case .exports: "exports"
         case .setLimit: "limit"
         case .limits: "limits"
+        case .diff: "diff"
         }
     }
 
@@ -55,7 +58,7 @@ public enum ControlCommand: Equatable, Sendable {
     public var modifiesPool: Bool {
         switch self {
         // Limits change the server, not the pool.
-        case .hello, .info, .list, .check, .exports, .setLimit, .limits: false
+        case .hello, .info, .list, .check, .exports, .setLimit, .limits, .diff: false
         default: true
         }
     }
@@ -66,7 +69,7 @@ public enum ControlCommand: Equatable, Sendable {
         case .createVolume(let name, _), .delete(let name, _), .resize(let name, _, _), .snapshot(let name, _),
             .rollback(let name, _):
             [name]
-        case .rename(let from, let to): [from, to]
+        case .rename(let from, let to), .diff(let from, let to): [from, to]
         case .clone(let source, let name, _): [source, name]
         case .hello, .info, .list, .check, .grow, .exports, .setLimit, .limits: []
         }
@@ -148,7 +151,7 @@ public struct ExportLimitRule: Equatable, Sendable, Codable {
 extension ControlCommand: Codable {
     /// `command` and every argument key of every command.
     enum Key: String, CodingKey {
-        case command, name, size, force, source, pattern, iops
+        case command, name, size, force, source, pattern, iops, from, to
         case newName = "new_name", ifMissing = "if_missing", bytesPerSecond = "bytes_per_second"
     }
 
@@ -184,6 +187,9 @@ extension ControlCommand: Codable {
             try container.encode(rule.pattern, forKey: .pattern)
             try container.encode(rule.operationsPerSecond, forKey: .iops)
             try container.encode(rule.bytesPerSecond, forKey: .bytesPerSecond)
+        case .diff(let from, let to):
+            try container.encode(from, forKey: .from)
+            try container.encode(to, forKey: .to)
         }
     }
 
@@ -213,6 +219,7 @@ extension ControlCommand: Codable {
                     pattern: try request.string(.pattern), operationsPerSecond: try request.number(.iops),
                     bytesPerSecond: try request.number(.bytesPerSecond)))
         case "limits": self = .limits
+        case "diff": self = .diff(from: try request.string(.from), to: try request.string(.to))
         default: throw ControlError.invalidRequest("unknown command \"\(request.command)\"")
         }
     }

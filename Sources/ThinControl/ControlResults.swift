@@ -180,6 +180,42 @@ extension CheckResult {
     }
 }
 
+/// `diff`: the byte extents whose contents may differ between two images.
+public struct DiffResult: Codable, Sendable, Equatable {
+    public struct Extent: Codable, Sendable, Equatable {
+        public var offset: UInt64
+        public var length: UInt64
+
+        public init(offset: UInt64, length: UInt64) {
+            self.offset = offset
+            self.length = length
+        }
+    }
+
+    public var from: String
+    public var to: String
+    /// False when the two share no history (then every mapped extent of either is listed).
+    public var related: Bool
+    public var fromSize: UInt64
+    public var toSize: UInt64
+    public var changedBytes: UInt64
+    public var extents: [Extent]
+
+    enum CodingKeys: String, CodingKey {
+        case from, to, related, extents
+        case fromSize = "from_size", toSize = "to_size", changedBytes = "changed_bytes"
+    }
+}
+
+extension DiffResult {
+    public init(from: String, to: String, _ differences: VolumeDifferences) {
+        self.init(
+            from: from, to: to, related: differences.related, fromSize: differences.fromSize, toSize: differences.toSize,
+            changedBytes: differences.changedBytes,
+            extents: differences.extents.map { Extent(offset: $0.lowerBound, length: UInt64($0.count)) })
+    }
+}
+
 /// The result of any command: which case depends on the command (`ControlCommand.decodeResult`).
 /// On the wire it is just its value.
 public enum ControlResult: Encodable, Sendable, Equatable {
@@ -199,6 +235,7 @@ public enum ControlResult: Encodable, Sendable, Equatable {
     /// `limit` and `limits`: the rules in force.
     case limits([ExportLimitRule])
     case check(CheckResult)
+    case differences(DiffResult)
 
     /// The result itself, to encode or to cast to its type.
     public var value: any Encodable & Sendable {
@@ -215,6 +252,7 @@ public enum ControlResult: Encodable, Sendable, Equatable {
         case .rolledBack(let value): value
         case .limits(let value): value
         case .check(let value): value
+        case .differences(let value): value
         }
     }
 
@@ -237,6 +275,7 @@ extension ControlCommand {
         case .rollback: .rolledBack(try RollbackResult(from: decoder))
         case .setLimit, .limits: .limits(try [ExportLimitRule](from: decoder))
         case .check: .check(try CheckResult(from: decoder))
+        case .diff: .differences(try DiffResult(from: decoder))
         }
     }
 }

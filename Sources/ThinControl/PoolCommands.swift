@@ -84,6 +84,9 @@ public struct PoolCommands: Sendable {
                     metrics: served?.metricsURL))
         case .info:
             return .poolInfo(poolInfo(pool.info()))
+        case .diff(let from, let to):
+            let found = try pooled { () throws(PoolError) in try pool.differences(from: from, to: to) }
+            return .differences(DiffResult(from: from, to: to, found))
         case .list:
             return .volumes(list())
         case .createVolume(let name, let size):

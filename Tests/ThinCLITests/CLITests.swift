@@ -87,6 +87,32 @@ import ThinPool
         #expect(try CLI.run(["info", pool]).stdout.contains("[....."))
     }
 
+    /// `diff` lists differing extents as OFFSET LENGTH lines: none between an image and
+    /// its untouched snapshot, everything mapped between unrelated images (with a note).
+    @Test func diffListsChangedExtents() throws {
+        let dir = TemporaryDirectory()
+        let pool = dir.path + "/p.pool"
+        #expect(try CLI.run(["create", pool, "--size", "64M"]).status == 0)
+        let image = dir.path + "/image.raw"
+        var bytes = [UInt8](repeating: 0, count: 1 << 20)
+        for i in 0..<65536 { bytes[i] = UInt8(truncatingIfNeeded: i | 1) }
+        for i in (512 << 10)..<((512 << 10) + 4096) { bytes[i] = 9 }
+        try Data(bytes).write(to: URL(fileURLWithPath: image))
+        _ = try runClean(["import", pool, "v", image], pool: pool)
+        _ = try runClean(["volume", "create", pool, "w", "--size", "1M"], pool: pool)
+        _ = try runClean(["snapshot", pool, "v@a"], pool: pool)
+        let same = try CLI.run(["diff", pool, "v@a", "v"])
+        #expect(same.status == 0 && same.stdout.isEmpty && same.stderr.isEmpty, "\(same.stdout)\(same.stderr)")
+        // Blocks are 64 KiB: the imported data sits in blocks 0 and 8.
+        let unrelated = try CLI.run(["diff", pool, "w", "v@a"])
+        #expect(unrelated.status == 0 && unrelated.stdout == "0 65536\n524288 65536\n", "\(unrelated.stdout)")
+        #expect(unrelated.stderr.contains("share no history"), "\(unrelated.stderr)")
+        let json = try CLI.run(["diff", pool, "w", "v@a", "--json"])
+        #expect(json.stdout.contains("\"changed_bytes\" : 131072") && json.stdout.contains("\"related\" : false"), "\(json.stdout)")
+        let missing = try CLI.run(["diff", pool, "v@a", "nope"])
+        #expect(missing.status == 1 && missing.stderr.contains("no such volume or snapshot: nope"), "\(missing.stderr)")
+    }
+
     @Test func errorsNameTheProblem() throws {
         let dir = TemporaryDirectory()
         let pool = dir.path + "/p.pool"

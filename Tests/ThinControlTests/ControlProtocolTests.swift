@@ -10,7 +10,7 @@ import ThinSystem
         .createVolume(name: "vm", size: 10 << 30), .delete(name: "vm@s", force: true), .delete(name: "x", force: false),
         .rename(from: "a", to: "b"), .resize(name: "vm", size: 4096, force: true),
         .snapshot(name: "vm@golden", ifMissing: true), .clone(source: "vm@golden", name: "build-1", ifMissing: false),
-        .rollback(snapshot: "vm@golden", force: true), .limits,
+        .rollback(snapshot: "vm@golden", force: true), .limits, .diff(from: "vm@golden", to: "vm"),
         .setLimit(ExportLimitRule(pattern: "build-*", operationsPerSecond: 1000, bytesPerSecond: 100 << 20)),
     ]
 

@@ -56,6 +56,14 @@ enum Samples {
         (.setLimit(rule), .limits([rule])),
         (.limits, .limits([])),
         (.check, .check(check)),
+        (
+            .diff(from: "vm@s", to: "vm"),
+            .differences(
+                DiffResult(
+                    from: "vm@s", to: "vm", related: true, fromSize: 1 << 30, toSize: 1 << 30, changedBytes: 131072,
+                    extents: [.init(offset: 0, length: 65536), .init(offset: 1 << 20, length: 65536)]))
+        ),
+        (.diff(from: "a", to: "b"), .differences(DiffResult(from: "a", to: "b", related: false, fromSize: 1, toSize: 2, changedBytes: 0, extents: []))),
     ]
 }
 
@@ -78,6 +86,7 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
             (.check, #"{"command":"check"}"#),
             (.exports, #"{"command":"exports"}"#),
             (.limits, #"{"command":"limits"}"#),
+            (.diff(from: "vm@a", to: "vm@b"), #"{"command":"diff","from":"vm@a","to":"vm@b"}"#),
             (.grow(size: 1 << 40), #"{"command":"grow","size":1099511627776}"#),
             (.createVolume(name: "vm", size: 10 << 30), #"{"command":"volume-create","name":"vm","size":10737418240}"#),
             (.delete(name: "vm@s", force: true), #"{"command":"delete","force":true,"name":"vm@s"}"#),
@@ -386,6 +395,10 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
         let rule = ExportLimitRule(pattern: "vm*", operationsPerSecond: 10, bytesPerSecond: 0)
         #expect(encodedLine(try commands.run(.setLimit(rule))) == #"[{"bytes_per_second":0,"iops":10,"pattern":"vm*"}]"#)
         #expect(try elementKeys(commands.run(.limits)) == [["pattern", "iops", "bytes_per_second"]])
+        _ = try commands.run(.snapshot(name: "vm@t", ifMissing: false))
+        let diff = try commands.run(.diff(from: "vm@t", to: "vm"))
+        #expect(try keys(diff) == ["from", "to", "related", "from_size", "to_size", "changed_bytes", "extents"])
+        #expect(encodedLine(diff) == #"{"changed_bytes":0,"extents":[],"from":"vm@t","from_size":1048576,"related":true,"to":"vm","to_size":1048576}"#)
         #expect(
             try keys(commands.run(.check)) == [
                 "clean", "damage", "stale", "leaked_blocks", "repaired", "volumes_checked", "metadata_blocks_checked",
