@@ -8,10 +8,10 @@ struct DiffCommand: ParsableCommand {
         commandName: "diff",
         abstract: "List the extents whose contents may differ between two volumes or snapshots.",
         discussion: """
-            Prints one 'OFFSET LENGTH' line (bytes) per extent, in order: whole data blocks mapped
-            in one image and not the other, or mapped to different data. The two mapping trees are
-            walked together and every subtree they share is skipped unread, so the cost follows the
-            change, not the size. Images that share no history are compared too: then every extent
+            Prints one 'OFFSET LENGTH' line (bytes) per extent, in order: whole data blocks mapped \
+            in one image and not the other, or mapped to different data. The two mapping trees are \
+            walked together and every subtree they share is skipped unread, so the cost follows the \
+            change, not the size. Images that share no history are compared too: then every extent \
             either one maps is listed (a note on standard error says so).
             """)
 
