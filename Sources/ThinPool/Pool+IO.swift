@@ -283,10 +283,13 @@ extension Pool {
             let to = try state.volume(named: toName)
             var extents: [Range<UInt64>] = []
             let blockSize = self.blockSize
+            // Only keys inside the larger image count: a damaged tree's stray keys beyond it
+            // are never turned into byte offsets (sizes are at most 2^60: no overflow).
+            let size = max(from.record.virtualSize, to.record.virtualSize)
+            let blocks = 0..<(size / blockSize + (size % blockSize == 0 ? 0 : 1))
             try mapErrors {
-                try state.mappings.differences(from.record.mappingRoot, to.record.mappingRoot) { (blocks: Range<UInt64>) throws(MetadataError) in
-                    // Keys are below 2^60 / block size (checked volume sizes), so no overflow.
-                    extents.append(blocks.lowerBound * blockSize..<blocks.upperBound * blockSize)
+                try state.mappings.differences(from.record.mappingRoot, to.record.mappingRoot, in: blocks) { (run: Range<UInt64>) throws(MetadataError) in
+                    extents.append(run.lowerBound * blockSize..<run.upperBound * blockSize)
                 }
             }
             return VolumeDifferences(
