@@ -117,13 +117,20 @@ final class ChannelTransport: NBDClientTransport {
     }
 
     func startTLS(_ credentials: NBDTLSClientCredentials, hostName: String?) throws(NBDClientError) {
-        let channel = self.channel
+        let (channel, inbox) = (self.channel, self.inbox)
         do {
-            // Made on the channel's loop, where it lives (handlers are not Sendable).
+            // On the channel's loop, where bytes arrive: nothing can slip in between the
+            // check and the handler. Bytes that came after the acknowledgement were sent in
+            // plain text (by anyone on the way) and must never be read as if from TLS.
             try channel.eventLoop.submit {
+                guard inbox.update({ $0.bytes.readableBytes }) == 0 else {
+                    throw NBDClientError("the server sent data after acknowledging STARTTLS")
+                }
                 let handler = try credentials.makeHandler(hostName: hostName)
                 try channel.pipeline.syncOperations.addHandler(handler, position: .first)
             }.wait()
+        } catch let error as NBDClientError {
+            throw error
         } catch let error as NBDTLSError {
             throw NBDClientError(error.description)
         } catch {

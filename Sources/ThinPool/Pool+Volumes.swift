@@ -25,9 +25,18 @@ extension Pool {
     /// flight to it finish first and none start), then under the pool lock. Operations
     /// on a name that does not exist fail before locking anything.
     func withVolumeExclusive<T>(_ name: Substring, _ body: (inout PoolState) throws(PoolError) -> T) throws(PoolError) -> T {
-        let id = try lock.withSharedAccess { state throws(PoolError) in try state.volume(named: String(name)).record.id }
+        let name = String(name)
+        let id = try lock.withSharedAccess { state throws(PoolError) in try state.volume(named: name).record.id }
         return try rangeLocks.withRange(id, 0..<UInt64.max) { () throws(PoolError) -> T in
-            try withWritableLock(body)
+            try withWritableLock { (state: inout PoolState) throws(PoolError) -> T in
+                // While this waited for the volume's writes, a rename could have given the
+                // name to another volume, whose range is not locked: act on none then.
+                guard let now = state.names[name] else { throw .noSuchVolume(name) }
+                guard now == id else {
+                    throw .invalidArgument("\(name) was renamed or replaced while this operation waited for its writes; run it again")
+                }
+                return try body(&state)
+            }
         }
     }
 
