@@ -63,6 +63,9 @@ final class ChannelTransport: NBDClientTransport {
         var closed = false
     }
 
+    /// A server that stops answering in the middle of the TLS handshake is given up on.
+    static let handshakeTimeoutMilliseconds = 30_000
+
     private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private let channel: Channel
     private let inbox = WaitableValue(Inbox())
@@ -136,10 +139,14 @@ final class ChannelTransport: NBDClientTransport {
         } catch {
             throw NBDClientError("cannot start TLS: \(error)")
         }
-        let outcome = inbox.wait { inbox -> Result<Void, NBDClientError>? in
+        let outcome = inbox.wait(until: { inbox -> Result<Void, NBDClientError>? in
             if inbox.tlsReady { return .success(()) }
             if let failure = inbox.failure { return .failure(failure) }
             return inbox.closed ? .failure(NBDClientError("the server closed the connection during the TLS handshake")) : nil
+        }, milliseconds: Self.handshakeTimeoutMilliseconds)
+        guard let outcome else {
+            close()
+            throw NBDClientError("the TLS handshake did not finish within \(Self.handshakeTimeoutMilliseconds / 1000) s")
         }
         try outcome.get()
     }

@@ -21,6 +21,13 @@ final class ConditionLock {
     func unlock() { pthread_mutex_unlock(mutex) }
     /// Waits for a broadcast; the mutex must be held.
     func wait() { pthread_cond_wait(condition, mutex) }
+
+    /// Waits for a broadcast or until `deadline` (CLOCK_REALTIME nanoseconds); the mutex
+    /// must be held. Returns false on timeout.
+    func wait(untilRealtime deadline: UInt64) -> Bool {
+        var time = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        return pthread_cond_timedwait(condition, mutex, &time) != ETIMEDOUT
+    }
     func broadcast() { pthread_cond_broadcast(condition) }
 }
 

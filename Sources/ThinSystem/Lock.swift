@@ -172,4 +172,18 @@ public final class WaitableValue<Value>: @unchecked Sendable {
             condition.wait()
         }
     }
+
+    /// `wait(until:)` for at most `milliseconds`; nil when the time ran out first.
+    public func wait<T>(until ready: (inout Value) -> T?, milliseconds: Int) -> T? {
+        NonBlockingThread.assertMayBlock("waiting on a WaitableValue")
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let deadline = UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec) + UInt64(max(0, milliseconds)) * 1_000_000
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            if let answer = ready(&value) { return answer }
+            if !condition.wait(untilRealtime: deadline) { return ready(&value) }
+        }
+    }
 }

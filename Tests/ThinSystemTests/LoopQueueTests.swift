@@ -171,3 +171,20 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
         if let late { gate.leave(late) }
     }
 }
+
+@Suite struct WaitableValueTests {
+    @Test func waitsForAnUpdateOrGivesUpAtTheDeadline() {
+        let value = WaitableValue(0)
+        let start = DispatchTime.now().uptimeNanoseconds
+        let none: Int? = value.wait(until: { $0 > 0 ? $0 : nil }, milliseconds: 50)
+        let waited = (DispatchTime.now().uptimeNanoseconds - start) / 1_000_000
+        #expect(none == nil && waited >= 45, "waited \(waited) ms")
+        let setter = Thread {
+            usleep(20_000)
+            value.update { $0 = 7 }
+        }
+        setter.start()
+        #expect(value.wait(until: { $0 > 0 ? $0 : nil }, milliseconds: 10_000) == 7)
+        #expect(value.wait { $0 == 7 ? true : nil })
+    }
+}
