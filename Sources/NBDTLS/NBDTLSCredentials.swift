@@ -69,7 +69,6 @@ enum NBDTLSPolicy {
 /// A server's TLS credentials, loaded once at start. Loading reads files (blocking);
 /// making a handler per connection is cheap and never blocks.
 public struct NBDTLSServerCredentials: Sendable {
-    public let source: NBDTLSSource
     /// Clients must present a certificate signed by the CA (`--tls-verify-peer`).
     public let verifiesPeer: Bool
     private let context: NIOSSLContext
@@ -121,7 +120,7 @@ public struct NBDTLSServerCredentials: Sendable {
         configuration.minimumTLSVersion = .tlsv12
         configuration.shutdownTimeout = NBDTLSPolicy.shutdownTimeout
         let context = try NBDTLSPolicy.context(configuration, for: "\(source)")
-        return NBDTLSServerCredentials(source: source, verifiesPeer: verifyPeer, context: context, revocations: revocations)
+        return NBDTLSServerCredentials(verifiesPeer: verifyPeer, context: context, revocations: revocations)
     }
 
     /// The handler a connection puts at the front of its pipeline after STARTTLS.
@@ -143,7 +142,6 @@ public struct NBDTLSServerCredentials: Sendable {
 
 /// A client's TLS credentials (`thinbd import` and `export` with `nbds://` URIs).
 public struct NBDTLSClientCredentials: Sendable {
-    public let source: NBDTLSSource
     /// Checks the server's name as well as its CA (connections by host name).
     private let verifyingName: NIOSSLContext
     /// Checks only the CA (Unix sockets and IP addresses: no name to check).
@@ -178,7 +176,7 @@ public struct NBDTLSClientCredentials: Sendable {
         let verifyingName = try NBDTLSPolicy.context(configuration, for: "\(source)")
         if case .certificates = source { configuration.certificateVerification = .noHostnameVerification }
         let verifyingChain = try NBDTLSPolicy.context(configuration, for: "\(source)")
-        return NBDTLSClientCredentials(source: source, verifyingName: verifyingName, verifyingChain: verifyingChain)
+        return NBDTLSClientCredentials(verifyingName: verifyingName, verifyingChain: verifyingChain)
     }
 
     /// A handler that starts the TLS handshake as a client. `hostName` is the server's

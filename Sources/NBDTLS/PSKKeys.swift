@@ -9,8 +9,6 @@ public struct PSKKeys: Sendable, Equatable {
     public static let maximumIdentityBytes = 128
     public static let maximumKeyBytes = 256
 
-    public init() {}
-
     /// Parses a key file's contents; `source` names it in errors.
     /// Cost: O(file). Nothing from the file is trusted: every line is checked.
     public init(parsing bytes: [UInt8], source: String) throws(NBDTLSError) {

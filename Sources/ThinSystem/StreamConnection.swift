@@ -105,8 +105,6 @@ extension SystemInfo {
 public struct FileStatus: Sendable, Equatable {
     public var mode: UInt32
     public var owner: UInt32
-    public var isDirectory: Bool
-    public var isSocket: Bool
 
     /// Group or others may write (create or remove entries, for a directory).
     public var isWritableByOthers: Bool { mode & 0o022 != 0 }
@@ -123,8 +121,7 @@ extension SystemInfo {
     public static func status(of path: String, followingLinks: Bool = false) -> FileStatus? {
         var info = stat()
         guard (followingLinks ? stat(path, &info) : lstat(path, &info)) == 0 else { return nil }
-        let type = info.st_mode & S_IFMT
-        return FileStatus(mode: UInt32(info.st_mode & 0o7777), owner: info.st_uid, isDirectory: type == S_IFDIR, isSocket: type == S_IFSOCK)
+        return FileStatus(mode: UInt32(info.st_mode & 0o7777), owner: info.st_uid)
     }
 
     /// The whole contents of a small file (credentials, keys). Refuses files over
