@@ -41,19 +41,60 @@ public enum NBDTLSMode: String, Sendable, Equatable, CaseIterable {
     case require
 }
 
+/// A metadata context an export offers besides `base:allocation`, as its provider
+/// resolves a query: the full name and a key of the provider's choosing that names
+/// what the context describes for as long as the connection lasts (thinbd: the id of
+/// the base snapshot, which survives a rename and is never reused).
+public struct NBDMetaContext: Equatable, Sendable {
+    public var name: String
+    public var key: UInt64
+
+    public init(name: String, key: UInt64) {
+        self.name = name
+        self.key = key
+    }
+}
+
+/// A metadata context selected with SET_META_CONTEXT, with the id BLOCK_STATUS
+/// replies carry for it.
+public struct NBDSelectedMetaContext: Equatable, Sendable {
+    public enum Kind: Equatable, Sendable {
+        /// `base:allocation`: holes and zeros.
+        case allocation
+        /// A context of the export's provider (`NBDMetaContext.key`).
+        case provided(key: UInt64)
+    }
+
+    public var id: UInt32
+    public var name: String
+    public var kind: Kind
+
+    public init(id: UInt32, name: String, kind: Kind) {
+        self.id = id
+        self.name = name
+        self.kind = kind
+    }
+}
+
 /// What transmission needs to know once the handshake ends.
 public struct NBDSession: Equatable, Sendable {
     public var export: NBDExportDescription
     public var flags: NBDTransmissionFlags
     public var structuredReplies: Bool
-    /// The id of `base:allocation` when the client selected it for this export.
-    public var allocationContextID: UInt32?
+    /// The contexts the client selected for this export, in id order; BLOCK_STATUS
+    /// answers one chunk for each.
+    public var metaContexts: [NBDSelectedMetaContext]
 
-    public init(export: NBDExportDescription, flags: NBDTransmissionFlags, structuredReplies: Bool, allocationContextID: UInt32?) {
+    public init(export: NBDExportDescription, flags: NBDTransmissionFlags, structuredReplies: Bool, metaContexts: [NBDSelectedMetaContext]) {
         self.export = export
         self.flags = flags
         self.structuredReplies = structuredReplies
-        self.allocationContextID = allocationContextID
+        self.metaContexts = metaContexts
+    }
+
+    /// The id of `base:allocation` when the client selected it.
+    public var allocationContextID: UInt32? {
+        metaContexts.first { $0.kind == .allocation }?.id
     }
 }
 
@@ -83,7 +124,6 @@ public struct NBDSession: Equatable, Sendable {
 public struct NBDHandshake: Sendable {
     public static let serverFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
     public static let allocationContext = "base:allocation"
-    public static let allocationContextID: UInt32 = 1
 
     public enum State: Equatable, Sendable { case awaitingClientFlags, haggling, awaitingCatalog, transmission, closed }
 
@@ -95,6 +135,10 @@ public struct NBDHandshake: Sendable {
         case list
         /// Look the export up and open it for this connection (GO, EXPORT_NAME).
         case open(String)
+        /// The metadata contexts besides `base:` that export `exportName` offers and that
+        /// match `queries` (LIST_META_CONTEXT when `listing`, else SET_META_CONTEXT).
+        /// Queries of namespaces the provider does not know are ignored.
+        case metaContexts(exportName: String, queries: [String], listing: Bool)
     }
 
     /// The answer to a `CatalogQuery`.
@@ -107,6 +151,8 @@ public struct NBDHandshake: Sendable {
         case exports([NBDExportDescription])
         /// `open` found the export but could not open it now (being changed, shutting down).
         case refused(String, shuttingDown: Bool)
+        /// `metaContexts` found the export; these of its contexts match.
+        case metaContexts([NBDMetaContext])
     }
 
     public enum Action: Equatable, Sendable {
@@ -135,8 +181,8 @@ public struct NBDHandshake: Sendable {
     private var awaiting: Awaiting?
     private var noZeroes = false
     private var structuredReplies = false
-    /// The export named in the last SET_META_CONTEXT and whether it selected base:allocation.
-    private var metaContext: (exportName: String, selected: Bool)?
+    /// The export named in the last SET_META_CONTEXT and the contexts it selected.
+    private var metaContext: (exportName: String, selected: [NBDSelectedMetaContext])?
     /// Set by the server while it shuts down: options get NBD_REP_ERR_SHUTDOWN.
     public var isShuttingDown = false
     public let tlsMode: NBDTLSMode
@@ -225,8 +271,8 @@ public struct NBDHandshake: Sendable {
             }
             actions.append(reply(.list, .ack))
             return actions
-        case (.metaContext(let option, let query), .found):
-            return metaContextReplies(option, query)
+        case (.metaContext(let option, let query), .metaContexts(let provided)):
+            return metaContextReplies(option, query, provided: provided)
         case (.metaContext(let option, let query), .notFound):
             return [reply(option, .errUnknown, "no such export: \(query.exportName)")]
         default:
@@ -317,17 +363,19 @@ public struct NBDHandshake: Sendable {
             if let bad = query.queries.first(where: { !$0.contains(":") }) {
                 return [reply(option, .errInvalid, "query '\(bad)' has no namespace")]
             }
-            return ask(.describe(query.exportName), .metaContext(option, query))
+            return ask(
+                .metaContexts(exportName: query.exportName, queries: query.queries, listing: option == .listMetaContext),
+                .metaContext(option, query))
         default:
             return [reply(option, .errUnsupported, "\(option) is not supported")]
         }
     }
 
     private func makeSession(_ export: NBDExportDescription, requestedName: String) -> NBDSession {
-        let selected = metaContext.map { $0.exportName == requestedName && $0.selected } ?? false
+        let selected = metaContext.flatMap { $0.exportName == requestedName ? $0.selected : nil } ?? []
         return NBDSession(
             export: export, flags: export.transmissionFlags(structuredReplies: structuredReplies),
-            structuredReplies: structuredReplies, allocationContextID: selected ? Self.allocationContextID : nil)
+            structuredReplies: structuredReplies, metaContexts: selected)
     }
 
     private func infoReplies(_ option: NBDOption, _ export: NBDExportDescription, _ session: NBDSession, requested: [NBDInfoType]) -> [Action] {
@@ -355,18 +403,28 @@ public struct NBDHandshake: Sendable {
         return actions
     }
 
-    /// LIST/SET_META_CONTEXT replies once the export is known to exist.
-    private mutating func metaContextReplies(_ option: NBDOption, _ query: NBDMetaContextQuery) -> [Action] {
-        var matches = query.queries.contains { $0 == Self.allocationContext || (option == .listMetaContext && $0 == "base:") }
-        if option == .listMetaContext && query.queries.isEmpty { matches = true }
-        var actions: [Action] = []
-        if matches {
-            var context = ByteBuffer()
-            context.writeInteger(option == .setMetaContext ? Self.allocationContextID : 0)
-            context.writeString(Self.allocationContext)
-            actions.append(.send(NBDOptionReply(option: option, type: .metaContext, payload: context)))
+    /// LIST/SET_META_CONTEXT replies once the export is known to exist: `base:allocation`
+    /// when a query names it (or `base:` lists), then the provider's matching contexts.
+    /// SET numbers them 1, 2, ... in that order; LIST sends id 0, as the spec asks.
+    private mutating func metaContextReplies(_ option: NBDOption, _ query: NBDMetaContextQuery, provided: [NBDMetaContext]) -> [Action] {
+        let listing = option == .listMetaContext
+        let wantsAllocation =
+            query.queries.contains { $0 == Self.allocationContext || (listing && $0 == "base:") } || (listing && query.queries.isEmpty)
+        var chosen: [(name: String, kind: NBDSelectedMetaContext.Kind)] = wantsAllocation ? [(Self.allocationContext, .allocation)] : []
+        for context in provided where !chosen.contains(where: { $0.name == context.name }) {
+            chosen.append((context.name, .provided(key: context.key)))
         }
-        if option == .setMetaContext { metaContext = (query.exportName, matches) }
+        var actions: [Action] = []
+        var selected: [NBDSelectedMetaContext] = []
+        for (index, context) in chosen.enumerated() {
+            let id = listing ? 0 : UInt32(index + 1)
+            var payload = ByteBuffer()
+            payload.writeInteger(id)
+            payload.writeString(context.name)
+            actions.append(.send(NBDOptionReply(option: option, type: .metaContext, payload: payload)))
+            selected.append(NBDSelectedMetaContext(id: id, name: context.name, kind: context.kind))
+        }
+        if !listing { metaContext = (query.exportName, selected) }
         actions.append(reply(option, .ack))
         return actions
     }
@@ -378,6 +436,15 @@ public protocol NBDExportCatalog {
     func export(named name: String) -> NBDExportDescription?
     /// Every export, for NBD_OPT_LIST.
     func allExports() -> [NBDExportDescription]
+    /// `CatalogQuery.metaContexts`: nil when there is no such export. The default
+    /// offers nothing besides `base:allocation`.
+    func metaContexts(of exportName: String, matching queries: [String], listing: Bool) -> [NBDMetaContext]?
+}
+
+extension NBDExportCatalog {
+    public func metaContexts(of exportName: String, matching queries: [String], listing: Bool) -> [NBDMetaContext]? {
+        export(named: exportName) == nil ? nil : []
+    }
 }
 
 extension NBDHandshake {
@@ -394,6 +461,8 @@ extension NBDHandshake {
                 found = catalog.export(named: name).map { .found($0) } ?? .notFound
             case .list:
                 found = .exports(catalog.allExports())
+            case .metaContexts(let name, let queries, let listing):
+                found = catalog.metaContexts(of: name, matching: queries, listing: listing).map { .metaContexts($0) } ?? .notFound
             }
             actions += answer(found)
         }

@@ -614,12 +614,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 _ = try export.extents(at: offset, length: UInt64(length))
                 NBDReplyEncoder.done(cookie: cookie, into: &out)
             case .blockStatus(let offset, let length, let onlyOne):
-                // The validator admits BLOCK_STATUS only with a negotiated context.
-                let contextID = session.allocationContextID ?? NBDHandshake.allocationContextID
-                let extents = try export.extents(at: offset, length: UInt64(length))
-                NBDReplyEncoder.blockStatus(
-                    cookie: cookie, contextID: contextID, offset: offset, length: length,
-                    extents: extents, onlyOne: onlyOne, into: &out)
+                // One chunk per selected context (the validator admits BLOCK_STATUS only
+                // with at least one); all are worked out before any is written, so a
+                // failure leaves a lone error chunk.
+                var chunks: [(id: UInt32, extents: [NBDStatusExtent])] = []
+                for context in session.metaContexts {
+                    switch context.kind {
+                    case .allocation:
+                        let extents = try export.extents(at: offset, length: UInt64(length))
+                        chunks.append((context.id, extents.map(NBDReplyEncoder.allocationStatus)))
+                    case .provided(let key):
+                        chunks.append((context.id, try export.statusExtents(context: key, at: offset, length: UInt64(length))))
+                    }
+                }
+                for (index, chunk) in chunks.enumerated() {
+                    NBDReplyEncoder.blockStatus(
+                        cookie: cookie, contextID: chunk.id, offset: offset, length: length, extents: chunk.extents,
+                        onlyOne: onlyOne, isLast: index == chunks.count - 1, into: &out)
+                }
             }
         } catch {
             out.clear()

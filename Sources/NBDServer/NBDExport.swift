@@ -14,6 +14,19 @@ public struct NBDExtent: Equatable, Sendable {
     }
 }
 
+/// A run of an export's address space with the status flags of one metadata context.
+public struct NBDStatusExtent: Equatable, Sendable {
+    public var offset: UInt64
+    public var length: UInt64
+    public var flags: UInt32
+
+    public init(offset: UInt64, length: UInt64, flags: UInt32) {
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+    }
+}
+
 /// A failed export operation: the NBD error code and a message for the human user.
 public struct NBDExportError: Error, Equatable, Sendable {
     public var code: NBDError
@@ -42,6 +55,10 @@ public protocol NBDExport: AnyObject, Sendable {
     /// Makes every write already replied to, on any connection, durable.
     func flush() throws(NBDExportError)
     func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent]
+    /// The status of the range in one of the provider's metadata contexts (`key` from
+    /// its `NBDMetaContext`), in order from `offset`. The default fails: an export
+    /// whose provider offers contexts implements it.
+    func statusExtents(context key: UInt64, at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDStatusExtent]
     /// Called when the last connection using this export object closes.
     func close()
 
@@ -106,6 +123,10 @@ public protocol NBDLoopQueue: AnyObject {
 extension NBDExport {
     public var rateLimit: NBDRateLimit? { nil }
 
+    public func statusExtents(context key: UInt64, at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDStatusExtent] {
+        throw NBDExportError(.invalid, "this export has no metadata context \(key)")
+    }
+
     public func readAsync(
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
         completion: @escaping @Sendable (Result<[NBDExtent], NBDExportError>) -> Void
@@ -137,6 +158,10 @@ public protocol NBDExportProvider: AnyObject, Sendable {
     /// The export named `name` ("" = the default export, if any).
     func describe(_ name: String) -> NBDExportDescription?
     func allExports() -> [NBDExportDescription]
+    /// The metadata contexts besides `base:allocation` that export `name` offers and
+    /// that match `queries` (see `NBDHandshake.CatalogQuery.metaContexts`); nil when
+    /// there is no such export. The default offers none. Runs off the event loop.
+    func metaContexts(of name: String, matching queries: [String], listing: Bool) -> [NBDMetaContext]?
     /// Opens the export a handshake selected. All connections to one name may share one object.
     func open(_ description: NBDExportDescription) throws(NBDExportError) -> NBDExport
     /// A disk queue for one event loop, called once on each loop that gets a
@@ -162,6 +187,10 @@ public struct NBDWriteBatch {
 
 extension NBDExportProvider {
     public func makeLoopQueue() -> NBDLoopQueue? { nil }
+
+    public func metaContexts(of name: String, matching queries: [String], listing: Bool) -> [NBDMetaContext]? {
+        describe(name) == nil ? nil : []
+    }
 
     public func writeBatches(_ batches: [NBDWriteBatch]) -> [[NBDExportError?]] {
         batches.map { $0.export.writeBatch($0.writes) }

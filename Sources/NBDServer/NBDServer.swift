@@ -224,6 +224,9 @@ public final class NBDServer: @unchecked Sendable {
             return CatalogResult(answer: provider.describe(name).map { .found($0) } ?? .notFound)
         case .list:
             return CatalogResult(answer: .exports(provider.allExports()))
+        case .metaContexts(let name, let queries, let listing):
+            let contexts = provider.metaContexts(of: name, matching: queries, listing: listing)
+            return CatalogResult(answer: contexts.map { .metaContexts($0) } ?? .notFound)
         case .open(let name):
             guard let description = provider.describe(name) else { return CatalogResult(answer: .notFound) }
             guard connectionEnteredTransmission(channel, export: description.name) else {

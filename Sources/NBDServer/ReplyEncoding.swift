@@ -67,11 +67,18 @@ public enum NBDReplyEncoder {
         }
     }
 
-    /// base:allocation descriptors for `extents`, clipped to the request, merged, and
-    /// capped (one descriptor with REQ_ONE, 2^20 otherwise).
+    /// `base:allocation` flags for an extent: holes read as zeros.
+    public static func allocationStatus(_ extent: NBDExtent) -> NBDStatusExtent {
+        let flags: NBDAllocationState = extent.isHole ? [.hole, .zero] : []
+        return NBDStatusExtent(offset: extent.offset, length: extent.length, flags: flags.rawValue)
+    }
+
+    /// One context's BLOCK_STATUS chunk: descriptors for `extents`, clipped to the
+    /// request, merged where the flags repeat, and capped (one descriptor with REQ_ONE,
+    /// 2^20 otherwise). `isLast` marks the reply's final chunk.
     public static func blockStatus(
-        cookie: UInt64, contextID: UInt32, offset: UInt64, length: UInt32, extents: [NBDExtent], onlyOne: Bool,
-        into out: inout ByteBuffer
+        cookie: UInt64, contextID: UInt32, offset: UInt64, length: UInt32, extents: [NBDStatusExtent], onlyOne: Bool,
+        isLast: Bool = true, into out: inout ByteBuffer
     ) {
         let end = offset + UInt64(length)
         var descriptors: [BlockStatusDescriptor] = []
@@ -80,11 +87,10 @@ public enum NBDReplyEncoder {
             let start = max(extent.offset, position)
             let stop = min(extent.offset + extent.length, end)
             guard stop > start else { continue }
-            let flags: NBDAllocationState = extent.isHole ? [.hole, .zero] : []
-            if let last = descriptors.last, last.flags == flags.rawValue {
+            if let last = descriptors.last, last.flags == extent.flags {
                 descriptors[descriptors.count - 1].length += UInt32(stop - start)
             } else {
-                descriptors.append(BlockStatusDescriptor(length: UInt32(stop - start), flags: flags.rawValue))
+                descriptors.append(BlockStatusDescriptor(length: UInt32(stop - start), flags: extent.flags))
             }
             position = stop
             if descriptors.count > NBDLimits.maxBlockStatusDescriptors { break }
@@ -99,6 +105,6 @@ public enum NBDReplyEncoder {
             descriptors.removeLast(descriptors.count - NBDLimits.maxBlockStatusDescriptors)
         }
         out.writeNBDStructuredChunk(
-            NBDStructuredChunk(flags: .done, cookie: cookie, payload: .blockStatus(contextID: contextID, descriptors: descriptors)))
+            NBDStructuredChunk(flags: isLast ? .done : [], cookie: cookie, payload: .blockStatus(contextID: contextID, descriptors: descriptors)))
     }
 }

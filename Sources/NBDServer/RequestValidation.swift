@@ -95,7 +95,7 @@ public enum NBDRequestValidator {
             guard inBounds else { return .reject(.invalid, "CACHE beyond the end of the export (\(size) bytes)") }
             return .execute(.blocking(.cache(offset: header.offset, length: header.length)))
         case .blockStatus:
-            guard session.allocationContextID != nil else {
+            guard !session.metaContexts.isEmpty else {
                 return .reject(.invalid, "BLOCK_STATUS without a negotiated metadata context")
             }
             guard inBounds else { return .reject(.invalid, "BLOCK_STATUS beyond the end of the export (\(size) bytes)") }

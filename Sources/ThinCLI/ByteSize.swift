@@ -13,6 +13,15 @@ public struct ByteSize: ExpressibleByArgument, Sendable, Equatable {
         self.bytes = bytes
     }
 
+    /// How `--help` shows a default: in the largest unit that divides it (`64K`).
+    public var defaultValueDescription: String {
+        for (unit, shift) in [("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)] as [(String, UInt64)]
+        where bytes != 0 && bytes % (1 << shift) == 0 {
+            return "\(bytes >> shift)\(unit)"
+        }
+        return "\(bytes)"
+    }
+
     public static func parse(_ text: String) -> UInt64? {
         var s = text.trimmingCharacters(in: " ").uppercased()
         for suffix in ["IB", "B"] where s.hasSuffix(suffix) && s.count > suffix.count {

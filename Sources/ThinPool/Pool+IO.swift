@@ -298,6 +298,53 @@ extension Pool {
         }
     }
 
+    /// The snapshots `changedExtents` may compare volume `name` against: every snapshot
+    /// of its family (those whose lineage shares a volume with its own), by name and id,
+    /// sorted by name. Cost: one lineage walk per snapshot, under shared access.
+    public func comparableSnapshots(of name: String) throws(PoolError) -> [(name: String, id: UInt64)] {
+        try lock.withSharedAccess { state throws(PoolError) in
+            guard !state.isClosed else { throw .closed }
+            let family = lineage(of: try state.volume(named: name), in: state)
+            return state.volumes.values
+                .filter { $0.record.kind == .snapshot && !lineage(of: $0, in: state).isDisjoint(with: family) }
+                .map { (name: $0.record.name, id: $0.record.id) }
+                .sorted { $0.name < $1.name }
+        }
+    }
+
+    /// The runs of `count` bytes at `offset` of volume `id` whose contents may differ
+    /// from snapshot `baseID` (`isMapped` true) or are the same (false), covering the
+    /// range in order. Whole data blocks: a run may start and end inside a block only at
+    /// the range's ends. Cost: the walk of `differences` limited to the range's blocks;
+    /// shared access. A deleted base is `invalidArgument` (EINVAL to a client: its
+    /// context names nothing now); ids are never reused, so a base deleted and named
+    /// again is not taken for the old one.
+    public func changedExtents(_ id: UInt64, since baseID: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) -> [Extent] {
+        try lock.withSharedAccess { state throws(PoolError) in
+            let volume = try volume(id, writing: false, at: offset, count: count, in: state)
+            guard let base = state.volumes[baseID] else {
+                throw .invalidArgument("the base snapshot (volume id \(baseID)) was deleted after it was chosen")
+            }
+            guard count > 0 else { return [] }
+            let end = offset + count
+            var runs = ExtentList()
+            var covered = offset
+            let blocks = (offset / blockSize)..<((end + blockSize - 1) / blockSize)
+            try mapErrors {
+                try state.mappings.differences(base.record.mappingRoot, volume.record.mappingRoot, in: blocks) { (run: Range<UInt64>) throws(MetadataError) in
+                    let start = max(covered, run.lowerBound * blockSize)
+                    let stop = min(end, run.upperBound * blockSize)
+                    guard stop > start else { return }
+                    runs.add(covered, start, mapped: false)
+                    runs.add(start, stop, mapped: true)
+                    covered = stop
+                }
+            }
+            runs.add(covered, end, mapped: false)
+            return runs.extents
+        }
+    }
+
     /// Ids of the volume, its snapshots' owner and every origin it came from (bounded:
     /// a cycle of damaged ids cannot loop).
     private func lineage(of volume: VolumeState, in state: borrowing PoolState) -> Set<UInt64> {

@@ -81,6 +81,25 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         pool.listVolumes().map(describe)
     }
 
+    /// `thinbd:changed:SNAPSHOT` for each snapshot of the export's family that a query
+    /// names; LIST also takes `thinbd:` and `thinbd:changed:` (and no query at all) as
+    /// "every one". Each context's key is the snapshot's id, so a rename after
+    /// SET_META_CONTEXT changes nothing and a deletion fails BLOCK_STATUS rather than
+    /// comparing with whatever takes the name next.
+    public func metaContexts(of name: String, matching queries: [String], listing: Bool) -> [NBDMetaContext]? {
+        guard let description = describe(name) else { return nil }
+        let wanted = queries.filter { $0.hasPrefix(ChangedBlocksContext.namespace) }
+        guard !wanted.isEmpty || (listing && queries.isEmpty) else { return [] }
+        // An ephemeral volume not made yet has no snapshots to compare with.
+        guard let snapshots = try? pool.comparableSnapshots(of: description.name) else { return [] }
+        let listsAll = listing && (queries.isEmpty || wanted.contains { ChangedBlocksContext.wildcards.contains($0) })
+        return snapshots.compactMap { snapshot in
+            let context = ChangedBlocksContext.name(base: snapshot.name)
+            guard listsAll || wanted.contains(context) else { return nil }
+            return NBDMetaContext(name: context, key: snapshot.id)
+        }
+    }
+
     /// Aligned copies of write payloads (NIO's buffers are not 4 KiB-aligned).
     let buffers = AlignedBufferPool()
 
@@ -174,6 +193,19 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
             throw nbdError(error)
         }
     }
+}
+
+/// The `thinbd:changed:` metadata context: which blocks of an export may differ from
+/// a snapshot of its family (docs/nbd-compliance.md).
+public enum ChangedBlocksContext {
+    public static let namespace = "thinbd:"
+    public static let prefix = "thinbd:changed:"
+    /// LIST_META_CONTEXT queries that list every base.
+    static let wildcards: Set<String> = ["thinbd:", "thinbd:changed:"]
+    /// The descriptor flag of a range whose contents may differ from the base.
+    public static let changedFlag: UInt32 = 1
+
+    public static func name(base: String) -> String { prefix + base }
 }
 
 /// One volume or snapshot behind NBD. Every connection to the same volume goes to the
@@ -340,6 +372,15 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     func extents(at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDExtent] {
         try run(.blockStatus) { () throws(PoolError) in
             Self.nbdExtents(try pool.extents(id, at: offset, count: length))
+        }
+    }
+
+    /// `thinbd:changed:BASE`: flag 1 where the contents may differ from the base.
+    func statusExtents(context baseID: UInt64, at offset: UInt64, length: UInt64) throws(NBDExportError) -> [NBDStatusExtent] {
+        try run(.blockStatus) { () throws(PoolError) in
+            try pool.changedExtents(id, since: baseID, at: offset, count: length).map {
+                NBDStatusExtent(offset: $0.offset, length: $0.length, flags: $0.isMapped ? ChangedBlocksContext.changedFlag : 0)
+            }
         }
     }
 

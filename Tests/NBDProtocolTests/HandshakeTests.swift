@@ -191,10 +191,81 @@ func replyTypes(_ actions: [NBDHandshake.Action]) -> [NBDOptionReplyType] {
         var h = started()
         _ = h.receive(option(.structuredReply))
         let query = NBDMetaContextQuery(exportName: "gone", queries: ["base:allocation"])
-        #expect(h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(query) }) == [.ask(.describe("gone"))])
+        #expect(
+            h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(query) })
+                == [.ask(.metaContexts(exportName: "gone", queries: ["base:allocation"], listing: false))])
         #expect(replyTypes(h.answer(.notFound)) == [.errUnknown])
         _ = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["base:allocation"])) })
-        #expect(replyTypes(h.answer(.found(catalog.exports[0]))) == [.metaContext, .ack])
+        #expect(replyTypes(h.answer(.metaContexts([]))) == [.metaContext, .ack])
+    }
+}
+
+/// A catalog whose exports offer `x-test:changed:NAME` for every other export NAME.
+struct ContextCatalog: NBDExportCatalog {
+    var inner = catalog
+    func export(named name: String) -> NBDExportDescription? { inner.export(named: name) }
+    func allExports() -> [NBDExportDescription] { inner.allExports() }
+    func metaContexts(of exportName: String, matching queries: [String], listing: Bool) -> [NBDMetaContext]? {
+        guard export(named: exportName) != nil else { return nil }
+        let offered = inner.exports.enumerated().filter { $0.element.name != exportName }.map {
+            NBDMetaContext(name: "x-test:changed:\($0.element.name)", key: UInt64($0.offset + 100))
+        }
+        return offered.filter { context in
+            queries.contains { $0 == context.name || (listing && context.name.hasPrefix($0) && $0.hasSuffix(":")) } || (listing && queries.isEmpty)
+        }
+    }
+}
+
+@Suite struct MetaContextSelectionTests {
+    func negotiated() -> NBDHandshake {
+        var h = NBDHandshake()
+        _ = h.receive(.clientFlags([.fixedNewstyle, .noZeroes]))
+        _ = h.receive(option(.structuredReply))
+        return h
+    }
+
+    func contexts(_ actions: [NBDHandshake.Action]) -> [(id: UInt32, name: String)] {
+        actions.compactMap { action in
+            guard case .send(let reply) = action, reply.type == .metaContext else { return nil }
+            var payload = reply.payload
+            guard let id = payload.readInteger(as: UInt32.self), let name = payload.readString(length: payload.readableBytes) else { return nil }
+            return (id, name)
+        }
+    }
+
+    @Test func setNumbersEveryContextAndTheSessionCarriesThemAll() {
+        var h = negotiated()
+        let query = NBDMetaContextQuery(exportName: "disk", queries: ["x-test:changed:disk@s", "base:allocation", "x-test:changed:disk@s"])
+        let set = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(query) }, catalog: ContextCatalog())
+        let replied = contexts(set)
+        #expect(replied.map(\.name) == ["base:allocation", "x-test:changed:disk@s"], "a context asked for twice is selected once")
+        #expect(replied.map(\.id) == [1, 2])
+        let go = h.receive(option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: "disk", infoRequests: [])) }, catalog: ContextCatalog())
+        guard case .enterTransmission(let session) = go.last else { Issue.record("no transmission"); return }
+        #expect(session.metaContexts == [
+            NBDSelectedMetaContext(id: 1, name: "base:allocation", kind: .allocation),
+            NBDSelectedMetaContext(id: 2, name: "x-test:changed:disk@s", kind: .provided(key: 101)),
+        ])
+        #expect(session.allocationContextID == 1)
+    }
+
+    @Test func listSendsIdZeroAndEveryContextForAnEmptyQuery() {
+        var h = negotiated()
+        let all = contexts(h.receive(option(.listMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: [])) }, catalog: ContextCatalog()))
+        #expect(all.map(\.name) == ["base:allocation", "x-test:changed:disk@s"])
+        #expect(all.allSatisfy { $0.id == 0 })
+        let prefix = contexts(h.receive(option(.listMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk", queries: ["x-test:changed:"])) }, catalog: ContextCatalog()))
+        #expect(prefix.map(\.name) == ["x-test:changed:disk@s"])
+    }
+
+    @Test func aProvidedContextAloneAdmitsBlockStatusAndASecondSetReplacesTheFirst() {
+        var h = negotiated()
+        _ = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk@s", queries: ["x-test:changed:disk"])) }, catalog: ContextCatalog())
+        let unknown = h.receive(option(.setMetaContext) { $0.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: "disk@s", queries: ["x-test:changed:nope"])) }, catalog: ContextCatalog())
+        #expect(replyTypes(unknown) == [.ack], "an unknown leaf selects nothing and is not an error")
+        let go = h.receive(option(.go) { $0.writeNBDExportQuery(NBDExportQuery(name: "disk@s", infoRequests: [])) }, catalog: ContextCatalog())
+        guard case .enterTransmission(let session) = go.last else { Issue.record("no transmission"); return }
+        #expect(session.metaContexts.isEmpty, "the last SET_META_CONTEXT is what counts")
     }
 }
 

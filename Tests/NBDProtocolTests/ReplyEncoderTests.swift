@@ -43,7 +43,7 @@ import Testing
         let extents = [
             NBDExtent(offset: 0, length: 8192, isHole: true), NBDExtent(offset: 8192, length: 4096, isHole: true),
             NBDExtent(offset: 12288, length: 4096, isHole: false), NBDExtent(offset: 16384, length: 1 << 20, isHole: true),
-        ]
+        ].map(NBDReplyEncoder.allocationStatus)
         var out = ByteBuffer()
         NBDReplyEncoder.blockStatus(cookie: 1, contextID: 1, offset: 0, length: 20000, extents: extents, onlyOne: false, into: &out)
         let chunk = try out.readNBDStructuredChunk()
@@ -53,6 +53,18 @@ import Testing
         var one = ByteBuffer()
         NBDReplyEncoder.blockStatus(cookie: 1, contextID: 1, offset: 0, length: 100, extents: extents, onlyOne: true, into: &one)
         #expect(try one.readNBDStructuredChunk()?.payload == .blockStatus(contextID: 1, descriptors: [BlockStatusDescriptor(length: 100, flags: 3)]))
+    }
+
+    @Test func blockStatusChunksOfSeveralContextsEndWithOneDone() throws {
+        let changed = [NBDStatusExtent(offset: 0, length: 4096, flags: 1), NBDStatusExtent(offset: 4096, length: 8192, flags: 0)]
+        var out = ByteBuffer()
+        NBDReplyEncoder.blockStatus(cookie: 9, contextID: 1, offset: 0, length: 12288, extents: changed, onlyOne: false, isLast: false, into: &out)
+        NBDReplyEncoder.blockStatus(cookie: 9, contextID: 2, offset: 0, length: 12288, extents: changed, onlyOne: false, into: &out)
+        let first = try #require(try out.readNBDStructuredChunk())
+        let second = try #require(try out.readNBDStructuredChunk())
+        #expect(!first.flags.contains(.done) && second.flags.contains(.done))
+        #expect(first.payload == .blockStatus(contextID: 1, descriptors: [BlockStatusDescriptor(length: 4096, flags: 1), BlockStatusDescriptor(length: 8192, flags: 0)]))
+        guard case .blockStatus(contextID: 2, _) = second.payload else { Issue.record("second chunk is not context 2's"); return }
     }
 
     @Test func errorsUseStructuredChunksWhenNegotiated() throws {

@@ -5,10 +5,11 @@ import Testing
 
 let writable = NBDSession(
     export: NBDExportDescription(name: "disk", size: 1 << 20, isReadOnly: false, description: ""),
-    flags: [], structuredReplies: true, allocationContextID: 1)
+    flags: [], structuredReplies: true,
+    metaContexts: [NBDSelectedMetaContext(id: 1, name: NBDHandshake.allocationContext, kind: .allocation)])
 let readOnly = NBDSession(
     export: NBDExportDescription(name: "disk@s", size: 1 << 20, isReadOnly: true, description: ""),
-    flags: [], structuredReplies: false, allocationContextID: nil)
+    flags: [], structuredReplies: false, metaContexts: [])
 
 func verdict(_ command: NBDCommand, _ offset: UInt64, _ length: UInt32, flags: NBDCommandFlags = [], session: NBDSession = writable) -> NBDRequestValidator.Verdict {
     NBDRequestValidator.validate(NBDRequestHeader(flags: flags, command: command, cookie: 1, offset: offset, length: length), session: session)

@@ -6,6 +6,7 @@ import ThinPool
 
 @Suite(.serialized) struct CLIContractTests {
     /// Runs a command that must succeed, then `check`, which must report clean.
+    @discardableResult
     func runClean(_ arguments: [String], pool: String) throws -> CLI.Result {
         let result = try CLI.run(arguments)
         #expect(result.status == 0, "thinbd \(arguments.joined(separator: " ")) failed: \(result.stderr)")
@@ -71,7 +72,7 @@ import ThinPool
             let p = try Pool.open(path: pool, readOnly: true)
             var bytes = [UInt8](repeating: 0, count: 4096)
             let id = try p.volumeID("build2")
-            try bytes.withUnsafeMutableBytes { try p.read(id, at: 0, into: $0) }
+            _ = try bytes.withUnsafeMutableBytes { try p.read(id, at: 0, into: $0) }
             #expect(bytes == [UInt8](repeating: 0x41, count: 4096))
             try p.close()
         }
@@ -131,7 +132,7 @@ import ThinPool
             #expect(result.status == 1, "\(arguments): status \(result.status)")
             #expect(result.stderr.contains(message), "\(arguments): \(result.stderr)")
         }
-        FileManager.default.createFile(atPath: dir.path + "/junk", contents: Data(repeating: 7, count: 100_000))
+        _ = FileManager.default.createFile(atPath: dir.path + "/junk", contents: Data(repeating: 7, count: 100_000))
         let junk = try CLI.run(["info", dir.path + "/junk"])
         #expect(junk.status == 1 && junk.stderr.contains("not a thinbd pool"))
         // Wrong arguments are usage errors.
@@ -218,6 +219,7 @@ import ThinPool
 
 @Suite struct ByteSizeTests {
     @Test func parsesUnits() {
+        #expect([65536, 3 << 30, 1000, 0].map { ByteSize(bytes: $0).defaultValueDescription } == ["64K", "3G", "1000", "0"])
         #expect(ByteSize.parse("65536") == 65536)
         #expect(ByteSize.parse("64K") == 65536)
         #expect(ByteSize.parse("64k") == 65536)

@@ -55,6 +55,69 @@ import ThinSystem
         }
     }
 
+    /// `changedExtents` (what `thinbd:changed:` answers) over arbitrary byte ranges: the
+    /// runs cover the range in order, alternate, and are changed exactly where the
+    /// whole-image differences are, clipped to the range. A deleted base is refused.
+    @Test func changedExtentsAreTheDifferencesClippedToTheRange() throws {
+        let (pool, _) = try makeMemoryPool(dataSize: 16 << 20, blockSize: 4096, metadataSize: 4 << 20)
+        let size: UInt64 = 1 << 20
+        try pool.createVolume("v", size: size)
+        let id = try pool.volumeID("v")
+        var rng = SplitMix64(seed: 5)
+        func scribble(_ count: Int) throws {
+            for _ in 0..<count {
+                let offset = rng.next() % size
+                let length = min(size - offset, 1 + rng.next() % 30000)
+                if rng.next() % 4 == 0 {
+                    try pool.trim(id, at: offset, count: length)
+                } else {
+                    try [UInt8](repeating: 9, count: Int(length)).withUnsafeBytes { try pool.write(id, at: offset, from: $0) }
+                }
+            }
+        }
+        try scribble(30)
+        try pool.snapshot("v@base")
+        let baseID = try pool.volumeID("v@base")
+        try scribble(12)
+        let whole = try pool.differences(from: "v@base", to: "v").extents
+        #expect(!whole.isEmpty)
+        for _ in 0..<200 {
+            let offset = rng.next() % size
+            let count = 1 + rng.next() % (size - offset)
+            let runs = try pool.changedExtents(id, since: baseID, at: offset, count: count)
+            var position = offset
+            for (run, next) in zip(runs, runs.dropFirst()) { #expect(run.isMapped != next.isMapped, "runs are merged") }
+            for run in runs {
+                #expect(run.offset == position && run.length > 0)
+                let expected = whole.contains { $0.overlaps(run.offset..<run.offset + run.length) }
+                #expect(expected == run.isMapped, "\(run) in \(offset)+\(count)")
+                if run.isMapped {
+                    #expect(whole.contains { $0.lowerBound <= run.offset && run.offset + run.length <= $0.upperBound })
+                }
+                position += run.length
+            }
+            #expect(position == offset + count)
+        }
+        try pool.delete("v@base")
+        #expect(throws: PoolError.invalidArgument("the base snapshot (volume id \(baseID)) was deleted after it was chosen")) {
+            try pool.changedExtents(id, since: baseID, at: 0, count: 4096)
+        }
+        #expect(try pool.comparableSnapshots(of: "v").isEmpty)
+    }
+
+    @Test func comparableSnapshotsAreTheWholeFamily() throws {
+        let (pool, _) = try makeMemoryPool()
+        for name in ["a", "b"] { try pool.createVolume(name, size: 1 << 20) }
+        for name in ["a@1", "a@2", "b@1"] { _ = try pool.snapshot(name) }
+        _ = try pool.clone("a@1", as: "c")
+        _ = try pool.snapshot("c@x")
+        let family = ["a@1", "a@2", "c@x"]
+        for member in ["a", "a@1", "c", "c@x"] {
+            #expect(try pool.comparableSnapshots(of: member).map(\.name) == family, "\(member)")
+        }
+        #expect(try pool.comparableSnapshots(of: "b").map(\.name) == ["b@1"])
+    }
+
     @Test func unrelatedImagesDifferInEverythingEitherMaps() throws {
         let (pool, _) = try makeMemoryPool()
         try pool.createVolume("a", size: 1 << 20)

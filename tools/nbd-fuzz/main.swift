@@ -142,7 +142,7 @@ func serve(_ input: [UInt8], _ rng: inout Rng) {
                     NBDReplyEncoder.read(cookie: request.header.cookie, offset: off, data: data, extents: [NBDExtent(offset: off, length: UInt64(length), isHole: length % 2 == 0)], structured: session.structuredReplies, dontFragment: df, into: &out)
                 case .execute(.blocking(.blockStatus(let off, let length, let one))):
                     var out = ByteBuffer()
-                    NBDReplyEncoder.blockStatus(cookie: 1, contextID: session.allocationContextID ?? 1, offset: off, length: length, extents: [NBDExtent(offset: off, length: UInt64(length), isHole: true)], onlyOne: one, into: &out)
+                    NBDReplyEncoder.blockStatus(cookie: 1, contextID: session.allocationContextID ?? 1, offset: off, length: length, extents: [NBDStatusExtent(offset: off, length: UInt64(length), flags: 3)], onlyOne: one, into: &out)
                 case .execute(.disconnect):
                     return
                 case .reject(let error, let text):
