@@ -1,3 +1,5 @@
+import ThinFormat
+import ThinPool
 /// One request of the control protocol (docs/control-api.md): what the CLI asks a
 /// running `thinbd serve`, and what it runs itself on a pool nobody serves.
 ///
@@ -27,8 +29,12 @@ public enum ControlCommand: Equatable, Sendable {
     case setLimit(ExportLimitRule)
     /// The rate-limit rules in force (served pools only).
     case limits
-    /// The extents whose contents may differ between two volumes or snapshots.
-    case diff(from: String, to: String)
+    /// The extents whose contents may differ between two volumes or snapshots; `from`
+    /// empty compares with an empty image (everything `to` maps). `window`: only the
+    /// blocks that meet this byte range (`offset` and `length` on the wire).
+    case diff(from: String, to: String, window: Range<UInt64>? = nil)
+    /// One step of `thinbd receive` (see `ReceiveRequest`).
+    case receive(ReceiveRequest)
 
     /// The protocol version this build speaks; bumped only for incompatible changes.
     public static let protocolVersion: UInt64 = 1
@@ -51,6 +57,7 @@ public enum ControlCommand: Equatable, Sendable {
         case .setLimit: "limit"
         case .limits: "limits"
         case .diff: "diff"
+        case .receive: "receive"
         }
     }
 
@@ -69,7 +76,8 @@ public enum ControlCommand: Equatable, Sendable {
         case .createVolume(let name, _), .delete(let name, _), .resize(let name, _, _), .snapshot(let name, _),
             .rollback(let name, _):
             [name]
-        case .rename(let from, let to), .diff(let from, let to): [from, to]
+        case .rename(let from, let to), .diff(let from, let to, _): [from, to]
+        case .receive(let request): [request.name]
         case .clone(let source, let name, _): [source, name]
         case .hello, .info, .list, .check, .grow, .exports, .setLimit, .limits: []
         }
@@ -146,13 +154,65 @@ public struct ExportLimitRule: Equatable, Sendable, Codable {
     }
 }
 
+/// One step of `thinbd receive` through a server: `begin` sets up the staging volume
+/// (`Pool.beginReceive`), `progress` commits what was written to it, `finish` turns it
+/// into NAME and NAME@SNAP, `abort` deletes it. Every step carries the stream's header.
+public struct ReceiveRequest: Equatable, Sendable {
+    public enum Step: String, Sendable {
+        case begin, progress, finish, abort
+    }
+
+    public var step: Step
+    /// The volume the stream goes to.
+    public var name: String
+    public var header: SendStreamHeader
+    /// The staging volume (`progress`, `finish`, `abort`).
+    public var staging: String
+    /// `progress`: every record below this image offset is written.
+    public var appliedUpTo: UInt64
+    public var resume: Bool
+    public var force: Bool
+
+    public init(
+        step: Step, name: String, header: SendStreamHeader, staging: String = "", appliedUpTo: UInt64 = 0, resume: Bool = false,
+        force: Bool = false
+    ) {
+        self.step = step
+        self.name = name
+        self.header = header
+        self.staging = staging
+        self.appliedUpTo = appliedUpTo
+        self.resume = resume
+        self.force = force
+    }
+
+    fileprivate init(_ request: RequestReader) throws(ControlError) {
+        let stepName = try request.string(.step)
+        guard let step = Step(rawValue: stepName) else { throw .invalidRequest("receive: unknown step \"\(stepName)\"") }
+        let size = try request.number(.size)
+        let blockSize = try request.number(.blockSize)
+        guard size > 0, size <= Pool.maxVolumeSize, blockSize <= UInt64(UInt32.max) else {
+            throw .invalidRequest("receive: size or block_size out of range")
+        }
+        let header = SendStreamHeader(
+            imageSize: size, blockSize: UInt32(blockSize), imageUUID: try request.uuid(.imageUUID, optional: false)!,
+            baseUUID: try request.uuid(.baseUUID, optional: true), createdAt: try request.number(.created),
+            imageName: try request.string(.imageName), baseName: try request.string(.baseName))
+        self.init(
+            step: step, name: try request.string(.name), header: header, staging: try request.string(.staging),
+            appliedUpTo: try request.number(.appliedUpTo), resume: try request.flag(.resume), force: try request.flag(.force))
+    }
+}
+
 // MARK: The wire form of requests
 
 extension ControlCommand: Codable {
     /// `command` and every argument key of every command.
     enum Key: String, CodingKey {
-        case command, name, size, force, source, pattern, iops, from, to
+        case command, name, size, force, source, pattern, iops, from, to, offset, length, step, resume, staging, created
         case newName = "new_name", ifMissing = "if_missing", bytesPerSecond = "bytes_per_second"
+        case imageUUID = "image_uuid", baseUUID = "base_uuid", imageName = "image_name", baseName = "base_name"
+        case blockSize = "block_size", appliedUpTo = "applied_up_to"
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -187,9 +247,27 @@ extension ControlCommand: Codable {
             try container.encode(rule.pattern, forKey: .pattern)
             try container.encode(rule.operationsPerSecond, forKey: .iops)
             try container.encode(rule.bytesPerSecond, forKey: .bytesPerSecond)
-        case .diff(let from, let to):
+        case .diff(let from, let to, let window):
             try container.encode(from, forKey: .from)
             try container.encode(to, forKey: .to)
+            if let window {
+                try container.encode(window.lowerBound, forKey: .offset)
+                try container.encode(UInt64(window.count), forKey: .length)
+            }
+        case .receive(let request):
+            try container.encode(request.step.rawValue, forKey: .step)
+            try container.encode(request.name, forKey: .name)
+            try container.encode(request.staging, forKey: .staging)
+            try container.encode(request.header.imageSize, forKey: .size)
+            try container.encode(UInt64(request.header.blockSize), forKey: .blockSize)
+            try container.encode(formatUUID(request.header.imageUUID), forKey: .imageUUID)
+            try container.encode(request.header.baseUUID.map(formatUUID) ?? "", forKey: .baseUUID)
+            try container.encode(request.header.imageName, forKey: .imageName)
+            try container.encode(request.header.baseName, forKey: .baseName)
+            try container.encode(request.header.createdAt, forKey: .created)
+            try container.encode(request.appliedUpTo, forKey: .appliedUpTo)
+            try container.encode(request.resume, forKey: .resume)
+            try container.encode(request.force, forKey: .force)
         }
     }
 
@@ -219,7 +297,16 @@ extension ControlCommand: Codable {
                     pattern: try request.string(.pattern), operationsPerSecond: try request.number(.iops),
                     bytesPerSecond: try request.number(.bytesPerSecond)))
         case "limits": self = .limits
-        case "diff": self = .diff(from: try request.string(.from), to: try request.string(.to))
+        case "diff":
+            var window: Range<UInt64>?
+            if let offset = try request.optionalNumber(.offset) {
+                let length = try request.optionalNumber(.length) ?? 0
+                let (end, overflow) = offset.addingReportingOverflow(length)
+                guard !overflow else { throw ControlError.invalidRequest("diff: offset + length overflows") }
+                window = offset..<end
+            }
+            self = .diff(from: try request.string(.from), to: try request.string(.to), window: window)
+        case "receive": self = .receive(try ReceiveRequest(request))
         default: throw ControlError.invalidRequest("unknown command \"\(request.command)\"")
         }
     }
@@ -228,7 +315,7 @@ extension ControlCommand: Codable {
 /// A request's keyed container and command name: every argument read through it that is
 /// missing or of the wrong type (a negative, fractional or too large number too) becomes
 /// an `invalid-request` error naming the command and the key.
-private struct RequestReader {
+fileprivate struct RequestReader {
     let container: KeyedDecodingContainer<ControlCommand.Key>
     let command: String
 
@@ -248,6 +335,23 @@ private struct RequestReader {
     func string(_ key: ControlCommand.Key) throws(ControlError) -> String { try argument(key, "a string") }
 
     func number(_ key: ControlCommand.Key) throws(ControlError) -> UInt64 { try argument(key, "a whole number") }
+
+    /// A whole number that may be left out (or null).
+    func optionalNumber(_ key: ControlCommand.Key) throws(ControlError) -> UInt64? {
+        do {
+            return try container.decodeIfPresent(UInt64.self, forKey: key)
+        } catch {
+            throw .invalidRequest("\(command): \"\(key.stringValue)\" must be a whole number")
+        }
+    }
+
+    /// A UUID in its text form; "" (or left out, for `optional`) is none.
+    func uuid(_ key: ControlCommand.Key, optional: Bool) throws(ControlError) -> [UInt8]? {
+        let text = optional ? ((try? container.decodeIfPresent(String.self, forKey: key)) ?? "") : try string(key)
+        if optional && text.isEmpty { return nil }
+        guard let bytes = parseUUID(text) else { throw .invalidRequest("\(command): \"\(key.stringValue)\" is not a UUID") }
+        return bytes
+    }
 
     private func argument<Value: Decodable>(_ key: ControlCommand.Key, _ kind: String) throws(ControlError) -> Value {
         do {

@@ -216,6 +216,30 @@ extension DiffResult {
     }
 }
 
+/// `receive`: where the receive stands after a step.
+public struct ReceiveStepResult: Codable, Sendable, Equatable {
+    /// The staging volume (empty once finished or aborted).
+    public var staging: String
+    /// `begin`: records ending at or below this image offset are already applied.
+    public var appliedUpTo: UInt64
+    /// `begin`: an earlier interrupted receive into the name was discarded.
+    public var discardedEarlier: Bool
+    /// `finish`: the snapshot made.
+    @Nullable public var snapshot: VolumeSummary?
+
+    public init(staging: String, appliedUpTo: UInt64, discardedEarlier: Bool, snapshot: VolumeSummary?) {
+        self.staging = staging
+        self.appliedUpTo = appliedUpTo
+        self.discardedEarlier = discardedEarlier
+        self.snapshot = snapshot
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case staging, snapshot
+        case appliedUpTo = "applied_up_to", discardedEarlier = "discarded_earlier"
+    }
+}
+
 /// The result of any command: which case depends on the command (`ControlCommand.decodeResult`).
 /// On the wire it is just its value.
 public enum ControlResult: Encodable, Sendable, Equatable {
@@ -236,6 +260,7 @@ public enum ControlResult: Encodable, Sendable, Equatable {
     case limits([ExportLimitRule])
     case check(CheckResult)
     case differences(DiffResult)
+    case received(ReceiveStepResult)
 
     /// The result itself, to encode or to cast to its type.
     public var value: any Encodable & Sendable {
@@ -253,6 +278,7 @@ public enum ControlResult: Encodable, Sendable, Equatable {
         case .limits(let value): value
         case .check(let value): value
         case .differences(let value): value
+        case .received(let value): value
         }
     }
 
@@ -276,6 +302,7 @@ extension ControlCommand {
         case .setLimit, .limits: .limits(try [ExportLimitRule](from: decoder))
         case .check: .check(try CheckResult(from: decoder))
         case .diff: .differences(try DiffResult(from: decoder))
+        case .receive: .received(try ReceiveStepResult(from: decoder))
         }
     }
 }

@@ -84,9 +84,11 @@ public struct PoolCommands: Sendable {
                     metrics: served?.metricsURL))
         case .info:
             return .poolInfo(poolInfo(pool.info()))
-        case .diff(let from, let to):
-            let found = try pooled { () throws(PoolError) in try pool.differences(from: from, to: to) }
+        case .diff(let from, let to, let window):
+            let found = try pooled { () throws(PoolError) in try pool.differences(from: from.isEmpty ? nil : from, to: to, in: window) }
             return .differences(DiffResult(from: from, to: to, found))
+        case .receive(let request):
+            return .received(try receive(request))
         case .list:
             return .volumes(list())
         case .createVolume(let name, let size):
@@ -152,6 +154,29 @@ public struct PoolCommands: Sendable {
             guard let served else { throw ControlError(code: "not-served", message: "the pool is not served") }
             let counts = served.connectionCounts()
             return .exports(pool.listVolumes().map { ExportEntry(name: $0.name, connections: UInt64(counts[$0.name] ?? 0)) })
+        }
+    }
+
+    func receive(_ request: ReceiveRequest) throws(ControlError) -> ReceiveStepResult {
+        switch request.step {
+        case .begin:
+            let plan = try pooled { () throws(PoolError) in
+                try pool.beginReceive(request.header, into: request.name, resume: request.resume, force: request.force)
+            }
+            return ReceiveStepResult(staging: plan.staging, appliedUpTo: plan.appliedUpTo, discardedEarlier: plan.discardedEarlier, snapshot: nil)
+        case .progress:
+            try pooled { () throws(PoolError) in try pool.recordReceiveProgress(staging: request.staging, appliedUpTo: request.appliedUpTo) }
+            return ReceiveStepResult(staging: request.staging, appliedUpTo: request.appliedUpTo, discardedEarlier: false, snapshot: nil)
+        case .finish:
+            // The staging volume's connection (the receiving CLI's) is done with it.
+            var made: VolumeInfo?
+            _ = try closing([request.staging], force: true) { () throws(PoolError) in
+                made = try pool.finishReceive(request.header, staging: request.staging, into: request.name)
+            }
+            return ReceiveStepResult(staging: "", appliedUpTo: request.header.imageSize, discardedEarlier: false, snapshot: made.map(volume))
+        case .abort:
+            _ = try closing([request.staging], force: true) { () throws(PoolError) in try pool.abortReceive(staging: request.staging) }
+            return ReceiveStepResult(staging: "", appliedUpTo: 0, discardedEarlier: false, snapshot: nil)
         }
     }
 

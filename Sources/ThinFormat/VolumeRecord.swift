@@ -8,7 +8,7 @@
 ///  48  u64  owner id (snapshots: the volume they belong to; 0 = none or deleted)
 ///  56  u8   kind (0 volume, 1 snapshot)
 ///  57  u8   flags (bit 0: ephemeral, deleted when its server stops or next starts;
-///            other bits reserved, 0)
+///            bit 1: receiving, the staging volume of `thinbd receive`; other bits 0)
 ///  58  u16  name length in bytes
 ///  60  u32  reserved
 ///  64  u64  virtual size in bytes
@@ -17,6 +17,9 @@
 ///  88  u64  creation time (Unix seconds)
 ///  96  ...  name, UTF-8 (a snapshot's name is "VOLUME@SNAPSHOT"), up to 255 bytes
 /// 352  16   image UUID (random, version 4; all zero in records made before it existed)
+/// 368  16   receiving only: UUID of the image the stream carries
+/// 384  16   receiving only: UUID of the stream's base (zero for a full stream)
+/// 400  u64  receiving only: image bytes below which the stream is applied and committed
 /// ```
 public struct VolumeRecord: Equatable, Sendable {
     public enum Kind: UInt8, Sendable {
@@ -27,6 +30,26 @@ public struct VolumeRecord: Equatable, Sendable {
     public static let maxNameBytes = 255
     /// Flag bit: an ephemeral volume (`serve --ephemeral`), removed by the next server start.
     public static let ephemeralFlag: UInt8 = 1
+    /// Flag bit: the staging volume of a `thinbd receive` (see `ReceiveState`).
+    public static let receivingFlag: UInt8 = 2
+    public static let knownFlags = ephemeralFlag | receivingFlag
+
+    /// Where an interrupted `thinbd receive` stands, kept in its staging volume's record
+    /// and committed with the data, so `receive --resume` knows what is already there.
+    public struct ReceiveState: Equatable, Sendable {
+        public var imageUUID: [UInt8]
+        /// Zero for a full stream.
+        public var baseUUID: [UInt8]
+        /// Every record of the stream below this image offset is applied and durable.
+        public var appliedUpTo: UInt64
+
+        public init(imageUUID: [UInt8], baseUUID: [UInt8], appliedUpTo: UInt64 = 0) {
+            precondition(imageUUID.count == 16 && baseUUID.count == 16, "a UUID is 16 bytes")
+            self.imageUUID = imageUUID
+            self.baseUUID = baseUUID
+            self.appliedUpTo = appliedUpTo
+        }
+    }
 
     public var id: UInt64
     public var parentID: UInt64
@@ -41,20 +64,26 @@ public struct VolumeRecord: Equatable, Sendable {
     /// The image's identity, the same in every pool that holds a copy of it, unchanged by
     /// renames. Sixteen zero bytes: none yet (a record written before UUIDs existed).
     public var uuid: [UInt8]
+    /// Set exactly when `receivingFlag` is.
+    public var receive: ReceiveState?
 
     public static let uuidOffset = 352
+    static let receiveOffset = 368
     public static let noUUID = [UInt8](repeating: 0, count: 16)
 
     public var isEphemeral: Bool { flags & Self.ephemeralFlag != 0 }
+    public var isReceiving: Bool { flags & Self.receivingFlag != 0 }
     public var hasUUID: Bool { uuid != Self.noUUID }
 
     public init(
         id: UInt64, parentID: UInt64 = 0, ownerID: UInt64 = 0, kind: Kind, name: String, virtualSize: UInt64,
         mappingRoot: UInt64 = 0, mappedBlocks: UInt64 = 0, createdAt: UInt64, flags: UInt8 = 0,
-        uuid: [UInt8] = VolumeRecord.noUUID
+        uuid: [UInt8] = VolumeRecord.noUUID, receive: ReceiveState? = nil
     ) {
         precondition(uuid.count == 16, "a UUID is 16 bytes")
+        precondition((receive != nil) == (flags & Self.receivingFlag != 0), "a receive state goes with the receiving flag")
         self.uuid = uuid
+        self.receive = receive
         self.flags = flags
         self.id = id
         self.parentID = parentID
@@ -85,6 +114,10 @@ public struct VolumeRecord: Equatable, Sendable {
         block.setLE64(88, createdAt)
         for (i, byte) in utf8.enumerated() { block[96 + i] = byte }
         for (i, byte) in uuid.enumerated() { block[Self.uuidOffset + i] = byte }
+        if let receive {
+            for (i, byte) in (receive.imageUUID + receive.baseUUID).enumerated() { block[Self.receiveOffset + i] = byte }
+            block.setLE64(Self.receiveOffset + 32, receive.appliedUpTo)
+        }
     }
 
     /// Decodes a block whose header has already been validated.
@@ -99,6 +132,11 @@ public struct VolumeRecord: Equatable, Sendable {
         return VolumeRecord(
             id: block.le64(32), parentID: block.le64(40), ownerID: block.le64(48), kind: kind, name: name,
             virtualSize: block.le64(64), mappingRoot: block.le64(72), mappedBlocks: block.le64(80),
-            createdAt: block.le64(88), flags: block[57], uuid: (0..<16).map { block[uuidOffset + $0] })
+            createdAt: block.le64(88), flags: block[57], uuid: (0..<16).map { block[uuidOffset + $0] },
+            receive: block[57] & receivingFlag == 0
+                ? nil
+                : ReceiveState(
+                    imageUUID: (0..<16).map { block[receiveOffset + $0] }, baseUUID: (16..<32).map { block[receiveOffset + $0] },
+                    appliedUpTo: block.le64(receiveOffset + 32)))
     }
 }

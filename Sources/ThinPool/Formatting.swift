@@ -18,6 +18,19 @@ public func formatUUID(_ bytes: [UInt8]) -> String {
     return groups.map { hex[$0].joined() }.joined(separator: "-")
 }
 
+/// The 16 bytes of a UUID in the form `formatUUID` writes (either case); nil otherwise.
+public func parseUUID(_ text: String) -> [UInt8]? {
+    let utf8 = Array(text.utf8)
+    guard utf8.count == 36, [8, 13, 18, 23].allSatisfy({ utf8[$0] == UInt8(ascii: "-") }) else { return nil }
+    let digits = utf8.enumerated().filter { ![8, 13, 18, 23].contains($0.offset) }.map(\.element)
+    var bytes: [UInt8] = []
+    for pair in stride(from: 0, to: 32, by: 2) {
+        guard let byte = UInt8(String(decoding: digits[pair..<pair + 2], as: UTF8.self), radix: 16) else { return nil }
+        bytes.append(byte)
+    }
+    return bytes
+}
+
 /// Human-readable sizes: "10.0 GiB", "512 B".
 public func formatBytes(_ bytes: UInt64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]

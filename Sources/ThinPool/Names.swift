@@ -34,7 +34,8 @@ extension VolumeRecord {
         if virtualSize == 0 || virtualSize > Pool.maxVolumeSize { return "size \(virtualSize) is outside 1 byte ... 1 EiB" }
         let blocks = virtualSize / blockSize + (virtualSize % blockSize == 0 ? 0 : 1)
         if mappedBlocks > blocks { return "\(mappedBlocks) mapped blocks, more than its size holds (\(blocks))" }
-        if flags & ~Self.ephemeralFlag != 0 { return "unknown flags \(flags)" }
+        if flags & ~Self.knownFlags != 0 { return "unknown flags \(flags)" }
+        if let receive, receive.appliedUpTo > virtualSize { return "a receive applied up to \(receive.appliedUpTo), past its size" }
         let nameProblem: String?
         switch (kind, VolumeName.splitSnapshot(name)) {
         case (.volume, nil): nameProblem = VolumeName.validate(name[...])

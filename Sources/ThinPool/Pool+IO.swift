@@ -277,24 +277,36 @@ extension Pool {
     /// the metadata of the subtrees a change copied (shared subtrees are skipped unread),
     /// not the images' size; shared access, so I/O and commits go on meanwhile.
     public func differences(from fromName: String, to toName: String) throws(PoolError) -> VolumeDifferences {
+        try differences(from: Optional(fromName), to: toName)
+    }
+
+    /// `differences(from:to:)`, where a nil `fromName` stands for an empty image (every
+    /// mapped extent of `toName` is listed: what a full `send` copies), limited to the
+    /// byte range `window` (whole blocks that meet it) when one is given.
+    public func differences(from fromName: String?, to toName: String, in window: Range<UInt64>? = nil) throws(PoolError) -> VolumeDifferences {
         try lock.withSharedAccess { state throws(PoolError) in
             guard !state.isClosed else { throw .closed }
-            let from = try state.volume(named: fromName)
+            let from = try fromName.map { (name) throws(PoolError) in try state.volume(named: name) }
             let to = try state.volume(named: toName)
             var extents: [Range<UInt64>] = []
             let blockSize = self.blockSize
             // Only keys inside the larger image count: a damaged tree's stray keys beyond it
             // are never turned into byte offsets (sizes are at most 2^60: no overflow).
-            let size = max(from.record.virtualSize, to.record.virtualSize)
-            let blocks = 0..<(size / blockSize + (size % blockSize == 0 ? 0 : 1))
+            let size = max(from?.record.virtualSize ?? 0, to.record.virtualSize)
+            var blocks = 0..<(size / blockSize + (size % blockSize == 0 ? 0 : 1))
+            if let window {
+                let first = min(window.lowerBound, size) / blockSize
+                let end = min(window.upperBound, size)
+                blocks = blocks.clamped(to: first..<max(first, end / blockSize + (end % blockSize == 0 ? 0 : 1)))
+            }
             try mapErrors {
-                try state.mappings.differences(from.record.mappingRoot, to.record.mappingRoot, in: blocks) { (run: Range<UInt64>) throws(MetadataError) in
+                try state.mappings.differences(from?.record.mappingRoot ?? 0, to.record.mappingRoot, in: blocks) { (run: Range<UInt64>) throws(MetadataError) in
                     extents.append(run.lowerBound * blockSize..<run.upperBound * blockSize)
                 }
             }
+            let related = from.map { lineage(of: $0, in: state).contains(where: lineage(of: to, in: state).contains) } ?? true
             return VolumeDifferences(
-                extents: extents, related: lineage(of: from, in: state).contains(where: lineage(of: to, in: state).contains),
-                fromSize: from.record.virtualSize, toSize: to.record.virtualSize)
+                extents: extents, related: related, fromSize: from?.record.virtualSize ?? 0, toSize: to.record.virtualSize)
         }
     }
 

@@ -200,35 +200,41 @@ extension Pool {
     public func delete(_ name: String) throws(PoolError) {
         try withVolumeExclusive(Substring(name)) { state throws(PoolError) in
             let victim = try state.volume(named: name)
-            let id = victim.record.id
-            let (store, mappings, volumeTable) = (state.store, state.mappings, state.volumeTable)
-            var tableRoot = state.volumeTableRoot
-            do {
-                // Whatever the release did, the table root it left is the one to keep.
-                defer { state.volumeTableRoot = tableRoot }
-                try store.usingReserve { () throws(PoolError) in
-                    try mapErrors {
-                        try mappings.release(victim.record.mappingRoot)
-                        if victim.recordBlock != 0 {
-                            let (root, removed) = try volumeTable.remove(tableRoot, id)
-                            tableRoot = root
-                            if let removed { try store.decRef(removed, .volumeRecord) }
-                        }
+            try remove(victim, from: &state)
+            try finishManagement(&state, commit: !victim.record.isEphemeral)
+        }
+    }
+
+    /// Takes `victim` out of the catalog and releases its blocks (those it shared stay
+    /// with the others); snapshots and clones of it forget it. No commit.
+    func remove(_ victim: VolumeState, from state: inout PoolState) throws(PoolError) {
+        let id = victim.record.id
+        let (store, mappings, volumeTable) = (state.store, state.mappings, state.volumeTable)
+        var tableRoot = state.volumeTableRoot
+        do {
+            // Whatever the release did, the table root it left is the one to keep.
+            defer { state.volumeTableRoot = tableRoot }
+            try store.usingReserve { () throws(PoolError) in
+                try mapErrors {
+                    try mappings.release(victim.record.mappingRoot)
+                    if victim.recordBlock != 0 {
+                        let (root, removed) = try volumeTable.remove(tableRoot, id)
+                        tableRoot = root
+                        if let removed { try store.decRef(removed, .volumeRecord) }
                     }
                 }
             }
-            state.volumes[id] = nil
-            state.names[name] = nil
-            let related = state.volumes.compactMap { otherID, other in
-                other.record.parentID == id || other.record.ownerID == id ? otherID : nil
+        }
+        state.volumes[id] = nil
+        state.names[victim.record.name] = nil
+        let related = state.volumes.compactMap { otherID, other in
+            other.record.parentID == id || other.record.ownerID == id ? otherID : nil
+        }
+        for otherID in related {
+            state.volumes[otherID]?.change { record in
+                if record.parentID == id { record.parentID = 0 }
+                if record.ownerID == id { record.ownerID = 0 }
             }
-            for otherID in related {
-                state.volumes[otherID]?.change { record in
-                    if record.parentID == id { record.parentID = 0 }
-                    if record.ownerID == id { record.ownerID = 0 }
-                }
-            }
-            try finishManagement(&state, commit: !victim.record.isEphemeral)
         }
     }
 

@@ -29,6 +29,7 @@ public struct SystemError: Error, Equatable, Sendable, CustomStringConvertible {
         public static let connectionRefused = Code(rawValue: ECONNREFUSED)
         public static let nameTooLong = Code(rawValue: ENAMETOOLONG)
         public static let timedOut = Code(rawValue: ETIMEDOUT)
+        public static let brokenPipe = Code(rawValue: EPIPE)
     }
 
     public var code: Code
