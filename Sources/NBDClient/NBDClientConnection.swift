@@ -251,15 +251,17 @@ public final class NBDClientConnection {
         try awaitDone(cookie, "NBD write of \(data.count) bytes at \(offset)")
     }
 
-    /// Makes `length` bytes at `offset` read as zeros; the server may unmap them. Needs
-    /// an export that takes WRITE_ZEROES (else an error). Long ranges go as several requests.
-    public func writeZeroes(at offset: UInt64, length: UInt64) throws(NBDClientError) {
+    /// Makes `length` bytes at `offset` read as zeros; the server may unmap them unless
+    /// `keepAllocated` (NO_HOLE). Needs an export that takes WRITE_ZEROES (else an
+    /// error). Long ranges go as several requests.
+    public func writeZeroes(at offset: UInt64, length: UInt64, keepAllocated: Bool = false) throws(NBDClientError) {
         guard export.flags.contains(.sendWriteZeroes) else { throw NBDClientError("the NBD export does not take WRITE_ZEROES") }
         var done: UInt64 = 0
         while done < length {
             // Whole 64 KiB units below 4 GiB, so that no piece splits a block needlessly.
             let piece = min(length - done, 0xFFFF_0000)
-            try awaitDone(try request(.writeZeroes, at: offset + done, length: Int(piece)), "NBD write-zeroes of \(piece) bytes at \(offset + done)")
+            let flags: NBDCommandFlags = keepAllocated ? .noHole : []
+            try awaitDone(try request(.writeZeroes, at: offset + done, length: Int(piece), flags: flags), "NBD write-zeroes of \(piece) bytes at \(offset + done)")
             done += piece
         }
     }

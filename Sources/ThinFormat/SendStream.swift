@@ -5,7 +5,7 @@
 /// ```
 ///  0  u32  magic "TBDR" (0x52444254)
 ///  4  u16  type (1 BEGIN, 2 DATA, 3 ZERO, 4 END)
-///  6  u16  reserved, 0
+///  6  u16  flags: ZERO bit 0, the zeros are allocated in the image (not a hole); others 0
 ///  8  u64  sequence: BEGIN is 0, each later record one more
 /// 16  u64  image offset (DATA, ZERO; 0 otherwise)
 /// 24  u64  image length (DATA: the payload's length; ZERO: the range; 0 otherwise)
@@ -23,6 +23,9 @@ public enum SendStream {
     static let endPayloadSize = 24
     /// BEGIN flag bit: the stream holds changes from a base image.
     public static let incrementalFlag: UInt32 = 1
+    /// ZERO record flag bit: the image keeps these zeros allocated (written as zeros
+    /// without unmapping), so the receiver does too and the allocation maps match.
+    public static let allocatedZeroFlag: UInt16 = 1
 
     public enum RecordType: UInt16, Sendable {
         case begin = 1, data = 2, zero = 3, end = 4
@@ -146,8 +149,8 @@ public enum SendStreamRecord: Equatable, Sendable {
     case begin(SendStreamHeader)
     /// `bytes` go at image offset `offset`.
     case data(offset: UInt64, bytes: [UInt8])
-    /// The range reads as zeros (written as zeros or trimmed in the image).
-    case zero(offset: UInt64, length: UInt64)
+    /// The range reads as zeros: a hole in the image, or zeros it keeps `allocated`.
+    case zero(offset: UInt64, length: UInt64, allocated: Bool)
     case end(SendStreamTotals)
 }
 
@@ -202,12 +205,14 @@ public struct SendStreamWriter: Sendable {
     }
 
     /// A ZERO record.
-    public mutating func zero(offset: UInt64, length: UInt64) -> [UInt8] {
+    public mutating func zero(offset: UInt64, length: UInt64, allocated: Bool = false) -> [UInt8] {
         precondition(length > 0 && offset >= imageEnd)
         totals.records += 1
         totals.zeroBytes += length
         imageEnd = offset + length
-        return record(.zero, offset: offset, length: length, payload: UnsafeRawBufferPointer(start: nil, count: 0))
+        return record(
+            .zero, flags: allocated ? SendStream.allocatedZeroFlag : 0, offset: offset, length: length,
+            payload: UnsafeRawBufferPointer(start: nil, count: 0))
     }
 
     /// The END record (last).
@@ -225,11 +230,14 @@ public struct SendStreamWriter: Sendable {
         payload.withUnsafeBytes { record(type, offset: offset, length: length, payload: $0) }
     }
 
-    private mutating func record(_ type: SendStream.RecordType, offset: UInt64, length: UInt64, payload: UnsafeRawBufferPointer) -> [UInt8] {
+    private mutating func record(
+        _ type: SendStream.RecordType, flags: UInt16 = 0, offset: UInt64, length: UInt64, payload: UnsafeRawBufferPointer
+    ) -> [UInt8] {
         var header = [UInt8](repeating: 0, count: SendStream.headerSize)
         header.withUnsafeMutableBytes { raw in
             raw.setLE32(0, SendStream.recordMagic)
             raw.setLE16(4, type.rawValue)
+            raw.setLE16(6, flags)
             raw.setLE64(8, sequence)
             raw.setLE64(16, offset)
             raw.setLE64(24, length)
@@ -287,12 +295,13 @@ public struct SendStreamReader: Sendable {
         let fields = pending.withUnsafeBytes { raw in
             let base = UnsafeRawBufferPointer(rebasing: raw[start..<start + SendStream.headerSize])
             return (
-                type: base.loadLE16(4), reserved: base.loadLE16(6), sequence: base.loadLE64(8), offset: base.loadLE64(16),
+                type: base.loadLE16(4), flags: base.loadLE16(6), sequence: base.loadLE64(8), offset: base.loadLE64(16),
                 length: base.loadLE64(24), payload: Int(base.loadLE32(32)), crc: base.loadLE32(36)
             )
         }
-        guard fields.reserved == 0 else { throw failure(.malformed("reserved header bits are set")) }
         guard let type = SendStream.RecordType(rawValue: fields.type) else { throw failure(.malformed("unknown record type \(fields.type)")) }
+        let knownFlags = type == .zero ? SendStream.allocatedZeroFlag : 0
+        guard fields.flags & ~knownFlags == 0 else { throw failure(.malformed("unknown flags \(fields.flags) on a \(type) record")) }
         guard fields.sequence == sequence else {
             throw failure(.malformed("record number \(fields.sequence) where \(sequence) was due (records are missing or repeated)"))
         }
@@ -312,7 +321,7 @@ public struct SendStreamReader: Sendable {
                 continuing: CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[start..<start + 36])))
         }
         guard crc == fields.crc else { throw failure(.checksum) }
-        let record = try decode(type, fields.offset, fields.length, Array(pending[payloadRange]))
+        let record = try decode(type, fields.flags, fields.offset, fields.length, Array(pending[payloadRange]))
         start = payloadRange.upperBound
         consumed += UInt64(SendStream.headerSize + fields.payload)
         sequence += 1
@@ -324,7 +333,7 @@ public struct SendStreamReader: Sendable {
         guard isEnded, pending.count == start else { throw failure(.truncated) }
     }
 
-    private mutating func decode(_ type: SendStream.RecordType, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8]) throws(SendStreamError) -> SendStreamRecord {
+    private mutating func decode(_ type: SendStream.RecordType, _ flags: UInt16, _ offset: UInt64, _ length: UInt64, _ payload: [UInt8]) throws(SendStreamError) -> SendStreamRecord {
         if type != .begin && header == nil { throw failure(.malformed("the stream does not start with BEGIN")) }
         switch type {
         case .begin:
@@ -352,7 +361,7 @@ public struct SendStreamReader: Sendable {
                 return .data(offset: offset, bytes: payload)
             }
             totals.zeroBytes += length
-            return .zero(offset: offset, length: length)
+            return .zero(offset: offset, length: length, allocated: flags & SendStream.allocatedZeroFlag != 0)
         case .end:
             guard offset == 0, length == 0, payload.count == SendStream.endPayloadSize else { throw failure(.malformed("a malformed END record")) }
             var stated = SendStreamTotals()

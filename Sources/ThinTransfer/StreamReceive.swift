@@ -36,7 +36,8 @@ protocol StreamReceiveSide {
 /// Writes to the staging volume.
 protocol StagingWriter {
     func write(at offset: UInt64, from data: UnsafeRawBufferPointer) throws(TransferError)
-    func zero(at offset: UInt64, length: UInt64) throws(TransferError)
+    /// `allocated`: keep the zeros mapped, as the sender's image does (else unmap them).
+    func zero(at offset: UInt64, length: UInt64, allocated: Bool) throws(TransferError)
     /// Returns once everything written is in the pool (acknowledged by its server).
     func flush() throws(TransferError)
 }
@@ -116,8 +117,8 @@ extension ImageTransfer {
                         sinceCheckpoint += UInt64(bytes.count)
                     }
                     applied = max(applied, end)
-                case .zero(let offset, let length):
-                    if offset + length > plan.appliedUpTo { try staging.zero(at: offset, length: length) }
+                case .zero(let offset, let length, let allocated):
+                    if offset + length > plan.appliedUpTo { try staging.zero(at: offset, length: length, allocated: allocated) }
                     applied = max(applied, offset + length)
                 case .end:
                     try staging.flush()
@@ -195,8 +196,8 @@ struct OfflineStaging: StagingWriter {
         try pooled { () throws(PoolError) in try pool.write(id, at: offset, from: data) }
     }
 
-    func zero(at offset: UInt64, length: UInt64) throws(TransferError) {
-        try pooled { () throws(PoolError) in try pool.writeZeroes(id, at: offset, count: length, mayUnmap: true) }
+    func zero(at offset: UInt64, length: UInt64, allocated: Bool) throws(TransferError) {
+        try pooled { () throws(PoolError) in try pool.writeZeroes(id, at: offset, count: length, mayUnmap: !allocated) }
     }
 
     func flush() throws(TransferError) {
@@ -235,8 +236,8 @@ final class ServedStaging: StagingWriter {
         }
     }
 
-    func zero(at offset: UInt64, length: UInt64) throws(TransferError) {
-        try overNBD { () throws(NBDClientError) in try connection.writeZeroes(at: offset, length: length) }
+    func zero(at offset: UInt64, length: UInt64, allocated: Bool) throws(TransferError) {
+        try overNBD { () throws(NBDClientError) in try connection.writeZeroes(at: offset, length: length, keepAllocated: allocated) }
     }
 
     func flush() throws(TransferError) {

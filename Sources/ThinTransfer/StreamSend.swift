@@ -107,9 +107,11 @@ extension ImageTransfer {
         let source = try side.reader(for: image)
         let chunk = min(SendStream.maxDataPayload, max(source.maximumReadBytes, 4096))
         let buffer = AlignedBuffer(count: chunk)
-        var pendingZero: Range<UInt64>?
+        var pendingZero: (range: Range<UInt64>, allocated: Bool)?
         func flushZero() throws(TransferError) {
-            if let zero = pendingZero { try output.append(writer.zero(offset: zero.lowerBound, length: UInt64(zero.count))) }
+            if let zero = pendingZero {
+                try output.append(writer.zero(offset: zero.range.lowerBound, length: UInt64(zero.range.count), allocated: zero.allocated))
+            }
             pendingZero = nil
         }
         let size = target.size
@@ -127,23 +129,22 @@ extension ImageTransfer {
                     let holes = try source.read(at: offset, into: piece)
                     var granule = 0
                     while granule < count {
-                        // Runs of zero or data 4 KiB granules (the ends may be shorter).
-                        let zero = Self.isZero(piece, granule, holes)
+                        // Runs of 4 KiB granules of one kind (the ends may be shorter).
+                        let kind = Self.kind(piece, granule, holes)
                         var runEnd = min(granule + 4096, count)
-                        while runEnd < count && Self.isZero(piece, runEnd, holes) == zero { runEnd = min(runEnd + 4096, count) }
+                        while runEnd < count && Self.kind(piece, runEnd, holes) == kind { runEnd = min(runEnd + 4096, count) }
                         let start = offset + UInt64(granule)
-                        if zero {
-                            if let pending = pendingZero, pending.upperBound == start {
-                                pendingZero = pending.lowerBound..<offset + UInt64(runEnd)
-                            } else {
-                                try flushZero()
-                                pendingZero = start..<offset + UInt64(runEnd)
-                            }
-                        } else {
+                        let stop = offset + UInt64(runEnd)
+                        if kind == .data {
                             try flushZero()
                             let data = UnsafeRawBufferPointer(rebasing: piece[granule..<runEnd])
                             try output.append(writer.dataHeader(offset: start, payload: data))
                             try output.append(data)
+                        } else if let pending = pendingZero, pending.range.upperBound == start, pending.allocated == (kind == .zeros) {
+                            pendingZero = (pending.range.lowerBound..<stop, pending.allocated)
+                        } else {
+                            try flushZero()
+                            pendingZero = (start..<stop, kind == .zeros)
                         }
                         granule = runEnd
                     }
@@ -168,11 +169,14 @@ extension ImageTransfer {
             records: totals.records, dataBytes: totals.dataBytes, zeroBytes: totals.zeroBytes, streamBytes: output.written)
     }
 
-    /// Whether the 4 KiB granule at `index` (shorter at the end) reads as zeros.
-    private static func isZero(_ piece: UnsafeMutableRawBufferPointer, _ index: Int, _ holes: [Range<Int>]) -> Bool {
+    enum GranuleKind { case data, hole, zeros }
+
+    /// What the 4 KiB granule at `index` (shorter at the end) holds: data, a hole the
+    /// source reported, or zeros it keeps allocated.
+    private static func kind(_ piece: UnsafeMutableRawBufferPointer, _ index: Int, _ holes: [Range<Int>]) -> GranuleKind {
         let end = min(index + 4096, piece.count)
-        return holes.contains { $0.lowerBound <= index && end <= $0.upperBound }
-            || ImageCopy.isAllZero(UnsafeRawBufferPointer(rebasing: piece[index..<end]))
+        if holes.contains(where: { $0.lowerBound <= index && end <= $0.upperBound }) { return .hole }
+        return ImageCopy.isAllZero(UnsafeRawBufferPointer(rebasing: piece[index..<end])) ? .zeros : .data
     }
 }
 

@@ -95,3 +95,56 @@ import TestSupport
         #expect(served.stop() == 0)
     }
 }
+
+/// `thinbd send | thinbd receive` between two served pools: the data goes through both
+/// servers (control socket and NBD), and stock clients see the same images.
+@Suite(.serialized) struct SendReceiveInteropTests {
+    @Test(.enabled(if: Peers.need("nbdinfo", "nbdcopy", "qemu-io")))
+    func aFullAndThreeIncrementalStreamsBetweenServedPoolsGiveIdenticalImages() throws {
+        let a = try ServedPool()
+        let b = try ServedPool()
+        try a.createVolume("vm", size: "48M")
+        try a.start()
+        try b.start()
+        let qemuIO = Peers.path("qemu-io")
+        let rounds: [[String]] = [
+            ["write -P 0x11 0 8M", "write -P 0x12 20M 3M", "write -P 0x13 47M 1M"],
+            ["write -P 0x21 1M 64K", "discard 20M 1M", "write -z 4M 2M"],
+            ["write -P 0x31 30M 5M", "write -z -u 47M 512K", "write -P 0x32 0 4K"],
+            ["discard 0 48M", "write -P 0x41 10M 128K"],
+        ]
+        for (round, commands) in rounds.enumerated() {
+            for command in commands {
+                expectSuccess(try Program.run(qemuIO, ["-f", "raw", "-c", command, a.uri("vm")]), "qemu-io \(command)")
+            }
+            expectSuccess(try a.cli(["snapshot", "POOL", "vm@r\(round)"]), "snapshot")
+            let from = round == 0 ? "" : "--from vm@r\(round - 1)"
+            let pipe = try Program.run(
+                "/bin/sh", ["-c", #""$T" send "$A" vm@r\#(round) \#(from) | "$T" receive "$B""#],
+                environment: ["T": CLI.executable, "A": a.pool, "B": b.pool])
+            expectSuccess(pipe, "send | receive, round \(round)")
+            try expectIdentical(a, b, "vm@r\(round)")
+        }
+        expectSuccess(try b.cli(["check", "POOL"]), "check of the receiving pool")
+        #expect(a.stop() == 0 && b.stop() == 0)
+    }
+
+    /// sha256 of both exports (read by nbdcopy) and nbdinfo's allocation maps.
+    func expectIdentical(_ a: ServedPool, _ b: ServedPool, _ name: String) throws {
+        var digests: [String] = []
+        var maps: [String] = []
+        for served in [a, b] {
+            let file = served.directory.path + "/\(name).img"
+            expectSuccess(try Program.run(Peers.path("nbdcopy"), [served.uri(name), file]), "nbdcopy \(name)")
+            let sum = try Program.run("/usr/bin/sha256sum", [file])
+            digests.append(String(sum.stdout.prefix(64)))
+            let map = try Program.run(Peers.path("nbdinfo"), ["--map", "--totals", served.uri(name)])
+            maps.append(map.stdout)
+            let all = try Program.run(Peers.path("nbdinfo"), ["--map", served.uri(name)])
+            maps.append(all.stdout)
+            try FileManager.default.removeItem(atPath: file)
+        }
+        #expect(digests[0] == digests[1] && digests[0].count == 64, "\(name): sha256 \(digests)")
+        #expect(maps[0] == maps[2] && maps[1] == maps[3], "\(name): allocation differs:\n\(maps[1])\n---\n\(maps[3])")
+    }
+}

@@ -14,15 +14,16 @@ import Testing
         var records: [SendStreamRecord] = [.begin(header)]
         let pieces: [(UInt64, [UInt8]?, UInt64)] = [
             (0, [UInt8](repeating: 7, count: 4096), 4096), (65536, nil, 131072), (1 << 20, Array(0..<255), 255),
-            (2 << 20, nil, 1 << 20), ((1 << 30) - 512, [UInt8](repeating: 1, count: 512), 512),
+            (2 << 20, nil, 1 << 20), ((3 << 20) + 7, nil, 4096), ((1 << 30) - 512, [UInt8](repeating: 1, count: 512), 512),
         ]
         for (offset, data, length) in pieces {
             if let data {
                 bytes += data.withUnsafeBytes { writer.dataHeader(offset: offset, payload: $0) } + data
                 records.append(.data(offset: offset, bytes: data))
             } else {
-                bytes += writer.zero(offset: offset, length: length)
-                records.append(.zero(offset: offset, length: length))
+                let allocated = offset % 2 == 1
+                bytes += writer.zero(offset: offset, length: length, allocated: allocated)
+                records.append(.zero(offset: offset, length: length, allocated: allocated))
             }
         }
         bytes += writer.end()
@@ -48,7 +49,7 @@ import Testing
         for piece in [bytes.count, 1, 7, 40, 4096] {
             #expect(try read(bytes, piece: piece) == records, "pieces of \(piece)")
         }
-        let totals = SendStreamTotals(records: 5, dataBytes: 4096 + 255 + 512, zeroBytes: 131072 + (1 << 20))
+        let totals = SendStreamTotals(records: 6, dataBytes: 4096 + 255 + 512, zeroBytes: 131072 + (1 << 20) + 4096)
         #expect(records.last == .end(totals))
         var full = header
         full.baseUUID = nil
@@ -99,11 +100,12 @@ import Testing
     }
 
     /// A record with any fields and a correct checksum.
-    func record(_ type: UInt16, _ sequence: UInt64, offset: UInt64 = 0, length: UInt64 = 0, payload: [UInt8] = []) -> [UInt8] {
+    func record(_ type: UInt16, _ sequence: UInt64, offset: UInt64 = 0, length: UInt64 = 0, payload: [UInt8] = [], flags: UInt16 = 0) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: SendStream.headerSize)
         bytes.withUnsafeMutableBytes { raw in
             raw.setLE32(0, SendStream.recordMagic)
             raw.setLE16(4, type)
+            raw.setLE16(6, flags)
             raw.setLE64(8, sequence)
             raw.setLE64(16, offset)
             raw.setLE64(24, length)
@@ -130,6 +132,8 @@ import Testing
             (begin + record(2, 1, offset: 0, length: 10, payload: [1, 2, 3]), "DATA length"),
             (begin + record(2, 1, offset: 0, length: 2 << 20, payload: []) , "payload bytes"),
             (begin + record(9, 1), "unknown record type"),
+            (begin + record(zero, 1, offset: 0, length: 4096, flags: 2), "unknown flags"),
+            (begin + record(2, 1, offset: 0, length: 1, payload: [1], flags: 1), "unknown flags"),
             (begin + record(4, 1, payload: [UInt8](repeating: 0, count: 24).enumerated().map { $0.offset == 0 ? 1 : $0.element }), "END counts"),
             (sample().bytes + [0x54], "follow the END"),
         ]
