@@ -104,6 +104,23 @@ import ThinPool
         let diff = try CLI.run(["diff", source, "vm@s0", "vm@s1", "--json"])
         let changed = (try JSONSerialization.jsonObject(with: Data(diff.stdout.utf8)) as? [String: Any])?["changed_bytes"] as? Int ?? 0
         #expect(streamSizes[0] <= changed + (1 << 20) && changed > 0, "stream \(streamSizes[0]) bytes for \(changed) changed")
+        // NAME written after its copy of the base: refused, unless --force replaces the writes.
+        do {
+            let pool = try Pool.open(path: destination)
+            try [UInt8](repeating: 0xEE, count: 4096).withUnsafeBytes { try pool.write(try pool.volumeID("vm"), at: 0, from: $0) }
+            try pool.close()
+        }
+        #expect(try sh(#""$T" send "$A" vm --from vm@s3 -o "$D/live" 2>&1"#).stdout.contains("send takes a snapshot"))
+        let a = try Pool.open(path: source)
+        _ = try a.snapshot("vm@s4")
+        try a.close()
+        #expect(try sh(#""$T" send "$A" vm@s4 --from vm@s3 -o "$D/inc4""#).status == 0)
+        let written = try CLI.run(["receive", destination, "-i", dir.path + "/inc4"])
+        #expect(written.status == 1 && written.stderr.contains("was written after vm@s3"), "\(written.stderr)")
+        #expect(try volumes(destination) == ["vm", "vm@s0", "vm@s1", "vm@s2", "vm@s3"])
+        #expect(try CLI.run(["receive", destination, "-i", dir.path + "/inc4", "--force"]).status == 0)
+        try expectSameImage("vm@s4")
+        try expectSameImage("vm", sourceName: "vm@s4")
         // JSON results say what was sent and received.
         let json = try sh(#""$T" send "$A" vm@s1 --from vm@s0 --json 2>"$D/summary" >/dev/null; cat "$D/summary""#)
         #expect(json.stdout.contains("\"base_uuid\"") && json.stdout.contains("\"stream_bytes\""), "\(json.stdout)")
@@ -163,6 +180,8 @@ import ThinPool
         let cut = try CLI.run(["receive", destination, "-i", dir.path + "/cut", "--resume"])
         #expect(cut.status == 1 && cut.stderr.contains("run the same receive with --resume"), "\(cut.stderr)")
         #expect(try volumes(destination) == ["vm%receive"])
+        let staged = try CLI.run(["check", destination])
+        #expect(staged.status == 0 && staged.stdout.contains("clean"), "a pool with a staging volume checks clean: \(staged.stdout)")
         let resumed = try CLI.run(["receive", destination, "-i", dir.path + "/full", "--resume"])
         #expect(resumed.status == 0 && resumed.stdout.contains("resumed after"), "\(resumed.stdout)\(resumed.stderr)")
         try expectSameImage("vm@s0")
