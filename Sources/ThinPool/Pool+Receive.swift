@@ -137,19 +137,7 @@ extension Pool {
             try checkNewName(snapshotName, in: state)
             let target: VolumeState
             if header.isIncremental {
-                let volume = try state.volume(named: name)
-                let mappings = state.mappings
-                try state.store.usingReserve { () throws(PoolError) in
-                    try mapErrors {
-                        try mappings.retain(source.record.mappingRoot)
-                        try mappings.release(volume.record.mappingRoot)
-                    }
-                }
-                state.volumes[volume.record.id]?.change { record in
-                    record.mappingRoot = source.record.mappingRoot
-                    record.mappedBlocks = source.record.mappedBlocks
-                    record.virtualSize = source.record.virtualSize
-                }
+                try replaceContents(of: try state.volume(named: name), with: source, in: &state)
                 try remove(source, from: &state)
                 target = try state.volume(named: name)
             } else {

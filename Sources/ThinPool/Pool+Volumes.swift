@@ -178,19 +178,25 @@ extension Pool {
             guard snapshot.record.kind == .snapshot, snapshot.record.ownerID == volume.record.id else {
                 throw .invalidArgument("\(snapshotName) is not a snapshot of volume \(volumeName)")
             }
-            let mappings = state.mappings
-            try state.store.usingReserve { () throws(PoolError) in
-                try mapErrors {
-                    try mappings.retain(snapshot.record.mappingRoot)
-                    try mappings.release(volume.record.mappingRoot)
-                }
-            }
-            state.volumes[volume.record.id]?.change { record in
-                record.mappingRoot = snapshot.record.mappingRoot
-                record.mappedBlocks = snapshot.record.mappedBlocks
-                record.virtualSize = snapshot.record.virtualSize
-            }
+            try replaceContents(of: volume, with: snapshot, in: &state)
             try finishManagement(&state)
+        }
+    }
+
+    /// Gives `volume` the contents and size of `source` (sharing its mapping tree) and
+    /// releases what only its old contents used. No commit.
+    func replaceContents(of volume: VolumeState, with source: VolumeState, in state: inout PoolState) throws(PoolError) {
+        let mappings = state.mappings
+        try state.store.usingReserve { () throws(PoolError) in
+            try mapErrors {
+                try mappings.retain(source.record.mappingRoot)
+                try mappings.release(volume.record.mappingRoot)
+            }
+        }
+        state.volumes[volume.record.id]?.change { record in
+            record.mappingRoot = source.record.mappingRoot
+            record.mappedBlocks = source.record.mappedBlocks
+            record.virtualSize = source.record.virtualSize
         }
     }
 

@@ -58,7 +58,7 @@ import ThinSystem
 
     /// The metadata block holding volume `id`'s record.
     func blockHoldingRecord(of id: UInt64, in device: MemoryDevice) -> UInt64? {
-        let blocks = UInt64((try? device.size) ?? 0) / UInt64(MetadataLayout.blockSize)
+        let blocks = UInt64(device.size) / UInt64(MetadataLayout.blockSize)
         for block in 2..<min(blocks, 4096) {
             let page = device.page(block)
             let type = UInt16(page[8]) | UInt16(page[9]) << 8
