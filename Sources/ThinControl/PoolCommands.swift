@@ -160,6 +160,13 @@ public struct PoolCommands: Sendable {
     func receive(_ request: ReceiveRequest) throws(ControlError) -> ReceiveStepResult {
         switch request.step {
         case .begin:
+            // An incremental stream replaces NAME's contents: like rollback, not under
+            // connected clients unless forced (they are disconnected at `finish`).
+            if request.header.isIncremental, !request.force, let clients = served?.connectionCounts()[request.name], clients > 0 {
+                throw ControlError(
+                    code: "in-use",
+                    message: "\(request.name) has \(clients) connected client\(clients == 1 ? "" : "s"); receiving replaces its contents: disconnect them, or pass --force")
+            }
             let plan = try pooled { () throws(PoolError) in
                 try pool.beginReceive(request.header, into: request.name, resume: request.resume, force: request.force)
             }
@@ -168,9 +175,11 @@ public struct PoolCommands: Sendable {
             try pooled { () throws(PoolError) in try pool.recordReceiveProgress(staging: request.staging, appliedUpTo: request.appliedUpTo) }
             return ReceiveStepResult(staging: request.staging, appliedUpTo: request.appliedUpTo, discardedEarlier: false, snapshot: nil)
         case .finish:
-            // The staging volume's connection (the receiving CLI's) is done with it.
+            // The staging volume's connection (the receiving CLI's) is done with it; clients
+            // of NAME (allowed by --force at `begin`) must not see its contents change.
             var made: VolumeInfo?
-            _ = try closing([request.staging], force: true) { () throws(PoolError) in
+            let closed = request.header.isIncremental ? [request.staging, request.name] : [request.staging]
+            _ = try closing(closed, force: true) { () throws(PoolError) in
                 made = try pool.finishReceive(request.header, staging: request.staging, into: request.name)
             }
             return ReceiveStepResult(staging: "", appliedUpTo: request.header.imageSize, discardedEarlier: false, snapshot: made.map(volume))

@@ -126,6 +126,24 @@ import TestSupport
             try expectIdentical(a, b, "vm@r\(round)")
         }
         expectSuccess(try b.cli(["check", "POOL"]), "check of the receiving pool")
+
+        // An incremental stream replaces vm's contents: refused under a connected client,
+        // done with --force (which disconnects it).
+        expectSuccess(try a.cli(["snapshot", "POOL", "vm@r4"]), "snapshot")
+        let stream = a.directory.path + "/r4.stream"
+        expectSuccess(try a.cli(["send", "POOL", "vm@r4", "--from", "vm@r3", "-o", stream]), "send")
+        let connected = b.directory.path + "/connected"
+        let client = Process()
+        client.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        client.arguments = ["-c", "import nbd, time\nh = nbd.NBD()\nh.connect_uri('\(b.uri("vm"))')\nopen('\(connected)', 'w').close()\ntime.sleep(60)"]
+        try client.run()
+        defer { if client.isRunning { kill(client.processIdentifier, SIGKILL) } }
+        let deadline = Date().addingTimeInterval(20)
+        while !FileManager.default.fileExists(atPath: connected) && Date() < deadline { usleep(20_000) }
+        let refused = try b.cli(["receive", "POOL", "-i", stream])
+        #expect(refused.status == 1 && refused.stderr.contains("connected client"), "\(refused.stderr)")
+        expectSuccess(try b.cli(["receive", "POOL", "-i", stream, "--force"]), "receive --force")
+        try expectIdentical(a, b, "vm@r4")
         #expect(a.stop() == 0 && b.stop() == 0)
     }
 
