@@ -229,7 +229,7 @@ extension ControlError {
         case .noDataSpace, .noMetadataSpace: code = "no-space"
         case .corrupt, .truncated, .notAPool, .failed, .needsCheck: code = "corrupt"
         case .inUse: code = "busy"
-        case .io, .closed: code = "io"
+        case .io, .closed, .originUnavailable: code = "io"
         }
         self.init(code: code, message: error.description)
     }

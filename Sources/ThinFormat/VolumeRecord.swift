@@ -20,6 +20,13 @@
 /// 368  16   receiving only: UUID of the image the stream carries
 /// 384  16   receiving only: UUID of the stream's base (zero for a full stream)
 /// 400  u64  receiving only: image bytes below which the stream is applied and committed
+/// 512  u8   origin kind (0 none, 1 NBD URI, 2 file path): where unmapped blocks come from
+/// 513  u8   reserved, 0
+/// 514  u16  origin locator length in bytes (at most 1024)
+/// 516  u32  reserved, 0
+/// 520  u64  origin size in bytes
+/// 528  16   origin image UUID (a thinbd origin's snapshot UUID; zero when unknown)
+/// 544  ...  origin locator, UTF-8 (the URI or the path)
 /// ```
 public struct VolumeRecord: Equatable, Sendable {
     public enum Kind: UInt8, Sendable {
@@ -71,6 +78,37 @@ public struct VolumeRecord: Equatable, Sendable {
     static let receiveOffset = 368
     public static let noUUID = [UInt8](repeating: 0, count: 16)
 
+    /// An image outside the pool whose bytes an origin-backed volume's unmapped blocks
+    /// hold (`thinbd clone POOL URI NAME`): fetched on first read and kept. Its identity
+    /// is the locator (with an NBD export name), the size and, for a thinbd origin, the
+    /// snapshot's UUID.
+    public struct Origin: Equatable, Sendable {
+        public enum Kind: UInt8, Sendable {
+            case nbd = 1
+            case file = 2
+        }
+
+        public static let maxLocatorBytes = 1024
+
+        public var kind: Kind
+        public var locator: String
+        public var size: UInt64
+        /// Zero when the origin does not say.
+        public var uuid: [UInt8]
+
+        public init(kind: Kind, locator: String, size: UInt64, uuid: [UInt8] = VolumeRecord.noUUID) {
+            precondition(uuid.count == 16, "a UUID is 16 bytes")
+            self.kind = kind
+            self.locator = locator
+            self.size = size
+            self.uuid = uuid
+        }
+    }
+
+    /// Nil for an ordinary volume.
+    public var origin: Origin?
+    static let originOffset = 512
+
     public var isEphemeral: Bool { flags & Self.ephemeralFlag != 0 }
     public var isReceiving: Bool { flags & Self.receivingFlag != 0 }
     public var hasUUID: Bool { uuid != Self.noUUID }
@@ -78,8 +116,9 @@ public struct VolumeRecord: Equatable, Sendable {
     public init(
         id: UInt64, parentID: UInt64 = 0, ownerID: UInt64 = 0, kind: Kind, name: String, virtualSize: UInt64,
         mappingRoot: UInt64 = 0, mappedBlocks: UInt64 = 0, createdAt: UInt64, flags: UInt8 = 0,
-        uuid: [UInt8] = VolumeRecord.noUUID, receive: ReceiveState? = nil
+        uuid: [UInt8] = VolumeRecord.noUUID, receive: ReceiveState? = nil, origin: Origin? = nil
     ) {
+        self.origin = origin
         precondition(uuid.count == 16, "a UUID is 16 bytes")
         precondition((receive != nil) == (flags & Self.receivingFlag != 0), "a receive state goes with the receiving flag")
         self.uuid = uuid
@@ -118,11 +157,33 @@ public struct VolumeRecord: Equatable, Sendable {
             for (i, byte) in (receive.imageUUID + receive.baseUUID).enumerated() { block[Self.receiveOffset + i] = byte }
             block.setLE64(Self.receiveOffset + 32, receive.appliedUpTo)
         }
+        if let origin {
+            let locator = Array(origin.locator.utf8)
+            precondition(locator.count <= Origin.maxLocatorBytes)
+            block[Self.originOffset] = origin.kind.rawValue
+            block.setLE16(Self.originOffset + 2, UInt16(locator.count))
+            block.setLE64(Self.originOffset + 8, origin.size)
+            for (i, byte) in origin.uuid.enumerated() { block[Self.originOffset + 16 + i] = byte }
+            for (i, byte) in locator.enumerated() { block[Self.originOffset + 32 + i] = byte }
+        }
     }
 
     /// Decodes a block whose header has already been validated.
     public static func decode(_ block: UnsafeMutableRawBufferPointer) throws(BlockValidationError) -> VolumeRecord {
         guard let kind = Kind(rawValue: block[56]) else { throw .badContents("unknown volume kind \(block[56])") }
+        var origin: Origin?
+        if block[originOffset] != 0 {
+            guard let originKind = Origin.Kind(rawValue: block[originOffset]) else {
+                throw .badContents("unknown origin kind \(block[originOffset])")
+            }
+            let length = Int(block.le16(originOffset + 2))
+            guard length > 0, length <= Origin.maxLocatorBytes, originOffset + 32 + length <= block.count,
+                let locator = String(validating: (0..<length).map { block[originOffset + 32 + $0] }, as: UTF8.self)
+            else { throw .badContents("origin locator of \(length) bytes is empty, too long or not UTF-8") }
+            let size = block.le64(originOffset + 8)
+            guard size > 0, size <= 1 << 60 else { throw .badContents("origin size \(size) is outside 1 byte ... 1 EiB") }
+            origin = Origin(kind: originKind, locator: locator, size: size, uuid: (0..<16).map { block[originOffset + 16 + $0] })
+        }
         let length = Int(block.le16(58))
         guard length > 0, length <= maxNameBytes else { throw .badContents("volume name length \(length)") }
         let bytes = (0..<length).map { block[96 + $0] }
@@ -137,6 +198,7 @@ public struct VolumeRecord: Equatable, Sendable {
                 ? nil
                 : ReceiveState(
                     imageUUID: (0..<16).map { block[receiveOffset + $0] }, baseUUID: (16..<32).map { block[receiveOffset + $0] },
-                    appliedUpTo: block.le64(receiveOffset + 32)))
+                    appliedUpTo: block.le64(receiveOffset + 32)),
+            origin: origin)
     }
 }

@@ -139,6 +139,8 @@ extension Pool {
 
     /// Commits and releases the file. Further calls fail with `.closed`.
     public func close() throws(PoolError) {
+        // Fetched origin blocks still waiting to be stored go in with the last commit.
+        originStore.drain()
         try lock.withLock { (state: inout PoolState) throws(PoolError) in
             guard !state.isClosed else { return }
             // In fail mode the last commit stays the pool's state; only the flag goes out.

@@ -81,11 +81,16 @@ extension Pool {
     @discardableResult
     public func read(_ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) -> [Extent] {
         let plan = try planRead(id, at: offset, into: buffer)!
-        // planRead entered the gate under the pool lock, before any commit that frees the
-        // planned blocks, so that commit waits for this read before handing them out.
-        defer { ioGate.leave(plan.ticket) }
-        if !plan.requests.isEmpty { try mapErrors { try device.perform(plan.requests) } }
-        return plan.extents
+        do {
+            // planRead entered the gate under the pool lock, before any commit that frees the
+            // planned blocks, so that commit waits for this read before handing them out.
+            defer { ioGate.leave(plan.ticket) }
+            if !plan.requests.isEmpty { try mapErrors { try device.perform(plan.requests) } }
+        }
+        // Out of the gate: a fetch may wait on the network, and commits must not.
+        guard let fill = plan.origin else { return plan.extents }
+        try fetch(fill.runs, from: fill.record, volume: id, keep: fill.keep, into: buffer, at: offset)
+        return Self.markingOrigin(plan.extents, fill.record)
     }
 
     /// Like `read`, but returns once the disk reads are submitted; `completion` runs when
@@ -101,6 +106,12 @@ extension Pool {
             plan = try planRead(id, at: offset, into: buffer)!
         } catch {
             completion(.failure(error))
+            return
+        }
+        if plan.origin != nil {
+            // Unfetched origin blocks: this thread may block, so the read runs here whole.
+            ioGate.leave(plan.ticket)
+            completion(Result { () throws(PoolError) in try read(id, at: offset, into: buffer) })
             return
         }
         let gate = ioGate
@@ -137,6 +148,11 @@ extension Pool {
             return .completed(.failure(error))
         }
         guard let plan else { return .wouldBlock }
+        if plan.origin != nil {
+            // Fetching from the origin may wait on the network: never on an event loop.
+            ioGate.leave(plan.ticket)
+            return .wouldBlock
+        }
         let gate = ioGate
         let (ticket, extents) = (plan.ticket, plan.extents)
         guard !plan.requests.isEmpty else {
@@ -158,7 +174,15 @@ extension Pool {
         }
     }
 
-    private typealias ReadPlan = (requests: [IORequest], extents: [Extent], ticket: DrainGate.Ticket)
+    private typealias ReadPlan = (requests: [IORequest], extents: [Extent], ticket: DrainGate.Ticket, origin: OriginFill?)
+
+    /// What a read of an origin-backed volume must fetch: unmapped ranges below the
+    /// origin's size; `keep` when the fetched blocks are stored (volumes, not snapshots).
+    private struct OriginFill {
+        var record: VolumeRecord.Origin
+        var runs: [Range<UInt64>]
+        var keep: Bool
+    }
 
     /// Looks the range up and zeroes the holes in `buffer`; on success the caller holds
     /// the I/O gate and must leave it once the planned requests are done. Non-blocking
@@ -178,8 +202,12 @@ extension Pool {
                     throw noticing(PoolError(error))
                 }
             }
+            let fill = volume.record.origin.flatMap { origin -> OriginFill? in
+                let runs = Self.originRuns(found.extents, origin)
+                return runs.isEmpty ? nil : OriginFill(record: origin, runs: runs, keep: volume.record.kind == .volume)
+            }
             // Entered under the lock, so before any commit that frees these blocks.
-            return (found.requests, found.extents, ioGate.enter())
+            return (found.requests, found.extents, ioGate.enter(), fill)
         }
         if blocking { return try lock.withSharedAccess(plan) }
         return try lock.tryWithSharedAccess(plan) ?? nil
@@ -236,7 +264,7 @@ extension Pool {
                 }
             }
             runs.add(covered, end, mapped: false)
-            return runs.extents
+            return Self.markingOrigin(runs.extents, volume.record.origin)
         }
     }
 }

@@ -124,7 +124,8 @@ extension Pool {
             let record = VolumeRecord(
                 id: state.superblock.nextVolumeID, parentID: origin.record.id, ownerID: origin.record.id, kind: .snapshot,
                 name: fullName, virtualSize: origin.record.virtualSize, mappingRoot: origin.record.mappingRoot,
-                mappedBlocks: origin.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(), uuid: makeUUID())
+                mappedBlocks: origin.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(), uuid: makeUUID(),
+                origin: origin.record.origin)
             let snapshot = state.add(record)
             try finishManagement(&state)
             return (describe(snapshot, in: state), true)
@@ -159,7 +160,7 @@ extension Pool {
                 id: state.superblock.nextVolumeID, parentID: source.record.id, kind: .volume, name: name,
                 virtualSize: source.record.virtualSize, mappingRoot: source.record.mappingRoot,
                 mappedBlocks: source.record.mappedBlocks, createdAt: SystemInfo.wallClockSeconds(),
-                flags: ephemeral ? VolumeRecord.ephemeralFlag : 0, uuid: makeUUID())
+                flags: ephemeral ? VolumeRecord.ephemeralFlag : 0, uuid: makeUUID(), origin: source.record.origin)
             let clone = state.add(record)
             try finishManagement(&state, commit: !ephemeral)
             return (describe(clone, in: state), true)

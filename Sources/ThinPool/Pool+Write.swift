@@ -20,6 +20,7 @@ extension Pool {
             }
             return
         }
+        try fetchPartialEnds(id, at: offset, count: UInt64(data.count))
         // Writes to different blocks run their data I/O in parallel; overlapping ones and
         // volume operations wait for each other on the range lock.
         try rangeLocks.withRange(id, blockRange(offset, UInt64(data.count))) { () throws(PoolError) in
@@ -303,6 +304,16 @@ extension Pool {
     public func writeBatch(_ writes: [BatchedWrite]) -> [PoolError?] {
         var results = [PoolError?](repeating: nil, count: writes.count)
         var pending = Array(writes.indices)
+        // Origin-backed volumes: partly written blocks still at the origin come here first.
+        pending.removeAll { i in
+            do throws(PoolError) {
+                try fetchPartialEnds(writes[i].volume, at: writes[i].offset, count: UInt64(writes[i].data.count))
+                return false
+            } catch {
+                results[i] = error
+                return true
+            }
+        }
         while !pending.isEmpty {
             var round: [Int] = []
             var ranges: [(owner: UInt64, range: Range<UInt64>)] = []

@@ -15,6 +15,12 @@ extension Pool {
     /// failure part-way (a full pool, a volume deleted meanwhile) leaves the slices done
     /// zeroed, which NBD allows for a failed request.
     public func writeZeroes(_ id: UInt64, at offset: UInt64, count: UInt64, mayUnmap: Bool = true) throws(PoolError) {
+        if try originOf(id) != nil {
+            // An unmapped block of an origin-backed volume reads the origin: zeros must be
+            // kept as local blocks, and partly zeroed ones keep the origin's other bytes.
+            try fetchPartialEnds(id, at: offset, count: count)
+            if mayUnmap { return try writeZeroes(id, at: offset, count: count, mayUnmap: false) }
+        }
         try lock.withSharedAccess { state throws(PoolError) in
             _ = try volume(id, writing: true, at: offset, count: count, in: state)
             guard count > 0 else { return }
@@ -161,7 +167,12 @@ extension Pool {
         }
         let firstWhole = (offset + blockSize - 1) / blockSize
         let endWhole = (offset + count) / blockSize
-        if firstWhole < endWhole { try unmapInSlices(id, blocks: firstWhole..<endWhole) }
+        guard firstWhole < endWhole else { return }
+        if try originOf(id) != nil {
+            // Unmapping would bring the origin's bytes back: trimmed blocks become local zeros.
+            return try writeZeroes(id, at: firstWhole * blockSize, count: (endWhole - firstWhole) * blockSize, mayUnmap: false)
+        }
+        try unmapInSlices(id, blocks: firstWhole..<endWhole)
     }
 
     /// Unmaps `blocks` of volume `id`; their space returns to the pool at the next commit.

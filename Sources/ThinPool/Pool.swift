@@ -76,6 +76,11 @@ public final class Pool: @unchecked Sendable {
 
     public let blockSize: UInt64
     let dataOffset: UInt64
+    /// Origins of origin-backed volumes (Pool+Origin.swift): how to reach them, and the
+    /// ones reached so far. Its own lock: a fetch never holds the pool lock.
+    let origins = LockedValue(OriginCatalog())
+    /// Stores fetched origin blocks after the read that fetched them has returned.
+    let originStore = OriginStoreQueue()
 
     // MARK: Creating and opening
 
@@ -209,7 +214,9 @@ public final class Pool: @unchecked Sendable {
         self.dataOffset = superblock.dataOffset
         self.zeroes = AlignedBuffer(count: max(1 << 20, Int(superblock.dataBlockSize)))
         let (state, damage) = try ThinPool.mapErrors { try PoolState.load(device: device, superblock: superblock) }
+        let hasOrigins = state.volumes.values.contains { $0.record.origin != nil }
         lock = PoolLock(state)
+        origins.withLockedValue { $0.mayHaveOriginVolumes = hasOrigins }
         // Damage in one volume's record or tree does not keep the others from being
         // read: the pool opens in fail mode (nothing changes, nothing commits; the
         // metadata counts of a damaged tree are incomplete, and nothing allocates).
@@ -305,7 +312,7 @@ public final class Pool: @unchecked Sendable {
         return VolumeInfo(
             id: r.id, name: r.name, kind: kind, size: r.virtualSize, mappedBytes: r.mappedBlocks * blockSize,
             parent: state.volumes[r.parentID]?.record.name, createdAt: r.createdAt, isEphemeral: r.isEphemeral,
-            uuid: r.hasUUID ? formatUUID(r.uuid) : nil)
+            uuid: r.hasUUID ? formatUUID(r.uuid) : nil, origin: r.origin)
     }
 
     /// Every volume, sorted by name.
@@ -392,6 +399,8 @@ public struct VolumeInfo: Sendable, Equatable {
     /// The image's identity across pools and renames; nil for a volume made before
     /// UUIDs existed, until the pool is next opened read-write.
     public var uuid: String?
+    /// Where an origin-backed volume's unfetched blocks come from (nil: none).
+    public var origin: VolumeRecord.Origin?
 
     public var isReadOnly: Bool { kind == .snapshot }
 }

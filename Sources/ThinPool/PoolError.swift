@@ -27,6 +27,8 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The pool was flagged for a check when damage was found; a read-write open needs
     /// `check --repair` first, or `force`.
     case needsCheck(path: String, reason: String)
+    /// An origin-backed volume's origin cannot be reached, or is not the image recorded.
+    case originUnavailable(String)
 
     public var description: String {
         switch self {
@@ -58,6 +60,7 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
             "pool is in fail mode after finding damage (\(failure.reason)): it serves reads only; stop it and run thinbd check --repair"
         case .failed(let failure):
             "pool is in fail mode (\(failure.reason)): it serves reads only and commits nothing more; reopen it to serve its last commit"
+        case .originUnavailable(let why): "origin unavailable: \(why)"
         case .needsCheck(let path, let reason):
             "pool \(path) needs a check: \(reason); run thinbd check --repair \(path) (or open it with --force)"
         }

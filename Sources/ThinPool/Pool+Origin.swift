@@ -1,0 +1,253 @@
+import Dispatch
+import ThinFormat
+import ThinMetadata
+import ThinSystem
+
+/// The image behind an origin-backed volume, as the layer that can reach it (NBD, a
+/// file) opens it for the engine.
+public protocol VolumeOrigin: AnyObject, Sendable {
+    /// Reads `buffer.count` bytes at `offset`, inside the origin's size. May block on the
+    /// network, within the origin's own bounded timeouts; throws `originUnavailable`.
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError)
+}
+
+/// Opens origins for a pool (`Pool.setOriginOpener`).
+public protocol OriginOpener: AnyObject, Sendable {
+    /// Reaches `origin` and checks that it is the image recorded: the same size and, when
+    /// recorded, the same UUID. A different image is refused with `originUnavailable`
+    /// saying what differs, before anything is read from it.
+    func open(_ origin: VolumeRecord.Origin) throws(PoolError) -> VolumeOrigin
+}
+
+/// How the pool reaches origins, and the ones it reached.
+struct OriginCatalog {
+    var opener: OriginOpener?
+    var open: [String: VolumeOrigin] = [:]
+    var fetchedBytes: UInt64 = 0
+    var errors: UInt64 = 0
+    /// False while the pool has never held an origin-backed volume since open: then
+    /// writes skip the check for unfetched partial blocks (one uncontended lock).
+    var mayHaveOriginVolumes = false
+
+    static func key(_ origin: VolumeRecord.Origin) -> String {
+        "\(origin.kind.rawValue) \(origin.size) \(formatUUID(origin.uuid)) \(origin.locator)"
+    }
+}
+
+/// A serial worker that stores fetched origin blocks, so that the read that fetched them
+/// returns at once. Bounded: past `limit` waiting blocks, the fetching read stores its
+/// own (and waits), so memory cannot grow without end.
+final class OriginStoreQueue: Sendable {
+    private let queue = DispatchQueue(label: "thinbd.origin-store")
+    private let waiting = LockedValue(0)
+    static let limit = 256
+
+    /// Runs `store` on the worker, or here when too many wait.
+    func submit(_ store: @escaping @Sendable () -> Void) {
+        let queued = waiting.withLockedValue { count -> Bool in
+            guard count < Self.limit else { return false }
+            count += 1
+            return true
+        }
+        guard queued else {
+            store()
+            return
+        }
+        queue.async { [waiting] in
+            store()
+            waiting.withLockedValue { $0 -= 1 }
+        }
+    }
+
+    /// Returns once every store submitted before it is done.
+    func drain() { queue.sync {} }
+}
+
+extension Pool {
+    /// Sets how this pool reaches the origins of origin-backed volumes (the serving or
+    /// CLI layer does, at open). Without one, reading an unfetched block fails.
+    public func setOriginOpener(_ opener: OriginOpener) {
+        origins.withLockedValue { $0.opener = opener }
+    }
+
+    /// Origin bytes fetched and errors, since open.
+    public var originStatistics: (fetchedBytes: UInt64, errors: UInt64) {
+        origins.withLockedValue { ($0.fetchedBytes, $0.errors) }
+    }
+
+    /// The opened origin for `record`, opening (and checking) it on first use. The
+    /// opener runs outside every lock: it may wait on the network.
+    func reach(_ record: VolumeRecord.Origin) throws(PoolError) -> VolumeOrigin {
+        let key = OriginCatalog.key(record)
+        let (known, opener) = origins.withLockedValue { ($0.open[key], $0.opener) }
+        if let known { return known }
+        guard let opener else {
+            throw .originUnavailable("\(record.locator): this process was not given a way to reach origins")
+        }
+        let opened = try opener.open(record)
+        return origins.withLockedValue { catalog in
+            if let raced = catalog.open[key] { return raced }
+            catalog.open[key] = opened
+            return opened
+        }
+    }
+
+    /// Creates volume `name` whose unmapped blocks read from `origin` (its size is the
+    /// origin's). The caller has reached the origin and checked it. Commits.
+    @discardableResult
+    public func createOriginClone(_ name: String, origin: VolumeRecord.Origin) throws(PoolError) -> VolumeInfo {
+        guard origin.locator.utf8.count <= VolumeRecord.Origin.maxLocatorBytes else {
+            throw .invalidArgument("the origin's address is longer than \(VolumeRecord.Origin.maxLocatorBytes) bytes")
+        }
+        return try withWritableLock { state throws(PoolError) in
+            guard VolumeName.splitSnapshot(name) == nil else {
+                throw .invalidName(name, reason: "a clone is a volume; its name cannot contain '@'")
+            }
+            try checkNewName(name, in: state)
+            try checkVolumeSize(origin.size)
+            let record = VolumeRecord(
+                id: state.superblock.nextVolumeID, kind: .volume, name: name, virtualSize: origin.size,
+                createdAt: SystemInfo.wallClockSeconds(), uuid: makeUUID(), origin: origin)
+            let volume = state.add(record)
+            origins.withLockedValue { $0.mayHaveOriginVolumes = true }
+            try finishManagement(&state)
+            return describe(volume, in: state)
+        }
+    }
+
+    /// The byte ranges of `extents` that are unmapped but come from `origin` (below its size).
+    static func originRuns(_ extents: [Extent], _ origin: VolumeRecord.Origin) -> [Range<UInt64>] {
+        extents.compactMap { extent in
+            guard !extent.isMapped, extent.offset < origin.size else { return nil }
+            return extent.offset..<min(extent.offset + extent.length, origin.size)
+        }
+    }
+
+    /// `extents` with the ranges the origin provides reported as data.
+    static func markingOrigin(_ extents: [Extent], _ origin: VolumeRecord.Origin?) -> [Extent] {
+        guard let origin else { return extents }
+        var list = ExtentList()
+        for extent in extents {
+            let end = extent.offset + extent.length
+            if extent.isMapped || extent.offset >= origin.size {
+                list.add(extent.offset, end, mapped: extent.isMapped)
+            } else {
+                list.add(extent.offset, min(end, origin.size), mapped: true)
+                list.add(min(end, origin.size), end, mapped: false)
+            }
+        }
+        return list.extents
+    }
+
+    /// Fills `runs` of `buffer` (which holds the bytes at `offset`) from the origin, in
+    /// whole blocks, and hands each fetched block to the store worker, which maps it into
+    /// volume `id` if it is still unmapped then. A snapshot's blocks are not stored (it
+    /// cannot change): it fetches again.
+    func fetch(
+        _ runs: [Range<UInt64>], from record: VolumeRecord.Origin, volume id: UInt64, keep: Bool,
+        into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64
+    ) throws(PoolError) {
+        let origin = try reach(record)
+        let chunkBlocks: UInt64 = max(1, (4 << 20) / blockSize)
+        for run in runs {
+            var block = run.lowerBound / blockSize
+            let endBlock = (run.upperBound + blockSize - 1) / blockSize
+            while block < endBlock {
+                let count = min(chunkBlocks, endBlock - block)
+                let start = block * blockSize
+                let stop = min((block + count) * blockSize, record.size)
+                let fetched = AlignedBuffer(count: Int(count * blockSize))
+                // The last block may pass the origin's end: that part reads as zeros.
+                UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[Int(stop - start)...]).initializeMemory(as: UInt8.self, repeating: 0)
+                do throws(PoolError) {
+                    try origin.read(at: start, into: UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[0..<Int(stop - start)]))
+                } catch {
+                    origins.withLockedValue { catalog in
+                        catalog.open.removeValue(forKey: OriginCatalog.key(record))
+                        catalog.errors += 1
+                    }
+                    throw error
+                }
+                origins.withLockedValue { $0.fetchedBytes += stop - start }
+                let copyStart = max(run.lowerBound, start)
+                let copyEnd = min(run.upperBound, stop)
+                if copyEnd > copyStart {
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[Int(copyStart - offset)..<Int(copyEnd - offset)])
+                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: fetched.bytes[Int(copyStart - start)..<Int(copyEnd - start)]))
+                }
+                if keep {
+                    for index in 0..<Int(count) {
+                        let bytes = Array(fetched.bytes[index * Int(blockSize)..<(index + 1) * Int(blockSize)])
+                        let target = block + UInt64(index)
+                        originStore.submit { [self] in try? storeFetched(id, block: target, bytes) }
+                    }
+                }
+                block += count
+            }
+        }
+    }
+
+    /// Maps `bytes` (one whole block fetched from the origin) into volume `id` at `block`
+    /// unless the block got mapped meanwhile (a write or a zeroing came first, or another
+    /// fetch stored it). Crash-safe as any write: stored and mapped, or not at all.
+    func storeFetched(_ id: UInt64, block: UInt64, _ bytes: [UInt8]) throws(PoolError) {
+        try rangeLocks.withRange(id, block..<block + 1) { () throws(PoolError) in
+            // How much of the block lies inside the volume (0: none, or nothing to do).
+            let length = try lock.withSharedAccess { state throws(PoolError) -> Int in
+                guard let volume = state.volumes[id], volume.record.origin != nil, volume.record.kind == .volume,
+                    block * blockSize < volume.record.virtualSize, try isUnmapped(volume, block, in: state)
+                else { return 0 }
+                return Int(min(blockSize, volume.record.virtualSize - block * blockSize))
+            }
+            guard length > 0 else { return }
+            let written = bytes.withUnsafeBytes { raw in
+                Result { () throws(PoolError) in
+                    try writeHoldingRange(id, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false)
+                }
+            }
+            try written.get()
+        }
+    }
+
+    /// Before a write, zeroing or trim of `offset..<offset+count` in an origin-backed
+    /// volume: the partly covered blocks at either end that are still unfetched are
+    /// fetched and stored first, so the rest of each keeps the origin's bytes.
+    func fetchPartialEnds(_ id: UInt64, at offset: UInt64, count: UInt64) throws(PoolError) {
+        guard count > 0, origins.withLockedValue({ $0.mayHaveOriginVolumes }) else { return }
+        guard let record = try lock.withSharedAccess({ state throws(PoolError) in try volume(id, writing: true, in: state).record.origin }) else {
+            return
+        }
+        var ends: Set<UInt64> = []
+        if offset % blockSize != 0 { ends.insert(offset / blockSize) }
+        if (offset + count) % blockSize != 0 { ends.insert((offset + count) / blockSize) }
+        for block in ends.sorted() where block * blockSize < record.size {
+            let unmapped = try lock.withSharedAccess { state throws(PoolError) -> Bool in
+                try isUnmapped(try volume(id, writing: true, in: state), block, in: state)
+            }
+            guard unmapped else { continue }
+            let fetched = AlignedBuffer(count: Int(blockSize))
+            fetched.bytes.initializeMemory(as: UInt8.self, repeating: 0)
+            let start = block * blockSize
+            try fetch([start..<min(start + blockSize, record.size)], from: record, volume: id, keep: false, into: fetched.bytes, at: start)
+            try storeFetched(id, block: block, Array(fetched.bytes))
+        }
+    }
+
+    private func isUnmapped(_ volume: VolumeState, _ block: UInt64, in state: borrowing PoolState) throws(PoolError) -> Bool {
+        var found = false
+        try mapErrors {
+            try state.mappings.forEach(volume.record.mappingRoot, in: block..<block + 1) { (_: UInt64, _: UInt64) -> Bool in
+                found = true
+                return false
+            }
+        }
+        return !found
+    }
+
+    /// The origin of volume `id`, if it has one (without the pool lock while no
+    /// origin-backed volume has existed since open).
+    func originOf(_ id: UInt64) throws(PoolError) -> VolumeRecord.Origin? {
+        guard origins.withLockedValue({ $0.mayHaveOriginVolumes }) else { return nil }
+        return try lock.withSharedAccess { state throws(PoolError) in try volume(id, writing: false, in: state).record.origin }
+    }
+}

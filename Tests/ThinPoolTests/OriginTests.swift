@@ -1,0 +1,149 @@
+import TestSupport
+import Testing
+import ThinFormat
+import ThinSystem
+
+@testable import ThinPool
+
+/// An origin in memory that counts what is read from it and can be made to fail.
+final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
+    let bytes: [UInt8]
+    private let state = LockedValue((reads: 0, bytesRead: UInt64(0), down: false))
+
+    init(size: Int, seed: UInt64) {
+        bytes = pattern(size, seed: seed)
+    }
+
+    var reads: Int { state.withLockedValue { $0.reads } }
+    var bytesRead: UInt64 { state.withLockedValue { $0.bytesRead } }
+    func setDown(_ down: Bool) { state.withLockedValue { $0.down = down } }
+
+    var record: VolumeRecord.Origin { VolumeRecord.Origin(kind: .file, locator: "/memory/origin", size: UInt64(bytes.count)) }
+
+    func open(_ origin: VolumeRecord.Origin) throws(PoolError) -> VolumeOrigin {
+        guard origin.size == UInt64(bytes.count) else { throw .originUnavailable("size differs") }
+        return self
+    }
+
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
+        let down = state.withLockedValue { state -> Bool in
+            if !state.down {
+                state.reads += 1
+                state.bytesRead += UInt64(buffer.count)
+            }
+            return state.down
+        }
+        if down { throw .originUnavailable("the origin is down") }
+        precondition(offset + UInt64(buffer.count) <= UInt64(bytes.count))
+        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) }
+    }
+}
+
+/// Origin-backed volumes in the engine: fetch on first read, keep, copy up, local zeros.
+@Suite struct OriginTests {
+    /// A pool with volume "c" cloned from a 1 MiB origin plus 1000 bytes (the last block is partial).
+    func setUp() throws -> (Pool, MemoryOrigin, UInt64) {
+        let (pool, _) = try makeMemoryPool(dataSize: 16 << 20, blockSize: 4096, metadataSize: 4 << 20)
+        let origin = MemoryOrigin(size: (1 << 20) + 1000, seed: 9)
+        pool.setOriginOpener(origin)
+        try pool.createOriginClone("c", origin: origin.record)
+        return (pool, origin, try pool.volumeID("c"))
+    }
+
+    @Test func aReadFetchesOnceAndTheBlocksAreKept() throws {
+        let (pool, origin, id) = try setUp()
+        #expect(try pool.volumeInfo("c").size == UInt64(origin.bytes.count))
+        #expect(try pool.read("c", at: 5000, count: 20000) == Array(origin.bytes[5000..<25000]))
+        #expect(try pool.extents(id, at: 0, count: UInt64(origin.bytes.count)).allSatisfy(\.isMapped), "origin ranges are data")
+        pool.originStore.drain()
+        let before = origin.reads
+        #expect(try pool.read("c", at: 4096, count: 16384) == Array(origin.bytes[4096..<20480]))
+        #expect(origin.reads == before, "fetched blocks are read locally")
+        #expect(try pool.read("c", at: 0, count: origin.bytes.count) == origin.bytes)
+        pool.originStore.drain()
+        // Everything fetched once: the whole origin, in whole blocks, no more.
+        #expect(origin.bytesRead == UInt64(origin.bytes.count))
+        #expect(try pool.volumeInfo("c").mappedBytes == UInt64((origin.bytes.count + 4095) / 4096 * 4096))
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func partialWritesKeepTheOriginsOtherBytesAndZeroesAreLocal() throws {
+        let (pool, origin, id) = try setUp()
+        var expected = origin.bytes
+        try pool.write("c", at: 10, [UInt8](repeating: 0xAB, count: 100))
+        expected.replaceSubrange(10..<110, with: [UInt8](repeating: 0xAB, count: 100))
+        // Write-zeroes and trim over whole blocks: local zeros, never fetched again.
+        try pool.writeZeroes(id, at: 8192, count: 8192, mayUnmap: true)
+        expected.replaceSubrange(8192..<16384, with: [UInt8](repeating: 0, count: 8192))
+        try pool.trim(id, at: 20480 - 100, count: 4096 + 200)
+        expected.replaceSubrange(20480..<24576, with: [UInt8](repeating: 0, count: 4096))
+        // A partial zeroing keeps the rest of its block from the origin.
+        try pool.writeZeroes(id, at: 30000, count: 10, mayUnmap: true)
+        expected.replaceSubrange(30000..<30010, with: [UInt8](repeating: 0, count: 10))
+        let reads = origin.bytesRead
+        #expect(try pool.read("c", at: 0, count: 40960) == Array(expected[0..<40960]))
+        // Of the first ten blocks, 0 and 7 were fetched by the partial write and zeroing,
+        // 2, 3 and 5 are local zeros: that read fetched 1, 4, 6, 8 and 9 only.
+        #expect(origin.bytesRead - reads == 5 * 4096, "\(origin.bytesRead - reads)")
+        pool.originStore.drain()
+        #expect(try pool.read("c", at: 0, count: origin.bytes.count) == expected)
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func anUnreachableOriginFailsOnlyUnfetchedReads() throws {
+        let (pool, origin, id) = try setUp()
+        _ = try pool.read("c", at: 0, count: 8192)
+        pool.originStore.drain()
+        origin.setDown(true)
+        #expect(try pool.read("c", at: 0, count: 8192) == Array(origin.bytes[0..<8192]), "fetched blocks still read")
+        #expect(throws: PoolError.originUnavailable("the origin is down")) { try pool.read("c", at: 65536, count: 4096) }
+        try pool.write("c", at: 131072, [UInt8](repeating: 5, count: 4096))
+        #expect(try pool.read("c", at: 131072, count: 4096) == [UInt8](repeating: 5, count: 4096), "whole-block writes need no origin")
+        #expect(throws: PoolError.self) { try pool.write("c", at: 200_000, [UInt8](repeating: 5, count: 10)) }
+        #expect(pool.originStatistics.errors >= 2)
+        origin.setDown(false)
+        #expect(try pool.read("c", at: 65536, count: 4096) == Array(origin.bytes[65536..<69632]), "back without a restart")
+        _ = id
+    }
+
+    @Test func snapshotsAndClonesOfAnOriginCloneKeepTheOrigin() throws {
+        let (pool, origin, _) = try setUp()
+        _ = try pool.read("c", at: 0, count: 4096)
+        pool.originStore.drain()
+        _ = try pool.snapshot("c@s")
+        _ = try pool.clone("c@s", as: "d")
+        #expect(try pool.volumeInfo("c@s").origin == origin.record && pool.volumeInfo("d").origin == origin.record)
+        let reads = origin.reads
+        #expect(try pool.read("c@s", at: 0, count: 12288) == Array(origin.bytes[0..<12288]))
+        #expect(origin.reads == reads + 1, "the snapshot fetched what the volume had not")
+        pool.originStore.drain()
+        #expect(try pool.read("c@s", at: 4096, count: 4096) == Array(origin.bytes[4096..<8192]))
+        #expect(origin.reads == reads + 2, "a snapshot cannot keep fetched blocks: it fetches again")
+        #expect(try pool.read("d", at: 100_000, count: 5000) == Array(origin.bytes[100_000..<105_000]))
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func theOriginRecordSurvivesReopenAndACrashLosesNoFetchedBlockHalfway() throws {
+        let device = MemoryDevice(size: 0)
+        let origin = MemoryOrigin(size: 256 << 10, seed: 4)
+        do {
+            let pool = try Pool.create(on: device, geometry: PoolGeometry(dataSize: 16 << 20, blockSize: 4096, metadataSize: 4 << 20))
+            pool.setOriginOpener(origin)
+            try pool.createOriginClone("c", origin: origin.record)
+            _ = try pool.read("c", at: 0, count: 65536)
+            pool.originStore.drain()
+            try pool.flush()
+            _ = try pool.read("c", at: 65536, count: 65536)
+            pool.originStore.drain()
+            // A crash: the second fetch's blocks were stored but never committed.
+            pool.abandon()
+        }
+        let reopened = try Pool.open(device: device)
+        #expect(try reopened.volumeInfo("c").origin == origin.record)
+        #expect(try reopened.volumeInfo("c").mappedBytes == 65536, "committed fetches stay; uncommitted ones are gone whole")
+        #expect(throws: PoolError.self) { try reopened.read("c", at: 65536, count: 4096) }
+        reopened.setOriginOpener(origin)
+        #expect(try reopened.read("c", at: 0, count: 256 << 10) == origin.bytes)
+        #expect(reopened.checkProblems() == nil)
+    }
+}
