@@ -39,7 +39,7 @@ let package = Package(
         .target(name: "ThinFormat"),
         .target(name: "ThinMetadata", dependencies: ["ThinFormat", "ThinSystem"]),
         .target(name: "ThinPool", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
-        .target(name: "ThinControl", dependencies: ["ThinPool", "ThinSystem"]),
+        .target(name: "ThinControl", dependencies: ["ThinPool", "ThinFormat", "ThinSystem"]),
         .target(name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         .target(
             name: "NBDTLS",
@@ -76,7 +76,7 @@ let package = Package(
         ),
         .target(
             name: "ThinTransfer",
-            dependencies: ["ThinPool", "ThinSystem", "ThinControl", "NBDClient", "NBDProtocol", "NBDTLS"]
+            dependencies: ["ThinPool", "ThinFormat", "ThinSystem", "ThinControl", "NBDClient", "NBDProtocol", "NBDTLS"]
         ),
         .target(
             name: "ThinServe",
@@ -94,7 +94,7 @@ let package = Package(
         .target(
             name: "ThinCLI",
             dependencies: [
-                "ThinPool", "ThinSystem", "ThinControl", "ThinServe", "ThinTransfer", "NBDProtocol", "NBDTLS",
+                "ThinPool", "ThinFormat", "ThinSystem", "ThinControl", "ThinServe", "ThinTransfer", "NBDProtocol", "NBDTLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

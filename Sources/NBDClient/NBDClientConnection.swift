@@ -27,7 +27,10 @@ public final class NBDClientConnection {
     /// (`tls-certificates=DIR`, `tls-psk-file=FILE`, `tls-username=NAME`). The server's
     /// certificate is checked against the CA, and against the host name for TCP
     /// connections by name.
-    public init(uri: String, tls: NBDTLSClientCredentials? = nil) throws(NBDClientError) {
+    ///
+    /// `timeout`: on plain-text connections, a send or receive that waits longer than this
+    /// many seconds fails (the connection is then unusable).
+    public init(uri: String, tls: NBDTLSClientCredentials? = nil, timeout: Int? = nil) throws(NBDClientError) {
         let endpoint: NBDEndpoint
         do throws(NBDURIError) {
             endpoint = try NBDEndpoint(uri: uri)
@@ -54,7 +57,7 @@ public final class NBDClientConnection {
             connection = try ChannelTransport(endpoint.address)
         } else {
             do throws(SystemError) {
-                connection = try SocketTransport(endpoint.address)
+                connection = try SocketTransport(endpoint.address, timeout: timeout)
             } catch {
                 throw NBDClientError("\(uri): \(error)")
             }

@@ -21,11 +21,12 @@ protocol NBDClientTransport: AnyObject {
 final class SocketTransport: NBDClientTransport {
     private let connection: StreamConnection
 
-    init(_ address: NBDEndpoint.Address) throws(SystemError) {
+    init(_ address: NBDEndpoint.Address, timeout: Int? = nil) throws(SystemError) {
         switch address {
         case .tcp(let host, let port): connection = try StreamConnection(host: host, port: port)
         case .unix(let path): connection = try StreamConnection(connectingTo: path)
         }
+        if let timeout { connection.setTimeout(seconds: timeout) }
     }
 
     func send(_ bytes: UnsafeRawBufferPointer) throws(NBDClientError) {

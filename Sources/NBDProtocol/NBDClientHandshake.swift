@@ -16,6 +16,8 @@ public struct NBDClientHandshake: Sendable {
         /// The server's block size constraints (NBD_INFO_BLOCK_SIZE), when sent.
         public var preferredBlockSize: UInt32?
         public var maximumBlockSize: UInt32?
+        /// NBD_INFO_DESCRIPTION, when the server sent one.
+        public var description: String?
 
         public var isReadOnly: Bool { flags.contains(.readOnly) }
     }
@@ -44,6 +46,7 @@ public struct NBDClientHandshake: Sendable {
     private var flags = NBDTransmissionFlags()
     private var preferredBlockSize: UInt32?
     private var maximumBlockSize: UInt32?
+    private var exportDescription: String?
 
     public init(exportName: String, requireTLS: Bool = false) {
         self.exportName = exportName
@@ -105,7 +108,7 @@ public struct NBDClientHandshake: Sendable {
                 // Refusal is fine: simple replies work for everything a client here does.
                 structured = reply.type == .ack
                 var payload = ByteBuffer()
-                payload.writeNBDExportQuery(NBDExportQuery(name: exportName, infoRequests: [.blockSize]))
+                payload.writeNBDExportQuery(NBDExportQuery(name: exportName, infoRequests: [.blockSize, .description]))
                 var out = ByteBuffer()
                 out.writeNBDOptionRequest(NBDOptionRequest(option: .go, payload: payload))
                 actions.append(.send(out))
@@ -121,7 +124,7 @@ public struct NBDClientHandshake: Sendable {
                     state = .done
                     actions.append(.ready(Export(
                         name: exportName, size: size, flags: flags, structuredReplies: structured,
-                        preferredBlockSize: preferredBlockSize, maximumBlockSize: maximumBlockSize)))
+                        preferredBlockSize: preferredBlockSize, maximumBlockSize: maximumBlockSize, description: exportDescription)))
                     return actions
                 default:
                     let message = reply.payload.readString(length: reply.payload.readableBytes) ?? ""
@@ -161,8 +164,10 @@ public struct NBDClientHandshake: Sendable {
             else { throw NBDClientError("short NBD_INFO_BLOCK_SIZE") }
             preferredBlockSize = preferred
             maximumBlockSize = maximum
+        case .description:
+            exportDescription = payload.readString(length: payload.readableBytes)
         default:
-            break  // name, description: nothing a client here needs
+            break  // the name: nothing a client here needs
         }
     }
 }

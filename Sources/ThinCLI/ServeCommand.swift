@@ -5,6 +5,7 @@ import NBDTLS
 import ThinControl
 import ThinPool
 import ThinServe
+import ThinTransfer
 import ThinSystem
 
 extension CacheMode: ExpressibleByArgument {}
@@ -222,6 +223,7 @@ struct ServeCommand: ParsableCommand {
         options.metricsAddress = metrics
         options.json = json
         options.tlsMode = tls
+        options.originOpener = OriginConnector()
         options.tlsSource = tlsCertificates.map { .certificates(directory: $0) } ?? tlsPSK.map { .psk(file: $0) }
         options.tlsVerifyPeer = tlsVerifyPeer
         options.lowWaterPercent = lowWater

@@ -35,6 +35,9 @@ public enum ControlCommand: Equatable, Sendable {
     case diff(from: String, to: String, window: Range<UInt64>? = nil)
     /// One step of `thinbd receive` (see `ReceiveRequest`).
     case receive(ReceiveRequest)
+    /// A volume whose unmapped blocks come from an image outside the pool, which the
+    /// caller reached (`thinbd clone POOL URI NAME`).
+    case cloneOrigin(name: String, origin: VolumeRecord.Origin)
 
     /// The protocol version this build speaks; bumped only for incompatible changes.
     public static let protocolVersion: UInt64 = 1
@@ -58,6 +61,7 @@ public enum ControlCommand: Equatable, Sendable {
         case .limits: "limits"
         case .diff: "diff"
         case .receive: "receive"
+        case .cloneOrigin: "clone-origin"
         }
     }
 
@@ -78,6 +82,7 @@ public enum ControlCommand: Equatable, Sendable {
             [name]
         case .rename(let from, let to), .diff(let from, let to, _): [from, to]
         case .receive(let request): [request.name]
+        case .cloneOrigin(let name, let origin): [origin.locator, name]
         case .clone(let source, let name, _): [source, name]
         case .hello, .info, .list, .check, .grow, .exports, .setLimit, .limits: []
         }
@@ -213,6 +218,7 @@ extension ControlCommand: Codable {
         case newName = "new_name", ifMissing = "if_missing", bytesPerSecond = "bytes_per_second"
         case imageUUID = "image_uuid", baseUUID = "base_uuid", imageName = "image_name", baseName = "base_name"
         case blockSize = "block_size", appliedUpTo = "applied_up_to"
+        case originKind = "origin_kind", origin, originSize = "origin_size", originUUID = "origin_uuid"
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -268,6 +274,12 @@ extension ControlCommand: Codable {
             try container.encode(request.appliedUpTo, forKey: .appliedUpTo)
             try container.encode(request.resume, forKey: .resume)
             try container.encode(request.force, forKey: .force)
+        case .cloneOrigin(let name, let origin):
+            try container.encode(name, forKey: .name)
+            try container.encode(origin.kind == .nbd ? "nbd" : "file", forKey: .originKind)
+            try container.encode(origin.locator, forKey: .origin)
+            try container.encode(origin.size, forKey: .originSize)
+            try container.encode(origin.uuid == VolumeRecord.noUUID ? "" : formatUUID(origin.uuid), forKey: .originUUID)
         }
     }
 
@@ -307,6 +319,20 @@ extension ControlCommand: Codable {
             }
             self = .diff(from: try request.string(.from), to: try request.string(.to), window: window)
         case "receive": self = .receive(try ReceiveRequest(request))
+        case "clone-origin":
+            let kind: VolumeRecord.Origin.Kind
+            switch try request.string(.originKind) {
+            case "nbd": kind = .nbd
+            case "file": kind = .file
+            default: throw ControlError.invalidRequest("clone-origin: origin_kind is nbd or file")
+            }
+            let size = try request.number(.originSize)
+            let locator = try request.string(.origin)
+            guard size > 0, size <= Pool.maxVolumeSize, !locator.isEmpty, locator.utf8.count <= VolumeRecord.Origin.maxLocatorBytes else {
+                throw ControlError.invalidRequest("clone-origin: origin or origin_size out of range")
+            }
+            let uuid = try request.uuid(.originUUID, optional: true) ?? VolumeRecord.noUUID
+            self = .cloneOrigin(name: try request.string(.name), origin: VolumeRecord.Origin(kind: kind, locator: locator, size: size, uuid: uuid))
         default: throw ControlError.invalidRequest("unknown command \"\(request.command)\"")
         }
     }

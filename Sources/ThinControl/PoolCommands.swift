@@ -89,6 +89,9 @@ public struct PoolCommands: Sendable {
             return .differences(DiffResult(from: from, to: to, found))
         case .receive(let request):
             return .received(try receive(request))
+        case .cloneOrigin(let name, let origin):
+            let made = try pooled { () throws(PoolError) in try pool.createOriginClone(name, origin: origin) }
+            return .snapshotOrClone(SnapshotCloneResult(created: true, volume: volume(made)))
         case .list:
             return .volumes(list())
         case .createVolume(let name, let size):

@@ -200,9 +200,13 @@ extension Pool {
                 return Int(min(blockSize, volume.record.virtualSize - block * blockSize))
             }
             guard length > 0 else { return }
+            // A zero block (a hole at the origin, often) costs metadata, not a data write.
+            let zero = bytes.allSatisfy { $0 == 0 }
             let written = bytes.withUnsafeBytes { raw in
                 Result { () throws(PoolError) in
-                    try writeHoldingRange(id, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false)
+                    try writeHoldingRange(
+                        id, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false,
+                        zeroFill: zero)
                 }
             }
             try written.get()
@@ -249,5 +253,91 @@ extension Pool {
     func originOf(_ id: UInt64) throws(PoolError) -> VolumeRecord.Origin? {
         guard origins.withLockedValue({ $0.mayHaveOriginVolumes }) else { return nil }
         return try lock.withSharedAccess { state throws(PoolError) in try volume(id, writing: false, in: state).record.origin }
+    }
+}
+
+/// What one step of hydration did (`Pool.hydrate(_:window:)`).
+public struct HydrationStep: Sendable, Equatable {
+    /// Bytes fetched from the origin and stored.
+    public var fetchedBytes: UInt64
+    /// Bytes of the whole volume still unfetched after this step.
+    public var remainingBytes: UInt64
+    /// The origin record was dropped: nothing is left to fetch.
+    public var complete: Bool
+}
+
+extension Pool {
+    /// Fetches and stores every still-unfetched block of origin-backed volume `name` that
+    /// meets the byte range `window`, then, when none is left anywhere, drops the origin
+    /// record (committed): the volume no longer needs its origin. Each block is stored as
+    /// a read would store it, so clients keep reading and writing meanwhile. Cost: the
+    /// window's unfetched bytes from the origin, and a walk of the volume's mappings.
+    public func hydrate(_ name: String, window: Range<UInt64>) throws(PoolError) -> HydrationStep {
+        let (id, record, size) = try lock.withSharedAccess { state throws(PoolError) in
+            let volume = try state.volume(named: name)
+            guard volume.record.kind == .volume else { throw .readOnly("snapshot \(name): hydrate its volume, or clone it") }
+            return (volume.record.id, volume.record.origin, volume.record.virtualSize)
+        }
+        guard let record else { return HydrationStep(fetchedBytes: 0, remainingBytes: 0, complete: true) }
+        let limit = min(size, record.size)
+        let start = min(window.lowerBound, limit) / blockSize
+        let end = (min(window.upperBound, limit) + blockSize - 1) / blockSize
+        var fetched: UInt64 = 0
+        for block in try unfetchedBlocks(id, in: start..<end) {
+            let bytes = AlignedBuffer(count: Int(blockSize))
+            bytes.bytes.initializeMemory(as: UInt8.self, repeating: 0)
+            let from = block * blockSize
+            let to = min(from + blockSize, record.size)
+            try fetch([from..<to], from: record, volume: id, keep: false, into: bytes.bytes, at: from)
+            try storeFetched(id, block: block, Array(bytes.bytes))
+            fetched += to - from
+        }
+        let remaining = try unfetchedBlocks(id, in: 0..<(limit + blockSize - 1) / blockSize)
+        guard remaining.isEmpty else {
+            return HydrationStep(fetchedBytes: fetched, remainingBytes: UInt64(remaining.count) * blockSize, complete: false)
+        }
+        // Checked again under the lock that drops the record: a block that a concurrent
+        // shrink-and-grow unmapped would otherwise read as zeros instead of the origin.
+        let complete = try withWritableLock { state throws(PoolError) -> Bool in
+            let volume = try state.volume(named: name)
+            guard volume.record.id == id, volume.record.origin == record else { return volume.record.origin == nil }
+            var mapped: UInt64 = 0
+            let blocks = 0..<(min(volume.record.virtualSize, record.size) + blockSize - 1) / blockSize
+            try mapErrors {
+                try state.mappings.forEach(volume.record.mappingRoot, in: blocks) { (_: UInt64, _: UInt64) -> Bool in
+                    mapped += 1
+                    return true
+                }
+            }
+            guard mapped == UInt64(blocks.count) else { return false }
+            state.volumes[id]?.change { $0.origin = nil }
+            try finishManagement(&state)
+            return true
+        }
+        return HydrationStep(fetchedBytes: fetched, remainingBytes: complete ? 0 : blockSize, complete: complete)
+    }
+
+    /// The blocks of `range` that volume `id` does not map (below its origin's size).
+    private func unfetchedBlocks(_ id: UInt64, in range: Range<UInt64>) throws(PoolError) -> [UInt64] {
+        try lock.withSharedAccess { state throws(PoolError) in
+            let volume = try volume(id, writing: false, in: state)
+            var missing: [UInt64] = []
+            var next = range.lowerBound
+            try mapErrors {
+                try state.mappings.forEach(volume.record.mappingRoot, in: range) { (block: UInt64, _: UInt64) -> Bool in
+                    while next < block {
+                        missing.append(next)
+                        next += 1
+                    }
+                    next = block + 1
+                    return true
+                }
+            }
+            while next < range.upperBound {
+                missing.append(next)
+                next += 1
+            }
+            return missing
+        }
     }
 }

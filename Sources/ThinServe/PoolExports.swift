@@ -62,7 +62,10 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         }
         return NBDExportDescription(
             name: volume.name, size: volume.size, isReadOnly: readOnly || volume.isReadOnly,
-            description: "\(what), \(formatBytes(volume.size)), \(formatBytes(volume.mappedBytes)) mapped",
+            // The image UUID lets a pool that clones this export check, on every open,
+            // that it is still the same image (`clone POOL nbd://... NAME`).
+            description: "\(what), \(formatBytes(volume.size)), \(formatBytes(volume.mappedBytes)) mapped"
+                + (volume.uuid.map { ", image \($0)" } ?? ""),
             preferredBlockSize: UInt32(min(pool.blockSize, 65536)))
     }
 

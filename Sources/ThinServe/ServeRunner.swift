@@ -58,6 +58,8 @@ public struct ServeOptions: Sendable {
     public var json = false
     /// `--tls off|on|require`.
     public var tlsMode: NBDTLSMode = .off
+    /// How origin-backed volumes reach their origins (nil: their unfetched blocks fail).
+    public var originOpener: OriginOpener?
     /// `--tls-certificates DIR` or `--tls-psk FILE`.
     public var tlsSource: NBDTLSSource?
     /// `--tls-verify-peer`: clients need a certificate signed by the CA.
@@ -150,6 +152,10 @@ public enum ServeRunner {
             pool = try Pool.open(path: options.poolPath, readOnly: options.readOnly, cache: options.cache, force: options.force)
         } catch {
             throw ServeError(description: error.description)
+        }
+        if let opener = options.originOpener { pool.setOriginOpener(opener) }
+        for volume in pool.listVolumes() where volume.kind != .snapshot {
+            if let origin = volume.origin { log("\(volume.name) is backed by origin \(origin.locator) (\(formatBytes(origin.size)))") }
         }
         // Once, on whichever thread met the damage (it may be a loop: the log is queued).
         pool.onFailure { failure in

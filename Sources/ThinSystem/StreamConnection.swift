@@ -65,6 +65,14 @@ public final class StreamConnection {
 
     deinit { Syscall.close(descriptor) }
 
+    /// Makes a send or receive that waits longer than `seconds` fail (ETIMEDOUT-like
+    /// EAGAIN), so a peer that stops answering cannot hold a caller forever.
+    public func setTimeout(seconds: Int) {
+        var limit = timeval(tv_sec: seconds, tv_usec: 0)
+        _ = setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(descriptor, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     /// Sends all of `bytes`.
     public func send(_ bytes: UnsafeRawBufferPointer) throws(SystemError) {
         var sent = 0

@@ -147,6 +147,13 @@ public enum SystemInfo {
 
     public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) == 1 }
 
+    /// The process's working directory ("/" if it cannot be read).
+    public static func workingDirectory() -> String {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        guard getcwd(&buffer, buffer.count) != nil else { return "/" }
+        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// Monotonic nanoseconds, for measuring durations.
     public static func monotonicNanoseconds() -> UInt64 {
         var ts = timespec()

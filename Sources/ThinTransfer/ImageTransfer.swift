@@ -117,6 +117,7 @@ public struct ImageTransfer {
 
     func withOfflinePool<T>(readOnly: Bool, _ body: (Pool) throws(TransferError) -> T) throws(TransferError) -> T {
         let pool = try pooled { () throws(PoolError) in try Pool.open(path: poolPath, readOnly: readOnly) }
+        pool.setOriginOpener(OriginConnector(tls: tls))
         do throws(TransferError) {
             let result = try body(pool)
             try pooled { () throws(PoolError) in try pool.close() }

@@ -123,6 +123,30 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
         #expect(pool.checkProblems() == nil)
     }
 
+    @Test func hydrationFetchesWhatIsLeftAndThenDropsTheOrigin() throws {
+        let (pool, origin, id) = try setUp()
+        _ = try pool.read("c", at: 0, count: 100_000)
+        pool.originStore.drain()
+        try pool.write("c", at: 500_000, [UInt8](repeating: 0x77, count: 4096 * 3))
+        let before = origin.bytesRead
+        let first = try pool.hydrate("c", window: 0..<(512 << 10))
+        #expect(!first.complete && first.remainingBytes > 0)
+        // Of the window's 128 blocks, the read fetched 0-24 and the write (with its two
+        // partial ends fetched) mapped 122-125.
+        #expect(first.fetchedBytes == (128 - 25 - 4) * 4096)
+        let last = try pool.hydrate("c", window: (512 << 10)..<UInt64.max)
+        #expect(last.complete && last.remainingBytes == 0)
+        #expect(origin.bytesRead - before == first.fetchedBytes + last.fetchedBytes)
+        #expect(try pool.volumeInfo("c").origin == nil, "the origin record is dropped")
+        origin.setDown(true)
+        var expected = origin.bytes
+        expected.replaceSubrange(500_000..<500_000 + 4096 * 3, with: [UInt8](repeating: 0x77, count: 4096 * 3))
+        #expect(try pool.read("c", at: 0, count: origin.bytes.count) == expected, "it reads without the origin")
+        #expect(try pool.hydrate("c", window: 0..<1).complete)
+        #expect(pool.checkProblems() == nil)
+        _ = id
+    }
+
     @Test func theOriginRecordSurvivesReopenAndACrashLosesNoFetchedBlockHalfway() throws {
         let device = MemoryDevice(size: 0)
         let origin = MemoryOrigin(size: 256 << 10, seed: 4)

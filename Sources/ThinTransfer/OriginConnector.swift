@@ -1,0 +1,194 @@
+import NBDClient
+import NBDProtocol
+import NBDTLS
+import ThinFormat
+import ThinPool
+import ThinSystem
+
+/// Reaches the origins of origin-backed volumes for a pool (`Pool.setOriginOpener`): NBD
+/// exports (a small pool of connections, multi-conn when the server offers it, bounded
+/// timeouts, reconnection with backoff) and raw files.
+public final class OriginConnector: OriginOpener, @unchecked Sendable {
+    let tls: NBDTLSClientCredentials?
+    /// Seconds a connection attempt or a request may wait before it fails.
+    let timeout: Int
+
+    public init(tls: NBDTLSClientCredentials? = nil, timeout: Int = 20) {
+        self.tls = tls
+        self.timeout = timeout
+    }
+
+    public func open(_ origin: VolumeRecord.Origin) throws(PoolError) -> VolumeOrigin {
+        switch origin.kind {
+        case .file:
+            let file = try FileOrigin(path: origin.locator)
+            guard file.size == origin.size else {
+                throw .originUnavailable("\(origin.locator) is \(file.size) bytes; the clone was made from \(origin.size) bytes: it is another image")
+            }
+            return file
+        case .nbd:
+            return try NBDOrigin(origin, tls: tls, timeout: timeout)
+        }
+    }
+
+    /// What `thinbd clone POOL ORIGIN NAME` records: an NBD URI (`nbd[s]://`,
+    /// `nbd[s]+unix://`) or a raw file, reached now to learn its size and, for a thinbd
+    /// server, the image's UUID. A relative path is made absolute (a server resolves it).
+    public static func probe(_ spec: String, tls: NBDTLSClientCredentials? = nil, workingDirectory: String) throws(TransferError) -> VolumeRecord.Origin {
+        if spec.contains("://") {
+            let connection = try overNBD { () throws(NBDClientError) in try NBDClientConnection(uri: spec, tls: tls, timeout: 20) }
+            return VolumeRecord.Origin(
+                kind: .nbd, locator: spec, size: connection.export.size,
+                uuid: NBDOrigin.imageUUID(in: connection.export.description) ?? VolumeRecord.noUUID)
+        }
+        let path = spec.hasPrefix("/") ? spec : workingDirectory + "/" + spec
+        do throws(PoolError) {
+            return VolumeRecord.Origin(kind: .file, locator: path, size: try FileOrigin(path: path).size)
+        } catch {
+            throw TransferError(error.description)
+        }
+    }
+}
+
+/// A raw file or block device as an origin.
+final class FileOrigin: VolumeOrigin, @unchecked Sendable {
+    let file: RawFile
+    let size: UInt64
+
+    init(path: String) throws(PoolError) {
+        do throws(SystemError) {
+            file = try RawFile(readingAt: path)
+            size = try file.size()
+        } catch {
+            throw .originUnavailable("\(path): \(error.message)")
+        }
+    }
+
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
+        do throws(SystemError) {
+            let got = try file.read(at: offset, into: buffer)
+            guard got == buffer.count else { throw SystemError(.io, "the file ended at \(offset + UInt64(got)) (it shrank)") }
+        } catch {
+            throw .originUnavailable("\(file.path): \(error)")
+        }
+    }
+}
+
+/// An NBD export as an origin: up to four connections when the server offers
+/// multi-conn (else one), each used by one request at a time. A failed connection is
+/// dropped; new ones are made on demand, but after a failure to connect, attempts wait
+/// out a backoff (0.5 s doubling to 10 s) and fail at once meanwhile, so an origin that
+/// is down costs its readers a quick EIO, not a pile-up of timeouts.
+final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
+    let record: VolumeRecord.Origin
+    let tls: NBDTLSClientCredentials?
+    let timeout: Int
+
+    struct Connections {
+        var idle: [NBDClientConnection] = []
+        var open = 0
+        var limit = 1
+        /// No new connection before this time (monotonic ns) after a failure.
+        var retryAt: UInt64 = 0
+        var backoff: UInt64 = 500_000_000
+        var lastFailure = ""
+    }
+
+    private let connections = WaitableValue(Connections())
+
+    init(_ record: VolumeRecord.Origin, tls: NBDTLSClientCredentials?, timeout: Int) throws(PoolError) {
+        self.record = record
+        self.tls = tls
+        self.timeout = timeout
+        // The first connection checks the image; it starts the pool.
+        let first = try connect()
+        let limit = first.export.flags.contains(.canMultiConn) ? 4 : 1
+        connections.update { state in
+            state.idle = [first]
+            state.open = 1
+            state.limit = limit
+        }
+    }
+
+    /// The image UUID a thinbd server puts in its export description (`..., image UUID`).
+    static func imageUUID(in description: String?) -> [UInt8]? {
+        guard let words = description?.split(separator: " "), words.count >= 2, words[words.count - 2] == "image" else { return nil }
+        return parseUUID(String(words[words.count - 1]))
+    }
+
+    /// A new connection, checked against the recorded identity.
+    private func connect() throws(PoolError) -> NBDClientConnection {
+        let connection: NBDClientConnection
+        do throws(NBDClientError) {
+            connection = try NBDClientConnection(uri: record.locator, tls: tls, timeout: timeout)
+        } catch {
+            throw .originUnavailable("\(record.locator): \(error.description)")
+        }
+        guard connection.export.size == record.size else {
+            throw .originUnavailable(
+                "\(record.locator) is \(connection.export.size) bytes; the clone was made from \(record.size) bytes: it is another image, and nothing was read from it")
+        }
+        if record.uuid != VolumeRecord.noUUID {
+            let found = Self.imageUUID(in: connection.export.description)
+            guard found == record.uuid else {
+                throw .originUnavailable(
+                    "\(record.locator) is image \(found.map(formatUUID) ?? "without a UUID"); the clone was made from image \(formatUUID(record.uuid)): nothing was read from it")
+            }
+        }
+        return connection
+    }
+
+    private enum Lease {
+        case idle(NBDClientConnection)
+        case connect
+        case failFast(String)
+    }
+
+    private func lease() throws(PoolError) -> NBDClientConnection {
+        let now = SystemInfo.monotonicNanoseconds()
+        let lease = connections.wait { state -> Lease? in
+            if let connection = state.idle.popLast() { return .idle(connection) }
+            guard state.open < state.limit else { return nil }
+            if now < state.retryAt { return .failFast(state.lastFailure) }
+            state.open += 1
+            return .connect
+        }
+        switch lease {
+        case .idle(let connection):
+            return connection
+        case .failFast(let why):
+            throw .originUnavailable("\(why) (retrying shortly)")
+        case .connect:
+            do throws(PoolError) {
+                let connection = try connect()
+                connections.update { state in state.backoff = 500_000_000 }
+                return connection
+            } catch {
+                connections.update { state in
+                    state.open -= 1
+                    state.retryAt = SystemInfo.monotonicNanoseconds() + state.backoff
+                    state.backoff = min(state.backoff * 2, 10_000_000_000)
+                    state.lastFailure = error.description
+                }
+                throw error
+            }
+        }
+    }
+
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
+        let connection = try lease()
+        do throws(NBDClientError) {
+            var done = 0
+            while done < buffer.count {
+                let piece = min(buffer.count - done, connection.maximumRequestBytes)
+                _ = try connection.read(at: offset + UInt64(done), into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + piece]))
+                done += piece
+            }
+        } catch {
+            // The connection may be half-way through a reply: it goes.
+            connections.update { $0.open -= 1 }
+            throw .originUnavailable("\(record.locator): \(error.description)")
+        }
+        connections.update { $0.idle.append(connection) }
+    }
+}
