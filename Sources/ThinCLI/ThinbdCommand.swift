@@ -16,7 +16,7 @@ public struct ThinbdCommand: ParsableCommand {
         version: ControlEndpoint.version,
         subcommands: [
             CreateCommand.self, InfoCommand.self, CheckCommand.self, GrowCommand.self, VolumeCommand.self,
-            SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, DiffCommand.self, SendCommand.self, ReceiveCommand.self, ImportCommand.self,
+            SnapshotCommand.self, CloneCommand.self, RollbackCommand.self, TreeCommand.self, DiffCommand.self, SendCommand.self, ReceiveCommand.self, HydrateCommand.self, ImportCommand.self,
             ExportCommand.self, ServeCommand.self, LimitCommand.self,
             DemoCommand.self,
         ]

@@ -38,6 +38,9 @@ public enum ControlCommand: Equatable, Sendable {
     /// A volume whose unmapped blocks come from an image outside the pool, which the
     /// caller reached (`thinbd clone POOL URI NAME`).
     case cloneOrigin(name: String, origin: VolumeRecord.Origin)
+    /// Fetches the unfetched blocks of origin-backed volume `name` that meet `window`;
+    /// drops the origin once nothing is left (`thinbd hydrate` sends it window by window).
+    case hydrate(name: String, window: Range<UInt64>)
 
     /// The protocol version this build speaks; bumped only for incompatible changes.
     public static let protocolVersion: UInt64 = 1
@@ -62,6 +65,7 @@ public enum ControlCommand: Equatable, Sendable {
         case .diff: "diff"
         case .receive: "receive"
         case .cloneOrigin: "clone-origin"
+        case .hydrate: "hydrate"
         }
     }
 
@@ -83,6 +87,7 @@ public enum ControlCommand: Equatable, Sendable {
         case .rename(let from, let to), .diff(let from, let to, _): [from, to]
         case .receive(let request): [request.name]
         case .cloneOrigin(let name, let origin): [origin.locator, name]
+        case .hydrate(let name, _): [name]
         case .clone(let source, let name, _): [source, name]
         case .hello, .info, .list, .check, .grow, .exports, .setLimit, .limits: []
         }
@@ -280,6 +285,10 @@ extension ControlCommand: Codable {
             try container.encode(origin.locator, forKey: .origin)
             try container.encode(origin.size, forKey: .originSize)
             try container.encode(origin.uuid == VolumeRecord.noUUID ? "" : formatUUID(origin.uuid), forKey: .originUUID)
+        case .hydrate(let name, let window):
+            try container.encode(name, forKey: .name)
+            try container.encode(window.lowerBound, forKey: .offset)
+            try container.encode(UInt64(window.count), forKey: .length)
         }
     }
 
@@ -319,6 +328,11 @@ extension ControlCommand: Codable {
             }
             self = .diff(from: try request.string(.from), to: try request.string(.to), window: window)
         case "receive": self = .receive(try ReceiveRequest(request))
+        case "hydrate":
+            let offset = try request.number(.offset)
+            let (end, overflow) = offset.addingReportingOverflow(try request.number(.length))
+            guard !overflow else { throw ControlError.invalidRequest("hydrate: offset + length overflows") }
+            self = .hydrate(name: try request.string(.name), window: offset..<end)
         case "clone-origin":
             let kind: VolumeRecord.Origin.Kind
             switch try request.string(.originKind) {

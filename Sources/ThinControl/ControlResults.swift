@@ -219,6 +219,27 @@ extension DiffResult {
     }
 }
 
+/// `hydrate`: what a step fetched and what is left.
+public struct HydrateResult: Codable, Sendable, Equatable {
+    public var name: String
+    public var fetchedBytes: UInt64
+    public var remainingBytes: UInt64
+    /// Nothing is left to fetch: the origin record is dropped.
+    public var complete: Bool
+
+    public init(name: String, fetchedBytes: UInt64, remainingBytes: UInt64, complete: Bool) {
+        self.name = name
+        self.fetchedBytes = fetchedBytes
+        self.remainingBytes = remainingBytes
+        self.complete = complete
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name, complete
+        case fetchedBytes = "fetched_bytes", remainingBytes = "remaining_bytes"
+    }
+}
+
 /// `receive`: where the receive stands after a step.
 public struct ReceiveStepResult: Codable, Sendable, Equatable {
     /// The staging volume (empty once finished or aborted).
@@ -264,6 +285,7 @@ public enum ControlResult: Encodable, Sendable, Equatable {
     case check(CheckResult)
     case differences(DiffResult)
     case received(ReceiveStepResult)
+    case hydrated(HydrateResult)
 
     /// The result itself, to encode or to cast to its type.
     public var value: any Encodable & Sendable {
@@ -282,6 +304,7 @@ public enum ControlResult: Encodable, Sendable, Equatable {
         case .check(let value): value
         case .differences(let value): value
         case .received(let value): value
+        case .hydrated(let value): value
         }
     }
 
@@ -306,6 +329,7 @@ extension ControlCommand {
         case .check: .check(try CheckResult(from: decoder))
         case .diff: .differences(try DiffResult(from: decoder))
         case .receive: .received(try ReceiveStepResult(from: decoder))
+        case .hydrate: .hydrated(try HydrateResult(from: decoder))
         }
     }
 }

@@ -89,6 +89,9 @@ public struct PoolCommands: Sendable {
             return .differences(DiffResult(from: from, to: to, found))
         case .receive(let request):
             return .received(try receive(request))
+        case .hydrate(let name, let window):
+            let step = try pooled { () throws(PoolError) in try pool.hydrate(name, window: window) }
+            return .hydrated(HydrateResult(name: name, fetchedBytes: step.fetchedBytes, remainingBytes: step.remainingBytes, complete: step.complete))
         case .cloneOrigin(let name, let origin):
             let made = try pooled { () throws(PoolError) in try pool.createOriginClone(name, origin: origin) }
             return .snapshotOrClone(SnapshotCloneResult(created: true, volume: volume(made)))

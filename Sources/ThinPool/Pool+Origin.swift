@@ -28,6 +28,8 @@ struct OriginCatalog {
     /// False while the pool has never held an origin-backed volume since open: then
     /// writes skip the check for unfetched partial blocks (one uncontended lock).
     var mayHaveOriginVolumes = false
+    /// Whether the last origin request succeeded (nil: none made since open).
+    var lastRequestSucceeded: Bool?
 
     static func key(_ origin: VolumeRecord.Origin) -> String {
         "\(origin.kind.rawValue) \(origin.size) \(formatUUID(origin.uuid)) \(origin.locator)"
@@ -70,9 +72,10 @@ extension Pool {
         origins.withLockedValue { $0.opener = opener }
     }
 
-    /// Origin bytes fetched and errors, since open.
-    public var originStatistics: (fetchedBytes: UInt64, errors: UInt64) {
-        origins.withLockedValue { ($0.fetchedBytes, $0.errors) }
+    /// Origin bytes fetched and failed requests since open, and whether the last
+    /// request succeeded (nil: none made).
+    public var originStatistics: (fetchedBytes: UInt64, errors: UInt64, up: Bool?) {
+        origins.withLockedValue { ($0.fetchedBytes, $0.errors, $0.lastRequestSucceeded) }
     }
 
     /// The opened origin for `record`, opening (and checking) it on first use. The
@@ -84,7 +87,16 @@ extension Pool {
         guard let opener else {
             throw .originUnavailable("\(record.locator): this process was not given a way to reach origins")
         }
-        let opened = try opener.open(record)
+        let opened: VolumeOrigin
+        do throws(PoolError) {
+            opened = try opener.open(record)
+        } catch {
+            origins.withLockedValue { catalog in
+                catalog.errors += 1
+                catalog.lastRequestSucceeded = false
+            }
+            throw error
+        }
         return origins.withLockedValue { catalog in
             if let raced = catalog.open[key] { return raced }
             catalog.open[key] = opened
@@ -165,10 +177,14 @@ extension Pool {
                     origins.withLockedValue { catalog in
                         catalog.open.removeValue(forKey: OriginCatalog.key(record))
                         catalog.errors += 1
+                        catalog.lastRequestSucceeded = false
                     }
                     throw error
                 }
-                origins.withLockedValue { $0.fetchedBytes += stop - start }
+                origins.withLockedValue { catalog in
+                    catalog.fetchedBytes += stop - start
+                    catalog.lastRequestSucceeded = true
+                }
                 let copyStart = max(run.lowerBound, start)
                 let copyEnd = min(run.upperBound, stop)
                 if copyEnd > copyStart {

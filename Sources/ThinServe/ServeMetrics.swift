@@ -17,6 +17,7 @@ final class ServeMetrics: @unchecked Sendable {
     private struct State {
         var exports: [String: ExportMetrics] = [:]
         var reported = PoolStatistics()
+        var reportedOrigin: (fetchedBytes: UInt64, errors: UInt64) = (0, 0)
     }
     private let state = LockedValue(State())
     private let usedBytes = Gauge(label: "thinbd_pool_used_bytes")
@@ -34,6 +35,11 @@ final class ServeMetrics: @unchecked Sendable {
     private let damaged = Gauge(label: "thinbd_pool_damaged")
     /// 1 in fail mode for any reason (damage, or a commit that failed).
     private let failed = Gauge(label: "thinbd_pool_failed")
+    /// Origin-backed volumes: bytes fetched, failed requests, and whether the last
+    /// request reached the origin (1) or not (0).
+    private let originFetched = Counter(label: "thinbd_origin_bytes_fetched_total")
+    private let originErrors = Counter(label: "thinbd_origin_errors_total")
+    private let originUp = Gauge(label: "thinbd_origin_up")
 
     init(pool: Pool) {
         self.pool = pool
@@ -78,6 +84,11 @@ final class ServeMetrics: @unchecked Sendable {
             copyOnWrite.increment(by: Int64(now.copyOnWriteBlocks - state.reported.copyOnWriteBlocks))
             newBlocks.increment(by: Int64(now.newBlocks - state.reported.newBlocks))
             state.reported = now
+            let origin = pool.originStatistics
+            originFetched.increment(by: Int64(origin.fetchedBytes - state.reportedOrigin.fetchedBytes))
+            originErrors.increment(by: Int64(origin.errors - state.reportedOrigin.errors))
+            state.reportedOrigin = (origin.fetchedBytes, origin.errors)
+            if let up = origin.up { originUp.record(up ? 1 : 0) }
         }
     }
 
