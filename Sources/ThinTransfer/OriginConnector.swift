@@ -144,7 +144,8 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
         case failFast(String)
     }
 
-    private func lease() throws(PoolError) -> NBDClientConnection {
+    /// A connection to use: an idle one (`reused`), or a new one.
+    private func lease() throws(PoolError) -> (connection: NBDClientConnection, reused: Bool) {
         let now = SystemInfo.monotonicNanoseconds()
         let lease = connections.wait { state -> Lease? in
             if let connection = state.idle.popLast() { return .idle(connection) }
@@ -155,14 +156,14 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
         }
         switch lease {
         case .idle(let connection):
-            return connection
+            return (connection, true)
         case .failFast(let why):
             throw .originUnavailable("\(why) (retrying shortly)")
         case .connect:
             do throws(PoolError) {
                 let connection = try connect()
                 connections.update { state in state.backoff = 500_000_000 }
-                return connection
+                return (connection, false)
             } catch {
                 connections.update { state in
                     state.open -= 1
@@ -176,19 +177,24 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
     }
 
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
-        let connection = try lease()
-        do throws(NBDClientError) {
-            var done = 0
-            while done < buffer.count {
-                let piece = min(buffer.count - done, connection.maximumRequestBytes)
-                _ = try connection.read(at: offset + UInt64(done), into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + piece]))
-                done += piece
+        var (connection, reused) = try lease()
+        while true {
+            do throws(NBDClientError) {
+                var done = 0
+                while done < buffer.count {
+                    let piece = min(buffer.count - done, connection.maximumRequestBytes)
+                    _ = try connection.read(at: offset + UInt64(done), into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + piece]))
+                    done += piece
+                }
+                connections.update { $0.idle.append(connection) }
+                return
+            } catch {
+                // The connection may be half-way through a reply: it goes. An idle one may
+                // have died with a server that restarted since: one new connection is tried.
+                connections.update { $0.open -= 1 }
+                guard reused else { throw .originUnavailable("\(record.locator): \(error.description)") }
+                (connection, reused) = try lease()
             }
-        } catch {
-            // The connection may be half-way through a reply: it goes.
-            connections.update { $0.open -= 1 }
-            throw .originUnavailable("\(record.locator): \(error.description)")
         }
-        connections.update { $0.idle.append(connection) }
     }
 }

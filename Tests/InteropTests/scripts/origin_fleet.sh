@@ -1,0 +1,68 @@
+#!/bin/bash
+# A runner pool clones a golden ext4 image that another thinbd serves, over its Unix
+# socket and over TCP on loopback, and uses it: mounted through nbdfuse and a loop
+# device, written, checked with e2fsck; a raw clone is compared byte for byte with the
+# origin plus its writes; then hydrated, after which it needs no origin.
+# Runs inside `thinbd serve RUNNER --run` inside `thinbd serve ORIGIN --run` (both stop
+# when it ends). Environment: T (thinbd), W (work directory), GS (origin socket),
+# GPORT (origin TCP port), RS (runner socket), RUNNER (runner pool).
+set -euo pipefail
+fuse="$W/fuse"
+mnt="$W/mnt"
+cleanup() {
+    set +e
+    mountpoint -q "$mnt" && umount "$mnt"
+    mountpoint -q "$fuse" && umount "$fuse"
+    [ -n "${fusepid:-}" ] && wait "$fusepid" 2>/dev/null
+}
+trap cleanup EXIT
+
+"$T" clone "$RUNNER" "nbd+unix:///golden@v3?socket=$GS" build
+"$T" clone "$RUNNER" "nbd://127.0.0.1:$GPORT/golden@v3" rawbuild
+"$T" volume list "$RUNNER" --json | grep -q "\"origin\" : \"nbd+unix:///golden@v3?socket=$GS\""
+
+# ext4 on the clone, through nbdfuse and a loop mount.
+mkdir -p "$fuse" "$mnt"
+nbdfuse "$fuse/disk" "nbd+unix:///build?socket=$RS" &
+fusepid=$!
+for _ in $(seq 200); do [ -e "$fuse/disk" ] && break; sleep 0.05; done
+mount -o loop "$fuse/disk" "$mnt"
+grep -qx golden "$mnt/etc/issue"
+cmp "$mnt/blob" "$W/tree/blob"
+dd if=/dev/urandom of="$mnt/new-artifact" bs=1M count=6 status=none
+cp "$mnt/blob" "$mnt/blob-copy"
+rm "$mnt/etc/issue"
+sync
+umount "$mnt"
+e2fsck -fn "$fuse/disk" >"$W/e2fsck.log" 2>&1 || { cat "$W/e2fsck.log"; exit 1; }
+umount "$fuse"
+wait "$fusepid"
+fusepid=""
+echo "ext4 on the clone: mounted, written, e2fsck clean"
+
+# Raw writes on the TCP clone (whole blocks, parts of blocks, zeroes), then every byte.
+qemu-io -f raw -c "write -P 0x5a 1M 64K" -c "write -P 0x5b 3000 5000" -c "write -z 2M 100K" \
+    "nbd+unix:///rawbuild?socket=$RS" >/dev/null
+nbdcopy "nbd+unix:///rawbuild?socket=$RS" "$W/rawbuild.img"
+/usr/bin/python3 - "$W/golden.img" "$W/rawbuild.img" <<'PY'
+import sys
+expected = bytearray(open(sys.argv[1], "rb").read())
+expected[1 << 20:(1 << 20) + 65536] = b"\x5a" * 65536
+expected[3000:8000] = b"\x5b" * 5000
+expected[2 << 20:(2 << 20) + 102400] = bytes(102400)
+got = open(sys.argv[2], "rb").read()
+assert len(got) == len(expected), (len(got), len(expected))
+if got != expected:
+    first = next(i for i in range(len(got)) if got[i] != expected[i])
+    sys.exit(f"rawbuild differs from the origin plus its writes at byte {first}")
+PY
+echo "raw clone: the origin plus its writes, byte for byte"
+
+"$T" check "$RUNNER" | grep -q clean
+"$T" hydrate "$RUNNER" build
+"$T" volume list "$RUNNER" --json | /usr/bin/python3 -c '
+import json, sys
+volumes = {v["name"]: v for v in json.load(sys.stdin)}
+assert volumes["build"]["origin"] is None, volumes["build"]
+assert volumes["rawbuild"]["origin"] is not None'
+echo "hydrated: build needs no origin"
