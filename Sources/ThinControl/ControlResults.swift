@@ -24,12 +24,9 @@ public struct VolumeSummary: Codable, Sendable, Equatable {
     /// The image's identity across pools and renames (null for a volume made before
     /// UUIDs existed, until the pool is next opened read-write).
     @Nullable public var uuid: String?
-    /// Where an origin-backed volume's unfetched blocks come from: an NBD URI or a file
-    /// (null for an ordinary volume).
-    @Nullable public var origin: String? = nil
 
     enum CodingKeys: String, CodingKey {
-        case name, kind, size, parent, ephemeral, created, connections, uuid, origin
+        case name, kind, size, parent, ephemeral, created, connections, uuid
         case mappedBytes = "mapped_bytes", readOnly = "read_only"
     }
 }
@@ -39,7 +36,7 @@ extension VolumeSummary {
         self.init(
             name: volume.name, kind: volume.kind.rawValue, size: volume.size, mappedBytes: volume.mappedBytes,
             parent: volume.parent, readOnly: volume.isReadOnly, ephemeral: volume.isEphemeral, created: volume.createdAt,
-            connections: UInt64(connections), uuid: volume.uuid, origin: volume.origin?.locator)
+            connections: UInt64(connections), uuid: volume.uuid)
     }
 }
 
