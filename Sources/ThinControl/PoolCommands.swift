@@ -235,7 +235,7 @@ extension ControlError {
         case .noDataSpace, .noMetadataSpace: code = "no-space"
         case .corrupt, .truncated, .notAPool, .failed, .needsCheck: code = "corrupt"
         case .inUse: code = "busy"
-        case .io, .closed, .originUnavailable: code = "io"
+        case .io, .closed, .originUnavailable, .originMismatch: code = "io"
         }
         self.init(code: code, message: error.description)
     }

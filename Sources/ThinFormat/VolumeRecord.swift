@@ -82,7 +82,7 @@ public struct VolumeRecord: Equatable, Sendable {
     /// hold (`thinbd clone POOL URI NAME`): fetched on first read and kept. Its identity
     /// is the locator (with an NBD export name), the size and, for a thinbd origin, the
     /// snapshot's UUID.
-    public struct Origin: Equatable, Sendable {
+    public struct Origin: Hashable, Sendable {
         public enum Kind: UInt8, Sendable {
             case nbd = 1
             case file = 2

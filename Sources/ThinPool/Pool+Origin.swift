@@ -19,6 +19,14 @@ public protocol OriginOpener: AnyObject, Sendable {
     func open(_ origin: VolumeRecord.Origin) throws(PoolError) -> VolumeOrigin
 }
 
+/// A change in whether an origin can be used, for the serving layer's log: it went
+/// down or turned out to be another image (`problem`), or it is reachable again (nil).
+/// Reported once per change, not per failed read.
+public struct OriginEvent: Sendable {
+    public var locator: String
+    public var problem: PoolError?
+}
+
 /// How the pool reaches origins, and the ones it reached.
 struct OriginCatalog {
     var opener: OriginOpener?
@@ -30,10 +38,20 @@ struct OriginCatalog {
     var mayHaveOriginVolumes = false
     /// Whether the last origin request succeeded (nil: none made since open).
     var lastRequestSucceeded: Bool?
+    /// Origins whose last request failed (keys), so an outage is reported once.
+    var down: Set<String> = []
+    /// Origins that failed to open: until `until` (monotonic ns), using them fails at
+    /// once with `error` instead of trying again. `backoff` doubles (to 10 s) with each
+    /// failed attempt; a different image waits the longest.
+    var refused: [String: (error: PoolError, until: UInt64, backoff: UInt64)] = [:]
+    var onChange: (@Sendable (OriginEvent) -> Void)?
 
     static func key(_ origin: VolumeRecord.Origin) -> String {
         "\(origin.kind.rawValue) \(origin.size) \(formatUUID(origin.uuid)) \(origin.locator)"
     }
+
+    static let firstBackoff: UInt64 = 500_000_000
+    static let longestBackoff: UInt64 = 10_000_000_000
 }
 
 /// A serial worker that stores fetched origin blocks, so that the read that fetched them
@@ -78,11 +96,22 @@ extension Pool {
         origins.withLockedValue { ($0.fetchedBytes, $0.errors, $0.lastRequestSucceeded) }
     }
 
+    /// Calls `handler` when an origin goes down, turns out to be another image, or comes
+    /// back. It runs on the thread that noticed (a request's, never an event loop's).
+    public func onOriginChange(_ handler: @escaping @Sendable (OriginEvent) -> Void) {
+        origins.withLockedValue { $0.onChange = handler }
+    }
+
     /// The opened origin for `record`, opening (and checking) it on first use. The
-    /// opener runs outside every lock: it may wait on the network.
+    /// opener runs outside every lock: it may wait on the network. After a failed open,
+    /// attempts fail at once until a backoff passes.
     func reach(_ record: VolumeRecord.Origin) throws(PoolError) -> VolumeOrigin {
         let key = OriginCatalog.key(record)
-        let (known, opener) = origins.withLockedValue { ($0.open[key], $0.opener) }
+        let now = SystemInfo.monotonicNanoseconds()
+        let (known, opener, refusal) = origins.withLockedValue { catalog in
+            (catalog.open[key], catalog.opener, catalog.refused[key].flatMap { now < $0.until ? $0.error : nil })
+        }
+        if let refusal { throw refusal }
         if let known { return known }
         guard let opener else {
             throw .originUnavailable("\(record.locator): this process was not given a way to reach origins")
@@ -91,17 +120,74 @@ extension Pool {
         do throws(PoolError) {
             opened = try opener.open(record)
         } catch {
-            origins.withLockedValue { catalog in
-                catalog.errors += 1
-                catalog.lastRequestSucceeded = false
-            }
+            originFailed(record, error)
             throw error
         }
-        return origins.withLockedValue { catalog in
-            if let raced = catalog.open[key] { return raced }
-            catalog.open[key] = opened
-            return opened
+        let (winner, report, handler) = origins.withLockedValue { catalog in
+            catalog.refused[key] = nil
+            let winner = catalog.open[key] ?? opened
+            catalog.open[key] = winner
+            return (winner, catalog.down.remove(key) != nil, catalog.onChange)
         }
+        if report { handler?(OriginEvent(locator: record.locator, problem: nil)) }
+        return winner
+    }
+
+    /// Counts a failed origin request and reports the origin down (once per outage). A
+    /// failed open, or another image found, makes further attempts wait a backoff.
+    func originFailed(_ record: VolumeRecord.Origin, _ error: PoolError) {
+        let key = OriginCatalog.key(record)
+        let now = SystemInfo.monotonicNanoseconds()
+        let (report, handler) = origins.withLockedValue { catalog in
+            catalog.errors += 1
+            catalog.lastRequestSucceeded = false
+            let mismatch = if case .originMismatch = error { true } else { false }
+            if mismatch || catalog.open[key] == nil {
+                // The connections are dropped; the next attempt opens (and checks) again.
+                catalog.open[key] = nil
+                let backoff = mismatch
+                    ? OriginCatalog.longestBackoff
+                    : min((catalog.refused[key]?.backoff ?? OriginCatalog.firstBackoff / 2) * 2, OriginCatalog.longestBackoff)
+                catalog.refused[key] = (error, now &+ backoff, backoff)
+            }
+            return (catalog.down.insert(key).inserted, catalog.onChange)
+        }
+        if report { handler?(OriginEvent(locator: record.locator, problem: error)) }
+    }
+
+    /// Counts `bytes` fetched from `record` and reports the origin back if it was down.
+    func originSucceeded(_ record: VolumeRecord.Origin, bytes: UInt64) {
+        let (report, handler) = origins.withLockedValue { catalog in
+            catalog.fetchedBytes += bytes
+            catalog.lastRequestSucceeded = true
+            return (catalog.down.remove(OriginCatalog.key(record)) != nil, catalog.onChange)
+        }
+        if report { handler?(OriginEvent(locator: record.locator, problem: nil)) }
+    }
+
+    /// Why volume or snapshot `name` cannot be opened for clients now: its origin was
+    /// found to be another image (nil otherwise; an origin that is merely down does not
+    /// stop clients from using what is local). Takes no lock a request waits on long.
+    public func originRefusal(of name: String) -> PoolError? {
+        guard origins.withLockedValue({ $0.mayHaveOriginVolumes }) else { return nil }
+        guard let record = try? lock.withSharedAccess({ state throws(PoolError) in try state.volume(named: name).record.origin }) else {
+            return nil
+        }
+        let key = OriginCatalog.key(record)
+        return origins.withLockedValue { catalog in
+            guard let refusal = catalog.refused[key], case .originMismatch = refusal.error else { return nil }
+            return refusal.error
+        }
+    }
+
+    /// Opens (and so checks) the origin of every origin-backed volume and snapshot, so
+    /// that an unreachable or different origin is reported at start, not at the first
+    /// read. Blocks up to the opener's timeouts: run it off the serving threads.
+    public func probeOrigins() {
+        let records = (try? lock.withSharedAccess { state throws(PoolError) in
+            Set(state.volumes.values.compactMap { $0.record.origin })
+        }) ?? []
+        for record in records { _ = try? reach(record) }
     }
 
     /// Creates volume `name` whose unmapped blocks read from `origin` (its size is the
@@ -174,17 +260,10 @@ extension Pool {
                 do throws(PoolError) {
                     try origin.read(at: start, into: UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[0..<Int(stop - start)]))
                 } catch {
-                    origins.withLockedValue { catalog in
-                        catalog.open.removeValue(forKey: OriginCatalog.key(record))
-                        catalog.errors += 1
-                        catalog.lastRequestSucceeded = false
-                    }
+                    originFailed(record, error)
                     throw error
                 }
-                origins.withLockedValue { catalog in
-                    catalog.fetchedBytes += stop - start
-                    catalog.lastRequestSucceeded = true
-                }
+                originSucceeded(record, bytes: stop - start)
                 let copyStart = max(run.lowerBound, start)
                 let copyEnd = min(run.upperBound, stop)
                 if copyEnd > copyStart {

@@ -27,8 +27,11 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The pool was flagged for a check when damage was found; a read-write open needs
     /// `check --repair` first, or `force`.
     case needsCheck(path: String, reason: String)
-    /// An origin-backed volume's origin cannot be reached, or is not the image recorded.
+    /// An origin-backed volume's origin cannot be reached.
     case originUnavailable(String)
+    /// An origin-backed volume's origin answers, but with another image than the one
+    /// recorded (its size or UUID differ): nothing is read from it.
+    case originMismatch(String)
 
     public var description: String {
         switch self {
@@ -61,6 +64,7 @@ public enum PoolError: Error, Equatable, Sendable, CustomStringConvertible {
         case .failed(let failure):
             "pool is in fail mode (\(failure.reason)): it serves reads only and commits nothing more; reopen it to serve its last commit"
         case .originUnavailable(let why): "origin unavailable: \(why)"
+        case .originMismatch(let why): "origin is another image: \(why)"
         case .needsCheck(let path, let reason):
             "pool \(path) needs a check: \(reason); run thinbd check --repair \(path) (or open it with --force)"
         }

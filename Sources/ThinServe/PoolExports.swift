@@ -162,6 +162,7 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         if closedLock.withLock({ closedNames[name] != nil }) {
             throw NBDExportError(.shutdown, "\(name) is being changed by a management command; connect again later")
         }
+        if let refusal = pool.originRefusal(of: name) { throw nbdError(refusal) }
         var counted = false
         if !readOnly, let ephemeral {
             do throws(PoolError) {

@@ -154,9 +154,22 @@ public enum ServeRunner {
             throw ServeError(description: error.description)
         }
         if let opener = options.originOpener { pool.setOriginOpener(opener) }
-        for volume in pool.listVolumes() where volume.kind != .snapshot {
-            if let origin = volume.origin { log("\(volume.name) is backed by origin \(origin.locator) (\(formatBytes(origin.size)))") }
+        pool.onOriginChange { event in
+            if let problem = event.problem {
+                log("\(problem); reads of blocks not fetched yet fail with EIO until \(event.locator) answers with the image recorded")
+            } else {
+                log("origin \(event.locator) answers again")
+            }
         }
+        var backedByOrigins = false
+        for volume in pool.listVolumes() where volume.kind != .snapshot {
+            guard let origin = volume.origin else { continue }
+            log("\(volume.name) is backed by origin \(origin.locator) (\(formatBytes(origin.size)))")
+            backedByOrigins = true
+        }
+        // Checked now, so that an origin that is down or another image is in the log at
+        // start; off the start-up path, since an unreachable host waits out a timeout.
+        if backedByOrigins { DispatchQueue.global().async { pool.probeOrigins() } }
         // Once, on whichever thread met the damage (it may be a loop: the log is queued).
         pool.onFailure { failure in
             switch failure.kind {

@@ -23,7 +23,7 @@ public final class OriginConnector: OriginOpener, @unchecked Sendable {
         case .file:
             let file = try FileOrigin(path: origin.locator)
             guard file.size == origin.size else {
-                throw .originUnavailable("\(origin.locator) is \(file.size) bytes; the clone was made from \(origin.size) bytes: it is another image")
+                throw .originMismatch("\(origin.locator) is \(file.size) bytes; the clone was made from \(origin.size) bytes: it is another image")
             }
             return file
         case .nbd:
@@ -91,7 +91,7 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
         /// No new connection before this time (monotonic ns) after a failure.
         var retryAt: UInt64 = 0
         var backoff: UInt64 = 500_000_000
-        var lastFailure = ""
+        var lastFailure: PoolError = .originUnavailable("not connected")
     }
 
     private let connections = WaitableValue(Connections())
@@ -125,13 +125,13 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
             throw .originUnavailable("\(record.locator): \(error.description)")
         }
         guard connection.export.size == record.size else {
-            throw .originUnavailable(
+            throw .originMismatch(
                 "\(record.locator) is \(connection.export.size) bytes; the clone was made from \(record.size) bytes: it is another image, and nothing was read from it")
         }
         if record.uuid != VolumeRecord.noUUID {
             let found = Self.imageUUID(in: connection.export.description)
             guard found == record.uuid else {
-                throw .originUnavailable(
+                throw .originMismatch(
                     "\(record.locator) is image \(found.map(formatUUID) ?? "without a UUID"); the clone was made from image \(formatUUID(record.uuid)): nothing was read from it")
             }
         }
@@ -141,7 +141,7 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
     private enum Lease {
         case idle(NBDClientConnection)
         case connect
-        case failFast(String)
+        case failFast(PoolError)
     }
 
     /// A connection to use: an idle one (`reused`), or a new one.
@@ -157,8 +157,8 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
         switch lease {
         case .idle(let connection):
             return (connection, true)
-        case .failFast(let why):
-            throw .originUnavailable("\(why) (retrying shortly)")
+        case .failFast(let failure):
+            throw failure
         case .connect:
             do throws(PoolError) {
                 let connection = try connect()
@@ -169,7 +169,7 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
                     state.open -= 1
                     state.retryAt = SystemInfo.monotonicNanoseconds() + state.backoff
                     state.backoff = min(state.backoff * 2, 10_000_000_000)
-                    state.lastFailure = error.description
+                    state.lastFailure = error
                 }
                 throw error
             }
