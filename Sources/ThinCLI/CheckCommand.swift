@@ -28,6 +28,9 @@ struct CheckCommand: ParsableCommand {
                 for line in report.stale { print("stale: \(line)") }
                 if report.leakedBlocks > 0 { print("leaked: \(report.leakedBlocks) data blocks are counted but unused") }
             }
+            if !report.originBacked.isEmpty {
+                print("origin-backed: \(report.originBacked.joined(separator: ", ")) (blocks not fetched yet read from the origin; 'thinbd hydrate' copies them)")
+            }
             print("checked \(report.volumesChecked) volumes, \(report.metadataBlocksChecked) metadata blocks, \(report.blockMappings) block mappings")
             if report.repaired && !damaged {
                 let leaked = report.leakedBlocks

@@ -30,6 +30,12 @@ struct InfoCommand: ParsableCommand {
             volumes:     \(volumes.count) (\(kinds["volume"] ?? 0) volumes, \(kinds["snapshot"] ?? 0) snapshots, \(kinds["clone"] ?? 0) clones\(ephemeral > 0 ? ", \(ephemeral) ephemeral" : ""))
             generation:  \(info.generation)
             """
+        // Which volumes still need their origin, and how much of it is local already.
+        for (index, volume) in volumes.filter({ $0.origin != nil && $0.kind != "snapshot" }).enumerated() {
+            guard let origin = volume.origin else { continue }
+            let local = min(volume.mappedBytes, origin.size)
+            text += "\n\(index == 0 ? "origins:     " : "             ")\(volume.name) <- \(origin.address) (\(formatBytes(local)) of \(formatBytes(origin.size)) local)"
+        }
         if info.served {
             text += "\nserved:      yes, \(info.connections) connection\(info.connections == 1 ? "" : "s")"
         }

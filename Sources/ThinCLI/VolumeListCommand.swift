@@ -12,11 +12,15 @@ struct VolumeListCommand: ParsableCommand {
     func run() throws {
         let (list, served) = try runPoolCommandReportingServer(.list, pool: target.pool, options: live, as: [VolumeSummary].self)
         emit(list, live) {
+            // The ORIGIN column appears while some volume still reads from an origin.
+            let origins = list.contains { $0.origin != nil }
             var header = ["NAME", "KIND", "SIZE", "MAPPED", "PARENT"]
+            if origins { header.append("ORIGIN") }
             if served { header.append("CLIENTS") }
             var rows = [header]
             for v in list {
                 var row = [v.name, v.kind + (v.ephemeral ? " (ephemeral)" : ""), formatBytes(v.size), formatBytes(v.mappedBytes), v.parent ?? "-"]
+                if origins { row.append(v.origin?.address ?? "-") }
                 if served { row.append(String(v.connections)) }
                 rows.append(row)
             }

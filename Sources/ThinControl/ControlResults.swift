@@ -1,3 +1,4 @@
+import ThinFormat
 import ThinPool
 
 // The results of control commands (docs/control-api.md, "Results"): what a server sends
@@ -24,10 +25,31 @@ public struct VolumeSummary: Codable, Sendable, Equatable {
     /// The image's identity across pools and renames (null for a volume made before
     /// UUIDs existed, until the pool is next opened read-write).
     @Nullable public var uuid: String?
+    /// Where its unfetched blocks come from (`thinbd clone POOL ORIGIN NAME`); null for
+    /// a volume without an origin, or once hydrated.
+    @Nullable public var origin: OriginSummary?
 
     enum CodingKeys: String, CodingKey {
-        case name, kind, size, parent, ephemeral, created, connections, uuid
+        case name, kind, size, parent, ephemeral, created, connections, uuid, origin
         case mappedBytes = "mapped_bytes", readOnly = "read_only"
+    }
+}
+
+/// The origin of an origin-backed volume or snapshot, as recorded at `clone`.
+public struct OriginSummary: Codable, Sendable, Equatable {
+    /// `nbd` or `file`.
+    public var kind: String
+    /// The NBD URI or the file's absolute path.
+    public var address: String
+    public var size: UInt64
+    /// The image UUID a thinbd origin announced (null for other servers and files).
+    @Nullable public var uuid: String?
+
+    public init(kind: String, address: String, size: UInt64, uuid: String?) {
+        self.kind = kind
+        self.address = address
+        self.size = size
+        self.uuid = uuid
     }
 }
 
@@ -36,7 +58,12 @@ extension VolumeSummary {
         self.init(
             name: volume.name, kind: volume.kind.rawValue, size: volume.size, mappedBytes: volume.mappedBytes,
             parent: volume.parent, readOnly: volume.isReadOnly, ephemeral: volume.isEphemeral, created: volume.createdAt,
-            connections: UInt64(connections), uuid: volume.uuid)
+            connections: UInt64(connections), uuid: volume.uuid,
+            origin: volume.origin.map { origin in
+                OriginSummary(
+                    kind: origin.kind == .nbd ? "nbd" : "file", address: origin.locator, size: origin.size,
+                    uuid: origin.uuid == VolumeRecord.noUUID ? nil : formatUUID(origin.uuid))
+            })
     }
 }
 
@@ -163,11 +190,14 @@ public struct CheckResult: Codable, Sendable, Equatable {
     public var volumesChecked: UInt64
     public var metadataBlocksChecked: UInt64
     public var blockMappings: UInt64
+    /// Volumes and snapshots that still read unfetched blocks from an origin.
+    public var originBacked: [String]
 
     enum CodingKeys: String, CodingKey {
         case clean, damage, stale, repaired
         case leakedBlocks = "leaked_blocks", volumesChecked = "volumes_checked"
         case metadataBlocksChecked = "metadata_blocks_checked", blockMappings = "block_mappings"
+        case originBacked = "origin_backed"
     }
 }
 
@@ -176,7 +206,8 @@ extension CheckResult {
         self.init(
             clean: report.isClean, damage: report.damage, stale: report.fixable, leakedBlocks: report.leakedBlocks,
             repaired: report.repaired, volumesChecked: UInt64(report.volumesChecked),
-            metadataBlocksChecked: UInt64(report.metadataBlocksChecked), blockMappings: report.dataReferences)
+            metadataBlocksChecked: UInt64(report.metadataBlocksChecked), blockMappings: report.dataReferences,
+            originBacked: report.originBacked.map(\.name).sorted())
     }
 }
 

@@ -17,6 +17,9 @@ public struct CheckReport: Sendable {
     public var metadataBlocksChecked = 0
     public var dataReferences: UInt64 = 0
     public var volumesChecked = 0
+    /// Volumes and snapshots whose unmapped blocks read from an origin (not damage: those
+    /// blocks are not fetched yet), with the origin's address.
+    public var originBacked: [(name: String, address: String)] = []
 
     public var isClean: Bool { damage.isEmpty && leakedBlocks == 0 && fixable.isEmpty }
 }
@@ -377,6 +380,9 @@ struct CheckWalker {
         case .volume:
             if VolumeName.splitSnapshot(r.name) != nil { damage("volume \(r.name) has '@' in its name") }
         }
+        // Unmapped blocks of an origin-backed image are the origin's, not holes; the
+        // record's fields were validated when it was read.
+        if let origin = r.origin { report.originBacked.append((r.name, origin.locator)) }
         if r.parentID != 0 && records[r.parentID] == nil {
             damage("\(r.name) names missing parent #\(r.parentID)")
         }

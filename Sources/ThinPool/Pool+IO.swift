@@ -327,9 +327,12 @@ extension Pool {
                 let end = min(window.upperBound, size)
                 blocks = blocks.clamped(to: first..<max(first, end / blockSize + (end % blockSize == 0 ? 0 : 1)))
             }
+            let fromOrigin = Self.originBlocks(from?.record, to.record, in: blocks, blockSize: blockSize)
+            if !fromOrigin.isEmpty { extents.append(fromOrigin.lowerBound * blockSize..<fromOrigin.upperBound * blockSize) }
             try mapErrors {
                 try state.mappings.differences(from?.record.mappingRoot ?? 0, to.record.mappingRoot, in: blocks) { (run: Range<UInt64>) throws(MetadataError) in
-                    extents.append(run.lowerBound * blockSize..<run.upperBound * blockSize)
+                    let rest = max(run.lowerBound, fromOrigin.upperBound)..<max(run.upperBound, fromOrigin.upperBound)
+                    if !rest.isEmpty { extents.append(rest.lowerBound * blockSize..<rest.upperBound * blockSize) }
                 }
             }
             let related = from.map { lineage(of: $0, in: state).contains(where: lineage(of: to, in: state).contains) } ?? true
@@ -352,6 +355,17 @@ extension Pool {
         }
     }
 
+    /// The blocks of `blocks` that may differ between `from` and `to` because their
+    /// unmapped blocks mean different things: one reads them from an origin the other
+    /// does not share (an empty `from` shares none). Empty when both have the same origin
+    /// or neither has one; else from the range's start to the larger origin's end.
+    static func originBlocks(_ from: VolumeRecord?, _ to: VolumeRecord, in blocks: Range<UInt64>, blockSize: UInt64) -> Range<UInt64> {
+        guard from?.origin != to.origin else { return blocks.lowerBound..<blocks.lowerBound }
+        let originBytes = max(from?.origin?.size ?? 0, to.origin?.size ?? 0)
+        let end = min(blocks.upperBound, max(blocks.lowerBound, (originBytes + blockSize - 1) / blockSize))
+        return blocks.lowerBound..<end
+    }
+
     /// The runs of `count` bytes at `offset` of volume `id` whose contents may differ
     /// from snapshot `baseID` (`isMapped` true) or are the same (false), covering the
     /// range in order. Whole data blocks: a run may start and end inside a block only at
@@ -370,6 +384,11 @@ extension Pool {
             var runs = ExtentList()
             var covered = offset
             let blocks = (offset / blockSize)..<((end + blockSize - 1) / blockSize)
+            let fromOrigin = Self.originBlocks(base.record, volume.record, in: blocks, blockSize: blockSize)
+            if !fromOrigin.isEmpty {
+                covered = min(end, fromOrigin.upperBound * blockSize)
+                runs.add(offset, covered, mapped: true)
+            }
             try mapErrors {
                 try state.mappings.differences(base.record.mappingRoot, volume.record.mappingRoot, in: blocks) { (run: Range<UInt64>) throws(MetadataError) in
                     let start = max(covered, run.lowerBound * blockSize)

@@ -30,7 +30,7 @@ import TestSupport
         #expect(tree[1].children.isEmpty)
         #expect(
             ControlJSON.line(tree[1])
-                == #"{"children":[],"connections":0,"created":4,"ephemeral":false,"kind":"volume","mapped_bytes":4096,"name":"other","parent":null,"read_only":false,"size":65536,"uuid":null}"#
+                == #"{"children":[],"connections":0,"created":4,"ephemeral":false,"kind":"volume","mapped_bytes":4096,"name":"other","origin":null,"parent":null,"read_only":false,"size":65536,"uuid":null}"#
         )
         #expect(ControlJSON.line(tree[0].children[0]).hasPrefix(#"{"children":[{"children":[],"connections":0,"created":3,"#))
         let decoded = try JSONDecoder().decode([VolumeTreeNode].self, from: Data(ControlJSON.pretty(tree).utf8))
@@ -89,6 +89,7 @@ import TestSupport
                     "kind" : "volume",
                     "mapped_bytes" : 0,
                     "name" : "vm",
+                    "origin" : null,
                     "parent" : null,
                     "read_only" : false,
                     "size" : 1073741824,

@@ -16,7 +16,7 @@ enum Samples {
         name: "build-1", kind: "clone", size: 1 << 30, mappedBytes: 4096, parent: "vm@s", readOnly: false, ephemeral: true,
         created: 1_795_300_002, connections: 1)
     static let volumeLine =
-        #"{"connections":2,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":65536,"name":"vm","parent":null,"read_only":false,"size":1073741824,"uuid":"6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8"}"#
+        #"{"connections":2,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":65536,"name":"vm","origin":null,"parent":null,"read_only":false,"size":1073741824,"uuid":"6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8"}"#
 
     static func info(allocated: UInt64?) -> PoolInfoResult {
         PoolInfoResult(
@@ -34,7 +34,7 @@ enum Samples {
 
     static let check = CheckResult(
         clean: false, damage: ["bad block 7"], stale: [], leakedBlocks: 3, repaired: false, volumesChecked: 2,
-        metadataBlocksChecked: 9, blockMappings: 1)
+        metadataBlocksChecked: 9, blockMappings: 1, originBacked: ["build"])
     static let rule = ExportLimitRule(pattern: "build-*", operationsPerSecond: 1000, bytesPerSecond: 100 << 20)
 
     /// A result for every command (some twice, to cover null and empty values).
@@ -133,7 +133,7 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         #expect(encodedLine(Samples.volume) == Samples.volumeLine)
         #expect(
             encodedLine(Samples.snapshot)
-                == #"{"connections":0,"created":1795300001,"ephemeral":false,"kind":"snapshot","mapped_bytes":0,"name":"vm@s","parent":"vm","read_only":true,"size":1073741824,"uuid":null}"#
+                == #"{"connections":0,"created":1795300001,"ephemeral":false,"kind":"snapshot","mapped_bytes":0,"name":"vm@s","origin":null,"parent":"vm","read_only":true,"size":1073741824,"uuid":null}"#
         )
         #expect(
             encodedLine(Samples.hello(metrics: nil))
@@ -147,7 +147,7 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         #expect(encodedLine(Samples.info(allocated: 8192)).hasPrefix(#"{"allocated_file_bytes":8192,"block_size":65536,"#))
         #expect(
             encodedLine(Samples.check)
-                == #"{"block_mappings":1,"clean":false,"damage":["bad block 7"],"leaked_blocks":3,"metadata_blocks_checked":9,"repaired":false,"stale":[],"volumes_checked":2}"#
+                == #"{"block_mappings":1,"clean":false,"damage":["bad block 7"],"leaked_blocks":3,"metadata_blocks_checked":9,"origin_backed":["build"],"repaired":false,"stale":[],"volumes_checked":2}"#
         )
         #expect(encodedLine([ExportEntry(name: "vm", connections: 3)]) == #"[{"connections":3,"name":"vm"}]"#)
         #expect(encodedLine(RenameResult(volume: Samples.volume, renamedFrom: "old")) == #"{"renamed_from":"old","volume":"# + Samples.volumeLine + "}")
@@ -159,6 +159,14 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
 
     /// What `--json` prints: two spaces a level, `" : "` between key and value, and an
     /// empty array or object opened and closed on lines of their own.
+    @Test func anOriginBackedVolumeCarriesItsOrigin() throws {
+        var clone = Samples.clone
+        clone.origin = OriginSummary(kind: "nbd", address: "nbd://golden.example/golden@v3", size: 1 << 30, uuid: nil)
+        let line = encodedLine(clone)
+        #expect(line.contains(#""origin":{"address":"nbd://golden.example/golden@v3","kind":"nbd","size":1073741824,"uuid":null}"#), "\(line)")
+        #expect(try decoded(VolumeSummary.self, line) == clone)
+    }
+
     @Test func prettyOutputIsByteExact() {
         #expect(
             ControlJSON.pretty(DeleteResult(deleted: "vm", disconnected: 2)) == """
@@ -177,6 +185,9 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
                   ],
                   "leaked_blocks" : 3,
                   "metadata_blocks_checked" : 9,
+                  "origin_backed" : [
+                    "build"
+                  ],
                   "repaired" : false,
                   "stale" : [
 
@@ -194,6 +205,7 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
                     "kind" : "volume",
                     "mapped_bytes" : 65536,
                     "name" : "vm",
+                    "origin" : null,
                     "parent" : null,
                     "read_only" : false,
                     "size" : 1073741824,
@@ -353,7 +365,7 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
 
 /// Results computed on a pool carry exactly the keys docs/control-api.md lists.
 @Suite struct ResultKeyTests {
-    static let volumeKeys: Set = ["name", "kind", "size", "mapped_bytes", "parent", "read_only", "ephemeral", "created", "connections", "uuid"]
+    static let volumeKeys: Set = ["name", "kind", "size", "mapped_bytes", "parent", "read_only", "ephemeral", "created", "connections", "uuid", "origin"]
 
     @Test func everyResultHasItsDocumentedKeys() throws {
         let pool = try Pool.create(
@@ -367,7 +379,7 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
         #expect(try elementKeys(.volumes([createResult.volume])) == [Self.volumeKeys])
         #expect(
             encodedLine(createResult.volume)
-                == #"{"connections":1,"created":\#(createResult.volume.created),"ephemeral":false,"kind":"volume","mapped_bytes":0,"name":"vm","parent":null,"read_only":false,"size":1048576,"uuid":"\#(createResult.volume.uuid ?? "none")"}"#
+                == #"{"connections":1,"created":\#(createResult.volume.created),"ephemeral":false,"kind":"volume","mapped_bytes":0,"name":"vm","origin":null,"parent":null,"read_only":false,"size":1048576,"uuid":"\#(createResult.volume.uuid ?? "none")"}"#
         )
         // A new volume has a UUID, a fresh one each time.
         #expect(createResult.volume.uuid?.count == 36)
@@ -402,7 +414,7 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
         #expect(
             try keys(commands.run(.check)) == [
                 "clean", "damage", "stale", "leaked_blocks", "repaired", "volumes_checked", "metadata_blocks_checked",
-                "block_mappings",
+                "block_mappings", "origin_backed",
             ])
     }
 }

@@ -8,7 +8,7 @@ import ThinSystem
 /// An origin in memory that counts what is read from it and can be made to fail.
 final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
     let bytes: [UInt8]
-    private let state = LockedValue((reads: 0, bytesRead: UInt64(0), down: false))
+    private let state = LockedValue((reads: 0, bytesRead: UInt64(0), down: false, anotherImage: false))
 
     init(size: Int, seed: UInt64) {
         bytes = pattern(size, seed: seed)
@@ -17,11 +17,15 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
     var reads: Int { state.withLockedValue { $0.reads } }
     var bytesRead: UInt64 { state.withLockedValue { $0.bytesRead } }
     func setDown(_ down: Bool) { state.withLockedValue { $0.down = down } }
+    /// Opening finds another image behind the same address.
+    func setAnotherImage(_ another: Bool) { state.withLockedValue { $0.anotherImage = another } }
 
     var record: VolumeRecord.Origin { VolumeRecord.Origin(kind: .file, locator: "/memory/origin", size: UInt64(bytes.count)) }
 
     func open(_ origin: VolumeRecord.Origin) throws(PoolError) -> VolumeOrigin {
-        guard origin.size == UInt64(bytes.count) else { throw .originUnavailable("size differs") }
+        guard origin.size == UInt64(bytes.count), !state.withLockedValue({ $0.anotherImage }) else {
+            throw .originMismatch("the clone was made from another image")
+        }
         return self
     }
 
@@ -169,5 +173,44 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
         reopened.setOriginOpener(origin)
         #expect(try reopened.read("c", at: 0, count: 256 << 10) == origin.bytes)
         #expect(reopened.checkProblems() == nil)
+    }
+
+    @Test func anotherImageIsRefusedAtOpenReportedOnceAndAcceptedWhenRightAgain() throws {
+        let (pool, _) = try makeMemoryPool(dataSize: 16 << 20, blockSize: 4096, metadataSize: 4 << 20)
+        let origin = MemoryOrigin(size: 1 << 20, seed: 3)
+        try pool.createOriginClone("c", origin: origin.record)
+        let events = LockedValue([OriginEvent]())
+        pool.onOriginChange { event in events.withLockedValue { $0.append(event) } }
+        origin.setAnotherImage(true)
+        pool.setOriginOpener(origin)
+        #expect(pool.originRefusal(of: "c") == nil, "nothing known yet")
+        pool.probeOrigins()
+        #expect(pool.originRefusal(of: "c") == .originMismatch("the clone was made from another image"))
+        #expect(throws: PoolError.originMismatch("the clone was made from another image")) { try pool.read("c", at: 0, count: 4096) }
+        #expect(origin.reads == 0, "nothing is read from another image")
+        #expect(events.withLockedValue { $0.count } == 1, "one report per outage, not per read")
+        // The right image again: after the backoff (10 s for another image) it is used.
+        origin.setAnotherImage(false)
+        pool.origins.withLockedValue { catalog in
+            for key in catalog.refused.keys { catalog.refused[key]?.until = 0 }
+        }
+        #expect(try pool.read("c", at: 0, count: 4096) == Array(origin.bytes[0..<4096]))
+        #expect(pool.originRefusal(of: "c") == nil)
+        let reported = events.withLockedValue { $0 }
+        #expect(reported.count == 2 && reported[1].problem == nil && reported[1].locator == origin.record.locator)
+    }
+
+    @Test func originRangesCountAsDataForAFullSendAndCheckListsTheOriginBacked() throws {
+        let (pool, origin, _) = try setUp()
+        try pool.write("c", at: 8192, [UInt8](repeating: 1, count: 4096))
+        let size = UInt64(origin.bytes.count)
+        let whole = try pool.differences(from: nil, to: "c")
+        #expect(whole.extents == [0..<(size + 4095) / 4096 * 4096], "unmapped blocks are the origin's, not holes")
+        _ = try pool.snapshot("c@a")
+        try pool.write("c", at: 65536, [UInt8](repeating: 2, count: 4096))
+        #expect(try pool.differences(from: "c@a", to: "c").extents == [65536..<69632], "the same origin on both sides cancels out")
+        let report = pool.check()
+        #expect(report.isClean)
+        #expect(report.originBacked.map(\.name).sorted() == ["c", "c@a"])
     }
 }

@@ -16,7 +16,7 @@ import Testing
     @Test func importResult() throws {
         try roundTrip(
             ImportResult.self,
-            #"{"bytes_read":33554432,"bytes_written":4096,"volume":{"connections":0,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":4096,"name":"disk","parent":null,"read_only":false,"size":33554432,"uuid":"6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8"}}"#
+            #"{"bytes_read":33554432,"bytes_written":4096,"volume":{"connections":0,"created":1795300000,"ephemeral":false,"kind":"volume","mapped_bytes":4096,"name":"disk","origin":null,"parent":null,"read_only":false,"size":33554432,"uuid":"6c8b61fd-7f77-4d85-9c8d-c00a4a0a1da8"}}"#
         )
     }
 
