@@ -150,4 +150,21 @@ import TestSupport
         let check = try runner.cli(["check", "POOL"])
         #expect(check.status == 0 && check.stdout.contains("clean"), "\(check.stdout)")
     }
+
+    @Test(.enabled(if: Peers.need("python3-nbd")))
+    func killNineDuringFetchesAndHydrationTearsNoBlock() throws {
+        let directory = TemporaryDirectory("thinbd-origin-crash")
+        let pool = directory.path + "/pool"
+        let origin = directory.path + "/origin.img"
+        expectSuccess(try Peers.python("origin_crash.py", ["make", origin]), "origin image")
+        // 4 KiB blocks: the rounds end with the clone partly fetched, so the last ones
+        // still fetch and hydrate.
+        expectSuccess(try CLI.run(["create", pool, "--size", "256M", "--block-size", "4K"]), "create")
+        expectSuccess(try CLI.run(["clone", pool, origin, "c"]), "clone of a file origin")
+        let result = try Peers.python("origin_crash.py", [CLI.executable, pool, directory.path, origin, "8"], timeout: 600)
+        expectSuccess(result, "origin crash rounds")
+        #expect(result.stdout.contains("8 kill -9 rounds"), "\(result.stdout)")
+        let list = try CLI.run(["volume", "list", pool, "--json"])
+        #expect(list.status == 0 && list.stdout.contains(#""origin" : null"#), "hydrated: no origin left\n\(list.stdout)")
+    }
 }
