@@ -305,8 +305,51 @@ extension Pool {
                 }
             }
             try written.get()
+            try lock.withLock { (state: inout PoolState) throws(PoolError) in try shareFetched(id, block: block, in: &state) }
         }
     }
+
+    /// Maps the block volume `id` just stored from its origin into every ancestor (its
+    /// parent, the parent's parent...) that has the same origin and still reads that
+    /// block from it, sharing the one data block. Their contents do not change (the
+    /// block holds what they read from the origin), so a snapshot may take it too: the
+    /// clones a runner makes later from the same source then have the block already,
+    /// and a second build fetches nothing the first one fetched.
+    func shareFetched(_ id: UInt64, block: UInt64, in state: inout PoolState) throws(PoolError) {
+        guard let volume = state.volumes[id], let origin = volume.record.origin else { return }
+        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        let physical: UInt64
+        do throws(MetadataError) {
+            guard let found = try tree.lookup(volume.record.mappingRoot, block) else { return }
+            physical = found
+        } catch {
+            throw noticing(PoolError(error))
+        }
+        var ancestors: [UInt64] = []
+        var next = volume.record.parentID
+        var steps = 0
+        // Bounded by the volume count: a damaged table cannot make the walk loop.
+        while next != 0, steps < state.volumes.count, let ancestor = state.volumes[next],
+            ancestor.record.origin == origin, block * blockSize < ancestor.record.virtualSize
+        {
+            steps += 1
+            if try isUnmapped(ancestor, block, in: state) { ancestors.append(next) }
+            next = ancestor.record.parentID
+        }
+        for ancestor in ancestors {
+            try state.changingMapping(of: ancestor) { root, mapped throws(PoolError) in
+                do throws(MetadataError) {
+                    try spaceMap.incRef(physical)
+                    let (newRoot, replaced) = try tree.insert(root, block, physical)
+                    root = newRoot
+                    if let replaced { try spaceMap.decRef(replaced) } else { mapped &+= 1 }
+                } catch {
+                    throw noticing(PoolError(error))
+                }
+            }
+        }
+    }
+
 
     /// Before a write, zeroing or trim of `offset..<offset+count` in an origin-backed
     /// volume: the partly covered blocks at either end that are still unfetched are

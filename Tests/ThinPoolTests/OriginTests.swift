@@ -213,4 +213,21 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
         #expect(report.isClean)
         #expect(report.originBacked.map(\.name).sorted() == ["c", "c@a"])
     }
+
+    @Test func aClonesFetchesWarmItsSourceSoTheNextCloneFetchesNothing() throws {
+        let (pool, origin, _) = try setUp()
+        _ = try pool.snapshot("c@golden")
+        _ = try pool.clone("c@golden", as: "build1")
+        #expect(try pool.read("build1", at: 0, count: 300_000) == Array(origin.bytes[0..<300_000]))
+        pool.originStore.drain()
+        try pool.write("build1", at: 0, [UInt8](repeating: 9, count: 8192))
+        try pool.delete("build1")
+        let reads = origin.reads
+        _ = try pool.clone("c@golden", as: "build2")
+        #expect(try pool.read("build2", at: 0, count: 300_000) == Array(origin.bytes[0..<300_000]), "the first build's writes stayed its own")
+        #expect(origin.reads == reads, "the second clone fetched nothing the first one fetched")
+        #expect(try pool.read("c", at: 4096, count: 200_000) == Array(origin.bytes[4096..<204_096]))
+        #expect(origin.reads == reads, "the source volume has the blocks too")
+        #expect(pool.checkProblems() == nil)
+    }
 }
