@@ -35,13 +35,17 @@ struct TLSClientOptions: ParsableArguments {
     @Option(name: .customLong("tls-username"), help: ArgumentHelp("The PSK identity to use (default: the file's first).", valueName: "NAME"))
     var username: String?
 
-    func validate() throws {
-        if certificates != nil && psk != nil { throw ValidationError("--tls-certificates and --tls-psk are alternatives; give one") }
-        if username != nil && psk == nil { throw ValidationError("--tls-username names a key of --tls-psk FILE") }
-    }
+    func validate() throws { try Self.validate(certificates, psk, username, prefix: "--tls") }
 
     /// The credentials, loaded (reads the files); nil without TLS options.
-    func load() throws -> NBDTLSClientCredentials? {
+    func load() throws -> NBDTLSClientCredentials? { try Self.load(certificates, psk, username) }
+
+    static func validate(_ certificates: String?, _ psk: String?, _ username: String?, prefix: String) throws {
+        if certificates != nil && psk != nil { throw ValidationError("\(prefix)-certificates and \(prefix)-psk are alternatives; give one") }
+        if username != nil && psk == nil { throw ValidationError("\(prefix)-username names a key of \(prefix)-psk FILE") }
+    }
+
+    static func load(_ certificates: String?, _ psk: String?, _ username: String?) throws -> NBDTLSClientCredentials? {
         do {
             if let certificates { return try NBDTLSClientCredentials.load(.certificates(directory: certificates)) }
             if let psk { return try NBDTLSClientCredentials.load(.psk(file: psk), username: username) }
@@ -50,6 +54,25 @@ struct TLSClientOptions: ParsableArguments {
             throw fail(error)
         }
     }
+}
+
+/// How `serve` reaches `nbds://` origins of origin-backed volumes (the client side of
+/// TLS, apart from the server's own `--tls-*`).
+struct OriginTLSOptions: ParsableArguments {
+    @Option(name: .customLong("origin-tls-certificates"), help: ArgumentHelp(
+        "For nbds:// origins: directory with ca-cert.pem and, if the origin checks clients, client-cert.pem and client-key.pem.",
+        valueName: "DIR"))
+    var certificates: String?
+
+    @Option(name: .customLong("origin-tls-psk"), help: ArgumentHelp("For nbds:// origins: pre-shared keys (IDENTITY:HEXKEY lines).", valueName: "FILE"))
+    var psk: String?
+
+    @Option(name: .customLong("origin-tls-username"), help: ArgumentHelp("The PSK identity for origins (default: the file's first).", valueName: "NAME"))
+    var username: String?
+
+    func validate() throws { try TLSClientOptions.validate(certificates, psk, username, prefix: "--origin-tls") }
+
+    func load() throws -> NBDTLSClientCredentials? { try TLSClientOptions.load(certificates, psk, username) }
 }
 
 /// Runs `command` on the pool, through its server when one serves it, else offline

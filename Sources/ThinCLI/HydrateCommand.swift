@@ -22,10 +22,11 @@ struct HydrateCommand: ParsableCommand {
     @Option(help: "Fetch at most this many bytes a second (e.g. 50M).")
     var rate: ByteSize?
 
+    @OptionGroup(title: "TLS (an nbds:// origin, when the pool is not served)") var tls: TLSClientOptions
     @OptionGroup var live: LiveOptions
 
     func run() throws {
-        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control)
+        let transfer = ImageTransfer(poolPath: target.pool, controlPath: live.control, tls: try tls.load())
         let result = try withProgress("hydrating \(name)", live) { progress in
             try transfer.hydrate(name: name, rate: rate?.bytes) { progress.update($0, of: $1) }
         }

@@ -23,6 +23,7 @@ struct ServeCommand: ParsableCommand {
             """)
 
     @OptionGroup var target: PoolArgument
+    @OptionGroup(title: "TLS to origins (clones made with 'thinbd clone POOL nbds://...')") var originTLS: OriginTLSOptions
 
     @Option(name: .customLong("socket"), help: "Listen on a Unix domain socket (repeatable).")
     var sockets: [String] = []
@@ -223,7 +224,7 @@ struct ServeCommand: ParsableCommand {
         options.metricsAddress = metrics
         options.json = json
         options.tlsMode = tls
-        options.originOpener = OriginConnector()
+        options.originOpener = OriginConnector(tls: try originTLS.load())
         options.tlsSource = tlsCertificates.map { .certificates(directory: $0) } ?? tlsPSK.map { .psk(file: $0) }
         options.tlsVerifyPeer = tlsVerifyPeer
         options.lowWaterPercent = lowWater

@@ -8,7 +8,8 @@
 ///  48  u64  owner id (snapshots: the volume they belong to; 0 = none or deleted)
 ///  56  u8   kind (0 volume, 1 snapshot)
 ///  57  u8   flags (bit 0: ephemeral, deleted when its server stops or next starts;
-///            bit 1: receiving, the staging volume of `thinbd receive`; other bits 0)
+///            bit 1: receiving, the staging volume of `thinbd receive`; bit 2:
+///            origin-backed, set exactly when the origin kind at 512 is; other bits 0)
 ///  58  u16  name length in bytes
 ///  60  u32  reserved
 ///  64  u64  virtual size in bytes
@@ -39,6 +40,10 @@ public struct VolumeRecord: Equatable, Sendable {
     public static let ephemeralFlag: UInt8 = 1
     /// Flag bit: the staging volume of a `thinbd receive` (see `ReceiveState`).
     public static let receivingFlag: UInt8 = 2
+    /// Flag bit: origin-backed (the origin fields at 512 are set). Written from `origin`,
+    /// not kept in `flags`: it is there so that a build that predates origins refuses
+    /// the record (an unknown flag) instead of reading the origin's blocks as zeros.
+    public static let originFlag: UInt8 = 4
     public static let knownFlags = ephemeralFlag | receivingFlag
 
     /// Where an interrupted `thinbd receive` stands, kept in its staging volume's record
@@ -143,7 +148,7 @@ public struct VolumeRecord: Equatable, Sendable {
         block.setLE64(40, parentID)
         block.setLE64(48, ownerID)
         block[56] = kind.rawValue
-        block[57] = flags
+        block[57] = flags | (origin == nil ? 0 : Self.originFlag)
         let utf8 = Array(name.utf8)
         precondition(utf8.count <= Self.maxNameBytes)
         block.setLE16(58, UInt16(utf8.count))
@@ -184,6 +189,9 @@ public struct VolumeRecord: Equatable, Sendable {
             guard size > 0, size <= 1 << 60 else { throw .badContents("origin size \(size) is outside 1 byte ... 1 EiB") }
             origin = Origin(kind: originKind, locator: locator, size: size, uuid: (0..<16).map { block[originOffset + 16 + $0] })
         }
+        guard (origin != nil) == (block[57] & originFlag != 0) else {
+            throw .badContents("the origin flag and the origin fields disagree")
+        }
         let length = Int(block.le16(58))
         guard length > 0, length <= maxNameBytes else { throw .badContents("volume name length \(length)") }
         let bytes = (0..<length).map { block[96 + $0] }
@@ -193,7 +201,7 @@ public struct VolumeRecord: Equatable, Sendable {
         return VolumeRecord(
             id: block.le64(32), parentID: block.le64(40), ownerID: block.le64(48), kind: kind, name: name,
             virtualSize: block.le64(64), mappingRoot: block.le64(72), mappedBlocks: block.le64(80),
-            createdAt: block.le64(88), flags: block[57], uuid: (0..<16).map { block[uuidOffset + $0] },
+            createdAt: block.le64(88), flags: block[57] & ~originFlag, uuid: (0..<16).map { block[uuidOffset + $0] },
             receive: block[57] & receivingFlag == 0
                 ? nil
                 : ReceiveState(

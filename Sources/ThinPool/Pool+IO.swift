@@ -45,21 +45,25 @@ extension Pool {
 
     /// Volume `id`, checked for the request: the pool is open, the volume exists, and
     /// for `writing`, the pool, its state and the volume all take writes.
-    func volume(_ id: UInt64, writing: Bool, in state: borrowing PoolState) throws(PoolError) -> VolumeState {
+    /// `fillingFromOrigin`: the write stores blocks fetched from the origin, which a
+    /// snapshot may take too (it read those bytes from the origin already).
+    func volume(_ id: UInt64, writing: Bool, fillingFromOrigin: Bool = false, in state: borrowing PoolState) throws(PoolError) -> VolumeState {
         guard !state.isClosed else { throw .closed }
         guard let volume = state.volumes[id] else { throw .noSuchVolume("#\(id)") }
         if writing {
             if isReadOnly { throw .readOnly("pool \(path) (opened read-only)") }
             try refuseChangesIfFailed()
-            if volume.record.kind == .snapshot { throw .readOnly("snapshot \(volume.record.name)") }
+            if volume.record.kind == .snapshot && !fillingFromOrigin { throw .readOnly("snapshot \(volume.record.name)") }
         }
         return volume
     }
 
     /// `volume(_:writing:in:)` for a request of `count` bytes at `offset`, which must
     /// lie inside the volume (without overflow).
-    func volume(_ id: UInt64, writing: Bool, at offset: UInt64, count: UInt64, in state: borrowing PoolState) throws(PoolError) -> VolumeState {
-        let volume = try self.volume(id, writing: writing, in: state)
+    func volume(
+        _ id: UInt64, writing: Bool, fillingFromOrigin: Bool = false, at offset: UInt64, count: UInt64, in state: borrowing PoolState
+    ) throws(PoolError) -> VolumeState {
+        let volume = try self.volume(id, writing: writing, fillingFromOrigin: fillingFromOrigin, in: state)
         let (end, overflow) = offset.addingReportingOverflow(count)
         guard !overflow, end <= volume.record.virtualSize else {
             throw .outOfRange("request at \(offset) for \(count) bytes is beyond the end of \(volume.record.name) (\(volume.record.virtualSize) bytes)")
@@ -204,7 +208,7 @@ extension Pool {
             }
             let fill = volume.record.origin.flatMap { origin -> OriginFill? in
                 let runs = Self.originRuns(found.extents, origin)
-                return runs.isEmpty ? nil : OriginFill(record: origin, runs: runs, keep: volume.record.kind == .volume)
+                return runs.isEmpty ? nil : OriginFill(record: origin, runs: runs, keep: !isReadOnly)
             }
             // Entered under the lock, so before any commit that frees these blocks.
             return (found.requests, found.extents, ioGate.enter(), fill)

@@ -282,16 +282,18 @@ extension Pool {
         }
     }
 
-    /// Maps `bytes` (one whole block fetched from the origin) into volume `id` at `block`
-    /// unless the block got mapped meanwhile (a write or a zeroing came first, or another
-    /// fetch stored it). Crash-safe as any write: stored and mapped, or not at all.
+    /// Stores `bytes` (one whole block fetched from the origin of image `id`) at `block`
+    /// in the nearest of `id` and its ancestors with the same origin that still reads the
+    /// block from it (a write may have come first to `id`, or another fetch), then shares
+    /// it with the ancestors above that (`shareFetched`). Snapshots take it too: it holds
+    /// what they read already. Crash-safe as any write: stored and mapped, or not at all.
     func storeFetched(_ id: UInt64, block: UInt64, _ bytes: [UInt8]) throws(PoolError) {
-        try rangeLocks.withRange(id, block..<block + 1) { () throws(PoolError) in
-            // How much of the block lies inside the volume (0: none, or nothing to do).
+        let target = try lock.withSharedAccess { state throws(PoolError) in try nearestUnfetched(id, block, in: state) }
+        guard let target else { return }
+        try rangeLocks.withRange(target, block..<block + 1) { () throws(PoolError) in
+            // How much of the block lies inside the image (0: none, or nothing to do now).
             let length = try lock.withSharedAccess { state throws(PoolError) -> Int in
-                guard let volume = state.volumes[id], volume.record.origin != nil, volume.record.kind == .volume,
-                    block * blockSize < volume.record.virtualSize, try isUnmapped(volume, block, in: state)
-                else { return 0 }
+                guard try nearestUnfetched(target, block, in: state) == target, let volume = state.volumes[target] else { return 0 }
                 return Int(min(blockSize, volume.record.virtualSize - block * blockSize))
             }
             guard length > 0 else { return }
@@ -300,13 +302,29 @@ extension Pool {
             let written = bytes.withUnsafeBytes { raw in
                 Result { () throws(PoolError) in
                     try writeHoldingRange(
-                        id, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false,
-                        zeroFill: zero)
+                        target, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false,
+                        zeroFill: zero, fillingFromOrigin: true)
                 }
             }
             try written.get()
-            try lock.withLock { (state: inout PoolState) throws(PoolError) in try shareFetched(id, block: block, in: &state) }
+            try lock.withLock { (state: inout PoolState) throws(PoolError) in try shareFetched(target, block: block, in: &state) }
         }
+    }
+
+    /// `id` or its nearest ancestor with the same origin that covers `block` and does not
+    /// map it (nil: none).
+    private func nearestUnfetched(_ id: UInt64, _ block: UInt64, in state: borrowing PoolState) throws(PoolError) -> UInt64? {
+        guard let origin = state.volumes[id]?.record.origin else { return nil }
+        var next = id
+        // Bounded by the volume count: a damaged table cannot make the walk loop.
+        for _ in 0...state.volumes.count {
+            guard next != 0, let image = state.volumes[next], image.record.origin == origin,
+                block * blockSize < image.record.virtualSize
+            else { return nil }
+            if try isUnmapped(image, block, in: state) { return next }
+            next = image.record.parentID
+        }
+        return nil
     }
 
     /// Maps the block volume `id` just stored from its origin into every ancestor (its

@@ -36,10 +36,11 @@ extension Pool {
     /// file, made durable by the commit's barrier like a write): write-zeroes without
     /// holes then costs metadata, not bandwidth. The blocks stay allocated in the pool.
     func writeHoldingRange(
-        _ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool, zeroFill: Bool = false
+        _ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, forceUnitAccess: Bool, zeroFill: Bool = false,
+        fillingFromOrigin: Bool = false
     ) throws(PoolError) {
         let plan = try lock.withLock { (state: inout PoolState) throws(PoolError) -> WritePlan in
-            let volume = try volume(id, writing: true, at: offset, count: UInt64(data.count), in: state)
+            let volume = try volume(id, writing: true, fillingFromOrigin: fillingFromOrigin, at: offset, count: UInt64(data.count), in: state)
             return try planWrite(&state, volume, at: offset, count: UInt64(data.count), reserveOnly: true)
         }
         var entries = plan.entries

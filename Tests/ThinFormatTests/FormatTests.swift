@@ -97,6 +97,25 @@ final class Block {
         #expect(decoded.hasUUID && decoded.uuid[15] == UInt8(truncatingIfNeeded: 15 * 17 + name.count))
     }
 
+    @Test func anOriginRoundTripsSetsItsFlagAndADamagedOneIsRefused() throws {
+        let block = Block()
+        let origin = VolumeRecord.Origin(
+            kind: .nbd, locator: "nbd://golden.example:10809/golden@v3", size: 4 << 30, uuid: (0..<16).map { UInt8($0 + 1) })
+        let record = VolumeRecord(id: 4, kind: .volume, name: "golden", virtualSize: 4 << 30, createdAt: 5, origin: origin)
+        record.encode(into: block.storage)
+        #expect(block.storage[57] == VolumeRecord.originFlag, "a build without origins refuses the record (unknown flag)")
+        let decoded = try VolumeRecord.decode(block.storage)
+        #expect(decoded == record && decoded.flags == 0)
+        // The flag without the fields, the fields without the flag, and bad fields.
+        let damages: [(Int, UInt8)] = [(512, 0), (57, 0), (512, 9), (514, 0), (515, 0xFF), (527, 0x20)]
+        for (offset, value) in damages {
+            record.encode(into: block.storage)
+            if offset == 514 { block.storage[515] = 0 }
+            block.storage[offset] = value
+            #expect(throws: BlockValidationError.self, "byte \(offset) = \(value)") { try VolumeRecord.decode(block.storage) }
+        }
+    }
+
     @Test func headerValidationCatchesMisdirectionAndAge() {
         let block = Block()
         VolumeRecord(id: 1, kind: .volume, name: "v", virtualSize: 1, createdAt: 0).encode(into: block.storage)
