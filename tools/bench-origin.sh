@@ -47,7 +47,8 @@ cleanup() {
     set +e
     for m in "${mounts[@]}"; do mountpoint -q "$m" && umount "$m"; done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
-    rm -rf "$work"
+    # KEEP=1 keeps the logs and pools for a look afterwards.
+    if [ -n "${KEEP:-}" ]; then echo "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 now() { date +%s.%N; }

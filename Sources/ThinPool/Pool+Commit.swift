@@ -140,6 +140,7 @@ extension Pool {
     /// Commits and releases the file. Further calls fail with `.closed`.
     public func close() throws(PoolError) {
         // Fetched origin blocks still waiting to be stored go in with the last commit.
+        originWarmer.drain()
         originStore.drain()
         try lock.withLock { (state: inout PoolState) throws(PoolError) in
             guard !state.isClosed else { return }

@@ -62,15 +62,16 @@ final class OriginStoreQueue: Sendable {
     private let waiting = LockedValue(0)
     static let limit = 256
 
-    /// Runs `store` on the worker, or here when too many wait.
-    func submit(_ store: @escaping @Sendable () -> Void) {
+    /// Runs `store` on the worker, or here when too many wait (or, with `dropWhenFull`,
+    /// not at all: for work that only saves a later fetch).
+    func submit(dropWhenFull: Bool = false, _ store: @escaping @Sendable () -> Void) {
         let queued = waiting.withLockedValue { count -> Bool in
             guard count < Self.limit else { return false }
             count += 1
             return true
         }
         guard queued else {
-            store()
+            if !dropWhenFull { store() }
             return
         }
         queue.async { [waiting] in
@@ -288,26 +289,32 @@ extension Pool {
     /// it with the ancestors above that (`shareFetched`). Snapshots take it too: it holds
     /// what they read already. Crash-safe as any write: stored and mapped, or not at all.
     func storeFetched(_ id: UInt64, block: UInt64, _ bytes: [UInt8]) throws(PoolError) {
-        let target = try lock.withSharedAccess { state throws(PoolError) in try nearestUnfetched(id, block, in: state) }
-        guard let target else { return }
-        try rangeLocks.withRange(target, block..<block + 1) { () throws(PoolError) in
-            // How much of the block lies inside the image (0: none, or nothing to do now).
-            let length = try lock.withSharedAccess { state throws(PoolError) -> Int in
-                guard try nearestUnfetched(target, block, in: state) == target, let volume = state.volumes[target] else { return 0 }
-                return Int(min(blockSize, volume.record.virtualSize - block * blockSize))
-            }
-            guard length > 0 else { return }
-            // A zero block (a hole at the origin, often) costs metadata, not a data write.
-            let zero = bytes.allSatisfy { $0 == 0 }
-            let written = bytes.withUnsafeBytes { raw in
-                Result { () throws(PoolError) in
-                    try writeHoldingRange(
-                        target, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false,
-                        zeroFill: zero, fillingFromOrigin: true)
+        // The target is found again under its range lock: a write may map the block
+        // while this waits for it, and then the next image up is the one to fill.
+        for _ in 0..<16 {
+            let target = try lock.withSharedAccess { state throws(PoolError) in try nearestUnfetched(id, block, in: state) }
+            guard let target else { return }
+            let stored = try rangeLocks.withRange(target, block..<block + 1) { () throws(PoolError) -> Bool in
+                // How much of the block lies inside the image (nil: the target changed).
+                let length = try lock.withSharedAccess { state throws(PoolError) -> Int? in
+                    guard try nearestUnfetched(target, block, in: state) == target, let volume = state.volumes[target] else { return nil }
+                    return Int(min(blockSize, volume.record.virtualSize - block * blockSize))
                 }
+                guard let length else { return false }
+                // A zero block (a hole at the origin, often) costs metadata, not a data write.
+                let zero = bytes.allSatisfy { $0 == 0 }
+                let written = bytes.withUnsafeBytes { raw in
+                    Result { () throws(PoolError) in
+                        try writeHoldingRange(
+                            target, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false,
+                            zeroFill: zero, fillingFromOrigin: true)
+                    }
+                }
+                try written.get()
+                try lock.withLock { (state: inout PoolState) throws(PoolError) in try shareFetched(target, block: block, in: &state) }
+                return true
             }
-            try written.get()
-            try lock.withLock { (state: inout PoolState) throws(PoolError) in try shareFetched(target, block: block, in: &state) }
+            if stored { return }
         }
     }
 
@@ -385,11 +392,42 @@ extension Pool {
                 try isUnmapped(try volume(id, writing: true, in: state), block, in: state)
             }
             guard unmapped else { continue }
-            let fetched = AlignedBuffer(count: Int(blockSize))
-            fetched.bytes.initializeMemory(as: UInt8.self, repeating: 0)
-            let start = block * blockSize
-            try fetch([start..<min(start + blockSize, record.size)], from: record, volume: id, keep: false, into: fetched.bytes, at: start)
-            try storeFetched(id, block: block, Array(fetched.bytes))
+            try fetchAndStore(id, block: block, from: record)
+        }
+        warmAncestors(id, of: record, coveredBy: offset..<offset + count)
+    }
+
+    /// Fetches block `block` of volume `id`'s origin and stores it (`storeFetched`).
+    private func fetchAndStore(_ id: UInt64, block: UInt64, from record: VolumeRecord.Origin) throws(PoolError) {
+        let fetched = AlignedBuffer(count: Int(blockSize))
+        fetched.bytes.initializeMemory(as: UInt8.self, repeating: 0)
+        let start = block * blockSize
+        try fetch([start..<min(start + blockSize, record.size)], from: record, volume: id, keep: false, into: fetched.bytes, at: start)
+        try storeFetched(id, block: block, Array(fetched.bytes))
+    }
+
+    /// The whole blocks of `range` that volume `id` is about to overwrite without having
+    /// fetched them, while an ancestor with the same origin still reads them from it:
+    /// fetched in the background for those ancestors (the volume's write then replaces
+    /// its own copy), so that later clones of the same source, such as the next build's,
+    /// find them local. Best effort: dropped when the warming worker is busy, and a
+    /// failed fetch only means a later clone fetches the block itself.
+    private func warmAncestors(_ id: UInt64, of record: VolumeRecord.Origin, coveredBy range: Range<UInt64>) {
+        let first = (range.lowerBound + blockSize - 1) / blockSize
+        let end = min(range.upperBound, record.size) / blockSize
+        guard first < end else { return }
+        let blocks = (try? lock.withSharedAccess { state throws(PoolError) -> [UInt64] in
+            guard let volume = state.volumes[id], let parent = state.volumes[volume.record.parentID], parent.record.origin == record else {
+                return []
+            }
+            var needed: [UInt64] = []
+            for block in first..<end where try isUnmapped(volume, block, in: state) {
+                if try nearestUnfetched(parent.record.id, block, in: state) != nil { needed.append(block) }
+            }
+            return needed
+        }) ?? []
+        for block in blocks {
+            originWarmer.submit(dropWhenFull: true) { [self] in try? fetchAndStore(id, block: block, from: record) }
         }
     }
 

@@ -81,6 +81,9 @@ public final class Pool: @unchecked Sendable {
     let origins = LockedValue(OriginCatalog())
     /// Stores fetched origin blocks after the read that fetched them has returned.
     let originStore = OriginStoreQueue()
+    /// Fetches, in the background, blocks a clone overwrites that its ancestors still
+    /// need (`warmAncestors`).
+    let originWarmer = OriginStoreQueue()
 
     // MARK: Creating and opening
 

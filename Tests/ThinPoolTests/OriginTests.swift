@@ -236,4 +236,22 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
         #expect(origin.reads == reads, "the source volume has the blocks too")
         #expect(pool.checkProblems() == nil)
     }
+
+    @Test func aWholeBlockAClonesOverwritesIsStillFetchedForItsSource() throws {
+        let (pool, origin, _) = try setUp()
+        _ = try pool.snapshot("c@golden")
+        _ = try pool.clone("c@golden", as: "build1")
+        try pool.write("build1", at: 50 * 4096, [UInt8](repeating: 7, count: 3 * 4096))
+        pool.originWarmer.drain()
+        #expect(origin.reads == 3, "the three blocks, fetched behind the write for the source")
+        #expect(try pool.read("build1", at: 50 * 4096, count: 3 * 4096) == [UInt8](repeating: 7, count: 3 * 4096))
+        _ = try pool.clone("c@golden", as: "build2")
+        #expect(try pool.read("build2", at: 50 * 4096, count: 3 * 4096) == Array(origin.bytes[50 * 4096..<53 * 4096]))
+        #expect(origin.reads == 3, "the next clone finds them local")
+        // A volume with no ancestor on the origin has nothing to warm.
+        try pool.write("c", at: 80 * 4096, [UInt8](repeating: 1, count: 4096))
+        pool.originWarmer.drain()
+        #expect(origin.reads == 3)
+        #expect(pool.checkProblems() == nil)
+    }
 }
