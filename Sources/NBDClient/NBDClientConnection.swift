@@ -30,7 +30,8 @@ public final class NBDClientConnection {
     ///
     /// `timeout`: on plain-text connections, a send or receive that waits longer than this
     /// many seconds fails (the connection is then unusable).
-    public init(uri: String, tls: NBDTLSClientCredentials? = nil, timeout: Int? = nil) throws(NBDClientError) {
+    /// `wantsAllocation`: select `base:allocation`, for `zeroExtents` (when the server has it).
+    public init(uri: String, tls: NBDTLSClientCredentials? = nil, timeout: Int? = nil, wantsAllocation: Bool = false) throws(NBDClientError) {
         let endpoint: NBDEndpoint
         do throws(NBDURIError) {
             endpoint = try NBDEndpoint(uri: uri)
@@ -62,7 +63,7 @@ public final class NBDClientConnection {
                 throw NBDClientError("\(uri): \(error)")
             }
         }
-        var handshake = NBDClientHandshake(exportName: endpoint.export, requireTLS: credentials != nil)
+        var handshake = NBDClientHandshake(exportName: endpoint.export, requireTLS: credentials != nil, wantsAllocation: wantsAllocation)
         var ready: NBDClientHandshake.Export?
         var buffered = ByteBuffer()
         do throws(NBDClientError) {
@@ -246,6 +247,46 @@ public final class NBDClientConnection {
         }
         guard covered == buffer.count else { throw NBDClientError("the NBD server's reply to \(what) covered \(covered) bytes") }
         return holes.sorted { $0.lowerBound < $1.lowerBound }
+    }
+
+    /// The parts of `length` bytes at `offset` (at most 4 GiB less 64 KiB) that the server
+    /// says read as zeros (`base:allocation`'s ZERO flag), in order; its answer may cover
+    /// less than asked (`covered` says how much). Needs `allocationContextID`.
+    public func zeroExtents(at offset: UInt64, length: UInt32) throws(NBDClientError) -> (zeros: [Range<UInt64>], covered: UInt64) {
+        guard let context = export.allocationContextID else { throw NBDClientError("the NBD server has no base:allocation context") }
+        let cookie = try request(.blockStatus, at: offset, length: Int(length))
+        let what = "NBD block status of \(length) bytes at \(offset)"
+        if try peekMagic() == NBDMagic.simpleReply {
+            let header = try simpleReplyHeader()
+            throw failure(header.error, "", what)
+        }
+        var zeros: [Range<UInt64>] = []
+        var covered: UInt64 = 0
+        var answered = false
+        var done = false
+        while !done {
+            let chunk = try nextChunk()
+            guard chunk.cookie == cookie else { throw NBDClientError("reply for an unknown request") }
+            switch chunk.payload {
+            case .blockStatus(let id, let descriptors) where id == context && !answered:
+                answered = true
+                for descriptor in descriptors {
+                    // Never past the request: a hostile length changes nothing beyond it.
+                    let start = offset + covered
+                    let extent = min(UInt64(descriptor.length), UInt64(length) - covered)
+                    guard extent > 0 else { break }
+                    if NBDAllocationState(rawValue: descriptor.flags).contains(.zero) { zeros.append(start..<start + extent) }
+                    covered += extent
+                }
+            case .error(let error, let message), .errorOffset(let error, let message, _):
+                throw failure(error, message, what)
+            default:
+                break
+            }
+            done = chunk.flags.contains(.done)
+        }
+        guard covered > 0 else { throw NBDClientError("the NBD server's reply to \(what) described nothing") }
+        return (zeros, covered)
     }
 
     public func write(at offset: UInt64, from data: UnsafeRawBufferPointer, fua: Bool = false) throws(NBDClientError) {

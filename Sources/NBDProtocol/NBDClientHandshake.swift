@@ -4,8 +4,9 @@ import NIOCore
 /// server's bytes, send what it returns. With `requireTLS` it first sends
 /// NBD_OPT_STARTTLS and insists on the acknowledgement (never going on in plain text:
 /// no downgrade); then it asks for structured replies (and goes on without them if
-/// refused), then NBD_OPT_GO with the export name, and ends with the export's size and
-/// flags. No I/O.
+/// refused), with `wantsAllocation` selects the `base:allocation` metadata context (and
+/// goes on without it if the server has none), then NBD_OPT_GO with the export name, and
+/// ends with the export's size and flags. No I/O.
 public struct NBDClientHandshake: Sendable {
     /// What the handshake learned about the export.
     public struct Export: Equatable, Sendable {
@@ -18,6 +19,9 @@ public struct NBDClientHandshake: Sendable {
         public var maximumBlockSize: UInt32?
         /// NBD_INFO_DESCRIPTION, when the server sent one.
         public var description: String?
+        /// The id of the selected `base:allocation` context (nil: none selected), for
+        /// BLOCK_STATUS.
+        public var allocationContextID: UInt32?
 
         public var isReadOnly: Bool { flags.contains(.readOnly) }
     }
@@ -34,13 +38,16 @@ public struct NBDClientHandshake: Sendable {
         case awaitingGreeting
         case awaitingStartTLS
         case awaitingStructuredReply
+        case awaitingMetaContext
         case awaitingGo
         case done
     }
 
     public let exportName: String
     public let requireTLS: Bool
+    public let wantsAllocation: Bool
     private var state = State.awaitingGreeting
+    private var allocationContextID: UInt32?
     private var structured = false
     private var size: UInt64?
     private var flags = NBDTransmissionFlags()
@@ -48,9 +55,18 @@ public struct NBDClientHandshake: Sendable {
     private var maximumBlockSize: UInt32?
     private var exportDescription: String?
 
-    public init(exportName: String, requireTLS: Bool = false) {
+    public init(exportName: String, requireTLS: Bool = false, wantsAllocation: Bool = false) {
         self.exportName = exportName
         self.requireTLS = requireTLS
+        self.wantsAllocation = wantsAllocation
+    }
+
+    private func goRequest() -> ByteBuffer {
+        var payload = ByteBuffer()
+        payload.writeNBDExportQuery(NBDExportQuery(name: exportName, infoRequests: [.blockSize, .description]))
+        var out = ByteBuffer()
+        out.writeNBDOptionRequest(NBDOptionRequest(option: .go, payload: payload))
+        return out
     }
 
     private func structuredReplyRequest() -> ByteBuffer {
@@ -107,11 +123,27 @@ public struct NBDClientHandshake: Sendable {
                 guard reply.option == .structuredReply else { throw NBDClientError("the server answered \(reply.option) to NBD_OPT_STRUCTURED_REPLY") }
                 // Refusal is fine: simple replies work for everything a client here does.
                 structured = reply.type == .ack
-                var payload = ByteBuffer()
-                payload.writeNBDExportQuery(NBDExportQuery(name: exportName, infoRequests: [.blockSize, .description]))
-                var out = ByteBuffer()
-                out.writeNBDOptionRequest(NBDOptionRequest(option: .go, payload: payload))
-                actions.append(.send(out))
+                if structured && wantsAllocation {
+                    var payload = ByteBuffer()
+                    payload.writeNBDMetaContextQuery(NBDMetaContextQuery(exportName: exportName, queries: ["base:allocation"]))
+                    var out = ByteBuffer()
+                    out.writeNBDOptionRequest(NBDOptionRequest(option: .setMetaContext, payload: payload))
+                    actions.append(.send(out))
+                    state = .awaitingMetaContext
+                } else {
+                    actions.append(.send(goRequest()))
+                    state = .awaitingGo
+                }
+            case .awaitingMetaContext:
+                guard var reply = try nextReply(&input) else { return actions }
+                guard reply.option == .setMetaContext else { throw NBDClientError("the server answered \(reply.option) to NBD_OPT_SET_META_CONTEXT") }
+                if reply.type == .metaContext {
+                    guard let id = reply.payload.readInteger(as: UInt32.self) else { throw NBDClientError("a meta context reply without an id") }
+                    if reply.payload.readString(length: reply.payload.readableBytes) == "base:allocation" { allocationContextID = id }
+                    continue
+                }
+                // The ACK ends the list; an error means no context: BLOCK_STATUS is not used.
+                actions.append(.send(goRequest()))
                 state = .awaitingGo
             case .awaitingGo:
                 guard var reply = try nextReply(&input) else { return actions }
@@ -124,7 +156,8 @@ public struct NBDClientHandshake: Sendable {
                     state = .done
                     actions.append(.ready(Export(
                         name: exportName, size: size, flags: flags, structuredReplies: structured,
-                        preferredBlockSize: preferredBlockSize, maximumBlockSize: maximumBlockSize, description: exportDescription)))
+                        preferredBlockSize: preferredBlockSize, maximumBlockSize: maximumBlockSize, description: exportDescription,
+                        allocationContextID: allocationContextID)))
                     return actions
                 default:
                     let message = reply.payload.readString(length: reply.payload.readableBytes) ?? ""

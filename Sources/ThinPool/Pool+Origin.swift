@@ -9,6 +9,15 @@ public protocol VolumeOrigin: AnyObject, Sendable {
     /// Reads `buffer.count` bytes at `offset`, inside the origin's size. May block on the
     /// network, within the origin's own bounded timeouts; throws `originUnavailable`.
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError)
+
+    /// The parts of `range` the origin is known to read as zeros (an NBD server's
+    /// `base:allocation`), in order, so that they need not be fetched. May ask the origin
+    /// once per large window, and remember; never fails (nothing known: empty).
+    func zeroRanges(in range: Range<UInt64>) -> [Range<UInt64>]
+}
+
+extension VolumeOrigin {
+    public func zeroRanges(in range: Range<UInt64>) -> [Range<UInt64>] { [] }
 }
 
 /// Opens origins for a pool (`Pool.setOriginOpener`).
@@ -222,6 +231,18 @@ extension Pool {
         }
     }
 
+    /// Which of `count` blocks from `first` lie wholly inside `zeros`.
+    static func zeroBlocks(_ zeros: [Range<UInt64>], first: UInt64, count: Int, blockSize: UInt64) -> [Bool] {
+        var result = [Bool](repeating: false, count: count)
+        for range in zeros {
+            let from = (range.lowerBound + blockSize - 1) / blockSize
+            let to = range.upperBound / blockSize
+            guard to > from else { continue }
+            for block in max(from, first)..<min(to, first + UInt64(count)) { result[Int(block - first)] = true }
+        }
+        return result
+    }
+
     /// `extents` with the ranges the origin provides reported as data.
     static func markingOrigin(_ extents: [Extent], _ origin: VolumeRecord.Origin?) -> [Extent] {
         guard let origin else { return extents }
@@ -256,15 +277,30 @@ extension Pool {
                 let start = block * blockSize
                 let stop = min((block + count) * blockSize, record.size)
                 let fetched = AlignedBuffer(count: Int(count * blockSize))
-                // The last block may pass the origin's end: that part reads as zeros.
-                UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[Int(stop - start)...]).initializeMemory(as: UInt8.self, repeating: 0)
-                do throws(PoolError) {
-                    try origin.read(at: start, into: UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[0..<Int(stop - start)]))
-                } catch {
-                    originFailed(record, error)
-                    throw error
+                fetched.bytes.initializeMemory(as: UInt8.self, repeating: 0)
+                // Blocks the origin says read as zeros are not fetched; the rest is read
+                // in runs of consecutive blocks. The last block may pass the origin's end:
+                // that part reads as zeros.
+                let zero = Self.zeroBlocks(origin.zeroRanges(in: start..<stop), first: block, count: Int(count), blockSize: blockSize)
+                var index = 0
+                while index < Int(count) {
+                    guard !zero[index] else {
+                        index += 1
+                        continue
+                    }
+                    var runEnd = index + 1
+                    while runEnd < Int(count) && !zero[runEnd] { runEnd += 1 }
+                    let from = start + UInt64(index) * blockSize
+                    let to = min(start + UInt64(runEnd) * blockSize, stop)
+                    do throws(PoolError) {
+                        try origin.read(at: from, into: UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[Int(from - start)..<Int(to - start)]))
+                    } catch {
+                        originFailed(record, error)
+                        throw error
+                    }
+                    originSucceeded(record, bytes: to - from)
+                    index = runEnd
                 }
-                originSucceeded(record, bytes: stop - start)
                 let copyStart = max(run.lowerBound, start)
                 let copyEnd = min(run.upperBound, stop)
                 if copyEnd > copyStart {

@@ -96,6 +96,12 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
 
     private let connections = WaitableValue(Connections())
 
+    /// What the origin said reads as zeros, by window of `zeroWindow` bytes: the ranges
+    /// (empty: none), or absent while not asked. An origin's image does not change (its
+    /// identity is checked at every connection), so what it said stays true.
+    private let zeroWindows = LockedValue([UInt64: [Range<UInt64>]]())
+    static let zeroWindow: UInt64 = 1 << 30
+
     init(_ record: VolumeRecord.Origin, tls: NBDTLSClientCredentials?, timeout: Int) throws(PoolError) {
         self.record = record
         self.tls = tls
@@ -120,7 +126,7 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
     private func connect() throws(PoolError) -> NBDClientConnection {
         let connection: NBDClientConnection
         do throws(NBDClientError) {
-            connection = try NBDClientConnection(uri: record.locator, tls: tls, timeout: timeout)
+            connection = try NBDClientConnection(uri: record.locator, tls: tls, timeout: timeout, wantsAllocation: true)
         } catch {
             throw .originUnavailable("\(record.locator): \(error.description)")
         }
@@ -176,25 +182,68 @@ final class NBDOrigin: VolumeOrigin, @unchecked Sendable {
         }
     }
 
-    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
+    /// Runs `body` on a leased connection and gives it back. A connection that fails may
+    /// be half-way through a reply: it goes. An idle one may have died with a server that
+    /// restarted since: then one new connection is tried.
+    private func withConnection<T>(_ body: (NBDClientConnection) throws(NBDClientError) -> T) throws(PoolError) -> T {
         var (connection, reused) = try lease()
         while true {
             do throws(NBDClientError) {
-                var done = 0
-                while done < buffer.count {
-                    let piece = min(buffer.count - done, connection.maximumRequestBytes)
-                    _ = try connection.read(at: offset + UInt64(done), into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + piece]))
-                    done += piece
-                }
+                let result = try body(connection)
                 connections.update { $0.idle.append(connection) }
-                return
+                return result
             } catch {
-                // The connection may be half-way through a reply: it goes. An idle one may
-                // have died with a server that restarted since: one new connection is tried.
                 connections.update { $0.open -= 1 }
                 guard reused else { throw .originUnavailable("\(record.locator): \(error.description)") }
                 (connection, reused) = try lease()
             }
         }
+    }
+
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
+        try withConnection { connection throws(NBDClientError) in
+            var done = 0
+            while done < buffer.count {
+                let piece = min(buffer.count - done, connection.maximumRequestBytes)
+                _ = try connection.read(at: offset + UInt64(done), into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + piece]))
+                done += piece
+            }
+        }
+    }
+
+    func zeroRanges(in range: Range<UInt64>) -> [Range<UInt64>] {
+        var zeros: [Range<UInt64>] = []
+        var window = range.lowerBound / Self.zeroWindow
+        while window * Self.zeroWindow < range.upperBound {
+            guard let known = zeroWindows.withLockedValue({ $0[window] }) ?? askZeros(window: window) else { return zeros }
+            zeros += known.compactMap { zero in
+                let clipped = zero.clamped(to: range)
+                return clipped.isEmpty ? nil : clipped
+            }
+            window += 1
+        }
+        return zeros
+    }
+
+    /// Asks the origin which parts of window `window` read as zeros, and remembers the
+    /// answer; nil when it cannot say (no `base:allocation`, or a failure: then the
+    /// blocks are simply read).
+    private func askZeros(window: UInt64) -> [Range<UInt64>]? {
+        let start = window * Self.zeroWindow
+        let end = min(start + Self.zeroWindow, record.size)
+        let answer = try? withConnection { connection throws(NBDClientError) -> [Range<UInt64>]? in
+            guard connection.export.allocationContextID != nil else { return nil }
+            var zeros: [Range<UInt64>] = []
+            var next = start
+            while next < end {
+                let (found, covered) = try connection.zeroExtents(at: next, length: UInt32(min(end - next, 0xFFFF_0000)))
+                zeros += found
+                next += covered
+            }
+            return zeros
+        }
+        guard let answer else { return nil }
+        zeroWindows.withLockedValue { $0[window] = answer }
+        return answer
     }
 }

@@ -25,16 +25,17 @@ import TestSupport
         let runner = try ServedPool()
         let port = 20000 + Int(getpid() % 20000)
         let scenario = "\(Peers.scripts)/origin_fleet.sh"
-        let inner = "'\(CLI.executable)' serve '\(runner.pool)' --socket '\(runner.socket)' --run '\(scenario)'"
+        let inner = "'\(CLI.executable)' serve '\(runner.pool)' --socket '\(runner.socket)' --ephemeral 'job-*=golden2' --run '\(scenario)'"
         let result = try Program.run(
             CLI.executable,
-            ["serve", origin.pool, "--socket", origin.socket, "--listen", "127.0.0.1:\(port)", "--run", inner],
+            ["serve", origin.pool, "--socket", origin.socket, "--listen", "127.0.0.1:\(port)", "--metrics", "127.0.0.1:\(port + 1)", "--run", inner],
             environment: [
                 "T": CLI.executable, "W": origin.directory.path, "GS": origin.socket, "GPORT": "\(port)", "RS": runner.socket,
-                "RUNNER": runner.pool,
+                "RUNNER": runner.pool, "GMETRICS": "http://127.0.0.1:\(port + 1)/metrics",
             ], timeout: 600)
         expectSuccess(result, "origin_fleet.sh")
         #expect(result.stdout.contains("e2fsck clean") && result.stdout.contains("byte for byte") && result.stdout.contains("needs no origin"), "\(result.stdout)")
+        #expect(result.stdout.contains("the second one fetched nothing"), "\(result.stdout)")
         // The runner's pool is clean, and fetched only what was read: the golden image
         // maps about 17 MiB; the raw clone was read whole (128 MiB) by nbdcopy, the ext4
         // one hydrated; nothing is fetched twice.
@@ -51,15 +52,23 @@ import TestSupport
         expectSuccess(try origin.cli(["snapshot", "POOL", "golden@v1"]), "snapshot")
         let runner = try ServedPool()
         expectSuccess(try runner.cli(["clone", "POOL", origin.uri("golden@v1"), "build"]), "clone")
-        try runner.start()
+        let list = try runner.cli(["volume", "list", "POOL", "--json"])
+        #expect(list.stdout.contains(#""address" : "\#(origin.uri("golden@v1"))""#), "\(list.stdout)")
+        let info = try runner.cli(["info", "POOL"])
+        #expect(info.stdout.contains("origins:     build <- \(origin.uri("golden@v1"))"), "\(info.stdout)")
+        let metricsPort = try TLSTests.freePort()
+        let metrics = "http://127.0.0.1:\(metricsPort)/metrics"
+        try runner.start(["--metrics", "127.0.0.1:\(metricsPort)"])
         let script = "origin_loss.py"
         expectSuccess(try Peers.python(script, ["fetch", runner.uri("build")]), "first 8 MiB read while the origin is up")
         #expect(origin.stop() == 0)
-        let down = try Peers.python(script, ["down", runner.uri("build")])
+        let down = try Peers.python(script, ["down", runner.uri("build"), metrics])
         expectSuccess(down, "with the origin down")
-        #expect(down.stdout.contains("unfetched read failed with EIO"), "\(down.stdout)")
+        #expect(down.stdout.contains("unfetched read failed with EIO") && down.stdout.contains("thinbd_origin_up 0"), "\(down.stdout)")
         try origin.start()
-        expectSuccess(try Peers.python(script, ["back", runner.uri("build")]), "with the origin back")
+        let back = try Peers.python(script, ["back", runner.uri("build"), metrics])
+        expectSuccess(back, "with the origin back")
+        #expect(back.stdout.contains("thinbd_origin_up 1"), "\(back.stdout)")
         #expect(runner.stop() == 0)
         #expect(runner.stderr.contains("origin unavailable"), "the runner logs why reads failed:\n\(runner.stderr.suffix(2000))")
         #expect(runner.stderr.contains("answers again"), "the runner logs the origin's return:\n\(runner.stderr.suffix(2000))")

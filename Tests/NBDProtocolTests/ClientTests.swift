@@ -42,9 +42,10 @@ import Testing
     /// moving one byte at a time in each direction. Both sides' STARTTLS switches are
     /// counted (the bytes stay plain here: the state machines are what is tested).
     func negotiate(
-        _ name: String, requireTLS: Bool = false, serverTLS: NBDTLSMode = .off, switches: UnsafeMutablePointer<Int>? = nil
+        _ name: String, requireTLS: Bool = false, serverTLS: NBDTLSMode = .off, switches: UnsafeMutablePointer<Int>? = nil,
+        wantsAllocation: Bool = false
     ) throws(NBDClientError) -> NBDClientHandshake.Export? {
-        var client = NBDClientHandshake(exportName: name, requireTLS: requireTLS)
+        var client = NBDClientHandshake(exportName: name, requireTLS: requireTLS, wantsAllocation: wantsAllocation)
         var server = NBDHandshake(tlsMode: serverTLS)
         var parser = NBDServerParser()
         var toClient = NBDHandshake.greeting()
@@ -95,6 +96,26 @@ import Testing
         #expect(export.preferredBlockSize == 65536)
         #expect(export.maximumBlockSize == 32 << 20)
         #expect(try #require(try negotiate("disk@s")).isReadOnly)
+    }
+
+    @Test func selectsBaseAllocationWhenAskedAndGoesOnWithoutIt() throws {
+        let export = try #require(try negotiate("disk", wantsAllocation: true))
+        #expect(export.allocationContextID != nil && export.size == 1 << 30)
+        #expect(try #require(try negotiate("disk")).allocationContextID == nil, "not asked, not selected")
+        // A server that answers SET_META_CONTEXT with an error: no context, and GO follows.
+        var client = NBDClientHandshake(exportName: "disk", wantsAllocation: true)
+        var input = NBDHandshake.greeting()
+        _ = try client.receive(&input)
+        var replies = ByteBuffer()
+        replies.writeNBDOptionReply(NBDOptionReply(option: .structuredReply, type: .ack))
+        var afterStructured = try client.receive(&replies)
+        guard case .send(var setMeta) = afterStructured.removeFirst() else { Issue.record("no SET_META_CONTEXT"); return }
+        #expect(setMeta.readableBytes > 16 && setMeta.getInteger(at: setMeta.readerIndex + 8, as: UInt32.self) == 10, "NBD_OPT_SET_META_CONTEXT")
+        setMeta.clear()
+        replies.writeNBDOptionReply(NBDOptionReply(option: .setMetaContext, type: .errUnknown))
+        guard case .send(var go) = try client.receive(&replies).first else { Issue.record("no GO after the refusal"); return }
+        #expect(go.getInteger(at: go.readerIndex + 8, as: UInt32.self) == 7, "NBD_OPT_GO")
+        go.clear()
     }
 
     @Test func tlsComesFirstAndIsNeverSkipped() throws {

@@ -10,8 +10,21 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
     let bytes: [UInt8]
     private let state = LockedValue((reads: 0, bytesRead: UInt64(0), down: false, anotherImage: false))
 
-    init(size: Int, seed: UInt64) {
-        bytes = pattern(size, seed: seed)
+    /// With `zeroStart..<zeroEnd`: those bytes are zeros, and the origin says so
+    /// (`zeroRanges`), as an NBD server with base:allocation does.
+    let zeros: Range<UInt64>?
+
+    init(size: Int, seed: UInt64, zeros: Range<Int>? = nil) {
+        var bytes = pattern(size, seed: seed)
+        if let zeros { bytes.replaceSubrange(zeros, with: [UInt8](repeating: 0, count: zeros.count)) }
+        self.bytes = bytes
+        self.zeros = zeros.map { UInt64($0.lowerBound)..<UInt64($0.upperBound) }
+    }
+
+    func zeroRanges(in range: Range<UInt64>) -> [Range<UInt64>] {
+        guard let zeros else { return [] }
+        let clipped = zeros.clamped(to: range)
+        return clipped.isEmpty ? [] : [clipped]
     }
 
     var reads: Int { state.withLockedValue { $0.reads } }
@@ -252,6 +265,21 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
         try pool.write("c", at: 80 * 4096, [UInt8](repeating: 1, count: 4096))
         pool.originWarmer.drain()
         #expect(origin.reads == 3)
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func blocksTheOriginSaysAreZerosAreNotFetched() throws {
+        let (pool, _) = try makeMemoryPool(dataSize: 16 << 20, blockSize: 4096, metadataSize: 4 << 20)
+        // Zeros from the middle of block 2 to the middle of block 10: blocks 3-9 whole.
+        let origin = MemoryOrigin(size: 1 << 20, seed: 5, zeros: 10_000..<43_000)
+        pool.setOriginOpener(origin)
+        try pool.createOriginClone("c", origin: origin.record)
+        #expect(try pool.read("c", at: 0, count: 65536) == Array(origin.bytes[0..<65536]))
+        #expect(origin.bytesRead == UInt64(16 - 7) * 4096, "blocks 3-9 were not read from the origin")
+        #expect(pool.originStatistics.fetchedBytes == origin.bytesRead)
+        pool.originStore.drain()
+        #expect(try pool.volumeInfo("c").mappedBytes == 65536, "the zero blocks are kept too (as metadata)")
+        #expect(try pool.read("c", at: 0, count: 65536) == Array(origin.bytes[0..<65536]))
         #expect(pool.checkProblems() == nil)
     }
 }

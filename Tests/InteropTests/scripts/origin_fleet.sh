@@ -5,7 +5,8 @@
 # origin plus its writes; then hydrated, after which it needs no origin.
 # Runs inside `thinbd serve RUNNER --run` inside `thinbd serve ORIGIN --run` (both stop
 # when it ends). Environment: T (thinbd), W (work directory), GS (origin socket),
-# GPORT (origin TCP port), RS (runner socket), RUNNER (runner pool).
+# GPORT (origin TCP port), GMETRICS (the origin's metrics URL), RS (runner socket),
+# RUNNER (runner pool, served with --ephemeral 'job-*=golden2').
 set -euo pipefail
 fuse="$W/fuse"
 mnt="$W/mnt"
@@ -56,6 +57,35 @@ if got != expected:
     sys.exit(f"rawbuild differs from the origin plus its writes at byte {first}")
 PY
 echo "raw clone: the origin plus its writes, byte for byte"
+
+# Ephemeral jobs on an origin-backed source: the first job's reads warm the source, so
+# the second job reads the same file without a byte more from the origin.
+origin_read_bytes() {
+    /usr/bin/python3 -c 'import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1]).read().decode()
+print(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("thinbd_bytes_total{") and "op=\"read\"" in l))' "$GMETRICS"
+}
+"$T" clone "$RUNNER" "nbd://127.0.0.1:$GPORT/golden@v3" golden2
+job() {
+    nbdfuse "$fuse/disk" "nbd+unix:///$1?socket=$RS" &
+    fusepid=$!
+    for _ in $(seq 200); do [ -e "$fuse/disk" ] && break; sleep 0.05; done
+    mount -o loop,ro,noload "$fuse/disk" "$mnt"
+    cmp "$mnt/blob" "$W/tree/blob"
+    umount "$mnt"
+    umount "$fuse"
+    wait "$fusepid"
+    fusepid=""
+}
+before=$(origin_read_bytes)
+job job-1
+after_first=$(origin_read_bytes)
+job job-2
+after_second=$(origin_read_bytes)
+echo "origin bytes read: first job $(( ${after_first%.*} - ${before%.*} )), second job $(( ${after_second%.*} - ${after_first%.*} ))"
+[ "${after_first%.*}" -gt "${before%.*}" ] || { echo "the first job read nothing from the origin"; exit 1; }
+[ "${after_second%.*}" = "${after_first%.*}" ] || { echo "the second job read from the origin again"; exit 1; }
+echo "ephemeral jobs: the second one fetched nothing"
 
 "$T" check "$RUNNER" | grep -q clean
 "$T" hydrate "$RUNNER" build

@@ -5,13 +5,23 @@
 #   down:  the origin is gone: the first 8 MiB still read; an unfetched block fails with
 #          EIO within a bounded time; whole-block writes work and read back
 #   back:  the origin is back: unfetched blocks read again (after the reconnect backoff)
-# Usage: origin_loss.py PHASE URI
+#   (with METRICS, the runner's metrics URL: thinbd_origin_up and the counters agree)
+# Usage: origin_loss.py PHASE URI [METRICS]
 import errno
 import sys
 import time
+import urllib.request
 import nbd
 
 phase, uri = sys.argv[1:3]
+metrics_url = sys.argv[3] if len(sys.argv) > 3 else None
+
+
+def metric(name):
+    text = urllib.request.urlopen(metrics_url).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+    return values[0] if values else None
+
 h = nbd.NBD()
 h.connect_uri(uri)
 MiB = 1 << 20
@@ -34,6 +44,10 @@ elif phase == "down":
     h.pwrite(b"\x77" * 65536, 24 * MiB)
     h.flush()
     assert h.pread(65536, 24 * MiB) == b"\x77" * 65536
+    if metrics_url:
+        assert metric("thinbd_origin_up") == 0, metric("thinbd_origin_up")
+        assert metric("thinbd_origin_errors_total") >= 1
+        print("metrics: thinbd_origin_up 0, errors counted")
 elif phase == "back":
     deadline = time.monotonic() + 20
     while True:
@@ -48,4 +62,8 @@ elif phase == "back":
     assert h.pread(65536, 24 * MiB) == b"\x77" * 65536
     assert h.pread(MiB, 30 * MiB) == b"\x42" * MiB
     print("the origin is back: unfetched blocks read again")
+    if metrics_url:
+        assert metric("thinbd_origin_up") == 1, metric("thinbd_origin_up")
+        assert metric("thinbd_origin_bytes_fetched_total") >= 8 * MiB + 65536
+        print("metrics: thinbd_origin_up 1, bytes fetched counted")
 h.shutdown()
