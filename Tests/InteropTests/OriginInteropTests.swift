@@ -177,7 +177,7 @@ import TestSupport
         #expect(list.status == 0 && list.stdout.contains(#""origin" : null"#), "hydrated: no origin left\n\(list.stdout)")
     }
 
-    @Test(.enabled(if: Peers.need("nbdcopy", "certtool", "psktool")))
+    @Test(.enabled(if: Peers.need("nbdcopy", "openssl")))
     func anOriginOverTLSIsClonedAndServedWithTheOriginsKeys() throws {
         let origin = try ServedPool()
         let directory = origin.directory.path
