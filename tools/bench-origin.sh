@@ -4,28 +4,32 @@
 # serves build clones of it (--ephemeral 'build-*=golden'). Measured:
 #   - bytes fetched from the origin against bytes the build touched (every read, write,
 #     zero and trim a client sent, as the nbdkit log filter between the build and the
-#     runner records them, merged into distinct bytes);
+#     runner records them, merged into distinct bytes), and against the stricter "read"
+#     (distinct bytes read before the build wrote them: what an origin may have to give);
 #   - how soon the first build can start: cloning the origin against copying the whole
 #     image first (`thinbd import` from the same export, which skips holes);
 #   - the first and second build's times, and what the second one fetched.
 #
-# Usage: tools/bench-origin.sh [--image-size SIZE] [--filler MiB] [--files N] [--block-size SIZE]
+# Usage: tools/bench-origin.sh [--image-size SIZE] [--filler MiB] [--read-filler MiB] [--files N] [--block-size SIZE]
 #   --image-size SIZE  the golden ext4 image (default 4G)
-#   --filler MiB       data in the image the build never reads ("the toolchain"; default 1536)
+#   --filler MiB       data in the image besides the project ("the toolchain"; default 1536)
+#   --read-filler MiB  how much of it each build reads, as a compiler reads its libraries
+#                      (default 0)
 #   --files N          C files in the build (default 200)
 #   --block-size SIZE  the runner pool's block size (default 64K, thinbd's default)
 # Needs root (mount), nbdfuse, nbdkit (log filter), e2fsprogs, gcc, make, curl.
 # THINBD=PATH picks the binary (default: a release build, made if missing).
 set -euo pipefail
 
-image_size=4G filler=1536 files=200 block_size=64K
+image_size=4G filler=1536 read_filler=0 files=200 block_size=64K
 while [ $# -gt 0 ]; do
     case "$1" in
         --image-size) image_size=$2; shift 2 ;;
         --filler) filler=$2; shift 2 ;;
+        --read-filler) read_filler=$2; shift 2 ;;
         --files) files=$2; shift 2 ;;
         --block-size) block_size=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -101,6 +105,8 @@ build() {
     wait_for "$dir/fuse/disk"
     mount -o loop "$dir/fuse/disk" "$dir/root"
     mounts+=("$dir/root")
+    local blob
+    for blob in $(seq 1 $((read_filler / 8))); do cat "$dir/root/usr/lib/toolchain/blob$blob" >/dev/null; done
     make -s -C "$dir/root/project" -j2 >/dev/null
     "$dir/root/project/out/app" >"$dir/output"
     umount "$dir/root"
@@ -111,25 +117,50 @@ build() {
     elapsed "$start" "$end"
 }
 
-# Distinct bytes of requests in an nbdkit log filter log, inside the image.
+# Distinct bytes of requests in an nbdkit log filter log, inside the image: "touched"
+# counts every read, write, zero and trim; "read" only the bytes read before this build
+# wrote them (the ones an origin could have to supply). Prints "TOUCHED READ".
 touched() {
     python3 - "$1" "$2" <<'PY'
 import re, sys
 log, limit = sys.argv[1], int(sys.argv[2])
-spans = []
+def merged(spans):
+    spans.sort()
+    out = []
+    for start, stop in spans:
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], stop)
+        elif stop > start:
+            out.append([start, stop])
+    return out
+def minus(span, covered):
+    # The parts of span outside the merged list covered.
+    start, stop = span
+    parts = []
+    for a, b in covered:
+        if b <= start or a >= stop:
+            continue
+        if a > start:
+            parts.append((start, a))
+        start = max(start, b)
+    if stop > start:
+        parts.append((start, stop))
+    return parts
+every, reads, written, covered = [], [], [], []
 for line in open(log):
     m = re.search(r" (Read|Write|Zero|Trim) id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)", line)
-    if m:
-        start = int(m.group(2), 16)
-        spans.append((start, min(start + int(m.group(3), 16), limit)))
-spans.sort()
-total, end = 0, 0
-for start, stop in spans:
-    start = max(start, end)
-    if stop > start:
-        total += stop - start
-        end = stop
-print(total)
+    if not m:
+        continue
+    start = int(m.group(2), 16)
+    span = (start, min(start + int(m.group(3), 16), limit))
+    every.append(span)
+    if m.group(1) == "Read":
+        reads.extend(minus(span, covered))
+    else:
+        written.append(span)
+        covered = merged(list(written))
+size = lambda spans: sum(b - a for a, b in merged(spans))
+print(size(every), size(reads))
 PY
 }
 fetched() { curl -s "http://127.0.0.1:$metrics_port/metrics" | awk '/^thinbd_origin_bytes_fetched_total/ { print $2 }'; }
@@ -146,10 +177,10 @@ wait_for "$work/runner.sock"
 t1=$(now)
 first=$(build "$work/runner.sock" build-1 "$work/build-1.log")
 fetched_first=$(fetched)
-touched_first=$(touched "$work/build-1.log" "$image_bytes")
+read -r touched_first read_first < <(touched "$work/build-1.log" "$image_bytes")
 second=$(build "$work/runner.sock" build-2 "$work/build-2.log")
 fetched_second=$(( $(fetched) - fetched_first ))
-touched_second=$(touched "$work/build-2.log" "$image_bytes")
+read -r touched_second read_second < <(touched "$work/build-2.log" "$image_bytes")
 cmp -s "$work/build-1/output" "$work/build-2/output" || { echo "bench-origin: the builds' outputs differ" >&2; exit 1; }
 
 # 3. A runner that copies the whole image first.
@@ -173,6 +204,6 @@ printf '%-44s %s\n' "first build can start after (full copy)" "$start_copy s ($(
 printf '%-44s %s\n' "first build on the clone" "$first s"
 printf '%-44s %s\n' "second build on the clone" "$second s"
 printf '%-44s %s\n' "build on the full copy" "$copied s"
-printf '%-44s %s\n' "first build: bytes touched" "$(mib "$touched_first")"
-printf '%-44s %s\n' "first build: bytes fetched" "$(mib "$fetched_first") ($(ratio "$fetched_first" "$touched_first")x touched)"
-printf '%-44s %s\n' "second build: bytes touched / fetched" "$(mib "$touched_second") / $(mib "$fetched_second")"
+printf '%-44s %s\n' "first build: bytes touched / read first" "$(mib "$touched_first") / $(mib "$read_first")"
+printf '%-44s %s\n' "first build: bytes fetched" "$(mib "$fetched_first") ($(ratio "$fetched_first" "$touched_first")x touched, $(ratio "$fetched_first" "$read_first")x read)"
+printf '%-44s %s\n' "second build: bytes touched / read / fetched" "$(mib "$touched_second") / $(mib "$read_second") / $(mib "$fetched_second")"

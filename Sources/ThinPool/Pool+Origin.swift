@@ -260,14 +260,16 @@ extension Pool {
     }
 
     /// Fills `runs` of `buffer` (which holds the bytes at `offset`) from the origin, in
-    /// whole blocks, and hands each fetched block to the store worker, which maps it into
-    /// volume `id` if it is still unmapped then. A snapshot's blocks are not stored (it
-    /// cannot change): it fetches again.
+    /// whole blocks. With `keep`, each block is handed to the store worker, which maps it
+    /// into volume `id` (or the nearest ancestor that still reads it from the origin,
+    /// `storeFetched`). A block another request is fetching, or has fetched but not yet
+    /// stored, is taken from it (`OriginBlocksInFlight`), not fetched again.
     func fetch(
         _ runs: [Range<UInt64>], from record: VolumeRecord.Origin, volume id: UInt64, keep: Bool,
         into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64
     ) throws(PoolError) {
         let origin = try reach(record)
+        let key = OriginCatalog.key(record)
         let chunkBlocks: UInt64 = max(1, (4 << 20) / blockSize)
         for run in runs {
             var block = run.lowerBound / blockSize
@@ -276,46 +278,121 @@ extension Pool {
                 let count = min(chunkBlocks, endBlock - block)
                 let start = block * blockSize
                 let stop = min((block + count) * blockSize, record.size)
-                let fetched = AlignedBuffer(count: Int(count * blockSize))
-                fetched.bytes.initializeMemory(as: UInt8.self, repeating: 0)
-                // Blocks the origin says read as zeros are not fetched; the rest is read
-                // in runs of consecutive blocks. The last block may pass the origin's end:
-                // that part reads as zeros.
+                // Blocks the origin says read as zeros are not fetched. The last block may
+                // pass the origin's end: that part reads as zeros.
                 let zero = Self.zeroBlocks(origin.zeroRanges(in: start..<stop), first: block, count: Int(count), blockSize: blockSize)
-                var index = 0
-                while index < Int(count) {
-                    guard !zero[index] else {
-                        index += 1
+                let blocks = try fetchChunk(
+                    origin, record, key: key, first: block, count: Int(count), end: stop, skipping: zero)
+                // The bytes this request asked for, from each block's copy.
+                for index in 0..<Int(count) {
+                    let blockStart = start + UInt64(index) * blockSize
+                    let copyStart = max(run.lowerBound, blockStart)
+                    let copyEnd = min(run.upperBound, blockStart + blockSize, stop)
+                    guard copyEnd > copyStart else { continue }
+                    let target = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(copyStart - offset)..<Int(copyEnd - offset)])
+                    blocks.bytes[index].withUnsafeBytes { source in
+                        target.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[Int(copyStart - blockStart)..<Int(copyEnd - blockStart)]))
+                    }
+                }
+                let token = blocks.token
+                for index in 0..<Int(count) {
+                    let target = block + UInt64(index)
+                    let bytes = blocks.bytes[index]
+                    let mine = blocks.mine[index]
+                    guard keep else {
+                        if mine { originInFlight.release(key, target, token: token) }
                         continue
                     }
-                    var runEnd = index + 1
-                    while runEnd < Int(count) && !zero[runEnd] { runEnd += 1 }
-                    let from = start + UInt64(index) * blockSize
-                    let to = min(start + UInt64(runEnd) * blockSize, stop)
-                    do throws(PoolError) {
-                        try origin.read(at: from, into: UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[Int(from - start)..<Int(to - start)]))
-                    } catch {
-                        originFailed(record, error)
-                        throw error
-                    }
-                    originSucceeded(record, bytes: to - from)
-                    index = runEnd
-                }
-                let copyStart = max(run.lowerBound, start)
-                let copyEnd = min(run.upperBound, stop)
-                if copyEnd > copyStart {
-                    UnsafeMutableRawBufferPointer(rebasing: buffer[Int(copyStart - offset)..<Int(copyEnd - offset)])
-                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: fetched.bytes[Int(copyStart - start)..<Int(copyEnd - start)]))
-                }
-                if keep {
-                    for index in 0..<Int(count) {
-                        let bytes = Array(fetched.bytes[index * Int(blockSize)..<(index + 1) * Int(blockSize)])
-                        let target = block + UInt64(index)
-                        originStore.submit { [self] in try? storeFetched(id, block: target, bytes) }
+                    // Every block goes to the store (it maps only what is still unmapped,
+                    // so a block another request fetched costs a lookup); the entry is
+                    // forgotten once its own fetcher's store is done.
+                    originStore.submit { [self] in
+                        defer { if mine { originInFlight.release(key, target, token: token) } }
+                        try? storeFetched(id, block: target, bytes)
                     }
                 }
                 block += count
             }
+        }
+    }
+
+    /// The origin's bytes of `count` blocks from `first` (up to byte `end`, past which a
+    /// block reads as zeros): `skipping` ones are zeros, others come from another
+    /// request's fetch when there is one, and the rest are read from the origin in runs of
+    /// consecutive blocks. `mine`: the blocks this call claimed and fetched; the caller
+    /// releases them (`OriginBlocksInFlight.release`) under `token`. On a failure none
+    /// stays claimed. Every block this call fetches is published before it waits for
+    /// another's, so two requests never wait for each other.
+    private func fetchChunk(
+        _ origin: VolumeOrigin, _ record: VolumeRecord.Origin, key: String, first: UInt64, count: Int, end: UInt64,
+        skipping zero: [Bool]
+    ) throws(PoolError) -> (bytes: [[UInt8]], mine: [Bool], token: UInt64) {
+        let wanted = (0..<count).filter { !zero[$0] }.map { first + UInt64($0) }
+        let (token, claims) = originInFlight.claim(key, wanted)
+        var bytes = [[UInt8]](repeating: [UInt8](repeating: 0, count: Int(blockSize)), count: count)
+        var mine = [Bool](repeating: false, count: count)
+        var waiting: [Int] = []
+        for (block, claim) in zip(wanted, claims) {
+            let index = Int(block - first)
+            switch claim {
+            case .mine: mine[index] = true
+            case .ready(let fetched): bytes[index] = fetched
+            case .elsewhere: waiting.append(index)
+            }
+        }
+        // On a failure, whatever this call claimed is released (the caller never sees the
+        // token), so nothing is left for others to wait on or to keep in memory.
+        var succeeded = false
+        defer {
+            if !succeeded {
+                for index in 0..<count where mine[index] { originInFlight.release(key, first + UInt64(index), token: token) }
+            }
+        }
+        var index = 0
+        while index < count {
+            guard mine[index] else {
+                index += 1
+                continue
+            }
+            var runEnd = index + 1
+            while runEnd < count && mine[runEnd] { runEnd += 1 }
+            try readOrigin(origin, record, first: first + UInt64(index), count: runEnd - index, end: end) { offset, data in
+                bytes[index + offset] = data
+            }
+            for fetched in index..<runEnd { originInFlight.publish(key, first + UInt64(fetched), bytes[fetched], token: token) }
+            index = runEnd
+        }
+        for index in waiting {
+            if let fetched = originInFlight.wait(key, first + UInt64(index)) {
+                bytes[index] = fetched
+            } else {
+                // The other fetch failed or is stuck: this one reads the block itself.
+                try readOrigin(origin, record, first: first + UInt64(index), count: 1, end: end) { _, data in bytes[index] = data }
+            }
+        }
+        succeeded = true
+        return (bytes, mine, token)
+    }
+
+    /// Reads `count` consecutive blocks from `first` from the origin in one request (up to
+    /// byte `end`; the rest of the last block is zeros) and gives `each` every block's bytes.
+    private func readOrigin(
+        _ origin: VolumeOrigin, _ record: VolumeRecord.Origin, first: UInt64, count: Int, end: UInt64,
+        _ each: (Int, [UInt8]) -> Void
+    ) throws(PoolError) {
+        let from = first * blockSize
+        let to = min(from + UInt64(count) * blockSize, end)
+        let fetched = AlignedBuffer(count: count * Int(blockSize))
+        fetched.bytes.initializeMemory(as: UInt8.self, repeating: 0)
+        do throws(PoolError) {
+            try origin.read(at: from, into: UnsafeMutableRawBufferPointer(rebasing: fetched.bytes[0..<Int(to - from)]))
+        } catch {
+            originFailed(record, error)
+            throw error
+        }
+        originSucceeded(record, bytes: to - from)
+        for index in 0..<count {
+            each(index, Array(fetched.bytes[index * Int(blockSize)..<(index + 1) * Int(blockSize)]))
         }
     }
 

@@ -84,6 +84,8 @@ public final class Pool: @unchecked Sendable {
     /// Fetches, in the background, blocks a clone overwrites that its ancestors still
     /// need (`warmAncestors`).
     let originWarmer = OriginStoreQueue()
+    /// Origin blocks being fetched or waiting for their store, shared by every reader.
+    let originInFlight = OriginBlocksInFlight()
 
     // MARK: Creating and opening
 

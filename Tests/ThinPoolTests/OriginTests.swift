@@ -1,3 +1,4 @@
+import Foundation
 import TestSupport
 import Testing
 import ThinFormat
@@ -8,7 +9,7 @@ import ThinSystem
 /// An origin in memory that counts what is read from it and can be made to fail.
 final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
     let bytes: [UInt8]
-    private let state = LockedValue((reads: 0, bytesRead: UInt64(0), down: false, anotherImage: false))
+    private let state = LockedValue((reads: 0, bytesRead: UInt64(0), down: false, anotherImage: false, delay: UInt32(0)))
 
     /// With `zeroStart..<zeroEnd`: those bytes are zeros, and the origin says so
     /// (`zeroRanges`), as an NBD server with base:allocation does.
@@ -30,6 +31,8 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
     var reads: Int { state.withLockedValue { $0.reads } }
     var bytesRead: UInt64 { state.withLockedValue { $0.bytesRead } }
     func setDown(_ down: Bool) { state.withLockedValue { $0.down = down } }
+    /// Each read takes this long (a slow network), so that requests overlap.
+    func setDelay(microseconds: UInt32) { state.withLockedValue { $0.delay = microseconds } }
     /// Opening finds another image behind the same address.
     func setAnotherImage(_ another: Bool) { state.withLockedValue { $0.anotherImage = another } }
 
@@ -43,13 +46,14 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
     }
 
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(PoolError) {
-        let down = state.withLockedValue { state -> Bool in
+        let (down, delay) = state.withLockedValue { state -> (Bool, UInt32) in
             if !state.down {
                 state.reads += 1
                 state.bytesRead += UInt64(buffer.count)
             }
-            return state.down
+            return (state.down, state.delay)
         }
+        if delay > 0 { usleep(delay) }
         if down { throw .originUnavailable("the origin is down") }
         precondition(offset + UInt64(buffer.count) <= UInt64(bytes.count))
         bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count])) }
@@ -281,5 +285,78 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
         #expect(try pool.volumeInfo("c").mappedBytes == 65536, "the zero blocks are kept too (as metadata)")
         #expect(try pool.read("c", at: 0, count: 65536) == Array(origin.bytes[0..<65536]))
         #expect(pool.checkProblems() == nil)
+    }
+
+    /// Holds the store worker until the returned semaphore is signalled, so that fetched
+    /// blocks stay unmapped as long as a test needs.
+    func holdStores(_ pool: Pool) -> DispatchSemaphore {
+        let release = DispatchSemaphore(value: 0)
+        pool.originStore.submit { release.wait() }
+        return release
+    }
+
+    @Test func readsThatDoNotLineUpWithBlocksFetchEachBlockOnce() throws {
+        let (pool, origin, _) = try setUp()
+        let release = holdStores(pool)
+        // 32 KiB reads from 1 KiB in: every read shares a block with the one before, and
+        // no fetched block is stored yet when the next read comes.
+        for step in 0..<16 {
+            let offset = 1024 + step * 32768
+            #expect(try pool.read("c", at: UInt64(offset), count: 32768) == Array(origin.bytes[offset..<offset + 32768]))
+        }
+        let blocks = (1024 + 16 * 32768 + 4095) / 4096
+        #expect(origin.bytesRead == UInt64(blocks * 4096), "each block fetched once, though unstored")
+        #expect(pool.originInFlight.count == blocks, "fetched blocks wait for their store")
+        release.signal()
+        pool.originStore.drain()
+        #expect(pool.originInFlight.count == 0, "stored blocks are forgotten")
+        #expect(try pool.read("c", at: 0, count: blocks * 4096) == Array(origin.bytes[0..<blocks * 4096]))
+        #expect(origin.bytesRead == UInt64(blocks * 4096), "and read locally after")
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func requestsThatOverlapWaitForOneFetchAcrossClonesOfTheSameOrigin() throws {
+        let (pool, origin, _) = try setUp()
+        _ = try pool.snapshot("c@golden")
+        _ = try pool.clone("c@golden", as: "build1")
+        _ = try pool.clone("c@golden", as: "build2")
+        let release = holdStores(pool)
+        origin.setDelay(microseconds: 200_000)
+        let results = LockedValue([String: [UInt8]]())
+        let group = DispatchGroup()
+        for (index, name) in ["c", "build1", "build2", "c@golden"].enumerated() {
+            DispatchQueue.global().async(group: group) {
+                usleep(UInt32(index) * 20_000)
+                let bytes = try? pool.read(name, at: 8192, count: 65536)
+                results.withLockedValue { $0[name] = bytes }
+            }
+        }
+        group.wait()
+        for name in ["c", "build1", "build2", "c@golden"] {
+            #expect(results.withLockedValue { $0[name] } == Array(origin.bytes[8192..<73728]), "\(name)")
+        }
+        #expect(origin.bytesRead == 65536, "four overlapping requests, one fetch")
+        release.signal()
+        pool.originStore.drain()
+        #expect(pool.originInFlight.count == 0)
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func aFailedFetchLeavesNothingClaimedAndTheNextRequestFetchesItself() throws {
+        let (pool, origin, _) = try setUp()
+        origin.setDown(true)
+        #expect(throws: PoolError.self) { try pool.read("c", at: 4096, count: 8192) }
+        #expect(pool.originInFlight.count == 0, "a failed fetch leaves no block for others to wait on")
+        origin.setDown(false)
+        // Past the reconnect backoff a failed read starts.
+        let deadline = SystemInfo.monotonicNanoseconds() + 5_000_000_000
+        var bytes: [UInt8]? = nil
+        while bytes == nil && SystemInfo.monotonicNanoseconds() < deadline {
+            bytes = try? pool.read("c", at: 4096, count: 8192)
+            if bytes == nil { usleep(50_000) }
+        }
+        #expect(bytes == Array(origin.bytes[4096..<12288]))
+        pool.originStore.drain()
+        #expect(pool.originInFlight.count == 0)
     }
 }
