@@ -40,6 +40,23 @@ public final class DataSpaceMap {
     /// last open punched them), so they read as zeros without being written.
     public private(set) var highWater: UInt64
 
+    /// A block that holds zeros and that mappings may share for every block that must read
+    /// as zeros without being unmapped (an unmapped block of an origin-backed image reads
+    /// the origin). In memory only: forgotten when its last reference goes, so it is never
+    /// handed out again while still named here, and writers never write it in place
+    /// (`adoptSharedZero`). A pool that reopens adopts a new one; the old one is an
+    /// ordinary shared block to its mappings.
+    public private(set) var sharedZeroBlock: UInt64?
+
+    /// Makes `block` (mapped, holding zeros, written by nobody else) the shared zero block.
+    public func adoptSharedZero(_ block: UInt64) {
+        guard block < dataBlocks else { return }
+        sharedZeroBlock = block
+    }
+
+    /// Stops sharing the current zero block (it is near the most references a block holds).
+    public func forgetSharedZero() { sharedZeroBlock = nil }
+
     private var index: BTree { BTree(store: store, type: .spaceMapIndexNode, values: .packedRefcountBlocks) }
 
     /// Loads the index (not the refcount blocks). Cost: O(groups / 254) block reads.
@@ -167,6 +184,7 @@ public final class DataSpaceMap {
             decremented.insert(block)
             return
         }
+        if block == sharedZeroBlock { sharedZeroBlock = nil }
         adjustFree(g, 1)
         if allocatedThisTransaction.remove(block) == nil {
             pendingFree.insert(block)

@@ -264,11 +264,15 @@ extension Pool {
     /// into volume `id` (or the nearest ancestor that still reads it from the origin,
     /// `storeFetched`). A block another request is fetching, or has fetched but not yet
     /// stored, is taken from it (`OriginBlocksInFlight`), not fetched again.
+    /// Returns the bytes read from the origin (blocks it said were zeros, and blocks taken
+    /// from other requests, are not).
+    @discardableResult
     func fetch(
         _ runs: [Range<UInt64>], from record: VolumeRecord.Origin, volume id: UInt64, keep: Bool,
         into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64
-    ) throws(PoolError) {
+    ) throws(PoolError) -> UInt64 {
         let origin = try reach(record)
+        var fetchedBytes: UInt64 = 0
         let key = OriginCatalog.key(record)
         let chunkBlocks: UInt64 = max(1, (4 << 20) / blockSize)
         for run in runs {
@@ -283,6 +287,7 @@ extension Pool {
                 let zero = Self.zeroBlocks(origin.zeroRanges(in: start..<stop), first: block, count: Int(count), blockSize: blockSize)
                 let blocks = try fetchChunk(
                     origin, record, key: key, first: block, count: Int(count), end: stop, skipping: zero)
+                fetchedBytes += blocks.fetchedBytes
                 // The bytes this request asked for, from each block's copy.
                 for index in 0..<Int(count) {
                     let blockStart = start + UInt64(index) * blockSize
@@ -314,6 +319,7 @@ extension Pool {
                 block += count
             }
         }
+        return fetchedBytes
     }
 
     /// The origin's bytes of `count` blocks from `first` (up to byte `end`, past which a
@@ -326,12 +332,13 @@ extension Pool {
     private func fetchChunk(
         _ origin: VolumeOrigin, _ record: VolumeRecord.Origin, key: String, first: UInt64, count: Int, end: UInt64,
         skipping zero: [Bool]
-    ) throws(PoolError) -> (bytes: [[UInt8]], mine: [Bool], token: UInt64) {
+    ) throws(PoolError) -> (bytes: [[UInt8]], mine: [Bool], token: UInt64, fetchedBytes: UInt64) {
         let wanted = (0..<count).filter { !zero[$0] }.map { first + UInt64($0) }
         let (token, claims) = originInFlight.claim(key, wanted)
         var bytes = [[UInt8]](repeating: [UInt8](repeating: 0, count: Int(blockSize)), count: count)
         var mine = [Bool](repeating: false, count: count)
         var waiting: [Int] = []
+        var fetchedBytes: UInt64 = 0
         for (block, claim) in zip(wanted, claims) {
             let index = Int(block - first)
             switch claim {
@@ -356,7 +363,7 @@ extension Pool {
             }
             var runEnd = index + 1
             while runEnd < count && mine[runEnd] { runEnd += 1 }
-            try readOrigin(origin, record, first: first + UInt64(index), count: runEnd - index, end: end) { offset, data in
+            fetchedBytes += try readOrigin(origin, record, first: first + UInt64(index), count: runEnd - index, end: end) { offset, data in
                 bytes[index + offset] = data
             }
             for fetched in index..<runEnd { originInFlight.publish(key, first + UInt64(fetched), bytes[fetched], token: token) }
@@ -367,19 +374,20 @@ extension Pool {
                 bytes[index] = fetched
             } else {
                 // The other fetch failed or is stuck: this one reads the block itself.
-                try readOrigin(origin, record, first: first + UInt64(index), count: 1, end: end) { _, data in bytes[index] = data }
+                fetchedBytes += try readOrigin(origin, record, first: first + UInt64(index), count: 1, end: end) { _, data in bytes[index] = data }
             }
         }
         succeeded = true
-        return (bytes, mine, token)
+        return (bytes, mine, token, fetchedBytes)
     }
 
     /// Reads `count` consecutive blocks from `first` from the origin in one request (up to
-    /// byte `end`; the rest of the last block is zeros) and gives `each` every block's bytes.
+    /// byte `end`; the rest of the last block is zeros) and gives `each` every block's
+    /// bytes. Returns the bytes read.
     private func readOrigin(
         _ origin: VolumeOrigin, _ record: VolumeRecord.Origin, first: UInt64, count: Int, end: UInt64,
         _ each: (Int, [UInt8]) -> Void
-    ) throws(PoolError) {
+    ) throws(PoolError) -> UInt64 {
         let from = first * blockSize
         let to = min(from + UInt64(count) * blockSize, end)
         let fetched = AlignedBuffer(count: count * Int(blockSize))
@@ -394,6 +402,7 @@ extension Pool {
         for index in 0..<count {
             each(index, Array(fetched.bytes[index * Int(blockSize)..<(index + 1) * Int(blockSize)]))
         }
+        return to - from
     }
 
     /// Stores `bytes` (one whole block fetched from the origin of image `id`) at `block`
@@ -414,16 +423,21 @@ extension Pool {
                     return Int(min(blockSize, volume.record.virtualSize - block * blockSize))
                 }
                 guard let length else { return false }
-                // A zero block (a hole at the origin, often) costs metadata, not a data write.
+                // A block of zeros (a hole at the origin, often) shares the zero block: it
+                // costs metadata, not data space.
                 let zero = bytes.allSatisfy { $0 == 0 }
-                let written = bytes.withUnsafeBytes { raw in
-                    Result { () throws(PoolError) in
-                        try writeHoldingRange(
-                            target, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false,
-                            zeroFill: zero, fillingFromOrigin: true)
+                if zero && length == Int(blockSize) {
+                    try zeroWholeBlocksHoldingRange(target, block..<block + 1, fillingFromOrigin: true)
+                } else {
+                    let written = bytes.withUnsafeBytes { raw in
+                        Result { () throws(PoolError) in
+                            try writeHoldingRange(
+                                target, at: block * blockSize, from: UnsafeRawBufferPointer(rebasing: raw[0..<length]), forceUnitAccess: false,
+                                zeroFill: zero, fillingFromOrigin: true)
+                        }
                     }
+                    try written.get()
                 }
-                try written.get()
                 try lock.withLock { (state: inout PoolState) throws(PoolError) in try shareFetched(target, block: block, in: &state) }
                 return true
             }
@@ -590,14 +604,17 @@ extension Pool {
         let start = min(window.lowerBound, limit) / blockSize
         let end = (min(window.upperBound, limit) + blockSize - 1) / blockSize
         var fetched: UInt64 = 0
-        for block in try unfetchedBlocks(id, in: start..<end) {
-            let bytes = AlignedBuffer(count: Int(blockSize))
+        // Runs of consecutive unfetched blocks, up to 4 MiB, are fetched in one request.
+        let runBlocks = max(1, (4 << 20) / blockSize)
+        for run in Self.consecutiveRuns(try unfetchedBlocks(id, in: start..<end), longest: runBlocks) {
+            let bytes = AlignedBuffer(count: run.count * Int(blockSize))
             bytes.bytes.initializeMemory(as: UInt8.self, repeating: 0)
-            let from = block * blockSize
-            let to = min(from + blockSize, record.size)
-            try fetch([from..<to], from: record, volume: id, keep: false, into: bytes.bytes, at: from)
-            try storeFetched(id, block: block, Array(bytes.bytes))
-            fetched += to - from
+            let from = run.lowerBound * blockSize
+            let to = min(run.upperBound * blockSize, record.size)
+            fetched += try fetch([from..<to], from: record, volume: id, keep: false, into: bytes.bytes, at: from)
+            for (index, block) in run.enumerated() {
+                try storeFetched(id, block: block, Array(bytes.bytes[index * Int(blockSize)..<(index + 1) * Int(blockSize)]))
+            }
         }
         let remaining = try unfetchedBlocks(id, in: 0..<(limit + blockSize - 1) / blockSize)
         guard remaining.isEmpty else {
@@ -622,6 +639,19 @@ extension Pool {
             return true
         }
         return HydrationStep(fetchedBytes: fetched, remainingBytes: complete ? 0 : blockSize, complete: complete)
+    }
+
+    /// `blocks` (ascending) as runs of consecutive blocks, none longer than `longest`.
+    static func consecutiveRuns(_ blocks: [UInt64], longest: UInt64) -> [Range<UInt64>] {
+        var runs: [Range<UInt64>] = []
+        for block in blocks {
+            if let last = runs.last, last.upperBound == block, UInt64(last.count) < longest {
+                runs[runs.count - 1] = last.lowerBound..<block + 1
+            } else {
+                runs.append(block..<block + 1)
+            }
+        }
+        return runs
     }
 
     /// The blocks of `range` that volume `id` does not map (below its origin's size).

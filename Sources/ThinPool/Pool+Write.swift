@@ -137,7 +137,9 @@ extension Pool {
                 var inPlace = false
                 if let (physical, pathShared) = try tree.lookupWithSharing(volume.record.mappingRoot, vb) {
                     current = physical
-                    if !pathShared && !spaceMap.sharingDroppedThisTransaction(physical) {
+                    // The shared zero block is never written in place, even when only one
+                    // mapping holds it: others are about to share it as zeros.
+                    if !pathShared && !spaceMap.sharingDroppedThisTransaction(physical) && physical != spaceMap.sharedZeroBlock {
                         inPlace = try spaceMap.refcount(physical) == 1
                     }
                 }

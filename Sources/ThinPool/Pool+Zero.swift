@@ -15,12 +15,11 @@ extension Pool {
     /// failure part-way (a full pool, a volume deleted meanwhile) leaves the slices done
     /// zeroed, which NBD allows for a failed request.
     public func writeZeroes(_ id: UInt64, at offset: UInt64, count: UInt64, mayUnmap: Bool = true) throws(PoolError) {
-        if try originOf(id) != nil {
-            // An unmapped block of an origin-backed volume reads the origin: zeros must be
-            // kept as local blocks, and partly zeroed ones keep the origin's other bytes.
-            try fetchPartialEnds(id, at: offset, count: count)
-            if mayUnmap { return try writeZeroes(id, at: offset, count: count, mayUnmap: false) }
-        }
+        // An unmapped block of an origin-backed volume reads the origin: its zeros are
+        // mapped to the shared zero block instead, and partly zeroed blocks keep the
+        // origin's other bytes (fetched first).
+        let originBacked = try originOf(id) != nil
+        if originBacked { try fetchPartialEnds(id, at: offset, count: count) }
         try lock.withSharedAccess { state throws(PoolError) in
             _ = try volume(id, writing: true, at: offset, count: count, in: state)
             guard count > 0 else { return }
@@ -45,7 +44,11 @@ extension Pool {
             return
         }
         try zeroMappedPartial(id, from: offset, to: firstWhole * blockSize)
-        try unmapInSlices(id, blocks: firstWhole..<endWhole)
+        if originBacked {
+            try shareZeroInSlices(id, blocks: firstWhole..<endWhole)
+        } else {
+            try unmapInSlices(id, blocks: firstWhole..<endWhole)
+        }
         try zeroMappedPartial(id, from: endWhole * blockSize, to: end)
     }
 
@@ -103,6 +106,79 @@ extension Pool {
             first = slice.upperBound
             SystemInfo.yieldProcessor()
         }
+    }
+
+    /// Maps whole blocks of volume `id` to the shared zero block, `sliceBlocks` per lock
+    /// section: they read as zeros, not as the origin, and cost no data space.
+    private func shareZeroInSlices(_ id: UInt64, blocks: Range<UInt64>) throws(PoolError) {
+        var first = blocks.lowerBound
+        while first < blocks.upperBound {
+            let slice = first..<min(blocks.upperBound, first + Self.sliceBlocks)
+            try rangeLocks.withRange(id, slice) { () throws(PoolError) in try zeroWholeBlocksHoldingRange(id, slice) }
+            first = slice.upperBound
+            SystemInfo.yieldProcessor()
+        }
+    }
+
+    /// Maps `blocks` of image `id` to the shared zero block (`DataSpaceMap.sharedZeroBlock`).
+    /// When there is none yet, the first block is zeroed through the write path (a new
+    /// block that reads as zeros, or its storage released) and becomes it. The caller
+    /// holds the range lock of the blocks. `fillingFromOrigin`: zeros fetched from the
+    /// origin, which a snapshot takes too. Crash-safe as any write; costs metadata only,
+    /// past the one block a pool zeroes once per open.
+    func zeroWholeBlocksHoldingRange(_ id: UInt64, _ blocks: Range<UInt64>, fillingFromOrigin: Bool = false) throws(PoolError) {
+        guard !blocks.isEmpty else { return }
+        let shared = try lock.withLock { (state: inout PoolState) throws(PoolError) -> Bool in
+            _ = try volume(
+                id, writing: true, fillingFromOrigin: fillingFromOrigin, at: blocks.lowerBound * blockSize,
+                count: UInt64(blocks.count) * blockSize, in: state)
+            return try mapSharedZero(&state, id, blocks)
+        }
+        guard !shared else { return }
+        let first = blocks.lowerBound
+        try writeHoldingRange(
+            id, at: first * blockSize, from: UnsafeRawBufferPointer(rebasing: zeroes.bytes[0..<Int(blockSize)]),
+            forceUnitAccess: false, zeroFill: true, fillingFromOrigin: fillingFromOrigin)
+        try lock.withLock { (state: inout PoolState) throws(PoolError) in
+            // The range lock kept every other writer off this block, which no other image
+            // maps (a new block, or one written in place): it holds zeros.
+            if state.spaceMap.sharedZeroBlock == nil, let volume = state.volumes[id],
+                let physical = try mapErrors({ try state.mappings.lookup(volume.record.mappingRoot, first) })
+            {
+                state.spaceMap.adoptSharedZero(physical)
+            }
+            guard blocks.count > 1 else { return }
+            _ = try mapSharedZero(&state, id, first + 1..<blocks.upperBound)
+        }
+    }
+
+    /// Most references the shared zero block takes before another one is zeroed (the
+    /// counts are 32-bit).
+    static let sharedZeroLimit: UInt32 = 1 << 31
+
+    /// Maps `blocks` of image `id` to the shared zero block, releasing what they mapped
+    /// before; false (nothing changed) when there is no shared zero block.
+    private func mapSharedZero(_ state: inout PoolState, _ id: UInt64, _ blocks: Range<UInt64>) throws(PoolError) -> Bool {
+        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        guard let zero = spaceMap.sharedZeroBlock else { return false }
+        let references = try mapErrors { try spaceMap.refcount(zero) }
+        guard references > 0, references < Self.sharedZeroLimit - UInt32(min(blocks.count, Int(Self.sliceBlocks) * 4)) else {
+            spaceMap.forgetSharedZero()
+            return false
+        }
+        try state.changingMapping(of: id) { root, mapped throws(PoolError) in
+            do throws(MetadataError) {
+                for block in blocks {
+                    try spaceMap.incRef(zero)
+                    let (newRoot, replaced) = try tree.insert(root, block, zero)
+                    root = newRoot
+                    if let replaced { try spaceMap.decRef(replaced) } else { mapped &+= 1 }
+                }
+            } catch {
+                throw noticing(PoolError(error))
+            }
+        }
+        return true
     }
 
     /// The virtual blocks a byte range touches (everything when it overflows: the range
@@ -169,8 +245,8 @@ extension Pool {
         let endWhole = (offset + count) / blockSize
         guard firstWhole < endWhole else { return }
         if try originOf(id) != nil {
-            // Unmapping would bring the origin's bytes back: trimmed blocks become local zeros.
-            return try writeZeroes(id, at: firstWhole * blockSize, count: (endWhole - firstWhole) * blockSize, mayUnmap: false)
+            // Unmapping would bring the origin's bytes back: trimmed blocks share the zero block.
+            return try shareZeroInSlices(id, blocks: firstWhole..<endWhole)
         }
         try unmapInSlices(id, blocks: firstWhole..<endWhole)
     }

@@ -359,4 +359,104 @@ final class MemoryOrigin: VolumeOrigin, OriginOpener, @unchecked Sendable {
         pool.originStore.drain()
         #expect(pool.originInFlight.count == 0)
     }
+
+    @Test func zerosInAnOriginBackedImageShareOneBlockAndWritesOverThemCopy() throws {
+        let device = MemoryDevice(size: 0)
+        let origin = MemoryOrigin(size: 4 << 20, seed: 12, zeros: 0..<(1 << 20))
+        let blocks = 1024
+        var expected = origin.bytes
+        do {
+            // 2 MiB of data space for a 4 MiB image: zeros must not take space.
+            let pool = try Pool.create(on: device, geometry: PoolGeometry(dataSize: 2 << 20, blockSize: 4096, metadataSize: 4 << 20))
+            pool.setOriginOpener(origin)
+            try pool.createOriginClone("c", origin: origin.record)
+            let id = try pool.volumeID("c")
+            let used = pool.info().dataUsedBytes
+            // The first MiB, zeros at the origin, read and stored; the rest trimmed and zeroed.
+            #expect(try pool.read("c", at: 0, count: 1 << 20) == Array(expected[0..<(1 << 20)]))
+            pool.originStore.drain()
+            try pool.trim(id, at: 1 << 20, count: 2 << 20)
+            try pool.writeZeroes(id, at: 3 << 20, count: 1 << 20, mayUnmap: true)
+            expected.replaceSubrange((1 << 20)..<(4 << 20), with: [UInt8](repeating: 0, count: 3 << 20))
+            #expect(try pool.volumeInfo("c").mappedBytes == UInt64(blocks * 4096), "every block is local")
+            #expect(pool.info().dataUsedBytes - used == 4096, "one shared zero block")
+            // Writes over shared zeros copy: whole blocks, parts of blocks, in a snapshot's clone too.
+            _ = try pool.snapshot("c@z")
+            try pool.write("c", at: 4096, [UInt8](repeating: 1, count: 4096))
+            try pool.write("c", at: 2_000_000, [UInt8](repeating: 2, count: 100))
+            expected.replaceSubrange(4096..<8192, with: [UInt8](repeating: 1, count: 4096))
+            expected.replaceSubrange(2_000_000..<2_000_100, with: [UInt8](repeating: 2, count: 100))
+            #expect(try pool.read("c", at: 0, count: 4 << 20) == expected)
+            #expect(try pool.read("c@z", at: 0, count: 4 << 20) == [UInt8](repeating: 0, count: 4 << 20), "the snapshot still reads zeros")
+            #expect(origin.bytesRead == 0, "nothing was read from the origin: it said zeros")
+            #expect(pool.checkProblems() == nil)
+            try pool.flush()
+        }
+        // Reopened: the old zero block is an ordinary shared block; new zeros get a new one.
+        let reopened = try Pool.open(device: device)
+        reopened.setOriginOpener(origin)
+        let id = try reopened.volumeID("c")
+        try reopened.write("c", at: 8192, [UInt8](repeating: 3, count: 8192))
+        try reopened.trim(id, at: 8192, count: 8192)
+        expected.replaceSubrange(8192..<16384, with: [UInt8](repeating: 0, count: 8192))
+        try reopened.delete("c@z")
+        #expect(try reopened.read("c", at: 0, count: 4 << 20) == expected)
+        #expect(reopened.checkProblems() == nil)
+    }
+
+    @Test func aFreedZeroBlockIsForgottenAndNeverHandedOutAsZeros() throws {
+        let (pool, _, id) = try setUp()
+        try pool.trim(id, at: 0, count: 8192)
+        #expect(pool.lockedSpaceMapZeroBlock() != nil)
+        // Rewriting both blocks drops every reference to the zero block: it is forgotten,
+        // and may hold data once reallocated.
+        try pool.write("c", at: 0, [UInt8](repeating: 4, count: 8192))
+        try pool.flush()
+        #expect(pool.lockedSpaceMapZeroBlock() == nil)
+        try pool.write("c", at: 65536, [UInt8](repeating: 5, count: 4096 * 8))
+        try pool.trim(id, at: 16384, count: 4096)
+        #expect(try pool.read("c", at: 16384, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        #expect(try pool.read("c", at: 65536, count: 4096 * 8) == [UInt8](repeating: 5, count: 4096 * 8))
+        #expect(pool.checkProblems() == nil)
+    }
+}
+
+extension OriginTests {
+    @Test func hydratingAnImageWithHolesFetchesItsDataInRunsAndSharesOneZeroBlock() throws {
+        let (pool, _) = try makeMemoryPool(dataSize: 16 << 20, blockSize: 4096, metadataSize: 4 << 20)
+        // 8 MiB with 6 MiB the origin says are zeros: hydration must fit in 16 MiB with room.
+        let origin = MemoryOrigin(size: 8 << 20, seed: 8, zeros: (1 << 20)..<(7 << 20))
+        pool.setOriginOpener(origin)
+        try pool.createOriginClone("c", origin: origin.record)
+        let used = pool.info().dataUsedBytes
+        let step = try pool.hydrate("c", window: 0..<UInt64.max)
+        #expect(step.complete)
+        #expect(step.fetchedBytes == 2 << 20, "only the data is fetched, and counted")
+        #expect(origin.bytesRead == 2 << 20)
+        #expect(origin.reads <= 2 * ((1 << 20) / (4 << 20) + 1), "in runs of up to 4 MiB, not block by block: \(origin.reads)")
+        #expect(pool.info().dataUsedBytes - used == (2 << 20) + 4096, "the data and one zero block")
+        #expect(try pool.read("c", at: 0, count: 8 << 20) == origin.bytes)
+        #expect(pool.checkProblems() == nil)
+    }
+
+    @Test func theZeroBlockIsNeverWrittenInPlaceEvenWithOneReference() throws {
+        let (pool, origin, id) = try setUp()
+        try pool.trim(id, at: 0, count: 4096)
+        // One mapping holds the zero block; a partial write over it must copy, not write it.
+        try pool.write("c", at: 100, [UInt8](repeating: 6, count: 100))
+        try pool.trim(id, at: 5 * 4096, count: 4096)
+        #expect(try pool.read("c", at: 5 * 4096, count: 4096) == [UInt8](repeating: 0, count: 4096))
+        var expected = [UInt8](repeating: 0, count: 4096)
+        expected.replaceSubrange(100..<200, with: [UInt8](repeating: 6, count: 100))
+        #expect(try pool.read("c", at: 0, count: 4096) == expected)
+        #expect(origin.bytesRead == 0)
+        #expect(pool.checkProblems() == nil)
+    }
+}
+
+extension Pool {
+    /// The shared zero block, read under the pool lock (for tests).
+    func lockedSpaceMapZeroBlock() -> UInt64? {
+        (try? lock.withSharedAccess { state throws(PoolError) in state.spaceMap.sharedZeroBlock }) ?? nil
+    }
 }
