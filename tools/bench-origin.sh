@@ -8,7 +8,8 @@
 #     (distinct bytes read before the build wrote them: what an origin may have to give);
 #   - how soon the first build can start: cloning the origin against copying the whole
 #     image first (`thinbd import` from the same export, which skips holes);
-#   - the first and second build's times, and what the second one fetched.
+#   - the first and second build's times, and what the second one fetched;
+#   - hydrating the rest afterwards: its time, what it fetched, the runner pool's use.
 #
 # Usage: tools/bench-origin.sh [--image-size SIZE] [--filler MiB] [--read-filler MiB] [--files N] [--block-size SIZE]
 #   --image-size SIZE  the golden ext4 image (default 4G)
@@ -182,6 +183,12 @@ second=$(build "$work/runner.sock" build-2 "$work/build-2.log")
 fetched_second=$(( $(fetched) - fetched_first ))
 read -r touched_second read_second < <(touched "$work/build-2.log" "$image_bytes")
 cmp -s "$work/build-1/output" "$work/build-2/output" || { echo "bench-origin: the builds' outputs differ" >&2; exit 1; }
+# Then the rest of the image in the background, through the server, as a runner would.
+h0=$(now)
+"$THINBD" hydrate "$work/runner" golden >/dev/null
+h1=$(now)
+hydrated_fetch=$(( $(fetched) - fetched_first - fetched_second ))
+runner_used=$("$THINBD" info "$work/runner" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["used_bytes"])')
 
 # 3. A runner that copies the whole image first.
 t2=$(now)
@@ -206,4 +213,5 @@ printf '%-44s %s\n' "second build on the clone" "$second s"
 printf '%-44s %s\n' "build on the full copy" "$copied s"
 printf '%-44s %s\n' "first build: bytes touched / read first" "$(mib "$touched_first") / $(mib "$read_first")"
 printf '%-44s %s\n' "first build: bytes fetched" "$(mib "$fetched_first") ($(ratio "$fetched_first" "$touched_first")x touched, $(ratio "$fetched_first" "$read_first")x read)"
+printf '%-44s %s\n' "hydrating the rest (through the server)" "$(elapsed "$h0" "$h1") s, $(mib "$hydrated_fetch") fetched; runner pool data used $(mib "$runner_used")"
 printf '%-44s %s\n' "second build: bytes touched / read / fetched" "$(mib "$touched_second") / $(mib "$read_second") / $(mib "$fetched_second")"
