@@ -5,7 +5,7 @@
 #   phase: every block names its own number; every 16th block is zeros). Each round
 #   starts `thinbd serve`, checks a sample of blocks (every written block and random
 #   others: each must be the origin's bytes, or a write the server acknowledged, whole),
-#   then reads random ranges (fetches), writes and flushes whole blocks, and in every
+#   then reads random ranges (fetches), writes, zeroes or trims and flushes whole blocks, and in every
 #   other round runs `thinbd hydrate` through the server, until the server is killed
 #   with SIGKILL at a random moment (by its own pid). `thinbd check` must then be clean.
 #   Last, the clone is hydrated to the end, the origin file is moved away, and every
@@ -120,9 +120,17 @@ def writer(h, round_, stop):
             for _ in range(rng.randrange(1, 6)):
                 block = rng.randrange(BLOCKS)
                 seq += 1
-                data = written(round_, seq, block)
+                # A quarter are WRITE_ZEROES or TRIM: the block then shares the zero block
+                # (thinbd's trim of an origin-backed block reads as zeros, never the origin).
+                kind = rng.randrange(8)
+                data = bytes(BLOCK) if kind < 2 else written(round_, seq, block)
                 pending.setdefault(block, []).append(data)
-                h.pwrite(data, block * BLOCK)
+                if kind == 0:
+                    h.zero(BLOCK, block * BLOCK)
+                elif kind == 1:
+                    h.trim(BLOCK, block * BLOCK)
+                else:
+                    h.pwrite(data, block * BLOCK)
             h.flush()
             # Everything acknowledged before the flush is durable now.
             for block, contents in list(pending.items()):
