@@ -469,7 +469,7 @@ extension Pool {
     /// and a second build fetches nothing the first one fetched.
     func shareFetched(_ id: UInt64, block: UInt64, in state: inout PoolState) throws(PoolError) {
         guard let volume = state.volumes[id], let origin = volume.record.origin else { return }
-        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        let tree = state.mappings
         let physical: UInt64
         do throws(MetadataError) {
             guard let found = try tree.lookup(volume.record.mappingRoot, block) else { return }
@@ -488,16 +488,24 @@ extension Pool {
             if try isUnmapped(ancestor, block, in: state) { ancestors.append(next) }
             next = ancestor.record.parentID
         }
-        for ancestor in ancestors {
-            try state.changingMapping(of: ancestor) { root, mapped throws(PoolError) in
-                do throws(MetadataError) {
+        for ancestor in ancestors { try mapSharing(&state, ancestor, block..<block + 1, to: physical) }
+    }
+
+    /// Maps `blocks` of image `id` to data block `physical`, one more reference each,
+    /// releasing what they mapped before. The caller holds their range lock, or knows
+    /// the image reads the same bytes either way.
+    func mapSharing(_ state: inout PoolState, _ id: UInt64, _ blocks: Range<UInt64>, to physical: UInt64) throws(PoolError) {
+        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        try state.changingMapping(of: id) { root, mapped throws(PoolError) in
+            do throws(MetadataError) {
+                for block in blocks {
                     try spaceMap.incRef(physical)
                     let (newRoot, replaced) = try tree.insert(root, block, physical)
                     root = newRoot
                     if let replaced { try spaceMap.decRef(replaced) } else { mapped &+= 1 }
-                } catch {
-                    throw noticing(PoolError(error))
                 }
+            } catch {
+                throw noticing(PoolError(error))
             }
         }
     }

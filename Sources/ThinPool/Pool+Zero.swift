@@ -159,25 +159,14 @@ extension Pool {
     /// Maps `blocks` of image `id` to the shared zero block, releasing what they mapped
     /// before; false (nothing changed) when there is no shared zero block.
     private func mapSharedZero(_ state: inout PoolState, _ id: UInt64, _ blocks: Range<UInt64>) throws(PoolError) -> Bool {
-        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        let spaceMap = state.spaceMap
         guard let zero = spaceMap.sharedZeroBlock else { return false }
         let references = try mapErrors { try spaceMap.refcount(zero) }
         guard references > 0, references < Self.sharedZeroLimit - UInt32(min(blocks.count, Int(Self.sliceBlocks) * 4)) else {
             spaceMap.forgetSharedZero()
             return false
         }
-        try state.changingMapping(of: id) { root, mapped throws(PoolError) in
-            do throws(MetadataError) {
-                for block in blocks {
-                    try spaceMap.incRef(zero)
-                    let (newRoot, replaced) = try tree.insert(root, block, zero)
-                    root = newRoot
-                    if let replaced { try spaceMap.decRef(replaced) } else { mapped &+= 1 }
-                }
-            } catch {
-                throw noticing(PoolError(error))
-            }
-        }
+        try mapSharing(&state, id, blocks, to: zero)
         return true
     }
 
