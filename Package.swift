@@ -4,7 +4,7 @@ import PackageDescription
 import class Foundation.ProcessInfo
 
 // Layering (see docs/architecture.md):
-//   CLibAIO -> ThinSystem (the only module that touches C and syscalls)
+//   CLibAIO, CThinSupport (with liburing) -> ThinSystem (the only module that touches C and syscalls)
 //   ThinFormat (pure codecs) -> ThinMetadata (cache, transactions, space maps, B-trees)
 //   -> ThinPool (volumes, allocator, volume I/O) -> ThinControl (control protocol, commands)
 //   -> ThinServe (NBD exports, control socket) -> ThinCLI -> thinbd
@@ -34,7 +34,9 @@ let package = Package(
             path: "Sources/CLibAIO",
             providers: [.apt(["libaio-dev"])]
         ),
-        .target(name: "CThinSupport"),
+        // support.c wraps liburing (liburing-dev): its header defines _GNU_SOURCE, which
+        // no header Swift sees may do.
+        .target(name: "CThinSupport", linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "ThinSystem", dependencies: ["CLibAIO", "CThinSupport"]),
         .target(name: "ThinFormat"),
         .target(name: "ThinMetadata", dependencies: ["ThinFormat", "ThinSystem"]),

@@ -7,6 +7,7 @@ need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 have libaio-dev || need+=(libaio-dev)
+have liburing-dev || need+=(liburing-dev)
 if [ "${1:-build}" = test ]; then
     # Real NBD clients the interop tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy,
     # python3-libnbd (what nbdsh runs) and fio with its nbd engine.

@@ -4,6 +4,8 @@
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <pthread.h>
+#include <stdlib.h>
+#include <liburing.h>
 #include "thinbd_support.h"
 
 int thinbd_o_direct(void) { return O_DIRECT; }
@@ -30,4 +32,70 @@ int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock) {
 long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long offset) {
     struct iovec vector = { .iov_base = buffer, .iov_len = length };
     return (long)preadv2(fd, &vector, 1, (off_t)offset, RWF_NOWAIT);
+}
+
+struct thinbd_ring {
+    struct io_uring ring;
+};
+
+thinbd_ring *thinbd_ring_create(unsigned entries, int eventfd, int *error) {
+    thinbd_ring *ring = calloc(1, sizeof(*ring));
+    if (!ring) {
+        *error = 12; /* ENOMEM */
+        return NULL;
+    }
+    int r = io_uring_queue_init(entries, &ring->ring, 0);
+    if (r < 0) {
+        free(ring);
+        *error = -r;
+        return NULL;
+    }
+    r = io_uring_register_eventfd(&ring->ring, eventfd);
+    if (r < 0) {
+        io_uring_queue_exit(&ring->ring);
+        free(ring);
+        *error = -r;
+        return NULL;
+    }
+    return ring;
+}
+
+void thinbd_ring_destroy(thinbd_ring *ring) {
+    io_uring_queue_exit(&ring->ring);
+    free(ring);
+}
+
+unsigned thinbd_ring_space(thinbd_ring *ring) { return io_uring_sq_space_left(&ring->ring); }
+
+int thinbd_ring_prepare(thinbd_ring *ring, int write, int fd, void *buffer, unsigned length,
+                        unsigned long long offset, unsigned long long data) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&ring->ring);
+    if (!sqe) return -1;
+    if (write) {
+        io_uring_prep_write(sqe, fd, buffer, length, offset);
+    } else {
+        io_uring_prep_read(sqe, fd, buffer, length, offset);
+    }
+    io_uring_sqe_set_data64(sqe, data);
+    return 0;
+}
+
+int thinbd_ring_submit(thinbd_ring *ring) { return io_uring_submit(&ring->ring); }
+
+unsigned thinbd_ring_reap(thinbd_ring *ring, unsigned long long *data, int *results, unsigned capacity) {
+    struct io_uring_cqe *cqe;
+    unsigned head, count = 0;
+    io_uring_for_each_cqe(&ring->ring, head, cqe) {
+        if (count == capacity) break;
+        data[count] = io_uring_cqe_get_data64(cqe);
+        results[count] = cqe->res;
+        count++;
+    }
+    io_uring_cq_advance(&ring->ring, count);
+    return count;
+}
+
+int thinbd_ring_wait(thinbd_ring *ring) {
+    struct io_uring_cqe *cqe;
+    return io_uring_wait_cqe(&ring->ring, &cqe);
 }

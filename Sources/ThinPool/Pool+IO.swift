@@ -142,7 +142,7 @@ extension Pool {
     /// belong to the calling thread; `completion` runs there (only after `.started`),
     /// and `buffer` must stay valid until then. Cost: as `read`, minus the waits.
     public func readWithoutBlocking(
-        _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: AIOLoopQueue?,
+        _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: LoopDiskQueue?,
         completion: @escaping (Result<[Extent], PoolError>) -> Void
     ) -> NonBlockingRead {
         let plan: ReadPlan?

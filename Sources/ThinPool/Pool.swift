@@ -274,8 +274,9 @@ public final class Pool: @unchecked Sendable {
     }
     public var engineName: String { device.engineName }
 
-    /// Whether reads can go through per-thread `AIOLoopQueue`s (see `readWithoutBlocking`).
-    public var usesLoopQueues: Bool { device is AIOFileDevice }
+    /// Whether reads can go through per-thread `LoopDiskQueue`s (see
+    /// `readWithoutBlocking`): pool files, with O_DIRECT or through the page cache.
+    public var usesLoopQueues: Bool { device is AIOFileDevice || device is FileDevice }
 
     /// Whether data buffers should be 4 KiB-aligned (O_DIRECT); others are bounced.
     public var prefersAlignedBuffers: Bool { device is AIOFileDevice }

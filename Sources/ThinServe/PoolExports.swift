@@ -136,7 +136,7 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
     }
 
     public func makeLoopQueue() -> NBDLoopQueue? {
-        guard pool.usesLoopQueues, let queue = try? AIOLoopQueue() else { return nil }
+        guard pool.usesLoopQueues, let queue = makeLoopDiskQueue() else { return nil }
         return PoolLoopQueue(queue)
     }
 
@@ -396,14 +396,14 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     }
 }
 
-/// A libaio queue for one event loop: volume reads started there complete there.
+/// A disk queue for one event loop: volume reads started there complete there.
 final class PoolLoopQueue: NBDLoopQueue {
-    let queue: AIOLoopQueue
+    let queue: LoopDiskQueue
 
-    init(_ queue: AIOLoopQueue) { self.queue = queue }
+    init(_ queue: LoopDiskQueue) { self.queue = queue }
 
     func makeReadinessDescriptor() throws -> Int32 { try queue.makeReadinessDescriptor() }
-    func releaseReadinessDescriptor(_ descriptor: Int32) { AIOLoopQueue.releaseReadinessDescriptor(descriptor) }
+    func releaseReadinessDescriptor(_ descriptor: Int32) { queue.releaseReadinessDescriptor(descriptor) }
     func submitQueued() { queue.submitQueued() }
     func runCompletions() { queue.runCompletions() }
     func close() { queue.close() }

@@ -118,7 +118,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
 
     /// Queues the reads on the caller's loop queue when all are aligned and it has room.
     public func startReadsWithoutBlocking(
-        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
         guard let queue, requests.allSatisfy({ $0.buffer.count > 0 && Self.isAligned($0) }) else { return .wouldBlock }
         return queue.enqueue(fd: fd, requests, completion: completion) ? .started : .wouldBlock

@@ -15,9 +15,10 @@ import Glibc
 /// Not thread-safe: every call comes from the owning thread. Cost: no allocation per
 /// operation once the operation table has grown to the peak in flight; one io_submit per
 /// `submitQueued`, one io_getevents per 256 completions.
-public final class AIOLoopQueue: @unchecked Sendable {
+public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// iocbs in flight at once; `enqueue` refuses work beyond it.
     public static let capacity = 256
+    public var capacity: Int { Self.capacity }
 
     private let context: io_context_t
     private let eventFD: Int32
@@ -32,6 +33,9 @@ public final class AIOLoopQueue: @unchecked Sendable {
 
     /// iocbs handed out and not yet completed (queued or in the kernel).
     public private(set) var inFlight = 0
+
+    /// libaio reads a file opened without O_DIRECT inside io_submit: it would block.
+    public var readsPageCacheAsynchronously: Bool { false }
 
     private struct Operation {
         var remaining: Int

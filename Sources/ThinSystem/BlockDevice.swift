@@ -48,7 +48,7 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// `queue`, when given, belongs to the calling thread; `completion` runs there, and
     /// only when the result is `.started`.
     func startReadsWithoutBlocking(
-        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart
     func close()
 }
@@ -57,7 +57,7 @@ public protocol BlockDevice: AnyObject, Sendable {
 public enum NonBlockingStart {
     /// Done already (data served from memory or the page cache), with this outcome.
     case completed(SystemError?)
-    /// Queued on the caller's `AIOLoopQueue`; the completion will run there.
+    /// Queued on the caller's `LoopDiskQueue`; the completion will run there.
     case started
     /// Nothing was done: doing it would block (no queue, no room, data not cached).
     /// The caller falls back to a thread that may block.
@@ -80,7 +80,7 @@ extension BlockDevice {
     }
 
     public func startReadsWithoutBlocking(
-        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
         .wouldBlock
     }

@@ -102,13 +102,24 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     /// Serves the reads from the page cache (preadv2 with RWF_NOWAIT) when every byte
     /// is cached; anything else, errors included, is left to the blocking path.
     public func startReadsWithoutBlocking(
-        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
+        var cached = true
         for request in requests where request.buffer.count > 0 {
             let n = thinbd_pread_nowait(fd, request.buffer.baseAddress, UInt(request.buffer.count), Int64(request.offset))
-            if n != request.buffer.count { return .wouldBlock }
+            if n != request.buffer.count {
+                cached = false
+                break
+            }
         }
-        return .completed(nil)
+        if cached { return .completed(nil) }
+        // Not all in the page cache: an io_uring queue reads it without blocking (and
+        // fills the cache as a pread would); libaio cannot, so a thread does.
+        let nonEmpty = requests.filter { $0.buffer.count > 0 }
+        guard let queue, queue.readsPageCacheAsynchronously,
+            queue.enqueue(fd: fd, nonEmpty, completion: completion)
+        else { return .wouldBlock }
+        return .started
     }
 
     public func barrier() throws {

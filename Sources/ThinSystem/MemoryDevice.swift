@@ -230,7 +230,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     /// Memory never blocks: the reads are done before returning (a thread-free stand-in
     /// for the page cache and loop queues of the file devices).
     public func startReadsWithoutBlocking(
-        _ requests: [IORequest], on queue: AIOLoopQueue?, completion: @escaping (SystemError?) -> Void
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
         precondition(requests.allSatisfy { $0.kind == .read })
         do {

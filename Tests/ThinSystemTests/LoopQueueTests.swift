@@ -4,7 +4,7 @@ import ThinSystem
 
 /// Runs completions until `done()` holds; the queue's I/O is real disk I/O, so this
 /// polls with a short sleep rather than watching the readiness descriptor.
-private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
+private func runUntil(_ queue: LoopDiskQueue, _ done: () -> Bool) {
     let deadline = Date().addingTimeInterval(10)
     while !done() && Date() < deadline {
         queue.submitQueued()
@@ -12,8 +12,15 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
     }
 }
 
+/// A loop queue of each kind.
+private func makeQueue(_ kind: String) throws -> LoopDiskQueue {
+    kind == "io_uring" ? try URingLoopQueue() : try AIOLoopQueue()
+}
+
 @Suite struct LoopQueueTests {
-    @Test func readsQueuedOnTheCallersQueueCompleteThere() throws {
+    static let kinds = ["libaio", "io_uring"]
+
+    @Test(arguments: kinds) func readsQueuedOnTheCallersQueueCompleteThere(kind: String) throws {
         let path = temporaryPath("loopqueue")
         defer { unlink(path) }
         let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
@@ -23,7 +30,7 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
         for i in 0..<pattern.bytes.count { pattern.bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
         try device.write(UnsafeRawBufferPointer(pattern.bytes), at: 65536)
 
-        let queue = try AIOLoopQueue()
+        let queue = try makeQueue(kind)
         let target = AlignedBuffer(count: 65536)
         // Two requests in one operation: the completion runs once, after both.
         let requests = [
@@ -50,22 +57,22 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
         queue.close()
     }
 
-    @Test func refusesWhatItCannotTakeWithoutBlocking() throws {
+    @Test(arguments: kinds) func refusesWhatItCannotTakeWithoutBlocking(kind: String) throws {
         let path = temporaryPath("loopqueue-refuse")
         defer { unlink(path) }
         let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
         defer { device.close() }
         try device.setSize(1 << 20)
-        let queue = try AIOLoopQueue()
+        let queue = try makeQueue(kind)
         defer { queue.close() }
-        let buffer = AlignedBuffer(count: 4096 * (AIOLoopQueue.capacity + 1))
+        let buffer = AlignedBuffer(count: 4096 * (queue.capacity + 1))
         func pages(_ n: Int, unaligned: Bool = false) -> [IORequest] {
             (0..<n).map { i in
                 let lower = i * 4096 + (unaligned ? 1 : 0)
                 return IORequest(.read, UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[lower..<lower + 4095 + (unaligned ? 0 : 1)]), at: 0)
             }
         }
-        let tooMany = device.startReadsWithoutBlocking(pages(AIOLoopQueue.capacity + 1), on: queue) { _ in }
+        let tooMany = device.startReadsWithoutBlocking(pages(queue.capacity + 1), on: queue) { _ in }
         #expect({ if case .wouldBlock = tooMany { true } else { false } }())
         let unaligned = device.startReadsWithoutBlocking(pages(1, unaligned: true), on: queue) { _ in }
         #expect({ if case .wouldBlock = unaligned { true } else { false } }())
@@ -75,7 +82,7 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
 
         // A full queue refuses; room comes back as completions run.
         var done = 0
-        let fill = device.startReadsWithoutBlocking(pages(AIOLoopQueue.capacity), on: queue) { _ in done += 1 }
+        let fill = device.startReadsWithoutBlocking(pages(queue.capacity), on: queue) { _ in done += 1 }
         #expect({ if case .started = fill { true } else { false } }())
         let overflow = device.startReadsWithoutBlocking(pages(1), on: queue) { _ in }
         #expect({ if case .wouldBlock = overflow { true } else { false } }())
@@ -87,13 +94,13 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
         #expect(done == 2)
     }
 
-    @Test func failedReadsReportTheirErrorAndCloseDrainsWhatIsInFlight() throws {
+    @Test(arguments: kinds) func failedReadsReportTheirErrorAndCloseDrainsWhatIsInFlight(kind: String) throws {
         let path = temporaryPath("loopqueue-errors")
         defer { unlink(path) }
         let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
         defer { device.close() }
         try device.setSize(8192)
-        let queue = try AIOLoopQueue()
+        let queue = try makeQueue(kind)
         let buffer = AlignedBuffer(count: 4096)
         var errors: [SystemError?] = []
         // Past the end of the file: the kernel transfers nothing, a short read.
@@ -105,6 +112,40 @@ private func runUntil(_ queue: AIOLoopQueue, _ done: () -> Bool) {
         #expect(errors.compactMap { $0 }.first?.description.contains("short") == true)
         let late = device.startReadsWithoutBlocking([IORequest(.read, buffer.bytes, at: 0)], on: queue) { _ in }
         #expect({ if case .wouldBlock = late { true } else { false } }(), "a closed queue takes nothing")
+    }
+
+    @Test func uncachedPagesOfABufferedFileAreReadThroughIOUringAndCachedOnlyLibaioRefuses() throws {
+        let path = temporaryPath("uring-buffered")
+        defer { unlink(path) }
+        let pattern = AlignedBuffer(count: 65536)
+        for i in 0..<pattern.bytes.count { pattern.bytes[i] = UInt8(truncatingIfNeeded: i &* 13 &+ 1) }
+        do {
+            // Written with O_DIRECT: the page cache does not hold these pages.
+            let direct = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
+            try direct.setSize(1 << 20)
+            try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 131072)
+            direct.close()
+        }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback)
+        defer { device.close() }
+        let target = AlignedBuffer(count: 65536)
+        let libaio = try AIOLoopQueue()
+        defer { libaio.close() }
+        let refused = device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 131072)], on: libaio) { _ in }
+        #expect({ if case .wouldBlock = refused { true } else { false } }(), "libaio would read a buffered file inside io_submit")
+        let ring = try URingLoopQueue()
+        defer { ring.close() }
+        var failure: SystemError?? = .none
+        let start = device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 131072)], on: ring) { failure = .some($0) }
+        #expect({ if case .started = start { true } else { false } }(), "not cached: queued on the ring")
+        runUntil(ring) { failure != nil }
+        #expect(failure == .some(nil))
+        #expect(Array(target.bytes) == Array(pattern.bytes))
+        // The ring's read went through the page cache: now it is served on the spot.
+        let again = AlignedBuffer(count: 65536)
+        let cached = device.startReadsWithoutBlocking([IORequest(.read, again.bytes, at: 131072)], on: ring) { _ in Issue.record("no callback for cached reads") }
+        #expect({ if case .completed(nil) = cached { true } else { false } }())
+        #expect(Array(again.bytes) == Array(pattern.bytes))
     }
 
     @Test func cachedPagesAreReadOnTheSpot() throws {

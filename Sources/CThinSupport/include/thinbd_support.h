@@ -22,4 +22,32 @@ int thinbd_eventfd(void);
 /// preadv2(RWF_NOWAIT) of one buffer: reads only what the page cache holds. Returns the
 /// byte count, or -1 with errno set (EAGAIN: the data is not cached).
 long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long offset);
+
+/// An io_uring instance (liburing's, behind this small interface).
+typedef struct thinbd_ring thinbd_ring;
+
+/// A ring with room for `entries` submissions whose completions signal `eventfd`.
+/// Returns NULL with `*error` set to the errno value when the kernel refuses.
+thinbd_ring *thinbd_ring_create(unsigned entries, int eventfd, int *error);
+
+/// Waits for nothing: the kernel finishes what is in flight, then the ring goes.
+void thinbd_ring_destroy(thinbd_ring *ring);
+
+/// Submission entries free now.
+unsigned thinbd_ring_space(thinbd_ring *ring);
+
+/// Fills a submission entry: a read (write = 0) or write of `length` bytes at `offset`
+/// of `fd`, carrying `data` to its completion. Returns -1 when no entry is free.
+int thinbd_ring_prepare(thinbd_ring *ring, int write, int fd, void *buffer, unsigned length,
+                        unsigned long long offset, unsigned long long data);
+
+/// Hands every filled entry to the kernel: the count, or -errno.
+int thinbd_ring_submit(thinbd_ring *ring);
+
+/// Copies up to `capacity` completions (data and result) out, releases them, and
+/// returns how many. Never waits.
+unsigned thinbd_ring_reap(thinbd_ring *ring, unsigned long long *data, int *results, unsigned capacity);
+
+/// Waits until a completion is there (without taking it): 0 or -errno.
+int thinbd_ring_wait(thinbd_ring *ring);
 #endif

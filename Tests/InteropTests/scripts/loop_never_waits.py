@@ -2,7 +2,10 @@
 ephemeral exports and pool commands (snapshot, volume create and delete, info) run
 through the control socket.
 
-Usage: loop_never_waits.py SOCKET THINBD POOL ROUNDS
+Usage: loop_never_waits.py SOCKET THINBD POOL ROUNDS [--drop-cache]
+With --drop-cache (for a server with --cache writeback) the pool file's pages are
+dropped from the page cache every 20 ms, so that reads keep missing it and go through
+the loop's io_uring queue instead of being served from the cache on the spot.
 The server runs with --ephemeral 'job-*=a'; volume a is fully written. Before the fix,
 opening job-1 (whose clone commits, and whose commit drained reads that only the
 blocked loop could complete) hung the whole server. Every step here has a deadline;
@@ -18,6 +21,7 @@ import time
 import nbd
 
 socket_path, thinbd, pool, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+drop_cache = "--drop-cache" in sys.argv[5:]
 STEP_DEADLINE = 30.0
 failures = []
 stop = threading.Event()
@@ -90,7 +94,19 @@ def cli(*arguments):
     return result.stdout
 
 
+def dropper():
+    fd = os.open(pool, os.O_RDONLY)
+    try:
+        while not stop.is_set():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            time.sleep(0.02)
+    finally:
+        os.close(fd)
+
+
 threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(4)]
+if drop_cache:
+    threads.append(threading.Thread(target=dropper, daemon=True))
 for t in threads:
     t.start()
 time.sleep(0.3)
