@@ -4,7 +4,7 @@
 Servers under test (all on Unix sockets in a private directory, each stopped by its pid
 or by captive mode):
   thinbd --cache none       on a clone of a snapshotted, prefilled volume (writes copy-on-write)
-  thinbd --cache none       on a fresh volume (first-write allocation; reads hit holes)
+  thinbd --cache none       on the prefilled volume itself (nothing shared: writes in place)
   thinbd --cache writeback  the same two
   qemu-nbd --cache=none --aio=native on qcow2 with an internal snapshot (reverted before each job)
   nbdkit file plugin on a raw file (page cache)
@@ -21,7 +21,14 @@ Each job runs on every server before the next job starts, so that the numbers a 
 compares were measured minutes apart at most; with --repeat N the whole sequence runs N
 times and the table shows medians. Prints a table of IOPS and MiB/s per job and the ratios
 thinbd/peer and thinbd/limit, then the server's peak memory with 16 exports in use.
-Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls]
+With --cold, every job starts with a cold page cache: each server is started, then
+`sync` and `echo 3 > /proc/sys/vm/drop_caches` (root), then fio. The warm run (the
+default) leaves the cache as the previous job left it (nbdkit's raw file stays cached;
+thinbd's pool file holds other volumes' blocks).
+
+The 4K random read at QD1 reports mean completion latency (microseconds) instead of
+IOPS, and its ratio is thinbd's latency over the peer's (lower is better).
+Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold]
 """
 import json
 import os
@@ -46,7 +53,9 @@ ALL_JOBS = [
     ("1M seqread QD8", dict(rw="read", bs="1M", iodepth=8, numjobs=1)),
     ("1M seqwrite QD8", dict(rw="write", bs="1M", iodepth=8, numjobs=1)),
     ("4k randrw 4 conns", dict(rw="randrw", bs="4k", iodepth=8, numjobs=4)),
+    ("4k randread QD1 (latency)", dict(rw="randread", bs="4k", iodepth=1, numjobs=1)),
 ]
+COLD = "--cold" in sys.argv
 TLS = "--tls" in sys.argv
 DEFAULT_JOBS = [ALL_JOBS[2], ALL_JOBS[3], ALL_JOBS[0]] if TLS else ALL_JOBS
 JOBS = [ALL_JOBS[int(i)] for i in sys.argv[sys.argv.index("--jobs") + 1].split(",")] if "--jobs" in sys.argv else DEFAULT_JOBS
@@ -60,8 +69,13 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+def is_latency(params):
+    return params["iodepth"] == 1
+
+
 def fio(job, target):
-    """Runs one fio job; target is ('nbd', uri) or ('file', path). Returns (iops, MiB/s)."""
+    """Runs one fio job; target is ('nbd', uri) or ('file', path). Returns (iops, MiB/s),
+    or for a QD1 job (mean completion latency in microseconds, MiB/s)."""
     name, params = job
     args = ["fio", "--name=bench", "--output-format=json", f"--runtime={RUNTIME}", "--time_based",
             "--ramp_time=2", f"--size={SIZE}", "--group_reporting", "--randrepeat=0", "--norandommap"]
@@ -77,11 +91,17 @@ def fio(job, target):
     env = None
     if target[0] == "nbd" and target[1].startswith("nbds"):
         env = dict(os.environ, HOME=FIO_HOME)
+    if COLD:
+        run(["sync"])
+        with open("/proc/sys/vm/drop_caches", "w") as caches:
+            caches.write("3\n")
     out = run(args, env=env).stdout
     data = json.loads(out[out.index("{"):])
-    job = data["jobs"][0]
-    iops = job["read"]["iops"] + job["write"]["iops"]
-    mibs = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / (1 << 20)
+    result = data["jobs"][0]
+    iops = result["read"]["iops"] + result["write"]["iops"]
+    mibs = (result["read"]["bw_bytes"] + result["write"]["bw_bytes"]) / (1 << 20)
+    if is_latency(params):
+        return result["read"]["clat_ns"]["mean"] / 1000, mibs
     return iops, mibs
 
 
@@ -128,34 +148,36 @@ def make_tls_credentials():
 
 
 class ThinbdColumn:
-    """A pool prefilled once (one connection, as qemu-img convert fills the qcow2 peer,
-    then snapshotted); each job runs on a clone of the snapshot (copy-on-write) or on a
-    fresh volume (allocation), served by its own server process."""
+    """A pool prefilled once (one connection, as qemu-img convert fills the qcow2 peer),
+    served by its own server process per job. With `plain`, every job runs on that
+    volume itself: nothing is shared, writes overwrite in place. Otherwise it is
+    snapshotted and each job runs on a new clone of the snapshot: every first write to a
+    block copies it."""
 
-    def __init__(self, raw, cache, fresh, tls=False):
-        self.cache, self.fresh, self.tls = cache, fresh, tls
-        self.pool = os.path.join(WORK, f"thinbd-{cache}-{'fresh' if fresh else 'cow'}{'-tls' if tls else ''}.pool")
+    def __init__(self, raw, cache, plain=False, tls=False):
+        self.cache, self.plain, self.tls = cache, plain, tls
+        self.pool = os.path.join(WORK, f"thinbd-{cache}-{'plain' if plain else 'cow'}{'-tls' if tls else ''}.pool")
         run([THINBD, "create", self.pool, "--size", "16G"])
         run([THINBD, "volume", "create", self.pool, "base", "--size", str(SIZE)])
         proc, uri = thinbd_server(self.pool, cache, "base")
         run(["nbdcopy", "--connections=1", raw, uri])
         stop(proc)
-        run([THINBD, "snapshot", self.pool, "base@prefill"])
+        if not plain:
+            run([THINBD, "snapshot", self.pool, "base@prefill"])
         self.count = 0
 
     def run(self, job):
         self.count += 1
-        name = f"job{self.count}"
-        if self.fresh:
-            run([THINBD, "volume", "create", self.pool, name, "--size", str(SIZE)])
-        else:
+        name = "base" if self.plain else f"job{self.count}"
+        if not self.plain:
             run([THINBD, "clone", self.pool, "base@prefill", name])
         proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
         try:
             return fio(job, ("nbd", uri))
         finally:
             stop(proc)
-            run([THINBD, "volume", "delete", self.pool, name])
+            if not self.plain:
+                run([THINBD, "volume", "delete", self.pool, name])
 
 
 def served_fio(job, command, sock, tls=False):
@@ -263,10 +285,10 @@ def main():
     if TLS:
         return tls_comparison(raw, started)
     columns = [
-        ("thinbd none, CoW", lambda: ThinbdColumn(raw, "none", fresh=False)),
-        ("thinbd none, fresh", lambda: ThinbdColumn(raw, "none", fresh=True)),
-        ("thinbd wb, CoW", lambda: ThinbdColumn(raw, "writeback", fresh=False)),
-        ("thinbd wb, fresh", lambda: ThinbdColumn(raw, "writeback", fresh=True)),
+        ("thinbd none, CoW", lambda: ThinbdColumn(raw, "none")),
+        ("thinbd none, plain", lambda: ThinbdColumn(raw, "none", plain=True)),
+        ("thinbd wb, CoW", lambda: ThinbdColumn(raw, "writeback")),
+        ("thinbd wb, plain", lambda: ThinbdColumn(raw, "writeback", plain=True)),
         ("qemu-nbd qcow2", lambda: QemuColumn(raw)),
         ("nbdkit file", lambda: NbdkitColumn(raw)),
         ("raw libaio", lambda: RawColumn(raw)),
@@ -279,22 +301,27 @@ def main():
     memory = None if "--no-memory" in sys.argv else peak_memory_16_exports()
 
     print()
-    print("| job | " + " | ".join(title for title, _ in columns) + " | none/qemu-nbd | wb/nbdkit | none/raw |")
-    print("| --- " * (len(columns) + 4) + "|")
+    print(f"page cache: {'cold (dropped before every job)' if COLD else 'warm'}")
+    ratios = [("none CoW/qemu-nbd", "thinbd none, CoW", "qemu-nbd qcow2"), ("none plain/qemu-nbd", "thinbd none, plain", "qemu-nbd qcow2"),
+              ("wb CoW/nbdkit", "thinbd wb, CoW", "nbdkit file"), ("wb plain/nbdkit", "thinbd wb, plain", "nbdkit file"),
+              ("wb CoW/none CoW", "thinbd wb, CoW", "thinbd none, CoW"), ("none CoW/raw", "thinbd none, CoW", "raw libaio")]
+    print("| job | " + " | ".join(title for title, _ in columns) + " | " + " | ".join(r[0] for r in ratios) + " |")
+    print("| --- " * (len(columns) + len(ratios) + 1) + "|")
     for i, (name, params) in enumerate(JOBS):
         large = params["bs"] == "1M"
+        latency = is_latency(params)
         cells = []
         for title, _ in columns:
-            iops, mibs = results[title][i]
-            cells.append(f"{mibs:,.0f} MiB/s" if large else f"{iops:,.0f} IOPS")
+            value, mibs = results[title][i]
+            cells.append(f"{mibs:,.0f} MiB/s" if large else f"{value:,.1f} µs" if latency else f"{value:,.0f} IOPS")
         def ratio(a, b):
             if a not in results or b not in results:
                 return "-"
             x = results[a][i][1 if large else 0]
             y = results[b][i][1 if large else 0]
             return f"{x / y:.2f}x" if y else "-"
-        print(f"| {name} | " + " | ".join(cells) +
-              f" | {ratio('thinbd none, CoW', 'qemu-nbd qcow2')} | {ratio('thinbd wb, CoW', 'nbdkit file')} | {ratio('thinbd none, CoW', 'raw libaio')} |")
+        print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratio(a, b) for _, a, b in ratios) + " |")
+    print("(QD1 rows: latency, so their ratios are better below 1.0)")
     print()
     if memory is not None:
         print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")
@@ -307,8 +334,8 @@ def main():
 def tls_comparison(raw, started):
     make_tls_credentials()
     columns = [
-        ("thinbd", ThinbdColumn(raw, "none", fresh=False)),
-        ("thinbd TLS", ThinbdColumn(raw, "none", fresh=False, tls=True)),
+        ("thinbd", ThinbdColumn(raw, "none")),
+        ("thinbd TLS", ThinbdColumn(raw, "none", tls=True)),
         ("qemu-nbd", QemuColumn(raw)),
         ("qemu-nbd TLS", QemuColumn(raw, tls=True)),
         ("nbdkit null TLS (ceiling)", NullColumn()),

@@ -257,10 +257,9 @@ extension Pool {
                 let scratch = buffers.take(Int(blockSize))
                 if entry.current == nil { scratch.zero() }
                 if let current = entry.current {
-                    let head = Int(entry.inner)
-                    let tail = Int(entry.inner + entry.length)
-                    io.reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[0..<head]), at: diskOffset(current))
-                    io.reads.add(.read, UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[tail...]), at: diskOffset(current, UInt64(tail)))
+                    // The whole old block in one read (the written part is overlaid after):
+                    // one I/O where reading around the write took two.
+                    io.reads.add(.read, scratch.bytes, at: diskOffset(current))
                 }
                 io.copies.append((entry, scratch, data))
             }

@@ -17,6 +17,16 @@ private func makeQueue(_ kind: String) throws -> LoopDiskQueue {
     kind == "io_uring" ? try URingLoopQueue() : try AIOLoopQueue()
 }
 
+/// Asks the kernel to drop the file's clean pages from the page cache, so that reads of
+/// it miss (an O_DIRECT write alone does not always leave them out).
+private func dropFromPageCache(_ path: String) {
+    let fd = open(path, O_RDONLY)
+    guard fd >= 0 else { return }
+    fdatasync(fd)
+    _ = posix_fadvise(fd, 0, 0, Int32(POSIX_FADV_DONTNEED))
+    close(fd)
+}
+
 @Suite struct LoopQueueTests {
     static let kinds = ["libaio", "io_uring"]
 
@@ -122,16 +132,20 @@ private func makeQueue(_ kind: String) throws -> LoopDiskQueue {
         do {
             // Written with O_DIRECT: the page cache does not hold these pages.
             let direct = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
-            try direct.setSize(1 << 20)
+            try direct.setSize(8 << 20)
             try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 131072)
+            try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 6 << 20)
             direct.close()
         }
+        dropFromPageCache(path)
         let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback)
         defer { device.close() }
         let target = AlignedBuffer(count: 65536)
         let libaio = try AIOLoopQueue()
         defer { libaio.close() }
-        let refused = device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 131072)], on: libaio) { _ in }
+        // Far from the ring's read below: a missed RWF_NOWAIT read may start read-ahead
+        // around it, which would warm the pages the ring is to read.
+        let refused = device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 6 << 20)], on: libaio) { _ in }
         #expect({ if case .wouldBlock = refused { true } else { false } }(), "libaio would read a buffered file inside io_submit")
         let ring = try URingLoopQueue()
         defer { ring.close() }
@@ -146,6 +160,41 @@ private func makeQueue(_ kind: String) throws -> LoopDiskQueue {
         let cached = device.startReadsWithoutBlocking([IORequest(.read, again.bytes, at: 131072)], on: ring) { _ in Issue.record("no callback for cached reads") }
         #expect({ if case .completed(nil) = cached { true } else { false } }())
         #expect(Array(again.bytes) == Array(pattern.bytes))
+    }
+
+    @Test func aThreadsUncachedReadsGoTogetherThroughARingAndReadRight() throws {
+        let path = temporaryPath("ring-perform")
+        defer { unlink(path) }
+        let pattern = AlignedBuffer(count: 1 << 20)
+        for i in 0..<pattern.bytes.count {
+            let value: Int = i &* 7 &+ (i >> 12)
+            pattern.bytes[i] = UInt8(truncatingIfNeeded: value)
+        }
+        do {
+            let direct = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
+            try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 0)
+            direct.close()
+        }
+        dropFromPageCache(path)
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback)
+        defer { device.close() }
+        // Warm one of the blocks, so the batch mixes cached pages and misses.
+        let warm = AlignedBuffer(count: 65536)
+        try device.read(into: warm.bytes, at: 3 * 65536)
+        let target = AlignedBuffer(count: 1 << 20)
+        var requests: [IORequest] = []
+        for i in (0..<16).reversed() {
+            let slice = UnsafeMutableRawBufferPointer(rebasing: target.bytes[i * 65536..<(i + 1) * 65536])
+            requests.append(IORequest(.read, slice, at: UInt64(i * 65536)))
+        }
+        try device.perform(requests)
+        #expect(Array(target.bytes) == Array(pattern.bytes))
+        // A batch with writes keeps its order: the read after the write sees it.
+        let changed = AlignedBuffer(count: 4096)
+        for i in 0..<4096 { changed.bytes[i] = 0xEE }
+        let back = AlignedBuffer(count: 4096)
+        try device.perform([IORequest(.write, changed.bytes, at: 8192), IORequest(.read, back.bytes, at: 8192)])
+        #expect(Array(back.bytes) == Array(changed.bytes))
     }
 
     @Test func cachedPagesAreReadOnTheSpot() throws {
