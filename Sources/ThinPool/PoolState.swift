@@ -61,9 +61,13 @@ struct PoolState {
         guard let volume = volumes[id] else { throw .noSuchVolume("#\(id)") }
         var (root, mapped) = (volume.record.mappingRoot, volume.record.mappedBlocks)
         defer {
-            volumes[id]?.change { record in
-                record.mappingRoot = root
-                record.mappedBlocks = mapped
+            // Only a real change dirties the record: writes that overwrite blocks in
+            // place leave nothing to commit (the auto-commit then skips the interval).
+            if root != volume.record.mappingRoot || mapped != volume.record.mappedBlocks {
+                volumes[id]?.change { record in
+                    record.mappingRoot = root
+                    record.mappedBlocks = mapped
+                }
             }
         }
         return try body(&root, &mapped)
