@@ -84,8 +84,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     public var size: UInt64 { get throws { try Syscall.fileSize(fd) } }
 
-    /// Rings lent to threads that read several blocks at once (`perform`); empty when
-    /// io_uring is not available (`ringsUnavailable`).
+    /// Rings lent to threads that read several blocks at once (`perform`), and whether
+    /// io_uring turned out to be unavailable (then none is tried again).
     private let idleRings = LockedValue((rings: [URingLoopQueue](), unavailable: false))
     /// Idle rings kept for reuse; more are closed when returned.
     static let idleRingLimit = 8
@@ -147,7 +147,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// Serves the reads from the page cache (preadv2 with RWF_NOWAIT) when every byte
-    /// is cached; anything else, errors included, is left to the blocking path.
+    /// is cached; otherwise queues them on `queue` when it reads the page cache without
+    /// blocking (io_uring). Anything else, errors included, is left to the blocking path.
     public func startReadsWithoutBlocking(
         _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
