@@ -203,6 +203,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             if wait > .zero {
                 context.eventLoop.assumeIsolated().scheduleTask(in: wait) {
                     self.runWrites(writes, export: export, context: context)
+                    self.loopIO.scheduleSubmission()
                 }
                 return
             }
@@ -211,8 +212,41 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func runWrites(_ writes: [GatheredWrite], export: NBDExport, context: ChannelHandlerContext) {
-        // With every other connection's writes of this loop round, as one batch.
-        loopIO.submitWrites(writes, export: export, handler: self, context: context)
+        // Writes that only overwrite owned blocks go to the loop's disk queue; the rest,
+        // with every other connection's writes of this loop round, go off the loop as one
+        // batch.
+        var offLoop: [GatheredWrite] = []
+        for write in writes {
+            if write.fua || !startOnLoop(write, export: export, context: context) { offLoop.append(write) }
+        }
+        guard !offLoop.isEmpty else { return }
+        loopIO.submitWrites(offLoop, export: export, handler: self, context: context)
+    }
+
+    /// Starts `write` on the loop's disk queue; false when the export says it would block.
+    private func startOnLoop(_ write: GatheredWrite, export: NBDExport, context: ChannelHandlerContext) -> Bool {
+        guard let queue = loopIO.queue else { return false }
+        // The payload's storage lives as long as the completion, which holds `write`.
+        let start = write.payload.withUnsafeReadableBytes { data in
+            export.writeWithoutBlocking(at: write.offset, from: data, queue: queue) { error in
+                // On the loop, from its completion round.
+                self.writeFinishedOnLoop(write, error, context: context)
+            }
+        }
+        if case .started = start { return true }
+        return false
+    }
+
+    private func writeFinishedOnLoop(_ write: GatheredWrite, _ error: NBDExportError?, context: ChannelHandlerContext) {
+        let actions = state.requestFinished(bytes: write.payload.readableBytes)
+        if state.isOpen {
+            writeReply(cookie: write.cookie, error, context: context)
+            if !flushScheduled {
+                flushScheduled = true
+                loopIO.flushAfterCompletions(self, context)
+            }
+        }
+        run(actions, context: context)
     }
 
     /// The outcomes of writes handed to `LoopIO.submitWrites`, on the loop.
@@ -223,13 +257,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             guard state.isOpen else { continue }
             switch result {
             case .success(let outcomes):
-                var out = context.channel.allocator.buffer(capacity: 64)
-                if let error = outcomes[i] {
-                    NBDReplyEncoder.error(error.code, message: error.message, cookie: write.cookie, structured: session?.structuredReplies ?? false, into: &out)
-                } else {
-                    NBDReplyEncoder.done(cookie: write.cookie, into: &out)
-                }
-                context.write(wrapOutboundOut(out), promise: nil)
+                writeReply(cookie: write.cookie, outcomes[i], context: context)
             case .failure(let error):
                 // The thread pool stopped: the server is going away.
                 reply(error: .shutdown, "server is shutting down (\(error))", cookie: write.cookie, context: context)
@@ -237,6 +265,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         if state.isOpen { context.flush() }
         run(actions, context: context)
+    }
+
+    /// Writes (without flushing) a WRITE's reply: done, or its error.
+    private func writeReply(cookie: UInt64, _ error: NBDExportError?, context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: 64)
+        if let error {
+            NBDReplyEncoder.error(error.code, message: error.message, cookie: cookie, structured: session?.structuredReplies ?? false, into: &out)
+        } else {
+            NBDReplyEncoder.done(cookie: cookie, into: &out)
+        }
+        context.write(wrapOutboundOut(out), promise: nil)
     }
 
     /// A reply's bytes: a head, and for reads the data, sent as they are (no copy).

@@ -81,6 +81,23 @@ public protocol NBDExport: AnyObject, Sendable {
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
         completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
     ) -> NBDNonBlockingRead
+
+    /// Tries to start a WRITE (without FUA) on an event loop thread without blocking it,
+    /// as `readWithoutBlocking` does reads; `data` stays valid until `completion`, which
+    /// runs on the loop only after `.started`. The default says `.wouldBlock`, and the
+    /// server then hands the write to `writeBatch` on its thread pool.
+    func writeWithoutBlocking(
+        at offset: UInt64, from data: UnsafeRawBufferPointer, queue: NBDLoopQueue?,
+        completion: @escaping (NBDExportError?) -> Void
+    ) -> NBDNonBlockingWrite
+}
+
+/// How `NBDExport.writeWithoutBlocking` went.
+public enum NBDNonBlockingWrite {
+    /// Queued on the loop queue; the completion runs on the loop.
+    case started
+    /// Nothing done; the server runs the write on a thread that may block.
+    case wouldBlock
 }
 
 /// One WRITE of `NBDExport.writeBatch`; `data` is valid for the call.
@@ -138,6 +155,13 @@ extension NBDExport {
         at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: NBDLoopQueue?,
         completion: @escaping (Result<[NBDExtent], NBDExportError>) -> Void
     ) -> NBDNonBlockingRead {
+        .wouldBlock
+    }
+
+    public func writeWithoutBlocking(
+        at offset: UInt64, from data: UnsafeRawBufferPointer, queue: NBDLoopQueue?,
+        completion: @escaping (NBDExportError?) -> Void
+    ) -> NBDNonBlockingWrite {
         .wouldBlock
     }
 

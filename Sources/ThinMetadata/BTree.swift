@@ -107,16 +107,19 @@ public struct BTree {
     }
 
     /// Looks `key` up and says whether any node on its path is shared with another tree.
-    public func lookupWithSharing(_ root: UInt64, _ key: UInt64) throws(MetadataError) -> (value: UInt64, pathShared: Bool)? {
+    /// With `cachedOnly`, a node that is not cached throws `.notCached`.
+    public func lookupWithSharing(
+        _ root: UInt64, _ key: UInt64, cachedOnly: Bool = false
+    ) throws(MetadataError) -> (value: UInt64, pathShared: Bool)? {
         guard root != 0 else { return nil }
         var number = root
-        var node = try readRoot(root)
+        var node = try readRoot(root, cachedOnly: cachedOnly)
         var upper: UInt64?
         var shared = store.refcount(root) > 1
         while !node.isLeaf {
             let i = node.childIndex(for: key)
             if i < 0 { return nil }
-            (node, number, upper) = try readChild(of: node, at: i, upper: upper)
+            (node, number, upper) = try readChild(of: node, at: i, upper: upper, cachedOnly: cachedOnly)
             if store.refcount(number) > 1 { shared = true }
         }
         let i = node.lowerBound(key)

@@ -123,21 +123,22 @@ public final class DataSpaceMap {
     public var usedBlocks: UInt64 { dataBlocks - freeBlocks - UInt64(pendingFree.count) }
 
 
-    /// The reference count of data block `block`. Cost: one cached block read.
-    public func refcount(_ block: UInt64) throws(MetadataError) -> UInt32 {
+    /// The reference count of data block `block`. Cost: one cached block read. With
+    /// `cachedOnly`, a refcount block that is not cached throws `.notCached`.
+    public func refcount(_ block: UInt64, cachedOnly: Bool = false) throws(MetadataError) -> UInt32 {
         let g = Int(block / UInt64(Self.entriesPerGroup))
         guard block < dataBlocks else { throw .refcountInvariant("data block \(block) is beyond the pool's \(dataBlocks)") }
         let location = groupBlock[g]
         if location == 0 { return 0 }
-        let rcb = try readGroup(g, location)
+        let rcb = try readGroup(g, location, cachedOnly: cachedOnly)
         return RefcountLayout.count(rcb.bytes, Int(block % UInt64(Self.entriesPerGroup)))
     }
 
     /// True when the last commit may still share `block` although its count is now 1.
     public func sharingDroppedThisTransaction(_ block: UInt64) -> Bool { decremented.contains(block) }
 
-    private func readGroup(_ g: Int, _ location: UInt64) throws(MetadataError) -> MetadataBlock {
-        let rcb = try store.read(location, .refcounts)
+    private func readGroup(_ g: Int, _ location: UInt64, cachedOnly: Bool = false) throws(MetadataError) -> MetadataBlock {
+        let rcb = try store.read(location, .refcounts, cachedOnly: cachedOnly)
         guard Int(rcb.bytes.le32(12)) == g else {
             throw .corruptBlock(location, .refcounts, "belongs to group \(rcb.bytes.le32(12)), indexed as group \(g)")
         }

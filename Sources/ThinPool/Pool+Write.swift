@@ -282,6 +282,91 @@ extension Pool {
         try mapErrors { try device.perform(io.writes.requests) }
     }
 
+    /// Whether `writeInPlaceWithoutBlocking` started.
+    public enum NonBlockingWrite {
+        /// Queued on the caller's loop queue; the completion runs there.
+        case started
+        /// Nothing done: the write needs the blocking path (see `writeInPlaceWithoutBlocking`).
+        /// Call `write` or `writeBatch` from a thread that may block.
+        case wouldBlock
+    }
+
+    /// Starts a write that only overwrites blocks volume `id` owns, without ever blocking
+    /// the calling thread: for event loops, so that such a write goes from socket to disk
+    /// and back without a thread hand-off. `queue` must belong to the calling thread;
+    /// `completion` runs there, only after `.started`; `data` must stay valid until then.
+    ///
+    /// It says `.wouldBlock`, changing nothing, whenever the write needs more than data
+    /// I/O or would wait: a block is unmapped, shared (or was shared by the last commit),
+    /// or the shared zero block; the volume has an origin; its blocks are locked by
+    /// another write or a volume operation; the pool lock is held exclusively; metadata
+    /// is not cached; the device cannot queue it (O_DIRECT alignment, a queue without
+    /// room); or any check fails (the blocking path then reports the error).
+    ///
+    /// Crash safety: as an in-place write through `write`: the data is durable after the
+    /// next FLUSH (commit), and no metadata changes. The blocks' range lock is held until
+    /// the data I/O completes, so snapshots and other volume operations wait for it.
+    public func writeInPlaceWithoutBlocking(
+        _ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, queue: LoopDiskQueue?,
+        completion: @escaping (PoolError?) -> Void
+    ) -> NonBlockingWrite {
+        guard let queue, data.count > 0, failure == nil else { return .wouldBlock }
+        let count = UInt64(data.count)
+        let range = blockRange(offset, count)
+        guard let hold = rangeLocks.tryHold(id, range) else { return .wouldBlock }
+        let requests = try? lock.tryWithSharedAccess { state throws(PoolError) -> [IORequest]? in
+            let volume = try volume(id, writing: true, at: offset, count: count, in: state)
+            guard volume.record.origin == nil else { return nil }
+            return try inPlaceRequests(volume, at: offset, data: data, in: state)
+        }
+        guard let requests = requests ?? nil else {
+            rangeLocks.release(hold)
+            return .wouldBlock
+        }
+        let locks = rangeLocks
+        let started = device.startWritesWithoutBlocking(requests, on: queue) { error in
+            locks.release(hold)
+            completion(error.map { .io($0) })
+        }
+        guard case .started = started else {
+            rangeLocks.release(hold)
+            return .wouldBlock
+        }
+        return .started
+    }
+
+    /// The device writes of `data` at `offset` when every block it touches is mapped,
+    /// owned by `volume` alone (now and in the last commit) and not the shared zero
+    /// block, found in cached metadata; nil otherwise.
+    private func inPlaceRequests(
+        _ volume: VolumeState, at offset: UInt64, data: UnsafeRawBufferPointer, in state: borrowing PoolState
+    ) throws(PoolError) -> [IORequest]? {
+        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        let source = UnsafeMutableRawBufferPointer(mutating: data)
+        var requests: [IORequest] = []
+        var position = offset
+        let end = offset + UInt64(data.count)
+        do throws(MetadataError) {
+            while position < end {
+                let vb = position / blockSize
+                let inner = position - vb * blockSize
+                let length = min(blockSize - inner, end - position)
+                guard let (physical, pathShared) = try tree.lookupWithSharing(volume.record.mappingRoot, vb, cachedOnly: true),
+                    !pathShared, !spaceMap.sharingDroppedThisTransaction(physical), physical != spaceMap.sharedZeroBlock,
+                    try spaceMap.refcount(physical, cachedOnly: true) == 1
+                else { return nil }
+                let lower = Int(position - offset)
+                requests.append(
+                    IORequest(.write, UnsafeMutableRawBufferPointer(rebasing: source[lower..<lower + Int(length)]), at: diskOffset(physical, inner)))
+                position += length
+            }
+        } catch {
+            // Not cached, or damage: the blocking path reads it, or reports it.
+            return nil
+        }
+        return requests
+    }
+
     /// One write of a `writeBatch`.
     public struct BatchedWrite {
         public var volume: UInt64

@@ -75,20 +75,23 @@ final class ControlServer: @unchecked Sendable {
         let queue = self.queue
         let connections = self.connections
         do {
-            channel = try ServerBootstrap(group: group)
-                .serverChannelOption(.backlog, value: 64)
-                // A client may send its requests and shut down its side (`printf ... |
-                // socat`): the replies still go out before the connection closes.
-                .childChannelOption(.allowRemoteHalfClosure, value: true)
-                .childChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        connections.insert(channel)
-                        try channel.pipeline.syncOperations.addHandler(
-                            ControlConnectionHandler(commands: commands, queue: queue, log: log))
+            // Made owner-only from the start (0600), not only after the chmod below.
+            channel = try SystemInfo.withCreationMask(0o177) {
+                try ServerBootstrap(group: group)
+                    .serverChannelOption(.backlog, value: 64)
+                    // A client may send its requests and shut down its side (`printf ... |
+                    // socat`): the replies still go out before the connection closes.
+                    .childChannelOption(.allowRemoteHalfClosure, value: true)
+                    .childChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            connections.insert(channel)
+                            try channel.pipeline.syncOperations.addHandler(
+                                ControlConnectionHandler(commands: commands, queue: queue, log: log))
+                        }
                     }
-                }
-                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
-                .wait()
+                    .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+                    .wait()
+            }
             try SystemInfo.setPermissions(path, mode: 0o600)
         } catch {
             try? channel?.close().wait()

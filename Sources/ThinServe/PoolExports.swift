@@ -312,6 +312,23 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         }
     }
 
+    func writeWithoutBlocking(
+        at offset: UInt64, from data: UnsafeRawBufferPointer, queue: NBDLoopQueue?,
+        completion: @escaping (NBDExportError?) -> Void
+    ) -> NBDNonBlockingWrite {
+        let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
+        let start = pool.writeInPlaceWithoutBlocking(id, at: offset, from: data, queue: (queue as? PoolLoopQueue)?.queue) {
+            [metrics] error in
+            let mapped = error.map(nbdError)
+            metrics?.record(.write, bytes: data.count, started: started, failed: mapped != nil)
+            completion(mapped)
+        }
+        switch start {
+        case .started: return .started
+        case .wouldBlock: return .wouldBlock
+        }
+    }
+
     private static func nbdExtents(_ extents: [Extent]) -> [NBDExtent] {
         extents.map { NBDExtent(offset: $0.offset, length: $0.length, isHole: !$0.isMapped) }
     }

@@ -124,6 +124,13 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         return queue.enqueue(fd: fd, requests, completion: completion) ? .started : .wouldBlock
     }
 
+    public func startWritesWithoutBlocking(
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart {
+        guard requests.allSatisfy({ $0.kind == .write }) else { return .wouldBlock }
+        return startReadsWithoutBlocking(requests, on: queue, completion: completion)
+    }
+
     private func prepare(_ requests: [IORequest], for batch: Batch) -> UnsafeMutablePointer<iocb> {
         let iocbs = UnsafeMutablePointer<iocb>.allocate(capacity: requests.count)
         let token = Unmanaged.passUnretained(batch).toOpaque()

@@ -34,8 +34,8 @@ public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// iocbs handed out and not yet completed (queued or in the kernel).
     public private(set) var inFlight = 0
 
-    /// libaio reads a file opened without O_DIRECT inside io_submit: it would block.
-    public var readsPageCacheAsynchronously: Bool { false }
+    /// libaio reads and writes a file opened without O_DIRECT inside io_submit: it would block.
+    public var handlesPageCacheAsynchronously: Bool { false }
 
     private struct Operation {
         var remaining: Int

@@ -50,6 +50,12 @@ public protocol BlockDevice: AnyObject, Sendable {
     func startReadsWithoutBlocking(
         _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart
+    /// Starts writes without blocking the calling thread, as `startReadsWithoutBlocking`
+    /// does reads: queued on `queue` (which belongs to the caller, where `completion`
+    /// runs) or `.wouldBlock`. Never `.completed`.
+    func startWritesWithoutBlocking(
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart
     func close()
 }
 
@@ -80,6 +86,12 @@ extension BlockDevice {
     }
 
     public func startReadsWithoutBlocking(
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart {
+        .wouldBlock
+    }
+
+    public func startWritesWithoutBlocking(
         _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
         .wouldBlock

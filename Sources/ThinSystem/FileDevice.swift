@@ -164,8 +164,20 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         // Not all in the page cache: an io_uring queue reads it without blocking (and
         // fills the cache as a pread would); libaio cannot, so a thread does.
         let nonEmpty = requests.filter { $0.buffer.count > 0 }
-        guard let queue, queue.readsPageCacheAsynchronously,
+        guard let queue, queue.handlesPageCacheAsynchronously,
             queue.enqueue(fd: fd, nonEmpty, completion: completion)
+        else { return .wouldBlock }
+        return .started
+    }
+
+    /// Queues the writes on `queue` when it writes the page cache without blocking
+    /// (io_uring, which hands a write that would block to its own workers).
+    public func startWritesWithoutBlocking(
+        _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
+    ) -> NonBlockingStart {
+        guard let queue, queue.handlesPageCacheAsynchronously,
+            requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 }),
+            queue.enqueue(fd: fd, requests, completion: completion)
         else { return .wouldBlock }
         return .started
     }

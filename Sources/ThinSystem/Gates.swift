@@ -155,4 +155,30 @@ public final class RangeLock: @unchecked Sendable {
         }
         return try body()
     }
+
+    /// A range taken by `tryHold`; give it back to `release`.
+    public struct Hold: Sendable {
+        fileprivate let ticket: UInt64
+    }
+
+    /// Takes `range` of `owner` if nobody holds an overlapping range, without waiting
+    /// (one uncontended mutex, as `DrainGate.enter`): for event loops, which then hold it
+    /// across asynchronous I/O and `release` it from the completion. Nil when taken.
+    public func tryHold(_ owner: UInt64, _ range: Range<UInt64>) -> Hold? {
+        state.lock()
+        defer { state.unlock() }
+        guard !held.contains(where: { $0.owner == owner && $0.range.overlaps(range) }) else { return nil }
+        let ticket = nextTicket
+        nextTicket += 1
+        held.append((owner, range, ticket))
+        return Hold(ticket: ticket)
+    }
+
+    /// Gives back a range from `tryHold`, waking whoever waits for it. Never waits.
+    public func release(_ hold: Hold) {
+        state.lock()
+        held.removeAll { $0.ticket == hold.ticket }
+        state.broadcast()
+        state.unlock()
+    }
 }

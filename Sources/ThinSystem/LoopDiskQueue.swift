@@ -8,8 +8,9 @@
 /// `AIOLoopQueue` (libaio; O_DIRECT only, since libaio reads other files inside
 /// io_submit).
 public protocol LoopDiskQueue: AnyObject {
-    /// Whether reads of files opened without O_DIRECT start without blocking too.
-    var readsPageCacheAsynchronously: Bool { get }
+    /// Whether reads and writes of files opened without O_DIRECT start without blocking
+    /// too (io_uring completes them when the page cache has done its part).
+    var handlesPageCacheAsynchronously: Bool { get }
 
     /// Requests it holds at once (queued or in the kernel); `enqueue` refuses beyond.
     var capacity: Int { get }

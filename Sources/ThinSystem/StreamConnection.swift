@@ -107,6 +107,17 @@ extension SystemInfo {
     public static func setPermissions(_ path: String, mode: UInt32) throws(SystemError) {
         if chmod(path, mode_t(mode)) != 0 { throw SystemError.current("chmod \(path)") }
     }
+
+    /// Runs `body` with the process's file-creation mask at `mask` (at least as strict as
+    /// it was), then puts it back: files and sockets made meanwhile never exist with wider
+    /// permissions, not even between their creation and a chmod. The mask is the
+    /// process's: files other threads create meanwhile are made as strictly.
+    public static func withCreationMask<T>(_ mask: UInt32, _ body: () throws -> T) rethrows -> T {
+        let previous = umask(mode_t(mask))
+        umask(previous | mode_t(mask))
+        defer { umask(previous) }
+        return try body()
+    }
 }
 
 /// What `stat` says of a path, for the security checks of the control socket's place.

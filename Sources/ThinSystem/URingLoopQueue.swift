@@ -35,7 +35,7 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// Requests handed out and not yet completed (queued or in the kernel).
     public private(set) var inFlight = 0
 
-    public var readsPageCacheAsynchronously: Bool { true }
+    public var handlesPageCacheAsynchronously: Bool { true }
 
     private struct Operation {
         var remaining: Int

@@ -137,24 +137,43 @@ private func dropFromPageCache(_ path: String) {
             try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 6 << 20)
             direct.close()
         }
-        dropFromPageCache(path)
         let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback)
         defer { device.close() }
         let target = AlignedBuffer(count: 65536)
+        // Whether a page is cached is the kernel's business (a missed RWF_NOWAIT read
+        // starts read-ahead, other tests load the machine), so each check drops the
+        // pages first and is tried a few times; what must hold on every try is checked
+        // every time.
         let libaio = try AIOLoopQueue()
         defer { libaio.close() }
-        // Far from the ring's read below: a missed RWF_NOWAIT read may start read-ahead
-        // around it, which would warm the pages the ring is to read.
-        let refused = device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 6 << 20)], on: libaio) { _ in }
-        #expect({ if case .wouldBlock = refused { true } else { false } }(), "libaio would read a buffered file inside io_submit")
+        var refusedUncached = false
+        for _ in 0..<20 where !refusedUncached {
+            dropFromPageCache(path)
+            switch device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 6 << 20)], on: libaio, completion: { _ in }) {
+            case .started: Issue.record("libaio would read a buffered file inside io_submit: it must not take it")
+            case .wouldBlock: refusedUncached = true
+            case .completed: #expect(Array(target.bytes) == Array(pattern.bytes), "cached pages read on the spot")
+            }
+        }
+        #expect(refusedUncached, "uncached pages were never seen in 20 tries")
         let ring = try URingLoopQueue()
         defer { ring.close() }
-        var failure: SystemError?? = .none
-        let start = device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 131072)], on: ring) { failure = .some($0) }
-        #expect({ if case .started = start { true } else { false } }(), "not cached: queued on the ring")
-        runUntil(ring) { failure != nil }
-        #expect(failure == .some(nil))
-        #expect(Array(target.bytes) == Array(pattern.bytes))
+        var queued = false
+        for _ in 0..<20 where !queued {
+            dropFromPageCache(path)
+            for i in 0..<target.bytes.count { target.bytes[i] = 0 }
+            var failure: SystemError?? = .none
+            switch device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 131072)], on: ring, completion: { failure = .some($0) }) {
+            case .started:
+                queued = true
+                runUntil(ring) { failure != nil }
+                #expect(failure == .some(nil))
+            case .wouldBlock: Issue.record("an io_uring queue takes buffered reads")
+            case .completed: break
+            }
+            #expect(Array(target.bytes) == Array(pattern.bytes))
+        }
+        #expect(queued, "uncached pages were never seen in 20 tries")
         // The ring's read went through the page cache: now it is served on the spot.
         let again = AlignedBuffer(count: 65536)
         let cached = device.startReadsWithoutBlocking([IORequest(.read, again.bytes, at: 131072)], on: ring) { _ in Issue.record("no callback for cached reads") }
