@@ -28,9 +28,12 @@ thinbd's pool file holds other volumes' blocks).
 
 The 4K random read at QD1 reports mean completion latency (microseconds) instead of
 IOPS, and its ratio is thinbd's latency over the peer's (lower is better).
-Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold]
+With --ceiling, nbdkit's memory plugin is measured too: no disk at all, the socket's
+ceiling on this machine.
+Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold] [--ceiling]
 """
 import json
+import resource
 import os
 import shutil
 import signal
@@ -45,6 +48,7 @@ RUNTIME = int(sys.argv[sys.argv.index("--runtime") + 1]) if "--runtime" in sys.a
 REPEAT = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
 ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
 SIZE = 1 << 30
+RAMP = 2
 WORK = tempfile.mkdtemp(prefix="thinbd-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
 
 ALL_JOBS = [
@@ -73,12 +77,24 @@ def is_latency(params):
     return params["iodepth"] == 1
 
 
-def fio(job, target):
-    """Runs one fio job; target is ('nbd', uri) or ('file', path). Returns (iops, MiB/s),
-    or for a QD1 job (mean completion latency in microseconds, MiB/s)."""
+def process_cpu_seconds(pid):
+    """User plus system time of a process and all its threads (io_uring's io-wq workers
+    included: they are threads of the process), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio(job, target, server_pid=None):
+    """Runs one fio job; target is ('nbd', uri) or ('file', path). Returns (iops, MiB/s,
+    cpu), or for a QD1 job (mean completion latency in microseconds, MiB/s, cpu). cpu is
+    (server µs, client µs) of CPU time per request: the server's over the measured part
+    of the run (after the ramp), from /proc (None without `server_pid`); fio's (all its
+    job processes) over the whole run, ramp included, from getrusage, divided by the
+    requests of the whole run at the measured rate."""
     name, params = job
     args = ["fio", "--name=bench", "--output-format=json", f"--runtime={RUNTIME}", "--time_based",
-            "--ramp_time=2", f"--size={SIZE}", "--group_reporting", "--randrepeat=0", "--norandommap"]
+            f"--ramp_time={RAMP}", f"--size={SIZE}", "--group_reporting", "--randrepeat=0", "--norandommap"]
     for key, value in params.items():
         args.append(f"--{key}={value}")
     if params["numjobs"] > 1:
@@ -95,14 +111,30 @@ def fio(job, target):
         run(["sync"])
         with open("/proc/sys/vm/drop_caches", "w") as caches:
             caches.write("3\n")
+    # The server's CPU time is sampled when the ramp ends and when fio has finished.
+    server_cpu = []
+    sampler = None
+    if server_pid is not None:
+        sampler = threading.Timer(RAMP, lambda: server_cpu.append(process_cpu_seconds(server_pid)))
+        sampler.start()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = run(args, env=env).stdout
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if sampler is not None:
+        sampler.join()
+        server_cpu.append(process_cpu_seconds(server_pid))
     data = json.loads(out[out.index("{"):])
     result = data["jobs"][0]
     iops = result["read"]["iops"] + result["write"]["iops"]
     mibs = (result["read"]["bw_bytes"] + result["write"]["bw_bytes"]) / (1 << 20)
+    requests = max(1.0, iops * RUNTIME)
+    client_seconds = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    client_us = client_seconds / (requests * (RUNTIME + RAMP) / RUNTIME) * 1e6
+    server_us = (server_cpu[1] - server_cpu[0]) / requests * 1e6 if len(server_cpu) == 2 else None
+    cpu = (server_us, client_us)
     if is_latency(params):
-        return result["read"]["clat_ns"]["mean"] / 1000, mibs
-    return iops, mibs
+        return result["read"]["clat_ns"]["mean"] / 1000, mibs, cpu
+    return iops, mibs, cpu
 
 
 def wait_for_socket(path, proc):
@@ -173,7 +205,7 @@ class ThinbdColumn:
             run([THINBD, "clone", self.pool, "base@prefill", name])
         proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
         try:
-            return fio(job, ("nbd", uri))
+            return fio(job, ("nbd", uri), server_pid=proc.pid)
         finally:
             stop(proc)
             if not self.plain:
@@ -187,7 +219,7 @@ def served_fio(job, command, sock, tls=False):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_socket(sock, proc)
     try:
-        return fio(job, ("nbd", f"{'nbds' if tls else 'nbd'}+unix:///?socket={sock}"))
+        return fio(job, ("nbd", f"{'nbds' if tls else 'nbd'}+unix:///?socket={sock}"), server_pid=proc.pid)
     finally:
         stop(proc)
 
@@ -219,6 +251,17 @@ class NbdkitColumn:
     def run(self, job):
         sock = os.path.join(WORK, "nbdkit.sock")
         return served_fio(job, ["nbdkit", "-f", "-U", sock, "file", self.raw], sock)
+
+
+class MemoryColumn:
+    """nbdkit's memory plugin: a server whose every request is a memcpy (or, for blocks
+    never written, a memset), so the socket, the client and the kernel's Unix-socket path
+    bound what any NBD server can reach on this machine. Not in the default set; name it
+    with --only or add it with --ceiling."""
+
+    def run(self, job):
+        sock = os.path.join(WORK, "memory.sock")
+        return served_fio(job, ["nbdkit", "-f", "-U", sock, "memory", str(SIZE)], sock)
 
 
 class NullColumn:
@@ -293,6 +336,9 @@ def main():
         ("nbdkit file", lambda: NbdkitColumn(raw)),
         ("raw libaio", lambda: RawColumn(raw)),
     ]
+    ceiling = ("nbdkit memory (socket ceiling)", lambda: MemoryColumn())
+    if "--ceiling" in sys.argv or ONLY:
+        columns.append(ceiling)
     if ONLY:
         # Column titles hold commas; a selector names a title without them ("thinbd none CoW").
         columns = [c for c in columns if any(c[0].replace(",", "").startswith(o.strip()) for o in ONLY)]
@@ -304,7 +350,11 @@ def main():
     print(f"page cache: {'cold (dropped before every job)' if COLD else 'warm'}")
     ratios = [("none CoW/qemu-nbd", "thinbd none, CoW", "qemu-nbd qcow2"), ("none plain/qemu-nbd", "thinbd none, plain", "qemu-nbd qcow2"),
               ("wb CoW/nbdkit", "thinbd wb, CoW", "nbdkit file"), ("wb plain/nbdkit", "thinbd wb, plain", "nbdkit file"),
-              ("wb CoW/none CoW", "thinbd wb, CoW", "thinbd none, CoW"), ("none CoW/raw", "thinbd none, CoW", "raw libaio")]
+              ("wb CoW/none CoW", "thinbd wb, CoW", "thinbd none, CoW"), ("none CoW/raw", "thinbd none, CoW", "raw libaio"),
+              ("none plain/raw", "thinbd none, plain", "raw libaio"),
+              ("none plain/ceiling", "thinbd none, plain", "nbdkit memory (socket ceiling)"),
+              ("wb plain/ceiling", "thinbd wb, plain", "nbdkit memory (socket ceiling)")]
+    ratios = [r for r in ratios if r[1] in results and r[2] in results]
     print("| job | " + " | ".join(title for title, _ in columns) + " | " + " | ".join(r[0] for r in ratios) + " |")
     print("| --- " * (len(columns) + len(ratios) + 1) + "|")
     for i, (name, params) in enumerate(JOBS):
@@ -312,7 +362,7 @@ def main():
         latency = is_latency(params)
         cells = []
         for title, _ in columns:
-            value, mibs = results[title][i]
+            value, mibs, _ = results[title][i]
             cells.append(f"{mibs:,.0f} MiB/s" if large else f"{value:,.1f} µs" if latency else f"{value:,.0f} IOPS")
         def ratio(a, b):
             if a not in results or b not in results:
@@ -322,6 +372,16 @@ def main():
             return f"{x / y:.2f}x" if y else "-"
         print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratio(a, b) for _, a, b in ratios) + " |")
     print("(QD1 rows: latency, so their ratios are better below 1.0)")
+    print()
+    print("CPU time per request, µs: server + client (fio); the raw column's is fio's alone")
+    print("| job | " + " | ".join(title for title, _ in columns) + " |")
+    print("| --- " * (len(columns) + 1) + "|")
+    for i, (name, _) in enumerate(JOBS):
+        cells = []
+        for title, _ in columns:
+            server_us, client_us = results[title][i][2]
+            cells.append(f"{client_us:.1f}" if server_us is None else f"{server_us:.1f} + {client_us:.1f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print()
     if memory is not None:
         print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")

@@ -283,6 +283,12 @@ public final class DataSpaceMap {
 
     /// The start of the first run of `length` allocatable blocks (within one group) at or
     /// after `position`, searching every group at most once; nil when there is none.
+    ///
+    /// Each candidate window is checked from its last block back: a taken block there
+    /// moves the window past it, so a stretch of taken blocks costs about one check per
+    /// `length` blocks, not one per block. A clone's random first writes call this once
+    /// per allocation (their hint, the block after the neighbour's, is taken), so this
+    /// is on the copy-on-write path.
     private func findFreeRun(from position: UInt64, length: UInt64) throws(MetadataError) -> UInt64? {
         let groups = groupBlock.count
         let e = UInt64(Self.entriesPerGroup)
@@ -293,15 +299,14 @@ public final class DataSpaceMap {
                 let location = groupBlock[g]
                 let rcb = location == 0 ? nil : try readGroup(g, location)
                 let limit = Self.entriesInGroup(g, dataBlocks: dataBlocks)
+                let base = UInt64(g) * e
                 var runStart = first
-                var i = first
-                while i < limit {
-                    if allocatable(UInt64(g) * e + i, in: rcb) {
-                        if i + 1 - runStart >= length { return UInt64(g) * e + runStart }
-                    } else {
-                        runStart = i + 1
-                    }
-                    i += 1
+                while runStart + length <= limit {
+                    // The window is runStart..<runStart+length; find its last taken block.
+                    var probe = runStart + length
+                    while probe > runStart, allocatable(base + probe - 1, in: rcb) { probe -= 1 }
+                    if probe == runStart { return base + runStart }
+                    runStart = probe
                 }
             }
             g = g + 1 == groups ? 0 : g + 1

@@ -112,6 +112,35 @@ func contents(_ tree: BTree, _ root: UInt64) throws -> [UInt64: UInt64] {
         #expect(try spaceMap.allocate(3, near: nil) == [582..<585])
     }
 
+    /// The run search skips taken blocks a window at a time; it must still find the first
+    /// run, as a block-by-block scan would, on any pattern of holes.
+    @Test func movedAllocationTakesTheFirstLongEnoughRun() throws {
+        let e = UInt64(DataSpaceMap.entriesPerGroup)
+        var seed: UInt64 = 0x9E37_79B9_7F4A_7C15
+        for round in 0..<20 {
+            let (_, spaceMap) = try makeStore(dataBlocks: 4 * e)
+            _ = try spaceMap.allocate(e, near: 0)
+            // Holes freed in the same transaction are allocatable at once: runs of random
+            // lengths, most shorter than the 32 a moved allocation needs.
+            var free = Set<UInt64>()
+            var block: UInt64 = 40
+            while block < e {
+                seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+                let gap = 1 + (seed >> 33) % 40
+                let hole = (seed >> 13) % (round % 2 == 0 ? 34 : 20)
+                block = min(block + gap, e)
+                for b in block..<min(block + hole, e) {
+                    try spaceMap.decRef(b)
+                    free.insert(b)
+                }
+                block += hole
+            }
+            let hint: UInt64 = 3
+            let expected = (hint + 32..<e - 31).first { s in (s..<s + 32).allSatisfy(free.contains) } ?? e
+            #expect(try spaceMap.allocate(1, near: hint) == [expected..<expected + 1], "round \(round)")
+        }
+    }
+
     @Test func fullPoolRefusesWithoutAllocating() throws {
         let (_, spaceMap) = try makeStore(dataBlocks: 100)
         _ = try spaceMap.allocate(90, near: nil)
