@@ -137,11 +137,7 @@ extension Pool {
                 var inPlace = false
                 if let (physical, pathShared) = try tree.lookupWithSharing(volume.record.mappingRoot, vb) {
                     current = physical
-                    // The shared zero block is never written in place, even when only one
-                    // mapping holds it: others are about to share it as zeros.
-                    if !pathShared && !spaceMap.sharingDroppedThisTransaction(physical) && physical != spaceMap.sharedZeroBlock {
-                        inPlace = try spaceMap.refcount(physical) == 1
-                    }
+                    inPlace = try Self.ownsForInPlaceWrite(physical, pathShared: pathShared, spaceMap, cachedOnly: false)
                 }
                 plan.entries.append(BlockWrite(virtual: vb, inner: inner, length: length, dataOffset: Int(position - offset), current: current, inPlace: inPlace))
                 position += length
@@ -335,6 +331,16 @@ extension Pool {
         return .started
     }
 
+    /// Whether a write may overwrite mapped block `physical` in place: the mapping path
+    /// holds it alone, the last commit did not share it, it is not the shared zero block
+    /// (never written in place, even when one mapping holds it: others are about to share
+    /// it as zeros) and its count is 1. With `cachedOnly`, an uncached refcount block
+    /// throws instead of being read. The one rule for `planWrite` and the loop's writes.
+    static func ownsForInPlaceWrite(_ physical: UInt64, pathShared: Bool, _ spaceMap: DataSpaceMap, cachedOnly: Bool) throws(MetadataError) -> Bool {
+        guard !pathShared, !spaceMap.sharingDroppedThisTransaction(physical), physical != spaceMap.sharedZeroBlock else { return false }
+        return try spaceMap.refcount(physical, cachedOnly: cachedOnly) == 1
+    }
+
     /// The device writes of `data` at `offset` when every block it touches is mapped,
     /// owned by `volume` alone (now and in the last commit) and not the shared zero
     /// block, found in cached metadata; nil otherwise.
@@ -352,8 +358,7 @@ extension Pool {
                 let inner = position - vb * blockSize
                 let length = min(blockSize - inner, end - position)
                 guard let (physical, pathShared) = try tree.lookupWithSharing(volume.record.mappingRoot, vb, cachedOnly: true),
-                    !pathShared, !spaceMap.sharingDroppedThisTransaction(physical), physical != spaceMap.sharedZeroBlock,
-                    try spaceMap.refcount(physical, cachedOnly: true) == 1
+                    try Self.ownsForInPlaceWrite(physical, pathShared: pathShared, spaceMap, cachedOnly: true)
                 else { return nil }
                 let lower = Int(position - offset)
                 requests.append(
