@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <sys/eventfd.h>
@@ -44,7 +45,15 @@ thinbd_ring *thinbd_ring_create(unsigned entries, int eventfd, int *error) {
         *error = 12; /* ENOMEM */
         return NULL;
     }
-    int r = io_uring_queue_init(entries, &ring->ring, 0);
+    // Cooperative task running: a completion made on another thread (an io-wq worker
+    // finishing a buffered write, a block device's interrupt) is posted the next time
+    // the owner enters the kernel, instead of with an inter-processor interrupt that
+    // stops it wherever it is. A sleeping owner is still woken. The owner of a loop
+    // ring is in the kernel every round (epoll, the sockets), so nothing waits longer;
+    // in a virtual machine each such interrupt is an exit to the host. Kernels before
+    // 5.19 refuse the flag, and get the ring without it.
+    int r = io_uring_queue_init(entries, &ring->ring, IORING_SETUP_COOP_TASKRUN);
+    if (r == -EINVAL) r = io_uring_queue_init(entries, &ring->ring, 0);
     if (r < 0) {
         free(ring);
         *error = -r;
@@ -63,6 +72,10 @@ thinbd_ring *thinbd_ring_create(unsigned entries, int eventfd, int *error) {
 void thinbd_ring_destroy(thinbd_ring *ring) {
     io_uring_queue_exit(&ring->ring);
     free(ring);
+}
+
+int thinbd_ring_is_cooperative(thinbd_ring *ring) {
+    return (ring->ring.flags & IORING_SETUP_COOP_TASKRUN) != 0;
 }
 
 unsigned thinbd_ring_space(thinbd_ring *ring) { return io_uring_sq_space_left(&ring->ring); }

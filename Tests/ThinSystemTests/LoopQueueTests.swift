@@ -216,6 +216,57 @@ private func dropFromPageCache(_ path: String) {
         #expect(Array(back.bytes) == Array(changed.bytes))
     }
 
+    /// A buffered write goes to io_uring's worker threads, whose completion reaches a
+    /// cooperative ring only through the owner's next kernel entry: an owner asleep in
+    /// poll(2) on the readiness descriptor, as an event loop sleeps in epoll, must still
+    /// be woken by it, and the completion must then be there to run.
+    @Test func aWorkerCompletedWriteWakesAnOwnerSleepingOnTheReadinessDescriptor() throws {
+        let path = temporaryPath("uring-coop")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
+        defer { device.close() }
+        try device.setSize(1 << 20)
+        let queue = try URingLoopQueue()
+        defer { queue.close() }
+        #expect(queue.completesCooperatively, "this kernel (5.19 or later) takes IORING_SETUP_COOP_TASKRUN")
+        let readiness = try queue.makeReadinessDescriptor()
+        defer { queue.releaseReadinessDescriptor(readiness) }
+        let data = AlignedBuffer(count: 16384)
+        for i in 0..<data.bytes.count { data.bytes[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 3) }
+        for round in 0..<20 {
+            var finished = false
+            var failure: SystemError?
+            let start = device.startWritesWithoutBlocking(
+                [IORequest(.write, data.bytes, at: UInt64(round) * 16384)], on: queue
+            ) { error in
+                finished = true
+                failure = error
+            }
+            guard case .started = start else {
+                Issue.record("expected the write to be queued, got \(start)")
+                return
+            }
+            queue.submitQueued()
+            let deadline = Date().addingTimeInterval(10)
+            while !finished && Date() < deadline {
+                var entry = pollfd(fd: readiness, events: Int16(POLLIN), revents: 0)
+                // Sleeps in the kernel until the descriptor fires: no busy loop here.
+                let ready = poll(&entry, 1, 10_000)
+                // 0 is the failure: ten seconds asleep with a finished write (a signal's
+                // EINTR would only mean trying again).
+                #expect(ready != 0, "the readiness descriptor fired (round \(round))")
+                var count: UInt64 = 0
+                _ = read(readiness, &count, 8)
+                queue.runCompletions()
+            }
+            #expect(finished, "round \(round): the completion ran after the wake-up")
+            #expect(failure == nil)
+        }
+        let back = AlignedBuffer(count: 16384)
+        try device.read(into: back.bytes, at: 19 * 16384)
+        #expect(Array(back.bytes) == Array(data.bytes))
+    }
+
     @Test func cachedPagesAreReadOnTheSpot() throws {
         let path = temporaryPath("nowait")
         defer { unlink(path) }

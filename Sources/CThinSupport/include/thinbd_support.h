@@ -33,6 +33,11 @@ thinbd_ring *thinbd_ring_create(unsigned entries, int eventfd, int *error);
 /// Waits for nothing: the kernel finishes what is in flight, then the ring goes.
 void thinbd_ring_destroy(thinbd_ring *ring);
 
+/// Whether the ring was set up with cooperative task running (completions made on
+/// other threads are posted when the owner next enters the kernel, without an
+/// interrupt); 0 on kernels that refused it.
+int thinbd_ring_is_cooperative(thinbd_ring *ring);
+
 /// Submission entries free now.
 unsigned thinbd_ring_space(thinbd_ring *ring);
 
