@@ -154,13 +154,22 @@ final class LoopIO: @unchecked Sendable {
         needFlush.append((handler, context))
     }
 
-    /// The readiness descriptor fired: run completions, flush the replies they wrote,
-    /// and submit what they queued.
+    /// Completions run between two flushes of the replies they wrote: a burst of
+    /// completions goes back to the client a few at a time, so that it sends its next
+    /// requests while the loop answers the rest, and the disk gets them sooner (the
+    /// measurements are at `LoopBurst` in ThinSystem, where the submit side is).
+    static let completionsPerFlush = 4
+
+    /// The readiness descriptor fired: run completions a few at a time, flushing the
+    /// replies they wrote and submitting what they queued after each few.
     func runCompletions() {
         guard let queue else { return }
-        queue.runCompletions()
-        flushReplies()
-        queue.submitQueued()
+        while true {
+            let ran = queue.runCompletions(atMost: Self.completionsPerFlush)
+            flushReplies()
+            queue.submitQueued()
+            if ran == 0 { return }
+        }
     }
 
     private func flushReplies() {

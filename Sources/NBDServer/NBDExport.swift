@@ -132,7 +132,9 @@ public protocol NBDLoopQueue: AnyObject {
     /// Closes a readiness descriptor the server could not watch.
     func releaseReadinessDescriptor(_ descriptor: Int32)
     func submitQueued()
-    func runCompletions()
+    /// Runs the completions of at most `limit` finished requests without waiting;
+    /// returns how many ran (0: none were waiting).
+    func runCompletions(atMost limit: Int) -> Int
     /// Waits for what is in flight, runs those completions, and releases the queue.
     func close()
 }

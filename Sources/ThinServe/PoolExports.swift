@@ -422,6 +422,6 @@ final class PoolLoopQueue: NBDLoopQueue {
     func makeReadinessDescriptor() throws -> Int32 { try queue.makeReadinessDescriptor() }
     func releaseReadinessDescriptor(_ descriptor: Int32) { queue.releaseReadinessDescriptor(descriptor) }
     func submitQueued() { queue.submitQueued() }
-    func runCompletions() { queue.runCompletions() }
+    func runCompletions(atMost limit: Int) -> Int { queue.runCompletions(atMost: limit) }
     func close() { queue.close() }
 }

@@ -5,16 +5,18 @@ import Glibc
 /// libaio owned by one thread (an event loop), so that a request can go from socket to
 /// disk and back without changing threads.
 ///
-/// - `enqueue` prepares iocbs in preallocated slots; nothing reaches the kernel yet.
-/// - `submitQueued` hands every queued iocb to the kernel in one io_submit: the owner
-///   calls it once per pass over its sockets, so requests parsed together leave together.
+/// - `enqueue` prepares iocbs in preallocated slots, and hands them to the kernel once
+///   `LoopBurst.submitEvery` wait, so that the disk starts on a burst's first requests.
+/// - `submitQueued` hands the rest to the kernel in one io_submit: the owner calls it
+///   once per pass over its sockets.
 /// - Completions signal an eventfd; the owner watches a duplicate of it
 ///   (`makeReadinessDescriptor`) and calls `runCompletions`, which runs each operation's
 ///   completion on the owner's thread.
 ///
 /// Not thread-safe: every call comes from the owning thread. Cost: no allocation per
 /// operation once the operation table has grown to the peak in flight; one io_submit per
-/// `submitQueued`, one io_getevents per 256 completions.
+/// `submitQueued` or per `LoopBurst.submitEvery` requests, one io_getevents per
+/// `runCompletions(atMost:)`.
 public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// iocbs in flight at once; `enqueue` refuses work beyond it.
     public static let capacity = 256
@@ -107,18 +109,30 @@ public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
             queued.append(cb)
         }
         inFlight += requests.count
+        // A refusal leaves them queued: `submitQueued` fails them, so that no completion
+        // runs from inside `enqueue`.
+        if queued.count >= LoopBurst.submitEvery { _ = handOverQueued() }
         return true
     }
 
     /// Hands everything queued to the kernel. Completions may run from here (only for
     /// iocbs the kernel refused), and they may queue and submit more.
     public func submitQueued() {
-        guard !queued.isEmpty else { return }
+        guard let failure = handOverQueued() else { return }
         // Swapped out first: a completion run below may queue again.
         swap(&queued, &submitting)
+        let refused = submitting.map { $0! }
+        submitting.removeAll(keepingCapacity: true)
+        for cb in refused { finish(cb, result: -Int(failure.code.rawValue), expected: 0) }
+    }
+
+    /// Hands queued iocbs to the kernel; when it refuses one, that one and those after
+    /// it stay queued and the refusal is returned.
+    private func handOverQueued() -> SystemError? {
+        guard !queued.isEmpty else { return nil }
         var submitted = 0
         var failure: SystemError?
-        submitting.withUnsafeMutableBufferPointer { list in
+        queued.withUnsafeMutableBufferPointer { list in
             while submitted < list.count {
                 let r = io_submit(context, list.count - submitted, list.baseAddress! + submitted)
                 if r == -EINTR || r == -EAGAIN { continue }
@@ -129,26 +143,23 @@ public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
                 submitted += Int(r)
             }
         }
-        let refused = submitting[submitted...].map { $0! }
-        submitting.removeAll(keepingCapacity: true)
-        for cb in refused { finish(cb, result: -Int(failure!.code.rawValue), expected: 0) }
+        queued.removeFirst(submitted)
+        return failure
     }
 
     /// Collects finished iocbs without waiting and runs the completions of operations
     /// whose last iocb finished. Returns how many iocbs finished.
     @discardableResult
-    public func runCompletions() -> Int {
-        var total = 0
+    public func runCompletions(atMost limit: Int) -> Int {
         var noWait = timespec(tv_sec: 0, tv_nsec: 0)
         while inFlight > 0 {
-            let got = io_getevents(context, 0, Self.capacity, events, &noWait)
+            let got = io_getevents(context, 0, min(max(limit, 1), Self.capacity), events, &noWait)
             if got == -EINTR { continue }
             if got <= 0 { break }
             finishEvents(Int(got))
-            total += Int(got)
-            if Int(got) < Self.capacity { break }
+            return Int(got)
         }
-        return total
+        return 0
     }
 
     private func finishEvents(_ count: Int) {

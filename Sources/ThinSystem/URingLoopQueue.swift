@@ -3,9 +3,10 @@ import Glibc
 
 /// io_uring owned by one thread (an event loop): the `LoopDiskQueue` of choice.
 ///
-/// - `enqueue` fills submission entries; nothing reaches the kernel yet.
-/// - `submitQueued` hands them over in one io_uring_enter: the owner calls it once per
-///   pass over its sockets, so requests parsed together leave together.
+/// - `enqueue` fills submission entries, and hands them over once
+///   `LoopBurst.submitEvery` wait, so that the disk starts on a burst's first requests.
+/// - `submitQueued` hands the rest over in one io_uring_enter: the owner calls it once
+///   per pass over its sockets.
 /// - Completions signal a registered eventfd; the owner watches a duplicate of it and
 ///   calls `runCompletions`, which runs each operation's completion on its thread.
 /// - Set up with cooperative task running where the kernel has it: a completion made
@@ -21,7 +22,8 @@ import Glibc
 ///
 /// Not thread-safe: every call comes from the owning thread. Cost: no allocation per
 /// operation once the operation table has grown to the peak in flight; one system call
-/// per `submitQueued`; none to collect completions.
+/// per `submitQueued` or per `LoopBurst.submitEvery` requests; none to collect
+/// completions.
 public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// Requests in flight at once; `enqueue` refuses work beyond it.
     public static let capacity = 256
@@ -105,6 +107,7 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
         }
         queued += requests.count
         inFlight += requests.count
+        if queued >= LoopBurst.submitEvery { submitQueued() }
         return true
     }
 
@@ -129,18 +132,16 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     }
 
     @discardableResult
-    public func runCompletions() -> Int {
-        var total = 0
-        while inFlight > 0 {
+    public func runCompletions(atMost limit: Int) -> Int {
+        var count = 0
+        if inFlight > 0 {
             // Copied out and released first: completions may queue more work.
-            let count = Int(thinbd_ring_reap(ring, finishedData, finishedResults, UInt32(Self.capacity)))
-            if count == 0 { break }
+            count = Int(thinbd_ring_reap(ring, finishedData, finishedResults, UInt32(min(max(limit, 1), Self.capacity))))
             for i in 0..<count { finish(finishedData[i], finishedResults[i]) }
-            total += count
         }
         // What an earlier submission could not hand over goes now.
         submitQueued()
-        return total
+        return count
     }
 
     private func finish(_ data: UInt64, _ result: Int32) {
