@@ -138,8 +138,9 @@ final class LoopIO: @unchecked Sendable {
             }
     }
 
-    /// Submits the queue once the loop has handled this round of input: reads that
-    /// connections parsed in the same round leave in one io_submit (one doorbell).
+    /// Submits the queue once the loop has handled this round of input: what the
+    /// connections parsed in the same round and the queue has not yet handed over itself
+    /// (it does so every `LoopBurst.submitEvery` requests) leaves in one system call.
     func scheduleSubmission() {
         guard let queue, !submissionScheduled else { return }
         submissionScheduled = true

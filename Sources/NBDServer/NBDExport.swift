@@ -124,8 +124,9 @@ public enum NBDNonBlockingRead {
 }
 
 /// Disk I/O owned by one event loop: requests queue up while the loop parses input,
-/// leave together in `submitQueued`, and complete on the loop in `runCompletions`
-/// when the readiness descriptor becomes readable. Used only on its loop.
+/// leave every few requests and in `submitQueued`, and complete on the loop in
+/// `runCompletions` when the readiness descriptor becomes readable. Used only on its
+/// loop.
 public protocol NBDLoopQueue: AnyObject {
     /// A descriptor the server watches (and closes); readable when completions wait.
     func makeReadinessDescriptor() throws -> Int32

@@ -124,6 +124,62 @@ private func dropFromPageCache(_ path: String) {
         #expect({ if case .wouldBlock = late { true } else { false } }(), "a closed queue takes nothing")
     }
 
+    /// A burst leaves for the disk every `LoopBurst.submitEvery` requests without waiting
+    /// for `submitQueued`, and `runCompletions(atMost:)` hands its completions back a few
+    /// at a time (the loop flushes replies between).
+    @Test(arguments: kinds) func aBurstLeavesEveryFewRequestsAndComesBackAFewAtATime(kind: String) throws {
+        let path = temporaryPath("loopqueue-burst")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
+        defer { device.close() }
+        try device.setSize(1 << 20)
+        let burst = LoopBurst.submitEvery
+        let pattern = AlignedBuffer(count: 4096 * burst)
+        for i in 0..<pattern.bytes.count { pattern.bytes[i] = UInt8(truncatingIfNeeded: i &* 13 &+ 5) }
+        try device.write(UnsafeRawBufferPointer(pattern.bytes), at: 0)
+        let queue = try makeQueue(kind)
+        defer { queue.close() }
+        let readiness = try queue.makeReadinessDescriptor()
+        defer { queue.releaseReadinessDescriptor(readiness) }
+        func fires(within milliseconds: Int32) -> Bool {
+            var entry = pollfd(fd: readiness, events: Int16(POLLIN), revents: 0)
+            while true {
+                let ready = poll(&entry, 1, milliseconds)
+                // A cooperative ring's completion wakes a sleeping owner with EINTR, and
+                // posts (firing the descriptor) as the owner leaves the kernel.
+                if ready < 0 && errno == EINTR { continue }
+                return ready == 1
+            }
+        }
+        let target = AlignedBuffer(count: 4096 * burst)
+        var finished = 0
+        func startRead(_ i: Int) {
+            let page = UnsafeMutableRawBufferPointer(rebasing: target.bytes[4096 * i..<4096 * (i + 1)])
+            let start = device.startReadsWithoutBlocking([IORequest(.read, page, at: UInt64(4096 * i))], on: queue) { error in
+                #expect(error == nil)
+                finished += 1
+            }
+            #expect({ if case .started = start { true } else { false } }())
+        }
+        for i in 0..<burst - 1 { startRead(i) }
+        #expect(!fires(within: 100), "fewer than a burst's worth stay queued until submitQueued")
+        startRead(burst - 1)
+        #expect(fires(within: 10_000), "the last of a burst's worth submitted them all, with no submitQueued")
+        let deadline = Date().addingTimeInterval(10)
+        var ran = 1
+        while finished < burst && Date() < deadline {
+            // Reset only once poll says it fired: reading an unfired eventfd blocks.
+            if ran == 0, fires(within: 100) {
+                var count: UInt64 = 0
+                _ = read(readiness, &count, 8)
+            }
+            ran = queue.runCompletions(atMost: 1)
+            #expect(ran <= 1)
+        }
+        #expect(finished == burst)
+        #expect(Array(target.bytes) == Array(pattern.bytes))
+    }
+
     @Test func uncachedPagesOfABufferedFileAreReadThroughIOUringAndCachedOnlyLibaioRefuses() throws {
         let path = temporaryPath("uring-buffered")
         defer { unlink(path) }
