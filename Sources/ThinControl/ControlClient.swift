@@ -31,6 +31,8 @@ public enum ControlEndpoint {
 public final class ControlClient {
     private let connection: StreamConnection
     private var framer = ControlLineFramer(limit: ControlLineFramer.maxReplyBytes)
+    /// The server's `hello`, when `connectToServer` asked for it (it always does).
+    public private(set) var hello: HelloResult?
 
     public init(socketPath: String) throws(SystemError) {
         connection = try StreamConnection(connectingTo: socketPath)
@@ -39,19 +41,41 @@ public final class ControlClient {
     /// Connects to the server that has pool `poolPath`: at `explicitPath` (`--control`)
     /// if given, else at the pool's default socket. Nil when no server is there (no
     /// socket file, or a dead server's, or a path too long to be one); an error when an
-    /// explicit socket does not answer, or connecting fails some other way.
+    /// explicit socket does not answer, or connecting fails some other way, or the server
+    /// there has another file open than the one now at `poolPath` (`other-pool`). Cost:
+    /// a connect and a `hello` round trip.
     public static func connectToServer(ofPool poolPath: String, at explicitPath: String?) throws(ControlError) -> ControlClient? {
         let socket = explicitPath ?? ControlEndpoint.defaultPath(forPool: poolPath)
         if SystemInfo.fileExists(socket), let problem = ControlEndpoint.unsafePlace(socket) {
             throw ControlError(code: "unreachable", message: "not using the control socket \(socket): \(problem)")
         }
+        let client: ControlClient
         do throws(SystemError) {
-            return try ControlClient(socketPath: socket)
+            client = try ControlClient(socketPath: socket)
         } catch {
             let noServer = error.code == .noEntry || error.code == .connectionRefused || error.code == .nameTooLong
             if explicitPath == nil && noServer { return nil }
             throw ControlError(code: "unreachable", message: "no server answers at \(socket): \(error.message)")
         }
+        try client.confirmServing(poolPath, socket: socket)
+        return client
+    }
+
+    /// Refuses a server that does not have the file now at `poolPath` open. A server
+    /// keeps its socket while its pool file is removed (or renamed, or replaced by a new
+    /// pool of the same name) under it; without this, commands meant for the file at the
+    /// path would change the one the server holds. Servers that do not report their
+    /// file (before `pool_device`) are taken at their word.
+    private func confirmServing(_ poolPath: String, socket: String) throws(ControlError) {
+        let answer = try request(.hello).result(as: HelloResult.self)
+        hello = answer
+        guard let device = answer.poolDevice, let inode = answer.poolInode else { return }
+        let atPath = RawFile.identity(of: poolPath)
+        if let atPath, atPath.device == device, atPath.inode == inode { return }
+        let now = atPath == nil ? "nothing is at \(poolPath) now" : "\(poolPath) is now another file"
+        throw ControlError(
+            code: "other-pool",
+            message: "the server at \(socket) (pid \(answer.pid)) serves the file that was at \(poolPath) when it started, and \(now) (removed, renamed or replaced while served); not sending it commands meant for \(poolPath); stop that server (pid \(answer.pid)) to use \(poolPath)")
     }
 
     /// Sends `command` and waits for its reply (as long as the operation takes).

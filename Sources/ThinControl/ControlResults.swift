@@ -79,10 +79,16 @@ public struct HelloResult: Codable, Sendable, Equatable {
     public var uris: [String]
     /// The `--metrics` URL.
     @Nullable public var metrics: String?
+    /// The device and inode of the file the server has open (null for a memory pool, or
+    /// from a server before these fields). A client compares them with the file now at
+    /// the pool's path: a server whose file was removed or replaced must not take
+    /// commands meant for the new one.
+    @Nullable public var poolDevice: UInt64?
+    @Nullable public var poolInode: UInt64?
 
     enum CodingKeys: String, CodingKey {
         case server, pool, served, pid, uris, metrics
-        case protocolVersion = "protocol"
+        case protocolVersion = "protocol", poolDevice = "pool_device", poolInode = "pool_inode"
     }
 }
 

@@ -77,11 +77,12 @@ public struct PoolCommands: Sendable {
     public func run(_ command: ControlCommand) throws(ControlError) -> ControlResult {
         switch command {
         case .hello:
+            let identity = pool.fileIdentity
             return .hello(
                 HelloResult(
                     protocolVersion: ControlCommand.protocolVersion, server: "thinbd \(ControlEndpoint.version)", pool: pool.path,
                     served: served != nil, pid: UInt64(SystemInfo.processID), uris: served?.serverURIs ?? [],
-                    metrics: served?.metricsURL))
+                    metrics: served?.metricsURL, poolDevice: identity?.device, poolInode: identity?.inode))
         case .info:
             return .poolInfo(poolInfo(pool.info()))
         case .diff(let from, let to, let window):

@@ -278,6 +278,9 @@ public final class Pool: @unchecked Sendable {
     /// `readWithoutBlocking`): pool files, with O_DIRECT or through the page cache.
     public var usesLoopQueues: Bool { device is AIOFileDevice || device is FileDevice }
 
+    /// The pool file's device and inode (nil for a memory pool); cost: one fstat.
+    public var fileIdentity: RawFile.Identity? { device.fileIdentity }
+
     /// Whether data buffers should be 4 KiB-aligned (O_DIRECT); others are bounced.
     public var prefersAlignedBuffers: Bool { device is AIOFileDevice }
 

@@ -338,6 +338,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     }
 
     public var allocatedBytes: UInt64? { try? Syscall.allocatedBytes(fd) }
+    public var fileIdentity: RawFile.Identity? { Syscall.identity(fd) }
 
     public func close() {
         let wasOpen = stateLock.withLock { () -> Bool in

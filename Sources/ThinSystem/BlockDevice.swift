@@ -42,6 +42,9 @@ public protocol BlockDevice: AnyObject, Sendable {
     func discard(at offset: UInt64, length: UInt64) -> Bool
     /// Bytes the host really stores (sparse files), when known.
     var allocatedBytes: UInt64? { get }
+    /// The open file's device and inode (nil for memory): what a client compares with
+    /// the file now at the pool's path, to notice a server whose file was replaced.
+    var fileIdentity: RawFile.Identity? { get }
     /// Starts a batch and calls `completion` when it is done (see the extension).
     func submit(_ requests: [IORequest], completion: @escaping @Sendable (SystemError?) -> Void)
     /// Starts reads without blocking the calling thread (see `NonBlockingStart`).
@@ -71,6 +74,8 @@ public enum NonBlockingStart {
 }
 
 extension BlockDevice {
+    public var fileIdentity: RawFile.Identity? { nil }
+
     /// Starts a batch and calls `completion` when it is done, possibly on another thread.
     /// This default performs the batch before returning; `AIOFileDevice` returns at once
     /// and completes from its reaper thread.

@@ -198,6 +198,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     }
 
     public var allocatedBytes: UInt64? { try? Syscall.allocatedBytes(fd) }
+    public var fileIdentity: RawFile.Identity? { Syscall.identity(fd) }
 
     public func close() {
         let rings = idleRings.withLockedValue { state -> [URingLoopQueue] in

@@ -56,6 +56,13 @@ enum Syscall {
         return UInt64(clamping: st.st_size)
     }
 
+    /// Which file `fd` is (device and inode), nil when fstat fails.
+    static func identity(_ fd: Int32) -> RawFile.Identity? {
+        var st = stat()
+        guard Glibc.fstat(fd, &st) == 0 else { return nil }
+        return RawFile.Identity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), isRegularFile: st.st_mode & S_IFMT == S_IFREG)
+    }
+
     /// Bytes actually allocated on the host file system (for sparse files).
     static func allocatedBytes(_ fd: Int32) throws(SystemError) -> UInt64 {
         var st = stat()

@@ -409,6 +409,37 @@ import ThinPool
         expectSuccess(try served.cli(["volume", "create", "POOL", "x", "--size", "1G"]), "create after serve")
     }
 
+    /// A served pool file renamed away and a new pool made at its path: the old server
+    /// keeps its control socket, and commands meant for the new file must not reach it
+    /// (they would change the file the server holds, not the one named).
+    @Test func aServerWhoseFileWasReplacedGetsNoCommandsForTheNewFile() throws {
+        let served = try ServedPool()
+        try served.createVolume("old", size: "16M")
+        try served.start()
+        expectSuccess(try served.cli(["volume", "list", "POOL"]), "list while served")
+        let moved = served.pool + ".moved"
+        try FileManager.default.moveItem(atPath: served.pool, toPath: moved)
+        expectSuccess(try served.cli(["create", "POOL", "--size", "1G"]), "create at the served file's old path")
+
+        let listed = try served.cli(["volume", "list", "POOL", "--json"])
+        #expect(listed.status == 1)
+        #expect(listed.stdout.contains(#""code" : "other-pool""#), "\(listed.stdout)")
+        let made = try served.cli(["volume", "create", "POOL", "new", "--size", "16M"])
+        #expect(made.status == 1)
+        #expect(made.stderr.contains("pid \(served.pid)") && made.stderr.contains("removed, renamed or replaced"), "\(made.stderr)")
+        // Naming the socket does not change which file the path names.
+        let explicit = try served.cli(["volume", "list", "POOL", "--control", served.pool + ".control"])
+        #expect(explicit.status == 1)
+
+        #expect(served.stop() == 0)
+        let old = try served.cli(["volume", "list", moved])
+        expectSuccess(old, "list of the moved file")
+        #expect(old.stdout.contains("old") && !old.stdout.contains("new"), "\(old.stdout)")
+        let fresh = try served.cli(["volume", "list", "POOL"])
+        expectSuccess(fresh, "list of the new file, no server left")
+        #expect(!fresh.stdout.contains("old") && !fresh.stdout.contains("new"), "\(fresh.stdout)")
+    }
+
     @Test(.enabled(if: Peers.need("python3-nbd", "fio", "nbdinfo")))
     func poolCommandsWorkWhileServedUnderLoad() throws {
         let served = try ServedPool()

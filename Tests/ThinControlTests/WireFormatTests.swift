@@ -26,10 +26,10 @@ enum Samples {
             allocatedFileBytes: allocated, generation: 7, connections: 2, volumes: [volume], state: "ok", failure: nil)
     }
 
-    static func hello(metrics: String?) -> HelloResult {
+    static func hello(metrics: String?, file: (device: UInt64, inode: UInt64)? = nil) -> HelloResult {
         HelloResult(
             protocolVersion: 1, server: "thinbd 0.1.0", pool: "/var/lib/thinbd/default.pool", served: true, pid: 42,
-            uris: ["nbd+unix:///?socket=/run/thinbd.sock"], metrics: metrics)
+            uris: ["nbd+unix:///?socket=/run/thinbd.sock"], metrics: metrics, poolDevice: file?.device, poolInode: file?.inode)
     }
 
     static let check = CheckResult(
@@ -40,7 +40,7 @@ enum Samples {
     /// A result for every command (some twice, to cover null and empty values).
     static let replies: [(ControlCommand, ControlResult)] = [
         (.hello, .hello(hello(metrics: nil))),
-        (.hello, .hello(hello(metrics: "http://127.0.0.1:9100/metrics"))),
+        (.hello, .hello(hello(metrics: "http://127.0.0.1:9100/metrics", file: (2049, 131_077)))),
         (.info, .poolInfo(info(allocated: nil))),
         (.grow(size: 2 << 30), .poolInfo(info(allocated: 8192))),
         (.list, .volumes([volume, snapshot, clone])),
@@ -137,8 +137,9 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         )
         #expect(
             encodedLine(Samples.hello(metrics: nil))
-                == #"{"metrics":null,"pid":42,"pool":"/var/lib/thinbd/default.pool","protocol":1,"served":true,"server":"thinbd 0.1.0","uris":["nbd+unix:///?socket=/run/thinbd.sock"]}"#
+                == #"{"metrics":null,"pid":42,"pool":"/var/lib/thinbd/default.pool","pool_device":null,"pool_inode":null,"protocol":1,"served":true,"server":"thinbd 0.1.0","uris":["nbd+unix:///?socket=/run/thinbd.sock"]}"#
         )
+        #expect(encodedLine(Samples.hello(metrics: nil, file: (2049, 131_077))).contains(#""pool_device":2049,"pool_inode":131077,"#))
         #expect(encodedLine(Samples.hello(metrics: "http://h:1/metrics")).hasPrefix(#"{"metrics":"http://h:1/metrics","pid":42,"#))
         #expect(
             encodedLine(Samples.info(allocated: nil))
@@ -257,6 +258,7 @@ func decoded<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         try roundTrip(Samples.clone)
         try roundTrip(Samples.hello(metrics: nil))
         try roundTrip(Samples.hello(metrics: "http://127.0.0.1:9100/metrics"))
+        try roundTrip(Samples.hello(metrics: nil, file: (2049, 131_077)))
         try roundTrip(Samples.info(allocated: nil))
         try roundTrip(Samples.info(allocated: 123))
         try roundTrip(Samples.info(allocated: 0).metadata)
@@ -384,7 +386,7 @@ func elementKeys(_ result: ControlResult) throws -> [Set<String>] { try decoded(
         // A new volume has a UUID, a fresh one each time.
         #expect(createResult.volume.uuid?.count == 36)
 
-        #expect(try keys(commands.run(.hello)) == ["protocol", "server", "pool", "served", "pid", "uris", "metrics"])
+        #expect(try keys(commands.run(.hello)) == ["protocol", "server", "pool", "served", "pid", "uris", "metrics", "pool_device", "pool_inode"])
         #expect(encodedLine(try commands.run(.hello)).contains(#""metrics":null"#))
         let info = try commands.run(.info)
         #expect(
