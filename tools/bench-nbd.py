@@ -85,13 +85,47 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_schedstats(pid):
+    """Per thread of a process: (name, ns on a CPU, ns runnable but waiting for one),
+    from /proc/PID/task/TID/schedstat. A thread whose two add up to about all of the
+    elapsed time always wanted a CPU: it, not the disk or the client, set the pace."""
+    threads = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return threads  # the server is gone
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm, open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+                running, waiting = stat.read().split()[:2]
+                threads[tid] = (comm.read().strip(), int(running), int(waiting))
+        except (OSError, ValueError):
+            pass  # the thread ended between listing and reading
+    return threads
+
+
+def busiest_thread(before, after, seconds):
+    """The thread that was on a CPU longest between two `thread_schedstats` samples:
+    (name, % of the time running, % runnable and waiting)."""
+    best = None
+    for tid, (name, running, waiting) in after.items():
+        if tid not in before:
+            continue
+        ran = (running - before[tid][1]) / (seconds * 1e9) * 100
+        waited = (waiting - before[tid][2]) / (seconds * 1e9) * 100
+        if best is None or ran > best[1]:
+            best = (name, ran, waited)
+    return best
+
+
 def fio(job, target, server_pid=None):
     """Runs one fio job; target is ('nbd', uri) or ('file', path). Returns (iops, MiB/s,
     cpu), or for a QD1 job (mean completion latency in microseconds, MiB/s, cpu). cpu is
-    (server µs, client µs) of CPU time per request: the server's over the measured part
+    (server µs, client µs, busiest) of CPU time per request: the server's over the measured part
     of the run (after the ramp), from /proc (None without `server_pid`); fio's (all its
     job processes) over the whole run, ramp included, from getrusage, divided by the
-    requests of the whole run at the measured rate."""
+    requests of the whole run at the measured rate; then the server's busiest thread over
+    the measured part (`busiest_thread`), or None."""
     name, params = job
     args = ["fio", "--name=bench", "--output-format=json", f"--runtime={RUNTIME}", "--time_based",
             f"--ramp_time={RAMP}", f"--size={SIZE}", "--group_reporting", "--randrepeat=0", "--norandommap"]
@@ -113,15 +147,24 @@ def fio(job, target, server_pid=None):
             caches.write("3\n")
     # The server's CPU time is sampled when the ramp ends and when fio has finished.
     server_cpu = []
-    sampler = None
+    server_threads = []
+    samplers = []
     if server_pid is not None:
-        sampler = threading.Timer(RAMP, lambda: server_cpu.append(process_cpu_seconds(server_pid)))
-        sampler.start()
+        def sample_threads():
+            server_threads.append((time.monotonic(), thread_schedstats(server_pid)))
+        samplers = [threading.Timer(RAMP, lambda: server_cpu.append(process_cpu_seconds(server_pid))),
+                    threading.Timer(RAMP, sample_threads),
+                    # Threads are sampled again before fio ends: a server may end a
+                    # connection's threads when it closes (nbdkit does).
+                    threading.Timer(RAMP + RUNTIME * 0.9, sample_threads)]
+        for sampler in samplers:
+            sampler.start()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = run(args, env=env).stdout
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if sampler is not None:
+    for sampler in samplers:
         sampler.join()
+    if server_pid is not None:
         server_cpu.append(process_cpu_seconds(server_pid))
     data = json.loads(out[out.index("{"):])
     result = data["jobs"][0]
@@ -131,7 +174,11 @@ def fio(job, target, server_pid=None):
     client_seconds = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
     client_us = client_seconds / (requests * (RUNTIME + RAMP) / RUNTIME) * 1e6
     server_us = (server_cpu[1] - server_cpu[0]) / requests * 1e6 if len(server_cpu) == 2 else None
-    cpu = (server_us, client_us)
+    busiest = None
+    if len(server_threads) == 2:
+        (t0, before), (t1, after) = server_threads
+        busiest = busiest_thread(before, after, max(t1 - t0, 1e-3))
+    cpu = (server_us, client_us, busiest)
     if is_latency(params):
         return result["read"]["clat_ns"]["mean"] / 1000, mibs, cpu
     return iops, mibs, cpu
@@ -379,8 +426,20 @@ def main():
     for i, (name, _) in enumerate(JOBS):
         cells = []
         for title, _ in columns:
-            server_us, client_us = results[title][i][2]
+            server_us, client_us, _ = results[title][i][2]
             cells.append(f"{client_us:.1f}" if server_us is None else f"{server_us:.1f} + {client_us:.1f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+    servers = [title for title, _ in columns if any(results[title][i][2][2] for i in range(len(JOBS)))]
+    print("The server's busiest thread over the measured part: % of the time on a CPU + % runnable and")
+    print("waiting for one (about 100 together: that thread set the pace)")
+    print("| job | " + " | ".join(servers) + " |")
+    print("| --- " * (len(servers) + 1) + "|")
+    for i, (name, _) in enumerate(JOBS):
+        cells = []
+        for title in servers:
+            busiest = results[title][i][2][2]
+            cells.append("-" if busiest is None else f"{busiest[0]} {busiest[1]:.0f} + {busiest[2]:.0f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print()
     if memory is not None:
