@@ -31,11 +31,14 @@ public enum ControlEndpoint {
 public final class ControlClient {
     private let connection: StreamConnection
     private var framer = ControlLineFramer(limit: ControlLineFramer.maxReplyBytes)
-    /// The server's `hello`, when `connectToServer` asked for it (it always does).
-    public private(set) var hello: HelloResult?
+    /// The server's answer to the `hello` sent on connecting: who it is, which file it
+    /// has open, where its NBD listeners are.
+    public let hello: HelloResult
 
-    public init(socketPath: String) throws(SystemError) {
-        connection = try StreamConnection(connectingTo: socketPath)
+    /// Asks `hello` on a new connection.
+    private init(connection: StreamConnection) throws(ControlError) {
+        self.connection = connection
+        hello = try Self.exchange(.hello, on: connection, framer: &framer).result(as: HelloResult.self)
     }
 
     /// Connects to the server that has pool `poolPath`: at `explicitPath` (`--control`)
@@ -49,14 +52,15 @@ public final class ControlClient {
         if SystemInfo.fileExists(socket), let problem = ControlEndpoint.unsafePlace(socket) {
             throw ControlError(code: "unreachable", message: "not using the control socket \(socket): \(problem)")
         }
-        let client: ControlClient
+        let connection: StreamConnection
         do throws(SystemError) {
-            client = try ControlClient(socketPath: socket)
+            connection = try StreamConnection(connectingTo: socket)
         } catch {
             let noServer = error.code == .noEntry || error.code == .connectionRefused || error.code == .nameTooLong
             if explicitPath == nil && noServer { return nil }
             throw ControlError(code: "unreachable", message: "no server answers at \(socket): \(error.message)")
         }
+        let client = try ControlClient(connection: connection)
         try client.confirmServing(poolPath, socket: socket)
         return client
     }
@@ -67,19 +71,21 @@ public final class ControlClient {
     /// path would change the one the server holds. Servers that do not report their
     /// file (before `pool_device`) are taken at their word.
     private func confirmServing(_ poolPath: String, socket: String) throws(ControlError) {
-        let answer = try request(.hello).result(as: HelloResult.self)
-        hello = answer
-        guard let device = answer.poolDevice, let inode = answer.poolInode else { return }
+        guard let device = hello.poolDevice, let inode = hello.poolInode else { return }
         let atPath = RawFile.identity(of: poolPath)
         if let atPath, atPath.device == device, atPath.inode == inode { return }
         let now = atPath == nil ? "nothing is at \(poolPath) now" : "\(poolPath) is now another file"
         throw ControlError(
             code: "other-pool",
-            message: "the server at \(socket) (pid \(answer.pid)) serves the file that was at \(poolPath) when it started, and \(now) (removed, renamed or replaced while served); not sending it commands meant for \(poolPath); stop that server (pid \(answer.pid)) to use \(poolPath)")
+            message: "the server at \(socket) (pid \(hello.pid)) serves the file that was at \(poolPath) when it started, and \(now) (removed, renamed or replaced while served); not sending it commands meant for \(poolPath); stop that server (pid \(hello.pid)) to use \(poolPath)")
     }
 
     /// Sends `command` and waits for its reply (as long as the operation takes).
     public func request(_ command: ControlCommand) throws(ControlError) -> ControlReply {
+        try Self.exchange(command, on: connection, framer: &framer)
+    }
+
+    private static func exchange(_ command: ControlCommand, on connection: StreamConnection, framer: inout ControlLineFramer) throws(ControlError) -> ControlReply {
         try transfer { () throws(SystemError) in try connection.send(command.line) }
         while true {
             if let line = try framer.nextLine() { return try ControlReply(line: line, answering: command) }
@@ -89,7 +95,7 @@ public final class ControlClient {
         }
     }
 
-    private func transfer<T>(_ body: () throws(SystemError) -> T) throws(ControlError) -> T {
+    private static func transfer<T>(_ body: () throws(SystemError) -> T) throws(ControlError) -> T {
         do throws(SystemError) {
             return try body()
         } catch {

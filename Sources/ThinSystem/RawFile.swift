@@ -67,10 +67,17 @@ public final class RawFile {
     public static func identity(of path: String) -> Identity? {
         var st = stat()
         guard stat(path, &st) == 0 else { return nil }
-        return Identity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), isRegularFile: st.st_mode & S_IFMT == S_IFREG)
+        return Identity(st)
     }
 
     // Linux's values; Glibc's module hides them behind _GNU_SOURCE.
     private static let seekData: Int32 = 3
     private static let seekHole: Int32 = 4
+}
+
+extension RawFile.Identity {
+    /// From a stat or fstat result.
+    init(_ st: stat) {
+        self.init(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), isRegularFile: st.st_mode & S_IFMT == S_IFREG)
+    }
 }

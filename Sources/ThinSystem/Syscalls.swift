@@ -60,7 +60,7 @@ enum Syscall {
     static func identity(_ fd: Int32) -> RawFile.Identity? {
         var st = stat()
         guard Glibc.fstat(fd, &st) == 0 else { return nil }
-        return RawFile.Identity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), isRegularFile: st.st_mode & S_IFMT == S_IFREG)
+        return RawFile.Identity(st)
     }
 
     /// Bytes actually allocated on the host file system (for sparse files).

@@ -112,8 +112,7 @@ public struct ImageTransfer {
             throw TransferError(error.message)
         }
         guard let client = found else { return nil }
-        if let hello = client.hello { return ServerHandle(client: client, hello: hello) }
-        return ServerHandle(client: client, hello: try ServerHandle.run(.hello, on: client))
+        return ServerHandle(client: client, hello: client.hello)
     }
 
     func withOfflinePool<T>(readOnly: Bool, _ body: (Pool) throws(TransferError) -> T) throws(TransferError) -> T {
