@@ -32,6 +32,7 @@ With --ceiling, nbdkit's memory plugin is measured too: no disk at all, the sock
 ceiling on this machine.
 Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold] [--ceiling]
 """
+import argparse
 import json
 import resource
 import os
@@ -43,13 +44,8 @@ import tempfile
 import threading
 import time
 
-THINBD = os.path.abspath(sys.argv[1])
-RUNTIME = int(sys.argv[sys.argv.index("--runtime") + 1]) if "--runtime" in sys.argv else 10
-REPEAT = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 1
-ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
 SIZE = 1 << 30
 RAMP = 2
-WORK = tempfile.mkdtemp(prefix="thinbd-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
 
 ALL_JOBS = [
     ("4k randread QD32", dict(rw="randread", bs="4k", iodepth=32, numjobs=1)),
@@ -59,10 +55,45 @@ ALL_JOBS = [
     ("4k randrw 4 conns", dict(rw="randrw", bs="4k", iodepth=8, numjobs=4)),
     ("4k randread QD1 (latency)", dict(rw="randread", bs="4k", iodepth=1, numjobs=1)),
 ]
-COLD = "--cold" in sys.argv
-TLS = "--tls" in sys.argv
+
+
+def parse_arguments():
+    # The docstring's first paragraphs are the help text; an unknown or misspelt option is
+    # an error, never a silent full-length run.
+    parser = argparse.ArgumentParser(description=__doc__.split("Usage:")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("thinbd", help="the thinbd binary to measure")
+    parser.add_argument("--runtime", type=int, default=10, metavar="S", help="seconds per job after a 2 s ramp (default 10)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="run the whole sequence N times; tables show medians")
+    parser.add_argument("--only", metavar="COLUMN,...", help='measure only these columns, named without commas ("thinbd wb plain")')
+    parser.add_argument("--jobs", metavar="N,...", help="job indices to run: " + ", ".join(f"{i} {name}" for i, (name, _) in enumerate(ALL_JOBS)))
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory of 16 exports")
+    parser.add_argument("--tls", action="store_true", help="the TLS comparison instead of the data-path table")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every job for every server (root)")
+    parser.add_argument("--ceiling", action="store_true", help="measure nbdkit's memory plugin too: the socket's ceiling")
+    arguments = parser.parse_args()
+    if arguments.runtime < 1 or arguments.repeat < 1:
+        parser.error("--runtime and --repeat must be at least 1")
+    if arguments.jobs is not None:
+        indices = arguments.jobs.split(",")
+        if not all(i.strip().isdigit() and int(i) < len(ALL_JOBS) for i in indices):
+            parser.error(f"--jobs takes indices 0-{len(ALL_JOBS) - 1}: " + ", ".join(f"{i} {name}" for i, (name, _) in enumerate(ALL_JOBS)))
+        arguments.jobs = [ALL_JOBS[int(i)] for i in indices]
+    if not os.access(arguments.thinbd, os.X_OK):
+        parser.error(f"{arguments.thinbd}: not an executable thinbd binary")
+    return arguments
+
+
+ARGUMENTS = parse_arguments()
+THINBD = os.path.abspath(ARGUMENTS.thinbd)
+RUNTIME = ARGUMENTS.runtime
+REPEAT = ARGUMENTS.repeat
+ONLY = ARGUMENTS.only.split(",") if ARGUMENTS.only else None
+COLD = ARGUMENTS.cold
+TLS = ARGUMENTS.tls
 DEFAULT_JOBS = [ALL_JOBS[2], ALL_JOBS[3], ALL_JOBS[0]] if TLS else ALL_JOBS
-JOBS = [ALL_JOBS[int(i)] for i in sys.argv[sys.argv.index("--jobs") + 1].split(",")] if "--jobs" in sys.argv else DEFAULT_JOBS
+JOBS = ARGUMENTS.jobs if ARGUMENTS.jobs is not None else DEFAULT_JOBS
+WORK = tempfile.mkdtemp(prefix="thinbd-bench-", dir=os.environ.get("TMPDIR", "/tmp"))
 # Credentials for --tls: server/ for the servers, and a HOME whose .pki/libnbd holds the
 # client's, where libnbd (under fio) looks for them.
 TLS_DIR = os.path.join(WORK, "tls")
@@ -371,9 +402,8 @@ def measure(servers):
 def main():
     started = time.time()
     print(f"working set {SIZE >> 20} MiB, {RUNTIME} s per job, directory {WORK}", flush=True)
-    raw = prefill_raw()
     if TLS:
-        return tls_comparison(raw, started)
+        return tls_comparison(prefill_raw(), started)
     columns = [
         ("thinbd none, CoW", lambda: ThinbdColumn(raw, "none")),
         ("thinbd none, plain", lambda: ThinbdColumn(raw, "none", plain=True)),
@@ -384,14 +414,19 @@ def main():
         ("raw libaio", lambda: RawColumn(raw)),
     ]
     ceiling = ("nbdkit memory (socket ceiling)", lambda: MemoryColumn())
-    if "--ceiling" in sys.argv or ONLY:
+    all_columns = columns + [ceiling]
+    if ARGUMENTS.ceiling or ONLY:
         columns.append(ceiling)
     if ONLY:
         # Column titles hold commas; a selector names a title without them ("thinbd none CoW").
         columns = [c for c in columns if any(c[0].replace(",", "").startswith(o.strip()) for o in ONLY)]
+        if not columns:
+            sys.exit(f"--only {','.join(ONLY)} names no column; the columns are: "
+                     + "; ".join(title.replace(",", "") for title, _ in all_columns))
+    raw = prefill_raw()
     print("preparing " + ", ".join(title for title, _ in columns) + " ...", flush=True)
     results = measure([(title, make()) for title, make in columns])
-    memory = None if "--no-memory" in sys.argv else peak_memory_16_exports()
+    memory = None if ARGUMENTS.no_memory else peak_memory_16_exports()
 
     print()
     print(f"page cache: {'cold (dropped before every job)' if COLD else 'warm'}")
