@@ -170,21 +170,36 @@ extension ByteBuffer {
         if let payload = request.payload { writeImmutableBuffer(payload) }
     }
 
+    /// The request header at the reader index, without consuming it; nil until all 28
+    /// bytes are here. Once per request on the server, so the fields are loaded from one
+    /// view of the bytes (each `getInteger` is a separate checked access to the buffer).
     public func peekNBDRequestHeader() throws(NBDDecodingError) -> NBDRequestHeader? {
         guard readableBytes >= NBDRequestHeader.size else { return nil }
-        guard getInteger(at: readerIndex, as: UInt32.self)! == NBDMagic.request else { throw .badMagic }
-        return NBDRequestHeader(
-            flags: NBDCommandFlags(rawValue: getInteger(at: readerIndex + 4, as: UInt16.self)!),
-            command: NBDCommand(rawValue: getInteger(at: readerIndex + 6, as: UInt16.self)!),
-            cookie: getInteger(at: readerIndex + 8, as: UInt64.self)!,
-            offset: getInteger(at: readerIndex + 16, as: UInt64.self)!,
-            length: getInteger(at: readerIndex + 24, as: UInt32.self)!)
+        let header = withUnsafeReadableBytes { raw -> NBDRequestHeader? in
+            func field<T: FixedWidthInteger>(_ offset: Int, _: T.Type) -> T {
+                T(bigEndian: raw.loadUnaligned(fromByteOffset: offset, as: T.self))
+            }
+            guard field(0, UInt32.self) == NBDMagic.request else { return nil }
+            return NBDRequestHeader(
+                flags: NBDCommandFlags(rawValue: field(4, UInt16.self)),
+                command: NBDCommand(rawValue: field(6, UInt16.self)),
+                cookie: field(8, UInt64.self),
+                offset: field(16, UInt64.self),
+                length: field(24, UInt32.self))
+        }
+        guard let header else { throw .badMagic }
+        return header
     }
 
+    /// Appends a simple reply (16 bytes) in one write to the buffer: once per WRITE on the
+    /// server.
     public mutating func writeNBDSimpleReply(_ header: NBDSimpleReplyHeader) {
-        writeInteger(NBDMagic.simpleReply)
-        writeInteger(header.error.rawValue)
-        writeInteger(header.cookie)
+        writeWithUnsafeMutableBytes(minimumWritableBytes: NBDSimpleReplyHeader.size) { raw in
+            raw.storeBytes(of: NBDMagic.simpleReply.bigEndian, toByteOffset: 0, as: UInt32.self)
+            raw.storeBytes(of: header.error.rawValue.bigEndian, toByteOffset: 4, as: UInt32.self)
+            raw.storeBytes(of: header.cookie.bigEndian, toByteOffset: 8, as: UInt64.self)
+            return NBDSimpleReplyHeader.size
+        }
     }
 
     public mutating func readNBDSimpleReplyHeader() throws(NBDDecodingError) -> NBDSimpleReplyHeader? {

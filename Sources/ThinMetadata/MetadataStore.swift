@@ -35,15 +35,27 @@ public final class MetadataStore {
     /// Generation of the last commit; blocks read from disk must not be newer.
     public private(set) var committedGeneration: UInt64
 
-    private var cache: [UInt64: MetadataBlock] = [:]
-    /// Readers holding only shared access look blocks up concurrently; the cache map has
-    /// its own small lock.
-    private let cacheLock = Lock()
-    /// Calls of `read` since the store was made, cached or not (under `cacheLock`).
-    private var readCalls = 0
+    /// The cached blocks, under a small lock of their own: readers holding only shared
+    /// access look blocks up concurrently.
+    private struct BlockCache {
+        var blocks: [UInt64: MetadataBlock] = [:]
+        /// Calls of `read` since the store was made, cached or not.
+        var readCalls = 0
+
+        /// Drops about a quarter of the clean blocks. Dirty blocks stay until commit.
+        mutating func evictClean() {
+            var toDrop = max(1, blocks.count / 4)
+            for (number, block) in blocks where !block.dirty {
+                blocks[number] = nil
+                toDrop -= 1
+                if toDrop == 0 { break }
+            }
+        }
+    }
+    private let cache = LockedValue(BlockCache())
 
     /// How many blocks `read` has been asked for: a measure of a walk's cost.
-    public var readCount: Int { cacheLock.withLock { readCalls } }
+    public var readCount: Int { cache.withLockedValue { $0.readCalls } }
     public var cacheLimit: Int
     private var dirtyBlocks: [UInt64: MetadataBlock] = [:]
 
@@ -119,9 +131,9 @@ public final class MetadataStore {
     /// With `cachedOnly`, a block that is not cached throws `.notCached` instead of
     /// being read: for callers on threads that must not block.
     public func read(_ number: UInt64, _ type: BlockType, cachedOnly: Bool = false) throws(MetadataError) -> MetadataBlock {
-        if let block = cacheLock.withLock({ () -> MetadataBlock? in
-            readCalls &+= 1
-            return cache[number]
+        if let block = cache.withLockedValue({ cache -> MetadataBlock? in
+            cache.readCalls &+= 1
+            return cache.blocks[number]
         }) { return block }
         if cachedOnly { throw .notCached(number) }
         _ = try slot(number, type)
@@ -145,20 +157,10 @@ public final class MetadataStore {
     }
 
     private func insertIntoCache(_ block: MetadataBlock) {
-        cacheLock.withLock {
-            if cache.count >= cacheLimit { evictClean() }
-            if cache[block.number] == nil { cache[block.number] = block }
-        }
-    }
-
-    /// Drops about a quarter of the clean blocks. Dirty blocks stay until commit.
-    /// Called with `cacheLock` held.
-    private func evictClean() {
-        var toDrop = max(1, cache.count / 4)
-        for (number, block) in cache where !block.dirty {
-            cache[number] = nil
-            toDrop -= 1
-            if toDrop == 0 { break }
+        let limit = cacheLimit
+        cache.withLockedValue { cache in
+            if cache.blocks.count >= limit { cache.evictClean() }
+            if cache.blocks[block.number] == nil { cache.blocks[block.number] = block }
         }
     }
 
@@ -190,7 +192,7 @@ public final class MetadataStore {
         let block = MetadataBlock(number: number)
         _ = NodeView.format(block.bytes, type: type, level: level)
         block.dirty = true
-        cacheLock.withLock { cache[number] = block }
+        cache.withLockedValue { $0.blocks[number] = block }
         dirtyBlocks[number] = block
         return block
     }
@@ -216,7 +218,7 @@ public final class MetadataStore {
         if let block = dirtyBlocks.removeValue(forKey: number) { block.dirty = false }
         if fresh.remove(number) != nil {
             // Never part of a commit: reusable at once.
-            cacheLock.withLock { cache[number] = nil }
+            cache.withLockedValue { $0.blocks[number] = nil }
             freeList.append(number)
         } else {
             pendingFree.append(number)
@@ -285,9 +287,10 @@ public final class MetadataStore {
         for block in dirtyBlocks.values { block.dirty = false }
         dirtyBlocks.removeAll(keepingCapacity: true)
         fresh.removeAll(keepingCapacity: true)
-        cacheLock.withLock {
-            for number in pendingFree { cache[number] = nil }
-            if cache.count > cacheLimit { evictClean() }
+        let limit = cacheLimit
+        cache.withLockedValue { [pendingFree] cache in
+            for number in pendingFree { cache.blocks[number] = nil }
+            if cache.blocks.count > limit { cache.evictClean() }
         }
         if pins > 0 {
             heldWhilePinned.append(contentsOf: pendingFree)

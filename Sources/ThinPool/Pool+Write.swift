@@ -349,9 +349,12 @@ extension Pool {
     ) throws(PoolError) -> [IORequest]? {
         let (tree, spaceMap) = (state.mappings, state.spaceMap)
         let source = UnsafeMutableRawBufferPointer(mutating: data)
-        var requests: [IORequest] = []
         var position = offset
         let end = offset + UInt64(data.count)
+        var requests: [IORequest] = []
+        // One request per block touched, allocated once (appending to an empty array
+        // would allocate again as it grows).
+        requests.reserveCapacity(Int((end - 1) / blockSize - offset / blockSize + 1))
         do throws(MetadataError) {
             while position < end {
                 let vb = position / blockSize

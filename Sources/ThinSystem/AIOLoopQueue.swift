@@ -14,7 +14,7 @@ import Glibc
 ///   completion on the owner's thread.
 ///
 /// Not thread-safe: every call comes from the owning thread. Cost: no allocation per
-/// operation once the operation table has grown to the peak in flight; one io_submit per
+/// operation (the operation table is allocated once); one io_submit per
 /// `submitQueued` or per `LoopBurst.submitEvery` requests, one io_getevents per
 /// `runCompletions(atMost:)`.
 public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
@@ -29,8 +29,7 @@ public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
     private var freeIOCBs: [Int32]
     private var queued: [UnsafeMutablePointer<iocb>?] = []
     private var submitting: [UnsafeMutablePointer<iocb>?] = []
-    private var operations: [Operation?] = []
-    private var freeOperations: [Int] = []
+    private let operations = InFlightOperations(capacity: AIOLoopQueue.capacity)
     private var closed = false
 
     /// iocbs handed out and not yet completed (queued or in the kernel).
@@ -38,12 +37,6 @@ public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
 
     /// libaio reads and writes a file opened without O_DIRECT inside io_submit: it would block.
     public var handlesPageCacheAsynchronously: Bool { false }
-
-    private struct Operation {
-        var remaining: Int
-        var error: SystemError?
-        var completion: (SystemError?) -> Void
-    }
 
     public init() throws(SystemError) {
         let efd = thinbd_eventfd()
@@ -87,16 +80,10 @@ public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// `submitQueued` when the kernel refuses them). Returns false, queuing nothing,
     /// when the queue has no room or is closed.
     public func enqueue(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
-        guard !closed, !requests.isEmpty, requests.count <= freeIOCBs.count else { return false }
-        let operation = Operation(remaining: requests.count, error: nil, completion: completion)
-        let index: Int
-        if let reused = freeOperations.popLast() {
-            index = reused
-            operations[index] = operation
-        } else {
-            index = operations.count
-            operations.append(operation)
-        }
+        guard !closed, !requests.isEmpty, requests.count <= freeIOCBs.count,
+            // Each request takes an iocb, so a slot is free when iocbs are.
+            let index = operations.start(parts: requests.count, completion: completion)
+        else { return false }
         let token = UnsafeMutableRawPointer(bitPattern: index + 1)
         for request in requests {
             let cb = iocbs + Int(freeIOCBs.removeLast())
@@ -173,12 +160,8 @@ public final class AIOLoopQueue: LoopDiskQueue, @unchecked Sendable {
         let index = Int(bitPattern: cb.pointee.data) - 1
         freeIOCBs.append(Int32(cb - iocbs))
         inFlight -= 1
-        operations[index]!.error = operations[index]!.error ?? AIOFileDevice.transferError(result: result, expected: expected)
-        operations[index]!.remaining -= 1
-        guard operations[index]!.remaining == 0 else { return }
-        let done = operations[index]!
-        operations[index] = nil
-        freeOperations.append(index)
+        guard let done = operations.finishPart(of: index, error: AIOFileDevice.transferError(result: result, expected: expected))
+        else { return }
         done.completion(done.error)
     }
 

@@ -47,25 +47,25 @@ public final class DrainGate: @unchecked Sendable {
         fileprivate let epoch: Int
     }
 
-    private let state = ConditionLock()
-    private var epoch = 0
-    private var holders = [0, 0]
+    private struct Epochs {
+        var current = 0
+        /// Holders that entered in each epoch and have not left.
+        var holders = [0, 0]
+    }
+    private let state = WaitableValue(Epochs())
 
     public init() {}
 
     /// Becomes a holder. Never waits; cost: one uncontended mutex.
     public func enter() -> Ticket {
-        state.lock()
-        defer { state.unlock() }
-        holders[epoch] += 1
-        return Ticket(epoch: epoch)
+        state.updateWithoutWaking { epochs in
+            epochs.holders[epochs.current] += 1
+            return Ticket(epoch: epochs.current)
+        }
     }
 
     public func leave(_ ticket: Ticket) {
-        state.lock()
-        holders[ticket.epoch] -= 1
-        if holders[ticket.epoch] == 0 && ticket.epoch != epoch { state.broadcast() }
-        state.unlock()
+        state.update { $0.holders[ticket.epoch] -= 1 }
     }
 
     /// Waits until every holder that entered before this call has left; holders that
@@ -73,11 +73,12 @@ public final class DrainGate: @unchecked Sendable {
     /// pool's mutex serializes them).
     public func waitForEarlierHolders() {
         NonBlockingThread.assertMayBlock("waiting for the I/O gate")
-        state.lock()
-        let old = epoch
-        epoch = 1 - old
-        while holders[old] > 0 { state.wait() }
-        state.unlock()
+        let old = state.updateWithoutWaking { epochs in
+            let old = epochs.current
+            epochs.current = 1 - old
+            return old
+        }
+        state.wait { epochs in epochs.holders[old] == 0 ? () : nil }
     }
 }
 
@@ -85,8 +86,8 @@ public final class DrainGate: @unchecked Sendable {
 /// allocate per request in the steady state. Thread-safe; keeps at most `keepPerClass`
 /// idle buffers of each size.
 public final class AlignedBufferPool: @unchecked Sendable {
-    private let lock = Lock()
-    private var idle: [Int: [AlignedBuffer]] = [:]
+    /// Idle buffers by size class.
+    private let idle = LockedValue([Int: [AlignedBuffer]]())
     private let keepPerClass: Int
 
     public init(keepPerClass: Int = 64) {
@@ -102,13 +103,14 @@ public final class AlignedBufferPool: @unchecked Sendable {
     /// A buffer of at least `count` bytes (contents unspecified).
     public func take(_ count: Int) -> AlignedBuffer {
         let size = Self.sizeClass(count)
-        if let buffer = lock.withLock({ idle[size]?.popLast() }) { return buffer }
+        if let buffer = idle.withLockedValue({ $0[size]?.popLast() }) { return buffer }
         return AlignedBuffer(count: size)
     }
 
     public func give(_ buffer: AlignedBuffer) {
-        lock.withLock {
-            if idle[buffer.count, default: []].count < keepPerClass {
+        let keep = keepPerClass
+        idle.withLockedValue { idle in
+            if idle[buffer.count, default: []].count < keep {
                 idle[buffer.count, default: []].append(buffer)
             }
         }
@@ -122,9 +124,35 @@ public final class AlignedBufferPool: @unchecked Sendable {
 /// rollback, delete, resize) lock the whole volume, so they wait for writes in flight
 /// and a snapshot is a clean point in time. Always taken before the pool lock.
 public final class RangeLock: @unchecked Sendable {
-    private let state = ConditionLock()
-    private var held: [(owner: UInt64, range: Range<UInt64>, ticket: UInt64)] = []
-    private var nextTicket: UInt64 = 0
+    private struct Held {
+        var ranges: [(owner: UInt64, range: Range<UInt64>, ticket: UInt64)] = []
+        var nextTicket: UInt64 = 0
+
+        func overlaps(_ owner: UInt64, _ range: Range<UInt64>) -> Bool {
+            ranges.contains { $0.owner == owner && $0.range.overlaps(range) }
+        }
+
+        mutating func take(_ wanted: [(owner: UInt64, range: Range<UInt64>)]) -> UInt64 {
+            let ticket = nextTicket
+            nextTicket += 1
+            for range in wanted { ranges.append((range.owner, range.range, ticket)) }
+            return ticket
+        }
+
+        /// Removes the ranges of `ticket`, without shifting the others (their order does
+        /// not matter).
+        mutating func give(_ ticket: UInt64) {
+            var i = ranges.count - 1
+            while i >= 0 {
+                if ranges[i].ticket == ticket {
+                    ranges.swapAt(i, ranges.count - 1)
+                    ranges.removeLast()
+                }
+                i -= 1
+            }
+        }
+    }
+    private let held = WaitableValue(Held())
 
     public init() {}
 
@@ -139,20 +167,11 @@ public final class RangeLock: @unchecked Sendable {
     /// several ranges cannot deadlock.
     public func withRanges<T, E: Error>(_ ranges: [(owner: UInt64, range: Range<UInt64>)], _ body: () throws(E) -> T) throws(E) -> T {
         NonBlockingThread.assertMayBlock("a range lock")
-        state.lock()
-        while ranges.contains(where: { wanted in held.contains { $0.owner == wanted.owner && $0.range.overlaps(wanted.range) } }) {
-            state.wait()
+        let ticket = held.wait { held -> UInt64? in
+            guard !ranges.contains(where: { held.overlaps($0.owner, $0.range) }) else { return nil }
+            return held.take(ranges)
         }
-        let ticket = nextTicket
-        nextTicket += 1
-        for wanted in ranges { held.append((wanted.owner, wanted.range, ticket)) }
-        state.unlock()
-        defer {
-            state.lock()
-            held.removeAll { $0.ticket == ticket }
-            state.broadcast()
-            state.unlock()
-        }
+        defer { held.update { $0.give(ticket) } }
         return try body()
     }
 
@@ -165,20 +184,14 @@ public final class RangeLock: @unchecked Sendable {
     /// (one uncontended mutex, as `DrainGate.enter`): for event loops, which then hold it
     /// across asynchronous I/O and `release` it from the completion. Nil when taken.
     public func tryHold(_ owner: UInt64, _ range: Range<UInt64>) -> Hold? {
-        state.lock()
-        defer { state.unlock() }
-        guard !held.contains(where: { $0.owner == owner && $0.range.overlaps(range) }) else { return nil }
-        let ticket = nextTicket
-        nextTicket += 1
-        held.append((owner, range, ticket))
-        return Hold(ticket: ticket)
+        held.updateWithoutWaking { held in
+            guard !held.overlaps(owner, range) else { return nil }
+            return Hold(ticket: held.take([(owner, range)]))
+        }
     }
 
     /// Gives back a range from `tryHold`, waking whoever waits for it. Never waits.
     public func release(_ hold: Hold) {
-        state.lock()
-        held.removeAll { $0.ticket == hold.ticket }
-        state.broadcast()
-        state.unlock()
+        held.update { $0.give(hold.ticket) }
     }
 }

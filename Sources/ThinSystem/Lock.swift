@@ -27,18 +27,27 @@ public final class Lock: @unchecked Sendable {
 
 /// A value reachable only while its lock is held (the shape of swift-nio's
 /// `NIOLockedValueBox`): state guarded by a lock cannot be touched without it.
+///
+/// The value lives in memory of its own, reached through a constant: the lock already
+/// keeps accesses apart, and a stored `var` would add a run-time exclusivity check to
+/// every call (these locks are taken on every request).
 public final class LockedValue<Value>: @unchecked Sendable {
     private let lock = Lock()
-    private var value: Value
+    private let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
 
     public init(_ value: Value) {
-        self.value = value
+        self.value.initialize(to: value)
+    }
+
+    deinit {
+        value.deinitialize(count: 1)
+        value.deallocate()
     }
 
     /// Runs `body` with the value, under the lock. Keep `body` short: it must not block.
     @inline(__always)
     public func withLockedValue<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
-        try lock.withLock { () throws(E) -> T in try body(&value) }
+        try lock.withLock { () throws(E) -> T in try body(&value.pointee) }
     }
 }
 
@@ -144,10 +153,17 @@ public final class PoolLock<State>: @unchecked Sendable {
 /// loops, whose producers only `update`.
 public final class WaitableValue<Value>: @unchecked Sendable {
     private let condition = ConditionLock()
-    private var value: Value
+    /// Own memory reached through a constant, as in `LockedValue`: no run-time
+    /// exclusivity check per call (range locks and gates are taken on every request).
+    private let storage = UnsafeMutablePointer<Value>.allocate(capacity: 1)
 
     public init(_ value: Value) {
-        self.value = value
+        storage.initialize(to: value)
+    }
+
+    deinit {
+        storage.deinitialize(count: 1)
+        storage.deallocate()
     }
 
     /// Changes the value under the lock and wakes every waiter. Never waits for long.
@@ -158,7 +174,16 @@ public final class WaitableValue<Value>: @unchecked Sendable {
             condition.broadcast()
             condition.unlock()
         }
-        return body(&value)
+        return body(&storage.pointee)
+    }
+
+    /// Changes the value under the lock without waking anyone: for changes that no
+    /// waiter waits for (taking something, where only giving back lets a waiter on).
+    @discardableResult
+    public func updateWithoutWaking<T>(_ body: (inout Value) -> T) -> T {
+        condition.lock()
+        defer { condition.unlock() }
+        return body(&storage.pointee)
     }
 
     /// Blocks until `ready` returns non-nil for the value (it may change it, under the
@@ -168,7 +193,7 @@ public final class WaitableValue<Value>: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         while true {
-            if let answer = ready(&value) { return answer }
+            if let answer = ready(&storage.pointee) { return answer }
             condition.wait()
         }
     }
@@ -182,8 +207,8 @@ public final class WaitableValue<Value>: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         while true {
-            if let answer = ready(&value) { return answer }
-            if !condition.wait(untilRealtime: deadline) { return ready(&value) }
+            if let answer = ready(&storage.pointee) { return answer }
+            if !condition.wait(untilRealtime: deadline) { return ready(&storage.pointee) }
         }
     }
 }

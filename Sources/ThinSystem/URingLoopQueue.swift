@@ -34,8 +34,7 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// Where `runCompletions` copies finished requests (their data and result).
     private let finishedData: UnsafeMutablePointer<UInt64>
     private let finishedResults: UnsafeMutablePointer<Int32>
-    private var operations: [Operation?] = []
-    private var freeOperations: [Int] = []
+    private let operations = InFlightOperations(capacity: URingLoopQueue.capacity)
     /// Entries filled since the last submission.
     private var queued = 0
     private var closed = false
@@ -50,12 +49,6 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// posted when the owner next enters the kernel, and a sleeping owner is woken as
     /// before. False on kernels before 5.19, which refuse the setting.
     public var completesCooperatively: Bool { thinbd_ring_is_cooperative(ring) != 0 }
-
-    private struct Operation {
-        var remaining: Int
-        var error: SystemError?
-        var completion: (SystemError?) -> Void
-    }
 
     public init() throws(SystemError) {
         let efd = thinbd_eventfd()
@@ -88,15 +81,8 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
             thinbd_ring_space(ring) >= requests.count,
             requests.allSatisfy({ $0.buffer.count > 0 && $0.buffer.count <= Int(UInt32.max) })
         else { return false }
-        let operation = Operation(remaining: requests.count, error: nil, completion: completion)
-        let index: Int
-        if let reused = freeOperations.popLast() {
-            index = reused
-            operations[index] = operation
-        } else {
-            index = operations.count
-            operations.append(operation)
-        }
+        // Each request takes a ring entry and counts in `inFlight`, so a slot is free.
+        guard let index = operations.start(parts: requests.count, completion: completion) else { return false }
         for request in requests {
             let length = UInt32(request.buffer.count)
             // The operation's index and the length expected back, to tell a short transfer.
@@ -145,16 +131,12 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     }
 
     private func finish(_ data: UInt64, _ result: Int32) {
-        let index = Int(data >> 32)
-        guard index < operations.count, operations[index] != nil else { return }
-        inFlight -= 1
         let expected = Int(data & 0xFFFF_FFFF)
-        operations[index]!.error = operations[index]!.error ?? AIOFileDevice.transferError(result: Int(result), expected: expected)
-        operations[index]!.remaining -= 1
-        guard operations[index]!.remaining == 0 else { return }
-        let done = operations[index]!
-        operations[index] = nil
-        freeOperations.append(index)
+        let slot = Int(data >> 32)
+        guard operations.isStarted(slot) else { return }
+        inFlight -= 1
+        guard let done = operations.finishPart(of: slot, error: AIOFileDevice.transferError(result: Int(result), expected: expected))
+        else { return }
         done.completion(done.error)
     }
 
