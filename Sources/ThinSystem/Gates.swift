@@ -65,7 +65,13 @@ public final class DrainGate: @unchecked Sendable {
     }
 
     public func leave(_ ticket: Ticket) {
-        state.update { $0.holders[ticket.epoch] -= 1 }
+        // Only the last holder of an old epoch has anyone to wake (a commit waiting in
+        // `waitForEarlierHolders`); the others leave without a broadcast.
+        let drained = state.updateWithoutWaking { epochs in
+            epochs.holders[ticket.epoch] -= 1
+            return epochs.holders[ticket.epoch] == 0 && ticket.epoch != epochs.current
+        }
+        if drained { state.update { _ in } }
     }
 
     /// Waits until every holder that entered before this call has left; holders that
@@ -139,6 +145,14 @@ public final class RangeLock: @unchecked Sendable {
             return ticket
         }
 
+        /// `take` of one range, without an array for it (once per request on the loop).
+        mutating func take(_ owner: UInt64, _ range: Range<UInt64>) -> UInt64 {
+            let ticket = nextTicket
+            nextTicket += 1
+            ranges.append((owner, range, ticket))
+            return ticket
+        }
+
         /// Removes the ranges of `ticket`, without shifting the others (their order does
         /// not matter).
         mutating func give(_ ticket: UInt64) {
@@ -186,7 +200,7 @@ public final class RangeLock: @unchecked Sendable {
     public func tryHold(_ owner: UInt64, _ range: Range<UInt64>) -> Hold? {
         held.updateWithoutWaking { held in
             guard !held.overlaps(owner, range) else { return nil }
-            return Hold(ticket: held.take([(owner, range)]))
+            return Hold(ticket: held.take(owner, range))
         }
     }
 
