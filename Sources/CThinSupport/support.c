@@ -5,6 +5,7 @@
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <stdlib.h>
 #include <liburing.h>
 #include "thinbd_support.h"
@@ -112,3 +113,5 @@ int thinbd_ring_wait(thinbd_ring *ring) {
     struct io_uring_cqe *cqe;
     return io_uring_wait_cqe(&ring->ring, &cqe);
 }
+
+void thinbd_name_this_thread(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }

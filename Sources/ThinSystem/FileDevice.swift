@@ -171,13 +171,13 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// Queues the writes on `queue` when it writes the page cache without blocking
-    /// (io_uring, which hands a write that would block to its own workers).
+    /// (`URingLoopQueue`, which has a thread of its own make them).
     public func startWritesWithoutBlocking(
         _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
         guard let queue, queue.handlesPageCacheAsynchronously,
             requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 }),
-            queue.enqueue(fd: fd, requests, completion: completion)
+            queue.enqueuePageCacheWrites(fd: fd, requests, completion: completion)
         else { return .wouldBlock }
         return .started
     }

@@ -25,6 +25,10 @@ public protocol LoopDiskQueue: AnyObject {
     /// wait, it submits them itself (see `LoopBurst`).
     func enqueue(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool
 
+    /// `enqueue` for writes of a file opened without O_DIRECT, which a queue may make
+    /// another way (`URingLoopQueue` makes them on a thread of its own). Same contract.
+    func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool
+
     /// A new descriptor (the caller closes it with `releaseReadinessDescriptor`) that
     /// becomes readable when completions are waiting. Reading it resets the signal.
     func makeReadinessDescriptor() throws(SystemError) -> Int32
@@ -43,6 +47,10 @@ public protocol LoopDiskQueue: AnyObject {
 }
 
 extension LoopDiskQueue {
+    public func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
+        enqueue(fd: fd, requests, completion: completion)
+    }
+
     /// Runs every finished operation's completion, without waiting; returns how many
     /// requests finished.
     @discardableResult public func runCompletions() -> Int {

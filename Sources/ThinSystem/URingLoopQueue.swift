@@ -39,6 +39,19 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     private var queued = 0
     private var closed = false
 
+    /// Page-cache writes go to a thread of their own (see `PageCacheWriter`), made on
+    /// the first one; nil before that, or when it could not be made (then they go
+    /// through the ring).
+    private var writer: PageCacheWriter?
+    private var writerUnavailable = false
+    /// Jobs for the writer since the last submission.
+    private var writerQueued: [PageCacheWriter.Job] = []
+    /// Jobs the writer has and has not yet reported back.
+    private var writerInFlight = 0
+    /// Finished jobs collected from the writer, and how many of them have been run.
+    private var writerFinished: [PageCacheWriter.Finished] = []
+    private var writerFinishedRun = 0
+
     /// Requests handed out and not yet completed (queued or in the kernel).
     public private(set) var inFlight = 0
 
@@ -97,7 +110,37 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
         return true
     }
 
+    /// Writes of a file opened without O_DIRECT: made by plain pwrite on the queue's
+    /// writer thread instead of io_uring (whose io-wq hand-off costs the kernel more;
+    /// see `PageCacheWriter`). Handed over with the ring's submissions, completed by
+    /// `runCompletions` like the ring's. Falls back to the ring when the thread cannot
+    /// be made.
+    public func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
+        guard !closed, !requests.isEmpty, inFlight + requests.count <= Self.capacity,
+            requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 })
+        else { return false }
+        guard let writer = startedWriter() else { return enqueue(fd: fd, requests, completion: completion) }
+        guard let index = operations.start(parts: requests.count, completion: completion) else { return false }
+        for request in requests { writerQueued.append(PageCacheWriter.Job(fd: fd, request: request, slot: index)) }
+        inFlight += requests.count
+        writerInFlight += requests.count
+        if writerQueued.count >= LoopBurst.submitEvery { writer.submit(&writerQueued) }
+        return true
+    }
+
+    /// Whether the writer thread for page-cache writes runs (it starts with the first).
+    public var hasPageCacheWriter: Bool { writer != nil }
+
+    private func startedWriter() -> PageCacheWriter? {
+        if let writer { return writer }
+        guard !writerUnavailable else { return nil }
+        writer = try? PageCacheWriter(readiness: eventFD)
+        writerUnavailable = writer == nil
+        return writer
+    }
+
     public func submitQueued() {
+        writer?.submit(&writerQueued)
         guard queued > 0 else { return }
         while true {
             let r = thinbd_ring_submit(ring)
@@ -120,13 +163,35 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     @discardableResult
     public func runCompletions(atMost limit: Int) -> Int {
         var count = 0
-        if inFlight > 0 {
+        let limit = min(max(limit, 1), Self.capacity)
+        if inFlight > writerInFlight {
             // Copied out and released first: completions may queue more work.
-            count = Int(thinbd_ring_reap(ring, finishedData, finishedResults, UInt32(min(max(limit, 1), Self.capacity))))
+            count = Int(thinbd_ring_reap(ring, finishedData, finishedResults, UInt32(limit)))
             for i in 0..<count { finish(finishedData[i], finishedResults[i]) }
         }
+        count += runWriterCompletions(atMost: limit - count)
         // What an earlier submission could not hand over goes now.
         submitQueued()
+        return count
+    }
+
+    private func runWriterCompletions(atMost limit: Int) -> Int {
+        guard let writer, writerInFlight > 0, limit > 0 else { return 0 }
+        if writerFinishedRun == writerFinished.count {
+            writerFinished.removeAll(keepingCapacity: true)
+            writerFinishedRun = 0
+            writer.collect(into: &writerFinished)
+        }
+        var count = 0
+        while count < limit, writerFinishedRun < writerFinished.count {
+            let finished = writerFinished[writerFinishedRun]
+            writerFinishedRun += 1
+            count += 1
+            inFlight -= 1
+            writerInFlight -= 1
+            guard let done = operations.finishPart(of: finished.slot, error: finished.error) else { continue }
+            done.completion(done.error)
+        }
         return count
     }
 
@@ -167,6 +232,12 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
         guard !closed else { return }
         closed = true
         submitQueued()
+        if let writer {
+            while writerInFlight > 0 {
+                if runWriterCompletions(atMost: Self.capacity) == 0 { writer.waitForFinished() }
+            }
+            writer.stop()
+        }
         while inFlight > 0 {
             if runCompletions() > 0 { continue }
             let r = thinbd_ring_wait(ring)

@@ -323,6 +323,100 @@ private func dropFromPageCache(_ path: String) {
         #expect(Array(back.bytes) == Array(data.bytes))
     }
 
+    /// The names of this process's threads.
+    private static func threadNames() -> [String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        return tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
+            .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+    }
+
+    /// Page-cache writes leave for the queue's writer thread (not io-wq), in bursts of
+    /// `LoopBurst.submitEvery` or at `submitQueued`, come back through `runCompletions`
+    /// a few at a time, one completion per operation however many parts it has, and
+    /// land in the file.
+    @Test func pageCacheWritesAreMadeByTheWriterThreadAndComeBackThroughTheRing() throws {
+        let path = temporaryPath("uring-pcwrite")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
+        defer { device.close() }
+        try device.setSize(1 << 20)
+        let queue = try URingLoopQueue()
+        defer { queue.close() }
+        let blocks = (0..<24).map { i -> AlignedBuffer in
+            let buffer = AlignedBuffer(count: 4096)
+            for j in 0..<4096 { buffer.bytes[j] = UInt8(truncatingIfNeeded: i &* 31 &+ j) }
+            return buffer
+        }
+        var completions = 0
+        var failures: [SystemError] = []
+        #expect(!queue.hasPageCacheWriter, "no thread before the first page-cache write")
+        // 12 operations of two writes each (blocks 2k and 2k+1, 64 KiB apart).
+        for k in 0..<12 {
+            let parts = [
+                IORequest(.write, blocks[2 * k].bytes, at: UInt64(2 * k) * 65536),
+                IORequest(.write, blocks[2 * k + 1].bytes, at: UInt64(2 * k + 1) * 65536),
+            ]
+            let start = device.startWritesWithoutBlocking(parts, on: queue) { error in
+                completions += 1
+                if let error { failures.append(error) }
+            }
+            #expect({ if case .started = start { true } else { false } }(), "operation \(k) was queued")
+        }
+        #expect(queue.inFlight == 24)
+        #expect(queue.hasPageCacheWriter, "the first page-cache write started the writer thread")
+        #expect(Self.threadNames().contains("thinbd-pcwrite"), "named apart from its owner")
+        queue.submitQueued()
+        let deadline = Date().addingTimeInterval(10)
+        var largestRound = 0
+        while completions < 12 && Date() < deadline {
+            let ran = queue.runCompletions(atMost: 4)
+            largestRound = max(largestRound, ran)
+            if ran == 0 { usleep(200) }
+        }
+        #expect(completions == 12, "every operation completed once")
+        #expect(failures.isEmpty)
+        #expect(largestRound <= 4, "runCompletions(atMost:) keeps to its limit")
+        #expect(queue.inFlight == 0)
+        let back = AlignedBuffer(count: 4096)
+        for i in 0..<24 {
+            try device.read(into: back.bytes, at: UInt64(i) * 65536)
+            #expect(Array(back.bytes) == Array(blocks[i].bytes), "block \(i)")
+        }
+    }
+
+    /// A failed page-cache write reports its error to its operation alone, and closing
+    /// the queue waits for the writer's jobs and runs their completions.
+    @Test func aFailedPageCacheWriteReportsItsErrorAndCloseWaitsForTheWriter() throws {
+        let path = temporaryPath("uring-pcwrite-errors")
+        defer { unlink(path) }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
+        try device.setSize(1 << 20)
+        device.close()
+        // Opened read-only: every write to it fails with EBADF.
+        let readOnly = open(path, O_RDONLY)
+        defer { close(readOnly) }
+        let writable = open(path, O_RDWR)
+        defer { close(writable) }
+        let queue = try URingLoopQueue()
+        let data = AlignedBuffer(count: 4096)
+        for j in 0..<4096 { data.bytes[j] = 0xA5 }
+        var outcomes: [Int: SystemError?] = [:]
+        for k in 0..<40 {
+            let fd = k == 7 ? readOnly : writable
+            #expect(queue.enqueuePageCacheWrites(fd: fd, [IORequest(.write, data.bytes, at: UInt64(k) * 4096)]) { outcomes[k] = $0 })
+        }
+        // No runCompletions: close itself hands the jobs over, waits and completes them.
+        queue.close()
+        #expect(outcomes.count == 40, "close ran every completion")
+        #expect(outcomes.filter { $0.value != nil }.map(\.key) == [7], "only the write to the read-only descriptor failed")
+        #expect(queue.enqueuePageCacheWrites(fd: writable, [IORequest(.write, data.bytes, at: 0)]) { _ in } == false, "a closed queue takes nothing")
+        var back = [UInt8](repeating: 0, count: 4096)
+        #expect(pread(writable, &back, 4096, 39 * 4096) == 4096)
+        #expect(back.allSatisfy { $0 == 0xA5 })
+        #expect(pread(writable, &back, 4096, 7 * 4096) == 4096)
+        #expect(back.allSatisfy { $0 == 0 }, "the failed write left its block alone")
+    }
+
     @Test func cachedPagesAreReadOnTheSpot() throws {
         let path = temporaryPath("nowait")
         defer { unlink(path) }

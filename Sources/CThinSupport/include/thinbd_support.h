@@ -16,6 +16,9 @@ int thinbd_allocate(int fd, long long offset, long long length);
 /// Initializes a read-write lock that prefers writers (waiting writers block new readers).
 int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock);
 
+/// Names the calling thread (at most 15 bytes are kept), for ps, top and gdb.
+void thinbd_name_this_thread(const char *name);
+
 /// eventfd(0, EFD_CLOEXEC); returns the descriptor or -1 with errno set.
 int thinbd_eventfd(void);
 
