@@ -310,14 +310,11 @@ extension Pool {
         let count = UInt64(data.count)
         let range = blockRange(offset, count)
         guard let hold = rangeLocks.tryHold(id, range) else { return .wouldBlock }
-        // A local function, not a closure literal: the closure copied the whole pool
-        // state (a retain of each of its references) on every write.
-        func plan(_ state: borrowing PoolState) throws(PoolError) -> [IORequest]? {
+        let requests = try? lock.tryWithSharedAccess { state throws(PoolError) -> [IORequest]? in
             let volume = try volume(id, writing: true, at: offset, count: count, in: state)
             guard volume.record.origin == nil else { return nil }
             return try inPlaceRequests(volume, at: offset, data: data, in: state)
         }
-        let requests = try? lock.tryWithSharedAccess(plan)
         guard let requests = requests ?? nil else {
             rangeLocks.release(hold)
             return .wouldBlock
