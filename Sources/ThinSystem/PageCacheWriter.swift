@@ -40,8 +40,8 @@ final class PageCacheWriter: @unchecked Sendable {
     }
 
     private let inbox = WaitableValue(Inbox())
-    /// Waitable so that an owner closing its queue can sleep until the last job is done.
-    private let outbox = WaitableValue([Finished]())
+    /// Nobody waits on it: the owner learns of new entries from its readiness eventfd.
+    private let outbox = LockedValue([Finished]())
     /// A duplicate of the owner's readiness eventfd, closed by the thread as it ends:
     /// the owner may close its own as soon as the last job is collected, while this
     /// thread may still be about to signal.
@@ -85,15 +85,10 @@ final class PageCacheWriter: @unchecked Sendable {
     /// Owner side: swaps everything finished into `finished` (which must be empty).
     /// Never waits for long.
     func collect(into finished: inout [Finished]) {
-        outbox.updateWithoutWaking { outbox in
+        outbox.withLockedValue { outbox in
             guard !outbox.isEmpty else { return }
             swap(&outbox, &finished)
         }
-    }
-
-    /// Owner side, when closing: blocks until something has finished.
-    func waitForFinished() {
-        outbox.wait { outbox in outbox.isEmpty ? nil : () }
     }
 
     /// Lets the thread end once the jobs handed over are done.
@@ -126,7 +121,7 @@ final class PageCacheWriter: @unchecked Sendable {
                 done.append(Finished(slot: job.slot, error: error))
             }
             batch.removeAll(keepingCapacity: true)
-            let wasEmpty = outbox.update { outbox -> Bool in
+            let wasEmpty = outbox.withLockedValue { outbox -> Bool in
                 let wasEmpty = outbox.isEmpty
                 if wasEmpty {
                     swap(&outbox, &done)

@@ -417,6 +417,38 @@ private func dropFromPageCache(_ path: String) {
         #expect(back.allSatisfy { $0 == 0 }, "the failed write left its block alone")
     }
 
+    /// A loop closes its queue on its own thread, which must never wait on a lock or a
+    /// condition (debug builds stop there): closing with the writer's jobs in flight
+    /// waits for them on the ring's eventfd instead, and completes them all.
+    @Test func anEventLoopClosesItsQueueWithPageCacheWritesInFlight() throws {
+        let path = temporaryPath("uring-pcwrite-close")
+        defer { unlink(path) }
+        let fd = open(path, O_RDWR | O_CREAT, 0o600)
+        defer { close(fd) }
+        #expect(ftruncate(fd, 1 << 20) == 0)
+        let data = AlignedBuffer(count: 65536)
+        for j in 0..<65536 { data.bytes[j] = UInt8(truncatingIfNeeded: j &* 13) }
+        let completed = LockedValue(0)
+        let finished = DispatchSemaphore(value: 0)
+        let loop = Thread {
+            NonBlockingThread.markCurrent()
+            guard let queue = try? URingLoopQueue() else { finished.signal(); return }
+            for k in 0..<16 {
+                _ = queue.enqueuePageCacheWrites(fd: fd, [IORequest(.write, data.bytes, at: UInt64(k) * 65536)]) { error in
+                    if error == nil { completed.withLockedValue { $0 += 1 } }
+                }
+            }
+            queue.close()
+            finished.signal()
+        }
+        loop.start()
+        #expect(finished.wait(timeout: .now() + 10) == .success, "close returned")
+        #expect(completed.withLockedValue { $0 } == 16, "every write completed, on the closing thread")
+        var back = [UInt8](repeating: 0, count: 65536)
+        #expect(pread(fd, &back, 65536, 15 * 65536) == 65536)
+        #expect(back == Array(data.bytes))
+    }
+
     @Test func cachedPagesAreReadOnTheSpot() throws {
         let path = temporaryPath("nowait")
         defer { unlink(path) }
