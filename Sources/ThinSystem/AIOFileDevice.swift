@@ -245,18 +245,8 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     }
 
     private func startReaper() throws {
-        let box = Unmanaged.passRetained(self)
-        var thread = pthread_t()
-        let r = pthread_create(&thread, nil, { argument in
-            let device = Unmanaged<AIOFileDevice>.fromOpaque(argument!).takeRetainedValue()
-            device.reap()
-            return nil
-        }, box.toOpaque())
-        guard r == 0 else {
-            box.release()
-            throw SystemError(SystemError.Code(rawValue: r), "pthread_create")
-        }
-        pthread_detach(thread)
+        // The reaper keeps the device alive until it stops.
+        try DetachedThread.start { [self] in reap() }
     }
 
     /// The reaper loop: sleeps on the eventfd, drains completions, and stops once the

@@ -53,19 +53,12 @@ final class PageCacheWriter: @unchecked Sendable {
         let copy = Glibc.dup(eventFD)
         guard copy >= 0 else { throw SystemError.current("dup") }
         readiness = copy
-        let box = Unmanaged.passRetained(self)
-        var thread = pthread_t()
-        let r = pthread_create(&thread, nil, { argument in
-            let writer = Unmanaged<PageCacheWriter>.fromOpaque(argument!).takeRetainedValue()
-            writer.run()
-            return nil
-        }, box.toOpaque())
-        guard r == 0 else {
-            box.release()
+        do {
+            try DetachedThread.start { [self] in run() }
+        } catch {
             Syscall.close(copy)
-            throw SystemError(SystemError.Code(rawValue: r), "pthread_create")
+            throw error
         }
-        pthread_detach(thread)
     }
 
     /// Owner side: hands `jobs` over (leaving it empty, with its capacity kept when the

@@ -26,22 +26,14 @@ public enum Signals {
     /// so it works whatever signal mask the process inherited.
     public static func onTermination(_ handler: @escaping @Sendable (Int32) -> Void) {
         blockTermination()
-        var thread = pthread_t()
-        let box = Unmanaged.passRetained(HandlerBox(handler))
-        let r = pthread_create(&thread, nil, { argument in
-            let handler = Unmanaged<HandlerBox>.fromOpaque(argument!).takeRetainedValue().handler
+        // Without the thread, the signals stay blocked and pending: no crash, no handler.
+        try? DetachedThread.start {
             var set = Signals.terminationSet()
             while true {
                 var number: Int32 = 0
                 if sigwait(&set, &number) == 0 { handler(number) }
             }
-        }, box.toOpaque())
-        if r == 0 { pthread_detach(thread) } else { box.release() }
-    }
-
-    private final class HandlerBox {
-        let handler: @Sendable (Int32) -> Void
-        init(_ handler: @escaping @Sendable (Int32) -> Void) { self.handler = handler }
+        }
     }
 }
 

@@ -27,6 +27,18 @@ private func dropFromPageCache(_ path: String) {
     close(fd)
 }
 
+/// A new 1 MiB pool file opened with `cache: .writeback`, and a ring for it.
+private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URingLoopQueue) {
+    let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
+    do {
+        try device.setSize(1 << 20)
+        return (device, try URingLoopQueue())
+    } catch {
+        device.close()
+        throw error
+    }
+}
+
 @Suite struct LoopQueueTests {
     static let kinds = ["libaio", "io_uring"]
 
@@ -272,18 +284,18 @@ private func dropFromPageCache(_ path: String) {
         #expect(Array(back.bytes) == Array(changed.bytes))
     }
 
-    /// A buffered write goes to io_uring's worker threads, whose completion reaches a
-    /// cooperative ring only through the owner's next kernel entry: an owner asleep in
-    /// poll(2) on the readiness descriptor, as an event loop sleeps in epoll, must still
-    /// be woken by it, and the completion must then be there to run.
+    /// A buffered write is made on another thread (the queue's page-cache writer), whose
+    /// completion reaches the owner only through the readiness descriptor: an owner
+    /// asleep in poll(2) on it, as an event loop sleeps in epoll, must still be woken,
+    /// and the completion must then be there to run.
     @Test func aWorkerCompletedWriteWakesAnOwnerSleepingOnTheReadinessDescriptor() throws {
         let path = temporaryPath("uring-coop")
         defer { unlink(path) }
-        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
-        defer { device.close() }
-        try device.setSize(1 << 20)
-        let queue = try URingLoopQueue()
-        defer { queue.close() }
+        let (device, queue) = try writebackDeviceAndRing(path)
+        defer {
+            queue.close()
+            device.close()
+        }
         #expect(queue.completesCooperatively, "this kernel (5.19 or later) takes IORING_SETUP_COOP_TASKRUN")
         let readiness = try queue.makeReadinessDescriptor()
         defer { queue.releaseReadinessDescriptor(readiness) }
@@ -337,11 +349,11 @@ private func dropFromPageCache(_ path: String) {
     @Test func pageCacheWritesAreMadeByTheWriterThreadAndComeBackThroughTheRing() throws {
         let path = temporaryPath("uring-pcwrite")
         defer { unlink(path) }
-        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
-        defer { device.close() }
-        try device.setSize(1 << 20)
-        let queue = try URingLoopQueue()
-        defer { queue.close() }
+        let (device, queue) = try writebackDeviceAndRing(path)
+        defer {
+            queue.close()
+            device.close()
+        }
         let blocks = (0..<24).map { i -> AlignedBuffer in
             let buffer = AlignedBuffer(count: 4096)
             for j in 0..<4096 { buffer.bytes[j] = UInt8(truncatingIfNeeded: i &* 31 &+ j) }
@@ -364,6 +376,9 @@ private func dropFromPageCache(_ path: String) {
         }
         #expect(queue.inFlight == 24)
         #expect(queue.hasPageCacheWriter, "the first page-cache write started the writer thread")
+        // The thread names itself as it starts: give it a moment.
+        let named = Date().addingTimeInterval(5)
+        while !Self.threadNames().contains("thinbd-pcwrite") && Date() < named { usleep(1000) }
         #expect(Self.threadNames().contains("thinbd-pcwrite"), "named apart from its owner")
         queue.submitQueued()
         let deadline = Date().addingTimeInterval(10)
