@@ -171,12 +171,12 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// Queues the writes on `queue` when it writes the page cache without blocking
-    /// (`URingLoopQueue`, which has a thread of its own make them).
+    /// (`URingLoopQueue`, which has a thread of its own make them). The queue refuses
+    /// anything but non-empty writes.
     public func startWritesWithoutBlocking(
         _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
         guard let queue, queue.handlesPageCacheAsynchronously,
-            requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 }),
             queue.enqueuePageCacheWrites(fd: fd, requests, completion: completion)
         else { return .wouldBlock }
         return .started

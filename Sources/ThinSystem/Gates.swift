@@ -71,7 +71,7 @@ public final class DrainGate: @unchecked Sendable {
             epochs.holders[ticket.epoch] -= 1
             return epochs.holders[ticket.epoch] == 0 && ticket.epoch != epochs.current
         }
-        if drained { state.update { _ in } }
+        if drained { state.wakeWaiters() }
     }
 
     /// Waits until every holder that entered before this call has left; holders that

@@ -186,6 +186,14 @@ public final class WaitableValue<Value>: @unchecked Sendable {
         return body(&storage.pointee)
     }
 
+    /// Wakes every waiter to look at the value again, after `updateWithoutWaking`
+    /// made a change that only some callers know one of them waits for.
+    public func wakeWaiters() {
+        condition.lock()
+        condition.broadcast()
+        condition.unlock()
+    }
+
     /// Blocks until `ready` returns non-nil for the value (it may change it, under the
     /// lock), and returns that.
     public func wait<T>(until ready: (inout Value) -> T?) -> T {

@@ -26,7 +26,8 @@ public protocol LoopDiskQueue: AnyObject {
     func enqueue(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool
 
     /// `enqueue` for writes of a file opened without O_DIRECT, which a queue may make
-    /// another way (`URingLoopQueue` makes them on a thread of its own). Same contract.
+    /// another way (`URingLoopQueue` makes them on a thread of its own). Same contract,
+    /// and it refuses (returns false) anything but non-empty writes.
     func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool
 
     /// A new descriptor (the caller closes it with `releaseReadinessDescriptor`) that
@@ -48,7 +49,8 @@ public protocol LoopDiskQueue: AnyObject {
 
 extension LoopDiskQueue {
     public func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
-        enqueue(fd: fd, requests, completion: completion)
+        guard requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 }) else { return false }
+        return enqueue(fd: fd, requests, completion: completion)
     }
 
     /// Runs every finished operation's completion, without waiting; returns how many
