@@ -17,17 +17,17 @@ final class LoopIO: @unchecked Sendable {
     private let provider: NBDExportProvider
     /// WRITEs the loop's connections parsed in this round, per connection: they leave
     /// together at the end of the round, as one batch for the provider.
-    private var roundWrites: [PendingWrites] = []
-    private var writeDispatchScheduled = false
+    @exclusivity(unchecked) private var roundWrites: [PendingWrites] = []
+    @exclusivity(unchecked) private var writeDispatchScheduled = false
     /// Nil until the readiness descriptor is watched (and after `close`); reads then
     /// go through the thread pool.
-    private(set) var queue: NBDLoopQueue?
+    @exclusivity(unchecked) private(set) var queue: NBDLoopQueue?
     private var watcher: Channel?
     private var closed = false
-    private var submissionScheduled = false
+    @exclusivity(unchecked) private var submissionScheduled = false
     /// Connections whose replies were written by completions and wait for one flush.
-    private var needFlush: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
-    private var flushing: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
+    @exclusivity(unchecked) private var needFlush: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
+    @exclusivity(unchecked) private var flushing: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
 
     init(eventLoop: EventLoop, blocking: BlockingWork, provider: NBDExportProvider) {
         self.eventLoop = eventLoop

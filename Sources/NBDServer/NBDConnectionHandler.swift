@@ -19,15 +19,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private let server: NBDServer
-    private var parser = NBDServerParser()
+    @exclusivity(unchecked) private var parser = NBDServerParser()
     private var handshake: NBDHandshake
-    private var state: NBDConnectionState
-    private var session: NBDSession?
-    private var export: NBDExport?
-    private var pending = ByteBuffer()
+    @exclusivity(unchecked) private var state: NBDConnectionState
+    @exclusivity(unchecked) private var session: NBDSession?
+    @exclusivity(unchecked) private var export: NBDExport?
+    @exclusivity(unchecked) private var pending = ByteBuffer()
     private let loopIO: LoopIO
     /// A flush of replies written by loop completions is queued with the loop's I/O.
-    private var flushScheduled = false
+    @exclusivity(unchecked) private var flushScheduled = false
+    /// Transmission replies not yet handed to the channel; every flush hands them over
+    /// (`sendReplies(context:)`, the only way this handler flushes).
+    @exclusivity(unchecked) private var replies = ReplyBatch()
     /// The export a catalog answer opened, until the handshake enters transmission.
     private var openedExport: NBDExport?
     /// Closes the connection when the handshake takes too long (slowloris).
@@ -37,9 +40,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// A large WRITE whose payload is still arriving: its bytes are copied once,
     /// straight into a 4 KiB-aligned buffer of their own, instead of accumulating in
     /// `pending` (where every read would append and the buffer would regrow).
-    private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
+    @exclusivity(unchecked) private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
     /// WRITEs parsed in the current pass: they go off the loop together.
-    private var gatheredWrites: [GatheredWrite] = []
+    @exclusivity(unchecked) private var gatheredWrites: [GatheredWrite] = []
     /// WRITE payloads at least this large are assembled that way.
     static let assembledPayloadMinimum = 16384
     /// The TLS handler STARTTLS put at the front of the pipeline.
@@ -109,7 +112,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // Parses what arrived (answered with errors), then closes when idle.
             let actions = state.shutdownRequested()
             if actions.contains(.parse) { processPending(context: context) }
-            run(actions.filter { $0 != .parse }, context: context)
+            run(actions.subtracting(.parse), context: context)
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -121,14 +124,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Carries out what the connection state asked for.
-    private func run(_ actions: [NBDConnectionState.Action], context: ChannelHandlerContext) {
-        for action in actions {
-            switch action {
-            case .read: context.read()
-            case .parse: if pending.readableBytes > 0 { processPending(context: context) }
-            case .close: close(context: context, flush: true)
-            }
-        }
+    private func run(_ actions: NBDConnectionState.Actions, context: ChannelHandlerContext) {
+        guard !actions.isEmpty else { return }
+        if actions.contains(.parse), pending.readableBytes > 0 { processPending(context: context) }
+        if actions.contains(.read) { context.read() }
+        if actions.contains(.close) { close(context: context, flush: true) }
     }
 
     /// Closes the connection (the state machine's `.close`, or the handler's own reasons:
@@ -136,7 +136,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// twice is harmless: the second close fails its (absent) promise.
     private func close(context: ChannelHandlerContext, flush: Bool) {
         state.closed()
-        if flush { context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil) }
+        if flush { self.sendReplies(context: context) }
         context.close(promise: nil)
     }
 
@@ -158,7 +158,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if let action = state.readRequested() { run([action], context: context) }
+        run(state.readRequested(), context: context)
     }
 
     private func processPending(context: ChannelHandlerContext) {
@@ -183,7 +183,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         if pending.readableBytes == 0 { pending.clear() } else { pending.discardReadBytes() }
         dispatchGatheredWrites(context: context)
-        context.flush()
+        sendReplies(context: context)
         loopIO.scheduleSubmission()
         run(state.inputProcessed(), context: context)
     }
@@ -238,61 +238,73 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func writeFinishedOnLoop(_ write: GatheredWrite, _ error: NBDExportError?, context: ChannelHandlerContext) {
-        let actions = state.requestFinished(bytes: write.payload.readableBytes)
-        if state.isOpen {
+        finishRequest(bytes: write.payload.readableBytes, flush: .afterCompletions, context: context) {
             writeReply(cookie: write.cookie, error, context: context)
-            if !flushScheduled {
-                flushScheduled = true
-                loopIO.flushAfterCompletions(self, context)
-            }
         }
-        run(actions, context: context)
     }
 
     /// The outcomes of writes handed to `LoopIO.submitWrites`, on the loop.
     func writesFinished(_ writes: [GatheredWrite], _ result: Result<[NBDExportError?], Error>, context: ChannelHandlerContext) {
-        var actions: [NBDConnectionState.Action] = []
+        var actions: NBDConnectionState.Actions = []
         for (i, write) in writes.enumerated() {
-            actions += state.requestFinished(bytes: write.payload.readableBytes)
+            actions.formUnion(state.requestFinished(bytes: write.payload.readableBytes))
             guard state.isOpen else { continue }
             switch result {
             case .success(let outcomes):
                 writeReply(cookie: write.cookie, outcomes[i], context: context)
             case .failure(let error):
-                // The thread pool stopped: the server is going away.
-                reply(error: .shutdown, "server is shutting down (\(error))", cookie: write.cookie, context: context)
+                refuseShutDownPool(error, cookie: write.cookie, context: context)
             }
         }
-        if state.isOpen { context.flush() }
+        if state.isOpen { sendReplies(context: context) }
         run(actions, context: context)
     }
 
-    /// Writes (without flushing) a WRITE's reply: done, or its error.
+    /// Appends (without flushing) a WRITE's reply: done, or its error.
     private func writeReply(cookie: UInt64, _ error: NBDExportError?, context: ChannelHandlerContext) {
-        var out = context.channel.allocator.buffer(capacity: 64)
         if let error {
-            NBDReplyEncoder.error(error.code, message: error.message, cookie: cookie, structured: session?.structuredReplies ?? false, into: &out)
+            NBDReplyEncoder.error(
+                error.code, message: error.message, cookie: cookie, structured: session?.structuredReplies ?? false,
+                into: &replies.bytes)
         } else {
-            NBDReplyEncoder.done(cookie: cookie, into: &out)
+            NBDReplyEncoder.done(cookie: cookie, into: &replies.bytes)
         }
-        context.write(wrapOutboundOut(out), promise: nil)
     }
 
-    /// A reply's bytes: a head, and for reads the data, sent as they are (no copy).
-    struct Reply: Sendable {
-        var head: ByteBuffer
-        var data: ByteBuffer?
+    /// Appends a reply that a worker built off the loop: copied into the batch, or, when
+    /// large (BLOCK_STATUS with many descriptors), written after it as it is.
+    private func append(builtOffLoop reply: ByteBuffer, context: ChannelHandlerContext) {
+        guard reply.readableBytes <= ReplyBatch.largestBatched else {
+            write(afterBatch: reply, context: context)
+            return
+        }
+        var reply = reply
+        replies.bytes.writeBuffer(&reply)
     }
 
-    private func write(_ reply: Reply, context: ChannelHandlerContext) {
-        context.write(wrapOutboundOut(reply.head), promise: nil)
-        if let data = reply.data { context.write(wrapOutboundOut(data), promise: nil) }
+    /// Hands the batch to the channel, then `bytes` (a read's data, which must follow
+    /// the header that ends the batch), without flushing.
+    private func write(afterBatch bytes: ByteBuffer, context: ChannelHandlerContext) {
+        handOverReplies(context: context)
+        context.write(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    private func handOverReplies(context: ChannelHandlerContext) {
+        if let batch = replies.take() { context.write(wrapOutboundOut(batch), promise: nil) }
+    }
+
+    /// Hands the batched replies to the channel and flushes. Every flush of this
+    /// handler goes through here, so a batched reply never waits past one.
+    private func sendReplies(context: ChannelHandlerContext) {
+        handOverReplies(context: context)
+        context.flush()
+        replies.rewind()
     }
 
     /// Called by the loop's I/O after a round of completions wrote replies.
     func flushReplies(context: ChannelHandlerContext) {
         flushScheduled = false
-        if state.isOpen { context.flush() }
+        if state.isOpen { sendReplies(context: context) }
     }
 
     /// Starts assembling when `pending` begins with a large WRITE whose payload has not
@@ -390,7 +402,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             close(context: context, flush: false)
             return false
         }
-        context.flush()
+        sendReplies(context: context)
         let handler = tls.credentials.makeHandler()
         do {
             try context.pipeline.syncOperations.addHandler(handler, position: .first)
@@ -479,11 +491,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             state.requestStarted(bytes: 0)
             withinLimit(of: export, bytes: operation.limitedBytes, context: context) {
                 let allocator = context.channel.allocator
-                let future = self.server.blocking.run(on: context.eventLoop) { () -> Reply in
-                    Reply(head: Self.perform(operation, cookie: header.cookie, export: export, session: session, allocator: allocator))
+                let future = self.server.blocking.run(on: context.eventLoop) { () -> ByteBuffer in
+                    Self.perform(operation, cookie: header.cookie, export: export, session: session, allocator: allocator)
                 }
                 future.assumeIsolated().whenComplete { result in
-                    self.finishRequest(result, bytes: 0, cookie: header.cookie, context: context, flush: true)
+                    self.finishRequest(bytes: 0, flush: .now, context: context) {
+                        switch result {
+                        case .success(let reply):
+                            self.append(builtOffLoop: reply, context: context)
+                        case .failure(let error):
+                            self.refuseShutDownPool(error, cookie: header.cookie, context: context)
+                        }
+                    }
                 }
             }
         }
@@ -499,80 +518,102 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.eventLoop.assumeIsolated().scheduleTask(in: wait) {
             start()
             // What `processPending` does after a pass: send what is ready, submit reads.
-            context.flush()
+            self.sendReplies(context: context)
             self.loopIO.scheduleSubmission()
         }
     }
 
     private func reply(error: NBDError, _ message: String, cookie: UInt64, context: ChannelHandlerContext) {
-        var out = context.channel.allocator.buffer(capacity: 32 + message.utf8.count)
-        NBDReplyEncoder.error(error, message: message, cookie: cookie, structured: session?.structuredReplies ?? false, into: &out)
-        context.write(wrapOutboundOut(out), promise: nil)
+        NBDReplyEncoder.error(
+            error, message: message, cookie: cookie, structured: session?.structuredReplies ?? false, into: &replies.bytes)
     }
 
     private func read(
         offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, export: NBDExport, session: NBDSession,
         context: ChannelHandlerContext
     ) {
-        let allocator = context.channel.allocator
         let structured = session.structuredReplies
         let bytes = Int(length)
-        let (data, target) = Self.makeReadBuffer(length: bytes, allocator: allocator)
-        let reply = { @Sendable (result: Result<[NBDExtent], NBDExportError>) -> Reply in
-            Self.readReply(
-                result, cookie: cookie, offset: offset, data: data, structured: structured, dontFragment: dontFragment,
-                allocator: allocator)
+        let (data, target) = Self.makeReadBuffer(length: bytes, allocator: context.channel.allocator)
+        // The reply's header goes into the batch; the data buffer follows it as it is.
+        let writeReadReply = { (result: Result<[NBDExtent], NBDExportError>) in
+            switch result {
+            case .success(let extents):
+                let follows = NBDReplyEncoder.read(
+                    cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
+                    dontFragment: dontFragment, into: &self.replies.bytes)
+                if let follows { self.write(afterBatch: follows, context: context) }
+            case .failure(let error):
+                NBDReplyEncoder.error(
+                    error.code, message: error.message, cookie: cookie, structured: structured, into: &self.replies.bytes)
+            }
         }
         let start = export.readWithoutBlocking(at: offset, into: target, queue: loopIO.queue) { result in
             // On the loop, from its completion round.
-            self.finishRequest(.success(reply(result)), bytes: bytes, cookie: cookie, context: context, flush: false)
+            self.finishRequest(bytes: bytes, flush: .afterCompletions, context: context) { writeReadReply(result) }
         }
         switch start {
         case .completed(let result):
-            // Flushed with the rest of this pass by processPending.
-            let actions = state.requestFinished(bytes: bytes)
-            if state.isOpen { write(reply(result), context: context) }
-            run(actions, context: context)
+            finishRequest(bytes: bytes, flush: .withThisPass, context: context) { writeReadReply(result) }
         case .started:
             break
         case .wouldBlock:
             // Off the loop; the worker is freed as soon as the disk read is submitted,
             // and the device's completion thread fulfils the promise.
-            let promise = context.eventLoop.makePromise(of: Reply.self)
-            // The reply buffer owns this memory and outlives the read (`reply` holds it).
+            let promise = context.eventLoop.makePromise(of: Result<[NBDExtent], NBDExportError>.self)
+            // The reply's data buffer owns this memory and outlives the read (the
+            // completion below holds it).
             nonisolated(unsafe) let memory = target
             server.blocking.submit(orFail: promise) {
-                export.readAsync(at: offset, into: memory) { promise.succeed(reply($0)) }
+                export.readAsync(at: offset, into: memory) { promise.succeed($0) }
             }
-            promise.futureResult.assumeIsolated().whenComplete { result in
-                self.finishRequest(result, bytes: bytes, cookie: cookie, context: context, flush: true)
+            promise.futureResult.assumeIsolated().whenComplete { outcome in
+                self.finishRequest(bytes: bytes, flush: .now, context: context) {
+                    switch outcome {
+                    case .success(let result): writeReadReply(result)
+                    case .failure(let error): self.refuseShutDownPool(error, cookie: cookie, context: context)
+                    }
+                }
             }
         }
     }
 
-    /// Sends a request's reply (or ESHUTDOWN when the workers refused it) and lets the
-    /// next requests in. Completions from the loop's queue leave the flush to the end of
-    /// their round.
+    /// When a finished request's reply leaves.
+    private enum ReplyFlush {
+        /// `processPending` flushes at the end of the pass that is running.
+        case withThisPass
+        /// Loop completions: one flush per connection after the round (`LoopIO`).
+        case afterCompletions
+        /// Off-loop work answered on the loop, one request at a time.
+        case now
+    }
+
+    /// Lets the request's bytes go, writes its reply with `writeReply` while the
+    /// connection is open, arranges the flush, and lets the next requests in.
     private func finishRequest(
-        _ result: Result<Reply, Error>, bytes: Int, cookie: UInt64, context: ChannelHandlerContext, flush: Bool
+        bytes: Int, flush: ReplyFlush, context: ChannelHandlerContext, writeReply: () -> Void
     ) {
         let actions = state.requestFinished(bytes: bytes)
         if state.isOpen {
-            switch result {
-            case .success(let out):
-                write(out, context: context)
-            case .failure(let error):
-                // The thread pool stopped: the server is going away.
-                reply(error: .shutdown, "server is shutting down (\(error))", cookie: cookie, context: context)
-            }
-            if flush {
-                context.flush()
-            } else if !flushScheduled {
-                flushScheduled = true
-                loopIO.flushAfterCompletions(self, context)
+            writeReply()
+            switch flush {
+            case .withThisPass:
+                break
+            case .afterCompletions:
+                if !flushScheduled {
+                    flushScheduled = true
+                    loopIO.flushAfterCompletions(self, context)
+                }
+            case .now:
+                self.sendReplies(context: context)
             }
         }
         run(actions, context: context)
+    }
+
+    /// The reply when the thread pool refused the work: the server is going away.
+    private func refuseShutDownPool(_ error: Error, cookie: UInt64, context: ChannelHandlerContext) {
+        reply(error: .shutdown, "server is shutting down (\(error))", cookie: cookie, context: context)
     }
 
     /// An empty buffer whose reader and writer index sit on a 4 KiB-aligned address,
@@ -610,23 +651,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             return length
         }
         return (data, target)
-    }
-
-    private static func readReply(
-        _ result: Result<[NBDExtent], NBDExportError>, cookie: UInt64, offset: UInt64, data: ByteBuffer, structured: Bool,
-        dontFragment: Bool, allocator: ByteBufferAllocator
-    ) -> Reply {
-        var out = allocator.buffer(capacity: 64)
-        switch result {
-        case .success(let extents):
-            let follows = NBDReplyEncoder.read(
-                cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
-                dontFragment: dontFragment, into: &out)
-            return Reply(head: out, data: follows)
-        case .failure(let error):
-            NBDReplyEncoder.error(error.code, message: error.message, cookie: cookie, structured: structured, into: &out)
-            return Reply(head: out)
-        }
     }
 
     /// Runs one blocking operation off the loop and builds its reply. Never throws:

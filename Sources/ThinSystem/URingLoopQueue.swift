@@ -36,24 +36,24 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     private let finishedResults: UnsafeMutablePointer<Int32>
     private let operations = InFlightOperations(capacity: URingLoopQueue.capacity)
     /// Entries filled since the last submission.
-    private var queued = 0
-    private var closed = false
+    @exclusivity(unchecked) private var queued = 0
+    @exclusivity(unchecked) private var closed = false
 
     /// Page-cache writes go to a thread of their own (see `PageCacheWriter`), made on
     /// the first one; nil before that, or when it could not be made (then they go
     /// through the ring).
-    private var writer: PageCacheWriter?
-    private var writerUnavailable = false
+    @exclusivity(unchecked) private var writer: PageCacheWriter?
+    @exclusivity(unchecked) private var writerUnavailable = false
     /// Jobs for the writer since the last submission.
-    private var writerQueued: [PageCacheWriter.Job] = []
+    @exclusivity(unchecked) private var writerQueued: [PageCacheWriter.Job] = []
     /// Jobs the writer has and has not yet reported back.
-    private var writerInFlight = 0
+    @exclusivity(unchecked) private var writerInFlight = 0
     /// Finished jobs collected from the writer, and how many of them have been run.
-    private var writerFinished: [PageCacheWriter.Finished] = []
-    private var writerFinishedRun = 0
+    @exclusivity(unchecked) private var writerFinished: [PageCacheWriter.Finished] = []
+    @exclusivity(unchecked) private var writerFinishedRun = 0
 
     /// Requests handed out and not yet completed (queued or in the kernel).
-    public private(set) var inFlight = 0
+    @exclusivity(unchecked) public private(set) var inFlight = 0
 
     public var handlesPageCacheAsynchronously: Bool { true }
 

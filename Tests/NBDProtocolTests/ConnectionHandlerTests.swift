@@ -211,6 +211,43 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         #expect(harness.exports.bytes[0] == 1 && harness.exports.bytes[4096] == 2)
     }
 
+    @Test func theRepliesOfARoundLeaveAsOneBufferEachOnce() throws {
+        let harness = Harness()
+        let channel = try harness.connect()
+        _ = try harness.negotiate(channel)
+        // Four writes, a rejected read and a read of what was written, all in one round.
+        let data = [UInt8](repeating: 3, count: 512)
+        try harness.send(channel) {
+            for cookie in UInt64(1)...4 {
+                $0.writeNBDRequest(harness.request(.write, cookie: cookie, offset: cookie * 512, length: 512, payload: data))
+            }
+            $0.writeNBDRequest(harness.request(.read, cookie: 5, offset: 1 << 20, length: 512))
+        }
+        var buffers = 0
+        var all = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) {
+            buffers += 1
+            all.writeBuffer(&part)
+        }
+        var cookies: [UInt64] = []
+        while let header = try all.readNBDSimpleReplyHeader() { cookies.append(header.cookie) }
+        #expect(cookies.sorted() == [1, 2, 3, 4, 5], "every reply, each once")
+        #expect(all.readableBytes == 0)
+        #expect(buffers <= 2, "the error of the pass and the writes' round, not one buffer per reply (\(buffers))")
+        // A read's header and its data stay together, after replies batched before it.
+        try harness.send(channel) {
+            $0.writeNBDRequest(harness.request(.write, cookie: 6, offset: 0, length: 512, payload: data))
+            $0.writeNBDRequest(harness.request(.read, cookie: 7, offset: 512, length: 512))
+        }
+        var out = try harness.output(channel)
+        var seen: [UInt64] = []
+        while let header = try out.readNBDSimpleReplyHeader() {
+            seen.append(header.cookie)
+            if header.cookie == 7 { #expect(out.readBytes(length: 512) == data, "the data right after its header") }
+        }
+        #expect(seen.sorted() == [6, 7] && out.readableBytes == 0)
+    }
+
     @Test func aRefusedOpenIsAnErrorAndTheClientMayTryAgain() throws {
         let harness = Harness()
         harness.exports.refusal = NBDExportError(.shutdown, "disk is being changed by a management command")

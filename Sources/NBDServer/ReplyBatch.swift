@@ -1,0 +1,47 @@
+import NIOCore
+
+/// A connection's transmission replies written since it last handed bytes to the
+/// channel. The small replies of a pass or a completion round (WRITE acknowledgements,
+/// read headers, errors) accumulate here and reach the channel as one buffer: one
+/// channel write and at most one allocation per flush, not one of each per reply.
+///
+/// Whoever appends must hand the batch over before, or as part of, the connection's
+/// next flush (`take`, then `rewind` once the flush is done), or the replies wait.
+/// Order inside a batch is the order of appends, so a read's header can be appended
+/// right before its data is written after the batch.
+struct ReplyBatch {
+    /// Appended to by the reply encoders. Bytes before the reader index were handed to
+    /// the channel already and are never handed over again.
+    var bytes = ByteBuffer()
+
+    var isEmpty: Bool { bytes.readableBytes == 0 }
+
+    /// What was appended since the last `take`, for one channel write; nil when nothing
+    /// was. The storage stays shared with the channel until the channel has written it;
+    /// an append meanwhile moves to new storage (copy-on-write), never over those bytes.
+    mutating func take() -> ByteBuffer? {
+        guard bytes.readableBytes > 0 else { return nil }
+        let out = bytes
+        bytes.moveReaderIndex(to: bytes.writerIndex)
+        return out
+    }
+
+    /// Called after a flush: starts the storage over. When the channel wrote and let go
+    /// of the bytes (the usual case: the socket took them), the same memory is reused;
+    /// otherwise `clear` gives new storage and the channel keeps the old.
+    /// Storage that grew past this (a burst of error messages) is let go at the rewind.
+    mutating func rewind() {
+        guard bytes.readableBytes == 0, bytes.writerIndex > 0 else { return }
+        if bytes.capacity > Self.retainedCapacity {
+            bytes = ByteBuffer()
+        } else {
+            bytes.clear()
+        }
+    }
+
+    static let retainedCapacity = 64 * 1024
+
+    /// Replies larger than this (BLOCK_STATUS with many descriptors) are written on their
+    /// own after the batch rather than copied into it.
+    static let largestBatched = 4096
+}
