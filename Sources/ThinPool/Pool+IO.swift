@@ -48,8 +48,18 @@ extension Pool {
     /// `fillingFromOrigin`: the write stores blocks fetched from the origin, which a
     /// snapshot may take too (it read those bytes from the origin already).
     func volume(_ id: UInt64, writing: Bool, fillingFromOrigin: Bool = false, in state: borrowing PoolState) throws(PoolError) -> VolumeState {
-        guard !state.isClosed else { throw .closed }
-        guard let volume = state.volumes[id] else { throw .noSuchVolume("#\(id)") }
+        try withUnsafePointer(to: state) { (state) throws(PoolError) in
+            try volume(id, writing: writing, fillingFromOrigin: fillingFromOrigin, in: state)
+        }
+    }
+
+    /// `volume(_:writing:in:)` from the state's address (`PoolLock.withSharedAddress`:
+    /// the hot paths, where passing the state itself would copy it).
+    func volume(
+        _ id: UInt64, writing: Bool, fillingFromOrigin: Bool = false, in state: UnsafePointer<PoolState>
+    ) throws(PoolError) -> VolumeState {
+        guard !state.pointee.isClosed else { throw .closed }
+        guard let volume = state.pointee.volumes[id] else { throw .noSuchVolume("#\(id)") }
         if writing {
             if isReadOnly { throw .readOnly("pool \(path) (opened read-only)") }
             try refuseChangesIfFailed()
@@ -62,6 +72,16 @@ extension Pool {
     /// lie inside the volume (without overflow).
     func volume(
         _ id: UInt64, writing: Bool, fillingFromOrigin: Bool = false, at offset: UInt64, count: UInt64, in state: borrowing PoolState
+    ) throws(PoolError) -> VolumeState {
+        try withUnsafePointer(to: state) { (state) throws(PoolError) in
+            try volume(id, writing: writing, fillingFromOrigin: fillingFromOrigin, at: offset, count: count, in: state)
+        }
+    }
+
+    /// The same from the state's address (see `volume(_:writing:fillingFromOrigin:in:)`).
+    func volume(
+        _ id: UInt64, writing: Bool, fillingFromOrigin: Bool = false, at offset: UInt64, count: UInt64,
+        in state: UnsafePointer<PoolState>
     ) throws(PoolError) -> VolumeState {
         let volume = try self.volume(id, writing: writing, fillingFromOrigin: fillingFromOrigin, in: state)
         let (end, overflow) = offset.addingReportingOverflow(count)
@@ -195,12 +215,13 @@ extension Pool {
         _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, blocking: Bool = true
     ) throws(PoolError) -> ReadPlan? {
         // Shared access: reads plan side by side, and during a commit's I/O.
-        func plan(_ state: borrowing PoolState) throws(PoolError) -> ReadPlan? {
+        // From the state's address: a borrowed state would be copied here, per read.
+        func plan(_ state: UnsafePointer<PoolState>) throws(PoolError) -> ReadPlan? {
             let volume = try volume(id, writing: false, at: offset, count: UInt64(buffer.count), in: state)
             var found: (requests: [IORequest], extents: [Extent]) = ([], [])
             if buffer.count > 0 {
                 do throws(MetadataError) {
-                    found = try lookUpRead(volume, in: state.mappings, at: offset, into: buffer, cachedOnly: !blocking)
+                    found = try lookUpRead(volume, in: state.pointee.mappings, at: offset, into: buffer, cachedOnly: !blocking)
                 } catch {
                     if case .notCached = error { return nil }
                     throw noticing(PoolError(error))
@@ -213,8 +234,8 @@ extension Pool {
             // Entered under the lock, so before any commit that frees these blocks.
             return (found.requests, found.extents, ioGate.enter(), fill)
         }
-        if blocking { return try lock.withSharedAccess(plan) }
-        return try lock.tryWithSharedAccess(plan) ?? nil
+        if blocking { return try lock.withSharedAddress(plan) }
+        return try lock.tryWithSharedAddress(plan) ?? nil
     }
 
     private func lookUpRead(

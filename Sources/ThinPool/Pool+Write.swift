@@ -310,7 +310,8 @@ extension Pool {
         let count = UInt64(data.count)
         let range = blockRange(offset, count)
         guard let hold = rangeLocks.tryHold(id, range) else { return .wouldBlock }
-        let requests = try? lock.tryWithSharedAccess { state throws(PoolError) -> [IORequest]? in
+        // From the state's address: a borrowed state would be copied here, per write.
+        let requests = try? lock.tryWithSharedAddress { state throws(PoolError) -> [IORequest]? in
             let volume = try volume(id, writing: true, at: offset, count: count, in: state)
             guard volume.record.origin == nil else { return nil }
             return try inPlaceRequests(volume, at: offset, data: data, in: state)
@@ -345,9 +346,9 @@ extension Pool {
     /// owned by `volume` alone (now and in the last commit) and not the shared zero
     /// block, found in cached metadata; nil otherwise.
     private func inPlaceRequests(
-        _ volume: VolumeState, at offset: UInt64, data: UnsafeRawBufferPointer, in state: borrowing PoolState
+        _ volume: VolumeState, at offset: UInt64, data: UnsafeRawBufferPointer, in state: UnsafePointer<PoolState>
     ) throws(PoolError) -> [IORequest]? {
-        let (tree, spaceMap) = (state.mappings, state.spaceMap)
+        let (tree, spaceMap) = (state.pointee.mappings, state.pointee.spaceMap)
         let source = UnsafeMutableRawBufferPointer(mutating: data)
         var position = offset
         let end = offset + UInt64(data.count)

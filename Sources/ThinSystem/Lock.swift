@@ -137,6 +137,29 @@ public final class PoolLock<State>: @unchecked Sendable {
         return try body(state.pointee)
     }
 
+    /// `withSharedAccess`, lending the state's address instead of the state: for hot
+    /// paths whose body hands the state to several functions. A struct borrowed from
+    /// this memory is copied (a retain and a release of each reference it holds)
+    /// whenever the body passes it to a function the optimizer cannot see through,
+    /// since that function could, for all it knows, change the memory; an address is
+    /// passed as it is. The pointer is valid, and the state unchanged, only while
+    /// `body` runs: it must not escape, and nothing may be written through it.
+    @inlinable
+    public func withSharedAddress<T, E: Error>(_ body: (UnsafePointer<State>) throws(E) -> T) throws(E) -> T {
+        NonBlockingThread.assertMayBlock("shared access to the pool lock")
+        lockShared()
+        defer { unlockAccess() }
+        return try body(UnsafePointer(state))
+    }
+
+    /// `tryWithSharedAccess`, lending the state's address (see `withSharedAddress`).
+    @inlinable
+    public func tryWithSharedAddress<T, E: Error>(_ body: (UnsafePointer<State>) throws(E) -> T) throws(E) -> T? {
+        guard tryLockShared() else { return nil }
+        defer { unlockAccess() }
+        return try body(UnsafePointer(state))
+    }
+
     /// Called inside `withLock`: lets readers in while `body` runs, and lends `body` the
     /// state read-only. The caller keeps the mutex, so no one changes the state meanwhile.
     @inlinable
