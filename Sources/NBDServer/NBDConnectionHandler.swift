@@ -41,6 +41,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// straight into a 4 KiB-aligned buffer of their own, instead of accumulating in
     /// `pending` (where every read would append and the buffer would regrow).
     @exclusivity(unchecked) private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
+    /// Where a read's reply header is encoded before it is copied in front of the data
+    /// (see `writeReadReply`); never handed to the channel, so reused in place.
+    @exclusivity(unchecked) private var readHeader = ByteBuffer()
     /// WRITEs parsed in the current pass: they go off the loop together.
     @exclusivity(unchecked) private var gatheredWrites: [GatheredWrite] = []
     /// WRITE payloads at least this large are assembled that way.
@@ -534,15 +537,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     ) {
         let structured = session.structuredReplies
         let bytes = Int(length)
-        let (data, target) = Self.makeReadBuffer(length: bytes, allocator: context.channel.allocator)
-        // The reply's header goes into the batch; the data buffer follows it as it is.
+        let (data, target, headroom) = Self.makeReadBuffer(length: bytes, allocator: context.channel.allocator)
         let writeReadReply = { (result: Result<[NBDExtent], NBDExportError>) in
             switch result {
             case .success(let extents):
-                let follows = NBDReplyEncoder.read(
-                    cookie: cookie, offset: offset, data: data, extents: extents, structured: structured,
-                    dontFragment: dontFragment, into: &self.replies.bytes)
-                if let follows { self.write(afterBatch: follows, context: context) }
+                self.writeReadReply(
+                    cookie: cookie, offset: offset, data: data, headroom: headroom, extents: extents,
+                    structured: structured, dontFragment: dontFragment, context: context)
             case .failure(let error):
                 NBDReplyEncoder.error(
                     error.code, message: error.message, cookie: cookie, structured: structured, into: &self.replies.bytes)
@@ -576,6 +577,36 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
             }
         }
+    }
+
+    /// Writes a successful read's reply. The usual one, a header and the data as they
+    /// are, leaves as one buffer: the header is copied into the room left in front of
+    /// the data (`makeReadBuffer`), so the read costs one channel write and no other
+    /// buffer. A reply the encoder builds whole (structured, with holes) goes into the
+    /// batch instead.
+    private func writeReadReply(
+        cookie: UInt64, offset: UInt64, data: ByteBuffer, headroom: UnsafeMutableRawBufferPointer, extents: [NBDExtent],
+        structured: Bool, dontFragment: Bool, context: ChannelHandlerContext
+    ) {
+        readHeader.clear()
+        let follows = NBDReplyEncoder.read(
+            cookie: cookie, offset: offset, data: data, extents: extents, structured: structured, dontFragment: dontFragment,
+            into: &readHeader)
+        let length = readHeader.readableBytes
+        guard let follows, length <= headroom.count, follows.readerIndex == data.readerIndex,
+            follows.readerIndex >= length
+        else {
+            replies.bytes.writeBuffer(&readHeader)
+            if let follows { write(afterBatch: follows, context: context) }
+            return
+        }
+        // The room is this reply's own memory (no other copy of the buffer reads it).
+        readHeader.withUnsafeReadableBytes { header in
+            UnsafeMutableRawBufferPointer(rebasing: headroom[(headroom.count - length)...]).copyMemory(from: header)
+        }
+        var reply = follows
+        reply.moveReaderIndex(to: reply.readerIndex - length)
+        context.write(wrapOutboundOut(reply), promise: nil)
     }
 
     /// When a finished request's reply leaves.
@@ -618,11 +649,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// An empty buffer whose reader and writer index sit on a 4 KiB-aligned address,
     /// with room for `capacity` bytes from there: O_DIRECT can use it without bouncing.
-    private static func makeAlignedBuffer(capacity: Int, allocator: ByteBufferAllocator) -> ByteBuffer {
+    /// At least `headroom` bytes come before that address, inside the buffer.
+    private static func makeAlignedBuffer(capacity: Int, headroom: Int = 0, allocator: ByteBufferAllocator) -> ByteBuffer {
         let alignment = 4096
-        var buffer = allocator.buffer(capacity: capacity + alignment)
+        var buffer = allocator.buffer(capacity: capacity + alignment + headroom)
         let pad = buffer.withUnsafeMutableWritableBytes { raw in
-            (alignment - Int(bitPattern: raw.baseAddress) % alignment) % alignment
+            headroom + (alignment - (Int(bitPattern: raw.baseAddress) + headroom) % alignment) % alignment
         }
         buffer.moveWriterIndex(forwardBy: pad)
         buffer.moveReaderIndex(forwardBy: pad)
@@ -643,15 +675,28 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// A reply buffer holding `length` data bytes at a 4 KiB-aligned address, and that
     /// memory, for the read to fill (valid while the buffer is alive and not written to).
-    private static func makeReadBuffer(length: Int, allocator: ByteBufferAllocator) -> (ByteBuffer, UnsafeMutableRawBufferPointer) {
-        var data = makeAlignedBuffer(capacity: length, allocator: allocator)
+    /// Also returns the `readHeaderRoom` bytes right before the data, where
+    /// `writeReadReply` puts the reply's header.
+    private static func makeReadBuffer(
+        length: Int, allocator: ByteBufferAllocator
+    ) -> (ByteBuffer, target: UnsafeMutableRawBufferPointer, headroom: UnsafeMutableRawBufferPointer) {
+        var data = makeAlignedBuffer(capacity: length, headroom: readHeaderRoom, allocator: allocator)
         var target = UnsafeMutableRawBufferPointer(start: nil, count: 0)
         data.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
             target = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
             return length
         }
-        return (data, target)
+        // Taken last, from the storage the data lives in (nothing reallocates it after).
+        let start = data.readerIndex
+        let headroom = data.withVeryUnsafeMutableBytes { storage in
+            UnsafeMutableRawBufferPointer(rebasing: storage[(start - readHeaderRoom)..<start])
+        }
+        return (data, target, headroom)
     }
+
+    /// Room for the longest header that goes in front of read data: a structured
+    /// OFFSET_DATA chunk's (20 bytes of chunk header and the 8-byte offset).
+    static let readHeaderRoom = 32
 
     /// Runs one blocking operation off the loop and builds its reply. Never throws:
     /// failures become error replies.

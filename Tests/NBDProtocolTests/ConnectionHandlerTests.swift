@@ -234,7 +234,7 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         #expect(cookies.sorted() == [1, 2, 3, 4, 5], "every reply, each once")
         #expect(all.readableBytes == 0)
         #expect(buffers <= 2, "the error of the pass and the writes' round, not one buffer per reply (\(buffers))")
-        // A read's header and its data stay together, after replies batched before it.
+        // A read's header and its data stay together, whatever was batched around it.
         try harness.send(channel) {
             $0.writeNBDRequest(harness.request(.write, cookie: 6, offset: 0, length: 512, payload: data))
             $0.writeNBDRequest(harness.request(.read, cookie: 7, offset: 512, length: 512))
@@ -246,6 +246,15 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
             if header.cookie == 7 { #expect(out.readBytes(length: 512) == data, "the data right after its header") }
         }
         #expect(seen.sorted() == [6, 7] && out.readableBytes == 0)
+        // A read alone: its header is in front of its data, one buffer for both.
+        try harness.send(channel) { $0.writeNBDRequest(harness.request(.read, cookie: 8, offset: 512, length: 512)) }
+        var alone: [ByteBuffer] = []
+        while let part = try channel.readOutbound(as: ByteBuffer.self) { alone.append(part) }
+        #expect(alone.count == 1 && alone.first?.readableBytes == 16 + 512)
+        if var reply = alone.first {
+            #expect(try reply.readNBDSimpleReplyHeader()?.cookie == 8)
+            #expect(reply.readBytes(length: 512) == data)
+        }
     }
 
     @Test func aRefusedOpenIsAnErrorAndTheClientMayTryAgain() throws {
