@@ -285,8 +285,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         replies.bytes.writeBuffer(&reply)
     }
 
-    /// Hands the batch to the channel, then `bytes` (a read's data, which must follow
-    /// the header that ends the batch), without flushing.
+    /// Hands the batch to the channel, then `bytes`, without flushing: for what must
+    /// follow the batch's last bytes (read data after its header) or is too large to
+    /// copy into it.
     private func write(afterBatch bytes: ByteBuffer, context: ChannelHandlerContext) {
         handOverReplies(context: context)
         context.write(wrapOutboundOut(bytes), promise: nil)

@@ -2,8 +2,10 @@ import NIOCore
 
 /// A connection's transmission replies written since it last handed bytes to the
 /// channel. The small replies of a pass or a completion round (WRITE acknowledgements,
-/// read headers, errors) accumulate here and reach the channel as one buffer: one
-/// channel write and at most one allocation per flush, not one of each per reply.
+/// errors, the answers of off-loop work, structured reads with holes) accumulate here
+/// and reach the channel as one buffer: one channel write and at most one allocation
+/// per flush, not one of each per reply. (A plain read's header travels in front of
+/// its data instead.)
 ///
 /// Whoever appends must hand the batch over before, or as part of, the connection's
 /// next flush (`take`, then `rewind` once the flush is done), or the replies wait.
