@@ -205,6 +205,11 @@ extension Pool {
     /// return to the pool. Its snapshots stay (named as before); its clones stay.
     /// Cost: O(blocks only it referenced).
     public func delete(_ name: String) throws(PoolError) {
+        // Origin blocks this volume fetched and the store worker has not stored yet go in
+        // first: stored, they are shared with its ancestors (`storeFetched`); once it is
+        // gone they would be dropped and fetched again by the next reader (an ephemeral
+        // job's clone deleted right after its job, then the next job).
+        originStore.drain()
         try withVolumeExclusive(Substring(name)) { state throws(PoolError) in
             let victim = try state.volume(named: name)
             try remove(victim, from: &state)
