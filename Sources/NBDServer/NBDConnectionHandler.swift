@@ -539,7 +539,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let structured = session.structuredReplies
         let bytes = Int(length)
         let (data, target, headroom) = Self.makeReadBuffer(length: bytes, allocator: context.channel.allocator)
-        let writeReadReply = { (result: Result<[NBDExtent], NBDExportError>) in
+        let replyToRead = { (result: Result<[NBDExtent], NBDExportError>) in
             switch result {
             case .success(let extents):
                 self.writeReadReply(
@@ -552,11 +552,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         let start = export.readWithoutBlocking(at: offset, into: target, queue: loopIO.queue) { result in
             // On the loop, from its completion round.
-            self.finishRequest(bytes: bytes, flush: .afterCompletions, context: context) { writeReadReply(result) }
+            self.finishRequest(bytes: bytes, flush: .afterCompletions, context: context) { replyToRead(result) }
         }
         switch start {
         case .completed(let result):
-            finishRequest(bytes: bytes, flush: .withThisPass, context: context) { writeReadReply(result) }
+            finishRequest(bytes: bytes, flush: .withThisPass, context: context) { replyToRead(result) }
         case .started:
             break
         case .wouldBlock:
@@ -572,7 +572,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             promise.futureResult.assumeIsolated().whenComplete { outcome in
                 self.finishRequest(bytes: bytes, flush: .now, context: context) {
                     switch outcome {
-                    case .success(let result): writeReadReply(result)
+                    case .success(let result): replyToRead(result)
                     case .failure(let error): self.refuseShutDownPool(error, cookie: cookie, context: context)
                     }
                 }

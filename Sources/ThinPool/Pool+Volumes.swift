@@ -209,6 +209,7 @@ extension Pool {
         // first: stored, they are shared with its ancestors (`storeFetched`); once it is
         // gone they would be dropped and fetched again by the next reader (an ephemeral
         // job's clone deleted right after its job, then the next job).
+        NonBlockingThread.assertMayBlock("deleting a volume")
         originStore.drain()
         try withVolumeExclusive(Substring(name)) { state throws(PoolError) in
             let victim = try state.volume(named: name)

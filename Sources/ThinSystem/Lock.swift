@@ -122,19 +122,14 @@ public final class PoolLock<State>: @unchecked Sendable {
     /// Read-only access: other readers, and a commit's I/O, may run meanwhile.
     @inlinable
     public func withSharedAccess<T, E: Error>(_ body: (borrowing State) throws(E) -> T) throws(E) -> T {
-        NonBlockingThread.assertMayBlock("shared access to the pool lock")
-        lockShared()
-        defer { unlockAccess() }
-        return try body(state.pointee)
+        try withSharedAddress { (state) throws(E) in try body(state.pointee) }
     }
 
     /// Like `withSharedAccess`, but returns nil at once, without running `body`, when
     /// the lock is held or wanted exclusively: for threads that must not wait.
     @inlinable
     public func tryWithSharedAccess<T, E: Error>(_ body: (borrowing State) throws(E) -> T) throws(E) -> T? {
-        guard tryLockShared() else { return nil }
-        defer { unlockAccess() }
-        return try body(state.pointee)
+        try tryWithSharedAddress { (state) throws(E) in try body(state.pointee) }
     }
 
     /// `withSharedAccess`, lending the state's address instead of the state: for hot
