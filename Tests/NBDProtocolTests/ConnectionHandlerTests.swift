@@ -257,6 +257,72 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         }
     }
 
+    @Test(arguments: [1, 7, 29, 4099, 20000, 70000])
+    func requestsSplitAcrossReadsAtAnyBoundaryAllRun(chunk: Int) throws {
+        let harness = Harness()
+        let channel = try harness.connect()
+        _ = try harness.negotiate(channel)
+        // Small writes (parsed whole) and large ones (assembled as they arrive), as one
+        // byte stream cut into reads of `chunk` bytes.
+        let sizes = [512, 4096, 24576, 100, 65536, 4096]
+        var stream = ByteBuffer()
+        var offset: UInt64 = 0
+        var expected = [UInt8](repeating: 0, count: 1 << 20)
+        for (i, size) in sizes.enumerated() {
+            let data = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i &* 7 &+ 1) }
+            stream.writeNBDRequest(harness.request(.write, cookie: UInt64(i + 1), offset: offset, length: UInt32(size), payload: data))
+            expected.replaceSubrange(Int(offset)..<Int(offset) + size, with: data)
+            offset += UInt64(size + 1000)
+        }
+        while stream.readableBytes > 0 {
+            var part = stream.readSlice(length: min(chunk, stream.readableBytes))!
+            try harness.send(channel) { $0.writeBuffer(&part) }
+        }
+        let replies = try harness.replies(channel)
+        #expect(replies.map(\.0.cookie).sorted() == Array(UInt64(1)...UInt64(sizes.count)))
+        #expect(replies.allSatisfy { $0.0.error == .none })
+        #expect(harness.exports.bytes == expected)
+        // Still in step: a read after them all is answered with what they wrote.
+        try harness.send(channel) { $0.writeNBDRequest(harness.request(.read, cookie: 100, offset: 4096 + 1512, length: 512)) }
+        let read = try harness.replies(channel, readLength: 512)
+        #expect(read.count == 1 && read[0].0.cookie == 100 && read[0].1 == Array(expected[5608..<6120]))
+    }
+
+    @Test func aPassKeepsNoHoldOnTheReceiveBuffer() throws {
+        let harness = Harness()
+        let channel = try harness.connect()
+        _ = try harness.negotiate(channel)
+        /// Whether the handler still holds `buffer`'s storage: a write to a shared
+        /// storage copies it first, and the bytes then move.
+        func isHeldElsewhere(_ buffer: inout ByteBuffer) -> Bool {
+            let before = buffer.withUnsafeReadableBytes { $0.baseAddress }
+            buffer.setInteger(UInt8(0), at: buffer.readerIndex)
+            return buffer.withUnsafeReadableBytes { $0.baseAddress } != before
+        }
+        let data = [UInt8](repeating: 5, count: 512)
+        var whole = ByteBuffer()
+        whole.writeNBDRequest(harness.request(.write, cookie: 1, offset: 0, length: 512, payload: data))
+        try channel.writeInbound(whole)
+        harness.loop.run()
+        // The channel reuses its pooled receive buffer only when nothing else holds it.
+        #expect(!isHeldElsewhere(&whole), "a receive buffer parsed to its end is let go")
+        // One request and the first half of the next: only the half stays, copied.
+        var next = ByteBuffer()
+        next.writeNBDRequest(harness.request(.write, cookie: 2, offset: 4096, length: 512, payload: data))
+        next.writeNBDRequest(harness.request(.write, cookie: 3, offset: 8192, length: 512, payload: data))
+        let cut = next.readableBytes - 300
+        // Buffers of their own, as the channel's reads are.
+        var first = ByteBuffer(bytes: next.getBytes(at: 0, length: cut)!)
+        let rest = ByteBuffer(bytes: next.getBytes(at: cut, length: 300)!)
+        try channel.writeInbound(first)
+        harness.loop.run()
+        #expect(!isHeldElsewhere(&first), "the unparsed tail is kept in a buffer of its own")
+        try channel.writeInbound(rest)
+        harness.loop.run()
+        #expect(try harness.replies(channel).map(\.0.cookie).sorted() == [1, 2, 3])
+        #expect(harness.exports.bytes[4096] == 5 && harness.exports.bytes[8192 + 511] == 5)
+    }
+
     @Test func aRefusedOpenIsAnErrorAndTheClientMayTryAgain() throws {
         let harness = Harness()
         harness.exports.refusal = NBDExportError(.shutdown, "disk is being changed by a management command")

@@ -195,14 +195,24 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
     @Test func uncachedPagesOfABufferedFileAreReadThroughIOUringAndCachedOnlyLibaioRefuses() throws {
         let path = temporaryPath("uring-buffered")
         defer { unlink(path) }
+        // Each libaio try reads its own region, one that no buffered read has touched: a
+        // missed RWF_NOWAIT read starts read-ahead of what it asked for, and on a loaded
+        // machine that can land before the next try's drop, so one region reused made
+        // every try after the first a cache hit. The regions lie half a MiB apart, past
+        // the read-ahead a 64 KiB miss starts.
+        let uncachedAttempts = 20
+        let uncachedBase: UInt64 = 1 << 20
+        let uncachedStride: UInt64 = 512 << 10
         let pattern = AlignedBuffer(count: 65536)
         for i in 0..<pattern.bytes.count { pattern.bytes[i] = UInt8(truncatingIfNeeded: i &* 13 &+ 1) }
         do {
             // Written with O_DIRECT: the page cache does not hold these pages.
             let direct = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
-            try direct.setSize(8 << 20)
+            try direct.setSize(16 << 20)
             try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 131072)
-            try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 6 << 20)
+            for attempt in 0..<uncachedAttempts {
+                try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: uncachedBase + UInt64(attempt) * uncachedStride)
+            }
             direct.close()
         }
         let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback)
@@ -215,9 +225,10 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
         let libaio = try AIOLoopQueue()
         defer { libaio.close() }
         var refusedUncached = false
-        for _ in 0..<20 where !refusedUncached {
+        for attempt in 0..<uncachedAttempts where !refusedUncached {
             dropFromPageCache(path)
-            switch device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: 6 << 20)], on: libaio, completion: { _ in }) {
+            let offset = uncachedBase + UInt64(attempt) * uncachedStride
+            switch device.startReadsWithoutBlocking([IORequest(.read, target.bytes, at: offset)], on: libaio, completion: { _ in }) {
             case .started: Issue.record("libaio would read a buffered file inside io_submit: it must not take it")
             case .wouldBlock: refusedUncached = true
             case .completed: #expect(Array(target.bytes) == Array(pattern.bytes), "cached pages read on the spot")
