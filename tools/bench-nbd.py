@@ -22,9 +22,15 @@ compares were measured minutes apart at most; with --repeat N the whole sequence
 times and the table shows medians. Prints a table of IOPS and MiB/s per job and the ratios
 thinbd/peer and thinbd/limit, then the server's peak memory with 16 exports in use.
 With --cold, every job starts with a cold page cache: each server is started, then
-`sync` and `echo 3 > /proc/sys/vm/drop_caches` (root), then fio. The warm run (the
-default) leaves the cache as the previous job left it (nbdkit's raw file stays cached;
-thinbd's pool file holds other volumes' blocks).
+`sync` and `echo 3 > /proc/sys/vm/drop_caches` (root), then fio. In the warm run (the
+default) every job starts after `sync`, and each server that reads and writes through
+the page cache (thinbd --cache writeback, nbdkit's file plugin) gets its file in the
+same state first: dropped from the cache, then the export read once, sequentially,
+through the server (nbdcopy to null:). Without that the two files carried different histories, and on
+this kernel (6.18, ext4 with large folios) that alone moved 4K random writes by 3-4x:
+pages cached by read-ahead or by large writes sit in large folios, and a 4K write dirties
+the whole folio (docs/performance.md). A job also ran while the page cache wrote back
+what the previous server had dirtied, so the order of the columns mattered.
 
 The 4K random read at QD1 reports mean completion latency (microseconds) instead of
 IOPS, and its ratio is thinbd's latency over the peer's (lower is better).
@@ -172,8 +178,9 @@ def fio(job, target, server_pid=None):
     env = None
     if target[0] == "nbd" and target[1].startswith("nbds"):
         env = dict(os.environ, HOME=FIO_HOME)
+    # Nobody's job runs while the page cache writes back what an earlier one dirtied.
+    run(["sync"])
     if COLD:
-        run(["sync"])
         with open("/proc/sys/vm/drop_caches", "w") as caches:
             caches.write("3\n")
     # The server's CPU time is sampled when the ramp ends and when fio has finished.
@@ -281,8 +288,12 @@ class ThinbdColumn:
         name = "base" if self.plain else f"job{self.count}"
         if not self.plain:
             run([THINBD, "clone", self.pool, "base@prefill", name])
+        if self.cache == "writeback":
+            drop_from_page_cache(self.pool)
         proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
         try:
+            if self.cache == "writeback":
+                read_once(uri)
             return fio(job, ("nbd", uri), server_pid=proc.pid)
         finally:
             stop(proc)
@@ -290,14 +301,39 @@ class ThinbdColumn:
                 run([THINBD, "volume", "delete", self.pool, name])
 
 
-def served_fio(job, command, sock, tls=False):
-    """Starts a peer server on `sock`, runs one fio job against it, stops it by its pid."""
+def drop_from_page_cache(path):
+    """Warm runs, before a page-cache server starts: its file written back and dropped
+    from the cache, so that `read_once` gives every such server the same history."""
+    if COLD:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_once(uri):
+    """Warm runs: the export read once, sequentially, through its server (nbdcopy to
+    null:), as a client that reads a disk before it writes to it would. A no-op in cold
+    runs, which drop everything instead."""
+    if not COLD:
+        run(["nbdcopy", uri, "null:"])
+
+
+def served_fio(job, command, sock, tls=False, read_first=False):
+    """Starts a peer server on `sock`, runs one fio job against it, stops it by its pid.
+    With `read_first`, the export is read once before the job (`read_once`)."""
     if os.path.exists(sock):
         os.unlink(sock)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_socket(sock, proc)
+    uri = f"{'nbds' if tls else 'nbd'}+unix:///?socket={sock}"
     try:
-        return fio(job, ("nbd", f"{'nbds' if tls else 'nbd'}+unix:///?socket={sock}"), server_pid=proc.pid)
+        if read_first:
+            read_once(uri)
+        return fio(job, ("nbd", uri), server_pid=proc.pid)
     finally:
         stop(proc)
 
@@ -328,7 +364,8 @@ class NbdkitColumn:
 
     def run(self, job):
         sock = os.path.join(WORK, "nbdkit.sock")
-        return served_fio(job, ["nbdkit", "-f", "-U", sock, "file", self.raw], sock)
+        drop_from_page_cache(self.raw)
+        return served_fio(job, ["nbdkit", "-f", "-U", sock, "file", self.raw], sock, read_first=True)
 
 
 class MemoryColumn:
@@ -429,7 +466,7 @@ def main():
     memory = None if ARGUMENTS.no_memory else peak_memory_16_exports()
 
     print()
-    print(f"page cache: {'cold (dropped before every job)' if COLD else 'warm'}")
+    print(f"page cache: {'cold (dropped before every job)' if COLD else 'warm (page-cache servers: file dropped, then the export read once, before every job)'}")
     ratios = [("none CoW/qemu-nbd", "thinbd none, CoW", "qemu-nbd qcow2"), ("none plain/qemu-nbd", "thinbd none, plain", "qemu-nbd qcow2"),
               ("wb CoW/nbdkit", "thinbd wb, CoW", "nbdkit file"), ("wb plain/nbdkit", "thinbd wb, plain", "nbdkit file"),
               ("wb CoW/none CoW", "thinbd wb, CoW", "thinbd none, CoW"), ("none CoW/raw", "thinbd none, CoW", "raw libaio"),
