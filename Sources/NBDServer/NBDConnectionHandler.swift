@@ -25,6 +25,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     @exclusivity(unchecked) private var session: NBDSession?
     @exclusivity(unchecked) private var export: NBDExport?
     @exclusivity(unchecked) private var pending = ByteBuffer()
+    /// The size of the channel's last read: the room a kept partial message leaves for
+    /// the next one (the channel reads up to 256 KiB at a time).
+    @exclusivity(unchecked) private var lastReadSize = 0
     private let loopIO: LoopIO
     /// A flush of replies written by loop completions is queued with the loop's I/O.
     @exclusivity(unchecked) private var flushScheduled = false
@@ -148,6 +151,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard state.isOpen else { return }
         var bytes = unwrapInboundIn(data)
+        lastReadSize = bytes.readableBytes
         if assembly != nil {
             continueAssembly(with: &bytes, context: context)
             if bytes.readableBytes == 0 { return }
@@ -193,17 +197,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Lets the receive buffer go once a pass has parsed what it could. `pending` is
     /// usually the channel's pooled receive buffer itself, which the channel reuses for
-    /// its next read only when nothing else holds it; so nothing is kept when all was
-    /// parsed, and a partial message is copied into a buffer of its own with room for
-    /// the next read to be appended. (`discardReadBytes` on the shared buffer copied the
-    /// whole rest of its 64 KiB capacity, every pass: 6.6 % of the loop's time on 4 KiB
-    /// writes, docs/performance.md.)
+    /// a later read only when nothing else holds it; so nothing is kept when all was
+    /// parsed, and a partial message is copied into a buffer of its own, with room for
+    /// a read as large as the last one to be appended. (`discardReadBytes` on the shared
+    /// buffer copied the whole rest of its capacity instead, every pass: 6.6 % of the
+    /// loop's time on 4 KiB writes, docs/performance.md.)
     private func keepUnparsedTail(context: ChannelHandlerContext) {
         let tail = pending.readableBytes
         if tail == 0 {
             pending = Self.noBytes
-        } else if pending.readerIndex > 0 || pending.capacity < tail + Self.expectedReadSize {
-            var own = context.channel.allocator.buffer(capacity: tail + Self.expectedReadSize)
+        } else if pending.readerIndex > 0 || pending.capacity < tail + lastReadSize {
+            var own = context.channel.allocator.buffer(capacity: tail + lastReadSize)
             own.writeBuffer(&pending)
             pending = own
         }
@@ -211,9 +215,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Holds no storage of its own: `pending` when nothing waits to be parsed.
     private static let noBytes = ByteBuffer()
-    /// Room kept after a partial message for the next read (the channel reads at most
-    /// 64 KiB at a time by default).
-    private static let expectedReadSize = 65536
 
     /// Sends the WRITEs gathered in this pass off the loop as one batch: one hand-off
     /// and one wake-up of the loop for all of them, and the export may plan and submit
@@ -690,9 +691,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// a copy that does. The copy is the one O_DIRECT needs anyway, and it keeps a
     /// write in flight from pinning the whole receive buffer it was sliced from. (Under
     /// `--cache writeback` the page cache needs no alignment, but keeping the slice
-    /// instead cost more than the copy: writes in flight pinned the channel's few pooled
-    /// receive buffers, so it allocated new 64 KiB ones, which malloc gave back to the
-    /// kernel and faulted in again; docs/performance.md.)
+    /// instead cost more than the copy: writes in flight pinned the channel's pooled
+    /// receive buffers, so it allocated new ones (up to 256 KiB), which malloc gave
+    /// back to the kernel and faulted in again; docs/performance.md.)
     private static func alignedPayload(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         let aligned = payload.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress) % 4096 == 0 }
         guard !aligned, payload.readableBytes > 0 else { return payload }
