@@ -286,10 +286,10 @@ class ThinbdColumn:
     def run(self, job):
         self.count += 1
         name = "base" if self.plain else f"job{self.count}"
-        if not self.plain:
-            run([THINBD, "clone", self.pool, "base@prefill", name])
         if self.cache == "writeback":
             drop_from_page_cache(self.pool)
+        if not self.plain:
+            run([THINBD, "clone", self.pool, "base@prefill", name])
         proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
         try:
             if self.cache == "writeback":
@@ -319,7 +319,9 @@ def read_once(uri):
     null:), as a client that reads a disk before it writes to it would. A no-op in cold
     runs, which drop everything instead."""
     if not COLD:
-        run(["nbdcopy", uri, "null:"])
+        # Over TLS, libnbd finds the client's credentials under fio's private HOME.
+        env = dict(os.environ, HOME=FIO_HOME) if uri.startswith("nbds") else None
+        run(["nbdcopy", uri, "null:"], env=env)
 
 
 def served_fio(job, command, sock, tls=False, read_first=False):

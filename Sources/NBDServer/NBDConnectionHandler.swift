@@ -25,6 +25,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     @exclusivity(unchecked) private var session: NBDSession?
     @exclusivity(unchecked) private var export: NBDExport?
     @exclusivity(unchecked) private var pending = ByteBuffer()
+    /// Whether `pending` is a buffer of this handler's own (a kept partial message),
+    /// not a receive buffer the channel may want back. Set wherever `pending` is.
+    @exclusivity(unchecked) private var pendingIsOwn = false
     /// The size of the channel's last read: the room a kept partial message leaves for
     /// the next one (the channel reads up to 256 KiB at a time).
     @exclusivity(unchecked) private var lastReadSize = 0
@@ -158,7 +161,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         if pending.readableBytes == 0 {
             pending = bytes
+            pendingIsOwn = false
         } else {
+            // Only ever our own buffer here (`keepUnparsedTail`): appended in place,
+            // growing by doubling.
             pending.writeBuffer(&bytes)
         }
         processPending(context: context)
@@ -196,20 +202,27 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Lets the receive buffer go once a pass has parsed what it could. `pending` is
-    /// usually the channel's pooled receive buffer itself, which the channel reuses for
-    /// a later read only when nothing else holds it; so nothing is kept when all was
-    /// parsed, and a partial message is copied into a buffer of its own, with room for
-    /// a read as large as the last one to be appended. (`discardReadBytes` on the shared
-    /// buffer copied the whole rest of its capacity instead, every pass: 6.6 % of the
-    /// loop's time on 4 KiB writes, docs/performance.md.)
+    /// often the channel's pooled receive buffer itself, which the channel reuses for a
+    /// later read only when nothing else holds it; so nothing is kept when all was
+    /// parsed, and a partial message is copied out of it, once, into a buffer of our
+    /// own with room for a read as large as the last. Later reads are appended to that
+    /// buffer, and parsed bytes are dropped from its front only once they are at least
+    /// as many as those left, so under back-pressure or a client that sends in small
+    /// pieces each byte is copied a bounded number of times. (`discardReadBytes` on the
+    /// channel's shared buffer copied the whole rest of its capacity instead, every
+    /// pass: 6.6 % of the loop's time on 4 KiB writes, docs/performance.md.)
     private func keepUnparsedTail(context: ChannelHandlerContext) {
         let tail = pending.readableBytes
         if tail == 0 {
             pending = Self.noBytes
-        } else if pending.readerIndex > 0 || pending.capacity < tail + lastReadSize {
-            var own = context.channel.allocator.buffer(capacity: tail + lastReadSize)
+            pendingIsOwn = false
+        } else if !pendingIsOwn {
+            var own = context.channel.allocator.buffer(capacity: max(tail + lastReadSize, 2 * tail))
             own.writeBuffer(&pending)
             pending = own
+            pendingIsOwn = true
+        } else if pending.readerIndex >= tail {
+            pending.discardReadBytes()
         }
     }
 
@@ -349,6 +362,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let arrived = pending.readableBytes
         payload.writeBuffer(&pending)
         pending = Self.noBytes
+        pendingIsOwn = false
         assembly = (header, payload, length - arrived)
         return true
     }

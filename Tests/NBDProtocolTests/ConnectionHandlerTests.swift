@@ -322,6 +322,20 @@ final class MemoryExport: NBDExport, @unchecked Sendable {
         harness.loop.run()
         #expect(try harness.replies(channel).map(\.0.cookie).sorted() == [1, 2, 3])
         #expect(harness.exports.bytes[4096] == 5 && harness.exports.bytes[8192 + 511] == 5)
+        // A read that holds only part of a message, in a buffer with room to spare (as
+        // the channel's are): the part is copied out, not kept in the channel's buffer.
+        var later = ByteBuffer()
+        later.writeNBDRequest(harness.request(.write, cookie: 4, offset: 12288, length: 512, payload: data))
+        var fragment = ByteBuffer()
+        fragment.reserveCapacity(8192)
+        fragment.writeBytes(later.getBytes(at: 0, length: 300)!)
+        try channel.writeInbound(fragment)
+        harness.loop.run()
+        #expect(!isHeldElsewhere(&fragment), "a partial message is not kept in the receive buffer")
+        try channel.writeInbound(ByteBuffer(bytes: later.getBytes(at: 300, length: later.readableBytes - 300)!))
+        harness.loop.run()
+        #expect(try harness.replies(channel).map(\.0.cookie) == [4])
+        #expect(harness.exports.bytes[12288 + 511] == 5)
     }
 
     @Test func aRefusedOpenIsAnErrorAndTheClientMayTryAgain() throws {
