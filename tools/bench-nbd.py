@@ -26,10 +26,10 @@ With --cold, every job starts with a cold page cache: each server is started, th
 default) every job starts after `sync`, and each server that reads and writes through
 the page cache (thinbd --cache writeback, nbdkit's file plugin) gets its file in the
 same state first: dropped from the cache, then the export read once, sequentially,
-through the server (nbdcopy to null:). Without that the two files carried different histories, and on
-this kernel (6.18, ext4 with large folios) that alone moved 4K random writes by 3-4x:
-pages cached by read-ahead or by large writes sit in large folios, and a 4K write dirties
-the whole folio (docs/performance.md). A job also ran while the page cache wrote back
+through the server (nbdcopy to null:). Without that the two files carried different
+histories, and on this kernel (6.18, ext4 with large folios) that alone moved 4K random
+writes by 3-4x: pages cached by read-ahead or by large writes sit in large folios, and a
+4K write dirties the whole folio (docs/performance.md). A job also ran while the page cache wrote back
 what the previous server had dirtied, so the order of the columns mattered.
 
 The 4K random read at QD1 reports mean completion latency (microseconds) instead of

@@ -24,13 +24,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     @exclusivity(unchecked) private var state: NBDConnectionState
     @exclusivity(unchecked) private var session: NBDSession?
     @exclusivity(unchecked) private var export: NBDExport?
-    @exclusivity(unchecked) private var pending = ByteBuffer()
-    /// Whether `pending` is a buffer of this handler's own (a kept partial message),
-    /// not a receive buffer the channel may want back. Set wherever `pending` is.
-    @exclusivity(unchecked) private var pendingIsOwn = false
-    /// The size of the channel's last read: the room a kept partial message leaves for
-    /// the next one (the channel reads up to 256 KiB at a time).
-    @exclusivity(unchecked) private var lastReadSize = 0
+    @exclusivity(unchecked) private var input = UnparsedInput()
     private let loopIO: LoopIO
     /// A flush of replies written by loop completions is queued with the loop's I/O.
     @exclusivity(unchecked) private var flushScheduled = false
@@ -45,7 +39,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var abortRequested = false
     /// A large WRITE whose payload is still arriving: its bytes are copied once,
     /// straight into a 4 KiB-aligned buffer of their own, instead of accumulating in
-    /// `pending` (where every read would append and the buffer would regrow).
+    /// `input` (where every read would append and the buffer would regrow).
     @exclusivity(unchecked) private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
     /// Where a read's reply header is encoded before it is copied in front of the data
     /// (see `writeReadReply`); never handed to the channel, so reused in place.
@@ -135,7 +129,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// Carries out what the connection state asked for.
     private func run(_ actions: NBDConnectionState.Actions, context: ChannelHandlerContext) {
         guard !actions.isEmpty else { return }
-        if actions.contains(.parse), pending.readableBytes > 0 { processPending(context: context) }
+        if actions.contains(.parse), input.bytes.readableBytes > 0 { processPending(context: context) }
         if actions.contains(.read) { context.read() }
         if actions.contains(.close) { close(context: context, flush: true) }
     }
@@ -154,19 +148,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard state.isOpen else { return }
         var bytes = unwrapInboundIn(data)
-        lastReadSize = bytes.readableBytes
+        input.lastReadSize = bytes.readableBytes
         if assembly != nil {
             continueAssembly(with: &bytes, context: context)
             if bytes.readableBytes == 0 { return }
         }
-        if pending.readableBytes == 0 {
-            pending = bytes
-            pendingIsOwn = false
-        } else {
-            // Only ever our own buffer here (`keepUnparsedTail`): appended in place,
-            // growing by doubling.
-            pending.writeBuffer(&bytes)
-        }
+        input.receive(&bytes)
         processPending(context: context)
     }
 
@@ -181,7 +168,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             if parser.phase == .transmission && startAssembly(context: context) { break }
             let message: NBDServerParser.Message?
             do {
-                message = try parser.next(&pending)
+                message = try parser.next(&input.bytes)
             } catch {
                 server.log("closing connection: \(error)")
                 close(context: context, flush: false)
@@ -194,40 +181,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 handleHandshake(message, context: context)
             }
         }
-        keepUnparsedTail(context: context)
+        input.keepTail(allocator: context.channel.allocator)
         dispatchGatheredWrites(context: context)
         sendReplies(context: context)
         loopIO.scheduleSubmission()
         run(state.inputProcessed(), context: context)
     }
-
-    /// Lets the receive buffer go once a pass has parsed what it could. `pending` is
-    /// often the channel's pooled receive buffer itself, which the channel reuses for a
-    /// later read only when nothing else holds it; so nothing is kept when all was
-    /// parsed, and a partial message is copied out of it, once, into a buffer of our
-    /// own with room for a read as large as the last. Later reads are appended to that
-    /// buffer, and parsed bytes are dropped from its front only once they are at least
-    /// as many as those left, so under back-pressure or a client that sends in small
-    /// pieces each byte is copied a bounded number of times. (`discardReadBytes` on the
-    /// channel's shared buffer copied the whole rest of its capacity instead, every
-    /// pass: 6.6 % of the loop's time on 4 KiB writes, docs/performance.md.)
-    private func keepUnparsedTail(context: ChannelHandlerContext) {
-        let tail = pending.readableBytes
-        if tail == 0 {
-            pending = Self.noBytes
-            pendingIsOwn = false
-        } else if !pendingIsOwn {
-            var own = context.channel.allocator.buffer(capacity: max(tail + lastReadSize, 2 * tail))
-            own.writeBuffer(&pending)
-            pending = own
-            pendingIsOwn = true
-        } else if pending.readerIndex >= tail {
-            pending.discardReadBytes()
-        }
-    }
-
-    /// Holds no storage of its own: `pending` when nothing waits to be parsed.
-    private static let noBytes = ByteBuffer()
 
     /// Sends the WRITEs gathered in this pass off the loop as one batch: one hand-off
     /// and one wake-up of the loop for all of them, and the export may plan and submit
@@ -349,20 +308,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         if state.isOpen { sendReplies(context: context) }
     }
 
-    /// Starts assembling when `pending` begins with a large WRITE whose payload has not
+    /// Starts assembling when `input` begins with a large WRITE whose payload has not
     /// all arrived. Returns true when it did (the rest comes through `continueAssembly`).
     private func startAssembly(context: ChannelHandlerContext) -> Bool {
-        guard assembly == nil, let header = try? pending.peekNBDRequestHeader(), header.command == .write else { return false }
+        guard assembly == nil, let header = try? input.bytes.peekNBDRequestHeader(), header.command == .write else { return false }
         let length = Int(header.length)
         guard length >= Self.assembledPayloadMinimum, length <= NBDLimits.maxPayload,
-            pending.readableBytes < NBDRequestHeader.size + length
+            input.bytes.readableBytes < NBDRequestHeader.size + length
         else { return false }
-        pending.moveReaderIndex(forwardBy: NBDRequestHeader.size)
+        input.bytes.moveReaderIndex(forwardBy: NBDRequestHeader.size)
         var payload = Self.makeAlignedBuffer(capacity: length, allocator: context.channel.allocator)
-        let arrived = pending.readableBytes
-        payload.writeBuffer(&pending)
-        pending = Self.noBytes
-        pendingIsOwn = false
+        let arrived = input.bytes.readableBytes
+        payload.writeBuffer(&input.bytes)
+        input.release()
         assembly = (header, payload, length - arrived)
         return true
     }
@@ -381,7 +339,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         handleTransmission(.request(NBDRequest(header: current.header, payload: current.payload)), context: context)
         if bytes.readableBytes == 0 {
-            // Nothing else arrived with it: parse what `pending` may hold, then flush.
+            // Nothing else arrived with it: parse what `input` may hold, then flush.
             processPending(context: context)
         }
     }
@@ -440,7 +398,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         // The client must wait for the acknowledgement before its TLS handshake: bytes
         // that came with STARTTLS were sent in plain text and are never read as TLS.
-        guard pending.readableBytes == 0, assembly == nil else {
+        guard input.bytes.readableBytes == 0, assembly == nil else {
             server.log("closing connection: the client sent data after NBD_OPT_STARTTLS without waiting for the reply")
             close(context: context, flush: false)
             return false
