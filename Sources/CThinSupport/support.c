@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <sys/prctl.h>
 #include <stdlib.h>
+#include <malloc.h>
 #include <liburing.h>
 #include "thinbd_support.h"
 
@@ -115,3 +116,9 @@ int thinbd_ring_wait(thinbd_ring *ring) {
 }
 
 void thinbd_name_this_thread(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+
+int thinbd_set_allocator_thresholds(int mmap_threshold, int trim_threshold) {
+    int mmap_set = mallopt(M_MMAP_THRESHOLD, mmap_threshold);
+    int trim_set = mallopt(M_TRIM_THRESHOLD, trim_threshold);
+    return mmap_set == 1 && trim_set == 1;
+}

@@ -248,6 +248,7 @@ public enum ServeRunner {
         // Debug builds stop at any call that could block a loop (docs/architecture.md).
         configuration.eventLoopThreadSetup = { NonBlockingThread.markCurrent() }
         SystemInfo.raiseOpenFileLimit()
+        if !SystemInfo.keepFreedBuffersMapped() { log("the allocator refused its thresholds: large requests may run slower") }
         let server = NBDServer(provider: provider, configuration: configuration, log: log)
         services.add("NBD listeners") { server.shutdown() }
         let stop = StopRequest()

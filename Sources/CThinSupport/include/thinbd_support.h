@@ -19,6 +19,10 @@ int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock);
 /// Names the calling thread (at most 15 bytes are kept), for ps, top and gdb.
 void thinbd_name_this_thread(const char *name);
 
+/// Sets glibc's mmap and trim thresholds (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD);
+/// returns 1 when both were taken, 0 otherwise.
+int thinbd_set_allocator_thresholds(int mmap_threshold, int trim_threshold);
+
 /// eventfd(0, EFD_CLOEXEC); returns the descriptor or -1 with errno set.
 int thinbd_eventfd(void);
 
