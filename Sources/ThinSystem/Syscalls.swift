@@ -154,19 +154,21 @@ public enum SystemInfo {
 
     public static func isTerminal(_ fd: Int32) -> Bool { isatty(fd) == 1 }
 
-    /// Tells glibc's allocator to keep the memory of freed buffers below 32 MiB (the most
-    /// it allows; an NBD request's largest payload, with its header, is just above) instead of handing it back to the kernel, for a server
-    /// that allocates and frees such buffers many times a second. Returns false when the
-    /// allocator refused either setting (then nothing changes but speed).
+    /// Tells glibc's allocator to keep the memory of freed buffers below 32 MiB instead of
+    /// handing it back to the kernel, for a server that allocates and frees such buffers
+    /// (read replies, write payloads) many times a second. 32 MiB is the most glibc takes;
+    /// only a request of the largest size, whose buffer is a little above, is still mapped
+    /// and unmapped on its own. Returns false when the allocator refused either setting
+    /// (then nothing changes but speed).
     ///
-    /// Why: by default glibc serves buffers above its mmap threshold (which rises to the
-    /// largest buffer freed so far) from the heap and returns a heap's free top to the
-    /// kernel (madvise DONTNEED) once that top exceeds twice the threshold. With 1 MiB
-    /// reads at queue depth 8 the top kept crossing that line: every new reply buffer's
-    /// pages then faulted in again, zeroed, about 280 faults per request, and sequential
-    /// reads ran at a third of their speed in some runs and not others
-    /// (docs/performance.md, "Freed buffers stay mapped"). Fixed thresholds also stop
-    /// the threshold from moving, so which runs are slow no longer depends on history.
+    /// Why: by default glibc maps buffers above its mmap threshold one by one, raises the
+    /// threshold to the largest mapped buffer freed so far (so 1 MiB buffers soon come
+    /// from a heap), and hands a heap's free top back to the kernel (madvise DONTNEED)
+    /// once it exceeds twice the threshold. With 1 MiB reads at queue depth 8 the top kept
+    /// crossing that line: every page of the next reply buffer faulted in again, zeroed,
+    /// about 280 faults per request, and sequential reads ran at a third of their speed
+    /// in some runs and not others (docs/performance.md, "Freed buffers stay mapped").
+    /// Fixed thresholds also stop moving with the allocation history.
     ///
     /// Cost: each allocator arena may hold up to 64 MiB of freed memory it does not hand
     /// back; memory in use is unchanged. Process-wide; the server calls it once at start.
@@ -177,7 +179,6 @@ public enum SystemInfo {
         let keptFree: Int32 = 64 << 20
         return thinbd_set_allocator_thresholds(mappedAbove, keptFree) == 1
     }
-
 
     /// The process's working directory ("/" if it cannot be read).
     public static func workingDirectory() -> String {
