@@ -223,9 +223,12 @@ def fio(job, target, server_pid=None):
 
 
 def wait_for_socket(path, proc):
+    """Waits for `proc` to listen on `path`; a server that exits or takes over 30 s is
+    stopped (by its pid) and reported."""
     deadline = time.time() + 30
     while not os.path.exists(path):
         if proc.poll() is not None or time.time() > deadline:
+            stop(proc)
             raise RuntimeError(f"server did not start: {proc.args}")
         time.sleep(0.05)
 
@@ -290,13 +293,16 @@ class ThinbdColumn:
             drop_from_page_cache(self.pool)
         if not self.plain:
             run([THINBD, "clone", self.pool, "base@prefill", name])
-        proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
+        proc = None
         try:
+            # Started inside the try: a server that fails to start leaves no clone behind.
+            proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
             if self.cache == "writeback":
                 read_once(uri)
             return fio(job, ("nbd", uri), server_pid=proc.pid)
         finally:
-            stop(proc)
+            if proc is not None:
+                stop(proc)
             if not self.plain:
                 run([THINBD, "volume", "delete", self.pool, name])
 
