@@ -7,7 +7,7 @@ struct CheckCommand: ParsableCommand {
         commandName: "check",
         abstract: "Verify every metadata block and reference count.",
         discussion: """
-            While the pool is served the server checks its live state (I/O waits while the
+            While the pool is served the server checks its live state (I/O waits while the \
             metadata is walked); --repair needs the pool offline.
             Exit status: 0 clean, 1 damage found, 2 could not check.
             """)

@@ -8,9 +8,9 @@ struct ExportCommand: ParsableCommand {
         commandName: "export",
         abstract: "Copy a volume or snapshot to a sparse raw file.",
         discussion: """
-            Unmapped space and zero runs become holes. While the pool is served, the data comes
-            through the server's NBD socket, from a snapshot taken for the export (and deleted
-            after it), so a volume that clients are writing is exported as one point in time. For
+            Unmapped space and zero runs become holes. While the pool is served, the data comes \
+            through the server's NBD socket, from a snapshot taken for the export (and deleted \
+            after it), so a volume that clients are writing is exported as one point in time. For \
             qcow2, convert the export with 'qemu-img convert -O qcow2 nbd+unix:///VOL@SNAP?socket=S out.qcow2'.
             """)
 

@@ -8,10 +8,10 @@ struct ImportCommand: ParsableCommand {
         commandName: "import",
         abstract: "Create a volume from a raw image file, a block device or an NBD export.",
         discussion: """
-            Zero runs are not written, so they stay unmapped; holes of a sparse file are not even
-            read. While the pool is served, the volume is made through the server and the data goes
-            through its NBD socket. A failed import deletes the volume it made. For qcow2 and other
-            formats, serve the image with 'qemu-nbd -r -f qcow2 --socket S IMAGE' and import
+            Zero runs are not written, so they stay unmapped; holes of a sparse file are not even \
+            read. While the pool is served, the volume is made through the server and the data goes \
+            through its NBD socket. A failed import deletes the volume it made. For qcow2 and other \
+            formats, serve the image with 'qemu-nbd -r -f qcow2 --socket S IMAGE' and import \
             'nbd+unix:///?socket=S', or convert it first with 'qemu-img convert -O raw'.
             """)
 

@@ -25,9 +25,9 @@ struct LimitCommand: ParsableCommand {
         commandName: "limit",
         abstract: "Show or change the per-export rate limits of a served pool.",
         discussion: """
-            PATTERN=IOPS[,BYTES/s] limits every export matching PATTERN (* and ?) to IOPS requests
-            and BYTES per second (K, M, G suffixes), shared by all its connections, open ones
-            included; 0 lifts that limit, PATTERN=0 removes the rule. The last matching rule wins.
+            PATTERN=IOPS[,BYTES/s] limits every export matching PATTERN (* and ?) to IOPS requests \
+            and BYTES per second (K, M, G suffixes), shared by all its connections, open ones \
+            included; 0 lifts that limit, PATTERN=0 removes the rule. The last matching rule wins. \
             Without a rule, prints the rules in force. Needs the server (thinbd serve).
             """)
 

@@ -16,9 +16,9 @@ struct ServeCommand: ParsableCommand {
         commandName: "serve",
         abstract: "Serve every volume and snapshot of a pool over NBD.",
         discussion: """
-            Each volume is a writable export named after it; each snapshot VOL@SNAP a read-only one.
-            With neither --socket nor --listen it listens on 127.0.0.1:10809. Under systemd socket
-            activation (LISTEN_PID/LISTEN_FDS) it serves the passed sockets. SIGINT/SIGTERM finish
+            Each volume is a writable export named after it; each snapshot VOL@SNAP a read-only one. \
+            With neither --socket nor --listen it listens on 127.0.0.1:10809. Under systemd socket \
+            activation (LISTEN_PID/LISTEN_FDS) it serves the passed sockets. SIGINT/SIGTERM finish \
             the requests in flight, commit and exit 0.
             """)
 

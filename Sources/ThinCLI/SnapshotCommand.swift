@@ -7,7 +7,7 @@ struct SnapshotCommand: ParsableCommand {
         commandName: "snapshot",
         abstract: "Take a read-only snapshot VOLUME@SNAPSHOT (constant time, whatever the volume's size).",
         discussion: """
-            While the pool is served the server takes it: it holds every write that was answered
+            While the pool is served the server takes it: it holds every write that was answered \
             before and none answered after; writes pause for one commit.
             """)
 

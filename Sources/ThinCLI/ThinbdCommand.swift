@@ -8,9 +8,9 @@ public struct ThinbdCommand: ParsableCommand {
         commandName: "thinbd",
         abstract: "Thin provisioning in one file: volumes, snapshots and clones in a pool.",
         discussion: """
-            SIZE arguments take bytes or K, M, G, T (powers of 1024): 10G, 512M, 65536.
-            Snapshots are named VOLUME@SNAPSHOT. While 'thinbd serve' has a pool, the other
-            commands work on it through the server's control socket (POOL.control); --json
+            SIZE arguments take bytes or K, M, G, T (powers of 1024): 10G, 512M, 65536. \
+            Snapshots are named VOLUME@SNAPSHOT. While 'thinbd serve' has a pool, the other \
+            commands work on it through the server's control socket (POOL.control); --json \
             prints any command's result as JSON.
             """,
         version: ControlEndpoint.version,

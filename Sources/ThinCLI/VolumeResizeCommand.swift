@@ -7,7 +7,7 @@ struct VolumeResizeCommand: ParsableCommand {
         commandName: "resize",
         abstract: "Grow or shrink a volume; shrinking discards the data past the new end.",
         discussion: """
-            Connected clients keep the size they were told until they reconnect. While the pool
+            Connected clients keep the size they were told until they reconnect. While the pool \
             is served, shrinking a volume with clients is refused unless --force.
             """)
 
