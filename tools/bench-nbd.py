@@ -29,8 +29,9 @@ same state first: dropped from the cache, then the export read once, sequentiall
 through the server (nbdcopy to null:). Without that the two files carried different
 histories, and on this kernel (6.18, ext4 with large folios) that alone moved 4K random
 writes by 3-4x: pages cached by read-ahead or by large writes sit in large folios, and a
-4K write dirties the whole folio (docs/performance.md). A job also ran while the page cache wrote back
-what the previous server had dirtied, so the order of the columns mattered.
+4K write dirties the whole folio (docs/performance.md). A job also ran while the page
+cache wrote back what the previous server had dirtied, so the order of the columns
+mattered.
 
 The 4K random read at QD1 reports mean completion latency (microseconds) instead of
 IOPS, and its ratio is thinbd's latency over the peer's (lower is better).

@@ -665,7 +665,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `--cache writeback` the page cache needs no alignment, but keeping the slice
     /// instead cost more than the copy: writes in flight pinned the channel's pooled
     /// receive buffers, so it allocated new ones (up to 256 KiB), which malloc gave
-    /// back to the kernel and faulted in again; docs/performance.md.)
+    /// back to the kernel and faulted in again. Tried again once freed memory stayed
+    /// mapped, it was no faster than the copy; docs/performance.md.)
     private static func alignedPayload(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         let aligned = payload.withUnsafeReadableBytes { Int(bitPattern: $0.baseAddress) % 4096 == 0 }
         guard !aligned, payload.readableBytes > 0 else { return payload }
