@@ -37,6 +37,31 @@ long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long o
     return (long)preadv2(fd, &vector, 1, (off_t)offset, RWF_NOWAIT);
 }
 
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+
+// The kernel's cachestat ABI (include/uapi/linux/mman.h), declared here because the
+// build machine's headers may predate it.
+struct thinbd_cachestat_range { uint64_t off; uint64_t len; };
+struct thinbd_cachestat {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+int thinbd_range_cached(int fd, long long offset, unsigned long length) {
+    if (length == 0) return 1;
+    struct thinbd_cachestat_range range = { (uint64_t)offset, length };
+    struct thinbd_cachestat status;
+    if (syscall(__NR_cachestat, fd, &range, &status, 0) != 0) return -1;
+    long page = sysconf(_SC_PAGESIZE);
+    uint64_t first = (uint64_t)offset / (uint64_t)page;
+    uint64_t last = ((uint64_t)offset + length - 1) / (uint64_t)page;
+    return status.nr_cache >= last - first + 1 ? 1 : 0;
+}
+
 struct thinbd_ring {
     struct io_uring ring;
 };

@@ -268,7 +268,7 @@ extension Pool {
             for copy in io.copies { buffers.give(copy.buffer) }
             io.copies.removeAll()
         }
-        try mapErrors { try device.perform(io.reads.requests) }
+        try mapErrors { try device.readCopySources(io.reads.requests) }
         for (entry, scratch, data) in io.copies {
             let inner = Int(entry.inner)
             UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[inner..<inner + Int(entry.length)])

@@ -92,10 +92,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     }
 
     @inline(__always)
-    static func isAligned(_ request: IORequest) -> Bool {
-        let address = UInt64(UInt(bitPattern: request.buffer.baseAddress))
-        return (address | request.offset | UInt64(request.buffer.count)) & (alignment - 1) == 0
-    }
+    static func isAligned(_ request: IORequest) -> Bool { request.isDirectIOAligned }
 
     /// Serves unaligned (and drops empty) requests here, through a bounce buffer, and
     /// returns the ones left for the kernel. Cost: no allocation when all are aligned.

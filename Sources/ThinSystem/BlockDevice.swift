@@ -10,6 +10,15 @@ public struct IORequest {
         self.buffer = buffer
         self.offset = offset
     }
+
+    /// Buffer address, offset and length are all multiples of 4096 bytes, as O_DIRECT
+    /// needs on every file system this runs on.
+    @inline(__always)
+    public var isDirectIOAligned: Bool {
+        let alignment = UInt64(AlignedBuffer.directIOAlignment)
+        let address = UInt64(UInt(bitPattern: buffer.baseAddress))
+        return (address | offset | UInt64(buffer.count)) & (alignment - 1) == 0
+    }
 }
 
 /// The engine's only way to reach its backing store.
@@ -29,6 +38,11 @@ public protocol BlockDevice: AnyObject, Sendable {
     var size: UInt64 { get throws }
     /// Runs a batch of requests; cost: one submission for the whole batch where the engine allows.
     func perform(_ requests: [IORequest]) throws
+    /// Reads the old contents of blocks about to be copied (copy-on-write), as `perform`
+    /// would. Engines with a page cache read what it does not hold around it: the old
+    /// block is read once, for the copy, and caching it would only cost memory (and,
+    /// through readahead, more reads).
+    func readCopySources(_ requests: [IORequest]) throws
     /// Makes every completed write durable (fdatasync).
     func barrier() throws
     /// Grows or shrinks the backing store.
@@ -101,6 +115,8 @@ extension BlockDevice {
     ) -> NonBlockingStart {
         .wouldBlock
     }
+
+    public func readCopySources(_ requests: [IORequest]) throws { try perform(requests) }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try perform([IORequest(.read, buffer, at: offset)])

@@ -66,17 +66,40 @@ public enum PoolFile {
                 throw error
             }
         }
-        return FileDevice(fd: fd)
+        return FileDevice(fd: fd, directFD: readOnly ? nil : openDirectCompanion(path, of: fd))
+    }
+
+    /// The same file opened again with O_DIRECT, for the page-cache engine's cold
+    /// copies; nil where the file system refuses O_DIRECT or the path no longer names
+    /// the file `fd` has open. Not locked itself: the lock is held through `fd`.
+    private static func openDirectCompanion(_ path: String, of fd: Int32) -> Int32? {
+        guard let direct = try? Syscall.open(path, flags: O_RDWR | thinbd_o_direct()) else { return nil }
+        guard let identity = Syscall.identity(direct), identity == Syscall.identity(fd) else {
+            Syscall.close(direct)
+            return nil
+        }
+        return direct
     }
 }
 
 /// pread/pwrite through the page cache.
 public final class FileDevice: BlockDevice, @unchecked Sendable {
     let fd: Int32
+    /// The file opened with O_DIRECT as well (nil where that cannot be): copy-on-write
+    /// sources the page cache does not hold are read through it (`readCopySources`).
+    /// Through the cache, each such read filled it with a block the clone never reads
+    /// again from there, readahead beyond it included; a fresh clone's first seconds of
+    /// cold 4K random writes ran 2-3 times slower for it (docs/performance.md). The
+    /// kernel keeps the two descriptors coherent: a direct read first writes back any
+    /// dirty cached pages of its range.
+    let directFD: Int32?
     private let closeLock = Lock()
     private var closed = false
 
-    init(fd: Int32) { self.fd = fd }
+    init(fd: Int32, directFD: Int32? = nil) {
+        self.fd = fd
+        self.directFD = directFD
+    }
 
     deinit { close() }
 
@@ -132,17 +155,56 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         if !kept { ring.close() }
     }
 
-    private func performOneByOne(_ requests: [IORequest]) throws {
-        for request in requests {
-            switch request.kind {
-            case .read:
-                let n = try Syscall.preadFully(fd, request.buffer, request.offset)
-                if n < request.buffer.count {
-                    throw SystemError(.io, "read past end of pool file at offset \(request.offset)")
-                }
-            case .write:
-                try Syscall.pwriteFully(fd, UnsafeRawBufferPointer(request.buffer), request.offset)
+    /// Reads through the page cache what it holds whole, and the rest with O_DIRECT
+    /// (side by side through a ring when there are several). Whether a range is cached is
+    /// asked with cachestat, because a RWF_NOWAIT read that misses starts readahead of
+    /// the range: the very cache fill avoided here. Without cachestat (Linux before 6.5)
+    /// or O_DIRECT, or for requests O_DIRECT cannot take, reads go through the cache.
+    public func readCopySources(_ requests: [IORequest]) throws {
+        NonBlockingThread.assertMayBlock("synchronous device I/O")
+        guard let directFD else { return try perform(requests) }
+        var misses: [IORequest] = []
+        var buffered: [IORequest] = []
+        for request in requests where request.buffer.count > 0 {
+            switch thinbd_range_cached(fd, Int64(request.offset), UInt(request.buffer.count)) {
+            case 1 where thinbd_pread_nowait(fd, request.buffer.baseAddress, UInt(request.buffer.count), Int64(request.offset)) == request.buffer.count:
+                continue
+            case 0 where request.isDirectIOAligned:
+                misses.append(request)
+            default:
+                buffered.append(request)
             }
+        }
+        try perform(buffered)
+        if misses.count > 1, let ring = borrowRing() {
+            defer { returnRing(ring) }
+            try ring.performAndWait(fd: directFD, misses)
+        } else {
+            try performOneByOne(misses, on: directFD)
+        }
+    }
+
+    private func performOneByOne(_ requests: [IORequest], on descriptor: Int32? = nil) throws {
+        for request in requests {
+            do throws(SystemError) {
+                try transfer(request, on: descriptor ?? fd)
+            } catch {
+                // O_DIRECT refused after all (a sector larger than 4 KiB): through the cache.
+                guard error.code == .invalidArgument, let descriptor, descriptor != fd else { throw error }
+                try transfer(request, on: fd)
+            }
+        }
+    }
+
+    private func transfer(_ request: IORequest, on descriptor: Int32) throws(SystemError) {
+        switch request.kind {
+        case .read:
+            let n = try Syscall.preadFully(descriptor, request.buffer, request.offset)
+            if n < request.buffer.count {
+                throw SystemError(.io, "read past end of pool file at offset \(request.offset)")
+            }
+        case .write:
+            try Syscall.pwriteFully(descriptor, UnsafeRawBufferPointer(request.buffer), request.offset)
         }
     }
 
@@ -209,6 +271,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         closeLock.withLock {
             if !closed {
                 closed = true
+                if let directFD { Syscall.close(directFD) }
                 Syscall.close(fd)
             }
         }

@@ -53,7 +53,7 @@ func exercise(_ device: BlockDevice) throws {
     @Test func aioDirectDeviceOnRealFile() throws {
         let path = temporaryPath("aio")
         defer { unlink(path) }
-        let device = try PoolFile.open(path: path, readOnly: false, cache: .none, create: true)
+        let device = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
         defer { device.close() }
         #expect(device.engineName == "libaio+O_DIRECT")
         try exercise(device)

@@ -30,6 +30,11 @@ int thinbd_eventfd(void);
 /// byte count, or -1 with errno set (EAGAIN: the data is not cached).
 long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long offset);
 
+/// Whether the page cache holds every page of the byte range, asked with cachestat(2)
+/// (Linux 6.5), which, unlike a RWF_NOWAIT read that misses, starts no readahead.
+/// Returns 1 (all cached), 0 (not all), or -1 when the kernel cannot say (no cachestat).
+int thinbd_range_cached(int fd, long long offset, unsigned long length);
+
 /// An io_uring instance (liburing's, behind this small interface).
 typedef struct thinbd_ring thinbd_ring;
 
