@@ -31,61 +31,65 @@ import ThinSystem
         return buffer
     }
 
-    @Test func coldSourcesAreReadAroundTheCache() throws {
-        let path = temporaryPath("coldcopy")
+    /// A 1 MiB file opened for `--cache writeback`, removed afterwards.
+    static func withWritebackFile(_ name: String, _ body: (String, BlockDevice) throws -> Void) throws {
+        let path = temporaryPath(name)
         defer { unlink(path) }
         let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
         defer { device.close() }
         try device.setSize(1 << 20)
-        let (warm, cold) = (Self.filled(1), Self.filled(2))
-        try device.perform([IORequest(.write, warm.bytes, at: 0), IORequest(.write, cold.bytes, at: 65536)])
-        try device.barrier()
-        Self.evict(path)
-        try #require(!Self.isCached(path, at: 0, count: 131072), "this file system keeps no page cache to test against")
-        try device.read(into: AlignedBuffer(count: 65536).bytes, at: 0)
-        // Readahead may have brought in the next block too.
-        Self.evict(path, at: 65536, count: 65536)
-        #expect(Self.isCached(path, at: 0, count: 65536))
-        #expect(!Self.isCached(path, at: 65536, count: 65536))
+        try body(path, device)
+    }
 
-        let sources = [AlignedBuffer(count: 65536), AlignedBuffer(count: 65536)]
-        try device.readCopySources([IORequest(.read, sources[0].bytes, at: 0), IORequest(.read, sources[1].bytes, at: 65536)])
-        #expect(sources[0].bytes.allSatisfy { $0 == 1 })
-        #expect(sources[1].bytes.allSatisfy { $0 == 2 })
-        // Read with O_DIRECT: the cold block did not come into the cache.
-        #expect(!Self.isCached(path, at: 65536, count: 65536))
+    @Test func coldSourcesAreReadAroundTheCache() throws {
+        try Self.withWritebackFile("coldcopy") { path, device in
+            let (warm, cold) = (Self.filled(1), Self.filled(2))
+            try device.perform([IORequest(.write, warm.bytes, at: 0), IORequest(.write, cold.bytes, at: 65536)])
+            try device.barrier()
+            Self.evict(path)
+            try #require(!Self.isCached(path, at: 0, count: 131072), "this file system keeps no page cache to test against")
+            try device.read(into: AlignedBuffer(count: 65536).bytes, at: 0)
+            // Readahead may have brought in the next block too.
+            Self.evict(path, at: 65536, count: 65536)
+            #expect(Self.isCached(path, at: 0, count: 65536))
+            #expect(!Self.isCached(path, at: 65536, count: 65536))
 
-        // Unaligned sources cannot go around the cache; they are read through it.
-        let unaligned = AlignedBuffer(count: 8192)
-        let odd = UnsafeMutableRawBufferPointer(rebasing: unaligned.bytes[1..<4097])
-        try device.readCopySources([IORequest(.read, odd, at: 65536 + 100)])
-        #expect(odd.allSatisfy { $0 == 2 })
-        #expect(Self.isCached(path, at: 65536, count: 4096))
+            let sources = [AlignedBuffer(count: 65536), AlignedBuffer(count: 65536)]
+            try device.readCopySources([IORequest(.read, sources[0].bytes, at: 0), IORequest(.read, sources[1].bytes, at: 65536)])
+            #expect(sources[0].bytes.allSatisfy { $0 == 1 })
+            #expect(sources[1].bytes.allSatisfy { $0 == 2 })
+            // Read with O_DIRECT: the cold block did not come into the cache.
+            #expect(!Self.isCached(path, at: 65536, count: 65536))
+
+            // Unaligned sources cannot go around the cache; they are read through it.
+            let unaligned = AlignedBuffer(count: 8192)
+            let odd = UnsafeMutableRawBufferPointer(rebasing: unaligned.bytes[1..<4097])
+            try device.readCopySources([IORequest(.read, odd, at: 65536 + 100)])
+            #expect(odd.allSatisfy { $0 == 2 })
+            #expect(Self.isCached(path, at: 65536, count: 4096))
+        }
     }
 
     /// Several cold sources at once (read side by side through a ring), one of them with
     /// a page written through the cache and not yet written back: the direct reads see
     /// that page's new contents.
     @Test func coldSourcesSeeDirtyCachedPages() throws {
-        let path = temporaryPath("colddirty")
-        defer { unlink(path) }
-        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
-        defer { device.close() }
-        try device.setSize(1 << 20)
-        let blocks = (0..<3).map { Self.filled(UInt8(20 + $0)) }
-        try device.perform(blocks.enumerated().map { IORequest(.write, $0.element.bytes, at: UInt64(262144 + $0.offset * 65536)) })
-        try device.barrier()
-        Self.evict(path)
-        try device.write(UnsafeRawBufferPointer(Self.filled(99, 4096).bytes), at: 262144 + 65536 + 8192)
-        #expect(!Self.isCached(path, at: 262144, count: 3 * 65536))
+        try Self.withWritebackFile("colddirty") { path, device in
+            let blocks = (0..<3).map { Self.filled(UInt8(20 + $0)) }
+            try device.perform(blocks.enumerated().map { IORequest(.write, $0.element.bytes, at: UInt64(262144 + $0.offset * 65536)) })
+            try device.barrier()
+            Self.evict(path)
+            try device.write(UnsafeRawBufferPointer(Self.filled(99, 4096).bytes), at: 262144 + 65536 + 8192)
+            #expect(!Self.isCached(path, at: 262144, count: 3 * 65536))
 
-        let sources = (0..<3).map { _ in AlignedBuffer(count: 65536) }
-        try device.readCopySources(sources.enumerated().map { IORequest(.read, $0.element.bytes, at: UInt64(262144 + $0.offset * 65536)) })
-        #expect(sources[0].bytes.allSatisfy { $0 == 20 })
-        #expect(sources[1].bytes[0..<8192].allSatisfy { $0 == 21 })
-        #expect(sources[1].bytes[8192..<12288].allSatisfy { $0 == 99 })
-        #expect(sources[1].bytes[12288...].allSatisfy { $0 == 21 })
-        #expect(sources[2].bytes.allSatisfy { $0 == 22 })
-        #expect(!Self.isCached(path, at: 262144, count: 65536))
+            let sources = (0..<3).map { _ in AlignedBuffer(count: 65536) }
+            try device.readCopySources(sources.enumerated().map { IORequest(.read, $0.element.bytes, at: UInt64(262144 + $0.offset * 65536)) })
+            #expect(sources[0].bytes.allSatisfy { $0 == 20 })
+            #expect(sources[1].bytes[0..<8192].allSatisfy { $0 == 21 })
+            #expect(sources[1].bytes[8192..<12288].allSatisfy { $0 == 99 })
+            #expect(sources[1].bytes[12288...].allSatisfy { $0 == 21 })
+            #expect(sources[2].bytes.allSatisfy { $0 == 22 })
+            #expect(!Self.isCached(path, at: 262144, count: 65536))
+        }
     }
 }
