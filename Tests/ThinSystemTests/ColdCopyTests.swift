@@ -48,7 +48,8 @@ import ThinSystem
             try device.barrier()
             Self.evict(path)
             try #require(!Self.isCached(path, at: 0, count: 131072), "this file system keeps no page cache to test against")
-            try device.read(into: AlignedBuffer(count: 65536).bytes, at: 0)
+            let warmRead = AlignedBuffer(count: 65536)
+            try device.read(into: warmRead.bytes, at: 0)
             // Readahead may have brought in the next block too.
             Self.evict(path, at: 65536, count: 65536)
             #expect(Self.isCached(path, at: 0, count: 65536))
@@ -67,6 +68,9 @@ import ThinSystem
             try device.readCopySources([IORequest(.read, odd, at: 65536 + 100)])
             #expect(odd.allSatisfy { $0 == 2 })
             #expect(Self.isCached(path, at: 65536, count: 4096))
+            // The I/O above reaches these buffers through pointers alone: they must
+            // outlive it, not just their last use by name.
+            withExtendedLifetime((warm, cold, warmRead, sources, unaligned)) {}
         }
     }
 
@@ -79,7 +83,8 @@ import ThinSystem
             try device.perform(blocks.enumerated().map { IORequest(.write, $0.element.bytes, at: UInt64(262144 + $0.offset * 65536)) })
             try device.barrier()
             Self.evict(path)
-            try device.write(UnsafeRawBufferPointer(Self.filled(99, 4096).bytes), at: 262144 + 65536 + 8192)
+            let dirty = Self.filled(99, 4096)
+            try device.write(UnsafeRawBufferPointer(dirty.bytes), at: 262144 + 65536 + 8192)
             #expect(!Self.isCached(path, at: 262144, count: 3 * 65536))
 
             let sources = (0..<3).map { _ in AlignedBuffer(count: 65536) }
@@ -90,6 +95,7 @@ import ThinSystem
             #expect(sources[1].bytes[12288...].allSatisfy { $0 == 21 })
             #expect(sources[2].bytes.allSatisfy { $0 == 22 })
             #expect(!Self.isCached(path, at: 262144, count: 65536))
+            withExtendedLifetime((blocks, dirty, sources)) {}
         }
     }
 }
