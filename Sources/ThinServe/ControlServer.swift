@@ -74,6 +74,8 @@ final class ControlServer: @unchecked Sendable {
         }
         let queue = self.queue
         let connections = self.connections
+        // Bound under another name and renamed once it listens and is owner-only.
+        let staged = SystemInfo.socketStagingPath(for: path)
         do {
             // Made owner-only from the start (0600), not only after the chmod below.
             channel = try SystemInfo.withCreationMask(0o177) {
@@ -89,12 +91,14 @@ final class ControlServer: @unchecked Sendable {
                                 ControlConnectionHandler(commands: commands, queue: queue, log: log))
                         }
                     }
-                    .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+                    .bind(unixDomainSocketPath: staged ?? path, cleanupExistingSocketFile: true)
                     .wait()
             }
-            try SystemInfo.setPermissions(path, mode: 0o600)
+            try SystemInfo.setPermissions(staged ?? path, mode: 0o600)
+            if let staged { try SystemInfo.publishSocket(staged, at: path) }
         } catch {
             try? channel?.close().wait()
+            if let staged { SystemInfo.removeFile(staged) }
             try? group.syncShutdownGracefully()
             throw ServeError(description: "control socket \(path): \(error)")
         }

@@ -250,7 +250,13 @@ public enum ServeRunner {
         SystemInfo.raiseOpenFileLimit()
         if !SystemInfo.keepFreedBuffersMapped() { log("the allocator refused its thresholds: large requests may run slower") }
         let server = NBDServer(provider: provider, configuration: configuration, log: log)
-        services.add("NBD listeners") { server.shutdown() }
+        // Unix sockets renamed into place (publishSocket): their listeners know them by
+        // the staging name, so the path is removed here, as a socket's own path would be.
+        let publishedSockets = LockedValue([String]())
+        services.add("NBD listeners") {
+            server.shutdown()
+            for path in publishedSockets.withLockedValue({ $0 }) { SystemInfo.removeFile(path) }
+        }
         let stop = StopRequest()
         var uris: [String] = []
         var baseURIs: [String] = []
@@ -266,7 +272,15 @@ public enum ServeRunner {
                     uris.append("(socket activation fd \(fd))")
                 }
                 for path in options.unixSockets {
-                    try server.listen(unixSocket: path)
+                    // Bound under another name and renamed once it listens: a client that
+                    // waits for the path to appear is never refused.
+                    if let staged = SystemInfo.socketStagingPath(for: path) {
+                        try server.listen(unixSocket: staged)
+                        try SystemInfo.publishSocket(staged, at: path)
+                        publishedSockets.withLockedValue { $0.append(path) }
+                    } else {
+                        try server.listen(unixSocket: path)
+                    }
                     uris.append(NBDURI.unix(socket: path, export: options.defaultExport, tls: requireTLS))
                     baseURIs.append(NBDURI.unix(socket: path, export: nil, tls: requireTLS))
                 }

@@ -108,6 +108,36 @@ extension SystemInfo {
         if chmod(path, mode_t(mode)) != 0 { throw SystemError.current("chmod \(path)") }
     }
 
+    /// Where to bind a Unix socket that should appear at `path` only once it listens: a
+    /// hidden sibling named after this process (`publishSocket` then renames it into
+    /// place). Nil when that name would not fit in a socket address (107 bytes); the
+    /// caller then binds `path` itself, which exists a moment before it listens.
+    public static func socketStagingPath(for path: String) -> String? {
+        let slash = path.lastIndex(of: "/")
+        let directory = slash.map { String(path[...$0]) } ?? ""
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        let staged = "\(directory).\(name).\(getpid()).binding"
+        return staged.utf8.count <= 107 ? staged : nil
+    }
+
+    /// Renames the listening socket bound at `staged` to `path` in one step: from the
+    /// moment `path` exists, connections to it are accepted, where a socket bound at
+    /// `path` exists between bind(2) and listen(2) and refuses them. A stale socket at
+    /// `path` is replaced, as binding there would replace it; anything else there is
+    /// an error. `staged` is gone afterwards either way.
+    public static func publishSocket(_ staged: String, at path: String) throws(SystemError) {
+        var status = stat()
+        if lstat(path, &status) == 0 && status.st_mode & S_IFMT != S_IFSOCK {
+            _ = unlink(staged)
+            throw SystemError(.exists, "\(path) exists and is not a socket")
+        }
+        if rename(staged, path) != 0 {
+            let error = SystemError.current("rename \(staged) to \(path)")
+            _ = unlink(staged)
+            throw error
+        }
+    }
+
     /// Runs `body` with the process's file-creation mask at `mask` (at least as strict as
     /// it was), then puts it back: files and sockets made meanwhile never exist with wider
     /// permissions, not even between their creation and a chmod. The mask is the

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import ThinSystem
 import TestSupport
 import ThinPool
 
@@ -296,6 +297,31 @@ import ThinPool
         #expect(try served.cli(["serve", "POOL", "--threads", "0"]).status == 64)
         let fewThreads = try served.cli(["serve", "POOL", "--socket", served.socket, "--threads", "2", "--default-export", "disk", "--run", "nbdinfo --size \"$uri\""])
         #expect(fewThreads.status == 0 && fewThreads.stdout.contains("16777216"))
+    }
+
+    /// Both sockets are bound under a staging name and renamed into place once they
+    /// listen: a client that connects the moment the path exists is never refused, the
+    /// control socket is owner-only, and at exit neither the path nor a staging name is left.
+    @Test func socketsExistOnlyOnceTheyListen() throws {
+        for _ in 0..<5 {
+            let served = try ServedPool()
+            try served.start(pollMicroseconds: 0)
+            #expect(throws: Never.self) { _ = try StreamConnection(connectingTo: served.socket) }
+            let control = served.pool + ".control"
+            let deadline = Date().addingTimeInterval(20)
+            while !FileManager.default.fileExists(atPath: control) && Date() < deadline {}
+            let mode = try FileManager.default.attributesOfItem(atPath: control)[.posixPermissions] as? Int
+            #expect(mode == 0o600)
+            #expect(throws: Never.self) { _ = try StreamConnection(connectingTo: control) }
+            #expect(served.stop() == 0)
+            // Gone at exit, as a socket bound at its own path was.
+            #expect(!FileManager.default.fileExists(atPath: served.socket))
+            for path in [served.socket, served.pool] {
+                let directory = (path as NSString).deletingLastPathComponent
+                let left = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".binding") }
+                #expect(left.isEmpty, "staging names left in \(directory): \(left)")
+            }
+        }
     }
 
     @Test(.enabled(if: Peers.need("qemu-io")))

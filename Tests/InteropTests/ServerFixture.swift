@@ -77,7 +77,9 @@ final class ServedPool {
     }
 
     /// Starts serving; returns when the socket accepts connections.
-    func start(_ extra: [String] = []) throws {
+    /// Starts `serve` in captive mode and returns once the socket file exists, looking
+    /// every `pollMicroseconds` (0: as fast as it can).
+    func start(_ extra: [String] = [], pollMicroseconds: UInt32 = 20_000) throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: CLI.executable)
         process.arguments = ["serve", pool, "--socket", socket, "--run", "cat >/dev/null"] + extra
@@ -107,7 +109,7 @@ final class ServedPool {
                 usleep(100_000)
                 throw FixtureError("server did not start: \(String(decoding: errBytes.get(), as: UTF8.self))")
             }
-            usleep(20_000)
+            usleep(pollMicroseconds)
         }
     }
 
