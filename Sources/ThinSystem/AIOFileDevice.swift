@@ -91,17 +91,14 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
         return nil
     }
 
-    @inline(__always)
-    static func isAligned(_ request: IORequest) -> Bool { request.isDirectIOAligned }
-
     /// Serves unaligned (and drops empty) requests here, through a bounce buffer, and
     /// returns the ones left for the kernel. Cost: no allocation when all are aligned.
     private func bounceUnaligned(_ requests: [IORequest]) throws -> [IORequest] {
-        if requests.allSatisfy({ $0.buffer.count > 0 && Self.isAligned($0) }) { return requests }
+        if requests.allSatisfy({ $0.buffer.count > 0 && $0.isDirectIOAligned }) { return requests }
         var aligned: [IORequest] = []
         aligned.reserveCapacity(requests.count)
         for request in requests where request.buffer.count > 0 {
-            if Self.isAligned(request) { aligned.append(request) } else { try bounce(request) }
+            if request.isDirectIOAligned { aligned.append(request) } else { try bounce(request) }
         }
         return aligned
     }
@@ -117,7 +114,7 @@ public final class AIOFileDevice: BlockDevice, @unchecked Sendable {
     public func startReadsWithoutBlocking(
         _ requests: [IORequest], on queue: LoopDiskQueue?, completion: @escaping (SystemError?) -> Void
     ) -> NonBlockingStart {
-        guard let queue, requests.allSatisfy({ $0.buffer.count > 0 && Self.isAligned($0) }) else { return .wouldBlock }
+        guard let queue, requests.allSatisfy({ $0.buffer.count > 0 && $0.isDirectIOAligned }) else { return .wouldBlock }
         return queue.enqueue(fd: fd, requests, completion: completion) ? .started : .wouldBlock
     }
 

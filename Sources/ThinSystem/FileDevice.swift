@@ -70,10 +70,12 @@ public enum PoolFile {
     }
 
     /// The same file opened again with O_DIRECT, for the page-cache engine's cold
-    /// copies; nil where the file system refuses O_DIRECT or the path no longer names
-    /// the file `fd` has open. Not locked itself: the lock is held through `fd`.
+    /// copies; nil where the kernel has no cachestat (without it a source's state cannot
+    /// be asked without filling the cache), the file system refuses O_DIRECT, or the path
+    /// no longer names the file `fd` has open. Not locked itself: the lock is held
+    /// through `fd`.
     private static func openDirectCompanion(_ path: String, of fd: Int32) -> Int32? {
-        guard let direct = try? Syscall.open(path, flags: O_RDWR | thinbd_o_direct()) else { return nil }
+        guard thinbd_range_cached(fd, 0, 4096) >= 0, let direct = try? Syscall.open(path, flags: O_RDWR | thinbd_o_direct()) else { return nil }
         guard let identity = Syscall.identity(direct), identity == Syscall.identity(fd) else {
             Syscall.close(direct)
             return nil
@@ -159,7 +161,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     /// (side by side through a ring when there are several). Whether a range is cached is
     /// asked with cachestat, because a RWF_NOWAIT read that misses starts readahead of
     /// the range: the very cache fill avoided here. Without cachestat (Linux before 6.5)
-    /// or O_DIRECT, or for requests O_DIRECT cannot take, reads go through the cache.
+    /// or O_DIRECT (no `directFD`), or for requests O_DIRECT cannot take, reads go
+    /// through the cache.
     public func readCopySources(_ requests: [IORequest]) throws {
         NonBlockingThread.assertMayBlock("synchronous device I/O")
         guard let directFD else { return try perform(requests) }

@@ -9,7 +9,6 @@
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -33,19 +32,6 @@ def content(round_, writer, seq, block):
     return head + bytes([(round_ * 7 + writer * 13 + seq) % 251 + 1]) * (BLOCK - len(head))
 
 
-def listening(path):
-    """Whether the server accepts connections at `path`: the socket file appears at
-    bind(), a moment before listen(), and a connect in between is refused."""
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 def serve():
     if os.path.exists(sock):
         os.remove(sock)
@@ -55,7 +41,7 @@ def serve():
     server = subprocess.Popen([thinbd, "serve", pool, "--socket", sock, "--no-control"] + extra,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
-    while not listening(sock):
+    while not os.path.exists(sock):
         if server.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"server did not start: {server.stderr.read().decode()}")
         time.sleep(0.01)

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -64,26 +63,13 @@ def written(round_, seq, block):
     return head + bytes([(round_ * 7 + seq) % 251 + 1]) * (BLOCK - len(head))
 
 
-def listening(path):
-    """Whether the server accepts connections at `path`: the socket file appears at
-    bind(), a moment before listen(), and a connect in between is refused."""
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 def serve():
     if os.path.exists(sock):
         os.remove(sock)
     server = subprocess.Popen([thinbd, "serve", pool, "--socket", sock], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     servers.append(server)
     deadline = time.monotonic() + 30
-    while not listening(sock):
+    while not os.path.exists(sock):
         if server.poll() is not None or time.monotonic() > deadline:
             sys.exit(f"seed {seed}: serve did not start: {server.stderr.read().decode()}")
         time.sleep(0.02)
