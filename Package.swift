@@ -108,7 +108,7 @@ let package = Package(
             path: "tools/nbd-fuzz"
         ),
         .testTarget(name: "ThinFormatTests", dependencies: ["ThinFormat"]),
-        .testTarget(name: "ThinSystemTests", dependencies: ["ThinSystem"]),
+        .testTarget(name: "ThinSystemTests", dependencies: ["ThinSystem", "CThinSupport"]),
         .testTarget(name: "ThinMetadataTests", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
         .testTarget(name: "ThinPoolTests", dependencies: ["ThinPool", "ThinSystem", "TestSupport"]),
         .target(name: "TestSupport", path: "Tests/TestSupport"),

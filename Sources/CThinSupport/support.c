@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <pthread.h>
@@ -22,6 +23,19 @@ int thinbd_allocate(int fd, long long offset, long long length) {
 }
 
 int thinbd_eventfd(void) { return eventfd(0, EFD_CLOEXEC); }
+
+int thinbd_epoll_watching(int fd) {
+    int epoll = epoll_create1(EPOLL_CLOEXEC);
+    if (epoll < 0) return -1;
+    struct epoll_event interest = {.events = EPOLLIN, .data.fd = fd};
+    if (epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &interest) != 0) {
+        int saved = errno;
+        close(epoll);
+        errno = saved;
+        return -1;
+    }
+    return epoll;
+}
 
 int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock) {
     pthread_rwlockattr_t attributes;

@@ -28,11 +28,74 @@ final class LoopIO: @unchecked Sendable {
     /// Connections whose replies were written by completions and wait for one flush.
     @exclusivity(unchecked) private var needFlush: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
     @exclusivity(unchecked) private var flushing: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
+    /// Requests of the loop's connections that have started and not yet finished.
+    @exclusivity(unchecked) private var requestsInFlight = 0
+    /// Polls the loop for a while once every request is answered (nil: sleep at once).
+    private var idlePoller: NBDIdlePoller?
+    @exclusivity(unchecked) private var idleWindow: IdlePollWindow
+    @exclusivity(unchecked) private var idlePollScheduled = false
 
-    init(eventLoop: EventLoop, blocking: BlockingWork, provider: NBDExportProvider) {
+    /// `idlePollMaximum`: the longest the loop polls for its next request once every
+    /// request is answered (0: it sleeps at once); see `IdlePollWindow`.
+    init(eventLoop: EventLoop, blocking: BlockingWork, provider: NBDExportProvider, idlePollMaximum: TimeAmount = .zero) {
         self.eventLoop = eventLoop
         self.blocking = blocking
         self.provider = provider
+        idleWindow = IdlePollWindow(maximum: UInt64(clamping: idlePollMaximum.nanoseconds))
+    }
+
+    // MARK: Polling before the loop sleeps
+
+    /// A connection on this loop started a request.
+    func requestStarted() {
+        requestsInFlight += 1
+        if idleWindow.measuring { idleWindow.workArrived(at: NIODeadline.now().uptimeNanoseconds) }
+    }
+
+    /// A request started with `requestStarted` finished; its reply is written. The last
+    /// one to finish has the loop poll for the next request before it sleeps, once
+    /// the round's replies are flushed (a task runs after the round's I/O).
+    func requestFinished() {
+        precondition(requestsInFlight > 0, "a request finished that never started")
+        requestsInFlight -= 1
+        guard requestsInFlight == 0, idlePoller != nil, !idlePollScheduled else { return }
+        idlePollScheduled = true
+        eventLoop.assumeIsolatedUnsafeUnchecked().execute { [self] in
+            idlePollScheduled = false
+            pollBeforeSleeping()
+        }
+    }
+
+    /// Polls only while nothing is in flight: then nothing that runs off the loop is to
+    /// hand it work (NIO does not wake a loop that is running a task, so a completion
+    /// from another thread would wait for the poll to end). What arrives on the loop's
+    /// own descriptors (requests, disk completions, timers, tasks that wrote its
+    /// wake-up descriptor) ends the poll at once.
+    private func pollBeforeSleeping() {
+        guard requestsInFlight == 0, let idlePoller else { return }
+        let budget = idleWindow.budget
+        if budget > 0 && idlePoller.pollUntilReady(nanoseconds: budget) { return }
+        idleWindow.sleeping(at: NIODeadline.now().uptimeNanoseconds)
+    }
+
+    /// Asks the provider for a poller once the readiness descriptor is watched (off the
+    /// loop: finding the loop's epoll instance reads /proc).
+    private func startIdlePolling(watching descriptor: Int32, log: @escaping @Sendable (String) -> Void) {
+        guard idleWindow.maximum > 0 else { return }
+        let provider = self.provider
+        blocking.run(on: eventLoop) { provider.makeIdlePoller(forLoopWatching: descriptor) }
+            .assumeIsolated()
+            .whenSuccess { [self] poller in
+                guard let poller else {
+                    log("an event loop cannot poll before it sleeps (--idle-poll): its epoll instance was not found; it will sleep at once")
+                    return
+                }
+                if closed {
+                    poller.close()
+                } else {
+                    idlePoller = poller
+                }
+            }
     }
 
     /// One connection's WRITEs of a pass, and whom to tell how they went.
@@ -129,6 +192,7 @@ final class LoopIO: @unchecked Sendable {
                     } else {
                         watcher = channel
                         queue = candidate
+                        startIdlePolling(watching: descriptor, log: log)
                     }
                 case .failure(let error):
                     log("disk completions stay off the event loop: \(error)")
@@ -184,6 +248,8 @@ final class LoopIO: @unchecked Sendable {
     func close() {
         eventLoop.assertInEventLoop()
         closed = true
+        idlePoller?.close()
+        idlePoller = nil
         guard let queue else { return }
         self.queue = nil
         queue.close()

@@ -247,7 +247,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     func writesFinished(_ writes: [GatheredWrite], _ result: Result<[NBDExportError?], Error>, context: ChannelHandlerContext) {
         var actions: NBDConnectionState.Actions = []
         for (i, write) in writes.enumerated() {
-            actions.formUnion(state.requestFinished(bytes: write.payload.readableBytes))
+            actions.formUnion(requestFinished(bytes: write.payload.readableBytes))
             guard state.isOpen else { continue }
             switch result {
             case .success(let outcomes):
@@ -479,17 +479,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             state.disconnectRequested()
         case .execute(.write(let offset, let fua)):
             let aligned = Self.alignedPayload(payload.take() ?? ByteBuffer(), allocator: context.channel.allocator)
-            state.requestStarted(bytes: aligned.readableBytes)
+            requestStarted(bytes: aligned.readableBytes)
             gatheredWrites.append(GatheredWrite(cookie: header.cookie, offset: offset, fua: fua, payload: aligned))
         case .execute(.read(let offset, let length, let dontFragment)):
-            state.requestStarted(bytes: Int(length))
+            requestStarted(bytes: Int(length))
             withinLimit(of: export, bytes: Int(length), context: context) {
                 self.read(
                     offset: offset, length: length, dontFragment: dontFragment, cookie: header.cookie, export: export,
                     session: session, context: context)
             }
         case .execute(.blocking(let operation)):
-            state.requestStarted(bytes: 0)
+            requestStarted(bytes: 0)
             withinLimit(of: export, bytes: operation.limitedBytes, context: context) {
                 let allocator = context.channel.allocator
                 let future = self.server.blocking.run(on: context.eventLoop) { () -> ByteBuffer in
@@ -507,6 +507,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
             }
         }
+    }
+
+    /// Every request is counted by the connection (back-pressure) and by the loop
+    /// (which polls before sleeping once all of its requests are answered).
+    private func requestStarted(bytes: Int) {
+        state.requestStarted(bytes: bytes)
+        loopIO.requestStarted()
+    }
+
+    private func requestFinished(bytes: Int) -> NBDConnectionState.Actions {
+        loopIO.requestFinished()
+        return state.requestFinished(bytes: bytes)
     }
 
     /// Runs `start` now, or, when the export's rate limit says to wait, later on this
@@ -622,7 +634,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func finishRequest(
         bytes: Int, flush: ReplyFlush, context: ChannelHandlerContext, writeReply: () -> Void
     ) {
-        let actions = state.requestFinished(bytes: bytes)
+        let actions = requestFinished(bytes: bytes)
         if state.isOpen {
             writeReply()
             switch flush {

@@ -194,6 +194,10 @@ public protocol NBDExportProvider: AnyObject, Sendable {
     /// A disk queue for one event loop, called once on each loop that gets a
     /// connection; nil (the default) when the exports have no use for one.
     func makeLoopQueue() -> NBDLoopQueue?
+    /// A poller for the event loop that watches `descriptor` (a loop queue's readiness
+    /// descriptor, already registered with the loop), or nil (the default) when the
+    /// loop cannot be polled. Runs off the loop, once per loop.
+    func makeIdlePoller(forLoopWatching descriptor: Int32) -> NBDIdlePoller?
 
     /// The WRITEs that all connections of one event loop sent in one loop round, per
     /// export, each write with its own outcome. A provider may run them as one batch
@@ -214,6 +218,8 @@ public struct NBDWriteBatch {
 
 extension NBDExportProvider {
     public func makeLoopQueue() -> NBDLoopQueue? { nil }
+
+    public func makeIdlePoller(forLoopWatching descriptor: Int32) -> NBDIdlePoller? { nil }
 
     public func metaContexts(of name: String, matching queries: [String], listing: Bool) -> [NBDMetaContext]? {
         describe(name) == nil ? nil : []

@@ -140,6 +140,10 @@ public final class PoolExportProvider: NBDExportProvider, @unchecked Sendable {
         return PoolLoopQueue(queue)
     }
 
+    public func makeIdlePoller(forLoopWatching descriptor: Int32) -> NBDIdlePoller? {
+        EventLoopPoller.forEpoll(watching: descriptor).map(LoopIdlePoller.init)
+    }
+
     /// Names a management operation has closed to new connections (see `ServedPool`).
     private let closedLock = Lock()
     private var closedNames: [String: Int] = [:]
@@ -424,4 +428,14 @@ final class PoolLoopQueue: NBDLoopQueue {
     func submitQueued() { queue.submitQueued() }
     func runCompletions(atMost limit: Int) -> Int { queue.runCompletions(atMost: limit) }
     func close() { queue.close() }
+}
+
+/// The server's view of an `EventLoopPoller`.
+final class LoopIdlePoller: NBDIdlePoller {
+    let poller: EventLoopPoller
+
+    init(_ poller: EventLoopPoller) { self.poller = poller }
+
+    func pollUntilReady(nanoseconds: UInt64) -> Bool { poller.pollUntilReady(nanoseconds: nanoseconds) }
+    func close() { poller.close() }
 }

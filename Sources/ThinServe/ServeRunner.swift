@@ -33,6 +33,8 @@ public struct ServeOptions: Sendable {
     public var limits: [ExportLimitRule] = []
     /// `--handshake-timeout`.
     public var handshakeTimeoutMilliseconds = 10_000
+    /// `--idle-poll`: how long a loop polls for its next request before sleeping.
+    public var idlePollMicroseconds = 50
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
     /// `--ephemeral`: export names made on first use.
@@ -245,6 +247,7 @@ public enum ServeRunner {
         if let loops = options.loops { configuration.eventLoopThreads = loops }
         configuration.maxConnections = options.maxConnections
         configuration.handshakeTimeout = .milliseconds(Int64(options.handshakeTimeoutMilliseconds))
+        configuration.idlePoll = .microseconds(Int64(options.idlePollMicroseconds))
         // Debug builds stop at any call that could block a loop (docs/architecture.md).
         configuration.eventLoopThreadSetup = { NonBlockingThread.markCurrent() }
         SystemInfo.raiseOpenFileLimit()

@@ -26,6 +26,10 @@ int thinbd_set_allocator_thresholds(int mmap_threshold, int trim_threshold);
 /// eventfd(0, EFD_CLOEXEC); returns the descriptor or -1 with errno set.
 int thinbd_eventfd(void);
 
+/// A new epoll instance (close-on-exec) that watches `fd` for input, level-triggered,
+/// as an event loop watches its descriptors; returns it, or -1 with errno set.
+int thinbd_epoll_watching(int fd);
+
 /// preadv2(RWF_NOWAIT) of one buffer: reads only what the page cache holds. Returns the
 /// byte count, or -1 with errno set (EAGAIN: the data is not cached).
 long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long offset);
