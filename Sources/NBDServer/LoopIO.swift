@@ -66,11 +66,12 @@ final class LoopIO: @unchecked Sendable {
         }
     }
 
-    /// Polls only while nothing is in flight: then nothing that runs off the loop is to
-    /// hand it work (NIO does not wake a loop that is running a task, so a completion
-    /// from another thread would wait for the poll to end). What arrives on the loop's
-    /// own descriptors (requests, disk completions, timers, tasks that wrote its
-    /// wake-up descriptor) ends the poll at once.
+    /// Polls only while no request is in flight: then no request's completion is to come
+    /// from another thread (NIO does not wake a loop that is running a task, so such a
+    /// completion would wait for the poll to end). What else other threads hand the loop
+    /// meanwhile (a handshake's catalog answer, a management command's disconnect) waits
+    /// at most one budget. What arrives on the loop's own descriptors (requests, disk
+    /// completions, timers, tasks that wrote its wake-up descriptor) ends the poll at once.
     private func pollBeforeSleeping() {
         guard requestsInFlight == 0, let idlePoller else { return }
         let budget = idleWindow.budget

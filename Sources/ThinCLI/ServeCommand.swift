@@ -157,8 +157,8 @@ struct ServeCommand: ParsableCommand {
         if let loops, !(1...256).contains(loops) {
             throw ValidationError("--loops must be between 1 and 256")
         }
-        if !(0...10_000).contains(idlePoll) {
-            throw ValidationError("--idle-poll must be between 0 and 10000 microseconds")
+        if !(0...100_000).contains(idlePoll) {
+            throw ValidationError("--idle-poll must be between 0 and 100000 microseconds")
         }
         if !(1...1_000_000).contains(maxConnections) {
             throw ValidationError("--max-connections must be between 1 and 1000000")
