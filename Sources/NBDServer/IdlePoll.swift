@@ -1,10 +1,11 @@
 /// Polls an event loop for its next event for a short while before it goes to sleep.
 ///
 /// Why: a client at queue depth 1 sends its next request a few tens of microseconds
-/// after the reply. A loop that sleeps at once leaves its CPU idle, and waking an idle
-/// CPU is slow where the CPU is virtual: the host must schedule it again (measured on
-/// the 2-vCPU guest this project is benchmarked on: 4K cached reads at QD1 took about
-/// 57 µs with the loop sleeping at once and 35-36 µs with it polling for up to 30-100 µs;
+/// after the reply, and a disk read comes back in about a hundred. A loop that sleeps
+/// at once leaves its CPU idle, and waking an idle CPU is slow where the CPU is
+/// virtual: the host must schedule it again (measured on the 2-vCPU guest this project
+/// is benchmarked on: 4K cached reads at QD1 took about 57 µs with the loop sleeping at
+/// once and 35-36 µs with it polling; reads from the disk 100-125 µs and 80-90 µs;
 /// docs/performance.md). qemu's event loop polls the same way (`poll-max-ns`).
 ///
 /// Implemented outside this module (ThinSystem does the system calls).
@@ -20,10 +21,11 @@ public protocol NBDIdlePoller: AnyObject, Sendable {
 /// How long an idle loop polls before it sleeps: up to `maximum`, adapted to when work
 /// actually arrives. A value with no clock of its own: the caller passes the times.
 ///
-/// - The loop went quiet (every request answered): it polls for `budget`.
+/// - The loop has nothing to do but wait for its own descriptors (a request, a disk
+///   completion): it polls for `budget`.
 /// - The poll caught the next event: nothing changes.
-/// - The poll ran out (or the budget was 0) and the loop slept: the next request's
-///   arrival tells how long the loop was quiet. If that was within `maximum`, a longer
+/// - The poll ran out (or the budget was 0) and the loop slept: the next event (a
+///   request, or completions) tells how long the loop was quiet. If that was within `maximum`, a longer
 ///   poll would have caught it, so the budget doubles (from `smallest` when it was 0).
 ///   If it was longer, no poll up to `maximum` would have, so the budget halves, down to
 ///   0 below `smallest`. A client that pauses longer than `maximum` between requests

@@ -28,15 +28,17 @@ final class LoopIO: @unchecked Sendable {
     /// Connections whose replies were written by completions and wait for one flush.
     @exclusivity(unchecked) private var needFlush: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
     @exclusivity(unchecked) private var flushing: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
-    /// Requests of the loop's connections that have started and not yet finished.
-    @exclusivity(unchecked) private var requestsInFlight = 0
-    /// Polls the loop for a while once every request is answered (nil: sleep at once).
+    /// Work handed to other threads (the thread pool) whose completions come back to
+    /// the loop as tasks: while there is any, the loop does not poll (NIO does not wake
+    /// a loop that is running a task, so such a completion would wait for the poll).
+    @exclusivity(unchecked) private var offLoopInFlight = 0
+    /// Polls the loop for a while before it sleeps (nil: it sleeps at once).
     private var idlePoller: NBDIdlePoller?
     @exclusivity(unchecked) private var idleWindow: IdlePollWindow
     @exclusivity(unchecked) private var idlePollScheduled = false
 
-    /// `idlePollMaximum`: the longest the loop polls for its next request once every
-    /// request is answered (0: it sleeps at once); see `IdlePollWindow`.
+    /// `idlePollMaximum`: the longest the loop polls before it sleeps (0: it sleeps at
+    /// once); see `IdlePollWindow`.
     init(eventLoop: EventLoop, blocking: BlockingWork, provider: NBDExportProvider, idlePollMaximum: TimeAmount = .zero) {
         self.eventLoop = eventLoop
         self.blocking = blocking
@@ -46,19 +48,23 @@ final class LoopIO: @unchecked Sendable {
 
     // MARK: Polling before the loop sleeps
 
-    /// A connection on this loop started a request.
-    func requestStarted() {
-        requestsInFlight += 1
+    /// Counts `future` as off-loop work until it completes (on the loop).
+    func awaitingOtherThreads<T>(_ future: EventLoopFuture<T>) -> EventLoopFuture<T> {
+        offLoopInFlight += 1
+        future.assumeIsolated().whenComplete { [self] _ in offLoopInFlight -= 1 }
+        return future
+    }
+
+    /// Something for the loop arrived: a request, or disk completions.
+    func workArrived() {
         if idleWindow.measuring { idleWindow.workArrived(at: NIODeadline.now().uptimeNanoseconds) }
     }
 
-    /// A request started with `requestStarted` finished; its reply is written. The last
-    /// one to finish has the loop poll for the next request before it sleeps, once
-    /// the round's replies are flushed (a task runs after the round's I/O).
-    func requestFinished() {
-        precondition(requestsInFlight > 0, "a request finished that never started")
-        requestsInFlight -= 1
-        guard requestsInFlight == 0, idlePoller != nil, !idlePollScheduled else { return }
+    /// The loop may be about to sleep (a pass over a connection's input ended, a
+    /// request finished, a round of completions ran): a task, which runs after the
+    /// round's I/O, polls the loop before it does, unless other threads owe it work.
+    func loopMayIdle() {
+        guard idlePoller != nil, !idlePollScheduled else { return }
         idlePollScheduled = true
         eventLoop.assumeIsolatedUnsafeUnchecked().execute { [self] in
             idlePollScheduled = false
@@ -66,14 +72,16 @@ final class LoopIO: @unchecked Sendable {
         }
     }
 
-    /// Polls only while no request is in flight: then no request's completion is to come
-    /// from another thread (NIO does not wake a loop that is running a task, so such a
-    /// completion would wait for the poll to end). What else other threads hand the loop
-    /// meanwhile (a handshake's catalog answer, a management command's disconnect) waits
-    /// at most one budget. What arrives on the loop's own descriptors (requests, disk
-    /// completions, timers, tasks that wrote its wake-up descriptor) ends the poll at once.
+    /// Polls while the loop's own descriptors are all it waits for: requests, its disk
+    /// queue's completions (a page-cache writer thread's too: it signals the queue's
+    /// descriptor), timers that were armed. What other threads hand over meanwhile
+    /// without a request of its own in flight (a management command's disconnect) waits
+    /// at most one budget, as does a task scheduled during this round (a rate-limited
+    /// request's start).
     private func pollBeforeSleeping() {
-        guard requestsInFlight == 0, let idlePoller else { return }
+        guard offLoopInFlight == 0, roundWrites.isEmpty, let idlePoller else { return }
+        // What the round queued leaves now, not after the poll.
+        queue?.submitQueued()
         let budget = idleWindow.budget
         if budget > 0 && idlePoller.pollUntilReady(nanoseconds: budget) { return }
         idleWindow.sleeping(at: NIODeadline.now().uptimeNanoseconds)
@@ -142,7 +150,7 @@ final class LoopIO: @unchecked Sendable {
         // Only Sendable parts cross to the worker; handlers and contexts stay here.
         let batches = group.map { (export: $0.export, writes: $0.writes) }
         let provider = self.provider
-        let future = blocking.run(on: eventLoop) { () -> [[NBDExportError?]] in
+        let future = awaitingOtherThreads(blocking.run(on: eventLoop) { () -> [[NBDExportError?]] in
             // The payloads' storage is retained for the call, so their bytes stay put.
             var storages: [Unmanaged<AnyObject>] = []
             defer { for storage in storages { storage.release() } }
@@ -156,7 +164,7 @@ final class LoopIO: @unchecked Sendable {
                 })
             }
             return provider.writeBatches(prepared)
-        }
+        })
         future.assumeIsolated().whenComplete { result in
             for (i, pending) in group.enumerated() {
                 pending.handler.writesFinished(pending.writes, result.map { $0[i] }, context: pending.context)
@@ -230,12 +238,14 @@ final class LoopIO: @unchecked Sendable {
     /// replies they wrote and submitting what they queued after each few.
     func runCompletions() {
         guard let queue else { return }
+        workArrived()
         while true {
             let ran = queue.runCompletions(atMost: Self.completionsPerFlush)
             flushReplies()
             queue.submitQueued()
-            if ran == 0 { return }
+            if ran == 0 { break }
         }
+        loopMayIdle()
     }
 
     private func flushReplies() {

@@ -185,6 +185,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         dispatchGatheredWrites(context: context)
         sendReplies(context: context)
         loopIO.scheduleSubmission()
+        loopIO.loopMayIdle()
         run(state.inputProcessed(), context: context)
     }
 
@@ -422,9 +423,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func ask(_ query: NBDHandshake.CatalogQuery, context: ChannelHandlerContext) {
         let server = self.server
         let channel = context.channel
-        let answered = server.blocking.run(on: context.eventLoop) { () -> CatalogResult in
+        let answered = loopIO.awaitingOtherThreads(server.blocking.run(on: context.eventLoop) { () -> CatalogResult in
             server.answer(query, for: channel)
-        }
+        })
         answered.assumeIsolated().whenComplete { result in
             switch result {
             case .success(let found):
@@ -492,9 +493,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             requestStarted(bytes: 0)
             withinLimit(of: export, bytes: operation.limitedBytes, context: context) {
                 let allocator = context.channel.allocator
-                let future = self.server.blocking.run(on: context.eventLoop) { () -> ByteBuffer in
+                let future = self.loopIO.awaitingOtherThreads(self.server.blocking.run(on: context.eventLoop) { () -> ByteBuffer in
                     Self.perform(operation, cookie: header.cookie, export: export, session: session, allocator: allocator)
-                }
+                })
                 future.assumeIsolated().whenComplete { result in
                     self.finishRequest(bytes: 0, flush: .now, context: context) {
                         switch result {
@@ -509,15 +510,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Every request is counted by the connection (back-pressure) and by the loop
-    /// (which polls before sleeping once all of its requests are answered).
+    /// Every request is counted by the connection (back-pressure) and told to the loop
+    /// (which adapts and schedules its poll before sleeping).
     private func requestStarted(bytes: Int) {
         state.requestStarted(bytes: bytes)
-        loopIO.requestStarted()
+        loopIO.workArrived()
     }
 
     private func requestFinished(bytes: Int) -> NBDConnectionState.Actions {
-        loopIO.requestFinished()
+        loopIO.loopMayIdle()
         return state.requestFinished(bytes: bytes)
     }
 
@@ -572,6 +573,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // Off the loop; the worker is freed as soon as the disk read is submitted,
             // and the device's completion thread fulfils the promise.
             let promise = context.eventLoop.makePromise(of: Result<[NBDExtent], NBDExportError>.self)
+            _ = loopIO.awaitingOtherThreads(promise.futureResult)
             // The reply's data buffer owns this memory and outlives the read (the
             // completion below holds it).
             nonisolated(unsafe) let memory = target

@@ -36,12 +36,13 @@ public final class NBDServer: @unchecked Sendable {
         public var eventLoopThreadSetup: (@Sendable () -> Void)?
         /// TLS (STARTTLS): the mode and the credentials; nil serves plain text only.
         public var tls: TLS?
-        /// The longest an event loop polls for its next request once all of its
-        /// requests are answered, before it sleeps; zero sleeps at once. Buys queue-depth-1
-        /// clients lower latency where waking an idle CPU is slow, with up to one core's
-        /// time while such a client runs (`IdlePollWindow` shortens the polls for
-        /// clients that pause longer). Needs the provider's `makeIdlePoller`.
-        public var idlePoll: TimeAmount = .microseconds(50)
+        /// The longest an event loop polls for its next event (a request, a disk
+        /// completion) before it sleeps, whenever nothing it waits for comes from
+        /// another thread; zero sleeps at once. Buys queue-depth-1 clients lower latency
+        /// where waking an idle CPU is slow, with up to one core's time while such a
+        /// client runs (`IdlePollWindow` shortens the polls for clients that pause
+        /// longer). Needs the provider's `makeIdlePoller`.
+        public var idlePoll: TimeAmount = .microseconds(200)
 
         public init() {}
     }

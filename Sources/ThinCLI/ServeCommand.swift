@@ -49,9 +49,9 @@ struct ServeCommand: ParsableCommand {
     var limit: [String] = []
 
     @Option(name: .customLong("idle-poll"), help: ArgumentHelp(
-        "Microseconds an event loop keeps polling for the next request after answering its last one, before it sleeps (default 50; 0: sleep at once). Lowers queue-depth-1 latency where waking an idle CPU is slow (virtual machines), for up to one core's time while such a client runs; the poll shortens by itself for clients that pause longer.",
+        "Microseconds an event loop keeps polling for its next request or disk completion before it sleeps (default 200; 0: sleep at once). Lowers queue-depth-1 latency where waking an idle CPU is slow (virtual machines), for up to one core's time while such a client runs; the poll shortens by itself for clients that pause longer.",
         valueName: "MICROSECONDS"))
-    var idlePoll: Int = 50
+    var idlePoll: Int = 200
 
     @Option(name: .customLong("max-connections"), help: "Connections served at once (default 1024); more are closed as soon as they are accepted.")
     var maxConnections: Int = 1024

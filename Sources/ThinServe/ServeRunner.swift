@@ -33,8 +33,8 @@ public struct ServeOptions: Sendable {
     public var limits: [ExportLimitRule] = []
     /// `--handshake-timeout`.
     public var handshakeTimeoutMilliseconds = 10_000
-    /// `--idle-poll`: how long a loop polls for its next request before sleeping.
-    public var idlePollMicroseconds = 50
+    /// `--idle-poll`: how long a loop polls for its next event before sleeping.
+    public var idlePollMicroseconds = 200
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
     /// `--ephemeral`: export names made on first use.

@@ -35,15 +35,17 @@ import ThinPool
 
     /// `--idle-poll`: with a 50 ms window, a client at queue depth 1 still gets every
     /// read, write and flush answered at once (a poll never holds a request, nor an
-    /// off-loop write's completion), the poll catches requests after short pauses (the
-    /// server's threads hardly sleep) and stops for pauses longer than the window. The server
-    /// must not have reported that its loops cannot poll.
+    /// off-loop write's completion), the poll catches requests after short pauses and
+    /// waits through reads from the disk (the event loops hardly sleep), and it stops
+    /// for pauses longer than the window. The server must not have reported that its
+    /// loops cannot poll.
     @Test(.enabled(if: Peers.need("python3-nbd")), arguments: ["none", "writeback"])
     func idlePollAnswersAtOnceAndStopsForLongPauses(cache: String) throws {
         let served = try ServedPool()
         try served.createVolume("disk", size: "64M")
         try served.start(["--idle-poll", "50000", "--cache", cache])
-        let result = try Peers.python("idle_poll.py", [served.uri("disk"), String(served.pid), "50000"], timeout: 120)
+        let result = try Peers.python(
+            "idle_poll.py", [served.uri("disk"), String(served.pid), "50000", served.pool], timeout: 120)
         expectSuccess(result, "idle poll")
         print(result.stdout)
         #expect(served.stop() == 0)
