@@ -12,7 +12,7 @@
 public protocol NBDIdlePoller: AnyObject, Sendable {
     /// Returns true as soon as the loop has an event waiting, false once `nanoseconds`
     /// have passed without one. Cost: the calling thread busy for up to `nanoseconds`,
-    /// about one system call per microsecond.
+    /// with a poll and a yield per round.
     func pollUntilReady(nanoseconds: UInt64) -> Bool
     /// Releases what the poller holds; it is not used afterwards.
     func close()
@@ -30,7 +30,7 @@ public protocol NBDIdlePoller: AnyObject, Sendable {
 ///   If it was longer, no poll up to `maximum` would have, so the budget halves, down to
 ///   0 below `smallest`. A client that pauses longer than `maximum` between requests
 ///   therefore costs a few polls in all, not one per request.
-struct IdlePollWindow: Equatable {
+struct IdlePollWindow {
     /// The longest poll, in nanoseconds; 0 turns polling off.
     let maximum: UInt64
     /// The next poll's length, in nanoseconds.

@@ -35,6 +35,7 @@ final class LoopIO: @unchecked Sendable {
     /// Polls the loop for a while before it sleeps (nil: it sleeps at once).
     private var idlePoller: NBDIdlePoller?
     @exclusivity(unchecked) private var idleWindow: IdlePollWindow
+    /// A poll task is queued (one per loop round is enough).
     @exclusivity(unchecked) private var idlePollScheduled = false
 
     /// `idlePollMaximum`: the longest the loop polls before it sleeps (0: it sleeps at
@@ -74,10 +75,10 @@ final class LoopIO: @unchecked Sendable {
 
     /// Polls while the loop's own descriptors are all it waits for: requests, its disk
     /// queue's completions (a page-cache writer thread's too: it signals the queue's
-    /// descriptor), timers that were armed. What other threads hand over meanwhile
-    /// without a request of its own in flight (a management command's disconnect) waits
-    /// at most one budget, as does a task scheduled during this round (a rate-limited
-    /// request's start).
+    /// descriptor), timers that were armed. What another thread hands over that is not
+    /// counted in `offLoopInFlight` (a management command's disconnect) waits at most
+    /// one budget, as does a task scheduled during this round (a rate-limited request's
+    /// start).
     private func pollBeforeSleeping() {
         guard offLoopInFlight == 0, roundWrites.isEmpty, let idlePoller else { return }
         // What the round queued leaves now, not after the poll.

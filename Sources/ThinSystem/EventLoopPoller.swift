@@ -1,8 +1,9 @@
 import Glibc
 
-/// Polls an event loop's epoll instance without sleeping: what a loop does for a few
-/// tens of microseconds after answering its last request, so that the client's next
-/// request finds its CPU awake (see `IdlePollWindow` in NBDServer for when and how long).
+/// Polls an event loop's epoll instance without sleeping: what a loop does for up to a
+/// few hundred microseconds when it has nothing left to do but wait for its own
+/// descriptors, so that the client's next request, or the disk's completion, finds its
+/// CPU awake (see `IdlePollWindow` in NBDServer for when and how long).
 ///
 /// The loop (SwiftNIO's) does not hand out its epoll descriptor. The poller finds it
 /// through a descriptor the caller registered with the loop: the epoll instance whose
