@@ -49,8 +49,23 @@ final class LoopIO: @unchecked Sendable {
 
     // MARK: Polling before the loop sleeps
 
+    /// Runs `body` on the thread pool; the future completes on the loop. Counted as work
+    /// other threads owe the loop, so the loop does not poll while it is out.
+    func runOffLoop<T: Sendable>(_ body: @escaping @Sendable () throws -> T) -> EventLoopFuture<T> {
+        awaitingOtherThreads(blocking.run(on: eventLoop, body))
+    }
+
+    /// Starts `body` on the thread pool, which completes `promise` itself (possibly from
+    /// another thread), or fails `promise` when the pool has stopped; counted as
+    /// `runOffLoop` is. Returns the promise's future.
+    func submitOffLoop<T>(orFail promise: EventLoopPromise<T>, _ body: @escaping @Sendable () -> Void) -> EventLoopFuture<T> {
+        let future = awaitingOtherThreads(promise.futureResult)
+        blocking.submit(orFail: promise, body)
+        return future
+    }
+
     /// Counts `future` as off-loop work until it completes (on the loop).
-    func awaitingOtherThreads<T>(_ future: EventLoopFuture<T>) -> EventLoopFuture<T> {
+    private func awaitingOtherThreads<T>(_ future: EventLoopFuture<T>) -> EventLoopFuture<T> {
         offLoopInFlight += 1
         future.assumeIsolated().whenComplete { [self] _ in offLoopInFlight -= 1 }
         return future
@@ -151,7 +166,7 @@ final class LoopIO: @unchecked Sendable {
         // Only Sendable parts cross to the worker; handlers and contexts stay here.
         let batches = group.map { (export: $0.export, writes: $0.writes) }
         let provider = self.provider
-        let future = awaitingOtherThreads(blocking.run(on: eventLoop) { () -> [[NBDExportError?]] in
+        let future = runOffLoop { () -> [[NBDExportError?]] in
             // The payloads' storage is retained for the call, so their bytes stay put.
             var storages: [Unmanaged<AnyObject>] = []
             defer { for storage in storages { storage.release() } }
@@ -165,7 +180,7 @@ final class LoopIO: @unchecked Sendable {
                 })
             }
             return provider.writeBatches(prepared)
-        })
+        }
         future.assumeIsolated().whenComplete { result in
             for (i, pending) in group.enumerated() {
                 pending.handler.writesFinished(pending.writes, result.map { $0[i] }, context: pending.context)

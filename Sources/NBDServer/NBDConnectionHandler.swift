@@ -423,9 +423,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func ask(_ query: NBDHandshake.CatalogQuery, context: ChannelHandlerContext) {
         let server = self.server
         let channel = context.channel
-        let answered = loopIO.awaitingOtherThreads(server.blocking.run(on: context.eventLoop) { () -> CatalogResult in
+        let answered = loopIO.runOffLoop { () -> CatalogResult in
             server.answer(query, for: channel)
-        })
+        }
         answered.assumeIsolated().whenComplete { result in
             switch result {
             case .success(let found):
@@ -493,9 +493,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             requestStarted(bytes: 0)
             withinLimit(of: export, bytes: operation.limitedBytes, context: context) {
                 let allocator = context.channel.allocator
-                let future = self.loopIO.awaitingOtherThreads(self.server.blocking.run(on: context.eventLoop) { () -> ByteBuffer in
+                let future = self.loopIO.runOffLoop { () -> ByteBuffer in
                     Self.perform(operation, cookie: header.cookie, export: export, session: session, allocator: allocator)
-                })
+                }
                 future.assumeIsolated().whenComplete { result in
                     self.finishRequest(bytes: 0, flush: .now, context: context) {
                         switch result {
@@ -573,14 +573,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             // Off the loop; the worker is freed as soon as the disk read is submitted,
             // and the device's completion thread fulfils the promise.
             let promise = context.eventLoop.makePromise(of: Result<[NBDExtent], NBDExportError>.self)
-            _ = loopIO.awaitingOtherThreads(promise.futureResult)
             // The reply's data buffer owns this memory and outlives the read (the
             // completion below holds it).
             nonisolated(unsafe) let memory = target
-            server.blocking.submit(orFail: promise) {
+            let read = loopIO.submitOffLoop(orFail: promise) {
                 export.readAsync(at: offset, into: memory) { promise.succeed($0) }
             }
-            promise.futureResult.assumeIsolated().whenComplete { outcome in
+            read.assumeIsolated().whenComplete { outcome in
                 self.finishRequest(bytes: bytes, flush: .now, context: context) {
                     switch outcome {
                     case .success(let result): replyToRead(result)
