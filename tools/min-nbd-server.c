@@ -1,0 +1,244 @@
+// min-nbd-server: the smallest NBD server that reads a file with O_DIRECT, for one
+// measurement in docs/performance.md ("The smallest server as the bound"): how close
+// a server with next to no work per request gets to the raw disk through fio's nbd
+// engine, with its one thread sleeping in epoll_wait or spinning.
+//
+// Not part of thinbd and not built by the package. Read-only; one client at a time;
+// no TLS, no structured replies, no block status. Requests it does not serve get an
+// error reply; anything malformed ends the connection.
+//
+//   cc -O2 -o /tmp/min-nbd-server tools/min-nbd-server.c -laio
+//   /tmp/min-nbd-server FILE SOCKET [--spin]
+//   fio --ioengine=nbd --uri="nbd+unix:///?socket=SOCKET" --rw=randread ...
+#define _GNU_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libaio.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+enum { depth = 256, maxRead = 1 << 20, maxOption = 4096 };
+
+static int file, sock;
+static uint64_t fileSize;
+static int spin;
+
+// Blocking transfers for the handshake; false when the peer went away.
+static int readAll(void *p, size_t n) {
+  while (n) {
+    ssize_t r = read(sock, p, n);
+    if (r <= 0) return 0;
+    p = (char *)p + r, n -= r;
+  }
+  return 1;
+}
+static int writeAll(const void *p, size_t n) {
+  while (n) {
+    ssize_t r = write(sock, p, n);
+    if (r < 0 && errno == EAGAIN) continue;
+    if (r <= 0) return 0;
+    p = (const char *)p + r, n -= r;
+  }
+  return 1;
+}
+static void put16(unsigned char *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
+static void put32(unsigned char *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
+static void put64(unsigned char *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
+static uint16_t get16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
+static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
+static uint64_t get64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
+
+static int optionReply(uint32_t option, uint32_t type, const void *data, uint32_t length) {
+  unsigned char h[20];
+  put64(h, 0x3e889045565a9ULL), put32(h + 8, option), put32(h + 12, type), put32(h + 16, length);
+  return writeAll(h, 20) && (length == 0 || writeAll(data, length));
+}
+
+// Fixed newstyle: EXPORT_NAME, INFO and GO are served (any name), ABORT ends, the rest
+// is unsupported. Returns 1 when transmission starts.
+static int handshake(void) {
+  const uint16_t transmissionFlags = 1 | 2 | 4;  // has flags, read-only, flush
+  unsigned char greeting[18];
+  memcpy(greeting, "NBDMAGICIHAVEOPT", 16), put16(greeting + 16, 1 | 2);  // fixed newstyle, no zeroes
+  uint32_t clientFlags;
+  if (!writeAll(greeting, 18) || !readAll(&clientFlags, 4)) return 0;
+  int noZeroes = be32toh(clientFlags) & 2;
+  for (;;) {
+    unsigned char h[16], data[maxOption];
+    if (!readAll(h, 16) || memcmp(h, "IHAVEOPT", 8) != 0) return 0;
+    uint32_t option = get32(h + 8), length = get32(h + 12);
+    if (length > maxOption || !readAll(data, length)) return 0;
+    if (option == 1) {  // EXPORT_NAME
+      unsigned char reply[10 + 124] = {0};
+      put64(reply, fileSize), put16(reply + 8, transmissionFlags);
+      return writeAll(reply, noZeroes ? 10 : sizeof reply);
+    }
+    if (option == 6 || option == 7) {  // INFO, GO
+      unsigned char info[12];
+      put16(info, 0), put64(info + 2, fileSize), put16(info + 10, transmissionFlags);
+      if (!optionReply(option, 3, info, 12) || !optionReply(option, 1, NULL, 0)) return 0;
+      if (option == 7) return 1;
+      continue;
+    }
+    if (option == 2) return optionReply(option, 1, NULL, 0), 0;  // ABORT
+    if (!optionReply(option, 0x80000001u, NULL, 0)) return 0;
+  }
+}
+
+struct request {
+  struct iocb control;
+  uint64_t cookie;
+  uint32_t length;
+  void *data;
+  unsigned char header[16];
+};
+static struct request requests[depth];
+static int idle[depth], idleCount;
+static unsigned char input[1 << 20];
+static size_t inputLength;
+static struct iovec output[2 * depth + 64];
+static int outputCount;
+static struct request *sent[depth];
+static int sentCount;
+static unsigned char errorHeaders[64][16];
+static int errorCount;
+
+static void simpleReply(unsigned char *h, const unsigned char *cookie, uint32_t error) {
+  put32(h, 0x67446698), put32(h + 4, error), memcpy(h + 8, cookie, 8);
+}
+
+// Writes every queued reply (the socket is non-blocking: spins on a full socket).
+static int flushReplies(void) {
+  int i = 0;
+  while (i < outputCount) {
+    ssize_t r = writev(sock, output + i, outputCount - i > 1024 ? 1024 : outputCount - i);
+    if (r < 0 && errno == EAGAIN) continue;
+    if (r < 0) return 0;
+    while (r > 0) {
+      if ((size_t)r >= output[i].iov_len) {
+        r -= output[i].iov_len, i++;
+      } else {
+        output[i].iov_base = (char *)output[i].iov_base + r, output[i].iov_len -= r, r = 0;
+      }
+    }
+  }
+  outputCount = 0, errorCount = 0;
+  for (int k = 0; k < sentCount; k++) idle[idleCount++] = (int)(sent[k] - requests);
+  sentCount = 0;
+  return 1;
+}
+
+// Parses what arrived and submits its reads in one io_submit. False: close.
+static int takeRequests(io_context_t aio, int completionsFD) {
+  ssize_t r = read(sock, input + inputLength, sizeof input - inputLength);
+  if (r == 0) return 0;
+  if (r < 0) return errno == EAGAIN || errno == EINTR;
+  inputLength += r;
+  size_t at = 0;
+  struct iocb *batch[depth];
+  int batchCount = 0;
+  while (inputLength - at >= 28 && idleCount > 0 && errorCount < 64) {
+    const unsigned char *h = input + at;
+    if (get32(h) != 0x25609513) return 0;
+    uint16_t type = get16(h + 6);
+    uint64_t offset = get64(h + 16);
+    uint32_t length = get32(h + 24);
+    if (type == 1) return 0;  // a write to a read-only export: not worth reading past
+    at += 28;
+    if (type == 2) return 0;  // DISC
+    if (type == 0 && length > 0 && length <= maxRead && length % 512 == 0 && offset % 512 == 0 &&
+        offset <= fileSize && length <= fileSize - offset) {
+      struct request *q = &requests[idle[--idleCount]];
+      memcpy(&q->cookie, h + 8, 8), q->length = length;
+      io_prep_pread(&q->control, file, q->data, length, (long long)offset);
+      q->control.data = q;
+      io_set_eventfd(&q->control, completionsFD);
+      batch[batchCount++] = &q->control;
+    } else {
+      simpleReply(errorHeaders[errorCount], h + 8, type == 3 ? 0 : 22);  // FLUSH ok, else EINVAL
+      output[outputCount++] = (struct iovec){errorHeaders[errorCount++], 16};
+    }
+  }
+  memmove(input, input + at, inputLength - at), inputLength -= at;
+  if (batchCount && io_submit(aio, batchCount, batch) != batchCount) return 0;
+  return outputCount == 0 || flushReplies();
+}
+
+// Replies to every finished read in one writev. False: close.
+static int answerCompletions(io_context_t aio, int completionsFD) {
+  uint64_t count;
+  if (!spin && read(completionsFD, &count, 8) < 0 && errno != EAGAIN) return 0;
+  struct io_event events[depth];
+  struct timespec now = {0, 0};
+  int got = io_getevents(aio, 0, depth, events, &now);
+  for (int i = 0; i < got; i++) {
+    struct request *q = events[i].data;
+    int ok = (long)events[i].res == (long)q->length;
+    simpleReply(q->header, (const unsigned char *)&q->cookie, ok ? 0 : 5);
+    output[outputCount++] = (struct iovec){q->header, 16};
+    if (ok) output[outputCount++] = (struct iovec){q->data, q->length};
+    sent[sentCount++] = q;
+  }
+  return outputCount == 0 || flushReplies();
+}
+
+static void serve(void) {
+  io_context_t aio = 0;
+  if (io_setup(depth, &aio) != 0) return;
+  int completionsFD = eventfd(0, EFD_NONBLOCK), poller = epoll_create1(0);
+  fcntl(sock, F_SETFL, O_NONBLOCK);
+  struct epoll_event watch = {.events = EPOLLIN, .data.u32 = 0};
+  epoll_ctl(poller, EPOLL_CTL_ADD, sock, &watch);
+  watch.data.u32 = 1;
+  epoll_ctl(poller, EPOLL_CTL_ADD, completionsFD, &watch);
+  idleCount = 0, inputLength = 0, outputCount = 0, sentCount = 0, errorCount = 0;
+  for (int i = 0; i < depth; i++) idle[idleCount++] = i;
+  for (int open = 1; open;) {
+    struct epoll_event events[2];
+    int n = spin ? 2 : epoll_wait(poller, events, 2, -1);
+    if (spin) events[0].data.u32 = 0, events[1].data.u32 = 1;  // try both, never sleep
+    for (int e = 0; e < n && open; e++)
+      open = events[e].data.u32 == 0 ? takeRequests(aio, completionsFD) : answerCompletions(aio, completionsFD);
+  }
+  io_destroy(aio);  // waits for reads in flight
+  close(completionsFD), close(poller);
+}
+
+int main(int argc, char **argv) {
+  if (argc < 3) {
+    fprintf(stderr, "usage: min-nbd-server FILE SOCKET [--spin]\n");
+    return 2;
+  }
+  spin = argc > 3 && strcmp(argv[3], "--spin") == 0;
+  signal(SIGPIPE, SIG_IGN);
+  file = open(argv[1], O_RDONLY | O_DIRECT);
+  struct stat st;
+  if (file < 0 || fstat(file, &st) != 0) return perror(argv[1]), 1;
+  fileSize = (uint64_t)st.st_size;
+  for (int i = 0; i < depth; i++)
+    if (posix_memalign(&requests[i].data, 4096, maxRead) != 0) return 1;
+  int listener = socket(AF_UNIX, SOCK_STREAM, 0);
+  struct sockaddr_un address = {.sun_family = AF_UNIX};
+  if (strlen(argv[2]) >= sizeof address.sun_path) return fprintf(stderr, "socket path too long\n"), 2;
+  strcpy(address.sun_path, argv[2]);
+  unlink(argv[2]);
+  if (bind(listener, (struct sockaddr *)&address, sizeof address) != 0 || listen(listener, 4) != 0)
+    return perror(argv[2]), 1;
+  for (;;) {
+    sock = accept(listener, NULL, NULL);
+    if (sock < 0) continue;
+    if (handshake()) serve();
+    close(sock);
+  }
+}
