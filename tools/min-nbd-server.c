@@ -3,18 +3,24 @@
 // a server with next to no work per request gets to the raw disk through fio's nbd
 // engine, with its one thread sleeping in epoll_wait or spinning.
 //
-// Not part of thinbd and not built by the package. Read-only; one client at a time;
-// no TLS, no structured replies, no block status. Requests it does not serve get an
-// error reply; anything malformed ends the connection.
+// With --writes, it also takes writes, through the page cache (pwrite on a second,
+// buffered descriptor): made by the loop thread itself (`inline`), or handed to one
+// writer thread that signals the loop through an eventfd when done (`thread`, the shape
+// of thinbd's page-cache writer). That bounds what thinbd's write path could cost.
 //
-//   cc -O2 -o /tmp/min-nbd-server tools/min-nbd-server.c -laio
-//   /tmp/min-nbd-server FILE SOCKET [--spin]
+// Not part of thinbd and not built by the package. One client at a time; no TLS, no
+// structured replies, no block status, no trim or zeroing. Requests it does not serve
+// get an error reply; anything malformed ends the connection.
+//
+//   cc -O2 -pthread -o /tmp/min-nbd-server tools/min-nbd-server.c -laio
+//   /tmp/min-nbd-server FILE SOCKET [--spin] [--writes inline|thread]
 //   fio --ioengine=nbd --uri="nbd+unix:///?socket=SOCKET" --rw=randread ...
 #define _GNU_SOURCE
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libaio.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -30,9 +36,10 @@
 
 enum { depth = 256, maxRead = 1 << 20, maxOption = 4096 };
 
-static int file, sock;
+static int file, bufferedFile = -1, sock;
 static uint64_t fileSize;
 static int spin;
+static enum { readOnly, writesInline, writesOnThread } writeMode = readOnly;
 
 // Blocking transfers for the handshake; false when the peer went away.
 static int readAll(void *p, size_t n) {
@@ -68,7 +75,7 @@ static int optionReply(uint32_t option, uint32_t type, const void *data, uint32_
 // Fixed newstyle: EXPORT_NAME, INFO and GO are served (any name), ABORT ends, the rest
 // is unsupported. Returns 1 when transmission starts.
 static int handshake(void) {
-  const uint16_t transmissionFlags = 1 | 2 | 4;  // has flags, read-only, flush
+  const uint16_t transmissionFlags = writeMode == readOnly ? 1 | 2 | 4 : 1 | 4;  // has flags, (read-only,) flush
   unsigned char greeting[18];
   memcpy(greeting, "NBDMAGICIHAVEOPT", 16), put16(greeting + 16, 1 | 2);  // fixed newstyle, no zeroes
   uint32_t clientFlags;
@@ -100,12 +107,43 @@ struct request {
   struct iocb control;
   uint64_t cookie;
   uint32_t length;
+  uint64_t offset;
   void *data;
+  int failed;
+  struct request *next;  // in the writer's inbox or outbox
   unsigned char header[16];
 };
+
+// The writer thread's two lists, under one lock: what to write, and what is written.
+static pthread_mutex_t writerLock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t writerWake = PTHREAD_COND_INITIALIZER;
+static struct request *inbox, *outbox;
+static int writerSleeping, writesDoneFD = -1;
+
+static void *writer(void *unused) {
+  (void)unused;
+  for (;;) {
+    pthread_mutex_lock(&writerLock);
+    while (!inbox) writerSleeping = 1, pthread_cond_wait(&writerWake, &writerLock);
+    writerSleeping = 0;
+    struct request *batch = inbox;
+    inbox = NULL;
+    pthread_mutex_unlock(&writerLock);
+    struct request *last = NULL;
+    for (struct request *q = batch; q; last = q, q = q->next)
+      q->failed = pwrite(bufferedFile, q->data, q->length, (off_t)q->offset) != (ssize_t)q->length;
+    pthread_mutex_lock(&writerLock);
+    int wasEmpty = outbox == NULL;
+    last->next = outbox, outbox = batch;  // order does not matter to the client
+    pthread_mutex_unlock(&writerLock);
+    uint64_t one = 1;
+    if (wasEmpty && write(writesDoneFD, &one, 8) != 8) abort();
+  }
+  return NULL;
+}
 static struct request requests[depth];
 static int idle[depth], idleCount;
-static unsigned char input[1 << 20];
+static unsigned char input[4 << 20];  // room for a whole request of maxRead and more
 static size_t inputLength;
 static struct iovec output[2 * depth + 64];
 static int outputCount;
@@ -154,9 +192,32 @@ static int takeRequests(io_context_t aio, int completionsFD) {
     uint16_t type = get16(h + 6);
     uint64_t offset = get64(h + 16);
     uint32_t length = get32(h + 24);
-    if (type == 1) return 0;  // a write to a read-only export: not worth reading past
+    if (type == 1 && writeMode == readOnly) return 0;  // not worth reading past
+    if (type == 1 && length > maxRead) return 0;
+    if (type == 1 && inputLength - at < 28 + (size_t)length) break;  // its data is still coming
     at += 28;
     if (type == 2) return 0;  // DISC
+    if (type == 1) {
+      const unsigned char *data = input + at;
+      at += length;
+      if (offset > fileSize || length > fileSize - offset) return 0;
+      struct request *q = &requests[idle[--idleCount]];
+      memcpy(&q->cookie, h + 8, 8), q->length = length, q->offset = offset;
+      if (writeMode == writesInline) {
+        q->failed = pwrite(bufferedFile, data, length, (off_t)offset) != (ssize_t)length;
+        simpleReply(q->header, h + 8, q->failed ? 5 : 0);
+        output[outputCount++] = (struct iovec){q->header, 16};
+        sent[sentCount++] = q;
+      } else {
+        memcpy(q->data, data, length);
+        pthread_mutex_lock(&writerLock);
+        q->next = inbox, inbox = q;
+        int wake = writerSleeping;
+        pthread_mutex_unlock(&writerLock);
+        if (wake) pthread_cond_signal(&writerWake);
+      }
+      continue;
+    }
     if (type == 0 && length > 0 && length <= maxRead && length % 512 == 0 && offset % 512 == 0 &&
         offset <= fileSize && length <= fileSize - offset) {
       struct request *q = &requests[idle[--idleCount]];
@@ -166,7 +227,9 @@ static int takeRequests(io_context_t aio, int completionsFD) {
       io_set_eventfd(&q->control, completionsFD);
       batch[batchCount++] = &q->control;
     } else {
-      simpleReply(errorHeaders[errorCount], h + 8, type == 3 ? 0 : 22);  // FLUSH ok, else EINVAL
+      // FLUSH syncs the buffered writes (inline: a bound, not a server), else EINVAL.
+      uint32_t error = type != 3 ? 22 : bufferedFile >= 0 && fdatasync(bufferedFile) != 0 ? 5 : 0;
+      simpleReply(errorHeaders[errorCount], h + 8, error);
       output[outputCount++] = (struct iovec){errorHeaders[errorCount++], 16};
     }
   }
@@ -193,6 +256,22 @@ static int answerCompletions(io_context_t aio, int completionsFD) {
   return outputCount == 0 || flushReplies();
 }
 
+// Replies to the writer thread's finished writes. False: close.
+static int answerWrites(void) {
+  uint64_t count;
+  if (!spin && read(writesDoneFD, &count, 8) < 0 && errno != EAGAIN) return 0;
+  pthread_mutex_lock(&writerLock);
+  struct request *done = outbox;
+  outbox = NULL;
+  pthread_mutex_unlock(&writerLock);
+  for (struct request *q = done; q; q = q->next) {
+    simpleReply(q->header, (const unsigned char *)&q->cookie, q->failed ? 5 : 0);
+    output[outputCount++] = (struct iovec){q->header, 16};
+    sent[sentCount++] = q;
+  }
+  return outputCount == 0 || flushReplies();
+}
+
 static void serve(void) {
   io_context_t aio = 0;
   if (io_setup(depth, &aio) != 0) return;
@@ -202,14 +281,23 @@ static void serve(void) {
   epoll_ctl(poller, EPOLL_CTL_ADD, sock, &watch);
   watch.data.u32 = 1;
   epoll_ctl(poller, EPOLL_CTL_ADD, completionsFD, &watch);
+  if (writeMode == writesOnThread) {
+    watch.data.u32 = 2;
+    epoll_ctl(poller, EPOLL_CTL_ADD, writesDoneFD, &watch);
+  }
   idleCount = 0, inputLength = 0, outputCount = 0, sentCount = 0, errorCount = 0;
   for (int i = 0; i < depth; i++) idle[idleCount++] = i;
   for (int open = 1; open;) {
-    struct epoll_event events[2];
-    int n = spin ? 2 : epoll_wait(poller, events, 2, -1);
-    if (spin) events[0].data.u32 = 0, events[1].data.u32 = 1;  // try both, never sleep
-    for (int e = 0; e < n && open; e++)
-      open = events[e].data.u32 == 0 ? takeRequests(aio, completionsFD) : answerCompletions(aio, completionsFD);
+    struct epoll_event events[3];
+    int n = spin ? 3 : epoll_wait(poller, events, 3, -1);
+    if (spin) events[0].data.u32 = 0, events[1].data.u32 = 1, events[2].data.u32 = 2;  // try all, never sleep
+    for (int e = 0; e < n && open; e++) {
+      switch (events[e].data.u32) {
+      case 0: open = takeRequests(aio, completionsFD); break;
+      case 1: open = answerCompletions(aio, completionsFD); break;
+      default: open = writeMode != writesOnThread || answerWrites(); break;
+      }
+    }
   }
   io_destroy(aio);  // waits for reads in flight
   close(completionsFD), close(poller);
@@ -217,12 +305,23 @@ static void serve(void) {
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: min-nbd-server FILE SOCKET [--spin]\n");
+    fprintf(stderr, "usage: min-nbd-server FILE SOCKET [--spin] [--writes inline|thread]\n");
     return 2;
   }
-  spin = argc > 3 && strcmp(argv[3], "--spin") == 0;
+  for (int i = 3; i < argc; i++) {
+    if (strcmp(argv[i], "--spin") == 0) spin = 1;
+    else if (strcmp(argv[i], "--writes") == 0 && i + 1 < argc && strcmp(argv[i + 1], "inline") == 0) writeMode = writesInline, i++;
+    else if (strcmp(argv[i], "--writes") == 0 && i + 1 < argc && strcmp(argv[i + 1], "thread") == 0) writeMode = writesOnThread, i++;
+    else return fprintf(stderr, "unknown argument %s\n", argv[i]), 2;
+  }
   signal(SIGPIPE, SIG_IGN);
   file = open(argv[1], O_RDONLY | O_DIRECT);
+  if (writeMode != readOnly && (bufferedFile = open(argv[1], O_RDWR)) < 0) return perror(argv[1]), 1;
+  if (writeMode == writesOnThread) {
+    pthread_t thread;
+    writesDoneFD = eventfd(0, EFD_NONBLOCK);
+    if (writesDoneFD < 0 || pthread_create(&thread, NULL, writer, NULL) != 0) return 1;
+  }
   struct stat st;
   if (file < 0 || fstat(file, &st) != 0) return perror(argv[1]), 1;
   fileSize = (uint64_t)st.st_size;
