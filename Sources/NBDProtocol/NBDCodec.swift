@@ -209,13 +209,35 @@ extension ByteBuffer {
         return NBDSimpleReplyHeader(error: NBDError(rawValue: readInteger()!), cookie: readInteger()!)
     }
 
-    /// Writes a chunk header for a payload of `length` bytes (the payload follows).
+    /// Writes a chunk header for a payload of `length` bytes (the payload follows), in
+    /// one write to the buffer.
     public mutating func writeNBDChunkHeader(flags: NBDStructuredChunk.Flags, type: NBDReplyType, cookie: UInt64, length: Int) {
-        writeInteger(NBDMagic.structuredReply)
-        writeInteger(flags.rawValue)
-        writeInteger(type.rawValue)
-        writeInteger(cookie)
-        writeInteger(UInt32(length))
+        writeWithUnsafeMutableBytes(minimumWritableBytes: Self.chunkHeaderSize) { raw in
+            Self.storeChunkHeader(into: raw, flags: flags, type: type, cookie: cookie, length: length)
+            return Self.chunkHeaderSize
+        }
+    }
+
+    /// Writes an OFFSET_DATA chunk's header and offset (28 bytes; `dataLength` bytes of
+    /// data follow), in one write to the buffer: once per structured READ reply.
+    public mutating func writeNBDOffsetDataHeader(flags: NBDStructuredChunk.Flags, cookie: UInt64, offset: UInt64, dataLength: Int) {
+        writeWithUnsafeMutableBytes(minimumWritableBytes: Self.chunkHeaderSize + 8) { raw in
+            Self.storeChunkHeader(into: raw, flags: flags, type: .offsetData, cookie: cookie, length: 8 + dataLength)
+            raw.storeBytes(of: offset.bigEndian, toByteOffset: Self.chunkHeaderSize, as: UInt64.self)
+            return Self.chunkHeaderSize + 8
+        }
+    }
+
+    private static let chunkHeaderSize = 20
+
+    private static func storeChunkHeader(
+        into raw: UnsafeMutableRawBufferPointer, flags: NBDStructuredChunk.Flags, type: NBDReplyType, cookie: UInt64, length: Int
+    ) {
+        raw.storeBytes(of: NBDMagic.structuredReply.bigEndian, toByteOffset: 0, as: UInt32.self)
+        raw.storeBytes(of: flags.rawValue.bigEndian, toByteOffset: 4, as: UInt16.self)
+        raw.storeBytes(of: type.rawValue.bigEndian, toByteOffset: 6, as: UInt16.self)
+        raw.storeBytes(of: cookie.bigEndian, toByteOffset: 8, as: UInt64.self)
+        raw.storeBytes(of: UInt32(length).bigEndian, toByteOffset: 16, as: UInt32.self)
     }
 
     public mutating func writeNBDStructuredChunk(_ chunk: NBDStructuredChunk) {
@@ -223,8 +245,7 @@ extension ByteBuffer {
         case .none:
             writeNBDChunkHeader(flags: chunk.flags, type: .none, cookie: chunk.cookie, length: 0)
         case .offsetData(let offset, let data):
-            writeNBDChunkHeader(flags: chunk.flags, type: .offsetData, cookie: chunk.cookie, length: 8 + data.readableBytes)
-            writeInteger(offset)
+            writeNBDOffsetDataHeader(flags: chunk.flags, cookie: chunk.cookie, offset: offset, dataLength: data.readableBytes)
             writeImmutableBuffer(data)
         case .offsetHole(let offset, let length):
             writeNBDChunkHeader(flags: chunk.flags, type: .offsetHole, cookie: chunk.cookie, length: 12)

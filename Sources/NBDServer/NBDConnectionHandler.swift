@@ -549,24 +549,21 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let structured = session.structuredReplies
         let bytes = Int(length)
         let (data, target, headroom) = Self.makeReadBuffer(length: bytes, allocator: context.channel.allocator)
-        let replyToRead = { (result: Result<[NBDExtent], NBDExportError>) in
-            switch result {
-            case .success(let extents):
-                self.writeReadReply(
-                    cookie: cookie, offset: offset, data: data, headroom: headroom, extents: extents,
-                    structured: structured, dontFragment: dontFragment, context: context)
-            case .failure(let error):
-                NBDReplyEncoder.error(
-                    error.code, message: error.message, cookie: cookie, structured: structured, into: &self.replies.bytes)
-            }
-        }
+        let reply = ReadReply(
+            cookie: cookie, offset: offset, data: data, headroom: headroom, structured: structured, dontFragment: dontFragment)
+        // One closure, with everything the reply needs in it: a read's only allocation
+        // besides its buffer and the export's own.
         let start = export.readWithoutBlocking(at: offset, into: target, queue: loopIO.queue) { result in
             // On the loop, from its completion round.
-            self.finishRequest(bytes: bytes, flush: .afterCompletions, context: context) { replyToRead(result) }
+            self.finishRequest(bytes: bytes, flush: .afterCompletions, context: context) {
+                self.writeReadReply(reply, result, context: context)
+            }
         }
         switch start {
         case .completed(let result):
-            finishRequest(bytes: bytes, flush: .withThisPass, context: context) { replyToRead(result) }
+            finishRequest(bytes: bytes, flush: .withThisPass, context: context) {
+                writeReadReply(reply, result, context: context)
+            }
         case .started:
             break
         case .wouldBlock:
@@ -582,11 +579,34 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             read.assumeIsolated().whenComplete { outcome in
                 self.finishRequest(bytes: bytes, flush: .now, context: context) {
                     switch outcome {
-                    case .success(let result): replyToRead(result)
+                    case .success(let result): self.writeReadReply(reply, result, context: context)
                     case .failure(let error): self.refuseShutDownPool(error, cookie: cookie, context: context)
                     }
                 }
             }
+        }
+    }
+
+    /// What a READ's reply needs once its data is in.
+    private struct ReadReply {
+        var cookie: UInt64
+        var offset: UInt64
+        var data: ByteBuffer
+        var headroom: UnsafeMutableRawBufferPointer
+        var structured: Bool
+        var dontFragment: Bool
+    }
+
+    /// Appends a READ's reply: its data, or its error.
+    private func writeReadReply(_ reply: ReadReply, _ result: Result<[NBDExtent], NBDExportError>, context: ChannelHandlerContext) {
+        switch result {
+        case .success(let extents):
+            writeReadReply(
+                cookie: reply.cookie, offset: reply.offset, data: reply.data, headroom: reply.headroom, extents: extents,
+                structured: reply.structured, dontFragment: reply.dontFragment, context: context)
+        case .failure(let error):
+            NBDReplyEncoder.error(
+                error.code, message: error.message, cookie: reply.cookie, structured: reply.structured, into: &replies.bytes)
         }
     }
 

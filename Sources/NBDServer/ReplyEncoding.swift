@@ -25,8 +25,7 @@ public enum NBDReplyEncoder {
         let hasHoles = extents.contains { $0.isHole }
         if dontFragment || !hasHoles {
             // The OFFSET_DATA chunk's header and offset; its data follows.
-            out.writeNBDChunkHeader(flags: .done, type: .offsetData, cookie: cookie, length: 8 + data.readableBytes)
-            out.writeInteger(offset)
+            out.writeNBDOffsetDataHeader(flags: .done, cookie: cookie, offset: offset, dataLength: data.readableBytes)
             return data
         }
         let end = offset + UInt64(data.readableBytes)

@@ -17,10 +17,14 @@ public final class DataSpaceMap {
     public static let entriesPerGroup = RefcountLayout.entriesPerBlock
 
     let store: MetadataStore
-    public private(set) var dataBlocks: UInt64
+    // `dataBlocks`, `groupBlock` and `decremented` are read by every request's in-place
+    // check under the pool's shared access and written only under its exclusive access;
+    // no access to them calls code that reaches them again. The run-time exclusivity
+    // check (per thread) adds nothing here and cost about 75 instructions per access.
+    @exclusivity(unchecked) public private(set) var dataBlocks: UInt64
     public private(set) var indexRoot: UInt64
 
-    private var groupBlock: [UInt64] = []
+    @exclusivity(unchecked) private var groupBlock: [UInt64] = []
     private var groupFree: [UInt32] = []
     /// Sum of `groupFree`, kept up to date so space queries are O(1).
     private var zeroCountTotal: UInt64 = 0
@@ -33,7 +37,7 @@ public final class DataSpaceMap {
     private var dirtyGroups: Set<Int> = []
     private var pendingFree: Set<UInt64> = []
     private var allocatedThisTransaction: Set<UInt64> = []
-    private var decremented: Set<UInt64> = []
+    @exclusivity(unchecked) private var decremented: Set<UInt64> = []
     private var cursor: UInt64 = 0
 
     /// Data blocks at or above this were never written since creation (or since the

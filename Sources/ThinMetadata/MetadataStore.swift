@@ -30,7 +30,11 @@ public final class MetadataBlock {
 public final class MetadataStore {
     public let device: BlockDevice
     public let regionStart: UInt64
-    public private(set) var regionBlocks: UInt64
+    // Read by every request's lookups under the pool's shared access, written only
+    // under its exclusive access; no access to it calls code that reaches it again.
+    // The run-time exclusivity check (per thread) adds nothing here and cost about 75
+    // instructions per access (docs/performance.md), as for `refcounts` below.
+    @exclusivity(unchecked) public private(set) var regionBlocks: UInt64
 
     /// Generation of the last commit; blocks read from disk must not be newer.
     public private(set) var committedGeneration: UInt64
@@ -59,7 +63,7 @@ public final class MetadataStore {
     public var cacheLimit: Int
     private var dirtyBlocks: [UInt64: MetadataBlock] = [:]
 
-    private var refcounts: [UInt32]
+    @exclusivity(unchecked) private var refcounts: [UInt32]
     private var freeList: [UInt64] = []
     private var pendingFree: [UInt64] = []
     private var fresh: Set<UInt64> = []
