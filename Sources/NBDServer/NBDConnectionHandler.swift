@@ -484,10 +484,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
             gatheredWrites.append(GatheredWrite(cookie: header.cookie, offset: offset, fua: fua, payload: aligned))
         case .execute(.read(let offset, let length, let dontFragment)):
             requestStarted(bytes: Int(length))
-            withinLimit(of: export, bytes: Int(length), context: context) {
-                self.read(
-                    offset: offset, length: length, dontFragment: dontFragment, cookie: header.cookie, export: export,
-                    session: session, context: context)
+            let (cookie, structured) = (header.cookie, session.structuredReplies)
+            // Without a wait, no closure: this runs for every READ.
+            if let wait = rateLimitWait(of: export, bytes: Int(length)) {
+                later(wait, context: context) {
+                    self.read(
+                        offset: offset, length: length, dontFragment: dontFragment, cookie: cookie, export: export,
+                        structured: structured, context: context)
+                }
+            } else {
+                read(
+                    offset: offset, length: length, dontFragment: dontFragment, cookie: cookie, export: export,
+                    structured: structured, context: context)
             }
         case .execute(.blocking(let operation)):
             requestStarted(bytes: 0)
@@ -526,9 +534,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// loop (never blocking it). The request counts as in flight meanwhile, so a
     /// throttled client also stops being read once it has `maxInFlight` waiting.
     private func withinLimit(of export: NBDExport, bytes: Int, context: ChannelHandlerContext, _ start: @escaping () -> Void) {
-        guard let limit = export.rateLimit else { return start() }
+        guard let wait = rateLimitWait(of: export, bytes: bytes) else { return start() }
+        later(wait, context: context, start)
+    }
+
+    /// How long the export's rate limit makes a request of `bytes` wait, having
+    /// reserved them; nil when it may start now.
+    private func rateLimitWait(of export: NBDExport, bytes: Int) -> TimeAmount? {
+        guard let limit = export.rateLimit else { return nil }
         let wait = limit.reserve(bytes: bytes)
-        guard wait > .zero else { return start() }
+        return wait > .zero ? wait : nil
+    }
+
+    /// Starts a rate-limited request after `wait`, on this loop.
+    private func later(_ wait: TimeAmount, context: ChannelHandlerContext, _ start: @escaping () -> Void) {
         context.eventLoop.assumeIsolated().scheduleTask(in: wait) {
             start()
             // What `processPending` does after a pass: send what is ready, submit reads.
@@ -543,10 +562,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     private func read(
-        offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, export: NBDExport, session: NBDSession,
+        offset: UInt64, length: UInt32, dontFragment: Bool, cookie: UInt64, export: NBDExport, structured: Bool,
         context: ChannelHandlerContext
     ) {
-        let structured = session.structuredReplies
         let bytes = Int(length)
         let (data, target, headroom) = Self.makeReadBuffer(length: bytes, allocator: context.channel.allocator)
         let reply = ReadReply(
