@@ -42,7 +42,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// `input` (where every read would append and the buffer would regrow).
     @exclusivity(unchecked) private var assembly: (header: NBDRequestHeader, payload: ByteBuffer, remaining: Int)?
     /// Where a read's reply header is encoded before it is copied in front of the data
-    /// (see `writeReadReply`); never handed to the channel, so reused in place.
+    /// (see `writeReadData`); never handed to the channel, so reused in place.
     @exclusivity(unchecked) private var readHeader = ByteBuffer()
     /// WRITEs parsed in the current pass: they go off the loop together.
     @exclusivity(unchecked) private var gatheredWrites: [GatheredWrite] = []
@@ -619,9 +619,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private func writeReadReply(_ reply: ReadReply, _ result: Result<[NBDExtent], NBDExportError>, context: ChannelHandlerContext) {
         switch result {
         case .success(let extents):
-            writeReadReply(
-                cookie: reply.cookie, offset: reply.offset, data: reply.data, headroom: reply.headroom, extents: extents,
-                structured: reply.structured, dontFragment: reply.dontFragment, context: context)
+            writeReadData(reply, extents: extents, context: context)
         case .failure(let error):
             NBDReplyEncoder.error(
                 error.code, message: error.message, cookie: reply.cookie, structured: reply.structured, into: &replies.bytes)
@@ -633,16 +631,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// the data (`makeReadBuffer`), so the read costs one channel write and no other
     /// buffer. A reply the encoder builds whole (structured, with holes) goes into the
     /// batch instead.
-    private func writeReadReply(
-        cookie: UInt64, offset: UInt64, data: ByteBuffer, headroom: UnsafeMutableRawBufferPointer, extents: [NBDExtent],
-        structured: Bool, dontFragment: Bool, context: ChannelHandlerContext
-    ) {
+    private func writeReadData(_ read: ReadReply, extents: [NBDExtent], context: ChannelHandlerContext) {
         readHeader.clear()
         let follows = NBDReplyEncoder.read(
-            cookie: cookie, offset: offset, data: data, extents: extents, structured: structured, dontFragment: dontFragment,
-            into: &readHeader)
+            cookie: read.cookie, offset: read.offset, data: read.data, extents: extents, structured: read.structured,
+            dontFragment: read.dontFragment, into: &readHeader)
         let length = readHeader.readableBytes
-        guard let follows, length <= headroom.count, follows.readerIndex == data.readerIndex,
+        let headroom = read.headroom
+        guard let follows, length <= headroom.count, follows.readerIndex == read.data.readerIndex,
             follows.readerIndex >= length
         else {
             replies.bytes.writeBuffer(&readHeader)
@@ -730,7 +726,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// A reply buffer holding `length` data bytes at a 4 KiB-aligned address, and that
     /// memory, for the read to fill (valid while the buffer is alive and not written to).
     /// Also returns the `readHeaderRoom` bytes right before the data, where
-    /// `writeReadReply` puts the reply's header.
+    /// `writeReadData` puts the reply's header.
     private static func makeReadBuffer(
         length: Int, allocator: ByteBufferAllocator
     ) -> (ByteBuffer, target: UnsafeMutableRawBufferPointer, headroom: UnsafeMutableRawBufferPointer) {
