@@ -13,7 +13,10 @@
 // get an error reply; anything malformed ends the connection.
 //
 //   cc -O2 -pthread -o /tmp/min-nbd-server tools/min-nbd-server.c -laio
-//   /tmp/min-nbd-server FILE SOCKET [--spin] [--writes inline|thread]
+//   /tmp/min-nbd-server FILE SOCKET [--spin | --poll MICROSECONDS] [--writes inline|thread]
+//
+// --poll polls (epoll_wait without a timeout, then sched_yield) for up to that long
+// before it sleeps, as thinbd's loop does with --idle-poll (but without adapting).
 //   fio --ioengine=nbd --uri="nbd+unix:///?socket=SOCKET" --rw=randread ...
 #define _GNU_SOURCE
 #include <endian.h>
@@ -32,6 +35,8 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/un.h>
+#include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { depth = 256, maxRead = 1 << 20, maxOption = 4096 };
@@ -39,6 +44,7 @@ enum { depth = 256, maxRead = 1 << 20, maxOption = 4096 };
 static int file, bufferedFile = -1, sock;
 static uint64_t fileSize;
 static int spin;
+static long pollNanoseconds;
 static enum { readOnly, writesInline, writesOnThread } writeMode = readOnly;
 
 // Blocking transfers for the handshake; false when the peer went away.
@@ -289,7 +295,18 @@ static void serve(void) {
   for (int i = 0; i < depth; i++) idle[idleCount++] = i;
   for (int open = 1; open;) {
     struct epoll_event events[3];
-    int n = spin ? 3 : epoll_wait(poller, events, 3, -1);
+    int n = 0;
+    if (!spin && pollNanoseconds > 0) {
+      struct timespec start, now;
+      clock_gettime(CLOCK_MONOTONIC, &start);
+      for (;;) {
+        if ((n = epoll_wait(poller, events, 3, 0)) != 0) break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) >= pollNanoseconds) break;
+        sched_yield();
+      }
+    }
+    if (n == 0) n = spin ? 3 : epoll_wait(poller, events, 3, -1);
     if (spin) events[0].data.u32 = 0, events[1].data.u32 = 1, events[2].data.u32 = 2;  // try all, never sleep
     for (int e = 0; e < n && open; e++) {
       switch (events[e].data.u32) {
@@ -305,11 +322,12 @@ static void serve(void) {
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: min-nbd-server FILE SOCKET [--spin] [--writes inline|thread]\n");
+    fprintf(stderr, "usage: min-nbd-server FILE SOCKET [--spin | --poll MICROSECONDS] [--writes inline|thread]\n");
     return 2;
   }
   for (int i = 3; i < argc; i++) {
     if (strcmp(argv[i], "--spin") == 0) spin = 1;
+    else if (strcmp(argv[i], "--poll") == 0 && i + 1 < argc) pollNanoseconds = atol(argv[++i]) * 1000L;
     else if (strcmp(argv[i], "--writes") == 0 && i + 1 < argc && strcmp(argv[i + 1], "inline") == 0) writeMode = writesInline, i++;
     else if (strcmp(argv[i], "--writes") == 0 && i + 1 < argc && strcmp(argv[i + 1], "thread") == 0) writeMode = writesOnThread, i++;
     else return fprintf(stderr, "unknown argument %s\n", argv[i]), 2;
