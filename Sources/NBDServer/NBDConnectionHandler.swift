@@ -569,8 +569,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         let (data, target, headroom) = Self.makeReadBuffer(length: bytes, allocator: context.channel.allocator)
         let reply = ReadReply(
             cookie: cookie, offset: offset, data: data, headroom: headroom, structured: structured, dontFragment: dontFragment)
-        // One closure, with everything the reply needs in it: a read's only allocation
-        // besides its buffer and the export's own.
+        // One closure, with everything the reply needs in it: on the loop's path, a
+        // read's only allocation here besides its buffer (the export makes its own).
         let start = export.readWithoutBlocking(at: offset, into: target, queue: loopIO.queue) { result in
             // On the loop, from its completion round.
             self.finishRequest(bytes: bytes, flush: .afterCompletions, context: context) {
