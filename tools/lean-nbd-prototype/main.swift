@@ -28,9 +28,13 @@ import ThinPool
 import ThinSystem
 
 let args = CommandLine.arguments
-guard args.count >= 5 else { fatalError("usage: leanproto POOL VOLUME SOCKET none|writeback [pollus]") }
-let cacheMode = CacheMode(rawValue: args[4])!
-let pollMicros = args.count > 5 ? Int(args[5])! : 0
+let usage = "usage: leanproto POOL VOLUME SOCKET none|writeback [POLL_MICROSECONDS]"
+guard (5...6).contains(args.count), let cacheMode = CacheMode(rawValue: args[4]),
+    let pollMicros = args.count == 6 ? Int(args[5]).flatMap({ (0...1_000_000).contains($0) ? $0 : nil }) : 0
+else {
+    logError(usage)
+    exit(2)
+}
 let pool = try Pool.open(path: args[1], cache: cacheMode)
 let volumeID = try pool.volumeID(args[2])
 let volumeSize = try pool.volumeInfo(args[2]).size
@@ -180,7 +184,7 @@ func serve(_ fd: Int32) {
                 switch type {
                 case 1:  // write
                     guard end - start >= 28 + length else { break }
-                    guard length <= buffers.size, offset &+ UInt64(length) <= volumeSize else { return false }
+                    guard length <= buffers.size, fitsInVolume(offset, length) else { return false }
                     let b = buffers.take()
                     b.copyMemory(from: h + 28, byteCount: length)
                     start += 28 + length
@@ -188,7 +192,7 @@ func serve(_ fd: Int32) {
                     continue
                 case 0:  // read
                     start += 28
-                    guard length <= buffers.size, offset &+ UInt64(length) <= volumeSize else { return false }
+                    guard length <= buffers.size, fitsInVolume(offset, length) else { return false }
                     let b = buffers.take()
                     let dest = UnsafeMutableRawBufferPointer(start: b, count: length)
                     let r = pool.readWithoutBlocking(volumeID, at: offset, into: dest, queue: queue) { result in
@@ -264,6 +268,12 @@ func serve(_ fd: Int32) {
     }
     out.flush(fd)
     logError("blocking writes: \(blockingWrites)")
+}
+
+/// Whether `length` bytes at `offset` (both from the wire) lie inside the volume,
+/// without overflow.
+func fitsInVolume(_ offset: UInt64, _ length: Int) -> Bool {
+    UInt64(length) <= volumeSize && offset <= volumeSize - UInt64(length)
 }
 
 func monotonicNanoseconds() -> UInt64 {
