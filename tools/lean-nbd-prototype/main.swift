@@ -46,16 +46,28 @@ func be64(_ p: UnsafeRawPointer) -> UInt64 { UInt64(bigEndian: p.loadUnaligned(a
 func be32(_ p: UnsafeRawPointer) -> UInt32 { UInt32(bigEndian: p.loadUnaligned(as: UInt32.self)) }
 func be16(_ p: UnsafeRawPointer) -> UInt16 { UInt16(bigEndian: p.loadUnaligned(as: UInt16.self)) }
 
+/// Replies gathered for one `write`. Every `put` first makes room, writing out what is
+/// gathered when the next piece would not fit: a client that pipelines many requests
+/// never runs it past its end.
 final class Output {
-    var buffer = UnsafeMutableRawPointer.allocate(byteCount: 4 << 20, alignment: 64)
+    let capacity = 4 << 20
+    let buffer: UnsafeMutableRawPointer
+    let fd: Int32
     var count = 0
+    init(fd: Int32) {
+        self.fd = fd
+        buffer = .allocate(byteCount: capacity, alignment: 64)
+    }
     deinit { buffer.deallocate() }
-    func put64(_ v: UInt64) { buffer.advanced(by: count).storeBytes(of: v.bigEndian, as: UInt64.self); count += 8 }
-    func put32(_ v: UInt32) { buffer.advanced(by: count).storeBytes(of: v.bigEndian, as: UInt32.self); count += 4 }
-    func put16(_ v: UInt16) { buffer.advanced(by: count).storeBytes(of: v.bigEndian, as: UInt16.self); count += 2 }
-    func put(_ p: UnsafeRawPointer, _ n: Int) { buffer.advanced(by: count).copyMemory(from: p, byteCount: n); count += n }
+    private func room(_ n: Int) { if count + n > capacity { flush() } }
+    func put64(_ v: UInt64) { room(8); buffer.advanced(by: count).storeBytes(of: v.bigEndian, as: UInt64.self); count += 8 }
+    func put32(_ v: UInt32) { room(4); buffer.advanced(by: count).storeBytes(of: v.bigEndian, as: UInt32.self); count += 4 }
+    func put16(_ v: UInt16) { room(2); buffer.advanced(by: count).storeBytes(of: v.bigEndian, as: UInt16.self); count += 2 }
+    func put(_ p: UnsafeRawPointer, _ n: Int) { room(n); buffer.advanced(by: count).copyMemory(from: p, byteCount: n); count += n }
     func reply(error: UInt32, cookie: UInt64) { put32(0x6744_6698); put32(error); put64(cookie) }
-    func flush(_ fd: Int32) {
+    /// Writes out everything gathered. On the non-blocking socket it retries EAGAIN at
+    /// once (a spin, acceptable in a measurement tool); an error drops the rest.
+    func flush() {
         var done = 0
         while done < count {
             let n = Glibc.write(fd, buffer + done, count - done)
@@ -96,7 +108,7 @@ func handshake(_ fd: Int32, _ out: Output) -> Bool {
     out.put64(0x4e42_444d_4147_4943)
     out.put64(0x4948_4156_454F_5054)
     out.put16(3)
-    out.flush(fd)
+    out.flush()
     var scratch = [UInt8](repeating: 0, count: 4096)
     return scratch.withUnsafeMutableBytes { b -> Bool in
         guard readFully(fd, b.baseAddress!, 4) else { return false }
@@ -111,7 +123,7 @@ func handshake(_ fd: Int32, _ out: Output) -> Bool {
                 out.put32(type)
                 out.put32(UInt32(data.count))
                 data.withUnsafeBytes { out.put($0.baseAddress ?? UnsafeRawPointer(b.baseAddress!), data.count) }
-                out.flush(fd)
+                out.flush()
             }
             if option == 7 {
                 var info: [UInt8] = [0, 0]
@@ -128,7 +140,7 @@ func handshake(_ fd: Int32, _ out: Output) -> Bool {
 }
 
 func serve(_ fd: Int32) {
-    let out = Output()
+    let out = Output(fd: fd)
     guard handshake(fd, out) else { return }
     _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
     var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: readiness, events: Int16(POLLIN), revents: 0)]
@@ -226,7 +238,7 @@ func serve(_ fd: Int32) {
                 case 2:
                     return false
                 default:
-                    start += 28 + 0
+                    start += 28
                     out.reply(error: 22, cookie: cookie)
                     continue
                 }
@@ -248,7 +260,7 @@ func serve(_ fd: Int32) {
     while open || inFlight > 0 || !deferred.isEmpty {
         if inFlight == 0 { retryDeferred() }
         queue.submitQueued()
-        if out.count > 0 { out.flush(fd) }
+        if out.count > 0 { out.flush() }
         let spinning = pollMicros > 0 && monotonicNanoseconds() - lastWork < UInt64(pollMicros) * 1000
         let count = poll(&fds, 2, spinning ? 0 : -1)
         if count <= 0 {
@@ -266,7 +278,7 @@ func serve(_ fd: Int32) {
             retryDeferred()
         }
     }
-    out.flush(fd)
+    out.flush()
     logError("blocking writes: \(blockingWrites)")
 }
 
@@ -287,6 +299,10 @@ let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
 var address = sockaddr_un()
 address.sun_family = sa_family_t(AF_UNIX)
 let path = args[3]
+guard path.utf8.count < MemoryLayout.size(ofValue: address.sun_path) else {
+    logError("socket path too long: \(path)")
+    exit(2)
+}
 unlink(path)
 withUnsafeMutableBytes(of: &address.sun_path) { p in
     for (i, c) in path.utf8.enumerated() { p[i] = c }
