@@ -20,6 +20,10 @@ struct NBDConnectionState {
         case clientDisconnect
         /// The server shuts down: requests that arrive get ESHUTDOWN; close when idle.
         case serverShutdown
+        /// The client shut down its sending side (libnbd does right after NBD_CMD_DISC):
+        /// what arrived is still parsed and run, and the connection closes once it is
+        /// all answered.
+        case inputEnded
     }
 
     enum Phase: Equatable {
@@ -83,7 +87,7 @@ struct NBDConnectionState {
     var mayParse: Bool {
         switch phase {
         case .handshake: writable
-        case .active: hasRoom
+        case .active, .draining(.inputEnded): hasRoom
         // What arrived is answered with small ESHUTDOWN replies; the input is bounded
         // (reading stopped with the socket's room), so this needs no room of its own.
         case .draining(.serverShutdown): true
@@ -95,7 +99,7 @@ struct NBDConnectionState {
         switch phase {
         case .handshake, .draining(.serverShutdown): writable
         case .active: hasRoom
-        case .draining(.clientDisconnect), .closed: false
+        case .draining(.clientDisconnect), .draining(.inputEnded), .closed: false
         }
     }
 
@@ -117,7 +121,7 @@ struct NBDConnectionState {
     /// A parsed request: run it, refuse it, or drop it.
     func admit() -> Admission {
         switch phase {
-        case .active: .run
+        case .active, .draining(.inputEnded): .run
         case .draining(.serverShutdown): .refuseShuttingDown
         case .handshake, .draining(.clientDisconnect), .closed: .drop
         }
@@ -125,7 +129,7 @@ struct NBDConnectionState {
 
     /// A request started running, holding `bytes` of payload (read buffer or write data).
     mutating func requestStarted(bytes: Int) {
-        precondition(phase == .active, "requests start only while active")
+        precondition(phase == .active || phase == .draining(.inputEnded), "requests start only while active")
         inFlight += 1
         inFlightBytes += bytes
     }
@@ -141,15 +145,42 @@ struct NBDConnectionState {
     /// NBD_CMD_DISC: stop taking requests; close once the running ones are answered
     /// (see `inputProcessed`).
     mutating func disconnectRequested() {
-        guard phase == .active else { return }
+        guard phase == .active || phase == .draining(.inputEnded) else { return }
         phase = .draining(.clientDisconnect)
     }
 
     /// The handler parsed what it could: a draining connection with nothing running
     /// closes now (a shutting-down one has answered what had arrived with ESHUTDOWN).
     mutating func inputProcessed() -> Actions {
+        // With the input ended, a pass that stopped for want of socket room may have left
+        // requests unparsed: they are parsed once it is writable again.
+        if phase == .draining(.inputEnded) && !writable { return [] }
         if case .draining = phase, inFlight == 0 { return close() }
         return []
+    }
+
+    /// Whether the client's sending side is shut: a parsing pass is then worth running
+    /// with no input left, since its end (`inputProcessed`) is where the connection
+    /// notices it is done.
+    var inputHasEnded: Bool { phase == .draining(.inputEnded) }
+
+    /// The client shut down its sending side (end of file on the socket): nothing more
+    /// arrives. During the handshake that ends the connection; in transmission, what
+    /// arrived is parsed and answered first (`.parse`), then it closes.
+    mutating func inputEnded() -> Actions {
+        switch phase {
+        case .handshake:
+            return close()
+        case .active:
+            phase = .draining(.inputEnded)
+            readHeld = false
+            return [.parse]
+        case .draining(.serverShutdown):
+            // Closes when idle already; a pass notices if it is idle now.
+            return [.parse]
+        case .draining(.clientDisconnect), .draining(.inputEnded), .closed:
+            return []
+        }
     }
 
     /// The server shuts down: running requests finish, requests that arrived get

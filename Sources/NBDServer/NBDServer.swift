@@ -143,6 +143,9 @@ public final class NBDServer: @unchecked Sendable {
             // socket costs the client a wake-up before it can send more. 256 KiB holds
             // what a client's socket buffer holds (about 208 KiB by default).
             .childChannelOption(.maxMessagesPerRead, value: 16)
+            // A client that shuts down its sending side (libnbd after NBD_CMD_DISC) still
+            // gets the replies to what it sent; the handler closes once they are out.
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(
                 .writeBufferWaterMark,
                 value: ChannelOptions.Types.WriteBufferWaterMark(

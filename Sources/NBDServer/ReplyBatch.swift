@@ -47,3 +47,33 @@ struct ReplyBatch {
     /// own after the batch rather than copied into it.
     static let largestBatched = 4096
 }
+
+/// A connection's replies waiting to leave, in order: the batch of small ones, and
+/// buffers that go out as they are (read data with its header in front, large replies)
+/// between them. The owner takes them all at each flush (`take`), then rewinds the
+/// batch once the transport let go of what it was given.
+///
+/// Cost: no allocation once `pending` has grown to the most buffers one flush carries.
+struct ReplyQueue {
+    var batch = ReplyBatch()
+    /// Buffers to write before the batch's bytes not yet taken; a batch slice among them
+    /// holds replies appended before the buffer that follows it.
+    private(set) var pending: [ByteBuffer] = []
+
+    var isEmpty: Bool { pending.isEmpty && batch.isEmpty }
+
+    /// Queues `buffer` after every reply appended so far.
+    mutating func append(afterBatch buffer: ByteBuffer) {
+        if let replies = batch.take() { pending.append(replies) }
+        pending.append(buffer)
+    }
+
+    /// Hands everything queued to `write`, in order.
+    mutating func take(_ write: (ByteBuffer) -> Void) {
+        if !pending.isEmpty {
+            for buffer in pending { write(buffer) }
+            pending.removeAll(keepingCapacity: true)
+        }
+        if let replies = batch.take() { write(replies) }
+    }
+}

@@ -94,4 +94,46 @@ import Testing
         #expect(state.inFlight == 0)
         #expect(state.writabilityChanged(true) == [])
     }
+
+    @Test func anEndedInputIsParsedAndAnsweredBeforeTheClose() {
+        var state = active(maxInFlight: 2)
+        state.requestStarted(bytes: 10)
+        state.requestStarted(bytes: 10)
+        // The client half-closes with more requests unparsed (no room for them yet).
+        #expect(state.inputEnded() == [.parse])
+        #expect(state.isOpen && !state.mayParse)
+        #expect(state.readRequested() == [], "nothing more to read")
+        #expect(state.requestFinished(bytes: 10) == [.parse], "room: the rest is parsed")
+        #expect(state.admit() == .run, "what arrived before the end still runs")
+        state.requestStarted(bytes: 10)
+        #expect(state.inputProcessed() == [], "requests still running")
+        #expect(state.requestFinished(bytes: 10) == [.parse])
+        #expect(state.requestFinished(bytes: 10) == [.parse], "a pass notices it is done")
+        #expect(state.inputProcessed() == [.close])
+        #expect(!state.isOpen)
+    }
+
+    @Test func anEndedInputWaitsForSocketRoomBeforeItsLastPass() {
+        var state = active()
+        _ = state.inputEnded()
+        _ = state.writabilityChanged(false)
+        #expect(state.inputProcessed() == [], "unparsed requests may wait for room")
+        #expect(state.writabilityChanged(true) == [.parse])
+        #expect(state.inputProcessed() == [.close])
+    }
+
+    @Test func anEndedInputDuringTheHandshakeCloses() {
+        var state = NBDConnectionState(maxInFlight: 2, maxInFlightBytes: 100)
+        #expect(state.inputEnded() == [.close])
+        #expect(!state.isOpen)
+    }
+
+    @Test func disconnectAfterTheInputEndedStillDrains() {
+        var state = active()
+        state.requestStarted(bytes: 1)
+        _ = state.inputEnded()
+        state.disconnectRequested()
+        #expect(state.phase == .draining(.clientDisconnect))
+        #expect(state.requestFinished(bytes: 1) == [.close])
+    }
 }
