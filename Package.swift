@@ -63,6 +63,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Atomics", package: "swift-atomics"),
+                "ThinSystem",
             ]
         ),
         .target(
@@ -118,8 +119,8 @@ let package = Package(
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: [
-                "NBDProtocol", "NBDServer", .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOEmbedded", package: "swift-nio"),
+                "NBDProtocol", "NBDServer", "ThinSystem", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         .testTarget(

@@ -37,7 +37,10 @@ The 4K random read at QD1 reports mean completion latency (microseconds) instead
 IOPS, and its ratio is thinbd's latency over the peer's (lower is better).
 With --ceiling, nbdkit's memory plugin is measured too: no disk at all, the socket's
 ceiling on this machine.
-Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold] [--ceiling]
+With --lean, the four thinbd columns are measured again with `serve --transmission lean`
+(the lean transmission loop), with their own ratios and a lean/nio one.
+
+Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold] [--ceiling] [--lean]
 """
 import argparse
 import json
@@ -78,6 +81,7 @@ def parse_arguments():
     parser.add_argument("--tls", action="store_true", help="the TLS comparison instead of the data-path table")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before every job for every server (root)")
     parser.add_argument("--ceiling", action="store_true", help="measure nbdkit's memory plugin too: the socket's ceiling")
+    parser.add_argument("--lean", action="store_true", help="measure thinbd with --transmission lean too (its own columns)")
     arguments = parser.parse_args()
     if arguments.runtime < 1 or arguments.repeat < 1:
         parser.error("--runtime and --repeat must be at least 1")
@@ -251,11 +255,13 @@ def prefill_raw():
     return raw
 
 
-def thinbd_server(pool, cache, export, tls=False):
+def thinbd_server(pool, cache, export, tls=False, transmission=None):
     sock = os.path.join(WORK, f"thinbd-{export}.sock")
     if os.path.exists(sock):
         os.unlink(sock)
     extra = ["--tls", "require", "--tls-certificates", os.path.join(TLS_DIR, "server")] if tls else []
+    if transmission:
+        extra += ["--transmission", transmission]
     proc = subprocess.Popen([THINBD, "serve", pool, "--socket", sock, "--cache", cache] + extra,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_socket(sock, proc)
@@ -275,9 +281,10 @@ class ThinbdColumn:
     snapshotted and each job runs on a new clone of the snapshot: every first write to a
     block copies it."""
 
-    def __init__(self, raw, cache, plain=False, tls=False):
-        self.cache, self.plain, self.tls = cache, plain, tls
-        self.pool = os.path.join(WORK, f"thinbd-{cache}-{'plain' if plain else 'cow'}{'-tls' if tls else ''}.pool")
+    def __init__(self, raw, cache, plain=False, tls=False, transmission=None):
+        self.cache, self.plain, self.tls, self.transmission = cache, plain, tls, transmission
+        self.pool = os.path.join(WORK, f"thinbd-{cache}-{'plain' if plain else 'cow'}{'-tls' if tls else ''}"
+                                 f"{'-' + transmission if transmission else ''}.pool")
         run([THINBD, "create", self.pool, "--size", "16G"])
         run([THINBD, "volume", "create", self.pool, "base", "--size", str(SIZE)])
         proc, uri = thinbd_server(self.pool, cache, "base")
@@ -297,7 +304,7 @@ class ThinbdColumn:
         proc = None
         try:
             # Started inside the try: a server that fails to start leaves no clone behind.
-            proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls)
+            proc, uri = thinbd_server(self.pool, self.cache, name, tls=self.tls, transmission=self.transmission)
             if self.cache == "writeback":
                 read_once(uri)
             return fio(job, ("nbd", uri), server_pid=proc.pid)
@@ -459,13 +466,21 @@ def main():
         ("nbdkit file", lambda: NbdkitColumn(raw)),
         ("raw libaio", lambda: RawColumn(raw)),
     ]
+    lean = [
+        ("thinbd lean none, CoW", lambda: ThinbdColumn(raw, "none", transmission="lean")),
+        ("thinbd lean none, plain", lambda: ThinbdColumn(raw, "none", plain=True, transmission="lean")),
+        ("thinbd lean wb, CoW", lambda: ThinbdColumn(raw, "writeback", transmission="lean")),
+        ("thinbd lean wb, plain", lambda: ThinbdColumn(raw, "writeback", plain=True, transmission="lean")),
+    ]
+    if ARGUMENTS.lean:
+        columns[4:4] = lean
     ceiling = ("nbdkit memory (socket ceiling)", lambda: MemoryColumn())
-    all_columns = columns + [ceiling]
+    all_columns = columns + ([] if ARGUMENTS.lean else lean) + [ceiling]
     if ARGUMENTS.ceiling or ONLY:
         columns.append(ceiling)
     if ONLY:
         # Column titles hold commas; a selector names a title without them ("thinbd none CoW").
-        columns = [c for c in columns if any(c[0].replace(",", "").startswith(o.strip()) for o in ONLY)]
+        columns = [c for c in all_columns if any(c[0].replace(",", "").startswith(o.strip()) for o in ONLY)]
         if not columns:
             sys.exit(f"--only {','.join(ONLY)} names no column; the columns are: "
                      + "; ".join(title.replace(",", "") for title, _ in all_columns))
@@ -481,7 +496,15 @@ def main():
               ("wb CoW/none CoW", "thinbd wb, CoW", "thinbd none, CoW"), ("none CoW/raw", "thinbd none, CoW", "raw libaio"),
               ("none plain/raw", "thinbd none, plain", "raw libaio"),
               ("none plain/ceiling", "thinbd none, plain", "nbdkit memory (socket ceiling)"),
-              ("wb plain/ceiling", "thinbd wb, plain", "nbdkit memory (socket ceiling)")]
+              ("wb plain/ceiling", "thinbd wb, plain", "nbdkit memory (socket ceiling)"),
+              ("lean none CoW/qemu-nbd", "thinbd lean none, CoW", "qemu-nbd qcow2"),
+              ("lean none plain/qemu-nbd", "thinbd lean none, plain", "qemu-nbd qcow2"),
+              ("lean wb CoW/nbdkit", "thinbd lean wb, CoW", "nbdkit file"),
+              ("lean wb plain/nbdkit", "thinbd lean wb, plain", "nbdkit file"),
+              ("lean none CoW/raw", "thinbd lean none, CoW", "raw libaio"),
+              ("lean none plain/raw", "thinbd lean none, plain", "raw libaio"),
+              ("lean/nio none plain", "thinbd lean none, plain", "thinbd none, plain"),
+              ("lean/nio wb plain", "thinbd lean wb, plain", "thinbd wb, plain")]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     print("| job | " + " | ".join(title for title, _ in columns) + " | " + " | ".join(r[0] for r in ratios) + " |")
     print("| --- " * (len(columns) + len(ratios) + 1) + "|")

@@ -37,6 +37,37 @@ int thinbd_epoll_watching(int fd) {
     return epoll;
 }
 
+int thinbd_poller_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int thinbd_poller_control(int poller, int op, int fd, unsigned interest, unsigned long long token) {
+    static const int operations[] = {EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL};
+    if (op < 0 || op > 2) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct epoll_event event = {.events = 0, .data.u64 = token};
+    if (interest & THINBD_POLL_READABLE) event.events |= EPOLLIN | EPOLLRDHUP;
+    if (interest & THINBD_POLL_WRITABLE) event.events |= EPOLLOUT;
+    return epoll_ctl(poller, operations[op], fd, &event);
+}
+
+int thinbd_poller_wait(int poller, thinbd_poll_ready *ready, int capacity, int timeout_ms) {
+    struct epoll_event events[256];
+    if (capacity > 256) capacity = 256;
+    if (capacity < 1) capacity = 1;
+    int count = epoll_wait(poller, events, capacity, timeout_ms);
+    if (count < 0) return errno == EINTR ? 0 : -1;
+    for (int i = 0; i < count; i++) {
+        unsigned bits = 0;
+        if (events[i].events & (EPOLLIN | EPOLLRDHUP)) bits |= THINBD_POLL_READABLE;
+        if (events[i].events & EPOLLOUT) bits |= THINBD_POLL_WRITABLE;
+        if (events[i].events & (EPOLLERR | EPOLLHUP)) bits |= THINBD_POLL_FAILED;
+        ready[i].token = events[i].data.u64;
+        ready[i].events = bits;
+    }
+    return count;
+}
+
 int thinbd_rwlock_init_writer_preferring(pthread_rwlock_t *lock) {
     pthread_rwlockattr_t attributes;
     pthread_rwlockattr_init(&attributes);

@@ -167,19 +167,7 @@ final class LoopIO: @unchecked Sendable {
         let batches = group.map { (export: $0.export, writes: $0.writes) }
         let provider = self.provider
         let future = runOffLoop { () -> [[NBDExportError?]] in
-            // The payloads' storage is retained for the call, so their bytes stay put.
-            var storages: [Unmanaged<AnyObject>] = []
-            defer { for storage in storages { storage.release() } }
-            let prepared = batches.map { batch in
-                NBDWriteBatch(export: batch.export, writes: batch.writes.map { write in
-                    let bytes = write.payload.withUnsafeReadableBytesWithStorageManagement { bytes, storage in
-                        storages.append(storage.retain())
-                        return bytes
-                    }
-                    return NBDWrite(offset: write.offset, data: bytes, fua: write.fua)
-                })
-            }
-            return provider.writeBatches(prepared)
+            Self.runWriteBatches(batches, provider: provider)
         }
         future.assumeIsolated().whenComplete { result in
             for (i, pending) in group.enumerated() {
@@ -298,6 +286,25 @@ private final class CompletionWatcher: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         loopIO.runCompletions()
+    }
+}
+
+extension LoopIO {
+    /// Runs WRITEs through the provider as one call (off the loop: it may block), each
+    /// payload's storage retained for the call so that its bytes stay put.
+    static func runWriteBatches(_ batches: [(export: NBDExport, writes: [GatheredWrite])], provider: NBDExportProvider) -> [[NBDExportError?]] {
+        var storages: [Unmanaged<AnyObject>] = []
+        defer { for storage in storages { storage.release() } }
+        let prepared = batches.map { batch in
+            NBDWriteBatch(export: batch.export, writes: batch.writes.map { write in
+                let bytes = write.payload.withUnsafeReadableBytesWithStorageManagement { bytes, storage in
+                    storages.append(storage.retain())
+                    return bytes
+                }
+                return NBDWrite(offset: write.offset, data: bytes, fua: write.fua)
+            })
+        }
+        return provider.writeBatches(prepared)
     }
 }
 

@@ -97,6 +97,15 @@ struct NBDConnectionCore {
         state.enterTransmission()
     }
 
+    /// For a hand-off to another transport during the handshake: the bytes received
+    /// and not parsed (the first requests, when the client pipelined them); the core
+    /// keeps none.
+    mutating func takeUnparsedInput() -> ByteBuffer {
+        let bytes = input.bytes
+        input.release()
+        return bytes
+    }
+
     /// The connection closes (for whatever reason): nothing more is parsed or answered.
     mutating func closed() { state.closed() }
 
@@ -442,15 +451,15 @@ struct NBDConnectionCore {
         length: Int, allocator: ByteBufferAllocator
     ) -> (ByteBuffer, target: UnsafeMutableRawBufferPointer, headroom: UnsafeMutableRawBufferPointer) {
         var data = makeAlignedBuffer(capacity: length, headroom: readHeaderRoom, allocator: allocator)
-        var target = UnsafeMutableRawBufferPointer(start: nil, count: 0)
-        data.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
-            target = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
-            return length
-        }
+        // The data's bytes count as written (the read fills them); the buffer has room.
+        data.moveWriterIndex(forwardBy: length)
         // Taken last, from the storage the data lives in (nothing reallocates it after).
         let start = data.readerIndex
-        let headroom = data.withVeryUnsafeMutableBytes { storage in
-            UnsafeMutableRawBufferPointer(rebasing: storage[(start - readHeaderRoom)..<start])
+        let (target, headroom) = data.withVeryUnsafeMutableBytes { storage in
+            (
+                UnsafeMutableRawBufferPointer(rebasing: storage[start..<(start + length)]),
+                UnsafeMutableRawBufferPointer(rebasing: storage[(start - readHeaderRoom)..<start])
+            )
         }
         return (data, target, headroom)
     }

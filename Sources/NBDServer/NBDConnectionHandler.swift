@@ -3,6 +3,7 @@ import NBDTLS
 import NIOCore
 import NIOSSL
 import NIOTLS
+import ThinSystem
 
 /// Serves one NBD connection over a swift-nio channel: the handshake (and TLS), then
 /// requests executed concurrently and answered as they complete (possibly out of
@@ -37,6 +38,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var abortRequested = false
     /// The TLS handler STARTTLS put at the front of the pipeline.
     private var tlsHandler: NIOSSLServerHandler?
+    /// The handshake ended and the connection is going to a lean loop once its last
+    /// reply is out (`completeHandOff`); meanwhile nothing is parsed.
+    private var handingOff: (session: NBDSession, loop: LeanLoop)?
+    /// The connection now belongs to a lean loop: closing the channel closes nothing
+    /// of the connection's (its socket was duplicated, its export moved).
+    private var handedOff = false
 
     init(server: NBDServer, loopIO: LoopIO) {
         self.server = server
@@ -68,6 +75,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         core.closed()
+        if handedOff {
+            context.fireChannelInactive()
+            return
+        }
         handshakeTimer?.cancel()
         handshakeTimer = nil
         if let export {
@@ -154,7 +165,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// One parsing pass: runs every step the core asks for, sends the pass's WRITEs and
     /// replies, submits the loop's disk queue.
     private func processPending(context: ChannelHandlerContext) {
-        while let step = core.nextStep(handshakeAcceptsMessages: handshake.acceptsMessages) {
+        while let step = core.nextStep(handshakeAcceptsMessages: handshake.acceptsMessages && handingOff == nil) {
             switch step {
             case .handshake(let message):
                 handleHandshake(message, context: context)
@@ -375,7 +386,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
                 export = opened
                 handshakeTimer?.cancel()
                 handshakeTimer = nil
-                core.enterTransmission(session: newSession, rateLimit: opened.rateLimit)
+                if tlsHandler == nil, let loop = server.leanLoop(), context.channel is SocketOptionProvider {
+                    beginHandOff(session: newSession, to: loop, context: context)
+                } else {
+                    core.enterTransmission(session: newSession, rateLimit: opened.rateLimit)
+                }
             case .startTLS:
                 guard startTLS(context: context) else { return }
             case .close(let reason):
@@ -386,6 +401,64 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
         // An export opened for an answer that did not end in transmission goes back.
         if let unused = openedExport.take() { server.release(unused) }
+    }
+
+    // MARK: Hand-off to a lean loop
+
+    /// Sends the handshake's last reply, then (`completeHandOff`) gives the socket to
+    /// `loop`. Bytes that arrive meanwhile wait unparsed and go along.
+    private func beginHandOff(session: NBDSession, to loop: LeanLoop, context: ChannelHandlerContext) {
+        handingOff = (session, loop)
+        let written = context.eventLoop.makePromise(of: Void.self)
+        // Writes complete in order: once this empty one has, the reply before it is in
+        // the socket.
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: written)
+        written.futureResult.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success: self.completeHandOff(context: context)
+            case .failure: self.close(context: context, flush: false)
+            }
+        }
+    }
+
+    /// Duplicates the socket, moves the connection (export, session, unparsed bytes) to
+    /// the lean loop, and closes the channel: swift-nio's close unregisters the socket
+    /// and closes its own descriptor only (no shutdown), so the duplicate goes on.
+    /// When the socket cannot be taken, the connection stays here.
+    private func completeHandOff(context: ChannelHandlerContext) {
+        guard let (session, loop) = handingOff, core.isOpen, let export else { return }
+        handingOff = nil
+        let descriptor: Int32?
+        do {
+            descriptor = try context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+                try SocketIO.duplicateNonBlocking($0)
+            }
+        } catch {
+            server.log("serving a connection on swift-nio: its socket could not be taken (\(error))")
+            descriptor = nil
+        }
+        guard let descriptor else {
+            stayOnChannel(session: session, export: export, context: context)
+            return
+        }
+        let leftover = core.takeUnparsedInput()
+        guard server.handOff(context.channel, to: loop, descriptor: descriptor, session: session, export: export, leftover: leftover) else {
+            SocketIO.close(descriptor)
+            var bytes = leftover
+            _ = core.receive(&bytes)
+            stayOnChannel(session: session, export: export, context: context)
+            return
+        }
+        handedOff = true
+        self.export = nil
+        core.closed()
+        context.close(promise: nil)
+    }
+
+    /// The hand-off did not happen: transmission goes on over the channel.
+    private func stayOnChannel(session: NBDSession, export: NBDExport, context: ChannelHandlerContext) {
+        core.enterTransmission(session: session, rateLimit: export.rateLimit)
+        processPending(context: context)
     }
 
     /// Puts TLS in front of this connection once the STARTTLS acknowledgement is written:

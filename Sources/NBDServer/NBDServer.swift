@@ -3,6 +3,7 @@ import NBDTLS
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import ThinSystem
 
 /// An NBD server: listeners (TCP, Unix sockets, inherited sockets, stdio), connections,
 /// and the thread pool that runs export operations.
@@ -43,8 +44,19 @@ public final class NBDServer: @unchecked Sendable {
         /// client runs (`IdlePollWindow` shortens the polls for clients that pause
         /// longer). Needs the provider's `makeIdlePoller`.
         public var idlePoll: TimeAmount = .microseconds(200)
+        /// Which loop serves a plain-text connection once its handshake is done.
+        public var transmission: Transmission = .channel
 
         public init() {}
+    }
+
+    /// Where requests are served after the handshake.
+    public enum Transmission: String, Sendable, CaseIterable {
+        /// swift-nio's channel pipeline, which also does the handshake and TLS.
+        case channel = "nio"
+        /// A lean loop per event loop (`LeanLoop`): after a plain-text NBD_OPT_GO the
+        /// socket leaves swift-nio. TLS connections stay on the pipeline.
+        case lean
     }
 
     /// How the server offers TLS, with what credentials.
@@ -71,7 +83,7 @@ public final class NBDServer: @unchecked Sendable {
     /// event loops: nothing in it blocks).
     private struct Registry {
         var listeners: [Channel] = []
-        var connections: [ObjectIdentifier: Channel] = [:]
+        var connections: [ObjectIdentifier: ServedConnection] = [:]
         /// The export each connection in transmission uses.
         var exportNames: [ObjectIdentifier: String] = [:]
         var shuttingDown = false
@@ -80,6 +92,11 @@ public final class NBDServer: @unchecked Sendable {
     }
     private let registry = NIOLockedValueBox(Registry())
     private let idle: EventLoopPromise<Void>
+    /// With `.lean` transmission: the loops plain connections are handed to, and when
+    /// each has ended. Set once, in `init` (the loops need the server to exist).
+    private var leanLoops: [LeanLoop] = []
+    private var leanLoopsFinished: [EventLoopFuture<Void>] = []
+    private let nextLeanLoop = NIOLockedValueBox(0)
 
     public convenience init(provider: NBDExportProvider, configuration: Configuration = Configuration(), log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.init(provider: provider, configuration: configuration, log: log, inlineBlockingWork: false)
@@ -98,6 +115,24 @@ public final class NBDServer: @unchecked Sendable {
         threadPool.start()
         blocking = inlineBlockingWork ? .inline : .threadPool(threadPool)
         idle = group.next().makePromise()
+        var loops: [LeanLoop] = []
+        var finished: [EventLoopFuture<Void>] = []
+        if configuration.transmission == .lean && !inlineBlockingWork {
+            for index in 0..<max(1, configuration.eventLoopThreads) {
+                let done = group.next().makePromise(of: Void.self)
+                do {
+                    let loop = try LeanLoop(server: self, index: index, finished: done)
+                    try loop.start()
+                    loops.append(loop)
+                    finished.append(done.futureResult)
+                } catch {
+                    done.succeed(())
+                    log("a lean transmission loop could not start (\(error)); its connections stay on swift-nio")
+                }
+            }
+        }
+        leanLoops = loops
+        leanLoopsFinished = finished
     }
 
     func log(_ message: String) { logger(message) }
@@ -200,7 +235,7 @@ public final class NBDServer: @unchecked Sendable {
                 let refused = registry.refusedConnections
                 return (false, false, refused == 1 || refused % 1000 == 0 ? refused : nil)
             }
-            registry.connections[ObjectIdentifier(channel)] = channel
+            registry.connections[ObjectIdentifier(channel)] = .channel(channel)
             return (true, registry.shuttingDown, nil)
         }
         if let refusedSoFar {
@@ -254,12 +289,64 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     func connectionClosed(_ channel: Channel) {
+        connectionClosed(ObjectIdentifier(channel))
+    }
+
+    func connectionClosed(_ id: ObjectIdentifier) {
         let nowIdle = registry.withLockedValue { registry -> Bool in
-            registry.connections[ObjectIdentifier(channel)] = nil
-            registry.exportNames[ObjectIdentifier(channel)] = nil
+            registry.connections[id] = nil
+            registry.exportNames[id] = nil
             return registry.shuttingDown && registry.connections.isEmpty
         }
         if nowIdle { idle.succeed(()) }
+    }
+
+    // MARK: Lean transmission
+
+    /// The lean loop a plain connection on `eventLoop` goes to after its handshake; nil
+    /// when connections stay on swift-nio.
+    func leanLoop() -> LeanLoop? {
+        guard !leanLoops.isEmpty else { return nil }
+        let index = nextLeanLoop.withLockedValue { next -> Int in
+            defer { next = (next + 1) % leanLoops.count }
+            return next
+        }
+        return leanLoops[index]
+    }
+
+    /// Moves a connection from `channel` to `loop` (the caller dup'ed its socket,
+    /// `descriptor`, and closes the channel once this returns true). The registry
+    /// counts it as one connection throughout. False when the channel's connection
+    /// is no longer registered or the loop has stopped: the caller keeps serving it.
+    func handOff(
+        _ channel: Channel, to loop: LeanLoop, descriptor: Int32, session: NBDSession, export: NBDExport, leftover: ByteBuffer
+    ) -> Bool {
+        let handle = LeanConnectionHandle(loop: loop, closed: group.next().makePromise())
+        let (moved, shuttingDown) = registry.withLockedValue { registry -> (Bool, Bool) in
+            let old = ObjectIdentifier(channel)
+            guard registry.connections[old] != nil else { return (false, false) }
+            let new = ObjectIdentifier(handle)
+            registry.connections[old] = nil
+            registry.connections[new] = .lean(handle)
+            registry.exportNames[new] = registry.exportNames.removeValue(forKey: old)
+            return (true, registry.shuttingDown)
+        }
+        guard moved else {
+            handle.closed.succeed(())
+            return false
+        }
+        let handOff = LeanHandOff(descriptor: descriptor, session: session, export: export, leftover: leftover, handle: handle)
+        if loop.execute({ loop.adopt(handOff) }) {
+            // A shutdown that began meanwhile missed it (it asked the channel).
+            if shuttingDown { handle.requestShutdown() }
+            return true
+        }
+        // The loop stopped (the server is going away): nobody serves it.
+        SocketIO.close(descriptor)
+        release(export)
+        connectionClosed(ObjectIdentifier(handle))
+        handle.closed.succeed(())
+        return true
     }
 
     /// Gives an export back when its connection is done with it. On the thread pool:
@@ -297,13 +384,13 @@ public final class NBDServer: @unchecked Sendable {
     /// away afterwards refuses them in its provider first.
     @discardableResult
     public func disconnect(exportsMatching matches: (String) -> Bool, timeout: TimeAmount = .seconds(10)) -> Int {
-        let victims = registry.withLockedValue { registry -> [Channel] in
+        let victims = registry.withLockedValue { registry -> [ServedConnection] in
             registry.exportNames.compactMap { id, name in matches(name) ? registry.connections[id] : nil }
         }
-        for channel in victims { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+        for victim in victims { victim.requestShutdown() }
         let closed = EventLoopFuture.whenAllComplete(victims.map(\.closeFuture), on: group.next())
         let timer = group.next().scheduleTask(in: timeout) {
-            for channel in victims { channel.close(promise: nil) }
+            for victim in victims { victim.close() }
         }
         _ = try? closed.wait()
         timer.cancel()
@@ -314,7 +401,7 @@ public final class NBDServer: @unchecked Sendable {
     /// ESHUTDOWN and closes every connection; waits up to `timeout` for that, then
     /// closes what is left. Blocks the caller (not an event loop).
     public func shutdown(timeout: TimeAmount = .seconds(10)) {
-        let (listening, open) = registry.withLockedValue { registry -> ([Channel], [Channel]) in
+        let (listening, open) = registry.withLockedValue { registry -> ([Channel], [ServedConnection]) in
             registry.shuttingDown = true
             let listening = registry.listeners
             registry.listeners = []
@@ -324,14 +411,19 @@ public final class NBDServer: @unchecked Sendable {
         if open.isEmpty {
             idle.succeed(())
         } else {
-            for channel in open { channel.pipeline.fireUserInboundEventTriggered(ShutdownEvent()) }
+            for connection in open { connection.requestShutdown() }
         }
         let loop = group.next()
         let timer = loop.scheduleTask(in: timeout) { [idle] in idle.succeed(()) }
         try? idle.futureResult.wait()
         timer.cancel()
         let remaining = registry.withLockedValue { Array($0.connections.values) }
-        for channel in remaining { try? channel.close().wait() }
+        for connection in remaining { connection.close() }
+        _ = try? EventLoopFuture.whenAllComplete(remaining.map(\.closeFuture), on: group.next()).wait()
+        // Lean loops end once their connections are gone: their queues' reads finish
+        // first (their replies go nowhere).
+        for loop in leanLoops { loop.stop() }
+        _ = try? EventLoopFuture.whenAllComplete(leanLoopsFinished, on: group.next()).wait()
         // Reads still on a loop queue finish (their replies go nowhere) before the
         // loops and the exports go away.
         for loopIO in registry.withLockedValue({ Array($0.loopIOs.values) }) {
@@ -339,5 +431,34 @@ public final class NBDServer: @unchecked Sendable {
         }
         try? threadPool.syncShutdownGracefully()
         try? group.syncShutdownGracefully()
+    }
+}
+
+/// A connection the server counts: on a swift-nio channel, or handed to a lean loop.
+enum ServedConnection: Sendable {
+    case channel(Channel)
+    case lean(LeanConnectionHandle)
+
+    /// Running requests finish, later ones get ESHUTDOWN, then it closes.
+    func requestShutdown() {
+        switch self {
+        case .channel(let channel): channel.pipeline.fireUserInboundEventTriggered(NBDServer.ShutdownEvent())
+        case .lean(let handle): handle.requestShutdown()
+        }
+    }
+
+    /// Closes it now.
+    func close() {
+        switch self {
+        case .channel(let channel): channel.close(promise: nil)
+        case .lean(let handle): handle.close()
+        }
+    }
+
+    var closeFuture: EventLoopFuture<Void> {
+        switch self {
+        case .channel(let channel): channel.closeFuture
+        case .lean(let handle): handle.closed.futureResult
+        }
     }
 }

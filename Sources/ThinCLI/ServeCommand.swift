@@ -10,6 +10,7 @@ import ThinSystem
 
 extension CacheMode: ExpressibleByArgument {}
 extension NBDTLSMode: ExpressibleByArgument {}
+extension TransmissionLoop: ExpressibleByArgument {}
 
 struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -52,6 +53,11 @@ struct ServeCommand: ParsableCommand {
         "Microseconds an event loop keeps polling for its next request or disk completion before it sleeps (default 200; 0: sleep at once). Lowers queue-depth-1 latency where waking an idle CPU is slow (virtual machines), for up to one core's time while such a client runs; the poll shortens by itself for clients that pause longer.",
         valueName: "MICROSECONDS"))
     var idlePoll: Int = 200
+
+    @Option(help: ArgumentHelp(
+        "Which loop serves requests after a plain-text handshake: nio (default; swift-nio's channel pipeline) or lean (the server's own loop per event loop, fewer instructions per request; experimental). TLS connections always use nio.",
+        valueName: "LOOP"))
+    var transmission: TransmissionLoop = .nio
 
     @Option(name: .customLong("max-connections"), help: "Connections served at once (default 1024); more are closed as soon as they are accepted.")
     var maxConnections: Int = 1024
@@ -223,6 +229,7 @@ struct ServeCommand: ParsableCommand {
         options.limits = limit.compactMap(ExportLimitRule.parse)
         options.maxConnections = maxConnections
         options.idlePollMicroseconds = idlePoll
+        options.transmission = transmission
         options.handshakeTimeoutMilliseconds = Int(handshakeTimeout * 1000)
         options.ephemeralRules = ephemeral.compactMap(Self.parseEphemeral)
         options.keepEphemeral = ephemeralKeep

@@ -35,6 +35,8 @@ public struct ServeOptions: Sendable {
     public var handshakeTimeoutMilliseconds = 10_000
     /// `--idle-poll`: how long a loop polls for its next event before sleeping.
     public var idlePollMicroseconds = 200
+    /// `--transmission`: which loop serves requests after a plain-text handshake.
+    public var transmission: TransmissionLoop = .nio
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
     /// `--ephemeral`: export names made on first use.
@@ -248,6 +250,7 @@ public enum ServeRunner {
         configuration.maxConnections = options.maxConnections
         configuration.handshakeTimeout = .milliseconds(Int64(options.handshakeTimeoutMilliseconds))
         configuration.idlePoll = .microseconds(Int64(options.idlePollMicroseconds))
+        configuration.transmission = options.transmission == .lean ? .lean : .channel
         // Debug builds stop at any call that could block a loop (docs/architecture.md).
         configuration.eventLoopThreadSetup = { NonBlockingThread.markCurrent() }
         SystemInfo.raiseOpenFileLimit()
@@ -408,4 +411,12 @@ enum Thread {
     static func detach(_ body: @escaping @Sendable () -> Void) {
         DispatchQueue.global().async(execute: body)
     }
+}
+
+/// `serve --transmission`: which loop serves requests after a plain-text handshake.
+public enum TransmissionLoop: String, Sendable, CaseIterable {
+    /// swift-nio's channel pipeline (the default).
+    case nio
+    /// The server's own loop per event loop (`NBDServer.Transmission.lean`).
+    case lean
 }

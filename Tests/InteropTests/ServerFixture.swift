@@ -82,6 +82,10 @@ final class ServedPool {
     func start(_ extra: [String] = [], pollMicroseconds: UInt32 = 20_000) throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: CLI.executable)
+        var extra = extra
+        if let transmission = Self.transmission, !extra.contains("--transmission") {
+            extra += ["--transmission", transmission]
+        }
         process.arguments = ["serve", pool, "--socket", socket, "--run", "cat >/dev/null"] + extra
         let control = Pipe()
         let err = Pipe()
@@ -112,6 +116,10 @@ final class ServedPool {
             usleep(pollMicroseconds)
         }
     }
+
+    /// THINBD_TEST_TRANSMISSION=lean serves every fixture's requests on the lean loop
+    /// (tools/test.sh runs the NBD interop suites once more that way).
+    static let transmission = ProcessInfo.processInfo.environment["THINBD_TEST_TRANSMISSION"]
 
     var pid: Int32 { process?.processIdentifier ?? 0 }
     var isRunning: Bool { process?.isRunning ?? false }

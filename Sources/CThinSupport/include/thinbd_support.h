@@ -30,6 +30,32 @@ int thinbd_eventfd(void);
 /// as an event loop watches its descriptors; returns it, or -1 with errno set.
 int thinbd_epoll_watching(int fd);
 
+/// An epoll instance of the server's own (close-on-exec); -1 with errno set on failure.
+int thinbd_poller_create(void);
+
+/// What a poller entry waits for, and what `thinbd_poller_wait` reports.
+enum {
+    THINBD_POLL_READABLE = 1,
+    THINBD_POLL_WRITABLE = 2,
+    /// Error or hang-up (reported only).
+    THINBD_POLL_FAILED = 4,
+};
+
+/// epoll_ctl ADD (op 0), MODIFY (1) or DELETE (2) of `fd`, level-triggered, for the
+/// THINBD_POLL_* bits in `interest` (readable includes the peer's half-close), reported
+/// with `token`. Returns 0, or -1 with errno set.
+int thinbd_poller_control(int poller, int op, int fd, unsigned interest, unsigned long long token);
+
+/// One ready descriptor.
+typedef struct {
+    unsigned long long token;
+    unsigned events;
+} thinbd_poll_ready;
+
+/// epoll_wait for at most `capacity` (up to 256) descriptors and `timeout_ms`; returns
+/// how many were filled in, 0 on timeout or a signal, or -1 with errno set.
+int thinbd_poller_wait(int poller, thinbd_poll_ready *ready, int capacity, int timeout_ms);
+
 /// preadv2(RWF_NOWAIT) of one buffer: reads only what the page cache holds. Returns the
 /// byte count, or -1 with errno set (EAGAIN: the data is not cached).
 long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long offset);
