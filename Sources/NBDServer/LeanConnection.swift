@@ -40,6 +40,8 @@ final class LeanConnection {
     /// The most one read takes from the socket (what swift-nio's adaptive allocator
     /// grows to on this path).
     static let readSize = 256 << 10
+    /// Reads per poller wake-up at most (swift-nio's `maxMessagesPerRead` here).
+    static let readsPerWakeup = 16
 
     init(loop: LeanLoop, server: NBDServer, token: UInt64, handOff: LeanHandOff) {
         self.loop = loop
@@ -76,33 +78,48 @@ final class LeanConnection {
 
     // MARK: Socket events
 
-    func socketReadable() {
-        guard !isClosed, !inputEnded else { return }
+    /// The socket has input, or (`failed`) an error or hang-up, which epoll reports
+    /// whatever it was asked to watch.
+    func socketReadable(failed: Bool) {
+        guard !isClosed else { return }
+        guard !inputEnded else {
+            // A hang-up after the end of input: the client closed its side entirely and
+            // cannot read replies; waiting would only spin on the hang-up.
+            if failed { close(flush: false) }
+            return
+        }
         guard core.readRequested().contains(.read) else {
             // Back-pressure: the core lets the input wait; it says `.read` when it may.
             wantsInput = false
             updateInterest()
             return
         }
-        receiveBuffer.clear()
-        var outcome = SocketIO.ReadResult.wouldBlock
-        receiveBuffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Self.readSize) { memory in
-            outcome = SocketIO.read(descriptor, into: UnsafeMutableRawBufferPointer(rebasing: memory.prefix(Self.readSize)))
-            if case .bytes(let count) = outcome { return count }
-            return 0
-        }
-        switch outcome {
-        case .bytes:
-            if core.receive(&receiveBuffer) { pass() }
-        case .wouldBlock:
-            break
-        case .endOfFile:
-            inputEnded = true
-            updateInterest()
-            run(core.inputEnded())
-        case .failed(let error):
-            server.log("connection error: \(error)")
-            close(flush: false)
+        // Up to a few reads per wake-up while each fills the buffer (a large WRITE
+        // arriving), as swift-nio's channel does: fewer trips through the poller.
+        for _ in 0..<Self.readsPerWakeup {
+            receiveBuffer.clear()
+            var outcome = SocketIO.ReadResult.wouldBlock
+            receiveBuffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Self.readSize) { memory in
+                outcome = SocketIO.read(descriptor, into: UnsafeMutableRawBufferPointer(rebasing: memory.prefix(Self.readSize)))
+                if case .bytes(let count) = outcome { return count }
+                return 0
+            }
+            switch outcome {
+            case .bytes(let count):
+                if core.receive(&receiveBuffer) { pass() }
+                guard count == Self.readSize, !isClosed, core.readRequested().contains(.read) else { return }
+            case .wouldBlock:
+                return
+            case .endOfFile:
+                inputEnded = true
+                updateInterest()
+                run(core.inputEnded())
+                return
+            case .failed(let error):
+                server.log("connection error: \(error)")
+                close(flush: false)
+                return
+            }
         }
     }
 

@@ -170,7 +170,7 @@ final class LeanLoop: @unchecked Sendable {
         default:
             guard let connection = connections[event.token] else { return }
             if event.writable { connection.socketWritable() }
-            if event.readable || event.failed { connection.socketReadable() }
+            if event.readable || event.failed { connection.socketReadable(failed: event.failed) }
         }
     }
 
