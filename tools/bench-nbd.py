@@ -414,13 +414,14 @@ class RawColumn:
         return fio(job, ("file", self.raw))
 
 
-def peak_memory_16_exports():
-    pool = os.path.join(WORK, "memory.pool")
+def peak_memory_16_exports(transmission=None):
+    pool = os.path.join(WORK, f"memory{'-' + transmission if transmission else ''}.pool")
     run([THINBD, "create", pool, "--size", "32G"])
     for i in range(16):
         run([THINBD, "volume", "create", pool, f"v{i}", "--size", "1G"])
     sock = os.path.join(WORK, "memory.sock")
-    proc = subprocess.Popen([THINBD, "serve", pool, "--socket", sock], stdout=subprocess.DEVNULL,
+    extra = ["--transmission", transmission] if transmission else []
+    proc = subprocess.Popen([THINBD, "serve", pool, "--socket", sock] + extra, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     wait_for_socket(sock, proc)
     try:
@@ -488,6 +489,7 @@ def main():
     print("preparing " + ", ".join(title for title, _ in columns) + " ...", flush=True)
     results = measure([(title, make()) for title, make in columns])
     memory = None if ARGUMENTS.no_memory else peak_memory_16_exports()
+    lean_memory = None if ARGUMENTS.no_memory or not ARGUMENTS.lean else peak_memory_16_exports("lean")
 
     print()
     print(f"page cache: {'cold (dropped before every job)' if COLD else 'warm (page-cache servers: file dropped, then the export read once, before every job)'}")
@@ -548,6 +550,8 @@ def main():
     print()
     if memory is not None:
         print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")
+    if lean_memory is not None:
+        print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients, --transmission lean: {lean_memory / (1 << 20):.1f} MiB")
     if REPEAT > 1:
         print(f"medians of {REPEAT} rounds")
     print(f"total time {time.time() - started:.0f} s")
