@@ -1,6 +1,6 @@
 """Isolation benchmark: one tenant's latency while the others do their worst.
 
-Usage: bench-isolation.py THINBD [--dir DIR] [--phase-seconds S] [--keep]
+Usage: bench-isolation.py THINBD [--dir DIR] [--phase-seconds S] [--keep] [--nice N] [--transmission nio|lean]
 
 A reader process does 4 KiB random reads at queue depth 1 on export A (fully written)
 the whole time, logging each read's start and latency. Phases run one after another;

@@ -249,8 +249,9 @@ final class LeanLoop: @unchecked Sendable {
 
     // MARK: Adoption
 
-    /// Takes a connection handed off after its handshake (on the loop's thread).
-    /// `leftover`: bytes that arrived after the handshake's last option.
+    /// Takes a connection handed off after its handshake (on the loop's thread); its
+    /// `leftover` bytes (what arrived after the handshake's last option) are parsed
+    /// first.
     func adopt(_ handOff: LeanHandOff) {
         let token = nextToken
         nextToken += 1

@@ -426,8 +426,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     /// and closes its own descriptor only (no shutdown), so the duplicate goes on.
     /// When the socket cannot be taken, the connection stays here.
     private func completeHandOff(context: ChannelHandlerContext) {
+        // Over on every path: handed off, kept here, or closed meanwhile.
+        defer { handingOff = nil }
         guard let (session, loop) = handingOff, core.isOpen, let export else { return }
-        handingOff = nil
         let descriptor: Int32?
         do {
             descriptor = try context.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {

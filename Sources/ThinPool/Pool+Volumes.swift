@@ -113,6 +113,7 @@ extension Pool {
         guard let (volumeName, _) = VolumeName.splitSnapshot(fullName) else {
             throw .invalidName(fullName, reason: "a snapshot is named VOLUME@SNAPSHOT")
         }
+        storeFetchedOriginBlocks()
         return try withVolumeExclusive(volumeName) { state throws(PoolError) in
             if ifMissing, let existing = try? state.volume(named: fullName) { return (describe(existing, in: state), false) }
             let origin = try state.volume(named: String(volumeName))
@@ -143,7 +144,8 @@ extension Pool {
     /// Check and creation are one step, as for `snapshot(_:ifMissing:)`. An ephemeral
     /// clone is made durable by the next commit, not by one of its own.
     public func clone(_ sourceName: String, as name: String, ifMissing: Bool, ephemeral: Bool = false) throws(PoolError) -> (volume: VolumeInfo, created: Bool) {
-        try withVolumeExclusive(Substring(sourceName)) { state throws(PoolError) in
+        storeFetchedOriginBlocks()
+        return try withVolumeExclusive(Substring(sourceName)) { state throws(PoolError) in
             let source = try state.volume(named: sourceName)
             if ifMissing, let existing = try? state.volume(named: name) {
                 guard existing.record.parentID == source.record.id else {
@@ -210,12 +212,24 @@ extension Pool {
         // gone they would be dropped and fetched again by the next reader (an ephemeral
         // job's clone deleted right after its job, then the next job).
         NonBlockingThread.assertMayBlock("deleting a volume")
-        originStore.drain()
+        storeFetchedOriginBlocks()
         try withVolumeExclusive(Substring(name)) { state throws(PoolError) in
             let victim = try state.volume(named: name)
             try remove(victim, from: &state)
             try finishManagement(&state, commit: !victim.record.isEphemeral)
         }
+    }
+
+    /// Waits until the origin blocks fetched so far are stored, and so shared with the
+    /// ancestors that still read them from the origin (`storeFetched`). A snapshot or
+    /// clone taken after it has them: the next ephemeral job, cloned from a source the
+    /// last job's reads warmed, fetches none of them again. Free when no origin-backed
+    /// volume exists; otherwise up to the store worker's backlog (at most
+    /// `OriginStoreQueue.limit` blocks). Never on an event loop.
+    private func storeFetchedOriginBlocks() {
+        guard origins.withLockedValue({ $0.mayHaveOriginVolumes }) else { return }
+        NonBlockingThread.assertMayBlock("waiting for fetched origin blocks to be stored")
+        originStore.drain()
     }
 
     /// Takes `victim` out of the catalog and releases its blocks (those it shared stay

@@ -1,6 +1,7 @@
 import NBDProtocol
 import NIOCore
 import Testing
+import ThinSystem
 
 @testable import NBDServer
 
@@ -10,18 +11,6 @@ import Testing
 /// may trap, every request that started must finish (the in-flight count and payload
 /// bytes return to zero), and every reply must be one the client can frame.
 @Suite struct ConnectionCoreFuzzTests {
-    private struct Rng {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE5_E4B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(n, 1))) }
-    }
-
     private static let session = NBDSession(
         export: NBDExportDescription(name: "disk", size: 1 << 24, isReadOnly: false, description: ""),
         flags: [], structuredReplies: true,
@@ -44,7 +33,7 @@ import Testing
         return Array(b.readableBytesView)
     }
 
-    private static func mutate(_ input: [UInt8], _ rng: inout Rng) -> [UInt8] {
+    private static func mutate(_ input: [UInt8], _ rng: inout SplitMix64) -> [UInt8] {
         var bytes = input
         for _ in 0...rng.below(4) {
             guard !bytes.isEmpty else { break }
@@ -94,7 +83,7 @@ import Testing
     }
 
     @Test func mutatedStreamsNeverTrapAndEveryRequestFinishes() {
-        var rng = Rng(state: 0x7411_B0D5)
+        var rng = SplitMix64(seed: 0x7411_B0D5)
         for iteration in 0..<1500 {
             let input = Self.mutate(Self.seed(iteration % 3), &rng)
             var core = NBDConnectionCore(maxInFlight: 1 + rng.below(8), maxInFlightBytes: 1 << 20, allocator: ByteBufferAllocator())
@@ -167,4 +156,9 @@ import Testing
             #expect(Self.framesCleanly(replies), "iteration \(iteration): replies do not frame")
         }
     }
+}
+
+extension SplitMix64 {
+    /// A number in 0..<n (0 when n is not positive).
+    fileprivate mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(n, 1))) }
 }
