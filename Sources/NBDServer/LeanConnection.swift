@@ -202,17 +202,22 @@ final class LeanConnection {
             let loop = self.loop
             // The worker is freed once the read is submitted; the device's completion
             // thread hands the outcome to the loop.
+            // Counted until the read's outcome is back, not only its submission.
             let waiting = LoopBound((self, read))
+            loop.awaitingOtherThread()
             loop.offLoop({ () -> Void in
                 export.readAsync(at: request.offset, into: memory.value) { result in
                     let outcome = LoopBound(result)
                     loop.execute {
+                        loop.otherThreadAnswered()
                         let (connection, read) = waiting.value
                         connection.finished(connection.core.finishRead(read, outcome.value))
                     }
                 }
             }, completion: { [self] submitted in
-                if case .failure(let error) = submitted { finished(core.finishRead(read, refusedWith: error)) }
+                guard case .failure(let error) = submitted else { return }
+                loop.otherThreadAnswered()
+                finished(core.finishRead(read, refusedWith: error))
             })
         }
     }
@@ -283,6 +288,11 @@ final class LeanConnection {
     func flush() {
         inFlushList = false
         guard !isClosed else { return }
+        sendReplies()
+    }
+
+    /// Queues the core's replies behind what the socket has not taken, and sends.
+    private func sendReplies() {
         core.takeReplies { [self] reply in
             outputBytes += reply.readableBytes
             output.append(reply)
@@ -363,13 +373,7 @@ final class LeanConnection {
         closing = true
         // First: nothing more is parsed or answered, whatever the last send sets off.
         core.closed()
-        if flush {
-            core.takeReplies { [self] reply in
-                outputBytes += reply.readableBytes
-                output.append(reply)
-            }
-            writeOutput()
-        }
+        if flush { sendReplies() }
         isClosed = true
         output.removeAll()
         outputBytes = 0

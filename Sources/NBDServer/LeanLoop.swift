@@ -44,7 +44,8 @@ final class LeanLoop: @unchecked Sendable {
     @exclusivity(unchecked) private var running: [() -> Void] = []
     /// How long the loop polls before it sleeps.
     @exclusivity(unchecked) private var idleWindow: IdlePollWindow
-    /// Jobs on the thread pool whose outcomes have not come back.
+    /// Work other threads owe the loop (thread-pool jobs, reads the device completes on
+    /// its own thread): while there is any, the loop does not poll before sleeping.
     @exclusivity(unchecked) private var offLoopInFlight = 0
 
     private static let wakeupToken: UInt64 = 0
@@ -219,9 +220,9 @@ final class LeanLoop: @unchecked Sendable {
     /// Runs `body` on the server's thread pool and `completion` with its result back on
     /// this loop; a failure means the pool has stopped.
     func offLoop<T>(_ body: @escaping () -> T, completion: @escaping (Result<T, Error>) -> Void) {
-        offLoopInFlight += 1
+        awaitingOtherThread()
         let job = OffLoopJob(loop: self, body: body) { [self] outcome in
-            offLoopInFlight -= 1
+            otherThreadAnswered()
             completion(outcome)
         }
         server.threadPool.submit { state in
@@ -232,6 +233,12 @@ final class LeanLoop: @unchecked Sendable {
             }
         }
     }
+
+    /// Counts work another thread will hand back through `execute` (loop thread).
+    func awaitingOtherThread() { offLoopInFlight += 1 }
+
+    /// That work came back (loop thread).
+    func otherThreadAnswered() { offLoopInFlight -= 1 }
 
     func socketInterestChanged(_ connection: LeanConnection, readable: Bool, writable: Bool) {
         do {
@@ -357,8 +364,6 @@ struct TimerQueue {
     private var heap: [Entry] = []
     private var sequence: UInt64 = 0
 
-    var isEmpty: Bool { heap.isEmpty }
-
     mutating func add(at deadline: UInt64, _ task: @escaping () -> Void) {
         sequence += 1
         heap.append(Entry(deadline: deadline, sequence: sequence, task: task))
@@ -377,7 +382,8 @@ struct TimerQueue {
         guard let first = heap.first else { return -1 }
         guard first.deadline > now else { return 0 }
         let nanoseconds = first.deadline - now
-        return Int32(clamping: (nanoseconds + 999_999) / 1_000_000)
+        // Rounded up without adding (a deadline far off must not overflow).
+        return Int32(clamping: nanoseconds / 1_000_000 + (nanoseconds % 1_000_000 == 0 ? 0 : 1))
     }
 
     /// Runs every timer due by `now`, earliest first.

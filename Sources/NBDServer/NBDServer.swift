@@ -52,6 +52,7 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Where requests are served after the handshake.
     public enum Transmission: String, Sendable, CaseIterable {
+        // The raw values are what `serve --transmission` takes.
         /// swift-nio's channel pipeline, which also does the handshake and TLS.
         case channel = "nio"
         /// A lean loop per event loop (`LeanLoop`): after a plain-text NBD_OPT_GO the

@@ -60,8 +60,6 @@ struct ReplyQueue {
     /// holds replies appended before the buffer that follows it.
     private(set) var pending: [ByteBuffer] = []
 
-    var isEmpty: Bool { pending.isEmpty && batch.isEmpty }
-
     /// Queues `buffer` after every reply appended so far.
     mutating func append(afterBatch buffer: ByteBuffer) {
         if let replies = batch.take() { pending.append(replies) }

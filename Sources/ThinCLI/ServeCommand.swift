@@ -57,7 +57,7 @@ struct ServeCommand: ParsableCommand {
     @Option(help: ArgumentHelp(
         "Which loop serves requests after a plain-text handshake: nio (default; swift-nio's channel pipeline) or lean (the server's own loop per event loop, fewer instructions per request; experimental). TLS connections always use nio.",
         valueName: "LOOP"))
-    var transmission: TransmissionLoop = .nio
+    var transmission: TransmissionLoop = .channel
 
     @Option(name: .customLong("max-connections"), help: "Connections served at once (default 1024); more are closed as soon as they are accepted.")
     var maxConnections: Int = 1024

@@ -36,7 +36,7 @@ public struct ServeOptions: Sendable {
     /// `--idle-poll`: how long a loop polls for its next event before sleeping.
     public var idlePollMicroseconds = 200
     /// `--transmission`: which loop serves requests after a plain-text handshake.
-    public var transmission: TransmissionLoop = .nio
+    public var transmission: TransmissionLoop = .channel
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
     /// `--ephemeral`: export names made on first use.
@@ -250,7 +250,7 @@ public enum ServeRunner {
         configuration.maxConnections = options.maxConnections
         configuration.handshakeTimeout = .milliseconds(Int64(options.handshakeTimeoutMilliseconds))
         configuration.idlePoll = .microseconds(Int64(options.idlePollMicroseconds))
-        configuration.transmission = options.transmission == .lean ? .lean : .channel
+        configuration.transmission = options.transmission
         // Debug builds stop at any call that could block a loop (docs/architecture.md).
         configuration.eventLoopThreadSetup = { NonBlockingThread.markCurrent() }
         SystemInfo.raiseOpenFileLimit()
@@ -413,10 +413,6 @@ enum Thread {
     }
 }
 
-/// `serve --transmission`: which loop serves requests after a plain-text handshake.
-public enum TransmissionLoop: String, Sendable, CaseIterable {
-    /// swift-nio's channel pipeline (the default).
-    case nio
-    /// The server's own loop per event loop (`NBDServer.Transmission.lean`).
-    case lean
-}
+/// `serve --transmission`: which loop serves requests after a plain-text handshake
+/// (`nio` or `lean`), for callers that do not import NBDServer.
+public typealias TransmissionLoop = NBDServer.Transmission

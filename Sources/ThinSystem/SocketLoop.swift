@@ -55,11 +55,6 @@ public final class SocketPoller {
         try control(1, fd, token: token, readable: readable, writable: writable)
     }
 
-    /// Stops watching `fd` (closing it does too; this is for a descriptor that stays open).
-    public func remove(_ fd: Int32) {
-        _ = thinbd_poller_control(descriptor, 2, fd, 0, 0)
-    }
-
     /// Waits up to `timeoutMilliseconds` (-1: no limit, 0: not at all) and calls `body`
     /// for each ready descriptor. Returns how many there were (0 on timeout or signal).
     @discardableResult
@@ -86,8 +81,9 @@ public final class WakeupCounter: @unchecked Sendable {
     public init() throws(SystemError) {
         let made = thinbd_eventfd()
         guard made >= 0 else { throw SystemError.current("eventfd") }
-        guard fcntl(made, F_SETFL, fcntl(made, F_GETFL) | O_NONBLOCK) == 0 else {
-            let error = SystemError.current("fcntl")
+        do {
+            try SocketIO.makeNonBlocking(made)
+        } catch {
             Syscall.close(made)
             throw error
         }
@@ -103,10 +99,7 @@ public final class WakeupCounter: @unchecked Sendable {
     }
 
     /// Resets it (the loop thread, before it looks at what it was woken for).
-    public func reset() {
-        var value: UInt64 = 0
-        _ = Glibc.read(descriptor, &value, 8)
-    }
+    public func reset() { SocketIO.resetCounter(descriptor) }
 }
 
 /// Non-blocking socket I/O for a loop thread.
@@ -139,8 +132,9 @@ public enum SocketIO {
     public static func duplicateNonBlocking(_ fd: Int32) throws(SystemError) -> Int32 {
         let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
         guard copy >= 0 else { throw SystemError.current("fcntl(F_DUPFD_CLOEXEC)") }
-        guard fcntl(copy, F_SETFL, fcntl(copy, F_GETFL) | O_NONBLOCK) == 0 else {
-            let error = SystemError.current("fcntl(O_NONBLOCK)")
+        do {
+            try makeNonBlocking(copy)
+        } catch {
             Syscall.close(copy)
             throw error
         }
@@ -181,8 +175,6 @@ public final class VectoredWriter {
     }
 
     deinit { vectors.deallocate() }
-
-    public var isFull: Bool { count == Self.maximumPieces }
 
     /// Adds a piece; false (nothing added) when full.
     @discardableResult
