@@ -1,5 +1,6 @@
 import CThinSupport
 import Glibc
+import Synchronization
 
 /// A thread of its own that copies an event loop's writes into the page cache
 /// (pwrite), for a `URingLoopQueue`.
@@ -10,17 +11,17 @@ import Glibc
 /// per write (loop 5.3, io-wq 4.2) where the same writes made by plain pwrite on other
 /// threads cost 6.7 (docs/performance.md, "Page-cache writes on a thread of their own").
 ///
-/// How it moves work: the owner (the loop) hands over a batch of jobs with one lock and,
-/// when the thread sleeps, one wake-up; the thread makes them in order, posts what it
-/// finished in one batch, and writes the owner's readiness eventfd only when the
-/// finished list goes from empty to non-empty (the owner reads the eventfd before it
-/// collects, so no signal is lost and a burst costs one). Arrays are swapped, not
-/// rebuilt, so a steady load allocates nothing.
+/// How it moves work: two `HandOffRing`s, jobs out and outcomes back, so neither side
+/// ever takes a lock the other may hold. (A mutex and condition variable did this
+/// before; under load the loop was caught sleeping in the kernel inside
+/// pthread_cond_broadcast, on the condition's internal lock while the writer woke.)
+/// - The owner (the loop) stages jobs, publishes them with one store, and writes the
+///   thread's wake-up eventfd only when the thread said it is going to sleep.
+/// - The thread makes the jobs in order and publishes each outcome as it is done. It
+///   writes the owner's readiness eventfd only when the owner has looked since its
+///   last signal, so a burst costs one signal and a busy owner none.
+/// - Nothing allocates once the rings exist.
 ///
-/// A write that blocks (dirty-page throttling, a full disk) delays the later writes of
-/// its owner, never the owner itself: it only hands over and collects, never waits.
-/// Crash safety is the page cache's: a finished write is in the cache, and only a
-/// barrier (fdatasync) makes it durable, as with io_uring.
 final class PageCacheWriter: @unchecked Sendable {
     struct Job {
         var fd: Int32
@@ -34,100 +35,143 @@ final class PageCacheWriter: @unchecked Sendable {
         var error: SystemError?
     }
 
-    private struct Inbox {
-        var jobs: [Job] = []
-        var stopping = false
-    }
-
-    private let inbox = WaitableValue(Inbox())
-    /// Nobody waits on it: the owner learns of new entries from its readiness eventfd.
-    private let outbox = LockedValue([Finished]())
-    /// A duplicate of the owner's readiness eventfd, closed by the thread as it ends:
-    /// the owner may close its own as soon as the last job is collected, while this
-    /// thread may still be about to signal.
+    private let jobs: HandOffRing<Job>
+    private let outcomes: HandOffRing<Finished>
+    /// Set by the thread just before it sleeps on `wakeup`, cleared by whoever wakes it:
+    /// the owner makes a system call only for a thread that sleeps.
+    private let sleeping = Atomic<Bool>(false)
+    /// Set by the thread when it signals `readiness`, cleared by the owner as it starts
+    /// collecting: the thread signals again only once the owner has looked.
+    private let signalled = Atomic<Bool>(false)
+    private let stopping = Atomic<Bool>(false)
+    /// The eventfd the thread sleeps on (blocking reads).
+    private let wakeup: Int32
+    /// A duplicate of the owner's readiness eventfd: the owner may close its own as
+    /// soon as the last job is collected, while the thread may still be about to signal.
+    /// Both descriptors close in `deinit`, once the thread and the owner let go.
     private let readiness: Int32
 
-    /// Starts the thread, which signals `readiness` (duplicated here). Throws when
-    /// either cannot be made.
-    init(readiness eventFD: Int32) throws(SystemError) {
+    /// Starts the thread, which signals `readiness` (duplicated here) and takes at most
+    /// `capacity` jobs in flight (handed over and not yet collected). Throws when
+    /// the thread or a descriptor cannot be made.
+    init(readiness eventFD: Int32, capacity: Int) throws(SystemError) {
+        jobs = HandOffRing(minimumCapacity: capacity)
+        outcomes = HandOffRing(minimumCapacity: capacity)
         let copy = Glibc.dup(eventFD)
         guard copy >= 0 else { throw SystemError.current("dup") }
+        let sleeper = thinbd_eventfd()
+        guard sleeper >= 0 else {
+            Syscall.close(copy)
+            throw SystemError.current("eventfd")
+        }
         readiness = copy
+        wakeup = sleeper
         do {
             try DetachedThread.start { [self] in run() }
         } catch {
-            Syscall.close(copy)
+            // deinit closes both descriptors.
             throw error
         }
     }
 
-    /// Owner side: hands `jobs` over (leaving it empty, with its capacity kept when the
-    /// thread had taken the last batch). Never waits for long: one lock, at most one wake.
-    func submit(_ jobs: inout [Job]) {
-        guard !jobs.isEmpty else { return }
-        inbox.update { inbox in
-            if inbox.jobs.isEmpty {
-                swap(&inbox.jobs, &jobs)
-            } else {
-                inbox.jobs.append(contentsOf: jobs)
-                jobs.removeAll(keepingCapacity: true)
-            }
-        }
+    deinit {
+        Syscall.close(wakeup)
+        Syscall.close(readiness)
     }
 
-    /// Owner side: swaps everything finished into `finished` (which must be empty).
-    /// Never waits for long.
-    func collect(into finished: inout [Finished]) {
-        outbox.withLockedValue { outbox in
-            guard !outbox.isEmpty else { return }
-            swap(&outbox, &finished)
+    /// Owner side: stages `job`, handed over at the next `submit`. False when the ring is
+    /// full (the owner keeps at most `capacity` jobs in flight, so it is not).
+    func stage(_ job: Job) -> Bool { jobs.stage(job) }
+
+    /// Owner side: jobs staged and not yet submitted.
+    var stagedCount: Int { jobs.stagedCount }
+
+    /// Owner side: hands the staged jobs over. Never waits: one store, and one eventfd
+    /// write when the thread sleeps.
+    func submit() {
+        guard jobs.publish() else { return }
+        wakeIfSleeping()
+    }
+
+    /// Owner side: runs `body` for each job finished, oldest first, at most `limit`.
+    /// Never waits. Returns how many ran.
+    ///
+    /// Call it whenever the readiness eventfd was read, even with no job in flight:
+    /// the thread signals only after a collect, and its last signal may come after the
+    /// outcome it announced was already collected. Skipping this call then would leave
+    /// the next outcome unannounced and the owner asleep.
+    func collect(atMost limit: Int, _ body: (Finished) -> Void) -> Int {
+        // Before looking: an outcome published after this store is signalled anew.
+        signalled.store(false, ordering: .sequentiallyConsistent)
+        var count = 0
+        while count < limit, let finished = outcomes.take() {
+            count += 1
+            body(finished)
         }
+        return count
     }
 
     /// Lets the thread end once the jobs handed over are done.
     func stop() {
-        inbox.update { $0.stopping = true }
+        stopping.store(true, ordering: .sequentiallyConsistent)
+        sleeping.store(false, ordering: .relaxed)
+        Self.signal(wakeup)
+    }
+
+    private func wakeIfSleeping() {
+        // Sequentially consistent, after the ring's publish: either this sees the flag,
+        // or the thread, which sets it before looking at the ring, sees the jobs.
+        if sleeping.load(ordering: .sequentiallyConsistent), sleeping.exchange(false, ordering: .sequentiallyConsistent) {
+            Self.signal(wakeup)
+        }
+    }
+
+    private static func signal(_ eventFD: Int32) {
+        var one: UInt64 = 1
+        _ = Glibc.write(eventFD, &one, 8)
     }
 
     private func run() {
-        var batch: [Job] = []
-        var done: [Finished] = []
-        defer { Syscall.close(readiness) }
         // Named apart from the loop it was started from (threads inherit the name).
         thinbd_name_this_thread("thinbd-pcwrite")
         while true {
-            let stopping = inbox.wait { inbox -> Bool? in
-                if !inbox.jobs.isEmpty {
-                    swap(&inbox.jobs, &batch)
-                    return false
-                }
-                return inbox.stopping ? true : nil
-            }
-            if stopping { return }
-            for job in batch {
+            while let job = jobs.take() {
                 var error: SystemError?
                 do {
                     try Syscall.pwriteFully(job.fd, UnsafeRawBufferPointer(job.request.buffer), job.request.offset)
                 } catch let failure {
                     error = failure
                 }
-                done.append(Finished(slot: job.slot, error: error))
+                report(Finished(slot: job.slot, error: error))
             }
-            batch.removeAll(keepingCapacity: true)
-            let wasEmpty = outbox.withLockedValue { outbox -> Bool in
-                let wasEmpty = outbox.isEmpty
-                if wasEmpty {
-                    swap(&outbox, &done)
-                } else {
-                    outbox.append(contentsOf: done)
-                    done.removeAll(keepingCapacity: true)
-                }
-                return wasEmpty
+            if stopping.load(ordering: .sequentiallyConsistent) { return }
+            sleeping.store(true, ordering: .sequentiallyConsistent)
+            if !jobs.isEmpty || stopping.load(ordering: .sequentiallyConsistent) {
+                // Work came in meanwhile. If the owner saw the flag too, its signal stays
+                // in the eventfd and costs one spare turn later.
+                sleeping.store(false, ordering: .relaxed)
+                continue
             }
-            if wasEmpty {
-                var one: UInt64 = 1
-                _ = Glibc.write(readiness, &one, 8)
-            }
+            var count: UInt64 = 0
+            _ = Glibc.read(wakeup, &count, 8)
+            sleeping.store(false, ordering: .relaxed)
         }
+    }
+
+    /// Publishes one outcome, signalling the owner when it has looked since the last one.
+    private func report(_ finished: Finished) {
+        // Room is there: outcomes and jobs together never exceed the owner's capacity.
+        // Should that ever break, waiting for the owner to collect is still correct.
+        while !outcomes.stage(finished) {
+            outcomes.publish()
+            announce()
+            SystemInfo.yieldProcessor()
+        }
+        outcomes.publish()
+        announce()
+    }
+
+    private func announce() {
+        if !signalled.exchange(true, ordering: .sequentiallyConsistent) { Self.signal(readiness) }
     }
 }

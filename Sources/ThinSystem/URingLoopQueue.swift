@@ -44,13 +44,8 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// through the ring).
     @exclusivity(unchecked) private var writer: PageCacheWriter?
     @exclusivity(unchecked) private var writerUnavailable = false
-    /// Jobs for the writer since the last submission.
-    @exclusivity(unchecked) private var writerQueued: [PageCacheWriter.Job] = []
-    /// Jobs the writer has and has not yet reported back.
+    /// Jobs staged for the writer or handed to it, and not yet collected back.
     @exclusivity(unchecked) private var writerInFlight = 0
-    /// Finished jobs collected from the writer, and how many of them have been run.
-    @exclusivity(unchecked) private var writerFinished: [PageCacheWriter.Finished] = []
-    @exclusivity(unchecked) private var writerFinishedRun = 0
 
     /// Requests handed out and not yet completed (queued or in the kernel).
     @exclusivity(unchecked) public private(set) var inFlight = 0
@@ -121,10 +116,14 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
         else { return false }
         guard let writer = startedWriter() else { return enqueue(fd: fd, requests, completion: completion) }
         guard let index = operations.start(parts: requests.count, completion: completion) else { return false }
-        for request in requests { writerQueued.append(PageCacheWriter.Job(fd: fd, request: request, slot: index)) }
+        // `inFlight` bounds the jobs out, and the writer's rings hold `capacity`.
+        for request in requests {
+            let staged = writer.stage(PageCacheWriter.Job(fd: fd, request: request, slot: index))
+            assert(staged, "the writer's ring holds every request in flight")
+        }
         inFlight += requests.count
         writerInFlight += requests.count
-        if writerQueued.count >= LoopBurst.submitEvery { writer.submit(&writerQueued) }
+        if writer.stagedCount >= LoopBurst.submitEvery { writer.submit() }
         return true
     }
 
@@ -134,13 +133,13 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     private func startedWriter() -> PageCacheWriter? {
         if let writer { return writer }
         guard !writerUnavailable else { return nil }
-        writer = try? PageCacheWriter(readiness: eventFD)
+        writer = try? PageCacheWriter(readiness: eventFD, capacity: Self.capacity)
         writerUnavailable = writer == nil
         return writer
     }
 
     public func submitQueued() {
-        writer?.submit(&writerQueued)
+        writer?.submit()
         guard queued > 0 else { return }
         while true {
             let r = thinbd_ring_submit(ring)
@@ -176,23 +175,16 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     }
 
     private func runWriterCompletions(atMost limit: Int) -> Int {
-        guard let writer, writerInFlight > 0, limit > 0 else { return 0 }
-        if writerFinishedRun == writerFinished.count {
-            writerFinished.removeAll(keepingCapacity: true)
-            writerFinishedRun = 0
-            writer.collect(into: &writerFinished)
-        }
-        var count = 0
-        while count < limit, writerFinishedRun < writerFinished.count {
-            let finished = writerFinished[writerFinishedRun]
-            writerFinishedRun += 1
-            count += 1
+        // Asked even with nothing in flight: collecting is what re-arms the writer's
+        // signal, and the signal may outlive the outcome it announced (collected before
+        // the writer got to signal).
+        guard let writer, limit > 0 else { return 0 }
+        return writer.collect(atMost: limit) { finished in
             inFlight -= 1
             writerInFlight -= 1
-            guard let done = operations.finishPart(of: finished.slot, error: finished.error) else { continue }
+            guard let done = operations.finishPart(of: finished.slot, error: finished.error) else { return }
             done.completion(done.error)
         }
-        return count
     }
 
     private func finish(_ data: UInt64, _ result: Int32) {
