@@ -187,7 +187,8 @@ final class LeanConnection {
         guard !isClosed else { return }
         let read = NBDConnectionCore.PendingRead(request, allocator: core.allocator)
         let start = export.readWithoutBlocking(at: request.offset, into: read.target, queue: loop.queue) { [self] result in
-            // On the loop, from its completion round (which flushes after a few).
+            // On the loop, from its completion round (which flushes by its budget).
+            loop.readDataQueued(Int(request.length))
             finished(core.finishRead(read, result))
         }
         switch start {

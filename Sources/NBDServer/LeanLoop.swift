@@ -39,6 +39,7 @@ final class LeanLoop: @unchecked Sendable {
     @exclusivity(unchecked) private var timers = TimerQueue()
     /// Connections whose replies wait for the flush at the end of this round.
     @exclusivity(unchecked) private var needFlush: [LeanConnection] = []
+    @exclusivity(unchecked) private var flushBudget = CompletionFlushBudget()
     @exclusivity(unchecked) private var stopping = false
     /// The inbox's tasks, swapped out to run without the lock.
     @exclusivity(unchecked) private var running: [() -> Void] = []
@@ -50,8 +51,6 @@ final class LeanLoop: @unchecked Sendable {
 
     private static let wakeupToken: UInt64 = 0
     private static let readinessToken: UInt64 = 1
-    /// Completions run between flushes, as on the swift-nio path (`LoopIO`).
-    private static let completionsPerFlush = LoopIO.completionsPerFlush
 
     init(server: NBDServer, index: Int, finished: EventLoopPromise<Void>) throws {
         self.server = server
@@ -186,8 +185,8 @@ final class LeanLoop: @unchecked Sendable {
         guard let queue else { return }
         SocketIO.resetCounter(readinessDescriptor)
         while true {
-            let ran = queue.runCompletions(atMost: Self.completionsPerFlush)
-            flushPending()
+            let ran = queue.runCompletions(atMost: CompletionFlushBudget.completionsPerStep)
+            if flushBudget.shouldFlush(afterRunning: ran) { flushPending() }
             queue.submitQueued()
             if ran == 0 { break }
         }
@@ -201,6 +200,7 @@ final class LeanLoop: @unchecked Sendable {
     }
 
     private func flushPending() {
+        flushBudget.reset()
         guard !needFlush.isEmpty else { return }
         for connection in needFlush { connection.flush() }
         needFlush.removeAll(keepingCapacity: true)
@@ -210,6 +210,11 @@ final class LeanLoop: @unchecked Sendable {
 
     func flushAtEndOfRound(_ connection: LeanConnection) {
         needFlush.append(connection)
+    }
+
+    /// A completion wrote a read reply with `count` data bytes (see `CompletionFlushBudget`).
+    func readDataQueued(_ count: Int) {
+        flushBudget.readDataQueued(count)
     }
 
     func schedule(after delay: TimeAmount, _ task: @escaping () -> Void) {

@@ -28,6 +28,7 @@ final class LoopIO: @unchecked Sendable {
     /// Connections whose replies were written by completions and wait for one flush.
     @exclusivity(unchecked) private var needFlush: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
     @exclusivity(unchecked) private var flushing: [(handler: NBDConnectionHandler, context: ChannelHandlerContext)] = []
+    @exclusivity(unchecked) private var flushBudget = CompletionFlushBudget()
     /// Work handed to other threads (the thread pool) whose completions come back to
     /// the loop as tasks: while there is any, the loop does not poll (NIO does not wake
     /// a loop that is running a task, so such a completion would wait for the poll).
@@ -232,20 +233,20 @@ final class LoopIO: @unchecked Sendable {
         needFlush.append((handler, context))
     }
 
-    /// Completions run between two flushes of the replies they wrote: a burst of
-    /// completions goes back to the client a few at a time, so that it sends its next
-    /// requests while the loop answers the rest, and the disk gets them sooner (the
-    /// measurements are at `LoopBurst` in ThinSystem, where the submit side is).
-    static let completionsPerFlush = 4
+    /// A completion wrote a read reply with `count` data bytes (see `CompletionFlushBudget`).
+    func readDataQueued(_ count: Int) {
+        flushBudget.readDataQueued(count)
+    }
 
-    /// The readiness descriptor fired: run completions a few at a time, flushing the
-    /// replies they wrote and submitting what they queued after each few.
+    /// The readiness descriptor fired: run completions a few at a time, submitting
+    /// what they queued after each few, and flushing the replies they wrote as
+    /// `CompletionFlushBudget` says.
     func runCompletions() {
         guard let queue else { return }
         workArrived()
         while true {
-            let ran = queue.runCompletions(atMost: Self.completionsPerFlush)
-            flushReplies()
+            let ran = queue.runCompletions(atMost: CompletionFlushBudget.completionsPerStep)
+            if flushBudget.shouldFlush(afterRunning: ran) { flushReplies() }
             queue.submitQueued()
             if ran == 0 { break }
         }

@@ -265,6 +265,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         // read's only allocation here besides its buffer (the export makes its own).
         let start = export.readWithoutBlocking(at: request.offset, into: read.target, queue: loopIO.queue) { result in
             // On the loop, from its completion round.
+            self.loopIO.readDataQueued(Int(request.length))
             self.finished(self.core.finishRead(read, result), flush: .afterCompletions, context: context)
         }
         switch start {

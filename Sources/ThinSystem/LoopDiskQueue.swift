@@ -75,12 +75,11 @@ extension LoopDiskQueue {
 /// device had 0 reads in flight 37-52 % of the time (sampled from
 /// /sys/block/vda/inflight) where fio on the raw file kept it at 32 for 84-92 %.
 /// Submitting every few requests lets the disk start on the first ones while the loop
-/// parses the rest, and flushing replies every few completions lets the client send
-/// its next requests while the loop answers the others (docs/performance.md).
+/// parses the rest (docs/performance.md). The reply side flushes by a budget of
+/// completions and bytes (the NBD server's `CompletionFlushBudget`).
 public enum LoopBurst {
     /// Requests queued before `enqueue` submits them without waiting for the end of the
-    /// loop's pass: one system call per this many requests at most. (The reply side is
-    /// the NBD server's `LoopIO.completionsPerFlush`.)
+    /// loop's pass: one system call per this many requests at most.
     public static let submitEvery = 4
 }
 
