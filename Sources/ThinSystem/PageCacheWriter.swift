@@ -83,9 +83,6 @@ final class PageCacheWriter: @unchecked Sendable {
     /// full (the owner keeps at most `capacity` jobs in flight, so it is not).
     func stage(_ job: Job) -> Bool { jobs.stage(job) }
 
-    /// Owner side: jobs staged and not yet submitted.
-    var stagedCount: Int { jobs.stagedCount }
-
     /// Owner side: hands the staged jobs over. Never waits: one store, and one eventfd
     /// write when the thread sleeps.
     func submit() {

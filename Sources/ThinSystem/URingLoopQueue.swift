@@ -107,9 +107,13 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
 
     /// Writes of a file opened without O_DIRECT: made by plain pwrite on the queue's
     /// writer thread instead of io_uring (whose io-wq hand-off costs the kernel more;
-    /// see `PageCacheWriter`). Handed over with the ring's submissions, completed by
-    /// `runCompletions` like the ring's. Falls back to the ring when the thread cannot
-    /// be made.
+    /// see `PageCacheWriter`). Handed over at `submitQueued` only, not every
+    /// `LoopBurst.submitEvery` as the ring's are: a disk left idle loses time, but the
+    /// writer's work is a copy into the page cache, and handing it over mid-pass woke
+    /// it more often for the same work (4 KiB random writes at QD32: median 110.7k IOPS
+    /// handing over every 4, 121.6k at the end of the pass; docs/performance.md).
+    /// Completed by `runCompletions` like the ring's. Falls back to the ring when the
+    /// thread cannot be made.
     public func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
         guard !closed, !requests.isEmpty, inFlight + requests.count <= Self.capacity,
             requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 })
@@ -123,7 +127,6 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
         }
         inFlight += requests.count
         writerInFlight += requests.count
-        if writer.stagedCount >= LoopBurst.submitEvery { writer.submit() }
         return true
     }
 

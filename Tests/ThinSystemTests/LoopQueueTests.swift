@@ -353,8 +353,8 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
             .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
     }
 
-    /// Page-cache writes leave for the queue's writer thread (not io-wq), in bursts of
-    /// `LoopBurst.submitEvery` or at `submitQueued`, come back through `runCompletions`
+    /// Page-cache writes leave for the queue's writer thread (not io-wq) at
+    /// `submitQueued`, come back through `runCompletions`
     /// a few at a time, one completion per operation however many parts it has, and
     /// land in the file.
     @Test func pageCacheWritesAreMadeByTheWriterThreadAndComeBackThroughTheRing() throws {
@@ -391,6 +391,8 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
         let named = Date().addingTimeInterval(5)
         while !Self.threadNames().contains("thinbd-pcwrite") && Date() < named { usleep(1000) }
         #expect(Self.threadNames().contains("thinbd-pcwrite"), "named apart from its owner")
+        usleep(20000)
+        #expect(queue.runCompletions(atMost: 64) == 0, "nothing is handed over before submitQueued")
         queue.submitQueued()
         let deadline = Date().addingTimeInterval(10)
         var largestRound = 0
