@@ -66,6 +66,41 @@ import Testing
         #expect(locks.tryHold(2, 5..<7) != nil)
     }
 
+    /// Random holds and releases against a plain list of what is held: `tryHold`
+    /// succeeds exactly when no held range of the same owner overlaps, slots are
+    /// reused without mixing holds up, and a hold given back twice frees nothing else.
+    @Test func randomHoldsAgreeWithAModel() {
+        let locks = RangeLock()
+        var random = SplitMix64(seed: 15)
+        var model: [(owner: UInt64, range: Range<UInt64>, hold: RangeLock.Hold)] = []
+        var mismatches = 0
+        var released: [RangeLock.Hold] = []
+        for _ in 0..<20_000 {
+            if model.isEmpty || random.next() % 3 != 0 {
+                let owner = random.next() % 3
+                let lower = random.next() % 64
+                let range = lower..<(lower + 1 + random.next() % 4)
+                let expectFree = !model.contains { $0.owner == owner && $0.range.overlaps(range) }
+                let hold = locks.tryHold(owner, range)
+                if (hold != nil) != expectFree { mismatches += 1 }
+                if let hold { model.append((owner, range, hold)) }
+            } else {
+                let index = Int(random.next() % UInt64(model.count))
+                let gone = model.remove(at: index)
+                locks.release(gone.hold)
+                released.append(gone.hold)
+                if random.next() % 8 == 0 {
+                    // A second release of any earlier hold must not free a live one.
+                    locks.release(released[Int(random.next() % UInt64(released.count))])
+                }
+            }
+        }
+        #expect(mismatches == 0)
+        for entry in model {
+            #expect(locks.tryHold(entry.owner, entry.range) == nil, "still held")
+        }
+    }
+
     @Test func aWaiterRunsOnceTheRangeIsReleased() {
         let locks = RangeLock()
         let hold = locks.tryHold(7, 10..<20)!
