@@ -1,7 +1,7 @@
 /// When a loop sends the replies its disk completions wrote: after a completion round
 /// has run `maximumCompletions`, or its replies carry `maximumReadBytes` of read data,
-/// or the completions ran out. Both loops (`LoopIO`, `LeanLoop`) run completions
-/// `completionsPerStep` at a time and ask this after each step.
+/// or the completions ran out. Both loops (`LoopIO`, `LeanLoop`) run their completions
+/// through `runCompletions(of:flush:)`, `completionsPerStep` at a time.
 ///
 /// Why both limits (docs/performance.md, "Replies flushed by count and by bytes"): a
 /// flush is a system call (and wakes the client), and where the CPU is the bound, 4 KiB
@@ -32,6 +32,18 @@ struct CompletionFlushBudget {
         guard count == 0 || completions >= Self.maximumCompletions || readBytes >= Self.maximumReadBytes else { return false }
         reset()
         return true
+    }
+
+    /// Runs `queue`'s completions a step at a time until none is left, submitting what
+    /// they queued after each step and calling `flush` whenever the budget says (and
+    /// always at the end). `flush` must not touch this budget. Loop thread only.
+    mutating func runCompletions(of queue: NBDLoopQueue, flush: () -> Void) {
+        while true {
+            let ran = queue.runCompletions(atMost: Self.completionsPerStep)
+            if shouldFlush(afterRunning: ran) { flush() }
+            queue.submitQueued()
+            if ran == 0 { return }
+        }
     }
 
     /// The replies went out some other way (the end of the loop's round).

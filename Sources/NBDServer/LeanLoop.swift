@@ -184,23 +184,18 @@ final class LeanLoop: @unchecked Sendable {
     private func runCompletions() {
         guard let queue else { return }
         SocketIO.resetCounter(readinessDescriptor)
-        while true {
-            let ran = queue.runCompletions(atMost: CompletionFlushBudget.completionsPerStep)
-            if flushBudget.shouldFlush(afterRunning: ran) { flushPending() }
-            queue.submitQueued()
-            if ran == 0 { break }
-        }
+        flushBudget.runCompletions(of: queue) { flushPending() }
     }
 
     /// The end of a round: replies written by completions and tasks go out, and what
     /// the round queued on the disk leaves in one submission.
     private func endRound() {
+        flushBudget.reset()
         flushPending()
         queue?.submitQueued()
     }
 
     private func flushPending() {
-        flushBudget.reset()
         guard !needFlush.isEmpty else { return }
         for connection in needFlush { connection.flush() }
         needFlush.removeAll(keepingCapacity: true)

@@ -244,12 +244,7 @@ final class LoopIO: @unchecked Sendable {
     func runCompletions() {
         guard let queue else { return }
         workArrived()
-        while true {
-            let ran = queue.runCompletions(atMost: CompletionFlushBudget.completionsPerStep)
-            if flushBudget.shouldFlush(afterRunning: ran) { flushReplies() }
-            queue.submitQueued()
-            if ran == 0 { break }
-        }
+        flushBudget.runCompletions(of: queue) { flushReplies() }
         loopMayIdle()
     }
 

@@ -10,7 +10,7 @@ import Synchronization
 /// lock: the loop must never wait, and here it cannot, since neither side ever holds
 /// anything the other needs.
 ///
-/// Contract: `stage`, `publish` and `stagedCount` from the producer only; `take` and
+/// Contract: `stage`, `hasRoom`, `publish` and `stagedCount` from the producer only; `take` and
 /// `isEmpty` from the consumer only. Each side must be one thread at a time. Capacity is fixed at creation, and the producer must
 /// check `stage`'s answer (false when full). Cost: no allocation after `init`; one
 /// atomic store per `publish`, one atomic load per `take` that finds its cached view
@@ -64,6 +64,13 @@ public final class HandOffRing<Element>: @unchecked Sendable {
         (slots + (stagedEnd & mask)).initialize(to: element)
         stagedEnd &+= 1
         return true
+    }
+
+    /// Whether `count` more elements can be staged now (the consumer may free more).
+    public func hasRoom(for count: Int) -> Bool {
+        if capacity - (stagedEnd &- knownHead) >= count { return true }
+        knownHead = head.load(ordering: .acquiring)
+        return capacity - (stagedEnd &- knownHead) >= count
     }
 
     /// Elements staged and not yet published.

@@ -66,12 +66,8 @@ final class PageCacheWriter: @unchecked Sendable {
         }
         readiness = copy
         wakeup = sleeper
-        do {
-            try DetachedThread.start { [self] in run() }
-        } catch {
-            // deinit closes both descriptors.
-            throw error
-        }
+        // On failure deinit closes both descriptors.
+        try DetachedThread.start { [self] in run() }
     }
 
     deinit {
@@ -79,8 +75,11 @@ final class PageCacheWriter: @unchecked Sendable {
         Syscall.close(readiness)
     }
 
+    /// Owner side: whether `count` jobs can be staged now.
+    func hasRoom(for count: Int) -> Bool { jobs.hasRoom(for: count) }
+
     /// Owner side: stages `job`, handed over at the next `submit`. False when the ring is
-    /// full (the owner keeps at most `capacity` jobs in flight, so it is not).
+    /// full: ask `hasRoom` first.
     func stage(_ job: Job) -> Bool { jobs.stage(job) }
 
     /// Owner side: hands the staged jobs over. Never waits: one store, and one eventfd

@@ -119,11 +119,13 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
             requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 })
         else { return false }
         guard let writer = startedWriter() else { return enqueue(fd: fd, requests, completion: completion) }
-        guard let index = operations.start(parts: requests.count, completion: completion) else { return false }
-        // `inFlight` bounds the jobs out, and the writer's rings hold `capacity`.
+        // `inFlight` bounds the jobs out, and the writer's rings hold `capacity`, so this
+        // holds; checked anyway, since a job staged in part could not be taken back.
+        guard writer.hasRoom(for: requests.count),
+            let index = operations.start(parts: requests.count, completion: completion)
+        else { return false }
         for request in requests {
-            let staged = writer.stage(PageCacheWriter.Job(fd: fd, request: request, slot: index))
-            assert(staged, "the writer's ring holds every request in flight")
+            _ = writer.stage(PageCacheWriter.Job(fd: fd, request: request, slot: index))
         }
         inFlight += requests.count
         writerInFlight += requests.count

@@ -34,6 +34,20 @@ import ThinSystem
         #expect(ring.isEmpty)
     }
 
+    /// `hasRoom` answers for staged elements too, and sees slots the consumer freed.
+    @Test func roomCountsStagedElementsAndFreedSlots() {
+        let ring = HandOffRing<Int>(minimumCapacity: 4)
+        #expect(ring.hasRoom(for: 4))
+        #expect(!ring.hasRoom(for: 5))
+        #expect(ring.stage(1) && ring.stage(2) && ring.stage(3))
+        #expect(ring.hasRoom(for: 1))
+        #expect(!ring.hasRoom(for: 2), "staged elements take room before they are published")
+        ring.publish()
+        _ = ring.take()
+        _ = ring.take()
+        #expect(ring.hasRoom(for: 3), "taken slots are free again")
+    }
+
     /// Elements left in the ring are released with it (no leak, no double release).
     @Test func releasesWhatIsLeftWhenFreed() {
         final class Token {
