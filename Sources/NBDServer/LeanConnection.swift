@@ -51,7 +51,7 @@ final class LeanConnection {
         export = handOff.export
         session = handOff.session
         handle = handOff.handle
-        let allocator = ByteBufferAllocator()
+        let allocator = ByteBufferAllocator.recycling
         core = NBDConnectionCore(
             maxInFlight: server.configuration.maxInFlightPerConnection,
             maxInFlightBytes: server.configuration.maxInFlightBytesPerConnection, allocator: allocator)

@@ -52,7 +52,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         core = NBDConnectionCore(
             maxInFlight: server.configuration.maxInFlightPerConnection,
             maxInFlightBytes: server.configuration.maxInFlightBytesPerConnection,
-            allocator: ByteBufferAllocator())
+            allocator: .recycling)
     }
 
     // MARK: Lifecycle
@@ -260,7 +260,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func startRead(_ request: NBDConnectionCore.ReadRequest, context: ChannelHandlerContext) {
         guard let export else { return }
-        let read = NBDConnectionCore.PendingRead(request, allocator: context.channel.allocator)
+        let read = NBDConnectionCore.PendingRead(request, allocator: core.allocator)
         // One closure, with everything the reply needs in it: on the loop's path, a
         // read's only allocation here besides its buffer (the export makes its own).
         let start = export.readWithoutBlocking(at: request.offset, into: read.target, queue: loopIO.queue) { result in

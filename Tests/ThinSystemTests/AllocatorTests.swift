@@ -44,3 +44,88 @@ import Testing
         return fields.count > 7 ? Int(fields[7]) ?? 0 : 0
     }
 }
+
+@Suite struct RecycledMemoryTests {
+    /// Runs `body` on a thread of its own, whose recycled lists start empty (a test
+    /// thread may hold blocks left by other tests), and waits for it.
+    private func onFreshThread(_ body: @escaping @Sendable () -> Void) throws {
+        let done = DispatchSemaphore(value: 0)
+        try DetachedThread.start {
+            body()
+            done.signal()
+        }
+        done.wait()
+    }
+
+    /// A freed block of a class comes back for the next request of that class, so a
+    /// loop that allocates and frees a reply buffer per request reuses one block.
+    @Test func aFreedBlockIsHandedOutAgainOnTheSameThread() throws {
+        try onFreshThread {
+            #expect(RecycledMemory.keptByCurrentThread == 0)
+            guard let first = RecycledMemory.allocate(8224) else { return #expect(Bool(false)) }
+            first.storeBytes(of: 0xAB, toByteOffset: 8223, as: UInt8.self)
+            RecycledMemory.deallocate(first)
+            #expect(RecycledMemory.keptByCurrentThread == 3 * 4096, "12 KiB class: 8,224 bytes and the header")
+            let second = RecycledMemory.allocate(9000)
+            #expect(second == first, "the same class, so the same block")
+            #expect(RecycledMemory.keptByCurrentThread == 0)
+            let third = RecycledMemory.allocate(8224)
+            #expect(third != nil && third != first, "nothing kept: a new block")
+            if let second { RecycledMemory.deallocate(second) }
+            if let third { RecycledMemory.deallocate(third) }
+        }
+    }
+
+    /// A thread keeps at most 2 MiB; the rest goes back to malloc. Blocks outside the
+    /// classes (above 136 KiB) are never kept.
+    @Test func whatAThreadKeepsIsBounded() throws {
+        try onFreshThread {
+            let blocks = (0..<400).compactMap { _ in RecycledMemory.allocate(12_000) }
+            #expect(blocks.count == 400)
+            for block in blocks { RecycledMemory.deallocate(block) }
+            #expect(RecycledMemory.keptByCurrentThread <= 2 << 20)
+            #expect(RecycledMemory.keptByCurrentThread > (2 << 20) - 16 * 1024, "filled to the bound")
+            let before = RecycledMemory.keptByCurrentThread
+            if let large = RecycledMemory.allocate(1 << 20) { RecycledMemory.deallocate(large) }
+            #expect(RecycledMemory.keptByCurrentThread == before)
+        }
+    }
+
+    /// A block freed on another thread joins that thread's lists, not the allocating
+    /// thread's: no list is ever touched by two threads.
+    @Test func aBlockFreedElsewhereIsKeptByTheFreeingThread() throws {
+        nonisolated(unsafe) var block: UnsafeMutableRawPointer?
+        try onFreshThread { block = RecycledMemory.allocate(20_000) }
+        #expect(block != nil)
+        nonisolated(unsafe) var keptAfterFree = 0
+        try onFreshThread {
+            if let block { RecycledMemory.deallocate(block) }
+            keptAfterFree = RecycledMemory.keptByCurrentThread
+        }
+        #expect(keptAfterFree == 5 * 4096)
+    }
+
+    /// Growing keeps the bytes: inside a block's class the block stays; past it, into
+    /// another class or past every class, the bytes are copied; shrinking keeps them too.
+    @Test func reallocationKeepsTheBytes() throws {
+        try onFreshThread {
+            guard var block = RecycledMemory.allocate(5000) else { return #expect(Bool(false)) }
+            for i in 0..<5000 { block.storeBytes(of: UInt8(truncatingIfNeeded: i * 7), toByteOffset: i, as: UInt8.self) }
+            func intact(_ pointer: UnsafeMutableRawPointer, _ count: Int) -> Bool {
+                (0..<count).allSatisfy { pointer.load(fromByteOffset: $0, as: UInt8.self) == UInt8(truncatingIfNeeded: $0 * 7) }
+            }
+            let inPlace = RecycledMemory.reallocate(block, 5000, 8000)
+            #expect(inPlace == block, "8,000 bytes still fit the 8 KiB class")
+            guard let grown = RecycledMemory.reallocate(block, 5000, 100_000) else { return #expect(Bool(false)) }
+            #expect(intact(grown, 5000))
+            guard let huge = RecycledMemory.reallocate(grown, 5000, 1 << 20) else { return #expect(Bool(false)) }
+            #expect(intact(huge, 5000))
+            guard let larger = RecycledMemory.reallocate(huge, 5000, 2 << 20) else { return #expect(Bool(false)) }
+            #expect(intact(larger, 5000), "outside the classes: realloc itself")
+            guard let shrunk = RecycledMemory.reallocate(larger, 2 << 20, 3000) else { return #expect(Bool(false)) }
+            #expect(intact(shrunk, 3000))
+            block = shrunk
+            RecycledMemory.deallocate(block)
+        }
+    }
+}

@@ -1,0 +1,26 @@
+import CThinSupport
+
+/// Memory for I/O buffers that are allocated and freed per request (reply payloads,
+/// WRITE payloads): blocks up to 136 KiB that a thread frees are kept by that thread
+/// and handed out again, instead of going through malloc's bins each time.
+///
+/// The functions are C function pointers so that a byte-buffer allocator (swift-nio's
+/// `ByteBufferAllocator` with custom functions) can be built on them elsewhere without
+/// that module touching C. Use the three only with each other: memory from
+/// `allocate` is freed by `deallocate`, never by `free`.
+///
+/// Cost: `allocate` and `deallocate` are a list push or pop when the thread has a block
+/// of the size class (whole pages, header included), else one malloc or free. Each
+/// thread keeps at most 2 MiB of freed blocks; a thread's blocks are freed when it
+/// exits. Why: per 4 KiB read at queue depth 32, malloc and free of the reply buffer,
+/// and the fast-bin consolidation every such large request sets off, cost about 2,000
+/// of 12,000 user-space instructions (docs/performance.md).
+public enum RecycledMemory {
+    public static let allocate: @convention(c) (Int) -> UnsafeMutableRawPointer? = thinbd_recycled_allocate
+    public static let reallocate: @convention(c) (UnsafeMutableRawPointer?, Int, Int) -> UnsafeMutableRawPointer? =
+        thinbd_recycled_reallocate
+    public static let deallocate: @convention(c) (UnsafeMutableRawPointer) -> Void = thinbd_recycled_free
+
+    /// Bytes the calling thread keeps for reuse.
+    public static var keptByCurrentThread: Int { thinbd_recycled_kept_bytes() }
+}
