@@ -351,7 +351,12 @@ final class LeanConnection {
                 left = 0
             }
         }
-        output.removeFirst(done)
+        if done == output.count {
+            // All sent (the usual case): no shifting, and the array keeps its storage.
+            output.removeAll(keepingCapacity: true)
+        } else {
+            output.removeFirst(done)
+        }
         outputBytes -= count
     }
 

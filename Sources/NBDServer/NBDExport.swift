@@ -44,7 +44,9 @@ public struct NBDExportError: Error, Equatable, Sendable {
 public protocol NBDExport: AnyObject, Sendable {
     var exportDescription: NBDExportDescription { get }
     /// Reads into `buffer`; returns the extents (in order, covering the range) so that
-    /// holes can be sent as hole chunks.
+    /// holes can be sent as hole chunks, or no extents when the whole range is data
+    /// (the common case, then without allocating a list). The same holds for the
+    /// extents `readAsync` and `readWithoutBlocking` pass on.
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent]
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool) throws(NBDExportError)
     /// Several WRITEs a connection sent in one pass, each with its own outcome (nil:

@@ -282,7 +282,7 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
 
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(NBDExportError) -> [NBDExtent] {
         try run(.read, bytes: buffer.count) { () throws(PoolError) in
-            Self.nbdExtents(try pool.read(id, at: offset, into: buffer))
+            Self.readExtents(try pool.read(id, at: offset, into: buffer))
         }
     }
 
@@ -304,11 +304,11 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         let started = metrics == nil ? 0 : SystemInfo.monotonicNanoseconds()
         let done = counted(buffer.count, started: started, completion)
         let start = pool.readWithoutBlocking(id, at: offset, into: buffer, queue: (queue as? PoolLoopQueue)?.queue) { result in
-            done(result.map(Self.nbdExtents).mapError(nbdError))
+            done(result.map(Self.readExtents).mapError(nbdError))
         }
         switch start {
         case .completed(let result):
-            let mapped = result.map(Self.nbdExtents).mapError(nbdError)
+            let mapped = result.map(Self.readExtents).mapError(nbdError)
             recordRead(mapped, bytes: buffer.count, started: started)
             return .completed(mapped)
         case .started: return .started
@@ -331,6 +331,13 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
         case .started: return .started
         case .wouldBlock: return .wouldBlock
         }
+    }
+
+    /// A read's extents as `NBDExport.read` passes them on: none when all are mapped,
+    /// so that a read of data, the common case, allocates no list for them.
+    private static func readExtents(_ extents: [Extent]) -> [NBDExtent] {
+        guard extents.contains(where: { !$0.isMapped }) else { return [] }
+        return nbdExtents(extents)
     }
 
     private static func nbdExtents(_ extents: [Extent]) -> [NBDExtent] {

@@ -49,6 +49,22 @@ check("read back", rw.pread(65536, 1 << 20) == b"\xab" * 65536)
 check("DF read", rw.pread(65536, (1 << 20) - 100, nbd.CMD_FLAG_DF)[100:] == b"\xab" * 65436)
 rw.flush()
 
+# Structured read replies: a read over a hole and data comes as a hole chunk and a data
+# chunk; a read of data alone as one data chunk with the bytes.
+def chunks_of(count, offset):
+    seen = []
+    def chunk(subbuf, off, status, error):
+        seen.append((status, off, len(subbuf) if status == nbd.READ_DATA else None))
+        return 0
+    data = rw.pread_structured(count, offset, chunk)
+    return data, seen
+data, seen = chunks_of(131072, (1 << 20) - 65536)
+check("hole then data: bytes", data == bytes(65536) + b"\xab" * 65536)
+check("hole then data: chunks %r" % seen,
+      [s for s, _, _ in seen] == [nbd.READ_HOLE, nbd.READ_DATA] and seen[1][1:] == (1 << 20, 65536))
+data, seen = chunks_of(4096, (1 << 20) + 4096)
+check("data alone: one data chunk %r" % seen, seen == [(nbd.READ_DATA, (1 << 20) + 4096, 4096)] and data == b"\xab" * 4096)
+
 # Block status: the written block is data, untouched space is a zero hole.
 extents = []
 rw.block_status(4 << 20, 0, lambda ctx, off, ents, err: extents.extend(ents))
