@@ -7,11 +7,14 @@
 // 4 KiB read that was about 2,000 of 12,000 user-space instructions (callgrind,
 // docs/performance.md).
 //
-// Shape: each block carries a 16-byte header holding its size class. A thread keeps
-// freed blocks of each class in a list of its own, up to THINBD_RECYCLE_KEEP bytes in
-// all, and takes from it before calling malloc. A block may be freed on any thread; it
-// joins that thread's lists. Blocks outside the classes (and all blocks freed while a
-// thread exits) go back to malloc. No locks, no atomics: each list is one thread's.
+// Shape: each block carries a 16-byte header holding its size class. A thread that
+// asked to (thinbd_recycled_keep_on_this_thread: the event loops, which make and drop
+// these buffers) keeps freed blocks of each class in a list of its own, up to
+// THINBD_RECYCLE_KEEP bytes in all, and takes from it before calling malloc. A block may
+// be freed on any thread; on a thread that keeps blocks it joins that thread's lists,
+// elsewhere it goes back to malloc, so that blocks handed to worker threads (a WRITE's
+// payload) do not pile up there. Blocks outside the classes, and all blocks freed while
+// a thread exits, go back to malloc. No locks, no atomics: each list is one thread's.
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,6 +46,10 @@ static pthread_once_t lists_once = PTHREAD_ONCE_INIT;
 static _Thread_local struct thread_lists *lists;
 /// Set once the thread's lists are torn down: later frees on it go straight to malloc.
 static _Thread_local int lists_gone;
+/// Whether this thread keeps freed blocks (it asked to).
+static _Thread_local int keeps_blocks;
+
+void thinbd_recycled_keep_on_this_thread(void) { keeps_blocks = 1; }
 
 static void release_lists(void *value) {
     struct thread_lists *own = value;
@@ -95,7 +102,7 @@ static struct block_header *header_of(void *pointer) {
 void *thinbd_recycled_allocate(size_t size) {
     uint32_t size_class = class_for(size);
     if (size_class != UNCLASSED) {
-        struct thread_lists *own = own_lists();
+        struct thread_lists *own = keeps_blocks ? own_lists() : NULL;
         if (own != NULL && own->heads[size_class] != NULL) {
             struct free_block *block = own->heads[size_class];
             own->heads[size_class] = block->next;
@@ -114,7 +121,7 @@ void thinbd_recycled_free(void *pointer) {
     if (pointer == NULL) return;
     struct block_header *header = header_of(pointer);
     uint32_t size_class = (uint32_t)header->size_class;
-    if (size_class != UNCLASSED && size_class <= LARGEST_CLASS) {
+    if (keeps_blocks && size_class != UNCLASSED && size_class <= LARGEST_CLASS) {
         struct thread_lists *own = own_lists();
         size_t bytes = (size_t)size_class * PAGE;
         if (own != NULL && own->kept_bytes + bytes <= THINBD_RECYCLE_KEEP) {

@@ -93,6 +93,7 @@ final class LeanLoop: @unchecked Sendable {
 
     private func run() {
         SocketIO.nameCurrentThread("thinbd-lean-\(index)")
+        RecycledMemory.keepFreedBlocksOnThisThread()
         server.configuration.eventLoopThreadSetup?()
         startQueue()
         while true {

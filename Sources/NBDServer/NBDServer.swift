@@ -109,8 +109,13 @@ public final class NBDServer: @unchecked Sendable {
         self.configuration = configuration
         self.logger = log
         group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.eventLoopThreads))
-        if let setup = configuration.eventLoopThreadSetup {
-            for loop in group.makeIterator() { try? loop.submit(setup).wait() }
+        let setup = configuration.eventLoopThreadSetup
+        for loop in group.makeIterator() {
+            try? loop.submit {
+                // The loops make and drop the per-request buffers (`ByteBufferAllocator.recycling`).
+                RecycledMemory.keepFreedBlocksOnThisThread()
+                setup?()
+            }.wait()
         }
         threadPool = NIOThreadPool(numberOfThreads: configuration.ioThreads)
         threadPool.start()

@@ -2,10 +2,11 @@
 import ThinSystem
 
 extension ByteBufferAllocator {
-    /// Byte buffers whose memory a thread recycles (`RecycledMemory`): for the buffers
-    /// made and dropped per request (read replies, WRITE payloads), which plain malloc
-    /// served from its slow path. Buffers from it behave as any other; only their
-    /// memory comes and goes differently. Safe to use from any thread.
+    /// Byte buffers whose memory the event loops recycle (`RecycledMemory`; the server
+    /// opts its loop threads in): for the buffers made and dropped per request (read
+    /// replies, WRITE payloads), which plain malloc served from its slow path. Buffers
+    /// from it behave as any other; only their memory comes and goes differently. Safe
+    /// to use from any thread.
     static let recycling = makeRecycling()
 
     private static func makeRecycling() -> ByteBufferAllocator {

@@ -46,15 +46,27 @@ import Testing
 }
 
 @Suite struct RecycledMemoryTests {
-    /// Runs `body` on a thread of its own, whose recycled lists start empty (a test
-    /// thread may hold blocks left by other tests), and waits for it.
-    private func onFreshThread(_ body: @escaping @Sendable () -> Void) throws {
+    /// Runs `body` on a thread of its own, whose recycled lists start empty, and waits
+    /// for it; the thread keeps freed blocks when `keeping`.
+    private func onFreshThread(keeping: Bool = true, _ body: @escaping @Sendable () -> Void) throws {
         let done = DispatchSemaphore(value: 0)
         try DetachedThread.start {
+            if keeping { RecycledMemory.keepFreedBlocksOnThisThread() }
             body()
             done.signal()
         }
         done.wait()
+    }
+
+    /// A thread that did not ask to keep blocks keeps none: worker threads that drop
+    /// buffers the loops made must not collect them.
+    @Test func aThreadThatDidNotAskKeepsNothing() throws {
+        try onFreshThread(keeping: false) {
+            let blocks = (0..<10).compactMap { _ in RecycledMemory.allocate(8224) }
+            #expect(blocks.count == 10)
+            for block in blocks { RecycledMemory.deallocate(block) }
+            #expect(RecycledMemory.keptByCurrentThread == 0)
+        }
     }
 
     /// A freed block of a class comes back for the next request of that class, so a
@@ -91,11 +103,11 @@ import Testing
         }
     }
 
-    /// A block freed on another thread joins that thread's lists, not the allocating
-    /// thread's: no list is ever touched by two threads.
+    /// A block freed on another thread joins that thread's lists (when it keeps blocks),
+    /// not the allocating thread's: no list is ever touched by two threads.
     @Test func aBlockFreedElsewhereIsKeptByTheFreeingThread() throws {
         nonisolated(unsafe) var block: UnsafeMutableRawPointer?
-        try onFreshThread { block = RecycledMemory.allocate(20_000) }
+        try onFreshThread(keeping: false) { block = RecycledMemory.allocate(20_000) }
         #expect(block != nil)
         nonisolated(unsafe) var keptAfterFree = 0
         try onFreshThread {
