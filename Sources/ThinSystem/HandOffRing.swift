@@ -10,11 +10,11 @@ import Synchronization
 /// lock: the loop must never wait, and here it cannot, since neither side ever holds
 /// anything the other needs.
 ///
-/// Contract: `stage`, `hasRoom`, `publish` and `stagedCount` from the producer only; `take` and
-/// `isEmpty` from the consumer only. Each side must be one thread at a time. Capacity is fixed at creation, and the producer must
-/// check `stage`'s answer (false when full). Cost: no allocation after `init`; one
-/// atomic store per `publish`, one atomic load per `take` that finds its cached view
-/// empty.
+/// Contract: `stage`, `hasRoom`, `publish` and `stagedCount` from the producer only;
+/// `take` and `isEmpty` from the consumer only. Each side must be one thread at a time.
+/// Capacity is fixed at creation, and the producer must check `stage`'s answer (false
+/// when full). Cost: no allocation after `init`; one atomic store per `publish`, one
+/// atomic load per `take` that finds its cached view empty.
 public final class HandOffRing<Element>: @unchecked Sendable {
     private let slots: UnsafeMutablePointer<Element>
     private let mask: Int

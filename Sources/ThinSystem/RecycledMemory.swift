@@ -12,13 +12,15 @@ import CThinSupport
 /// that module touching C. Use the three only with each other: memory from
 /// `allocate` is freed by `deallocate`, never by `free`.
 ///
-/// Cost: `allocate` and `deallocate` are a list push or pop when the thread has a block
-/// of the size class (whole pages, header included), else one malloc or free. Each
-/// thread keeps at most 2 MiB of freed blocks; a thread's blocks are freed when it
-/// exits. Why: per 4 KiB read at queue depth 32, malloc and free of the reply buffer,
-/// and the fast-bin consolidation every such large request sets off, cost about 2,000
-/// of 12,000 user-space instructions (docs/performance.md). Kept on every thread,
-/// peak memory serving 16 exports on the lean loop rose from 43 to 61-67 MiB.
+/// Cost: on a thread that keeps blocks, `allocate` and `deallocate` are a list pop or
+/// push when it has a block of the size class (whole pages, header included) or room
+/// for one, else one malloc or free; elsewhere always one malloc or free. A keeping
+/// thread holds at most 2 MiB of freed blocks, freed when it exits.
+///
+/// Why: per 4 KiB read at queue depth 32, malloc and free of the reply buffer, and the
+/// fast-bin consolidation every such large request sets off, cost about 2,000 of
+/// 12,000 user-space instructions (docs/performance.md). Kept on every thread, peak
+/// memory serving 16 exports on the lean loop rose from 43 to 61-67 MiB.
 public enum RecycledMemory {
     public static let allocate: @convention(c) (Int) -> UnsafeMutableRawPointer? = thinbd_recycled_allocate
     public static let reallocate: @convention(c) (UnsafeMutableRawPointer?, Int, Int) -> UnsafeMutableRawPointer? =
