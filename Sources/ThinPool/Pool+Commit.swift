@@ -116,7 +116,7 @@ extension Pool {
     /// Returns freed data blocks' storage to the host file system (best effort) and the
     /// runs it released, which now read as zeros. Only after commit: until then the
     /// previous commit may still map them.
-    private func discardFreedData(_ freed: Set<UInt64>) -> [Range<UInt64>] {
+    private func discardFreedData(_ freed: BlockNumberSet) -> [Range<UInt64>] {
         var released: [Range<UInt64>] = []
         func release(_ blocks: Range<UInt64>) {
             guard !blocks.isEmpty, device.discard(at: diskOffset(blocks.lowerBound), length: UInt64(blocks.count) * blockSize) else { return }

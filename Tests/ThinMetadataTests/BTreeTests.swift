@@ -141,6 +141,49 @@ func contents(_ tree: BTree, _ root: UInt64) throws -> [UInt64: UInt64] {
         }
     }
 
+    enum RunComesBack: CaseIterable { case freedInTheSameTransaction, freedAndCommitted, unreserved }
+
+    /// A group searched without finding a run is skipped by later searches; each way a run
+    /// can open up in it again must make it found again.
+    @Test(arguments: RunComesBack.allCases)
+    func aGroupWithoutARunIsSearchedAgainOnceBlocksComeBack(_ way: RunComesBack) throws {
+        let e = UInt64(DataSpaceMap.entriesPerGroup)
+        let (store, spaceMap) = try makeStore(dataBlocks: 4 * e)
+        var superblock = Superblock(generation: 1, dataBlockSize: 4096, uuid: [], metadataStart: 2, metadataBlocks: 4096, dataOffset: 1 << 24, dataBlocks: 4 * e, createdAt: 0)
+        func commit() throws {
+            try spaceMap.flushIndex()
+            try store.commit(&superblock)
+            spaceMap.transactionCommitted()
+        }
+        // Groups 0 and 1 taken; then group 1 gets a free block every 20: many free blocks
+        // in it, no run of 32.
+        _ = try spaceMap.allocate(2 * e, near: 0)
+        if way != .freedInTheSameTransaction { try commit() }
+        let holes = Set(stride(from: e + 40, to: 2 * e, by: 20))
+        for block in holes { try spaceMap.decRef(block) }
+        if way != .freedInTheSameTransaction { try commit() }
+        let run = e + 100..<e + 133
+        let hint: UInt64 = 3
+        // The hinted block is taken: the search passes group 0 (full) and group 1 (no run).
+        #expect(try spaceMap.allocate(1, near: hint) == [2 * e..<2 * e + 1])
+
+        switch way {
+        case .freedInTheSameTransaction:
+            for block in run where !holes.contains(block) { try spaceMap.decRef(block) }
+        case .freedAndCommitted:
+            for block in run where !holes.contains(block) { try spaceMap.decRef(block) }
+            #expect(try spaceMap.allocate(1, near: hint) == [2 * e + 1..<2 * e + 2], "freed blocks wait for the commit")
+            try commit()
+        case .unreserved:
+            for block in run where !holes.contains(block) { try spaceMap.decRef(block) }
+            try commit()
+            #expect(try spaceMap.allocate(UInt64(run.count), near: run.lowerBound, reserveOnly: true) == [run])
+            #expect(try spaceMap.allocate(1, near: hint) == [2 * e + 1..<2 * e + 2], "the run is reserved")
+            for block in run { spaceMap.unreserve(block) }
+        }
+        #expect(try spaceMap.allocate(1, near: hint) == [run.lowerBound..<run.lowerBound + 1])
+    }
+
     @Test func fullPoolRefusesWithoutAllocating() throws {
         let (_, spaceMap) = try makeStore(dataBlocks: 100)
         _ = try spaceMap.allocate(90, near: nil)
