@@ -1,21 +1,10 @@
 import Testing
 import ThinMetadata
+import ThinSystem
 
 @Suite struct BlockNumberSetTests {
-    /// A small deterministic generator, so a failure replays.
-    struct SplitMix: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     @Test func agreesWithSetUnderRandomInsertsAndRemovals() {
-        var generator = SplitMix(state: 7)
+        var generator = SplitMix64(seed: 7)
         var model = Set<UInt64>()
         var set = BlockNumberSet()
         // Keys from a narrow range collide and cluster, which is where removal's
