@@ -53,6 +53,39 @@ final class Fixture: @unchecked Sendable {
     }
 }
 
+/// A pool of 4 KiB blocks (`--cache writeback`) with a 1 GiB volume, every block written, a snapshot of it,
+/// and a clone of that snapshot: each first write to one of the clone's blocks
+/// allocates. The clone lives for the whole run, so its allocations accumulate as a
+/// long random writer's do.
+final class SmallBlockFixture: @unchecked Sendable {
+    static let shared = SmallBlockFixture()
+
+    let path: String
+    let pool: Pool
+    let blockSize: UInt64 = 4096
+    let volumeBytes: UInt64 = 1 << 30
+    let clone: UInt64
+    var rng = SplitMix64(seed: 1)
+
+    init() {
+        path = Fixture.shared.directory + "/bench-4k.pool"
+        SystemInfo.removeFile(path)
+        // Through the page cache, so that a write's data costs a copy, not a trip to the
+        // disk, and what is measured is the engine's allocating path.
+        pool = try! Pool.create(path: path, geometry: PoolGeometry(dataSize: 4 << 30, blockSize: 4096), cache: .writeback)
+        let origin = try! pool.createVolume("origin", size: volumeBytes).id
+        Fixture.map(pool, origin, bytes: volumeBytes, blockSize: blockSize)
+        _ = try! pool.snapshot("origin@base")
+        clone = try! pool.clone("origin@base", as: "clone").id
+        try! pool.commit()
+    }
+
+    deinit {
+        try? pool.close()
+        SystemInfo.removeFile(path)
+    }
+}
+
 let benchmarks: @Sendable () -> Void = {
     Benchmark.defaultConfiguration = .init(metrics: [.wallClock, .throughput], warmupIterations: 3, maxDuration: .seconds(10), maxIterations: 200)
 
@@ -92,5 +125,23 @@ let benchmarks: @Sendable () -> Void = {
         }
         benchmark.stopMeasurement()
         try! fixture.pool.delete(name)
+    }
+
+    // A block the clone has not written yet is shared with the snapshot, so its first
+    // write allocates, and the hint (the block after the neighbour's) is taken: the
+    // allocator's run search runs under the pool lock once per such write. It once probed
+    // over a thousand blocks per allocation by the time a few hundred thousand had been
+    // made (docs/performance.md, "The allocator's search").
+    Benchmark("allocation (a clone's random first writes, 4 KiB blocks)", configuration: .init(metrics: [.wallClock, .throughput], scalingFactor: .kilo)) { benchmark in
+        let fixture = SmallBlockFixture.shared
+        let blocks = fixture.volumeBytes / fixture.blockSize
+        let data = AlignedBuffer(count: Int(fixture.blockSize))
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            let block = fixture.rng.next() % blocks
+            try! fixture.pool.write(fixture.clone, at: block * fixture.blockSize, from: UnsafeRawBufferPointer(data.bytes))
+        }
+        benchmark.stopMeasurement()
+        try! fixture.pool.commit()
     }
 }
