@@ -16,8 +16,7 @@ final class Fixture: @unchecked Sendable {
     var snapshots = 0
 
     init() {
-        directory = (SystemInfo.environment("TMPDIR") ?? "/tmp") + "/thinbd-bench-\(SystemInfo.processID)"
-        try! SystemInfo.makeDirectories(directory)
+        directory = Self.makeDirectory()
         let path = directory + "/bench.pool"
         SystemInfo.removeFile(path)
         pool = try! Pool.create(path: path, geometry: PoolGeometry(dataSize: 10 << 30))
@@ -28,6 +27,13 @@ final class Fixture: @unchecked Sendable {
         Self.map(pool, small, bytes: 64 << 20, blockSize: blockSize)
         Self.map(pool, large, bytes: 8 << 30, blockSize: blockSize)
         try! pool.commit()
+    }
+
+    /// This run's directory for pool files, made when missing.
+    static func makeDirectory() -> String {
+        let directory = (SystemInfo.environment("TMPDIR") ?? "/tmp") + "/thinbd-bench-\(SystemInfo.processID)"
+        try! SystemInfo.makeDirectories(directory)
+        return directory
     }
 
     /// Maps every block of the first `bytes` of a volume with a one-byte write.
@@ -68,7 +74,8 @@ final class SmallBlockFixture: @unchecked Sendable {
     var rng = SplitMix64(seed: 1)
 
     init() {
-        path = Fixture.shared.directory + "/bench-4k.pool"
+        // Not `Fixture.shared.directory`: that would build the 10 GiB fixture too.
+        path = Fixture.makeDirectory() + "/bench-4k.pool"
         SystemInfo.removeFile(path)
         // Through the page cache, so that a write's data costs a copy, not a trip to the
         // disk, and what is measured is the engine's allocating path.

@@ -125,7 +125,8 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
             let index = operations.start(parts: requests.count, completion: completion)
         else { return false }
         for request in requests {
-            _ = writer.stage(PageCacheWriter.Job(fd: fd, request: request, slot: index))
+            let staged = writer.stage(PageCacheWriter.Job(fd: fd, request: request, slot: index))
+            assert(staged, "hasRoom said the ring holds them all")
         }
         inFlight += requests.count
         writerInFlight += requests.count
