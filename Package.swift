@@ -10,6 +10,14 @@ import class Foundation.ProcessInfo
 //   -> ThinServe (NBD exports, control socket) -> ThinCLI -> thinbd
 //   NBDProtocol (codecs, handshake state machines) and NBDTLS (credentials, swift-nio-ssl)
 //   -> NBDServer, NBDClient
+// The modules every NBD request runs through, in release builds only: no run-time
+// exclusivity checks. Most of them are swift-nio's ByteBuffer code inlined here, about
+// 1,000 instructions a request (docs/performance.md). Debug builds, which run the tests,
+// keep the checks, so an overlapping access still fails there. Neither module is part of
+// the ThinPool library product, which stays free of unsafe flags for packages that
+// depend on it.
+let requestPathSettings: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+
 let package = Package(
     name: "thinbd",
     platforms: [.macOS(.v15)],
@@ -42,7 +50,9 @@ let package = Package(
         .target(name: "ThinMetadata", dependencies: ["ThinFormat", "ThinSystem"]),
         .target(name: "ThinPool", dependencies: ["ThinMetadata", "ThinFormat", "ThinSystem"]),
         .target(name: "ThinControl", dependencies: ["ThinPool", "ThinFormat", "ThinSystem"]),
-        .target(name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        .target(
+            name: "NBDProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: requestPathSettings),
         .target(
             name: "NBDTLS",
             dependencies: [
@@ -64,7 +74,8 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Atomics", package: "swift-atomics"),
                 "ThinSystem",
-            ]
+            ],
+            swiftSettings: requestPathSettings
         ),
         .target(
             name: "NBDClient",

@@ -17,7 +17,7 @@ public final class DataSpaceMap {
     public static let entriesPerGroup = RefcountLayout.entriesPerBlock
 
     let store: MetadataStore
-    // `dataBlocks`, `groupBlock` and `decremented` are read by every request's in-place
+    // `dataBlocks`, `groupBlock`, `decremented` and `sharedZeroBlock` are read by every request's in-place
     // check under the pool's shared access and written only under its exclusive access;
     // no access to them calls code that reaches them again. The run-time exclusivity
     // check (per thread) adds nothing here and cost about 75 instructions per access.
@@ -57,7 +57,7 @@ public final class DataSpaceMap {
     /// handed out again while still named here, and writers never write it in place
     /// (`adoptSharedZero`). A pool that reopens adopts a new one; the old one is an
     /// ordinary shared block to its mappings.
-    public private(set) var sharedZeroBlock: UInt64?
+    @exclusivity(unchecked) public private(set) var sharedZeroBlock: UInt64?
 
     /// Makes `block` (mapped, holding zeros, written by nobody else) the shared zero block.
     public func adoptSharedZero(_ block: UInt64) {
@@ -146,6 +146,11 @@ public final class DataSpaceMap {
         let rcb = try readGroup(g, location, cachedOnly: cachedOnly)
         return RefcountLayout.count(rcb.bytes, Int(block % UInt64(Self.entriesPerGroup)))
     }
+
+    /// Whether `block` is the shared zero block. (A method rather than the property
+    /// read from another module: that read came with a run-time exclusivity check.)
+    @inline(__always)
+    public func isSharedZero(_ block: UInt64) -> Bool { block == sharedZeroBlock }
 
     /// True when the last commit may still share `block` although its count is now 1.
     public func sharingDroppedThisTransaction(_ block: UInt64) -> Bool { decremented.contains(block) }

@@ -42,18 +42,30 @@ public final class MetadataStore {
     /// The cached blocks, under a small lock of their own: readers holding only shared
     /// access look blocks up concurrently.
     private struct BlockCache {
-        var blocks: [UInt64: MetadataBlock] = [:]
+        /// Keyed without SipHash: every request looks up two or three blocks here.
+        var blocks = BlockNumberMap<MetadataBlock>()
         /// Calls of `read` since the store was made, cached or not.
         var readCalls = 0
+        /// Where the next eviction starts looking, so that successive evictions take
+        /// blocks from all over the table rather than the same slots each time.
+        var evictionCursor = 0
 
         /// Drops about a quarter of the clean blocks. Dirty blocks stay until commit.
+        /// Cost: one pass over at most every slot.
         mutating func evictClean() {
-            var toDrop = max(1, blocks.count / 4)
-            for (number, block) in blocks where !block.dirty {
-                blocks[number] = nil
-                toDrop -= 1
-                if toDrop == 0 { break }
+            let slots = blocks.slotCount
+            guard slots > 0 else { return }
+            let toDrop = max(1, blocks.count / 4)
+            var victims: [UInt64] = []
+            victims.reserveCapacity(toDrop)
+            var position = evictionCursor % slots
+            for _ in 0..<slots where victims.count < toDrop {
+                if let entry = blocks.entry(atSlot: position), !entry.value.dirty { victims.append(entry.key) }
+                position = (position + 1) % slots
             }
+            evictionCursor = position
+            // Removed after the walk: a removal moves later entries of its cluster.
+            for number in victims { blocks.removeValue(forKey: number) }
         }
     }
     private let cache = LockedValue(BlockCache())
@@ -130,8 +142,8 @@ public final class MetadataStore {
         return Int(block - regionStart)
     }
 
-    /// Returns the block, validated against `type`. Cost: a dictionary lookup when
-    /// cached, else one 4 KiB read and a CRC32C.
+    /// Returns the block, validated against `type`. Cost: a hash-table lookup under a
+    /// short lock when cached, else one 4 KiB read and a CRC32C.
     /// With `cachedOnly`, a block that is not cached throws `.notCached` instead of
     /// being read: for callers on threads that must not block.
     public func read(_ number: UInt64, _ type: BlockType, cachedOnly: Bool = false) throws(MetadataError) -> MetadataBlock {
@@ -164,7 +176,7 @@ public final class MetadataStore {
         let limit = cacheLimit
         cache.withLockedValue { cache in
             if cache.blocks.count >= limit { cache.evictClean() }
-            if cache.blocks[block.number] == nil { cache.blocks[block.number] = block }
+            cache.blocks.insertIfAbsent(block, forKey: block.number)
         }
     }
 
@@ -196,7 +208,7 @@ public final class MetadataStore {
         let block = MetadataBlock(number: number)
         _ = NodeView.format(block.bytes, type: type, level: level)
         block.dirty = true
-        cache.withLockedValue { $0.blocks[number] = block }
+        cache.withLockedValue { $0.blocks.updateValue(block, forKey: number) }
         dirtyBlocks[number] = block
         return block
     }
@@ -222,7 +234,7 @@ public final class MetadataStore {
         if let block = dirtyBlocks.removeValue(forKey: number) { block.dirty = false }
         if fresh.remove(number) != nil {
             // Never part of a commit: reusable at once.
-            cache.withLockedValue { $0.blocks[number] = nil }
+            cache.withLockedValue { $0.blocks.removeValue(forKey: number) }
             freeList.append(number)
         } else {
             pendingFree.append(number)
@@ -293,7 +305,7 @@ public final class MetadataStore {
         fresh.removeAll(keepingCapacity: true)
         let limit = cacheLimit
         cache.withLockedValue { [pendingFree] cache in
-            for number in pendingFree { cache.blocks[number] = nil }
+            for number in pendingFree { cache.blocks.removeValue(forKey: number) }
             if cache.blocks.count > limit { cache.evictClean() }
         }
         if pins > 0 {

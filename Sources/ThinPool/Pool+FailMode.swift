@@ -1,6 +1,7 @@
 import ThinFormat
 import ThinMetadata
 import ThinSystem
+import Synchronization
 
 /// Why a pool stopped writing: the first damage found, or the first commit that failed,
 /// while it was open.
@@ -58,6 +59,7 @@ extension Pool {
             guard state.failure == nil else { return nil }
             let failure = PoolFailure(kind: kind, reason: reason, since: SystemInfo.wallClockSeconds())
             state.failure = failure
+            hasFailed.store(true, ordering: .releasing)
             return (failure, state.handler)
         }
         if let (failure, handler) = entered { handler?(failure) }
@@ -93,8 +95,10 @@ extension Pool {
     }
 
     /// Throws `.failed` in fail mode: every change to the pool asks this first.
+    /// Cost: one atomic load while the pool is healthy.
     func refuseChangesIfFailed() throws(PoolError) {
-        if let failure { throw .failed(failure) }
+        guard hasFailed.load(ordering: .acquiring), let failure else { return }
+        throw .failed(failure)
     }
 
     /// In fail mode a commit only flags the superblock for a check, once. No tree

@@ -112,9 +112,9 @@ extension Pool {
             if !plan.requests.isEmpty { try mapErrors { try device.perform(plan.requests) } }
         }
         // Out of the gate: a fetch may wait on the network, and commits must not.
-        guard let fill = plan.origin else { return plan.extents }
+        guard let fill = plan.origin else { return plan.runs.extents }
         try fetch(fill.runs, from: fill.record, volume: id, keep: fill.keep, into: buffer, at: offset)
-        return Self.markingOrigin(plan.extents, fill.record)
+        return Self.markingOrigin(plan.runs.extents, fill.record)
     }
 
     /// Like `read`, but returns once the disk reads are submitted; `completion` runs when
@@ -139,14 +139,15 @@ extension Pool {
             return
         }
         let gate = ioGate
-        let (ticket, extents) = (plan.ticket, plan.extents)
+        let (ticket, extents) = (plan.ticket, plan.runs.extents)
         device.submit(plan.requests) { error in
             gate.leave(ticket)
             completion(error.map { .failure(.io($0)) } ?? .success(extents))
         }
     }
 
-    /// The outcome of `readWithoutBlocking`.
+    /// The outcome of `readWithoutBlocking`. Its extents are those of `read`, except
+    /// that a range mapped throughout gives none (no list to allocate per read).
     public enum NonBlockingRead {
         /// Done (holes, or data the device had at hand); the completion is not called.
         case completed(Result<[Extent], PoolError>)
@@ -160,7 +161,9 @@ extension Pool {
     /// Starts a read without ever blocking the calling thread: for event loops, so that
     /// a read goes from socket to disk and back without a thread hand-off. `queue` must
     /// belong to the calling thread; `completion` runs there (only after `.started`),
-    /// and `buffer` must stay valid until then. Cost: as `read`, minus the waits.
+    /// and `buffer` must stay valid until then. The extents it reports are empty when
+    /// the whole range is mapped (see `NonBlockingRead`). Cost: as `read`, minus the
+    /// waits.
     public func readWithoutBlocking(
         _ id: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, queue: LoopDiskQueue?,
         completion: @escaping (Result<[Extent], PoolError>) -> Void
@@ -178,7 +181,7 @@ extension Pool {
             return .wouldBlock
         }
         let gate = ioGate
-        let (ticket, extents) = (plan.ticket, plan.extents)
+        let (ticket, extents) = (plan.ticket, plan.runs.extentsUnlessAllMapped)
         guard !plan.requests.isEmpty else {
             gate.leave(ticket)
             return .completed(.success(extents))
@@ -198,7 +201,7 @@ extension Pool {
         }
     }
 
-    private typealias ReadPlan = (requests: [IORequest], extents: [Extent], ticket: DrainGate.Ticket, origin: OriginFill?)
+    private typealias ReadPlan = (requests: [IORequest], runs: ExtentList, ticket: DrainGate.Ticket, origin: OriginFill?)
 
     /// What a read of an origin-backed volume must fetch: unmapped ranges below the
     /// origin's size; `keep` when the fetched blocks are stored (volumes, not snapshots).
@@ -218,7 +221,7 @@ extension Pool {
         // From the state's address: a borrowed state would be copied here, per read.
         func plan(_ state: UnsafePointer<PoolState>) throws(PoolError) -> ReadPlan? {
             let volume = try volume(id, writing: false, at: offset, count: UInt64(buffer.count), in: state)
-            var found: (requests: [IORequest], extents: [Extent]) = ([], [])
+            var found: (requests: [IORequest], runs: ExtentList) = ([], ExtentList())
             if buffer.count > 0 {
                 do throws(MetadataError) {
                     found = try lookUpRead(volume, in: state.pointee.mappings, at: offset, into: buffer, cachedOnly: !blocking)
@@ -228,11 +231,11 @@ extension Pool {
                 }
             }
             let fill = volume.record.origin.flatMap { origin -> OriginFill? in
-                let runs = Self.originRuns(found.extents, origin)
+                let runs = Self.originRuns(found.runs.extents, origin)
                 return runs.isEmpty ? nil : OriginFill(record: origin, runs: runs, keep: !isReadOnly)
             }
             // Entered under the lock, so before any commit that frees these blocks.
-            return (found.requests, found.extents, ioGate.enter(), fill)
+            return (found.requests, found.runs, ioGate.enter(), fill)
         }
         if blocking { return try lock.withSharedAddress(plan) }
         return try lock.tryWithSharedAddress(plan) ?? nil
@@ -240,7 +243,7 @@ extension Pool {
 
     private func lookUpRead(
         _ volume: VolumeState, in mappings: BTree, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool
-    ) throws(MetadataError) -> (requests: [IORequest], extents: [Extent]) {
+    ) throws(MetadataError) -> (requests: [IORequest], runs: ExtentList) {
         let end = offset + UInt64(buffer.count)
         var batch = RequestBatch()
         var runs = ExtentList()
@@ -264,7 +267,7 @@ extension Pool {
             UnsafeMutableRawBufferPointer(rebasing: buffer[zeroFrom...]).initializeMemory(as: UInt8.self, repeating: 0)
             runs.add(offset + UInt64(zeroFrom), end, mapped: false)
         }
-        return (batch.requests, runs.extents)
+        return (batch.requests, runs)
     }
 
     // MARK: Extents
@@ -296,17 +299,42 @@ extension Pool {
 
 /// Builds a list of extents, merging a run into the previous one when it continues it
 /// with the same state.
+/// Runs added in order, neighbours of the same kind merged. While every run so far is
+/// mapped and they follow each other, only their span is kept: a read of data alone,
+/// the common case, allocates no list (`extentsUnlessAllMapped`).
 struct ExtentList {
-    var extents: [Extent] = []
+    private var list: [Extent] = []
+    /// The merged mapped runs while `list` is empty.
+    private var mappedSpan: Range<UInt64>?
 
     mutating func add(_ start: UInt64, _ stop: UInt64, mapped: Bool) {
         guard stop > start else { return }
-        if let last = extents.last, last.isMapped == mapped, last.offset + last.length == start {
-            extents[extents.count - 1].length += stop - start
+        if list.isEmpty {
+            if mapped, mappedSpan == nil || mappedSpan?.upperBound == start {
+                mappedSpan = (mappedSpan?.lowerBound ?? start)..<stop
+                return
+            }
+            if let span = mappedSpan {
+                list.append(Extent(offset: span.lowerBound, length: UInt64(span.count), isMapped: true))
+                mappedSpan = nil
+            }
+        }
+        if let last = list.last, last.isMapped == mapped, last.offset + last.length == start {
+            list[list.count - 1].length += stop - start
         } else {
-            extents.append(Extent(offset: start, length: stop - start, isMapped: mapped))
+            list.append(Extent(offset: start, length: stop - start, isMapped: mapped))
         }
     }
+
+    /// Every run, in order.
+    var extents: [Extent] {
+        guard let span = mappedSpan else { return list }
+        return [Extent(offset: span.lowerBound, length: UInt64(span.count), isMapped: true)]
+    }
+
+    /// Every run, or none when they are all mapped (and follow each other): what
+    /// `readWithoutBlocking` reports, without allocating for the common case.
+    var extentsUnlessAllMapped: [Extent] { list }
 }
 
 /// What `Pool.differences(from:to:)` found.

@@ -1,6 +1,7 @@
 import ThinFormat
 import ThinMetadata
 import ThinSystem
+import Synchronization
 
 /// Volume writes: planned under the pool lock (in place, or into new blocks allocated up
 /// front), their data I/O outside it, then mapped under it.
@@ -306,7 +307,7 @@ extension Pool {
         _ id: UInt64, at offset: UInt64, from data: UnsafeRawBufferPointer, queue: LoopDiskQueue?,
         completion: @escaping (PoolError?) -> Void
     ) -> NonBlockingWrite {
-        guard let queue, data.count > 0, failure == nil else { return .wouldBlock }
+        guard let queue, data.count > 0, !hasFailed.load(ordering: .acquiring) else { return .wouldBlock }
         let count = UInt64(data.count)
         let range = blockRange(offset, count)
         guard let hold = rangeLocks.tryHold(id, range) else { return .wouldBlock }
@@ -338,7 +339,7 @@ extension Pool {
     /// it as zeros) and its count is 1. With `cachedOnly`, an uncached refcount block
     /// throws instead of being read. The one rule for `planWrite` and the loop's writes.
     static func ownsForInPlaceWrite(_ physical: UInt64, pathShared: Bool, _ spaceMap: DataSpaceMap, cachedOnly: Bool) throws(MetadataError) -> Bool {
-        guard !pathShared, !spaceMap.sharingDroppedThisTransaction(physical), physical != spaceMap.sharedZeroBlock else { return false }
+        guard !pathShared, !spaceMap.sharingDroppedThisTransaction(physical), !spaceMap.isSharedZero(physical) else { return false }
         return try spaceMap.refcount(physical, cachedOnly: cachedOnly) == 1
     }
 

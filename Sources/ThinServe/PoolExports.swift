@@ -334,7 +334,8 @@ final class VolumeExport: NBDExport, @unchecked Sendable {
     }
 
     /// A read's extents as `NBDExport.read` passes them on: none when all are mapped,
-    /// so that a read of data, the common case, allocates no list for them.
+    /// so that a read of data, the common case, allocates no list for them (the pool's
+    /// non-blocking read reports none already then).
     private static func readExtents(_ extents: [Extent]) -> [NBDExtent] {
         guard extents.contains(where: { !$0.isMapped }) else { return [] }
         return nbdExtents(extents)

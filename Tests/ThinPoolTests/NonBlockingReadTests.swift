@@ -85,7 +85,25 @@ import ThinSystem
         }
         let expected = try pool.read("v", at: 65536, count: 4 * 65536)
         #expect(Array(target.bytes) == expected)
-        #expect(extents == (try pool.extents(id, at: 65536, count: 4 * 65536)))
+        // Mapped throughout: no extents, where `extents` lists the one mapped run.
+        #expect(try pool.extents(id, at: 65536, count: 4 * 65536) == [Extent(offset: 65536, length: 4 * 65536, isMapped: true)])
+        #expect(extents.isEmpty)
+
+        // With a hole in the range, every run, as `read` reports them.
+        result = nil
+        let holed = pool.readWithoutBlocking(id, at: 0, into: target.bytes, queue: queue) { result = $0 }
+        #expect(outcome(holed) == "started")
+        while result == nil && Date() < deadline {
+            queue.submitQueued()
+            if queue.runCompletions() == 0 { usleep(200) }
+        }
+        guard case .success(let holedExtents) = result else {
+            Issue.record("read did not complete: \(String(describing: result))")
+            return
+        }
+        #expect(Array(target.bytes) == (try pool.read("v", at: 0, count: 4 * 65536)))
+        #expect(holedExtents == (try pool.extents(id, at: 0, count: 4 * 65536)))
+        #expect(holedExtents.first == Extent(offset: 0, length: 65536, isMapped: false))
         queue.close()
         // The completion left the I/O gate: a commit (which drains it) finishes.
         try pool.commit()
