@@ -12,13 +12,16 @@
 /// Memory: per slot 8 bytes plus `MemoryLayout<Value?>.stride`, 2-4 slots per entry
 /// while it holds anything; `removeAll` keeps up to `retainedSlots` slots for reuse and
 /// frees the rest. Not thread-safe (a value type: its owner's lock guards it).
+///
+/// The lookups are `@inlinable`, so that other modules (the pool's volume catalog)
+/// get them specialized for their value type instead of calling generic code.
 public struct BlockNumberMap<Value> {
     /// Each slot holds a key plus one; zero marks an empty slot.
-    private var keys: [UInt64] = []
-    private var values: [Value?] = []
+    @usableFromInline var keys: [UInt64] = []
+    @usableFromInline var values: [Value?] = []
     /// 64 minus log2 of the slot count: the hash's top bits index the slots.
-    private var shift = 64
-    public private(set) var count = 0
+    @usableFromInline var shift = 64
+    public internal(set) var count = 0
 
     /// Slots that `removeAll` keeps allocated: enough for a busy transaction of small
     /// writes, not the millions a deleted volume's blocks can take.
@@ -28,14 +31,14 @@ public struct BlockNumberMap<Value> {
 
     public var isEmpty: Bool { count == 0 }
 
-    @inline(__always)
-    private func home(_ key: UInt64) -> Int {
+    @inlinable @inline(__always)
+    func home(_ key: UInt64) -> Int {
         Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> UInt64(shift))
     }
 
     /// The slot holding `key`, or the empty slot where it would go.
-    @inline(__always)
-    private func slot(for key: UInt64) -> (index: Int, found: Bool) {
+    @inlinable @inline(__always)
+    func slot(for key: UInt64) -> (index: Int, found: Bool) {
         let mask = keys.count - 1
         let stored = key &+ 1
         var i = home(key)
@@ -48,14 +51,14 @@ public struct BlockNumberMap<Value> {
     }
 
     /// Cost: O(1) expected.
-    @inline(__always)
+    @inlinable @inline(__always)
     public func contains(_ key: UInt64) -> Bool {
         guard count > 0 else { return false }
         return slot(for: key).found
     }
 
     /// The value for `key`, or nil. Cost: O(1) expected.
-    @inline(__always)
+    @inlinable @inline(__always)
     public subscript(_ key: UInt64) -> Value? {
         guard count > 0 else { return nil }
         let (index, found) = slot(for: key)

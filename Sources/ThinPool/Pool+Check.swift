@@ -133,7 +133,7 @@ struct CommittedView {
 /// The parts of the live state a check compares with what the trees hold (taken under
 /// the exclusive lock, after the pending changes were written into metadata blocks).
 struct LiveView {
-    var volumes: [UInt64: VolumeState]
+    var volumes: VolumeCatalog
     var names: [String: UInt64]
     var spaceMap: DataSpaceMap
     var volumeTableRoot: UInt64

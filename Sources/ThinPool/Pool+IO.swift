@@ -91,6 +91,23 @@ extension Pool {
         return volume
     }
 
+    /// `volume(_:writing:at:count:in:)` for the per-request paths (reads, and writes in
+    /// place): the same checks, but only the volume's lookup fields come back, copied
+    /// without reference counting. When a check fails, the full version runs to throw
+    /// its error.
+    @inline(__always)
+    func volumeLookup(
+        _ id: UInt64, writing: Bool, at offset: UInt64, count: UInt64, in state: UnsafePointer<PoolState>
+    ) throws(PoolError) -> VolumeLookup {
+        if let lookup = state.pointee.volumes.lookup(id), !state.pointee.isClosed,
+            !writing || (!isReadOnly && !hasFailed.load(ordering: .acquiring) && !lookup.isSnapshot)
+        {
+            let (end, overflow) = offset.addingReportingOverflow(count)
+            if !overflow && end <= lookup.virtualSize { return lookup }
+        }
+        return VolumeLookup(try volume(id, writing: writing, at: offset, count: count, in: state).record)
+    }
+
     @inline(__always)
     func diskOffset(_ physical: UInt64, _ inner: UInt64 = 0) -> UInt64 { dataOffset + physical * blockSize + inner }
 
@@ -220,17 +237,18 @@ extension Pool {
         // Shared access: reads plan side by side, and during a commit's I/O.
         // From the state's address: a borrowed state would be copied here, per read.
         func plan(_ state: UnsafePointer<PoolState>) throws(PoolError) -> ReadPlan? {
-            let volume = try volume(id, writing: false, at: offset, count: UInt64(buffer.count), in: state)
+            let volume = try volumeLookup(id, writing: false, at: offset, count: UInt64(buffer.count), in: state)
             var found: (requests: [IORequest], runs: ExtentList) = ([], ExtentList())
             if buffer.count > 0 {
                 do throws(MetadataError) {
-                    found = try lookUpRead(volume, in: state.pointee.mappings, at: offset, into: buffer, cachedOnly: !blocking)
+                    found = try lookUpRead(volume.mappingRoot, in: state.pointee.mappings, at: offset, into: buffer, cachedOnly: !blocking)
                 } catch {
                     if case .notCached = error { return nil }
                     throw noticing(PoolError(error))
                 }
             }
-            let fill = volume.record.origin.flatMap { origin -> OriginFill? in
+            let origin = volume.hasOrigin ? state.pointee.volumes[id]?.record.origin : nil
+            let fill = origin.flatMap { origin -> OriginFill? in
                 let runs = Self.originRuns(found.runs.extents, origin)
                 return runs.isEmpty ? nil : OriginFill(record: origin, runs: runs, keep: !isReadOnly)
             }
@@ -242,14 +260,14 @@ extension Pool {
     }
 
     private func lookUpRead(
-        _ volume: VolumeState, in mappings: BTree, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool
+        _ mappingRoot: UInt64, in mappings: BTree, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool
     ) throws(MetadataError) -> (requests: [IORequest], runs: ExtentList) {
         let end = offset + UInt64(buffer.count)
         var batch = RequestBatch()
         var runs = ExtentList()
         var zeroFrom = 0
         let blocks = (offset / blockSize)..<((end + blockSize - 1) / blockSize)
-        try mappings.forEach(volume.record.mappingRoot, in: blocks, cachedOnly: cachedOnly) { (vb: UInt64, physical: UInt64) -> Bool in
+        try mappings.forEach(mappingRoot, in: blocks, cachedOnly: cachedOnly) { (vb: UInt64, physical: UInt64) -> Bool in
             let start = max(offset, vb * blockSize)
             let stop = min(end, (vb + 1) * blockSize)
             let lower = Int(start - offset)

@@ -313,9 +313,9 @@ extension Pool {
         guard let hold = rangeLocks.tryHold(id, range) else { return .wouldBlock }
         // From the state's address: a borrowed state would be copied here, per write.
         let requests = try? lock.tryWithSharedAddress { state throws(PoolError) -> [IORequest]? in
-            let volume = try volume(id, writing: true, at: offset, count: count, in: state)
-            guard volume.record.origin == nil else { return nil }
-            return try inPlaceRequests(volume, at: offset, data: data, in: state)
+            let volume = try volumeLookup(id, writing: true, at: offset, count: count, in: state)
+            guard !volume.hasOrigin else { return nil }
+            return try inPlaceRequests(volume.mappingRoot, at: offset, data: data, in: state)
         }
         guard let requests = requests ?? nil else {
             rangeLocks.release(hold)
@@ -343,11 +343,11 @@ extension Pool {
         return try spaceMap.refcount(physical, cachedOnly: cachedOnly) == 1
     }
 
-    /// The device writes of `data` at `offset` when every block it touches is mapped,
-    /// owned by `volume` alone (now and in the last commit) and not the shared zero
-    /// block, found in cached metadata; nil otherwise.
+    /// The device writes of `data` at `offset` when every block it touches is mapped (in
+    /// the tree at `mappingRoot`), owned by that volume alone (now and in the last
+    /// commit) and not the shared zero block, found in cached metadata; nil otherwise.
     private func inPlaceRequests(
-        _ volume: VolumeState, at offset: UInt64, data: UnsafeRawBufferPointer, in state: UnsafePointer<PoolState>
+        _ mappingRoot: UInt64, at offset: UInt64, data: UnsafeRawBufferPointer, in state: UnsafePointer<PoolState>
     ) throws(PoolError) -> [IORequest]? {
         let (tree, spaceMap) = (state.pointee.mappings, state.pointee.spaceMap)
         let source = UnsafeMutableRawBufferPointer(mutating: data)
@@ -362,7 +362,7 @@ extension Pool {
                 let vb = position / blockSize
                 let inner = position - vb * blockSize
                 let length = min(blockSize - inner, end - position)
-                guard let (physical, pathShared) = try tree.lookupWithSharing(volume.record.mappingRoot, vb, cachedOnly: true),
+                guard let (physical, pathShared) = try tree.lookupWithSharing(mappingRoot, vb, cachedOnly: true),
                     try Self.ownsForInPlaceWrite(physical, pathShared: pathShared, spaceMap, cachedOnly: true)
                 else { return nil }
                 let lower = Int(position - offset)
