@@ -71,36 +71,31 @@ import ThinSystem
         try pool.write("v", at: 70_000, data)
         let queue = try AIOLoopQueue()
         let target = AlignedBuffer(count: 4 * 65536)
-        var result: Result<[Extent], PoolError>?
-        let start = pool.readWithoutBlocking(id, at: 65536, into: target.bytes, queue: queue) { result = $0 }
-        #expect(outcome(start) == "started")
-        let deadline = Date().addingTimeInterval(10)
-        while result == nil && Date() < deadline {
-            queue.submitQueued()
-            if queue.runCompletions() == 0 { usleep(200) }
+        /// Reads 4 blocks at `offset` through the loop queue; their extents, or nil.
+        func readThroughQueue(at offset: UInt64) -> [Extent]? {
+            var result: Result<[Extent], PoolError>?
+            let start = pool.readWithoutBlocking(id, at: offset, into: target.bytes, queue: queue) { result = $0 }
+            #expect(outcome(start) == "started")
+            let deadline = Date().addingTimeInterval(10)
+            while result == nil && Date() < deadline {
+                queue.submitQueued()
+                if queue.runCompletions() == 0 { usleep(200) }
+            }
+            guard case .success(let extents) = result else {
+                Issue.record("read did not complete: \(String(describing: result))")
+                return nil
+            }
+            return extents
         }
-        guard case .success(let extents) = result else {
-            Issue.record("read did not complete: \(String(describing: result))")
-            return
-        }
-        let expected = try pool.read("v", at: 65536, count: 4 * 65536)
-        #expect(Array(target.bytes) == expected)
+
+        guard let extents = readThroughQueue(at: 65536) else { return }
+        #expect(Array(target.bytes) == (try pool.read("v", at: 65536, count: 4 * 65536)))
         // Mapped throughout: no extents, where `extents` lists the one mapped run.
         #expect(try pool.extents(id, at: 65536, count: 4 * 65536) == [Extent(offset: 65536, length: 4 * 65536, isMapped: true)])
         #expect(extents.isEmpty)
 
         // With a hole in the range, every run, as `read` reports them.
-        result = nil
-        let holed = pool.readWithoutBlocking(id, at: 0, into: target.bytes, queue: queue) { result = $0 }
-        #expect(outcome(holed) == "started")
-        while result == nil && Date() < deadline {
-            queue.submitQueued()
-            if queue.runCompletions() == 0 { usleep(200) }
-        }
-        guard case .success(let holedExtents) = result else {
-            Issue.record("read did not complete: \(String(describing: result))")
-            return
-        }
+        guard let holedExtents = readThroughQueue(at: 0) else { return }
         #expect(Array(target.bytes) == (try pool.read("v", at: 0, count: 4 * 65536)))
         #expect(holedExtents == (try pool.extents(id, at: 0, count: 4 * 65536)))
         #expect(holedExtents.first == Extent(offset: 0, length: 65536, isMapped: false))
