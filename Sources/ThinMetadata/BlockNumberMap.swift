@@ -53,14 +53,15 @@ public struct BlockNumberMap<Value> {
     /// Cost: O(1) expected.
     @inlinable @inline(__always)
     public func contains(_ key: UInt64) -> Bool {
-        guard count > 0 else { return false }
+        // `UInt64.max` is stored as 0, the empty mark: never a member.
+        guard count > 0, key != UInt64.max else { return false }
         return slot(for: key).found
     }
 
     /// The value for `key`, or nil. Cost: O(1) expected.
     @inlinable @inline(__always)
     public subscript(_ key: UInt64) -> Value? {
-        guard count > 0 else { return nil }
+        guard count > 0, key != UInt64.max else { return nil }
         let (index, found) = slot(for: key)
         return found ? values[index] : nil
     }
@@ -99,7 +100,7 @@ public struct BlockNumberMap<Value> {
     /// Removes `key`; returns its value, or nil when it was not there. Cost: O(1) expected.
     @discardableResult
     public mutating func removeValue(forKey key: UInt64) -> Value? {
-        guard count > 0 else { return nil }
+        guard count > 0, key != UInt64.max else { return nil }
         var (hole, found) = slot(for: key)
         guard found else { return nil }
         let removed = values[hole]

@@ -59,9 +59,11 @@ public final class MetadataStore {
             var victims: [UInt64] = []
             victims.reserveCapacity(toDrop)
             var position = evictionCursor % slots
-            for _ in 0..<slots where victims.count < toDrop {
+            var visited = 0
+            while visited < slots && victims.count < toDrop {
                 if let entry = blocks.entry(atSlot: position), !entry.value.dirty { victims.append(entry.key) }
                 position = (position + 1) % slots
+                visited += 1
             }
             evictionCursor = position
             // Removed after the walk: a removal moves later entries of its cluster.

@@ -57,6 +57,12 @@ import ThinSystem
         #expect(removed)
         #expect(set.contains((1 << 48) + 1))
         #expect(Set(set) == [0, 1, UInt64.max - 1, (1 << 48) + 1])
+        // `UInt64.max` would be stored as the empty mark: never a member, and removing
+        // it changes nothing.
+        #expect(!set.contains(UInt64.max))
+        let removedMax = set.remove(UInt64.max)
+        #expect(!removedMax && set.count == 4)
+        #expect(Set(set) == [0, 1, UInt64.max - 1, (1 << 48) + 1])
     }
 
     @Test func removeAllEmptiesSmallAndLargeTables() {

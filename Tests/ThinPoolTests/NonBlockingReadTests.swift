@@ -93,6 +93,9 @@ import ThinSystem
         // Mapped throughout: no extents, where `extents` lists the one mapped run.
         #expect(try pool.extents(id, at: 65536, count: 4 * 65536) == [Extent(offset: 65536, length: 4 * 65536, isMapped: true)])
         #expect(extents.isEmpty)
+        // The blocking read still lists every run, the mapped span included.
+        let scratch = AlignedBuffer(count: 4 * 65536)
+        #expect(try pool.read(id, at: 65536, into: scratch.bytes) == [Extent(offset: 65536, length: 4 * 65536, isMapped: true)])
 
         // With a hole in the range, every run, as `read` reports them.
         guard let holedExtents = readThroughQueue(at: 0) else { return }
