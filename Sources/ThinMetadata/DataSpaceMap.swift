@@ -17,10 +17,11 @@ public final class DataSpaceMap {
     public static let entriesPerGroup = RefcountLayout.entriesPerBlock
 
     let store: MetadataStore
-    // `dataBlocks`, `groupBlock`, `decremented` and `sharedZeroBlock` are read by every request's in-place
-    // check under the pool's shared access and written only under its exclusive access;
-    // no access to them calls code that reaches them again. The run-time exclusivity
-    // check (per thread) adds nothing here and cost about 75 instructions per access.
+    // `dataBlocks`, `groupBlock`, `decremented` and `sharedZeroBlock` are read by every
+    // request's in-place check under the pool's shared access and written only under its
+    // exclusive access; no access to them calls code that reaches them again. The
+    // run-time exclusivity check (per thread) adds nothing here and cost about 75
+    // instructions per access.
     @exclusivity(unchecked) public private(set) var dataBlocks: UInt64
     public private(set) var indexRoot: UInt64
 
