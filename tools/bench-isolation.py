@@ -50,7 +50,7 @@ parser.add_argument("--dir", default=None, help="where the pool goes (default: a
 parser.add_argument("--phase-seconds", type=float, default=5.0)
 parser.add_argument("--keep", action="store_true", help="keep the pool directory")
 parser.add_argument("--nice", type=int, default=10, help="niceness of the load generators (0: same as the reader)")
-parser.add_argument("--transmission", choices=["nio", "lean"], default="nio", help="the server's transmission loop (serve --transmission)")
+parser.add_argument("--transmission", choices=["nio", "lean"], help="the server's transmission loop (serve --transmission; default: serve's own)")
 args = parser.parse_args()
 
 thinbd = os.path.abspath(args.thinbd)
@@ -95,8 +95,8 @@ run(thinbd, "import", pool, "limited", small)
 os.remove(small)
 
 server = subprocess.Popen(
-    [thinbd, "serve", pool, "--socket", sock, "--ephemeral", "job-*=A", "--ephemeral-grace", "1", "--json",
-     "--transmission", args.transmission],
+    [thinbd, "serve", pool, "--socket", sock, "--ephemeral", "job-*=A", "--ephemeral-grace", "1", "--json"]
+    + (["--transmission", args.transmission] if args.transmission else []),
     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 announced = json.loads(server.stdout.readline())
 say(f"server pid {announced['pid']} on {sock}")

@@ -37,10 +37,12 @@ The 4K random read at QD1 reports mean completion latency (microseconds) instead
 IOPS, and its ratio is thinbd's latency over the peer's (lower is better).
 With --ceiling, nbdkit's memory plugin is measured too: no disk at all, the socket's
 ceiling on this machine.
-With --lean, the four thinbd columns are measured again with `serve --transmission lean`
-(the lean transmission loop), with their own ratios and a lean/nio one.
+The four thinbd columns run `serve` with its default transmission loop (lean since
+2026-12-06; nio in older binaries). With --nio (or --lean) they are measured again with
+`serve --transmission nio` (or lean), in columns of their own ("thinbd nio wb, plain"),
+with their own ratios and one against the default's column.
 
-Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold] [--ceiling] [--lean]
+Usage: bench-nbd.py THINBD [--runtime S] [--repeat N] [--only COLUMN,...] [--jobs N,...] [--no-memory] [--tls] [--cold] [--ceiling] [--nio] [--lean]
 """
 import argparse
 import json
@@ -56,6 +58,8 @@ import time
 
 SIZE = 1 << 30
 RAMP = 2
+# The transmission loops `serve --transmission` takes; --nio and --lean add columns for them.
+TRANSMISSIONS = ("nio", "lean")
 
 ALL_JOBS = [
     ("4k randread QD32", dict(rw="randread", bs="4k", iodepth=32, numjobs=1)),
@@ -81,6 +85,7 @@ def parse_arguments():
     parser.add_argument("--tls", action="store_true", help="the TLS comparison instead of the data-path table")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before every job for every server (root)")
     parser.add_argument("--ceiling", action="store_true", help="measure nbdkit's memory plugin too: the socket's ceiling")
+    parser.add_argument("--nio", action="store_true", help="measure thinbd with --transmission nio too (its own columns)")
     parser.add_argument("--lean", action="store_true", help="measure thinbd with --transmission lean too (its own columns)")
     arguments = parser.parse_args()
     if arguments.runtime < 1 or arguments.repeat < 1:
@@ -467,16 +472,18 @@ def main():
         ("nbdkit file", lambda: NbdkitColumn(raw)),
         ("raw libaio", lambda: RawColumn(raw)),
     ]
-    lean = [
-        ("thinbd lean none, CoW", lambda: ThinbdColumn(raw, "none", transmission="lean")),
-        ("thinbd lean none, plain", lambda: ThinbdColumn(raw, "none", plain=True, transmission="lean")),
-        ("thinbd lean wb, CoW", lambda: ThinbdColumn(raw, "writeback", transmission="lean")),
-        ("thinbd lean wb, plain", lambda: ThinbdColumn(raw, "writeback", plain=True, transmission="lean")),
-    ]
-    if ARGUMENTS.lean:
-        columns[4:4] = lean
+    def loop_columns(loop):
+        return [
+            (f"thinbd {loop} none, CoW", lambda: ThinbdColumn(raw, "none", transmission=loop)),
+            (f"thinbd {loop} none, plain", lambda: ThinbdColumn(raw, "none", plain=True, transmission=loop)),
+            (f"thinbd {loop} wb, CoW", lambda: ThinbdColumn(raw, "writeback", transmission=loop)),
+            (f"thinbd {loop} wb, plain", lambda: ThinbdColumn(raw, "writeback", plain=True, transmission=loop)),
+        ]
+    chosen = [loop for loop in TRANSMISSIONS if getattr(ARGUMENTS, loop)]
+    for loop in reversed(chosen):
+        columns[4:4] = loop_columns(loop)
     ceiling = ("nbdkit memory (socket ceiling)", lambda: MemoryColumn())
-    all_columns = columns + ([] if ARGUMENTS.lean else lean) + [ceiling]
+    all_columns = columns + [c for loop in TRANSMISSIONS if loop not in chosen for c in loop_columns(loop)] + [ceiling]
     if ARGUMENTS.ceiling or ONLY:
         columns.append(ceiling)
     if ONLY:
@@ -489,7 +496,7 @@ def main():
     print("preparing " + ", ".join(title for title, _ in columns) + " ...", flush=True)
     results = measure([(title, make()) for title, make in columns])
     memory = None if ARGUMENTS.no_memory else peak_memory_16_exports()
-    lean_memory = None if ARGUMENTS.no_memory or not ARGUMENTS.lean else peak_memory_16_exports("lean")
+    loop_memory = {} if ARGUMENTS.no_memory else {loop: peak_memory_16_exports(loop) for loop in chosen}
 
     print()
     print(f"page cache: {'cold (dropped before every job)' if COLD else 'warm (page-cache servers: file dropped, then the export read once, before every job)'}")
@@ -498,15 +505,16 @@ def main():
               ("wb CoW/none CoW", "thinbd wb, CoW", "thinbd none, CoW"), ("none CoW/raw", "thinbd none, CoW", "raw libaio"),
               ("none plain/raw", "thinbd none, plain", "raw libaio"),
               ("none plain/ceiling", "thinbd none, plain", "nbdkit memory (socket ceiling)"),
-              ("wb plain/ceiling", "thinbd wb, plain", "nbdkit memory (socket ceiling)"),
-              ("lean none CoW/qemu-nbd", "thinbd lean none, CoW", "qemu-nbd qcow2"),
-              ("lean none plain/qemu-nbd", "thinbd lean none, plain", "qemu-nbd qcow2"),
-              ("lean wb CoW/nbdkit", "thinbd lean wb, CoW", "nbdkit file"),
-              ("lean wb plain/nbdkit", "thinbd lean wb, plain", "nbdkit file"),
-              ("lean none CoW/raw", "thinbd lean none, CoW", "raw libaio"),
-              ("lean none plain/raw", "thinbd lean none, plain", "raw libaio"),
-              ("lean/nio none plain", "thinbd lean none, plain", "thinbd none, plain"),
-              ("lean/nio wb plain", "thinbd lean wb, plain", "thinbd wb, plain")]
+              ("wb plain/ceiling", "thinbd wb, plain", "nbdkit memory (socket ceiling)")]
+    for loop in TRANSMISSIONS:
+        ratios += [(f"{loop} none CoW/qemu-nbd", f"thinbd {loop} none, CoW", "qemu-nbd qcow2"),
+                   (f"{loop} none plain/qemu-nbd", f"thinbd {loop} none, plain", "qemu-nbd qcow2"),
+                   (f"{loop} wb CoW/nbdkit", f"thinbd {loop} wb, CoW", "nbdkit file"),
+                   (f"{loop} wb plain/nbdkit", f"thinbd {loop} wb, plain", "nbdkit file"),
+                   (f"{loop} none CoW/raw", f"thinbd {loop} none, CoW", "raw libaio"),
+                   (f"{loop} none plain/raw", f"thinbd {loop} none, plain", "raw libaio"),
+                   (f"{loop}/default none plain", f"thinbd {loop} none, plain", "thinbd none, plain"),
+                   (f"{loop}/default wb plain", f"thinbd {loop} wb, plain", "thinbd wb, plain")]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     print("| job | " + " | ".join(title for title, _ in columns) + " | " + " | ".join(r[0] for r in ratios) + " |")
     print("| --- " * (len(columns) + len(ratios) + 1) + "|")
@@ -550,8 +558,8 @@ def main():
     print()
     if memory is not None:
         print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients: {memory / (1 << 20):.1f} MiB")
-    if lean_memory is not None:
-        print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients, --transmission lean: {lean_memory / (1 << 20):.1f} MiB")
+    for loop, peak in loop_memory.items():
+        print(f"thinbd peak memory (VmHWM) serving 16 exports with 16 clients, --transmission {loop}: {peak / (1 << 20):.1f} MiB")
     if REPEAT > 1:
         print(f"medians of {REPEAT} rounds")
     print(f"total time {time.time() - started:.0f} s")

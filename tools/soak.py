@@ -74,8 +74,12 @@ def sampler():
         stop.wait(2)
 
 
-# One connection first: each event loop makes its disk queue (two descriptors) on its
-# first connection and keeps it, so "idle" is measured after that.
+# Connections first: each swift-nio loop makes its disk queue (a few descriptors) on its
+# first connection and keeps it, so "idle" is measured after that. Four, one after
+# another, reach every loop of a 2-core machine while accepts alternate between loops;
+# if they stopped alternating (every connection on one loop, as once happened when each
+# hand-off to a lean loop also stepped the group's round-robin), a loop's first
+# connection would come during the load and the descriptor check below would fail.
 warm = [subprocess.run(["nbdinfo", f"nbd+unix:///soak-{i}?socket={sock}"], capture_output=True) for i in range(4)]
 idle_rss, idle_fds = rss_kib(), descriptors()
 threading.Thread(target=sampler, daemon=True).start()

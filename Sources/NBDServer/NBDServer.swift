@@ -327,7 +327,10 @@ public final class NBDServer: @unchecked Sendable {
     func handOff(
         _ channel: Channel, to loop: LeanLoop, descriptor: Int32, session: NBDSession, export: NBDExport, leftover: ByteBuffer
     ) -> Bool {
-        let handle = LeanConnectionHandle(loop: loop, closed: group.next().makePromise())
+        // On the channel's own loop: `group.next()` here would step the group's
+        // round-robin once per hand-off, in time with the accepts, and every new
+        // connection would then land on the same swift-nio loop.
+        let handle = LeanConnectionHandle(loop: loop, closed: channel.eventLoop.makePromise())
         let (moved, shuttingDown) = registry.withLockedValue { registry -> (Bool, Bool) in
             let old = ObjectIdentifier(channel)
             guard registry.connections[old] != nil else { return (false, false) }

@@ -55,9 +55,9 @@ struct ServeCommand: ParsableCommand {
     var idlePoll: Int = 200
 
     @Option(help: ArgumentHelp(
-        "Which loop serves requests after a plain-text handshake: nio (default; swift-nio's channel pipeline) or lean (the server's own loop per event loop, fewer instructions per request; experimental). TLS connections always use nio.",
+        "Which loop serves requests after a plain-text handshake: lean (default; the server's own loop per event loop, fewer instructions per request) or nio (swift-nio's channel pipeline, which also does every handshake). TLS connections always use nio.",
         valueName: "LOOP"))
-    var transmission: TransmissionLoop = .channel
+    var transmission: TransmissionLoop = .lean
 
     @Option(name: .customLong("max-connections"), help: "Connections served at once (default 1024); more are closed as soon as they are accepted.")
     var maxConnections: Int = 1024

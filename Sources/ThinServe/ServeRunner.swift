@@ -35,8 +35,10 @@ public struct ServeOptions: Sendable {
     public var handshakeTimeoutMilliseconds = 10_000
     /// `--idle-poll`: how long a loop polls for its next event before sleeping.
     public var idlePollMicroseconds = 200
-    /// `--transmission`: which loop serves requests after a plain-text handshake.
-    public var transmission: TransmissionLoop = .channel
+    /// `--transmission`: which loop serves requests after a plain-text handshake. The
+    /// lean loop, unlike `NBDServer.Configuration`'s own default (the channel), which
+    /// in-process users of the library keep.
+    public var transmission: TransmissionLoop = .lean
     /// Metadata cache size in bytes (clean 4 KiB blocks kept); nil keeps the default (64 MiB).
     public var metadataCacheBytes: UInt64?
     /// `--ephemeral`: export names made on first use.

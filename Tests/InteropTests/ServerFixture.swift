@@ -117,8 +117,9 @@ final class ServedPool {
         }
     }
 
-    /// THINBD_TEST_TRANSMISSION=lean serves every fixture's requests on the lean loop
-    /// (tools/test.sh runs the NBD interop suites once more that way).
+    /// THINBD_TEST_TRANSMISSION=nio (or lean) serves every fixture's requests on that
+    /// loop instead of the default (tools/test.sh runs the NBD interop suites once more
+    /// on nio).
     static let transmission = ProcessInfo.processInfo.environment["THINBD_TEST_TRANSMISSION"]
 
     var pid: Int32 { process?.processIdentifier ?? 0 }
