@@ -25,6 +25,7 @@ parser.add_argument("--seconds", type=int, default=600)
 parser.add_argument("--connections", type=int, default=512)
 parser.add_argument("--exports", type=int, default=32)
 parser.add_argument("--dir", default=None)
+parser.add_argument("--transmission", choices=["lean", "nio"], help="serve --transmission (default: serve's own)")
 args = parser.parse_args()
 
 thinbd = os.path.abspath(args.thinbd)
@@ -47,7 +48,8 @@ for i in range(args.exports):
     run(thinbd, "volume", "create", pool, f"soak-{i}", "--size", "64M")
 
 server = subprocess.Popen(
-    [thinbd, "serve", pool, "--socket", sock, "--json", "--max-connections", str(args.connections + 64)],
+    [thinbd, "serve", pool, "--socket", sock, "--json", "--max-connections", str(args.connections + 64)]
+    + (["--transmission", args.transmission] if args.transmission else []),
     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 pid = json.loads(server.stdout.readline())["pid"]
 

@@ -87,8 +87,9 @@ import ThinPool
         let soak = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent().appendingPathComponent("tools/soak.py").path
         let directory = TemporaryDirectory("thinbd-soak")
+        let transmission = ServedPool.transmission.map { ["--transmission", $0] } ?? []
         let result = try Program.run(
-            "/usr/bin/python3", [soak, CLI.executable, "--seconds", "20", "--dir", directory.path], timeout: 600)
+            "/usr/bin/python3", [soak, CLI.executable, "--seconds", "20", "--dir", directory.path] + transmission, timeout: 600)
         expectSuccess(result, "soak")
         print(result.stdout)
     }

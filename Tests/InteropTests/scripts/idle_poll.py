@@ -32,13 +32,15 @@ ticks = os.sysconf("SC_CLK_TCK")
 
 
 def loop_sleeps():
-    # The event loop threads' (NIO names them NIO-ELT-...): the server's other threads
-    # wake on timers of their own, more often the longer a busy machine makes the run.
+    # The event loop threads' (swift-nio names its loops NIO-ELT-..., the lean loops are
+    # thinbd-lean-N; requests are served on the lean ones unless --transmission nio):
+    # the server's other threads wake on timers of their own, more often the longer a
+    # busy machine makes the run.
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/comm") as f:
-                if not f.read().startswith("NIO-ELT"):
+                if not f.read().startswith(("NIO-ELT", "thinbd-lean")):
                     continue
             with open(f"/proc/{pid}/task/{task}/status") as f:
                 for line in f:
