@@ -41,7 +41,7 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Threads that run requests (default 32); they mostly wait for the disk.")
     var threads: Int?
 
-    @Option(help: "Event loop threads that carry connections (default: one per core), for each transmission loop in use (with lean, as many again for handshakes and TLS). Each has its own disk queue.")
+    @Option(help: "Event loop threads (default: one per core), each with its own disk queue. With --transmission lean (the default) there are this many swift-nio loops for accepts, handshakes and TLS, and as many lean loops that serve requests.")
     var loops: Int?
 
     @Option(help: ArgumentHelp(

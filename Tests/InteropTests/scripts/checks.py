@@ -1,7 +1,14 @@
-"""Helpers shared by the interop scripts: collected failures and the control socket."""
+"""Helpers shared by the interop scripts: collected failures, the control socket, and the
+arguments a script's own `thinbd serve` takes."""
 import errno
 import json
+import os
 import socket
+
+# tools/test.sh's second interop pass (THINBD_TEST_TRANSMISSION=nio) reaches the servers
+# scripts start themselves too: add these to their `thinbd serve` arguments.
+SERVE_TRANSMISSION = (["--transmission", os.environ["THINBD_TEST_TRANSMISSION"]]
+                      if os.environ.get("THINBD_TEST_TRANSMISSION") else [])
 
 failures = []
 

@@ -15,10 +15,7 @@ import sys
 import threading
 import time
 import nbd
-
-# tools/test.sh's second interop pass (THINBD_TEST_TRANSMISSION=nio) reaches servers this
-# script starts too.
-TRANSMISSION = ["--transmission", os.environ["THINBD_TEST_TRANSMISSION"]] if os.environ.get("THINBD_TEST_TRANSMISSION") else []
+from checks import SERVE_TRANSMISSION
 
 thinbd, pool, directory, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 seed = int(sys.argv[5]) if len(sys.argv) > 5 else int.from_bytes(os.urandom(4), "little")
@@ -42,7 +39,7 @@ def serve():
     # THINBD_CRASH_SERVE_ARGS: extra serve arguments, e.g. "--no-flush *" to see the
     # rounds catch a server whose FLUSH does not make writes durable.
     extra = os.environ.get("THINBD_CRASH_SERVE_ARGS", "").split()
-    server = subprocess.Popen([thinbd, "serve", pool, "--socket", sock, "--no-control"] + extra + TRANSMISSION,
+    server = subprocess.Popen([thinbd, "serve", pool, "--socket", sock, "--no-control"] + extra + SERVE_TRANSMISSION,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while not os.path.exists(sock):

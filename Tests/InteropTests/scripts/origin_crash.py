@@ -21,10 +21,7 @@ import sys
 import threading
 import time
 import nbd
-
-# tools/test.sh's second interop pass (THINBD_TEST_TRANSMISSION=nio) reaches servers this
-# script starts too.
-TRANSMISSION = ["--transmission", os.environ["THINBD_TEST_TRANSMISSION"]] if os.environ.get("THINBD_TEST_TRANSMISSION") else []
+from checks import SERVE_TRANSMISSION
 
 BLOCK = 4096
 BLOCKS = 64 * 256  # 64 MiB
@@ -70,7 +67,7 @@ def written(round_, seq, block):
 def serve():
     if os.path.exists(sock):
         os.remove(sock)
-    server = subprocess.Popen([thinbd, "serve", pool, "--socket", sock] + TRANSMISSION, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen([thinbd, "serve", pool, "--socket", sock] + SERVE_TRANSMISSION, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     servers.append(server)
     deadline = time.monotonic() + 30
     while not os.path.exists(sock):
