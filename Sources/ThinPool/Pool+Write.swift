@@ -270,13 +270,15 @@ extension Pool {
             io.copies.removeAll()
         }
         try mapErrors { try device.readCopySources(io.reads.requests) }
+        var copies = RequestBatch()
         for (entry, scratch, data) in io.copies {
             let inner = Int(entry.inner)
             UnsafeMutableRawBufferPointer(rebasing: scratch.bytes[inner..<inner + Int(entry.length)])
                 .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[entry.dataOffset..<entry.dataOffset + Int(entry.length)]))
-            io.writes.add(.write, scratch.bytes, at: diskOffset(entry.target))
+            copies.add(.write, scratch.bytes, at: diskOffset(entry.target))
         }
         try mapErrors { try device.perform(io.writes.requests) }
+        try mapErrors { try device.writeCopies(copies.requests) }
     }
 
     /// Whether `writeInPlaceWithoutBlocking` started.

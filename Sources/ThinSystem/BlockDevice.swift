@@ -43,6 +43,11 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// block is read once, for the copy, and caching it would only cost memory (and,
     /// through readahead, more reads).
     func readCopySources(_ requests: [IORequest]) throws
+    /// Writes the whole new blocks copy-on-write made, as `perform` would. Engines with a
+    /// page cache write them around it: no reader has the block yet, and the next
+    /// commit would otherwise write the copies back inside the next second anyway.
+    /// Crash safety: as `perform`; durable after `barrier()`.
+    func writeCopies(_ requests: [IORequest]) throws
     /// Makes every completed write durable (fdatasync).
     func barrier() throws
     /// Grows or shrinks the backing store.
@@ -117,6 +122,8 @@ extension BlockDevice {
     }
 
     public func readCopySources(_ requests: [IORequest]) throws { try perform(requests) }
+
+    public func writeCopies(_ requests: [IORequest]) throws { try perform(requests) }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try perform([IORequest(.read, buffer, at: offset)])

@@ -31,8 +31,10 @@ enum Peers {
     static let scripts = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("scripts").path
 
     /// Runs one of the Python scripts with /usr/bin/python3 (python3-libnbd).
-    static func python(_ script: String, _ arguments: [String], timeout: TimeInterval = 300) throws -> CLI.Result {
-        try Program.run("/usr/bin/python3", ["\(scripts)/\(script)"] + arguments, timeout: timeout)
+    static func python(
+        _ script: String, _ arguments: [String], environment: [String: String] = [:], timeout: TimeInterval = 300
+    ) throws -> CLI.Result {
+        try Program.run("/usr/bin/python3", ["\(scripts)/\(script)"] + arguments, environment: environment, timeout: timeout)
     }
 }
 

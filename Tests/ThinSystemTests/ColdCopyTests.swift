@@ -98,4 +98,54 @@ import ThinSystem
             withExtendedLifetime((blocks, dirty, sources)) {}
         }
     }
+
+    /// Copies go around the cache (O_DIRECT), and what the cache held of their ranges,
+    /// clean or dirty, never shows through afterwards: reads through the cache and the
+    /// file itself both hold the copies.
+    @Test func copiesAreWrittenAroundTheCache() throws {
+        try Self.withWritebackFile("copywrite") { path, device in
+            // Block 0 clean in the cache, block 1 with a dirty page, block 2 not cached.
+            let old = (0..<3).map { Self.filled(UInt8(40 + $0)) }
+            try device.perform(old.enumerated().map { IORequest(.write, $0.element.bytes, at: UInt64($0.offset * 65536)) })
+            try device.barrier()
+            Self.evict(path)
+            let cachedRead = AlignedBuffer(count: 65536)
+            try device.read(into: cachedRead.bytes, at: 0)
+            let dirty = Self.filled(77, 4096)
+            try device.write(UnsafeRawBufferPointer(dirty.bytes), at: 65536 + 4096)
+            Self.evict(path, at: 131072, count: 65536)
+            try #require(Self.isCached(path, at: 0, count: 65536), "this file system keeps no page cache to test against")
+            #expect(!Self.isCached(path, at: 131072, count: 65536))
+
+            let copies = (0..<3).map { Self.filled(UInt8(60 + $0)) }
+            try device.writeCopies(copies.enumerated().map { IORequest(.write, $0.element.bytes, at: UInt64($0.offset * 65536)) })
+            // Written with O_DIRECT: the uncached block did not come into the cache.
+            #expect(!Self.isCached(path, at: 131072, count: 65536))
+
+            func readBack() throws -> [[UInt8]] {
+                try (0..<3).map { index in
+                    let buffer = AlignedBuffer(count: 65536)
+                    try device.read(into: buffer.bytes, at: UInt64(index * 65536))
+                    return Array(buffer.bytes)
+                }
+            }
+            let expected = (0..<3).map { [UInt8](repeating: UInt8(60 + $0), count: 65536) }
+            #expect(try readBack() == expected)
+            // From the file after a write-back and with the cache dropped: no stale page
+            // was written back over a copy.
+            try device.barrier()
+            Self.evict(path)
+            #expect(try readBack() == expected)
+
+            // A copy O_DIRECT cannot take (an unaligned buffer) goes through the cache.
+            let unaligned = AlignedBuffer(count: 65536 + 4096)
+            let odd = UnsafeMutableRawBufferPointer(rebasing: unaligned.bytes[1..<65537])
+            odd.initializeMemory(as: UInt8.self, repeating: 91)
+            try device.writeCopies([IORequest(.write, odd, at: 196608)])
+            let check = AlignedBuffer(count: 65536)
+            try device.read(into: check.bytes, at: 196608)
+            #expect(check.bytes.allSatisfy { $0 == 91 })
+            withExtendedLifetime((old, cachedRead, dirty, copies, unaligned, check)) {}
+        }
+    }
 }

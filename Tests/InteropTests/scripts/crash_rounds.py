@@ -6,6 +6,10 @@
 #   random 4 KiB blocks that name their round, writer and sequence number, each flushing
 #   every few writes, until the server is killed with SIGKILL at a random moment (by its
 #   own pid). `thinbd check` must then be clean before the next round.
+#   THINBD_CRASH_SNAPSHOTS=1: each round after the first starts with a snapshot of "v", so
+#   the blocks written so far are shared again and the round's first writes to them are
+#   copy-on-write copies (each snapshot must then still hold what was durable when it
+#   was taken).
 import os
 import random
 import signal
@@ -47,6 +51,21 @@ def serve():
             raise RuntimeError(f"server did not start: {server.stderr.read().decode()}")
         time.sleep(0.01)
     return server
+
+
+SNAPSHOTS = os.environ.get("THINBD_CRASH_SNAPSHOTS") == "1"
+snapshots = {}  # snapshot name -> {block: content} when it was taken
+
+
+def verify_snapshots():
+    for name, expected in snapshots.items():
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///{name}?socket={sock}")
+        for block, data in expected.items():
+            if bytes(h.pread(BLOCK, block * BLOCK)) != data:
+                failures.append(f"snapshot {name}: block {block} changed")
+                break
+        h.shutdown()
 
 
 def verify(round_):
@@ -101,8 +120,18 @@ def writer(round_, index, stop):
 
 stats = {"writes": 0}
 for round_ in range(rounds):
+    if SNAPSHOTS and round_ > 0:
+        name = f"v@round{round_}"
+        taken = subprocess.run([thinbd, "snapshot", pool, name], capture_output=True, text=True)
+        if taken.returncode != 0:
+            failures.append(f"round {round_}: snapshot failed:\n{taken.stdout}{taken.stderr}")
+            break
     server = serve()
     verify(round_)
+    if SNAPSHOTS and round_ > 0:
+        # Nothing was written between the snapshot and verify(), which settled every
+        # block of "v": the snapshot holds exactly that.
+        snapshots[name] = dict(durable)
     stop = threading.Event()
     threads = [threading.Thread(target=writer, args=(round_, i, stop)) for i in range(2)]
     for t in threads:
@@ -122,6 +151,7 @@ for round_ in range(rounds):
 if not failures:
     server = serve()
     verify(rounds)
+    verify_snapshots()
     server.send_signal(signal.SIGTERM)
     server.wait()
 print(f"crash rounds: seed {seed}, {rounds} rounds, {len(durable)} blocks verified after the last round")
