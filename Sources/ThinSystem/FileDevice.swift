@@ -70,10 +70,10 @@ public enum PoolFile {
     }
 
     /// The same file opened again with O_DIRECT, for the page-cache engine's copies
-    /// (cold sources read, new blocks written); nil where the kernel has no cachestat (without it a source's state cannot
-    /// be asked without filling the cache), the file system refuses O_DIRECT, or the path
-    /// no longer names the file `fd` has open. Not locked itself: the lock is held
-    /// through `fd`.
+    /// (cold sources read, new blocks written); nil where the kernel has no cachestat
+    /// (without it a source's state cannot be asked without filling the cache), the file
+    /// system refuses O_DIRECT, or the path no longer names the file `fd` has open. Not
+    /// locked itself: the lock is held through `fd`.
     private static func openDirectCompanion(_ path: String, of fd: Int32) -> Int32? {
         guard thinbd_range_cached(fd, 0, 4096) >= 0, let direct = try? Syscall.open(path, flags: O_RDWR | thinbd_o_direct()) else { return nil }
         guard let identity = Syscall.identity(direct), identity == Syscall.identity(fd) else {
@@ -159,11 +159,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// Reads through the page cache what it holds whole, and the rest with O_DIRECT
-    /// (`performDirect`). Whether a range is cached is
-    /// asked with cachestat, because a RWF_NOWAIT read that misses starts readahead of
-    /// the range: the very cache fill avoided here. Without cachestat (Linux before 6.5)
-    /// or O_DIRECT (no `directFD`), or for requests O_DIRECT cannot take, reads go
-    /// through the cache.
+    /// (`performDirect`). Whether a range is cached is asked with cachestat, because a
+    /// RWF_NOWAIT read that misses starts readahead of the range: the very cache fill
+    /// avoided here. Without cachestat (Linux before 6.5) or O_DIRECT (no `directFD`), or
+    /// for requests O_DIRECT cannot take, reads go through the cache.
     public func readCopySources(_ requests: [IORequest]) throws {
         NonBlockingThread.assertMayBlock("synchronous device I/O")
         guard let directFD else { return try perform(requests) }

@@ -8,13 +8,7 @@ import TestSupport
 @Suite struct CrashRoundsTests {
     @Test(.enabled(if: Peers.need("python3-nbd")))
     func killNineWhileWritingLosesNoFlushedWrite() throws {
-        let directory = TemporaryDirectory("thinbd-crash")
-        let pool = directory.path + "/pool"
-        expectSuccess(try CLI.run(["create", pool, "--size", "256M"]), "create")
-        expectSuccess(try CLI.run(["volume", "create", pool, "v", "--size", "64M"]), "volume create")
-        let result = try Peers.python("crash_rounds.py", [CLI.executable, pool, directory.path, "8"], timeout: 600)
-        expectSuccess(result, "crash rounds")
-        #expect(result.stdout.contains("8 rounds"), "\(result.stdout)")
+        try Self.runRounds(poolSize: "256M")
     }
 
     /// The same under `--cache writeback` with a snapshot before every round, so each
@@ -22,13 +16,18 @@ import TestSupport
     /// the rest through the page cache, and the auto-commit and FLUSH make both durable.
     @Test(.enabled(if: Peers.need("python3-nbd")))
     func killNineWhileCopyingUnderWritebackLosesNoFlushedWrite() throws {
-        let directory = TemporaryDirectory("thinbd-crash-cow")
+        try Self.runRounds(
+            poolSize: "512M", environment: ["THINBD_CRASH_SNAPSHOTS": "1", "THINBD_CRASH_SERVE_ARGS": "--cache writeback"])
+    }
+
+    /// Eight rounds of crash_rounds.py on a new pool with a 64 MiB volume "v".
+    static func runRounds(poolSize: String, environment: [String: String] = [:]) throws {
+        let directory = TemporaryDirectory("thinbd-crash")
         let pool = directory.path + "/pool"
-        expectSuccess(try CLI.run(["create", pool, "--size", "512M"]), "create")
+        expectSuccess(try CLI.run(["create", pool, "--size", poolSize]), "create")
         expectSuccess(try CLI.run(["volume", "create", pool, "v", "--size", "64M"]), "volume create")
         let result = try Peers.python(
-            "crash_rounds.py", [CLI.executable, pool, directory.path, "8"],
-            environment: ["THINBD_CRASH_SNAPSHOTS": "1", "THINBD_CRASH_SERVE_ARGS": "--cache writeback"], timeout: 600)
+            "crash_rounds.py", [CLI.executable, pool, directory.path, "8"], environment: environment, timeout: 600)
         expectSuccess(result, "crash rounds")
         #expect(result.stdout.contains("8 rounds"), "\(result.stdout)")
     }
