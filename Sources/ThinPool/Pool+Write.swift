@@ -278,7 +278,8 @@ extension Pool {
             copies.add(.write, scratch.bytes, at: diskOffset(entry.target))
         }
         try mapErrors { try device.perform(io.writes.requests) }
-        try mapErrors { try device.writeCopies(copies.requests) }
+        // Most writes that reach this thread copy nothing.
+        if !copies.requests.isEmpty { try mapErrors { try device.writeCopies(copies.requests) } }
     }
 
     /// Whether `writeInPlaceWithoutBlocking` started.
