@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 #include <pthread.h>
 #include <sys/prctl.h>
+#include <sys/vfs.h>
 #include <stdlib.h>
 #include <malloc.h>
 #include <liburing.h>
@@ -82,6 +83,23 @@ long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long o
     return (long)preadv2(fd, &vector, 1, (off_t)offset, RWF_NOWAIT);
 }
 
+long thinbd_pwrite_dsync(int fd, const void *buffer, unsigned long length, long long offset) {
+    struct iovec vector = { .iov_base = (void *)buffer, .iov_len = length };
+    return (long)pwritev2(fd, &vector, 1, (off_t)offset, RWF_DSYNC);
+}
+
+int thinbd_write_back_range(int fd, long long offset, long long length, int wait) {
+    unsigned flags = wait ? SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+                          : SYNC_FILE_RANGE_WRITE;
+    return sync_file_range(fd, (off64_t)offset, (off64_t)length, flags);
+}
+
+long long thinbd_file_system_type(int fd) {
+    struct statfs status;
+    if (fstatfs(fd, &status) != 0) return -1;
+    return (long long)status.f_type;
+}
+
 #include <stdint.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -96,11 +114,21 @@ struct thinbd_cachestat {
     uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
 };
 
+static int thinbd_cachestat(int fd, long long offset, unsigned long length, struct thinbd_cachestat *status) {
+    struct thinbd_cachestat_range range = { (uint64_t)offset, length };
+    return (int)syscall(__NR_cachestat, fd, &range, status, 0);
+}
+
+long long thinbd_range_dirty_pages(int fd, long long offset, unsigned long length) {
+    struct thinbd_cachestat status;
+    if (thinbd_cachestat(fd, offset, length, &status) != 0) return -1;
+    return (long long)status.nr_dirty;
+}
+
 int thinbd_range_cached(int fd, long long offset, unsigned long length) {
     if (length == 0) return 1;
-    struct thinbd_cachestat_range range = { (uint64_t)offset, length };
     struct thinbd_cachestat status;
-    if (syscall(__NR_cachestat, fd, &range, &status, 0) != 0) return -1;
+    if (thinbd_cachestat(fd, offset, length, &status) != 0) return -1;
     long page = sysconf(_SC_PAGESIZE);
     uint64_t first = (uint64_t)offset / (uint64_t)page;
     uint64_t last = ((uint64_t)offset + length - 1) / (uint64_t)page;

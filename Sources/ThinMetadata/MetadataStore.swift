@@ -276,11 +276,19 @@ public final class MetadataStore {
     /// Crash safety: until the superblock write completes, open finds the previous
     /// commit intact (nothing it uses was written). After it, open finds this one.
     ///
+    /// `newBlocksOnly`: the two barriers are the device's lighter one
+    /// (`writeWithNewBlocksBarrier`), carried by the last metadata block's write and by
+    /// the superblock's: what the commit maps (new data blocks, written with
+    /// `writeNewBlocks`) and its metadata are durable before the superblock is written,
+    /// and data overwritten in place need not be. For the auto-commit; a FLUSH takes
+    /// the full barriers.
+    ///
     /// `duringIO` wraps the writes and barriers: the pool uses it to let lookups run
     /// meanwhile. Nothing may change metadata while it runs (the blocks being written are
     /// the cached ones).
     public func commit(
         _ superblock: inout Superblock,
+        newBlocksOnly: Bool = false,
         duringIO: (() throws(MetadataError) -> Void) throws(MetadataError) -> Void = { io throws(MetadataError) in try io() }
     ) throws(MetadataError) {
         let generation = committedGeneration + 1
@@ -294,11 +302,18 @@ public final class MetadataStore {
         let buffer = AlignedBuffer(count: MetadataLayout.blockSize)
         superblock.encode(into: buffer.bytes)
         let slotOffset = superblock.slot * UInt64(MetadataLayout.blockSize)
+        let superblockWrite = IORequest(.write, buffer.bytes, at: slotOffset)
         try duringIO { () throws(MetadataError) in
-            try wrapIO { try device.perform(requests) }
-            try wrapIO { try device.barrier() }
-            try wrapIO { try device.write(UnsafeRawBufferPointer(buffer.bytes), at: slotOffset) }
-            try wrapIO { try device.barrier() }
+            if newBlocksOnly, let last = requests.last {
+                try wrapIO { try device.writeNewBlocks(Array(requests.dropLast()), bypassingCache: false) }
+                try wrapIO { try device.writeWithNewBlocksBarrier(last) }
+                try wrapIO { try device.writeWithNewBlocksBarrier(superblockWrite) }
+            } else {
+                try wrapIO { try device.writeNewBlocks(requests, bypassingCache: false) }
+                try wrapIO { try device.barrier() }
+                try wrapIO { try device.perform([superblockWrite]) }
+                try wrapIO { try device.barrier() }
+            }
         }
 
         committedGeneration = generation

@@ -6,8 +6,8 @@ import ThinSystem
 /// all. A commit writes the dirty metadata blocks (never over a block the last commit
 /// uses), syncs, writes the superblock into the other slot and syncs again.
 extension Pool {
-    /// Makes every write and change so far durable. Cost: one write per dirty metadata
-    /// block, two barriers (fdatasync), one superblock write.
+    /// Makes every write and change so far durable (a FLUSH). Cost: one write per dirty
+    /// metadata block, two barriers (fdatasync), one superblock write.
     ///
     /// Crash safety: after a crash at any moment, open finds either the previous commit
     /// or this one, complete. A commit that fails puts the pool in fail mode: nothing
@@ -16,12 +16,19 @@ extension Pool {
         try lock.withLock { (state: inout PoolState) throws(PoolError) in try commit(&state) }
     }
 
-    /// A commit for the background (auto-commit), as dm-thin does it: when metadata
-    /// changed, the data written so far is synced first, outside the pool lock, so that
-    /// the commit's own barrier, which writes wait for, has little left to do. When only
-    /// data was overwritten in place (or nothing happened) it does nothing: those writes
-    /// become durable at the next FLUSH, as on a disk with a write cache, and a crash
-    /// before then leaves the pool consistent. Cost: one extra barrier per real commit.
+    /// A commit for the background (auto-commit), as dm-thin does it: it makes durable
+    /// what it maps and no more. Data overwritten in place becomes durable at the next
+    /// FLUSH, as on a disk with a write cache, and a crash before then leaves the pool
+    /// consistent; the commit's barriers are the device's lighter ones
+    /// (`writeWithNewBlocksBarrier`), which on ext4 and XFS write back only the new
+    /// blocks, not every dirty page. The new blocks are written back first, outside
+    /// the pool lock, so that the barriers under it, which writes wait for, have little
+    /// left to do. When only data was overwritten in place (or nothing happened) it
+    /// does nothing.
+    ///
+    /// Crash safety: every block a commit maps holds, after a crash, what it was
+    /// written with when the commit began (or later data); data overwritten in place
+    /// since the last FLUSH may read as before.
     public func commitInBackground() throws(PoolError) {
         if failure != nil {
             // Nothing commits in fail mode; the flag, when damage calls for it, goes out once.
@@ -30,12 +37,13 @@ extension Pool {
         }
         let pending = lock.withSharedAccess { state in !state.isClosed && !isReadOnly && state.hasUncommittedChanges }
         guard pending else { return }
-        try failingOnCommitError { () throws(PoolError) in try mapErrors { try device.barrier() } }
-        try commit()
+        try failingOnCommitError { () throws(PoolError) in try mapErrors { try device.writeBackNewBlocks() } }
+        try lock.withLock { (state: inout PoolState) throws(PoolError) in try commit(&state, newBlocksOnly: true) }
     }
 
-    /// Commits under the exclusive lock the caller holds.
-    func commit(_ state: inout PoolState) throws(PoolError) {
+    /// Commits under the exclusive lock the caller holds. `newBlocksOnly`: the
+    /// auto-commit's lighter barriers (see `commitInBackground`).
+    func commit(_ state: inout PoolState, newBlocksOnly: Bool = false) throws(PoolError) {
         guard !state.isClosed else { throw .closed }
         guard !isReadOnly else { return }
         if let failure {
@@ -44,7 +52,7 @@ extension Pool {
             flagNeedsCheck(&state)
             throw .failed(failure)
         }
-        try failingOnCommitError { () throws(PoolError) in try writeCommit(&state) }
+        try failingOnCommitError { () throws(PoolError) in try writeCommit(&state, newBlocksOnly: newBlocksOnly) }
     }
 
     /// Writes volume records and the space map index into metadata blocks (no I/O).
@@ -75,11 +83,13 @@ extension Pool {
         }
     }
 
-    private func writeCommit(_ state: inout PoolState) throws(PoolError) {
+    private func writeCommit(_ state: inout PoolState, newBlocksOnly: Bool) throws(PoolError) {
         try prepareCommit(&state)
-        guard state.store.hasUncommittedChanges || state.superblock.dataBlocks != state.spaceMap.dataBlocks else {
+        let resized = state.superblock.dataBlocks != state.spaceMap.dataBlocks
+        guard state.store.hasUncommittedChanges || resized else {
             // Only in-place data writes since the last commit: they need the barrier
-            // alone, and reads go on meanwhile.
+            // alone, and reads go on meanwhile; the auto-commit leaves them to FLUSH.
+            guard !newBlocksOnly else { return }
             let device = self.device
             try lock.admittingReaders { _ throws(PoolError) in try mapErrors { try device.barrier() } }
             return
@@ -93,7 +103,9 @@ extension Pool {
         next.committedAt = SystemInfo.wallClockSeconds()
         let poolLock = lock
         try mapErrors {
-            try state.store.commit(&next) { (io: () throws(MetadataError) -> Void) throws(MetadataError) in
+            // A resize changes the file's size: the full barrier, for file systems'
+            // sake (it is rare).
+            try state.store.commit(&next, newBlocksOnly: newBlocksOnly && !resized) { (io: () throws(MetadataError) -> Void) throws(MetadataError) in
                 // Reads may look mappings up while the blocks are written and synced.
                 try poolLock.admittingReaders { _ throws(MetadataError) in try io() }
             }

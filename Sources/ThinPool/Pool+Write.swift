@@ -230,7 +230,10 @@ extension Pool {
     /// batches: the copy-on-write reads, then every write.
     struct WriteDataIO {
         var reads = RequestBatch()
+        /// Overwrites of blocks the volume owns.
         var writes = RequestBatch()
+        /// Writes into new blocks, whole or into blocks that read as zeros already.
+        var newBlocks = RequestBatch()
         var copies: [(entry: BlockWrite, buffer: AlignedBuffer, data: UnsafeRawBufferPointer)] = []
     }
 
@@ -249,7 +252,7 @@ extension Pool {
                 io.writes.add(.write, slice, at: diskOffset(entry.current!, entry.inner))
             } else if entry.length == blockSize || (entry.current == nil && entry.targetReadsZero) {
                 // A whole block, or a fresh block that is known to read as zeros.
-                io.writes.add(.write, slice, at: diskOffset(entry.target, entry.inner))
+                io.newBlocks.add(.write, slice, at: diskOffset(entry.target, entry.inner))
             } else {
                 let scratch = buffers.take(Int(blockSize))
                 if entry.current == nil { scratch.zero() }
@@ -277,9 +280,11 @@ extension Pool {
                 .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[entry.dataOffset..<entry.dataOffset + Int(entry.length)]))
             copies.add(.write, scratch.bytes, at: diskOffset(entry.target))
         }
-        try mapErrors { try device.perform(io.writes.requests) }
-        // Most writes that reach this thread copy nothing.
-        if !copies.requests.isEmpty { try mapErrors { try device.writeCopies(copies.requests) } }
+        if !io.writes.requests.isEmpty { try mapErrors { try device.perform(io.writes.requests) } }
+        // New blocks go as such: the auto-commit that maps them makes them durable (and
+        // not the data overwritten in place). Copies go around the page cache.
+        if !io.newBlocks.requests.isEmpty { try mapErrors { try device.writeNewBlocks(io.newBlocks.requests, bypassingCache: false) } }
+        if !copies.requests.isEmpty { try mapErrors { try device.writeNewBlocks(copies.requests, bypassingCache: true) } }
     }
 
     /// Whether `writeInPlaceWithoutBlocking` started.

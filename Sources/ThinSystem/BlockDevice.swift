@@ -43,13 +43,30 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// block is read once, for the copy, and caching it would only cost memory (and,
     /// through readahead, more reads).
     func readCopySources(_ requests: [IORequest]) throws
-    /// Writes the whole new blocks copy-on-write made, as `perform` would. Engines with a
-    /// page cache write them around it: no reader has the block yet, and the next
-    /// commit would otherwise write the copies back inside the next second anyway.
-    /// Crash safety: as `perform`; durable after `barrier()`.
-    func writeCopies(_ requests: [IORequest]) throws
+    /// Writes blocks that no commit maps yet (a write's new blocks, copy-on-write's
+    /// copies, a commit's metadata blocks), as `perform` would, and keeps track of them:
+    /// they are what `writeWithNewBlocksBarrier` makes durable. With `bypassingCache`
+    /// engines with a page cache write around it where they can: no reader has the
+    /// block yet, and the next commit would otherwise write it back at once.
+    /// Crash safety: durable after `barrier()` or `writeWithNewBlocksBarrier`.
+    func writeNewBlocks(_ requests: [IORequest], bypassingCache: Bool) throws
     /// Makes every completed write durable (fdatasync).
     func barrier() throws
+    /// The auto-commit's barrier, lighter than `barrier()`: writes `request` (bytes only
+    /// the caller writes meanwhile: a commit's last metadata block or its superblock
+    /// slot) and returns once it is durable together with every completed
+    /// `writeNewBlocks` write, every completed `discard`, and the file's size and
+    /// allocation. Other completed writes through a page cache (data overwritten in
+    /// place) may stay volatile until the next `barrier()`, as in a disk's write cache:
+    /// what a commit maps never depends on them.
+    /// Cost on ext4 and XFS through the page cache: the new blocks' write-back, one
+    /// journal (log) commit and a cache flush, not the write-back of every dirty page.
+    /// Elsewhere it is the write and `barrier()`.
+    func writeWithNewBlocksBarrier(_ request: IORequest) throws
+    /// Writes back, without a cache flush, what `writeWithNewBlocksBarrier` would: done
+    /// before a commit takes the pool's lock, so that the barrier under it has little
+    /// left. Not durable by itself. Default (no page cache): `barrier()`.
+    func writeBackNewBlocks() throws
     /// Grows or shrinks the backing store.
     func setSize(_ newSize: UInt64) throws
     /// Makes the host hold storage for the byte range now, so later writes there cannot
@@ -57,7 +74,9 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// backing store cannot; throws when it has no room (ENOSPC). Contents unchanged.
     func preallocate(at offset: UInt64, length: UInt64) throws -> Bool
     /// Best effort: releases the byte range's storage; reads of it then return zeros.
-    /// Returns false when the backing store cannot do that.
+    /// Returns false when the backing store cannot do that. Durable, like a new block,
+    /// after `barrier()` or `writeWithNewBlocksBarrier` (the file system's record of the
+    /// hole is metadata of the file).
     func discard(at offset: UInt64, length: UInt64) -> Bool
     /// Bytes the host really stores (sparse files), when known.
     var allocatedBytes: UInt64? { get }
@@ -123,7 +142,14 @@ extension BlockDevice {
 
     public func readCopySources(_ requests: [IORequest]) throws { try perform(requests) }
 
-    public func writeCopies(_ requests: [IORequest]) throws { try perform(requests) }
+    public func writeNewBlocks(_ requests: [IORequest], bypassingCache: Bool) throws { try perform(requests) }
+
+    public func writeWithNewBlocksBarrier(_ request: IORequest) throws {
+        try perform([request])
+        try barrier()
+    }
+
+    public func writeBackNewBlocks() throws { try barrier() }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try perform([IORequest(.read, buffer, at: offset)])

@@ -89,7 +89,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     let fd: Int32
     /// The file opened with O_DIRECT as well (nil where that cannot be): copy-on-write
     /// sources the page cache does not hold are read through it (`readCopySources`),
-    /// and the new blocks are written through it (`writeCopies`).
+    /// and the copies are written through it (`writeNewBlocks` with `bypassingCache`).
     /// Through the cache, each such read filled it with a block the clone never reads
     /// again from there, readahead beyond it included; a fresh clone's first seconds of
     /// cold 4K random writes ran 1.6-2.8 times slower for it (docs/performance.md). The
@@ -98,10 +98,26 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     let directFD: Int32?
     private let closeLock = Lock()
     private var closed = false
+    /// Whether a ranged sync (`Syscall.pwriteDurably`) makes the whole file's allocation
+    /// durable and flushes the device's cache, as on ext4 and XFS (a per-inode journal
+    /// or log force): then the auto-commit's barrier writes back only the new blocks
+    /// (`writeWithNewBlocksBarrier`). Elsewhere it is a fdatasync.
+    let limitsCommitBarriers: Bool
+    /// The ranges `writeNewBlocks` wrote through the page cache since the last barrier,
+    /// or nil when there were too many to keep (the next barrier is then a fdatasync).
+    private let newBlocksInCache = LockedValue<[Range<UInt64>]?>([])
+    /// More new-block ranges than this between barriers (a client writing without the
+    /// auto-commit or a FLUSH) and the list is dropped for a fdatasync.
+    static let newBlockRangeLimit = 1 << 18
+
+    /// File systems whose fdatasync of a range commits the inode's whole allocation and
+    /// flushes the device's cache (statfs magic numbers): ext2/3/4 and XFS.
+    static let fileSystemsWithRangedSync: Set<Int64> = [0xEF53, 0x5846_5342]
 
     init(fd: Int32, directFD: Int32? = nil) {
         self.fd = fd
         self.directFD = directFD
+        limitsCommitBarriers = Syscall.fileSystemType(fd).map(Self.fileSystemsWithRangedSync.contains) ?? false
     }
 
     deinit { close() }
@@ -182,27 +198,29 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         try performDirect(misses, on: directFD)
     }
 
-    /// Writes copy-on-write's new blocks with O_DIRECT (those it can take), side by side
-    /// through a ring. Through the cache, each copy became dirty pages that the next
-    /// second's commit had to write back while the clone's writes went on, and one large
-    /// folio per block that the clone's 4 KiB writes then dirtied whole. The kernel keeps
-    /// the descriptors coherent: a direct write first writes back any dirty cached pages
-    /// of its range and drops the cached ones after. No reader can have the block before
-    /// it is mapped, after this returns.
+    /// Writes new blocks. With `bypassingCache` (copy-on-write's copies) those O_DIRECT
+    /// can take go around the page cache, side by side through a ring. Through the
+    /// cache, each copy became dirty pages that the next second's commit had to write
+    /// back while the clone's writes went on, and one large folio per block that the
+    /// clone's 4 KiB writes then dirtied whole. The kernel keeps the descriptors
+    /// coherent: a direct write first writes back any dirty cached pages of its range
+    /// and drops the cached ones after. No reader can have the block before it is
+    /// mapped, after this returns. What went through the cache is remembered for the
+    /// auto-commit's barrier.
     ///
-    /// Crash safety: as `perform`. The commit's `fdatasync` on the other descriptor of
-    /// the same file flushes the device's cache and commits the file system's record of
-    /// any storage the direct writes allocated (ext4 and XFS keep it per inode).
-    public func writeCopies(_ requests: [IORequest]) throws {
+    /// Crash safety: the commit's barrier on the other descriptor of the same file
+    /// flushes the device's cache and commits the file system's record of any storage
+    /// the direct writes allocated (ext4 and XFS keep it per inode).
+    public func writeNewBlocks(_ requests: [IORequest], bypassingCache: Bool) throws {
         NonBlockingThread.assertMayBlock("synchronous device I/O")
-        guard let directFD else { return try perform(requests) }
         var direct: [IORequest] = []
         var buffered: [IORequest] = []
         for request in requests where request.buffer.count > 0 {
-            if request.isDirectIOAligned { direct.append(request) } else { buffered.append(request) }
+            if bypassingCache && directFD != nil && request.isDirectIOAligned { direct.append(request) } else { buffered.append(request) }
         }
-        try perform(buffered)
-        try performDirect(direct, on: directFD)
+        try performOneByOne(buffered)
+        rememberNewBlocks(buffered)
+        if let directFD, try !performDirect(direct, on: directFD) { rememberNewBlocks(direct) }
     }
 
     /// Runs requests O_DIRECT can take through `directFD`, through a ring even when
@@ -210,17 +228,55 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     /// read, often exclusive for a write) until the disk answers, and every write
     /// through the page cache, the clone's in-place writes included, waits for it
     /// meanwhile; a ring's holds it only to submit. Falls back to the page cache where
-    /// O_DIRECT is refused after all (EINVAL: a sector larger than 4 KiB).
-    private func performDirect(_ requests: [IORequest], on directFD: Int32) throws {
-        guard !requests.isEmpty else { return }
-        guard let ring = borrowRing() else { return try performOneByOne(requests, on: directFD) }
+    /// O_DIRECT is refused after all (EINVAL: a sector larger than 4 KiB). Returns
+    /// whether every request went around the cache.
+    @discardableResult
+    private func performDirect(_ requests: [IORequest], on directFD: Int32) throws -> Bool {
+        guard !requests.isEmpty else { return true }
+        guard let ring = borrowRing() else {
+            try performOneByOne(requests, on: directFD)
+            // One by one, any of them may have fallen back to the cache.
+            return false
+        }
         defer { returnRing(ring) }
         do throws(SystemError) {
             try ring.performAndWait(fd: directFD, requests)
+            return true
         } catch {
             guard error.code == .invalidArgument else { throw error }
             try perform(requests)
+            return false
         }
+    }
+
+    private func rememberNewBlocks(_ requests: [IORequest]) {
+        guard limitsCommitBarriers, !requests.isEmpty else { return }
+        newBlocksInCache.withLockedValue { pending in
+            guard pending != nil else { return }
+            if pending!.count + requests.count > Self.newBlockRangeLimit {
+                pending = nil
+                return
+            }
+            for request in requests { pending!.append(request.offset..<request.offset + UInt64(request.buffer.count)) }
+        }
+    }
+
+    /// The remembered new-block ranges, sorted and merged, and a fresh list; nil when
+    /// there were too many.
+    private func takeNewBlocks() -> [Range<UInt64>]? {
+        guard let ranges = newBlocksInCache.withLockedValue({ pending in
+            defer { pending = [] }
+            return pending
+        }) else { return nil }
+        var merged: [Range<UInt64>] = []
+        for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+            if let last = merged.last, range.lowerBound <= last.upperBound {
+                merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, range.upperBound)
+            } else {
+                merged.append(range)
+            }
+        }
+        return merged
     }
 
     private func performOneByOne(_ requests: [IORequest], on descriptor: Int32? = nil) throws {
@@ -285,7 +341,32 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     public func barrier() throws {
         NonBlockingThread.assertMayBlock("a device barrier")
+        // Taken before the sync: new blocks written from here on stay for the next one.
+        _ = takeNewBlocks()
         try Syscall.fdatasync(fd)
+    }
+
+    /// Where the file system allows it (`limitsCommitBarriers`): the remembered new
+    /// blocks' write-back, then `request` written with RWF_DSYNC, whose ranged sync
+    /// commits the inode's journal (log) and flushes the device's cache, which makes the
+    /// direct writes durable too. Data overwritten in place through the cache is left to
+    /// the kernel's write-back and the next FLUSH.
+    public func writeWithNewBlocksBarrier(_ request: IORequest) throws {
+        NonBlockingThread.assertMayBlock("a device barrier")
+        precondition(request.kind == .write, "a barrier write writes")
+        if limitsCommitBarriers, let ranges = takeNewBlocks() {
+            try Syscall.writeBack(fd, ranges)
+            if try Syscall.pwriteDurably(fd, UnsafeRawBufferPointer(request.buffer), request.offset) { return }
+        }
+        try transfer(request, on: fd)
+        try barrier()
+    }
+
+    public func writeBackNewBlocks() throws {
+        NonBlockingThread.assertMayBlock("a device write-back")
+        guard limitsCommitBarriers else { return try barrier() }
+        guard let ranges = takeNewBlocks() else { return try barrier() }
+        try Syscall.writeBack(fd, ranges)
     }
 
     public func setSize(_ newSize: UInt64) throws { try Syscall.ftruncate(fd, newSize) }

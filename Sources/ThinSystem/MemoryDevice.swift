@@ -5,14 +5,17 @@ import Dispatch
 /// It keeps two images: what reads see now, and what would survive a power cut (the
 /// state at the last `barrier()`). Writes since the last barrier are "volatile"; a
 /// simulated crash keeps a random subset of them, in any order, as a disk cache might.
+/// `writeWithNewBlocksBarrier` makes only the new blocks (`writeNewBlocks`) and discards
+/// durable, as the file device's lighter barrier does; data written in place through
+/// `perform` stays volatile until `barrier()`.
 public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     static let pageSize = 4096
 
     private let lock = Lock()
     private var pages: [UInt64: [UInt8]] = [:]
     private var durablePages: [UInt64: [UInt8]] = [:]
-    /// Writes since the last barrier; a nil `bytes` is a discard of `length` bytes.
-    private var volatileWrites: [(offset: UInt64, length: Int, bytes: [UInt8]?)] = []
+    /// Writes since the last barrier, oldest first.
+    private var volatileWrites: [VolatileWrite] = []
     private var currentSize: UInt64
     private var durableSize: UInt64
 
@@ -185,7 +188,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
 
     /// `perform` without the blocking check: reads from memory never wait (writes may,
     /// when a test holds them).
-    private func performInMemory(_ requests: [IORequest]) throws {
+    private func performInMemory(_ requests: [IORequest], tracked: Bool = false) throws {
         if let hold = lock.withLock({ writeHold }),
             requests.contains(where: { $0.kind == .write && hold.range.overlaps($0.offset..<($0.offset + UInt64($0.buffer.count))) })
         {
@@ -221,7 +224,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                     if let drop = dropWritesAfter, writeCount > drop { continue }
                     let bytes = [UInt8](UnsafeRawBufferPointer(request.buffer))
                     store(bytes, at: request.offset, length: bytes.count, durable: false)
-                    volatileWrites.append((request.offset, bytes.count, bytes))
+                    volatileWrites.append(VolatileWrite(offset: request.offset, length: bytes.count, bytes: bytes, tracked: tracked))
                 }
             }
         }
@@ -242,6 +245,45 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func barrier() throws {
+        try passBarrier {
+            for write in volatileWrites {
+                Self.apply(write.bytes, at: write.offset, length: write.length, to: &durablePages)
+            }
+            volatileWrites.removeAll(keepingCapacity: true)
+        }
+    }
+
+    public func writeNewBlocks(_ requests: [IORequest], bypassingCache: Bool) throws {
+        NonBlockingThread.assertMayBlock("synchronous device I/O")
+        try performInMemory(requests, tracked: true)
+    }
+
+    /// Makes the new blocks and discards durable, in order; the in-place writes they
+    /// overlap (older ones) can no longer reach the disk after them, and later ones stay
+    /// volatile. Counts as a barrier for `barrierCount`, holds and injected faults.
+    public func writeWithNewBlocksBarrier(_ request: IORequest) throws {
+        NonBlockingThread.assertMayBlock("a device barrier")
+        try performInMemory([request], tracked: true)
+        try passBarrier {
+            var kept: [VolatileWrite] = []
+            for write in volatileWrites {
+                guard write.tracked else {
+                    kept.append(write)
+                    continue
+                }
+                Self.apply(write.bytes, at: write.offset, length: write.length, to: &durablePages)
+                kept = kept.flatMap { $0.removing(write.offset..<write.offset + UInt64(write.length)) }
+            }
+            volatileWrites = kept
+        }
+    }
+
+    /// Nothing becomes durable without a barrier here: memory has no write-back to start.
+    public func writeBackNewBlocks() throws {}
+
+    /// A barrier's checks (holds, power cut, injected failures), then `makeDurable`
+    /// under the lock.
+    private func passBarrier(_ makeDurable: () -> Void) throws {
         NonBlockingThread.assertMayBlock("a device barrier")
         if let hold = lock.withLock({ barrierHold }) {
             barrierWaiting.signal()
@@ -260,10 +302,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
                 powerIsCut = true
                 throw SystemError(.io, "device lost power")
             }
-            for write in volatileWrites {
-                Self.apply(write.bytes, at: write.offset, length: write.length, to: &durablePages)
-            }
-            volatileWrites.removeAll(keepingCapacity: true)
+            makeDurable()
             durableSize = currentSize
         }
     }
@@ -285,7 +324,7 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
         lock.withLock {
             if powerIsCut { return false }
             store(nil, at: offset, length: Int(length), durable: false)
-            volatileWrites.append((offset, Int(length), nil))
+            volatileWrites.append(VolatileWrite(offset: offset, length: Int(length), bytes: nil, tracked: true))
             return true
         }
     }
@@ -340,6 +379,31 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     private func store(_ source: [UInt8]?, at offset: UInt64, length: Int, durable: Bool) {
         Self.apply(source, at: offset, length: length, to: &pages)
         if durable { Self.apply(source, at: offset, length: length, to: &durablePages) }
+    }
+}
+
+/// A write since the last barrier; nil `bytes` is a discard of `length` bytes.
+/// `tracked`: a new block or a discard, which `writeWithNewBlocksBarrier` makes durable.
+private struct VolatileWrite {
+    var offset: UInt64
+    var length: Int
+    var bytes: [UInt8]?
+    var tracked: Bool
+
+    /// What is left of this write outside `range`: none, one or two pieces.
+    func removing(_ range: Range<UInt64>) -> [VolatileWrite] {
+        let end = offset + UInt64(length)
+        guard range.lowerBound < end, offset < range.upperBound else { return [self] }
+        var pieces: [VolatileWrite] = []
+        if offset < range.lowerBound { pieces.append(slice(offset..<range.lowerBound)) }
+        if range.upperBound < end { pieces.append(slice(range.upperBound..<end)) }
+        return pieces
+    }
+
+    private func slice(_ part: Range<UInt64>) -> VolatileWrite {
+        let lower = Int(part.lowerBound - offset)
+        let upper = Int(part.upperBound - offset)
+        return VolatileWrite(offset: part.lowerBound, length: upper - lower, bytes: bytes.map { Array($0[lower..<upper]) }, tracked: tracked)
     }
 }
 

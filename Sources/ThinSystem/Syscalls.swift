@@ -50,6 +50,51 @@ enum Syscall {
         _ = try retrying("fdatasync") { Glibc.fdatasync(fd) }
     }
 
+    /// Writes `buffer` at `offset` with RWF_DSYNC: each call returns once its bytes are
+    /// durable, as a fdatasync of that range would make them (on ext4 and XFS that is
+    /// the range's write-back, the inode's journal or log, and a device cache flush).
+    /// Returns false, having written nothing, when the kernel has no RWF_DSYNC.
+    static func pwriteDurably(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, _ offset: UInt64) throws(SystemError) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = thinbd_pwrite_dsync(fd, buffer.baseAddress! + done, UInt(buffer.count - done), Int64(offset) + Int64(done))
+            if n < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                if done == 0 && (code == EOPNOTSUPP || code == EINVAL) { return false }
+                throw SystemError(SystemError.Code(rawValue: code), "pwritev2 RWF_DSYNC")
+            }
+            if n == 0 { throw SystemError(.io, "pwritev2 made no progress") }
+            done += n
+        }
+        return true
+    }
+
+    /// Writes back the ranges' dirty pages and waits for them (sync_file_range): every
+    /// range's write-back is started first, then each is waited for, so the disk has
+    /// them all at once. No device cache flush and no file system metadata: not
+    /// durable by itself.
+    static func writeBack(_ fd: Int32, _ ranges: [Range<UInt64>]) throws(SystemError) {
+        for wait: Int32 in [0, 1] {
+            for range in ranges {
+                _ = try retrying("sync_file_range") { thinbd_write_back_range(fd, Int64(range.lowerBound), Int64(range.count), wait) }
+            }
+        }
+    }
+
+    /// The file system's magic number (statfs f_type), nil when it cannot be had.
+    static func fileSystemType(_ fd: Int32) -> Int64? {
+        let type = thinbd_file_system_type(fd)
+        return type < 0 ? nil : type
+    }
+
+    /// Dirty pages the page cache holds in the range, nil when the kernel cannot say
+    /// (cachestat, Linux 6.5). For tests of what a barrier wrote back.
+    static func dirtyPages(_ fd: Int32, _ offset: UInt64, _ length: UInt64) -> Int64? {
+        let count = thinbd_range_dirty_pages(fd, Int64(offset), UInt(length))
+        return count < 0 ? nil : count
+    }
+
     static func fileSize(_ fd: Int32) throws(SystemError) -> UInt64 {
         var st = stat()
         _ = try retrying("fstat") { Glibc.fstat(fd, &st) }

@@ -118,7 +118,7 @@ import ThinSystem
             #expect(!Self.isCached(path, at: 131072, count: 65536))
 
             let copies = (0..<3).map { Self.filled(UInt8(60 + $0)) }
-            try device.writeCopies(copies.enumerated().map { IORequest(.write, $0.element.bytes, at: UInt64($0.offset * 65536)) })
+            try device.writeNewBlocks(copies.enumerated().map { IORequest(.write, $0.element.bytes, at: UInt64($0.offset * 65536)) }, bypassingCache: true)
             // Written with O_DIRECT: the uncached block did not come into the cache.
             #expect(!Self.isCached(path, at: 131072, count: 65536))
 
@@ -141,7 +141,7 @@ import ThinSystem
             let unaligned = AlignedBuffer(count: 65536 + 4096)
             let odd = UnsafeMutableRawBufferPointer(rebasing: unaligned.bytes[1..<65537])
             odd.initializeMemory(as: UInt8.self, repeating: 91)
-            try device.writeCopies([IORequest(.write, odd, at: 196608)])
+            try device.writeNewBlocks([IORequest(.write, odd, at: 196608)], bypassingCache: true)
             let check = AlignedBuffer(count: 65536)
             try device.read(into: check.bytes, at: 196608)
             #expect(check.bytes.allSatisfy { $0 == 91 })

@@ -65,6 +65,22 @@ long thinbd_pread_nowait(int fd, void *buffer, unsigned long length, long long o
 /// Returns 1 (all cached), 0 (not all), or -1 when the kernel cannot say (no cachestat).
 int thinbd_range_cached(int fd, long long offset, unsigned long length);
 
+/// Dirty pages the page cache holds in the byte range (cachestat), or -1 when the
+/// kernel cannot say.
+long long thinbd_range_dirty_pages(int fd, long long offset, unsigned long length);
+
+/// pwritev2(RWF_DSYNC) of one buffer: returns once the bytes written are durable, as
+/// fdatasync of that range would make them. Returns the byte count, or -1 with errno.
+long thinbd_pwrite_dsync(int fd, const void *buffer, unsigned long length, long long offset);
+
+/// sync_file_range: starts the write-back of the range's dirty pages and, with `wait`,
+/// waits for it (WAIT_BEFORE | WRITE | WAIT_AFTER); no cache flush, no metadata.
+/// 0, or -1 with errno set.
+int thinbd_write_back_range(int fd, long long offset, long long length, int wait);
+
+/// fstatfs's f_type (the file system's magic number), or -1 with errno set.
+long long thinbd_file_system_type(int fd);
+
 /// An io_uring instance (liburing's, behind this small interface).
 typedef struct thinbd_ring thinbd_ring;
 
