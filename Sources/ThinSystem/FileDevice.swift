@@ -167,7 +167,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     private func returnRing(_ ring: URingLoopQueue) {
         let kept = idleRings.withLockedValue { state -> Bool in
-            guard state.rings.count < Self.idleRingLimit else { return false }
+            guard !ring.isBroken, state.rings.count < Self.idleRingLimit else { return false }
             state.rings.append(ring)
             return true
         }

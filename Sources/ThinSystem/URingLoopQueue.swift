@@ -206,6 +206,12 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// Performs `requests` on `fd` together and waits for all of them: for a thread that
     /// may block and has several reads to make (the page cache's misses are then read
     /// side by side, not one after another). The caller owns this queue meanwhile.
+    ///
+    /// Returns only once every request handed to the kernel has completed, whatever
+    /// happens: until then the kernel may still fill or read the caller's buffers. When
+    /// the kernel refuses a submission for want of resources it is offered again; when
+    /// waiting itself fails, completions are collected by polling instead, and the ring
+    /// is marked `isBroken` (not to be lent again).
     public func performAndWait(fd: Int32, _ requests: [IORequest]) throws(SystemError) {
         NonBlockingThread.assertMayBlock("waiting for a ring's completions")
         var start = 0
@@ -216,13 +222,55 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
                 throw SystemError(.io, "io_uring queue refused \(part.count) requests")
             }
             submitQueued()
-            while outcome == nil {
-                if runCompletions() > 0 { continue }
-                let r = thinbd_ring_wait(ring)
-                if r < 0 && r != -EINTR && r != -EAGAIN { throw SystemError(SystemError.Code(rawValue: -r), "io_uring wait") }
-            }
+            collectCompletions(until: { outcome != nil })
             if case .some(.some(let error)) = outcome { throw error }
             start += part.count
+        }
+    }
+
+    /// Set when waiting on the ring failed in a way that retrying may not cure: the
+    /// borrower that owns it closes it instead of lending it again.
+    @exclusivity(unchecked) public private(set) var isBroken = false
+
+    /// A failure the next `waitForCompletion` reports instead of waiting (a negative
+    /// errno), for tests of the path no kernel takes on demand.
+    @exclusivity(unchecked) var injectedWaitFailure: Int32 = 0
+
+    /// Runs completions, blocking between them, until `done`. Never gives up while
+    /// requests are the kernel's: entries it refused for want of resources are offered
+    /// again, and when waiting fails the completion descriptor is polled instead.
+    private func collectCompletions(until done: () -> Bool) {
+        while !done() {
+            if runCompletions() > 0 { continue }
+            if queued > 0 {
+                SystemInfo.sleep(milliseconds: 1)
+                submitQueued()
+                continue
+            }
+            if isBroken {
+                waitForCompletionSignal(milliseconds: 10)
+                continue
+            }
+            let r = waitForCompletion()
+            if r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY { isBroken = true }
+        }
+    }
+
+    private func waitForCompletion() -> Int32 {
+        if injectedWaitFailure != 0 {
+            defer { injectedWaitFailure = 0 }
+            return injectedWaitFailure
+        }
+        return thinbd_ring_wait(ring)
+    }
+
+    /// Sleeps until the completion descriptor fires or `milliseconds` pass; the system
+    /// call also lets the kernel post completions it holds for this thread.
+    private func waitForCompletionSignal(milliseconds: Int32) {
+        var entry = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
+        if Glibc.poll(&entry, 1, milliseconds) > 0 {
+            var count: UInt64 = 0
+            _ = Glibc.read(eventFD, &count, 8)
         }
     }
 
@@ -237,19 +285,11 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
             // goes from empty to non-empty, so each poll either finds news or sleeps.
             while writerInFlight > 0 {
                 if runWriterCompletions(atMost: Self.capacity) > 0 { continue }
-                var entry = pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0)
-                if Glibc.poll(&entry, 1, 100) > 0 {
-                    var count: UInt64 = 0
-                    _ = Glibc.read(eventFD, &count, 8)
-                }
+                waitForCompletionSignal(milliseconds: 100)
             }
             writer.stop()
         }
-        while inFlight > 0 {
-            if runCompletions() > 0 { continue }
-            let r = thinbd_ring_wait(ring)
-            if r < 0 && r != -EINTR && r != -EAGAIN { break }
-        }
+        collectCompletions(until: { inFlight == 0 })
         thinbd_ring_destroy(ring)
         Syscall.close(eventFD)
     }

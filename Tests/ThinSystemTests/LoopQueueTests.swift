@@ -1,6 +1,8 @@
+import CThinSupport
 import Foundation
 import Testing
-import ThinSystem
+
+@testable import ThinSystem
 
 /// Runs completions until `done()` holds; the queue's I/O is real disk I/O, so this
 /// polls with a short sleep rather than watching the readiness descriptor.
@@ -258,6 +260,34 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
         let cached = device.startReadsWithoutBlocking([IORequest(.read, again.bytes, at: 131072)], on: ring) { _ in Issue.record("no callback for cached reads") }
         #expect({ if case .completed(nil) = cached { true } else { false } }())
         #expect(Array(again.bytes) == Array(pattern.bytes))
+    }
+
+    /// When waiting on a ring fails, the reads in flight are still the kernel's: the
+    /// call returns only after each has completed into its buffer, and the ring is
+    /// marked broken so that it is not lent again.
+    @Test func aFailedWaitStillCollectsEveryReadBeforeReturning() throws {
+        let path = temporaryPath("ring-failed-wait")
+        defer { unlink(path) }
+        let pattern = AlignedBuffer(count: 4 * 65536)
+        for i in 0..<pattern.bytes.count { pattern.bytes[i] = UInt8(truncatingIfNeeded: i &* 13 &+ (i >> 16)) }
+        do {
+            let direct = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
+            try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: 0)
+            direct.close()
+        }
+        // O_DIRECT: the reads wait for the disk, so the ring is waited on.
+        let fd = try Syscall.open(path, flags: O_RDONLY | thinbd_o_direct())
+        defer { Syscall.close(fd) }
+        let ring = try URingLoopQueue()
+        defer { ring.close() }
+        ring.injectedWaitFailure = -EIO
+        let buffers = (0..<4).map { _ in AlignedBuffer(count: 65536) }
+        try ring.performAndWait(fd: fd, buffers.enumerated().map { IORequest(.read, $0.element.bytes, at: UInt64($0.offset * 65536)) })
+        #expect(ring.inFlight == 0)
+        #expect(ring.isBroken, "the injected failure was met")
+        for (index, buffer) in buffers.enumerated() {
+            #expect(Array(buffer.bytes) == Array(pattern.bytes[index * 65536..<(index + 1) * 65536]))
+        }
     }
 
     @Test func aThreadsUncachedReadsGoTogetherThroughARingAndReadRight() throws {
