@@ -261,13 +261,16 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
-    /// The remembered new-block ranges, sorted and merged, and a fresh list; nil when
-    /// there were too many.
+    /// The remembered new-block ranges, and a fresh list; nil when there were too many.
     private func takeNewBlocks() -> [Range<UInt64>]? {
-        guard let ranges = newBlocksInCache.withLockedValue({ pending in
+        newBlocksInCache.withLockedValue { pending in
             defer { pending = [] }
             return pending
-        }) else { return nil }
+        }
+    }
+
+    /// `ranges` sorted, with overlapping and adjacent ones joined: one write-back each.
+    private static func merged(_ ranges: [Range<UInt64>]) -> [Range<UInt64>] {
         var merged: [Range<UInt64>] = []
         for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
             if let last = merged.last, range.lowerBound <= last.upperBound {
@@ -341,7 +344,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     public func barrier() throws {
         NonBlockingThread.assertMayBlock("a device barrier")
-        // Taken before the sync: new blocks written from here on stay for the next one.
+        // Dropped before the sync, which covers them: new blocks written from here on
+        // stay for the next barrier.
         _ = takeNewBlocks()
         try Syscall.fdatasync(fd)
     }
@@ -355,7 +359,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         NonBlockingThread.assertMayBlock("a device barrier")
         precondition(request.kind == .write, "a barrier write writes")
         if limitsCommitBarriers, let ranges = takeNewBlocks() {
-            try Syscall.writeBack(fd, ranges)
+            try Syscall.writeBack(fd, Self.merged(ranges))
             if try Syscall.pwriteDurably(fd, UnsafeRawBufferPointer(request.buffer), request.offset) { return }
         }
         try transfer(request, on: fd)
@@ -366,7 +370,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         NonBlockingThread.assertMayBlock("a device write-back")
         guard limitsCommitBarriers else { return try barrier() }
         guard let ranges = takeNewBlocks() else { return try barrier() }
-        try Syscall.writeBack(fd, ranges)
+        try Syscall.writeBack(fd, Self.merged(ranges))
     }
 
     public func setSize(_ newSize: UInt64) throws { try Syscall.ftruncate(fd, newSize) }
