@@ -210,7 +210,7 @@ public final class MetadataStore {
         let block = MetadataBlock(number: number)
         _ = NodeView.format(block.bytes, type: type, level: level)
         block.dirty = true
-        cache.withLockedValue { $0.blocks.updateValue(block, forKey: number) }
+        _ = cache.withLockedValue { $0.blocks.updateValue(block, forKey: number) }
         dirtyBlocks[number] = block
         return block
     }
@@ -236,7 +236,7 @@ public final class MetadataStore {
         if let block = dirtyBlocks.removeValue(forKey: number) { block.dirty = false }
         if fresh.remove(number) != nil {
             // Never part of a commit: reusable at once.
-            cache.withLockedValue { $0.blocks.removeValue(forKey: number) }
+            _ = cache.withLockedValue { $0.blocks.removeValue(forKey: number) }
             freeList.append(number)
         } else {
             pendingFree.append(number)

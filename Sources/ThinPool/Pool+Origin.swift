@@ -568,7 +568,7 @@ extension Pool {
 
     private func isUnmapped(_ volume: VolumeState, _ block: UInt64, in state: borrowing PoolState) throws(PoolError) -> Bool {
         var found = false
-        try mapErrors {
+        _ = try mapErrors {
             try state.mappings.forEach(volume.record.mappingRoot, in: block..<block + 1) { (_: UInt64, _: UInt64) -> Bool in
                 found = true
                 return false
@@ -635,7 +635,7 @@ extension Pool {
             guard volume.record.id == id, volume.record.origin == record else { return volume.record.origin == nil }
             var mapped: UInt64 = 0
             let blocks = 0..<(min(volume.record.virtualSize, record.size) + blockSize - 1) / blockSize
-            try mapErrors {
+            _ = try mapErrors {
                 try state.mappings.forEach(volume.record.mappingRoot, in: blocks) { (_: UInt64, _: UInt64) -> Bool in
                     mapped += 1
                     return true
@@ -668,7 +668,7 @@ extension Pool {
             let volume = try volume(id, writing: false, in: state)
             var missing: [UInt64] = []
             var next = range.lowerBound
-            try mapErrors {
+            _ = try mapErrors {
                 try state.mappings.forEach(volume.record.mappingRoot, in: range) { (block: UInt64, _: UInt64) -> Bool in
                     while next < block {
                         missing.append(next)

@@ -175,7 +175,7 @@ func jsonObject(_ result: CLI.Result) throws -> [String: Any] {
 
 func makeSparseImage(_ path: String, size: Int, seed: UInt64) throws {
     var rng = seed
-    FileManager.default.createFile(atPath: path, contents: nil)
+    _ = FileManager.default.createFile(atPath: path, contents: nil)
     let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
     try handle.truncate(atOffset: UInt64(size))
     let chunk = 256 << 10

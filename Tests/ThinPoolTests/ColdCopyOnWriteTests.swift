@@ -42,7 +42,7 @@ import ThinSystem
         func contents(_ name: String, of pool: Pool) throws -> [UInt8] {
             var bytes = [UInt8](repeating: 0, count: size)
             let id = try pool.volumeID(name)
-            try bytes.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
+            _ = try bytes.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
             return bytes
         }
         #expect(try contents("job", of: pool) == expected)

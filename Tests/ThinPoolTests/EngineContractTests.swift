@@ -47,7 +47,7 @@ import ThinSystem
                 // A reader: every sector it sees holds one writer's value, whole.
                 var copy = [UInt8](repeating: 0, count: size)
                 for _ in 0..<100 {
-                    try! copy.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
+                    _ = try! copy.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
                     for s in 0..<(size / sector) {
                         let first = copy[s * sector]
                         if first != 0 && Int(first >> 6) != s % writers {
@@ -80,7 +80,7 @@ import ThinSystem
             }
         }
         var image = [UInt8](repeating: 0, count: size)
-        try image.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
+        _ = try image.withUnsafeMutableBytes { try pool.read(id, at: 0, into: $0) }
         for s in 0..<(size / sector) {
             let expected = UInt8((s % writers) << 6 | 63)
             #expect(image[(s * sector)..<((s + 1) * sector)].allSatisfy { $0 == expected }, "sector \(s)")
@@ -88,7 +88,7 @@ import ThinSystem
         for i in 0..<20 {
             let snap = try pool.volumeID("v@s\(i)")
             var copy = [UInt8](repeating: 0, count: size)
-            try copy.withUnsafeMutableBytes { try pool.read(snap, at: 0, into: $0) }
+            _ = try copy.withUnsafeMutableBytes { try pool.read(snap, at: 0, into: $0) }
             for s in 0..<(size / sector) {
                 let slice = copy[(s * sector)..<((s + 1) * sector)]
                 let first = slice.first!

@@ -19,7 +19,7 @@ extension Pool {
     func read(_ name: String, at offset: UInt64, count: Int) throws -> [UInt8] {
         let id = try volumeID(name)
         var bytes = [UInt8](repeating: 0xAA, count: count)
-        try bytes.withUnsafeMutableBytes { try read(id, at: offset, into: $0) }
+        _ = try bytes.withUnsafeMutableBytes { try read(id, at: offset, into: $0) }
         return bytes
     }
 
