@@ -124,10 +124,17 @@ def fio_randwrite(uri, runtime, sample=None):
 
     def sampler():
         started = time.time()
-        while True:
-            samples.append((time.time() - started, sample()))
-            if finished.wait(0.25):
+
+        def take():
+            try:
                 samples.append((time.time() - started, sample()))
+            except OSError:
+                pass  # the metrics listener not up yet, or gone: that quarter is skipped
+
+        while True:
+            take()
+            if finished.wait(0.25):
+                take()
                 return
 
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -158,6 +165,8 @@ def copy_phase(samples):
     """The clone's copy phase from the quarter-second samples: from the start until 99 %
     of the copies the job made were made (its tail of stragglers left out), with the
     copies made, their rate, and what the disk moved (MiB/s) and how busy it was then."""
+    if len(samples) < 2:
+        raise RuntimeError("the server's copy counter could not be read")
     total = samples[-1][1][0] - samples[0][1][0]
     end = next((i for i, (_, (copies, _)) in enumerate(samples) if copies - samples[0][1][0] >= 0.99 * total), len(samples) - 1)
     end = max(end, 1)

@@ -36,6 +36,7 @@ while [ $# -gt 0 ]; do
 done
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/tools/fuse-mounts.sh"
 for tool in nbdfuse nbdkit mkfs.ext4 e2fsck gcc make mount umount curl python3; do
     command -v "$tool" >/dev/null || { echo "bench-origin: $tool is missing" >&2; exit 2; }
 done
@@ -110,10 +111,10 @@ build() {
     for blob in $(seq 1 $((read_filler / 8))); do cat "$dir/root/usr/lib/toolchain/blob$blob" >/dev/null; done
     make -s -C "$dir/root/project" -j2 >/dev/null
     "$dir/root/project/out/app" >"$dir/output"
-    umount "$dir/root"
+    unmount_loop "$dir/root" "$dir/fuse/disk"
     end=$(now)
     e2fsck -fn "$dir/fuse/disk" >/dev/null 2>&1 || { echo "bench-origin: e2fsck found damage on $export" >&2; exit 1; }
-    umount "$dir/fuse"
+    unmount_fuse "$dir/fuse"
     kill "$proxy"; wait "$proxy" 2>/dev/null || true
     elapsed "$start" "$end"
 }

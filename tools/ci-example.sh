@@ -25,6 +25,7 @@ while [ $# -gt 0 ]; do
 done
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/tools/fuse-mounts.sh"
 for tool in nbdfuse mkfs.ext4 e2fsck gcc make mount umount; do
     command -v "$tool" >/dev/null || { echo "ci-example: $tool is missing" >&2; exit 2; }
 done
@@ -120,9 +121,9 @@ mkdir -p "$work/golden"
 mount -o loop "$work/fuse-golden/disk" "$work/golden"
 mounts+=("$work/golden")
 make_project "$work/golden/project"
-umount "$work/golden"
+unmount_loop "$work/golden" "$work/fuse-golden/disk"
 e2fsck -fn "$work/fuse-golden/disk" >/dev/null 2>&1
-umount "$work/fuse-golden"
+unmount_fuse "$work/fuse-golden"
 t1=$(now)
 "$THINBD" snapshot "$pool" buildroot@golden >/dev/null
 t2=$(now)
@@ -141,10 +142,10 @@ build_on_clone() {
     mkdir -p "$dir/root"
     mount -o loop "$dir/fuse/disk" "$dir/root"
     run_build "$dir/root/project" >"$dir/output"
-    umount "$dir/root"
+    unmount_loop "$dir/root" "$dir/fuse/disk"
     end=$(now)
     if e2fsck -fn "$dir/fuse/disk" >"$dir/fsck" 2>&1; then echo clean >"$dir/fsck-status"; else echo DAMAGED >"$dir/fsck-status"; fi
-    umount "$dir/fuse"
+    unmount_fuse "$dir/fuse"
     elapsed "$start" "$end" >"$dir/seconds"
 }
 t3=$(now)

@@ -25,7 +25,10 @@ public enum CLI {
 }
 
 public enum Program {
-    /// Runs a program to completion (killed by its pid after `timeout`), capturing output.
+    /// Runs a program to completion, capturing output. After `timeout` it is killed by
+    /// its pid, and so is every process it started (found by parent pid in /proc):
+    /// output is read until its last holder closes it, and a grandchild left running
+    /// (a `serve --run` script waiting on nbdfuse) once kept a test waiting for ever.
     @discardableResult
     public static func run(
         _ path: String, _ arguments: [String], environment: [String: String] = [:], stdin: Data? = nil,
@@ -47,7 +50,10 @@ public enum Program {
         if let stdin { input.fileHandleForWriting.write(stdin) }
         try? input.fileHandleForWriting.close()
         let deadline = DispatchTime.now() + timeout
-        let killer = DispatchWorkItem { [pid = process.processIdentifier] in kill(pid, SIGKILL) }
+        let killer = DispatchWorkItem { [pid = process.processIdentifier] in
+            // Listed before any is killed: an orphan's parent is no longer its starter.
+            for target in [pid] + descendants(of: pid) { kill(target, SIGKILL) }
+        }
         DispatchQueue.global().asyncAfter(deadline: deadline, execute: killer)
         let group = DispatchGroup()
         let collected = DataBox()
@@ -64,6 +70,31 @@ public enum Program {
         return CLI.Result(
             status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
             stderr: String(decoding: stderr, as: UTF8.self))
+    }
+
+    /// The pids of the processes `root` started, their children, and so on, from the
+    /// parent pid in each /proc/PID/stat.
+    public static func descendants(of root: pid_t) -> [pid_t] {
+        var children: [pid_t: [pid_t]] = [:]
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = pid_t(entry),
+                let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+                let nameEnd = stat.lastIndex(of: ")")
+            else { continue }
+            // After the name: state, then the parent's pid.
+            let fields = stat[stat.index(after: nameEnd)...].split(separator: " ")
+            guard fields.count > 1, let parent = pid_t(fields[1]) else { continue }
+            children[parent, default: []].append(pid)
+        }
+        var found: [pid_t] = []
+        var pending = [root]
+        while let next = pending.popLast() {
+            for child in children[next] ?? [] where !found.contains(child) {
+                found.append(child)
+                pending.append(child)
+            }
+        }
+        return found
     }
 
     /// The full path of a program on PATH (or at an absolute path), if installed.

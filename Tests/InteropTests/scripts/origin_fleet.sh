@@ -8,24 +8,33 @@
 # GPORT (origin TCP port), GMETRICS (the origin's metrics URL), RS (runner socket),
 # RUNNER (runner pool, served with --ephemeral 'job-*=golden2').
 set -euo pipefail
+source "$(cd "$(dirname "$0")/../../.." && pwd)/tools/fuse-mounts.sh"
 fuse="$W/fuse"
 mnt="$W/mnt"
 cleanup() {
     set +e
-    mountpoint -q "$mnt" && umount "$mnt"
-    mountpoint -q "$fuse" && umount "$fuse"
-    [ -n "${fusepid:-}" ] && wait "$fusepid" 2>/dev/null
+    mountpoint -q "$mnt" && unmount_loop "$mnt" "$fuse/disk"
+    # Stops nbdfuse by its pid when its directory cannot be unmounted: waiting for it
+    # instead hung the whole test run once.
+    [ -n "${fusepid:-}" ] && unmount_fuse "$fuse" "$fusepid"
 }
 trap cleanup EXIT
+
+# Attaches export $1 at $fuse/disk through nbdfuse (pid in fusepid).
+attach() {
+    nbdfuse "$fuse/disk" "nbd+unix:///$1?socket=$RS" &
+    fusepid=$!
+    for _ in $(seq 400); do [ -e "$fuse/disk" ] && return 0; sleep 0.05; done
+    echo "nbdfuse did not attach $1 in 20 s" >&2
+    return 1
+}
 
 "$T" clone "$RUNNER" "nbd+unix:///golden@v3?socket=$GS" build
 "$T" clone "$RUNNER" "nbd://127.0.0.1:$GPORT/golden@v3" rawbuild
 
 # ext4 on the clone, through nbdfuse and a loop mount.
 mkdir -p "$fuse" "$mnt"
-nbdfuse "$fuse/disk" "nbd+unix:///build?socket=$RS" &
-fusepid=$!
-for _ in $(seq 200); do [ -e "$fuse/disk" ] && break; sleep 0.05; done
+attach build
 mount -o loop "$fuse/disk" "$mnt"
 grep -qx golden "$mnt/etc/issue"
 cmp "$mnt/blob" "$W/tree/blob"
@@ -33,10 +42,9 @@ dd if=/dev/urandom of="$mnt/new-artifact" bs=1M count=6 status=none
 cp "$mnt/blob" "$mnt/blob-copy"
 rm "$mnt/etc/issue"
 sync
-umount "$mnt"
+unmount_loop "$mnt" "$fuse/disk"
 e2fsck -fn "$fuse/disk" >"$W/e2fsck.log" 2>&1 || { cat "$W/e2fsck.log"; exit 1; }
-umount "$fuse"
-wait "$fusepid"
+unmount_fuse "$fuse" "$fusepid"
 fusepid=""
 echo "ext4 on the clone: mounted, written, e2fsck clean"
 
@@ -67,14 +75,11 @@ print(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("thinb
 }
 "$T" clone "$RUNNER" "nbd://127.0.0.1:$GPORT/golden@v3" golden2
 job() {
-    nbdfuse "$fuse/disk" "nbd+unix:///$1?socket=$RS" &
-    fusepid=$!
-    for _ in $(seq 200); do [ -e "$fuse/disk" ] && break; sleep 0.05; done
+    attach "$1"
     mount -o loop,ro,noload "$fuse/disk" "$mnt"
     cmp "$mnt/blob" "$W/tree/blob"
-    umount "$mnt"
-    umount "$fuse"
-    wait "$fusepid"
+    unmount_loop "$mnt" "$fuse/disk"
+    unmount_fuse "$fuse" "$fusepid"
     fusepid=""
 }
 before=$(origin_read_bytes)

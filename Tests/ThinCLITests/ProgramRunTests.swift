@@ -1,0 +1,49 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// The harness that runs servers, scripts and peers for the end-to-end tests: a program
+/// that outlives its timeout must not keep the test run waiting.
+struct ProgramRunTests {
+    /// A shell that starts a long sleep in the background (holding the output pipe) and
+    /// waits for it: before, the timeout killed the shell alone, and reading the output
+    /// then waited for the orphaned sleep (here 300 s; a `serve --run` script waiting on
+    /// nbdfuse once hung a whole CI run).
+    @Test func aTimeoutKillsWhatTheProgramStartedSoTheOutputEnds() throws {
+        let started = Date()
+        let result = try Program.run("/bin/sh", ["-c", "sleep 300 & echo $!; wait"], timeout: 1)
+        let elapsed = Date().timeIntervalSince(started)
+        // Far below the grandchild's 300 s: the call returned because it was killed.
+        #expect(elapsed < 120, "Program.run took \(elapsed) s")
+        #expect(result.status == SIGKILL, "status \(result.status)")
+        let grandchild = try #require(pid_t(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)), "\(result.stdout)")
+        // Gone, or a zombie waiting for its new parent to reap it.
+        let stat = try? String(contentsOfFile: "/proc/\(grandchild)/stat", encoding: .utf8)
+        var state: Character?
+        if let stat, let nameEnd = stat.lastIndex(of: ")") {
+            // After the name: a space, then the state.
+            state = stat[stat.index(nameEnd, offsetBy: 2)]
+        }
+        #expect(stat == nil || state == "Z", "the background sleep \(grandchild) still runs: \(stat ?? "")")
+    }
+
+    @Test func descendantsAreFoundThroughEveryGeneration() throws {
+        // sh starts sh, which starts sleep: both are found from the first.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", "sh -c 'sleep 30; true' & wait"]
+        try process.run()
+        defer {
+            for pid in [process.processIdentifier] + Program.descendants(of: process.processIdentifier) { kill(pid, SIGKILL) }
+            process.waitUntilExit()
+        }
+        var found: [pid_t] = []
+        for _ in 0..<100 where found.count < 2 {
+            found = Program.descendants(of: process.processIdentifier)
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        #expect(found.count == 2, "\(found)")
+        let names = found.compactMap { try? String(contentsOfFile: "/proc/\($0)/comm", encoding: .utf8) }
+        #expect(names.contains("sleep\n"), "\(names)")
+    }
+}
