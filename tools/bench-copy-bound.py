@@ -33,13 +33,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
+
+from bench_servers import stop, wait_for_socket
 
 SIZE = 1 << 30
 BLOCK = 64 << 10
@@ -50,28 +51,12 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def start(command, sock):
-    """Starts a server listening on the Unix socket `sock`; stops it by its pid when it
-    does not come up within 30 s."""
+    """Starts a server that listens on the Unix socket `sock` (see `wait_for_socket`)."""
     if os.path.exists(sock):
         os.unlink(sock)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 30
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.time() > deadline:
-            stop(proc)
-            raise RuntimeError(f"server did not start: {command}")
-        time.sleep(0.05)
+    wait_for_socket(sock, proc)
     return proc
 
 

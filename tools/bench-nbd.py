@@ -49,12 +49,13 @@ import json
 import resource
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from bench_servers import stop, wait_for_socket
 
 SIZE = 1 << 30
 RAMP = 2
@@ -230,27 +231,6 @@ def fio(job, target, server_pid=None):
     if is_latency(params):
         return result["read"]["clat_ns"]["mean"] / 1000, mibs, cpu
     return iops, mibs, cpu
-
-
-def wait_for_socket(path, proc):
-    """Waits for `proc` to listen on `path`; a server that exits or takes over 30 s is
-    stopped (by its pid) and reported."""
-    deadline = time.time() + 30
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.time() > deadline:
-            stop(proc)
-            raise RuntimeError(f"server did not start: {proc.args}")
-        time.sleep(0.05)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def prefill_raw():
