@@ -50,23 +50,28 @@ public enum Program {
         if let stdin { input.fileHandleForWriting.write(stdin) }
         try? input.fileHandleForWriting.close()
         let deadline = DispatchTime.now() + timeout
-        let killer = DispatchWorkItem { [pid = process.processIdentifier] in
+        // The killer and the standard output reader have threads of their own: on
+        // Dispatch's global queue, whose threads parallel tests keep blocked in reads
+        // like these, a timeout once fired minutes late.
+        let exited = DispatchSemaphore(value: 0)
+        let killer = Thread { [pid = process.processIdentifier] in
+            guard exited.wait(timeout: deadline) == .timedOut else { return }
             // Listed before any is killed: an orphan's parent is no longer its starter.
             for target in [pid] + descendants(of: pid) { kill(target, SIGKILL) }
         }
-        DispatchQueue.global().asyncAfter(deadline: deadline, execute: killer)
-        let group = DispatchGroup()
+        killer.start()
+        let outputRead = DispatchSemaphore(value: 0)
         let collected = DataBox()
-        group.enter()
-        DispatchQueue.global().async {
+        let reader = Thread {
             collected.set(out.fileHandleForReading.readDataToEndOfFile())
-            group.leave()
+            outputRead.signal()
         }
+        reader.start()
         let stderr = err.fileHandleForReading.readDataToEndOfFile()
-        group.wait()
+        outputRead.wait()
         let stdout = collected.get()
         process.waitUntilExit()
-        killer.cancel()
+        exited.signal()
         return CLI.Result(
             status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
             stderr: String(decoding: stderr, as: UTF8.self))

@@ -17,13 +17,17 @@ struct ProgramRunTests {
         #expect(elapsed < 120, "Program.run took \(elapsed) s")
         #expect(result.status == SIGKILL, "status \(result.status)")
         let grandchild = try #require(pid_t(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)), "\(result.stdout)")
-        // Gone, or a zombie waiting for its new parent to reap it.
-        let stat = try? String(contentsOfFile: "/proc/\(grandchild)/stat", encoding: .utf8)
-        var state: Character?
-        if let stat, let nameEnd = stat.lastIndex(of: ")") {
+        // Gone, or a zombie waiting for its new parent to reap it. The output ends when
+        // the dying sleep closes its files, a moment before it is done: given 10 s.
+        var stat: String?
+        for _ in 0..<200 {
+            stat = try? String(contentsOfFile: "/proc/\(grandchild)/stat", encoding: .utf8)
+            guard let current = stat, let nameEnd = current.lastIndex(of: ")") else { break }
             // After the name: a space, then the state.
-            state = stat[stat.index(nameEnd, offsetBy: 2)]
+            if current[current.index(nameEnd, offsetBy: 2)] == "Z" { break }
+            Thread.sleep(forTimeInterval: 0.05)
         }
+        let state = stat.flatMap { current in current.lastIndex(of: ")").map { current[current.index($0, offsetBy: 2)] } }
         #expect(stat == nil || state == "Z", "the background sleep \(grandchild) still runs: \(stat ?? "")")
     }
 
