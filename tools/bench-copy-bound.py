@@ -55,7 +55,8 @@ def start(command, sock):
     """Starts a server that listens on the Unix socket `sock` (see `wait_for_socket`)."""
     if os.path.exists(sock):
         os.unlink(sock)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Nothing reads the server's log here: a pipe nobody reads could fill and stall it.
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_socket(sock, proc)
     return proc
 
@@ -203,7 +204,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("Usage:")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("thinbd")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--runtime", type=int, default=5, metavar="S", help="seconds after the 2 s ramp (default 5)")
     options = parser.parse_args()
     if os.geteuid() != 0:
