@@ -10,6 +10,7 @@ served pool. Prints one JSON line of figures and exits 1 on any error, data mism
 unclean check or memory that kept growing.
 """
 import argparse
+import atexit
 import json
 import os
 import signal
@@ -51,6 +52,21 @@ server = subprocess.Popen(
     [thinbd, "serve", pool, "--socket", sock, "--json", "--max-connections", str(args.connections + 64)]
     + (["--transmission", args.transmission] if args.transmission else []),
     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_server():
+    """Stops the server by its pid, whatever ended the script: a failure before the end
+    once left one running after its test had finished."""
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+atexit.register(stop_server)
 pid = json.loads(server.stdout.readline())["pid"]
 
 
@@ -132,8 +148,7 @@ if third >= 2:
 if after_fds > idle_fds + 2:
     failures.append(f"descriptors after the load: {after_fds}, before it: {idle_fds}")
 
-server.send_signal(signal.SIGTERM)
-server.wait(timeout=120)
+stop_server()
 figures = {
     "seconds": round(elapsed, 1), "connections": per_export * args.exports, "exports": args.exports,
     "writes": writes, "verified_reads": verified, "errors": errors, "check": "clean" if check.returncode == 0 else "damage",
