@@ -77,18 +77,23 @@ public enum Program {
             stderr: String(decoding: stderr, as: UTF8.self))
     }
 
+    /// The fields of /proc/PID/stat after the command name: the state first, then the
+    /// parent's pid, and so on. Nil when there is no such process.
+    public static func statFields(of pid: pid_t) -> [Substring]? {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let nameEnd = stat.lastIndex(of: ")")
+        else { return nil }
+        return stat[stat.index(after: nameEnd)...].split(separator: " ")
+    }
+
     /// The pids of the processes `root` started, their children, and so on, from the
     /// parent pid in each /proc/PID/stat.
     public static func descendants(of root: pid_t) -> [pid_t] {
         var children: [pid_t: [pid_t]] = [:]
         for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
-            guard let pid = pid_t(entry),
-                let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
-                let nameEnd = stat.lastIndex(of: ")")
+            guard let pid = pid_t(entry), let fields = statFields(of: pid), fields.count > 1,
+                let parent = pid_t(fields[1])
             else { continue }
-            // After the name: state, then the parent's pid.
-            let fields = stat[stat.index(after: nameEnd)...].split(separator: " ")
-            guard fields.count > 1, let parent = pid_t(fields[1]) else { continue }
             children[parent, default: []].append(pid)
         }
         var found: [pid_t] = []

@@ -19,16 +19,12 @@ struct ProgramRunTests {
         let grandchild = try #require(pid_t(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)), "\(result.stdout)")
         // Gone, or a zombie waiting for its new parent to reap it. The output ends when
         // the dying sleep closes its files, a moment before it is done: given 10 s.
-        var stat: String?
-        for _ in 0..<200 {
-            stat = try? String(contentsOfFile: "/proc/\(grandchild)/stat", encoding: .utf8)
-            guard let current = stat, let nameEnd = current.lastIndex(of: ")") else { break }
-            // After the name: a space, then the state.
-            if current[current.index(nameEnd, offsetBy: 2)] == "Z" { break }
+        var state = Program.statFields(of: grandchild)?.first
+        for _ in 0..<200 where state != nil && state != "Z" {
             Thread.sleep(forTimeInterval: 0.05)
+            state = Program.statFields(of: grandchild)?.first
         }
-        let state = stat.flatMap { current in current.lastIndex(of: ")").map { current[current.index($0, offsetBy: 2)] } }
-        #expect(stat == nil || state == "Z", "the background sleep \(grandchild) still runs: \(stat ?? "")")
+        #expect(state == nil || state == "Z", "the background sleep \(grandchild) is still in state \(state ?? "")")
     }
 
     @Test func descendantsAreFoundThroughEveryGeneration() throws {
