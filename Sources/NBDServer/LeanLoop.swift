@@ -121,11 +121,13 @@ final class LeanLoop: @unchecked Sendable {
 
     /// Polls for the next event without sleeping, for up to the idle window's budget
     /// (`NBDServer.Configuration.idlePoll`, adapted as on swift-nio's loops by
-    /// `IdlePollWindow`), unless the thread pool owes the loop work (spinning would take
-    /// the CPU that work needs) or a timer comes sooner. Returns true when it caught
+    /// `IdlePollWindow`), unless the thread pool or the disk queue's own thread owes the
+    /// loop work (spinning would take the CPU that work needs: 1 MiB cached reads under
+    /// writeback ran 7-10 % slower polling while the page-cache thread copied them,
+    /// docs/performance.md) or a timer comes sooner. Returns true when it caught
     /// events (and handled them); false when the loop is to sleep.
     private func pollBeforeSleeping() -> Bool {
-        guard idleWindow.maximum > 0, offLoopInFlight == 0 else { return false }
+        guard idleWindow.maximum > 0, offLoopInFlight == 0, !(queue?.isBusyOnItsThread ?? false) else { return false }
         let start = SystemInfo.monotonicNanoseconds()
         let timeout = timers.timeoutMilliseconds(now: start)
         guard timeout != 0 else { return false }

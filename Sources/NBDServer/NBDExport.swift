@@ -138,6 +138,10 @@ public protocol NBDLoopQueue: AnyObject {
     /// Runs the completions of at most `limit` finished requests without waiting;
     /// returns how many ran (0: none were waiting).
     func runCompletions(atMost limit: Int) -> Int
+    /// Whether a thread of the queue's own is at work on requests handed out (copies
+    /// into or out of the page cache): a loop that polls meanwhile takes the CPU that
+    /// work needs, so it sleeps instead.
+    var isBusyOnItsThread: Bool { get }
     /// Waits for what is in flight, runs those completions, and releases the queue.
     func close()
 }

@@ -435,6 +435,7 @@ final class PoolLoopQueue: NBDLoopQueue {
     func releaseReadinessDescriptor(_ descriptor: Int32) { queue.releaseReadinessDescriptor(descriptor) }
     func submitQueued() { queue.submitQueued() }
     func runCompletions(atMost limit: Int) -> Int { queue.runCompletions(atMost: limit) }
+    var isBusyOnItsThread: Bool { queue.isBusyOnItsThread }
     func close() { queue.close() }
 }
 

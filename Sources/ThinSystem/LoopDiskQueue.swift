@@ -18,6 +18,11 @@ public protocol LoopDiskQueue: AnyObject {
     /// Requests handed out and not yet completed.
     var inFlight: Int { get }
 
+    /// Whether a thread of the queue's own (not the kernel) is at work on requests
+    /// handed out: an owner that polls instead of sleeping would take the CPU that
+    /// work needs.
+    var isBusyOnItsThread: Bool { get }
+
     /// Queues `requests` (none empty; aligned for O_DIRECT when `fd` uses it) on `fd` as
     /// one operation; `completion` runs on the owning thread, from `runCompletions` (or
     /// from `submitQueued` when the kernel refuses them). Returns false, queuing nothing,
@@ -29,6 +34,11 @@ public protocol LoopDiskQueue: AnyObject {
     /// another way (`URingLoopQueue` makes them on a thread of its own). Same contract,
     /// and it refuses (returns false) anything but non-empty writes.
     func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool
+
+    /// Reads of a file opened without O_DIRECT that are likely in the page cache, which
+    /// a queue may copy out on another thread (`URingLoopQueue` does) and complete like
+    /// `enqueue`'s. False, taking nothing, when it does not: the caller reads them itself.
+    func enqueueCachedReads(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool
 
     /// A new descriptor (the caller closes it with `releaseReadinessDescriptor`) that
     /// becomes readable when completions are waiting. Reading it resets the signal.
@@ -48,6 +58,12 @@ public protocol LoopDiskQueue: AnyObject {
 }
 
 extension LoopDiskQueue {
+    public var isBusyOnItsThread: Bool { false }
+
+    public func enqueueCachedReads(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
+        false
+    }
+
     public func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
         guard requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 }) else { return false }
         return enqueue(fd: fd, requests, completion: completion)

@@ -39,13 +39,16 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     @exclusivity(unchecked) private var queued = 0
     @exclusivity(unchecked) private var closed = false
 
-    /// Page-cache writes go to a thread of their own (see `PageCacheWriter`), made on
-    /// the first one; nil before that, or when it could not be made (then they go
-    /// through the ring).
-    @exclusivity(unchecked) private var writer: PageCacheWriter?
-    @exclusivity(unchecked) private var writerUnavailable = false
-    /// Jobs staged for the writer or handed to it, and not yet collected back.
-    @exclusivity(unchecked) private var writerInFlight = 0
+    /// Page-cache writes and large cached reads go to a thread of their own (see
+    /// `PageCacheThread`), made on the first; nil before that, or when it could not be
+    /// made (then writes go through the ring, and reads stay with the caller).
+    @exclusivity(unchecked) private var pageCacheThread: PageCacheThread?
+    @exclusivity(unchecked) private var pageCacheThreadUnavailable = false
+    /// Jobs staged for the thread or handed to it, and not yet collected back.
+    @exclusivity(unchecked) private var threadInFlight = 0
+    /// Reads the page-cache thread handed back uncached, read through the ring since
+    /// the queue was made (for tests).
+    @exclusivity(unchecked) private(set) var readsPassedToRing = 0
 
     /// Requests handed out and not yet completed (queued or in the kernel).
     @exclusivity(unchecked) public private(set) var inFlight = 0
@@ -92,60 +95,88 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
         // Each request takes a ring entry and counts in `inFlight`, so a slot is free.
         guard let index = operations.start(parts: requests.count, completion: completion) else { return false }
         for request in requests {
-            let length = UInt32(request.buffer.count)
-            // The operation's index and the length expected back, to tell a short transfer.
-            // Room was checked above: the ring has an entry for each.
-            _ = thinbd_ring_prepare(
-                ring, request.kind == .write ? 1 : 0, fd, request.buffer.baseAddress, length, request.offset,
-                UInt64(index) << 32 | UInt64(length))
+            let prepared = prepare(fd: fd, request, slot: index)
+            assert(prepared, "room was checked above: the ring has an entry for each")
         }
-        queued += requests.count
         inFlight += requests.count
         if queued >= LoopBurst.submitEvery { submitQueued() }
         return true
     }
 
+    /// Fills a ring entry for one part of operation `slot`, which the caller counts in
+    /// `inFlight`; false when the ring has no free entry.
+    private func prepare(fd: Int32, _ request: IORequest, slot: Int) -> Bool {
+        let length = UInt32(request.buffer.count)
+        // The operation's index and the length expected back, to tell a short transfer.
+        guard thinbd_ring_prepare(
+            ring, request.kind == .write ? 1 : 0, fd, request.buffer.baseAddress, length, request.offset,
+            UInt64(slot) << 32 | UInt64(length)) == 0
+        else { return false }
+        queued += 1
+        return true
+    }
+
     /// Writes of a file opened without O_DIRECT: made by plain pwrite on the queue's
-    /// writer thread instead of io_uring (whose io-wq hand-off costs the kernel more;
-    /// see `PageCacheWriter`). Handed over at `submitQueued` only, not every
+    /// page-cache thread instead of io_uring (whose io-wq hand-off costs the kernel more;
+    /// see `PageCacheThread`). Handed over at `submitQueued` only, not every
     /// `LoopBurst.submitEvery` as the ring's are: a disk left idle loses time, but the
-    /// writer's work is a copy into the page cache, and handing it over mid-pass woke
+    /// thread's work is a copy into the page cache, and handing it over mid-pass woke
     /// it more often for the same work (4 KiB random writes at QD32: median 110.7k IOPS
     /// handing over every 4, 121.6k at the end of the pass; docs/performance.md).
     /// Completed by `runCompletions` like the ring's. Falls back to the ring when the
     /// thread cannot be made.
     public func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
+        guard requests.allSatisfy({ $0.kind == .write }) else { return false }
+        guard let thread = startedPageCacheThread() else {
+            return !closed && enqueue(fd: fd, requests, completion: completion)
+        }
+        return hand(requests, fd: fd, to: thread, completion: completion)
+    }
+
+    /// Reads of a file opened without O_DIRECT, copied out of the page cache by the
+    /// queue's page-cache thread, so that the copy is not the owner's: what the cache
+    /// cannot serve without waiting comes back and is read through the ring, for the
+    /// same operation. Handed over at `submitQueued`, like writes. False, taking
+    /// nothing, when the thread cannot be made or the queue is full: the caller then
+    /// reads them itself.
+    public func enqueueCachedReads(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
+        guard requests.allSatisfy({ $0.kind == .read }), let thread = startedPageCacheThread() else { return false }
+        return hand(requests, fd: fd, to: thread, completion: completion)
+    }
+
+    private func hand(_ requests: [IORequest], fd: Int32, to thread: PageCacheThread, completion: @escaping (SystemError?) -> Void) -> Bool {
         guard !closed, !requests.isEmpty, inFlight + requests.count <= Self.capacity,
-            requests.allSatisfy({ $0.kind == .write && $0.buffer.count > 0 })
+            requests.allSatisfy({ $0.buffer.count > 0 && $0.buffer.count <= Int(UInt32.max) })
         else { return false }
-        guard let writer = startedWriter() else { return enqueue(fd: fd, requests, completion: completion) }
-        // `inFlight` bounds the jobs out, and the writer's rings hold `capacity`, so this
+        // `inFlight` bounds the jobs out, and the thread's rings hold `capacity`, so this
         // holds; checked anyway, since a job staged in part could not be taken back.
-        guard writer.hasRoom(for: requests.count),
+        guard thread.hasRoom(for: requests.count),
             let index = operations.start(parts: requests.count, completion: completion)
         else { return false }
         for request in requests {
-            let staged = writer.stage(PageCacheWriter.Job(fd: fd, request: request, slot: index))
+            let staged = thread.stage(PageCacheThread.Job(fd: fd, request: request, slot: index))
             assert(staged, "hasRoom said the ring holds them all")
         }
         inFlight += requests.count
-        writerInFlight += requests.count
+        threadInFlight += requests.count
         return true
     }
 
-    /// Whether the writer thread for page-cache writes runs (it starts with the first).
-    public var hasPageCacheWriter: Bool { writer != nil }
+    public var isBusyOnItsThread: Bool { threadInFlight > 0 }
 
-    private func startedWriter() -> PageCacheWriter? {
-        if let writer { return writer }
-        guard !writerUnavailable else { return nil }
-        writer = try? PageCacheWriter(readiness: eventFD, capacity: Self.capacity)
-        writerUnavailable = writer == nil
-        return writer
+    /// Whether the page-cache thread runs (it starts with the first job for it).
+    public var hasPageCacheThread: Bool { pageCacheThread != nil }
+
+    private func startedPageCacheThread() -> PageCacheThread? {
+        if let pageCacheThread { return pageCacheThread }
+        guard !pageCacheThreadUnavailable else { return nil }
+        pageCacheThread = try? PageCacheThread(readiness: eventFD, capacity: Self.capacity)
+        pageCacheThreadUnavailable = pageCacheThread == nil
+        return pageCacheThread
     }
 
     public func submitQueued() {
-        writer?.submit()
+        pageCacheThread?.submit()
         guard queued > 0 else { return }
         while true {
             let r = thinbd_ring_submit(ring)
@@ -169,26 +200,37 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     public func runCompletions(atMost limit: Int) -> Int {
         var count = 0
         let limit = min(max(limit, 1), Self.capacity)
-        if inFlight > writerInFlight {
+        if inFlight > threadInFlight {
             // Copied out and released first: completions may queue more work.
             count = Int(thinbd_ring_reap(ring, finishedData, finishedResults, UInt32(limit)))
             for i in 0..<count { finish(finishedData[i], finishedResults[i]) }
         }
-        count += runWriterCompletions(atMost: limit - count)
+        count += runPageCacheThreadCompletions(atMost: limit - count)
         // What an earlier submission could not hand over goes now.
         submitQueued()
         return count
     }
 
-    private func runWriterCompletions(atMost limit: Int) -> Int {
-        // Asked even with nothing in flight: collecting is what re-arms the writer's
+    private func runPageCacheThreadCompletions(atMost limit: Int) -> Int {
+        // Asked even with nothing in flight: collecting is what re-arms the thread's
         // signal, and the signal may outlive the outcome it announced (collected before
-        // the writer got to signal).
-        guard let writer, limit > 0 else { return 0 }
-        return writer.collect(atMost: limit) { finished in
+        // the thread got to signal).
+        guard let pageCacheThread, limit > 0 else { return 0 }
+        return pageCacheThread.collect(atMost: limit) { finished in
+            threadInFlight -= 1
+            var error = finished.error
+            if let read = finished.uncachedRead {
+                // Still in flight, now in the ring. The ring has room: its waiting entries
+                // count in `inFlight` too, which never passes its size. Should that break,
+                // the read fails rather than never completing.
+                readsPassedToRing += 1
+                if prepare(fd: read.fd, read.request, slot: read.slot) { return }
+                submitQueued()
+                if prepare(fd: read.fd, read.request, slot: read.slot) { return }
+                error = SystemError(.io, "io_uring had no entry for a read the page cache could not serve")
+            }
             inFlight -= 1
-            writerInFlight -= 1
-            guard let done = operations.finishPart(of: finished.slot, error: finished.error) else { return }
+            guard let done = operations.finishPart(of: finished.slot, error: error) else { return }
             done.completion(done.error)
         }
     }
@@ -278,16 +320,18 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
         guard !closed else { return }
         closed = true
         submitQueued()
-        if let writer {
-            // The writer's jobs point into buffers their owners free on completion, so
+        if let pageCacheThread {
+            // The thread's jobs point into buffers their owners free on completion, so
             // they are waited for, like the ring's below (this runs when the loop shuts
-            // its queue down). The writer signals the eventfd whenever its finished list
+            // its queue down). The thread signals the eventfd whenever its finished list
             // goes from empty to non-empty, so each poll either finds news or sleeps.
-            while writerInFlight > 0 {
-                if runWriterCompletions(atMost: Self.capacity) > 0 { continue }
+            // Reads it hands back go to the ring and are waited for below.
+            while threadInFlight > 0 {
+                if runPageCacheThreadCompletions(atMost: Self.capacity) > 0 { continue }
                 waitForCompletionSignal(milliseconds: 100)
             }
-            writer.stop()
+            pageCacheThread.stop()
+            submitQueued()
         }
         collectCompletions(until: { inFlight == 0 })
         thinbd_ring_destroy(ring)

@@ -14,6 +14,19 @@ private func runUntil(_ queue: LoopDiskQueue, _ done: () -> Bool) {
     }
 }
 
+/// Reads of `buffer` in 64 KiB parts, from `offset` on, as the pool makes them (one per
+/// data block).
+private func blockReads(into buffer: AlignedBuffer, at offset: UInt64) -> [IORequest] {
+    var requests: [IORequest] = []
+    var start = 0
+    while start < buffer.bytes.count {
+        let end = min(start + 65536, buffer.bytes.count)
+        requests.append(IORequest(.read, UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[start..<end]), at: offset + UInt64(start)))
+        start = end
+    }
+    return requests
+}
+
 /// A loop queue of each kind.
 private func makeQueue(_ kind: String) throws -> LoopDiskQueue {
     kind == "io_uring" ? try URingLoopQueue() : try AIOLoopQueue()
@@ -325,7 +338,7 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
         #expect(Array(back.bytes) == Array(changed.bytes))
     }
 
-    /// A buffered write is made on another thread (the queue's page-cache writer), whose
+    /// A buffered write is made on another thread (the queue's page-cache thread), whose
     /// completion reaches the owner only through the readiness descriptor: an owner
     /// asleep in poll(2) on it, as an event loop sleeps in epoll, must still be woken,
     /// and the completion must then be there to run.
@@ -383,11 +396,11 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
             .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
     }
 
-    /// Page-cache writes leave for the queue's writer thread (not io-wq) at
+    /// Page-cache writes leave for the queue's page-cache thread (not io-wq) at
     /// `submitQueued`, come back through `runCompletions`
     /// a few at a time, one completion per operation however many parts it has, and
     /// land in the file.
-    @Test func pageCacheWritesAreMadeByTheWriterThreadAndComeBackThroughTheRing() throws {
+    @Test func pageCacheWritesAreMadeByThePageCacheThreadAndComeBackThroughTheRing() throws {
         let path = temporaryPath("uring-pcwrite")
         defer { unlink(path) }
         let (device, queue) = try writebackDeviceAndRing(path)
@@ -402,7 +415,7 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
         }
         var completions = 0
         var failures: [SystemError] = []
-        #expect(!queue.hasPageCacheWriter, "no thread before the first page-cache write")
+        #expect(!queue.hasPageCacheThread, "no thread before the first page-cache write")
         // 12 operations of two writes each (blocks 2k and 2k+1, 64 KiB apart).
         for k in 0..<12 {
             let parts = [
@@ -416,11 +429,11 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
             #expect({ if case .started = start { true } else { false } }(), "operation \(k) was queued")
         }
         #expect(queue.inFlight == 24)
-        #expect(queue.hasPageCacheWriter, "the first page-cache write started the writer thread")
+        #expect(queue.hasPageCacheThread, "the first page-cache write started the page-cache thread")
         // The thread names itself as it starts: give it a moment.
         let named = Date().addingTimeInterval(5)
-        while !Self.threadNames().contains("thinbd-pcwrite") && Date() < named { usleep(1000) }
-        #expect(Self.threadNames().contains("thinbd-pcwrite"), "named apart from its owner")
+        while !Self.threadNames().contains("thinbd-pcache") && Date() < named { usleep(1000) }
+        #expect(Self.threadNames().contains("thinbd-pcache"), "named apart from its owner")
         usleep(20000)
         #expect(queue.runCompletions(atMost: 64) == 0, "nothing is handed over before submitQueued")
         queue.submitQueued()
@@ -442,7 +455,7 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
         }
     }
 
-    /// The writer thread signals the readiness eventfd after it publishes an outcome,
+    /// The page-cache thread signals the readiness eventfd after it publishes an outcome,
     /// and an owner that is already looking may collect the outcome before the signal
     /// lands. Reading that late signal with nothing in flight must still re-arm the
     /// next one: a loop sleeps on the eventfd alone, so a lost signal is a hang. Every
@@ -498,8 +511,8 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
     }
 
     /// A failed page-cache write reports its error to its operation alone, and closing
-    /// the queue waits for the writer's jobs and runs their completions.
-    @Test func aFailedPageCacheWriteReportsItsErrorAndCloseWaitsForTheWriter() throws {
+    /// the queue waits for the page-cache thread's jobs and runs their completions.
+    @Test func aFailedPageCacheWriteReportsItsErrorAndCloseWaitsForTheThread() throws {
         let path = temporaryPath("uring-pcwrite-errors")
         defer { unlink(path) }
         let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
@@ -531,7 +544,7 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
     }
 
     /// A loop closes its queue on its own thread, which must never wait on a lock or a
-    /// condition (debug builds stop there): closing with the writer's jobs in flight
+    /// condition (debug builds stop there): closing with the page-cache thread's jobs in flight
     /// waits for them on the ring's eventfd instead, and completes them all.
     @Test func anEventLoopClosesItsQueueWithPageCacheWritesInFlight() throws {
         let path = temporaryPath("uring-pcwrite-close")
@@ -560,6 +573,93 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
         var back = [UInt8](repeating: 0, count: 65536)
         #expect(pread(fd, &back, 65536, 15 * 65536) == 65536)
         #expect(back == Array(data.bytes))
+    }
+
+    /// A large read of cached pages is copied by the ring's page-cache thread, not on
+    /// the caller's thread: it starts, the queue says its thread is busy until the
+    /// completion, and the data is the file's. libaio has no such thread: there the same
+    /// read is served on the spot.
+    @Test func largeCachedReadsAreCopiedByThePageCacheThread() throws {
+        let path = temporaryPath("uring-large-read")
+        defer { unlink(path) }
+        let (device, ring) = try writebackDeviceAndRing(path)
+        defer {
+            ring.close()
+            device.close()
+        }
+        var pattern = [UInt8](repeating: 0, count: 512 << 10)
+        for i in pattern.indices { pattern[i] = UInt8(truncatingIfNeeded: i &* 7 &+ i >> 12) }
+        try pattern.withUnsafeBytes { try device.write($0, at: 0) }
+        let target = AlignedBuffer(count: 512 << 10)
+        let parts = blockReads(into: target, at: 0)
+        var outcome: SystemError?? = .none
+        let start = device.startReadsWithoutBlocking(parts, on: ring) { outcome = .some($0) }
+        #expect({ if case .started = start { true } else { false } }(), "handed to the thread, not read on the spot")
+        #expect(ring.hasPageCacheThread)
+        #expect(ring.isBusyOnItsThread, "the thread holds the copies until they are collected")
+        runUntil(ring) { outcome != nil }
+        #expect(outcome == .some(nil))
+        #expect(!ring.isBusyOnItsThread)
+        #expect(ring.inFlight == 0)
+        #expect(target.bytes.elementsEqual(pattern), "the file's data")
+
+        let libaio = try AIOLoopQueue()
+        defer { libaio.close() }
+        let again = AlignedBuffer(count: 512 << 10)
+        let onTheSpot = device.startReadsWithoutBlocking([IORequest(.read, again.bytes, at: 0)], on: libaio) { _ in
+            Issue.record("no callback for on-the-spot reads")
+        }
+        #expect({ if case .completed(nil) = onTheSpot { true } else { false } }())
+        #expect(!libaio.isBusyOnItsThread)
+        #expect(again.bytes.elementsEqual(pattern), "the file's data")
+    }
+
+    /// A large read the page cache cannot serve comes back from the page-cache thread
+    /// and is read through the ring, as part of the same operation: one completion, the
+    /// file's data. Whether pages are cached is the kernel's business (read-ahead, other
+    /// tests), so fresh regions are tried until one was seen handed back.
+    @Test func largeUncachedReadsArePassedFromThePageCacheThreadToTheRing() throws {
+        let path = temporaryPath("uring-large-uncached")
+        defer { unlink(path) }
+        let attempts = 10
+        let region = 1 << 20
+        let pattern = AlignedBuffer(count: region)
+        for i in 0..<region { pattern.bytes[i] = UInt8(truncatingIfNeeded: i &* 11 &+ i >> 16 &+ 3) }
+        do {
+            // Written with O_DIRECT: the page cache does not hold these pages.
+            let direct = try PoolFile.open(path: path, readOnly: false, cache: CacheMode.none, create: true)
+            defer { direct.close() }
+            try direct.setSize(UInt64(2 * attempts * region))
+            for attempt in 0..<attempts {
+                try direct.write(UnsafeRawBufferPointer(pattern.bytes), at: UInt64(2 * attempt * region))
+            }
+        }
+        let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback)
+        defer { device.close() }
+        let ring = try URingLoopQueue()
+        defer { ring.close() }
+        let target = AlignedBuffer(count: region)
+        for attempt in 0..<attempts where ring.readsPassedToRing == 0 {
+            dropFromPageCache(path)
+            for i in 0..<region { target.bytes[i] = 0 }
+            let base = 2 * attempt * region
+            let parts = blockReads(into: target, at: UInt64(base))
+            var completions = 0
+            var failure: SystemError?
+            let start = device.startReadsWithoutBlocking(parts, on: ring) { error in
+                completions += 1
+                failure = error
+            }
+            #expect({ if case .started = start { true } else { false } }())
+            runUntil(ring) { completions > 0 }
+            usleep(1000)
+            ring.runCompletions()
+            #expect(completions == 1, "one completion for the operation, however its parts went")
+            #expect(failure == nil)
+            #expect(ring.inFlight == 0)
+            #expect(target.bytes.elementsEqual(pattern.bytes), "the file's data, attempt \(attempt)")
+        }
+        #expect(ring.readsPassedToRing > 0, "the thread never handed a read back in \(attempts) tries")
     }
 
     @Test func cachedPagesAreReadOnTheSpot() throws {

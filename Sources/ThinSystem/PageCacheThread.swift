@@ -3,13 +3,20 @@ import Glibc
 import Synchronization
 
 /// A thread of its own that copies an event loop's writes into the page cache
-/// (pwrite), for a `URingLoopQueue`.
+/// (pwrite), and its large reads out of it, for a `URingLoopQueue`.
 ///
 /// Why not io_uring: ext4 refuses non-blocking buffered writes, so io_uring hands every
 /// one to an io-wq worker after trying it inline. Measured on this project's VM with 4K
 /// `--cache writeback` random writes at QD32, that path cost about 9.6 µs of kernel CPU
 /// per write (loop 5.3, io-wq 4.2) where the same writes made by plain pwrite on other
 /// threads cost 6.7 (docs/performance.md, "Page-cache writes on a thread of their own").
+///
+/// Why large reads: a cached read is a copy out of the page cache, and its reply a second
+/// copy into the socket. Made on the loop, both copies of a 1 MiB read fell on the
+/// loop's core, which set the pace of sequential reads while the other core idled
+/// (docs/performance.md, "Large cached reads off the loop"). A read comes here only to be
+/// copied: the thread tries it with RWF_NOWAIT and hands back any it cannot finish so, for
+/// the owner's ring, so that a read of the disk never holds up the jobs behind it.
 ///
 /// How it moves work: two `HandOffRing`s, jobs out and outcomes back, so neither side
 /// ever takes a lock the other may hold. (A mutex and condition variable did this
@@ -22,7 +29,7 @@ import Synchronization
 ///   last signal, so a burst costs one signal and a busy owner none.
 /// - Nothing allocates once the rings exist.
 ///
-final class PageCacheWriter: @unchecked Sendable {
+final class PageCacheThread: @unchecked Sendable {
     struct Job {
         var fd: Int32
         var request: IORequest
@@ -33,6 +40,9 @@ final class PageCacheWriter: @unchecked Sendable {
     struct Finished {
         var slot: Int
         var error: SystemError?
+        /// A read the page cache could not serve in full without waiting (nothing is
+        /// known of its buffer): the owner reads it another way, for the same slot.
+        var uncachedRead: Job?
     }
 
     private let jobs: HandOffRing<Job>
@@ -129,16 +139,10 @@ final class PageCacheWriter: @unchecked Sendable {
 
     private func run() {
         // Named apart from the loop it was started from (threads inherit the name).
-        thinbd_name_this_thread("thinbd-pcwrite")
+        thinbd_name_this_thread("thinbd-pcache")
         while true {
             while let job = jobs.take() {
-                var error: SystemError?
-                do {
-                    try Syscall.pwriteFully(job.fd, UnsafeRawBufferPointer(job.request.buffer), job.request.offset)
-                } catch let failure {
-                    error = failure
-                }
-                report(Finished(slot: job.slot, error: error))
+                report(Self.make(job))
             }
             if stopping.load(ordering: .sequentiallyConsistent) { return }
             sleeping.store(true, ordering: .sequentiallyConsistent)
@@ -151,6 +155,23 @@ final class PageCacheWriter: @unchecked Sendable {
             var count: UInt64 = 0
             _ = Glibc.read(wakeup, &count, 8)
             sleeping.store(false, ordering: .relaxed)
+        }
+    }
+
+    private static func make(_ job: Job) -> Finished {
+        let request = job.request
+        if request.kind == .read {
+            let count = request.buffer.count
+            let n = thinbd_pread_nowait(job.fd, request.buffer.baseAddress, UInt(count), Int64(request.offset))
+            // Short, EAGAIN or an error: the owner's ring reads it again, whole, and
+            // reports a real error with the read's own outcome.
+            return n == count ? Finished(slot: job.slot) : Finished(slot: job.slot, uncachedRead: job)
+        }
+        do {
+            try Syscall.pwriteFully(job.fd, UnsafeRawBufferPointer(request.buffer), request.offset)
+            return Finished(slot: job.slot)
+        } catch {
+            return Finished(slot: job.slot, error: error)
         }
     }
 
