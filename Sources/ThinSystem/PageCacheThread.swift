@@ -15,8 +15,9 @@ import Synchronization
 /// copy into the socket. Made on the loop, both copies of a 1 MiB read fell on the
 /// loop's core, which set the pace of sequential reads while the other core idled
 /// (docs/performance.md, "Large cached reads off the loop"). A read comes here only to be
-/// copied: the thread tries it with RWF_NOWAIT and hands back any it cannot finish so, for
-/// the owner's ring, so that a read of the disk never holds up the jobs behind it.
+/// copied: the thread tries it with RWF_NOWAIT, and one the cache cannot serve in full
+/// goes back to the owner, whose ring reads it, so that a wait for the disk never holds
+/// up the jobs behind it.
 ///
 /// How it moves work: two `HandOffRing`s, jobs out and outcomes back, so neither side
 /// ever takes a lock the other may hold. (A mutex and condition variable did this

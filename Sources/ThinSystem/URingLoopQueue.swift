@@ -127,9 +127,7 @@ public final class URingLoopQueue: LoopDiskQueue, @unchecked Sendable {
     /// thread cannot be made.
     public func enqueuePageCacheWrites(fd: Int32, _ requests: [IORequest], completion: @escaping (SystemError?) -> Void) -> Bool {
         guard requests.allSatisfy({ $0.kind == .write }) else { return false }
-        guard let thread = startedPageCacheThread() else {
-            return !closed && enqueue(fd: fd, requests, completion: completion)
-        }
+        guard let thread = startedPageCacheThread() else { return enqueue(fd: fd, requests, completion: completion) }
         return hand(requests, fd: fd, to: thread, completion: completion)
     }
 
