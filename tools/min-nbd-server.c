@@ -4,16 +4,23 @@
 // engine, with its one thread sleeping in epoll_wait or spinning.
 //
 // With --writes, it also takes writes, through the page cache (pwrite on a second,
-// buffered descriptor): made by the loop thread itself (`inline`), or handed to one
-// writer thread that signals the loop through an eventfd when done (`thread`, the shape
-// of thinbd's page-cache writer). That bounds what thinbd's write path could cost.
+// buffered descriptor), in one of four shapes, each a bound for a shape thinbd could take:
+// - `inline`: made by the loop thread itself (which a thinbd loop may not do: it would wait);
+// - `thread`: handed to one writer thread that signals the loop through an eventfd when
+//   done (the shape of thinbd's page-cache thread);
+// - `thread-replies`: handed to one writer thread that sends the replies itself, the
+//   socket's sends under a lock the loop takes too, and hands the slots back;
+// - `workers N`: nbdkit's shape, no loop at all: N threads take turns reading a request
+//   (blocking, under a lock), write it, and send its reply under another lock. Writes
+//   and FLUSH only in this shape.
 //
 // Not part of thinbd and not built by the package. One client at a time; no TLS, no
 // structured replies, no block status, no trim or zeroing. Requests it does not serve
 // get an error reply; anything malformed ends the connection.
 //
 //   cc -O2 -pthread -o /tmp/min-nbd-server tools/min-nbd-server.c -laio
-//   /tmp/min-nbd-server FILE SOCKET [--spin | --poll MICROSECONDS] [--writes inline|thread]
+//   /tmp/min-nbd-server FILE SOCKET [--spin | --poll MICROSECONDS]
+//                       [--writes inline|thread|thread-replies|workers N]
 //
 // --poll polls (epoll_wait without a timeout, then sched_yield) for up to that long
 // before it sleeps, as thinbd's loop does with --idle-poll (but without adapting).
@@ -45,7 +52,12 @@ static int file, bufferedFile = -1, sock;
 static uint64_t fileSize;
 static int spin;
 static long pollNanoseconds;
-static enum { readOnly, writesInline, writesOnThread } writeMode = readOnly;
+static enum { readOnly, writesInline, writesOnThread, writesOnThreadReplying, writesOnWorkers } writeMode = readOnly;
+static int workerCount;
+// --writes thread-replies: the writer sends its replies itself, the socket's sends
+// under this lock (the loop takes it too), and gives the slots back through `returned`,
+// which the loop takes on its next socket read (depth is far above any client's queue).
+static pthread_mutex_t sendLock = PTHREAD_MUTEX_INITIALIZER;
 
 // Blocking transfers for the handshake; false when the peer went away.
 static int readAll(void *p, size_t n) {
@@ -123,8 +135,24 @@ struct request {
 // The writer thread's two lists, under one lock: what to write, and what is written.
 static pthread_mutex_t writerLock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t writerWake = PTHREAD_COND_INITIALIZER;
-static struct request *inbox, *outbox;
+static struct request *inbox, *outbox, *returned;
 static int writerSleeping, writesDoneFD = -1;
+
+static void simpleReply(unsigned char *h, const unsigned char *cookie, uint32_t error);
+// Writes every byte of the iovecs (spinning on a full socket). False: the peer is gone.
+static int writeVectors(struct iovec *v, int count) {
+  int i = 0;
+  while (i < count) {
+    ssize_t r = writev(sock, v + i, count - i);
+    if (r < 0 && errno == EAGAIN) continue;
+    if (r < 0) return 0;
+    while (r > 0) {
+      if ((size_t)r >= v[i].iov_len) r -= v[i].iov_len, i++;
+      else v[i].iov_base = (char *)v[i].iov_base + r, v[i].iov_len -= r, r = 0;
+    }
+  }
+  return 1;
+}
 
 static void *writer(void *unused) {
   (void)unused;
@@ -138,6 +166,24 @@ static void *writer(void *unused) {
     struct request *last = NULL;
     for (struct request *q = batch; q; last = q, q = q->next)
       q->failed = pwrite(bufferedFile, q->data, q->length, (off_t)q->offset) != (ssize_t)q->length;
+    if (writeMode == writesOnThreadReplying) {
+      struct iovec replies[1024];
+      int count = 0;
+      for (struct request *q = batch; q; q = q->next) {
+        simpleReply(q->header, (const unsigned char *)&q->cookie, q->failed ? 5 : 0);
+        replies[count++] = (struct iovec){q->header, 16};
+        if (count == 1024 || !q->next) {
+          pthread_mutex_lock(&sendLock);
+          (void)writeVectors(replies, count);  // a peer that is gone: the loop sees it close
+          pthread_mutex_unlock(&sendLock);
+          count = 0;
+        }
+      }
+      pthread_mutex_lock(&writerLock);
+      last->next = returned, returned = batch;
+      pthread_mutex_unlock(&writerLock);
+      continue;
+    }
     pthread_mutex_lock(&writerLock);
     int wasEmpty = outbox == NULL;
     last->next = outbox, outbox = batch;  // order does not matter to the client
@@ -164,19 +210,12 @@ static void simpleReply(unsigned char *h, const unsigned char *cookie, uint32_t 
 
 // Writes every queued reply (the socket is non-blocking: spins on a full socket).
 static int flushReplies(void) {
-  int i = 0;
-  while (i < outputCount) {
-    ssize_t r = writev(sock, output + i, outputCount - i > 1024 ? 1024 : outputCount - i);
-    if (r < 0 && errno == EAGAIN) continue;
-    if (r < 0) return 0;
-    while (r > 0) {
-      if ((size_t)r >= output[i].iov_len) {
-        r -= output[i].iov_len, i++;
-      } else {
-        output[i].iov_base = (char *)output[i].iov_base + r, output[i].iov_len -= r, r = 0;
-      }
-    }
-  }
+  if (writeMode == writesOnThreadReplying) pthread_mutex_lock(&sendLock);
+  int ok = 1;
+  for (int i = 0; i < outputCount && ok; i += 1024)
+    ok = writeVectors(output + i, outputCount - i > 1024 ? 1024 : outputCount - i);
+  if (writeMode == writesOnThreadReplying) pthread_mutex_unlock(&sendLock);
+  if (!ok) return 0;
   outputCount = 0, errorCount = 0;
   for (int k = 0; k < sentCount; k++) idle[idleCount++] = (int)(sent[k] - requests);
   sentCount = 0;
@@ -189,6 +228,13 @@ static int takeRequests(io_context_t aio, int completionsFD) {
   if (r == 0) return 0;
   if (r < 0) return errno == EAGAIN || errno == EINTR;
   inputLength += r;
+  if (writeMode == writesOnThreadReplying) {
+    pthread_mutex_lock(&writerLock);
+    struct request *back = returned;
+    returned = NULL;
+    pthread_mutex_unlock(&writerLock);
+    for (; back; back = back->next) idle[idleCount++] = (int)(back - requests);
+  }
   size_t at = 0;
   struct iocb *batch[depth];
   int batchCount = 0;
@@ -278,6 +324,48 @@ static int answerWrites(void) {
   return outputCount == 0 || flushReplies();
 }
 
+// --writes workers N: nbdkit's shape with no loop at all. N threads take turns reading
+// one request (under `receiveLock`, blocking), write it to the page cache, and send
+// the reply under `sendLock`. Writes and FLUSH only; anything else ends the connection.
+static pthread_mutex_t receiveLock = PTHREAD_MUTEX_INITIALIZER;
+static int connectionOpen;
+
+static void *worker(void *unused) {
+  (void)unused;
+  void *data;
+  if (posix_memalign(&data, 4096, maxRead) != 0) abort();
+  for (;;) {
+    unsigned char h[28], reply[16];
+    pthread_mutex_lock(&receiveLock);
+    int ok = connectionOpen && readAll(h, 28) && get32(h) == 0x25609513;
+    uint16_t type = ok ? get16(h + 6) : 0;
+    uint64_t offset = get64(h + 16);
+    uint32_t length = get32(h + 24);
+    if (ok && type == 1) ok = length <= maxRead && offset <= fileSize && length <= fileSize - offset && readAll(data, length);
+    else if (ok && type != 3) ok = 0;
+    if (!ok) connectionOpen = 0;
+    pthread_mutex_unlock(&receiveLock);
+    if (!ok) break;
+    uint32_t error = type == 1 ? (pwrite(bufferedFile, data, length, (off_t)offset) != (ssize_t)length ? 5 : 0)
+                               : (fdatasync(bufferedFile) != 0 ? 5 : 0);
+    simpleReply(reply, h + 8, error);
+    pthread_mutex_lock(&sendLock);
+    ok = writeAll(reply, 16);
+    pthread_mutex_unlock(&sendLock);
+    if (!ok) break;
+  }
+  free(data);
+  return NULL;
+}
+
+static void serveWithWorkers(void) {
+  pthread_t threads[64];
+  connectionOpen = 1;
+  for (int i = 0; i < workerCount; i++)
+    if (pthread_create(&threads[i], NULL, worker, NULL) != 0) abort();
+  for (int i = 0; i < workerCount; i++) pthread_join(threads[i], NULL);
+}
+
 static void serve(void) {
   io_context_t aio = 0;
   if (io_setup(depth, &aio) != 0) return;
@@ -322,7 +410,7 @@ static void serve(void) {
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: min-nbd-server FILE SOCKET [--spin | --poll MICROSECONDS] [--writes inline|thread]\n");
+    fprintf(stderr, "usage: min-nbd-server FILE SOCKET [--spin | --poll MICROSECONDS] [--writes inline|thread|thread-replies|workers N]\n");
     return 2;
   }
   for (int i = 3; i < argc; i++) {
@@ -330,12 +418,17 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[i], "--poll") == 0 && i + 1 < argc) pollNanoseconds = atol(argv[++i]) * 1000L;
     else if (strcmp(argv[i], "--writes") == 0 && i + 1 < argc && strcmp(argv[i + 1], "inline") == 0) writeMode = writesInline, i++;
     else if (strcmp(argv[i], "--writes") == 0 && i + 1 < argc && strcmp(argv[i + 1], "thread") == 0) writeMode = writesOnThread, i++;
+    else if (strcmp(argv[i], "--writes") == 0 && i + 1 < argc && strcmp(argv[i + 1], "thread-replies") == 0) writeMode = writesOnThreadReplying, i++;
+    else if (strcmp(argv[i], "--writes") == 0 && i + 2 < argc && strcmp(argv[i + 1], "workers") == 0) {
+      writeMode = writesOnWorkers, workerCount = atoi(argv[i + 2]), i += 2;
+      if (workerCount < 1 || workerCount > 64) return fprintf(stderr, "workers: 1 to 64\n"), 2;
+    }
     else return fprintf(stderr, "unknown argument %s\n", argv[i]), 2;
   }
   signal(SIGPIPE, SIG_IGN);
   file = open(argv[1], O_RDONLY | O_DIRECT);
   if (writeMode != readOnly && (bufferedFile = open(argv[1], O_RDWR)) < 0) return perror(argv[1]), 1;
-  if (writeMode == writesOnThread) {
+  if (writeMode == writesOnThread || writeMode == writesOnThreadReplying) {
     pthread_t thread;
     writesDoneFD = eventfd(0, EFD_NONBLOCK);
     if (writesDoneFD < 0 || pthread_create(&thread, NULL, writer, NULL) != 0) return 1;
@@ -355,7 +448,7 @@ int main(int argc, char **argv) {
   for (;;) {
     sock = accept(listener, NULL, NULL);
     if (sock < 0) continue;
-    if (handshake()) serve();
+    if (handshake()) writeMode == writesOnWorkers ? serveWithWorkers() : serve();
     close(sock);
   }
 }
