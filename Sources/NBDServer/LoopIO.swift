@@ -90,13 +90,15 @@ final class LoopIO: @unchecked Sendable {
     }
 
     /// Polls while the loop's own descriptors are all it waits for: requests, its disk
-    /// queue's completions (a page-cache writer thread's too: it signals the queue's
-    /// descriptor), timers that were armed. What another thread hands over that is not
-    /// counted in `offLoopInFlight` (a management command's disconnect) waits at most
-    /// one budget, as does a task scheduled during this round (a rate-limited request's
-    /// start).
+    /// queue's completions, timers that were armed. Not while the disk queue's own
+    /// thread holds jobs (page-cache writes, large cached reads): that thread signals
+    /// the queue's descriptor when done, and a poll would take the CPU it needs, as on
+    /// the lean loop (`LeanLoop.pollBeforeSleeping`). What another thread hands over
+    /// that is not counted in `offLoopInFlight` (a management command's disconnect)
+    /// waits at most one budget, as does a task scheduled during this round (a
+    /// rate-limited request's start).
     private func pollBeforeSleeping() {
-        guard offLoopInFlight == 0, roundWrites.isEmpty, let idlePoller else { return }
+        guard offLoopInFlight == 0, roundWrites.isEmpty, !(queue?.isBusyOnItsThread ?? false), let idlePoller else { return }
         // What the round queued leaves now, not after the poll.
         queue?.submitQueued()
         let budget = idleWindow.budget

@@ -37,15 +37,18 @@ import ThinPool
     /// read, write and flush answered at once (a poll never holds a request, nor an
     /// off-loop write's completion), the poll catches requests after short pauses and
     /// waits through reads from the disk (the event loops hardly sleep), and it stops
-    /// for pauses longer than the window. The server must not have reported that its
-    /// loops cannot poll.
-    @Test(.enabled(if: Peers.need("python3-nbd")), arguments: ["none", "writeback"])
-    func idlePollAnswersAtOnceAndStopsForLongPauses(cache: String) throws {
+    /// for pauses longer than the window. Under writeback, a loop sleeps while the page-
+    /// cache thread copies 1 MiB cached reads instead of polling, on either
+    /// transmission. The server must not have reported that its loops cannot poll.
+    @Test(.enabled(if: Peers.need("python3-nbd")), arguments: [
+        ("none", "lean"), ("writeback", "lean"), ("writeback", "nio"),
+    ])
+    func idlePollAnswersAtOnceAndStopsForLongPauses(cache: String, transmission: String) throws {
         let served = try ServedPool()
         try served.createVolume("disk", size: "64M")
-        try served.start(["--idle-poll", "50000", "--cache", cache])
+        try served.start(["--idle-poll", "50000", "--cache", cache, "--transmission", transmission])
         let result = try Peers.python(
-            "idle_poll.py", [served.uri("disk"), String(served.pid), "50000", served.pool], timeout: 120)
+            "idle_poll.py", [served.uri("disk"), String(served.pid), "50000", served.pool, cache], timeout: 120)
         expectSuccess(result, "idle poll")
         print(result.stdout)
         #expect(served.stop() == 0)

@@ -42,16 +42,17 @@ private func dropFromPageCache(_ path: String) {
     close(fd)
 }
 
-/// A new 1 MiB pool file opened with `cache: .writeback`, and a ring for it.
-private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URingLoopQueue) {
+/// Runs `body` with a writeback device on a new 1 MiB file and an io_uring loop queue,
+/// both closed and the file removed when it returns.
+private func withWritebackDeviceAndRing(_ name: String, _ body: (BlockDevice, URingLoopQueue) throws -> Void) throws {
+    let path = temporaryPath(name)
+    defer { unlink(path) }
     let device = try PoolFile.open(path: path, readOnly: false, cache: .writeback, create: true)
-    do {
-        try device.setSize(1 << 20)
-        return (device, try URingLoopQueue())
-    } catch {
-        device.close()
-        throw error
-    }
+    defer { device.close() }
+    try device.setSize(1 << 20)
+    let ring = try URingLoopQueue()
+    defer { ring.close() }
+    try body(device, ring)
 }
 
 @Suite struct LoopQueueTests {
@@ -343,50 +344,45 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
     /// asleep in poll(2) on it, as an event loop sleeps in epoll, must still be woken,
     /// and the completion must then be there to run.
     @Test func aWorkerCompletedWriteWakesAnOwnerSleepingOnTheReadinessDescriptor() throws {
-        let path = temporaryPath("uring-coop")
-        defer { unlink(path) }
-        let (device, queue) = try writebackDeviceAndRing(path)
-        defer {
-            queue.close()
-            device.close()
+        try withWritebackDeviceAndRing("uring-coop") { device, queue in
+            #expect(queue.completesCooperatively, "this kernel (5.19 or later) takes IORING_SETUP_COOP_TASKRUN")
+            let readiness = try queue.makeReadinessDescriptor()
+            defer { queue.releaseReadinessDescriptor(readiness) }
+            let data = AlignedBuffer(count: 16384)
+            for i in 0..<data.bytes.count { data.bytes[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 3) }
+            for round in 0..<20 {
+                var finished = false
+                var failure: SystemError?
+                let start = device.startWritesWithoutBlocking(
+                    [IORequest(.write, data.bytes, at: UInt64(round) * 16384)], on: queue
+                ) { error in
+                    finished = true
+                    failure = error
+                }
+                guard case .started = start else {
+                    Issue.record("expected the write to be queued, got \(start)")
+                    return
+                }
+                queue.submitQueued()
+                let deadline = Date().addingTimeInterval(10)
+                while !finished && Date() < deadline {
+                    var entry = pollfd(fd: readiness, events: Int16(POLLIN), revents: 0)
+                    // Sleeps in the kernel until the descriptor fires: no busy loop here.
+                    let ready = poll(&entry, 1, 10_000)
+                    // 0 is the failure: ten seconds asleep with a finished write (a signal's
+                    // EINTR would only mean trying again).
+                    #expect(ready != 0, "the readiness descriptor fired (round \(round))")
+                    var count: UInt64 = 0
+                    _ = read(readiness, &count, 8)
+                    queue.runCompletions()
+                }
+                #expect(finished, "round \(round): the completion ran after the wake-up")
+                #expect(failure == nil)
+            }
+            let back = AlignedBuffer(count: 16384)
+            try device.read(into: back.bytes, at: 19 * 16384)
+            #expect(Array(back.bytes) == Array(data.bytes))
         }
-        #expect(queue.completesCooperatively, "this kernel (5.19 or later) takes IORING_SETUP_COOP_TASKRUN")
-        let readiness = try queue.makeReadinessDescriptor()
-        defer { queue.releaseReadinessDescriptor(readiness) }
-        let data = AlignedBuffer(count: 16384)
-        for i in 0..<data.bytes.count { data.bytes[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 3) }
-        for round in 0..<20 {
-            var finished = false
-            var failure: SystemError?
-            let start = device.startWritesWithoutBlocking(
-                [IORequest(.write, data.bytes, at: UInt64(round) * 16384)], on: queue
-            ) { error in
-                finished = true
-                failure = error
-            }
-            guard case .started = start else {
-                Issue.record("expected the write to be queued, got \(start)")
-                return
-            }
-            queue.submitQueued()
-            let deadline = Date().addingTimeInterval(10)
-            while !finished && Date() < deadline {
-                var entry = pollfd(fd: readiness, events: Int16(POLLIN), revents: 0)
-                // Sleeps in the kernel until the descriptor fires: no busy loop here.
-                let ready = poll(&entry, 1, 10_000)
-                // 0 is the failure: ten seconds asleep with a finished write (a signal's
-                // EINTR would only mean trying again).
-                #expect(ready != 0, "the readiness descriptor fired (round \(round))")
-                var count: UInt64 = 0
-                _ = read(readiness, &count, 8)
-                queue.runCompletions()
-            }
-            #expect(finished, "round \(round): the completion ran after the wake-up")
-            #expect(failure == nil)
-        }
-        let back = AlignedBuffer(count: 16384)
-        try device.read(into: back.bytes, at: 19 * 16384)
-        #expect(Array(back.bytes) == Array(data.bytes))
     }
 
     /// The names of this process's threads.
@@ -401,57 +397,52 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
     /// a few at a time, one completion per operation however many parts it has, and
     /// land in the file.
     @Test func pageCacheWritesAreMadeByThePageCacheThreadAndComeBackThroughTheRing() throws {
-        let path = temporaryPath("uring-pcwrite")
-        defer { unlink(path) }
-        let (device, queue) = try writebackDeviceAndRing(path)
-        defer {
-            queue.close()
-            device.close()
-        }
-        let blocks = (0..<24).map { i -> AlignedBuffer in
-            let buffer = AlignedBuffer(count: 4096)
-            for j in 0..<4096 { buffer.bytes[j] = UInt8(truncatingIfNeeded: i &* 31 &+ j) }
-            return buffer
-        }
-        var completions = 0
-        var failures: [SystemError] = []
-        #expect(!queue.hasPageCacheThread, "no thread before the first page-cache write")
-        // 12 operations of two writes each (blocks 2k and 2k+1, 64 KiB apart).
-        for k in 0..<12 {
-            let parts = [
-                IORequest(.write, blocks[2 * k].bytes, at: UInt64(2 * k) * 65536),
-                IORequest(.write, blocks[2 * k + 1].bytes, at: UInt64(2 * k + 1) * 65536),
-            ]
-            let start = device.startWritesWithoutBlocking(parts, on: queue) { error in
-                completions += 1
-                if let error { failures.append(error) }
+        try withWritebackDeviceAndRing("uring-pcwrite") { device, queue in
+            let blocks = (0..<24).map { i -> AlignedBuffer in
+                let buffer = AlignedBuffer(count: 4096)
+                for j in 0..<4096 { buffer.bytes[j] = UInt8(truncatingIfNeeded: i &* 31 &+ j) }
+                return buffer
             }
-            #expect({ if case .started = start { true } else { false } }(), "operation \(k) was queued")
-        }
-        #expect(queue.inFlight == 24)
-        #expect(queue.hasPageCacheThread, "the first page-cache write started the page-cache thread")
-        // The thread names itself as it starts: give it a moment.
-        let named = Date().addingTimeInterval(5)
-        while !Self.threadNames().contains("thinbd-pcache") && Date() < named { usleep(1000) }
-        #expect(Self.threadNames().contains("thinbd-pcache"), "named apart from its owner")
-        usleep(20000)
-        #expect(queue.runCompletions(atMost: 64) == 0, "nothing is handed over before submitQueued")
-        queue.submitQueued()
-        let deadline = Date().addingTimeInterval(10)
-        var largestRound = 0
-        while completions < 12 && Date() < deadline {
-            let ran = queue.runCompletions(atMost: 4)
-            largestRound = max(largestRound, ran)
-            if ran == 0 { usleep(200) }
-        }
-        #expect(completions == 12, "every operation completed once")
-        #expect(failures.isEmpty)
-        #expect(largestRound <= 4, "runCompletions(atMost:) keeps to its limit")
-        #expect(queue.inFlight == 0)
-        let back = AlignedBuffer(count: 4096)
-        for i in 0..<24 {
-            try device.read(into: back.bytes, at: UInt64(i) * 65536)
-            #expect(Array(back.bytes) == Array(blocks[i].bytes), "block \(i)")
+            var completions = 0
+            var failures: [SystemError] = []
+            #expect(!queue.hasPageCacheThread, "no thread before the first page-cache write")
+            // 12 operations of two writes each (blocks 2k and 2k+1, 64 KiB apart).
+            for k in 0..<12 {
+                let parts = [
+                    IORequest(.write, blocks[2 * k].bytes, at: UInt64(2 * k) * 65536),
+                    IORequest(.write, blocks[2 * k + 1].bytes, at: UInt64(2 * k + 1) * 65536),
+                ]
+                let start = device.startWritesWithoutBlocking(parts, on: queue) { error in
+                    completions += 1
+                    if let error { failures.append(error) }
+                }
+                #expect({ if case .started = start { true } else { false } }(), "operation \(k) was queued")
+            }
+            #expect(queue.inFlight == 24)
+            #expect(queue.hasPageCacheThread, "the first page-cache write started the page-cache thread")
+            // The thread names itself as it starts: give it a moment.
+            let named = Date().addingTimeInterval(5)
+            while !Self.threadNames().contains("thinbd-pcache") && Date() < named { usleep(1000) }
+            #expect(Self.threadNames().contains("thinbd-pcache"), "named apart from its owner")
+            usleep(20000)
+            #expect(queue.runCompletions(atMost: 64) == 0, "nothing is handed over before submitQueued")
+            queue.submitQueued()
+            let deadline = Date().addingTimeInterval(10)
+            var largestRound = 0
+            while completions < 12 && Date() < deadline {
+                let ran = queue.runCompletions(atMost: 4)
+                largestRound = max(largestRound, ran)
+                if ran == 0 { usleep(200) }
+            }
+            #expect(completions == 12, "every operation completed once")
+            #expect(failures.isEmpty)
+            #expect(largestRound <= 4, "runCompletions(atMost:) keeps to its limit")
+            #expect(queue.inFlight == 0)
+            let back = AlignedBuffer(count: 4096)
+            for i in 0..<24 {
+                try device.read(into: back.bytes, at: UInt64(i) * 65536)
+                #expect(Array(back.bytes) == Array(blocks[i].bytes), "block \(i)")
+            }
         }
     }
 
@@ -461,53 +452,48 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
     /// next one: a loop sleeps on the eventfd alone, so a lost signal is a hang. Every
     /// other write here is awaited on the eventfd alone, after one collected early.
     @Test func everyPageCacheWriteIsSignalledAfterALateSignal() throws {
-        let path = temporaryPath("uring-pcwrite-signals")
-        defer { unlink(path) }
-        let (device, queue) = try writebackDeviceAndRing(path)
-        defer {
-            queue.close()
-            device.close()
-        }
-        let readiness = try queue.makeReadinessDescriptor()
-        defer { queue.releaseReadinessDescriptor(readiness) }
-        func waitForSignal(milliseconds: Int32) -> Bool {
-            var entry = pollfd(fd: readiness, events: Int16(POLLIN), revents: 0)
-            guard poll(&entry, 1, milliseconds) == 1 else { return false }
-            var count: UInt64 = 0
-            _ = read(readiness, &count, 8)
-            return true
-        }
-        let block = AlignedBuffer(count: 4096)
-        var lateSignals = 0
-        let writes = 20000
-        for k in 0..<writes {
-            var done = false
-            let start = device.startWritesWithoutBlocking([IORequest(.write, block.bytes, at: UInt64(k % 64) * 4096)], on: queue) { _ in
-                done = true
+        try withWritebackDeviceAndRing("uring-pcwrite-signals") { device, queue in
+            let readiness = try queue.makeReadinessDescriptor()
+            defer { queue.releaseReadinessDescriptor(readiness) }
+            func waitForSignal(milliseconds: Int32) -> Bool {
+                var entry = pollfd(fd: readiness, events: Int16(POLLIN), revents: 0)
+                guard poll(&entry, 1, milliseconds) == 1 else { return false }
+                var count: UInt64 = 0
+                _ = read(readiness, &count, 8)
+                return true
             }
-            guard case .started = start else {
-                Issue.record("write \(k) was not queued")
-                return
-            }
-            queue.submitQueued()
-            if k % 2 == 0 {
-                // Collect as soon as the outcome is published, often before its signal...
-                while !done { queue.runCompletions() }
-                // ...then read the signal as a loop would, and look with nothing in flight.
-                if waitForSignal(milliseconds: 0) == false {
-                    lateSignals += 1
-                    #expect(waitForSignal(milliseconds: 5000), "the late signal of write \(k) came")
+            let block = AlignedBuffer(count: 4096)
+            var lateSignals = 0
+            let writes = 20000
+            for k in 0..<writes {
+                var done = false
+                let start = device.startWritesWithoutBlocking([IORequest(.write, block.bytes, at: UInt64(k % 64) * 4096)], on: queue) { _ in
+                    done = true
                 }
-                queue.runCompletions()
-            } else {
-                let signalled = waitForSignal(milliseconds: 5000)
-                #expect(signalled, "write \(k) was signalled")
-                guard signalled else { return }
-                while !done { queue.runCompletions() }
+                guard case .started = start else {
+                    Issue.record("write \(k) was not queued")
+                    return
+                }
+                queue.submitQueued()
+                if k % 2 == 0 {
+                    // Collect as soon as the outcome is published, often before its signal...
+                    while !done { queue.runCompletions() }
+                    // ...then read the signal as a loop would, and look with nothing in flight.
+                    if waitForSignal(milliseconds: 0) == false {
+                        lateSignals += 1
+                        #expect(waitForSignal(milliseconds: 5000), "the late signal of write \(k) came")
+                    }
+                    queue.runCompletions()
+                } else {
+                    let signalled = waitForSignal(milliseconds: 5000)
+                    #expect(signalled, "write \(k) was signalled")
+                    guard signalled else { return }
+                    while !done { queue.runCompletions() }
+                }
             }
+            // Not asserted (timing decides it), but the case the test is for must occur.
+            print("late signals seen: \(lateSignals) of \(writes / 2)")
         }
-        // Not asserted (timing decides it), but the case the test is for must occur.
-        print("late signals seen: \(lateSignals) of \(writes / 2)")
     }
 
     /// A failed page-cache write reports its error to its operation alone, and closing
@@ -580,38 +566,33 @@ private func writebackDeviceAndRing(_ path: String) throws -> (BlockDevice, URin
     /// completion, and the data is the file's. libaio has no such thread: there the same
     /// read is served on the spot.
     @Test func largeCachedReadsAreCopiedByThePageCacheThread() throws {
-        let path = temporaryPath("uring-large-read")
-        defer { unlink(path) }
-        let (device, ring) = try writebackDeviceAndRing(path)
-        defer {
-            ring.close()
-            device.close()
-        }
-        var pattern = [UInt8](repeating: 0, count: 512 << 10)
-        for i in pattern.indices { pattern[i] = UInt8(truncatingIfNeeded: i &* 7 &+ i >> 12) }
-        try pattern.withUnsafeBytes { try device.write($0, at: 0) }
-        let target = AlignedBuffer(count: 512 << 10)
-        let parts = blockReads(into: target, at: 0)
-        var outcome: SystemError?? = .none
-        let start = device.startReadsWithoutBlocking(parts, on: ring) { outcome = .some($0) }
-        #expect({ if case .started = start { true } else { false } }(), "handed to the thread, not read on the spot")
-        #expect(ring.hasPageCacheThread)
-        #expect(ring.isBusyOnItsThread, "the thread holds the copies until they are collected")
-        runUntil(ring) { outcome != nil }
-        #expect(outcome == .some(nil))
-        #expect(!ring.isBusyOnItsThread)
-        #expect(ring.inFlight == 0)
-        #expect(target.bytes.elementsEqual(pattern), "the file's data")
+        try withWritebackDeviceAndRing("uring-large-read") { device, ring in
+            var pattern = [UInt8](repeating: 0, count: 512 << 10)
+            for i in pattern.indices { pattern[i] = UInt8(truncatingIfNeeded: i &* 7 &+ i >> 12) }
+            try pattern.withUnsafeBytes { try device.write($0, at: 0) }
+            let target = AlignedBuffer(count: 512 << 10)
+            let parts = blockReads(into: target, at: 0)
+            var outcome: SystemError?? = .none
+            let start = device.startReadsWithoutBlocking(parts, on: ring) { outcome = .some($0) }
+            #expect({ if case .started = start { true } else { false } }(), "handed to the thread, not read on the spot")
+            #expect(ring.hasPageCacheThread)
+            #expect(ring.isBusyOnItsThread, "the thread holds the copies until they are collected")
+            runUntil(ring) { outcome != nil }
+            #expect(outcome == .some(nil))
+            #expect(!ring.isBusyOnItsThread)
+            #expect(ring.inFlight == 0)
+            #expect(target.bytes.elementsEqual(pattern), "the file's data")
 
-        let libaio = try AIOLoopQueue()
-        defer { libaio.close() }
-        let again = AlignedBuffer(count: 512 << 10)
-        let onTheSpot = device.startReadsWithoutBlocking([IORequest(.read, again.bytes, at: 0)], on: libaio) { _ in
-            Issue.record("no callback for on-the-spot reads")
+            let libaio = try AIOLoopQueue()
+            defer { libaio.close() }
+            let again = AlignedBuffer(count: 512 << 10)
+            let onTheSpot = device.startReadsWithoutBlocking([IORequest(.read, again.bytes, at: 0)], on: libaio) { _ in
+                Issue.record("no callback for on-the-spot reads")
+            }
+            #expect({ if case .completed(nil) = onTheSpot { true } else { false } }())
+            #expect(!libaio.isBusyOnItsThread)
+            #expect(again.bytes.elementsEqual(pattern), "the file's data")
         }
-        #expect({ if case .completed(nil) = onTheSpot { true } else { false } }())
-        #expect(!libaio.isBusyOnItsThread)
-        #expect(again.bytes.elementsEqual(pattern), "the file's data")
     }
 
     /// A large read the page cache cannot serve comes back from the page-cache thread
