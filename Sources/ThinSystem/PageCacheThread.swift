@@ -143,7 +143,7 @@ final class PageCacheThread: @unchecked Sendable {
         thinbd_name_this_thread("thinbd-pcache")
         while true {
             while let job = jobs.take() {
-                report(Self.make(job))
+                report(Self.carryOut(job))
             }
             if stopping.load(ordering: .sequentiallyConsistent) { return }
             sleeping.store(true, ordering: .sequentiallyConsistent)
@@ -159,7 +159,8 @@ final class PageCacheThread: @unchecked Sendable {
         }
     }
 
-    private static func make(_ job: Job) -> Finished {
+    /// Makes the write, or tries the read without waiting; what to report back.
+    private static func carryOut(_ job: Job) -> Finished {
         let request = job.request
         if request.kind == .read {
             let count = request.buffer.count
